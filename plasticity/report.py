@@ -1,0 +1,412 @@
+"""Plain-text attention validation report (seed 004), built from per-head summaries.
+
+Pure string building: no I/O, no clock, no randomness. Input dicts carry the keys of
+``plasticity.attention.SUMMARY_COLUMNS`` plus ``layer``, ``q_head``, ``k_head``; missing
+keys and ``None`` read as NaN. Heads are sorted by (layer, q_head, k_head), so the text
+does not depend on the order of ``head_summaries``.
+
+Every counted check ends in exactly one status:
+
+    [PASS]  the property holds
+    [WARN]  legal but worth a look (no local bias, sparse key capture, flat gain, ...)
+    [FAIL]  wrong reconstruction, or attention indistinguishable from uniform/constant
+    [SKIP]  not computable from these summaries (no windowed head, no token_str, ...)
+
+``[INFO]`` lines are context and are not counted. The per-head table labels each head
+with its class (``[PASS SHARP]``, ``[WARN MEDIUM]``, ``[FAIL UNIFORM]``, as in seed 004);
+those labels are not counted either. With ``unicode=True`` a symbol follows each marker
+(check mark, warning sign, cross, info sign); the ASCII markers are always present.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Any, Sequence
+
+from .attention import attention_class, gain_ratio
+
+__all__ = ["validation_report", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
+
+PASS, WARN, FAIL, SKIP, INFO = "PASS", "WARN", "FAIL", "SKIP", "INFO"
+_SYMBOL = {PASS: "\u2713", WARN: "\u26a0", FAIL: "\u274c", SKIP: "\u2013", INFO: "\u2139"}
+_RULE = "=" * 70
+_SUB = "-" * 70
+_N_SECTIONS = 7
+
+
+def _num(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def _fin(x: Any) -> bool:
+    return math.isfinite(_num(x))
+
+
+def _f(x: Any, fmt: str = ".4f") -> str:
+    v = _num(x)
+    return format(v, fmt) if math.isfinite(v) else "nan"
+
+
+def _mean(values) -> float:
+    vals = [_num(v) for v in values]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _label(h: dict) -> str:
+    return f"L{_int(h.get('layer'))} H{_int(h.get('q_head'))} (kv {_int(h.get('k_head'))})"
+
+
+def _int(x: Any) -> str:
+    v = _num(x)
+    return str(int(v)) if math.isfinite(v) else "?"
+
+
+def _sort_key(h: dict):
+    def k(name):
+        v = _num(h.get(name))
+        return (0, v) if math.isfinite(v) else (1, 0.0)
+
+    return (k("layer"), k("q_head"), k("k_head"))
+
+
+class _Builder:
+    def __init__(self, use_unicode: bool, max_listed: int):
+        self.lines: list[str] = []
+        self.results: list[tuple[str, str, str]] = []  # (status, section, message)
+        self.use_unicode = use_unicode
+        self.max_listed = max_listed
+        self.section = ""
+
+    def mark(self, status: str) -> str:
+        m = f"[{status}]"
+        return f"{m} {_SYMBOL[status]}" if self.use_unicode else m
+
+    def add(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def check(self, status: str, message: str) -> None:
+        self.results.append((status, self.section, message))
+        self.add(f"{self.mark(status)} {message}")
+
+    def info(self, message: str) -> None:
+        self.add(f"{self.mark(INFO)} {message}")
+
+    def listing(self, heads: list[dict], fmt) -> None:
+        for h in heads[: self.max_listed]:
+            self.add(f"    - {_label(h)}: {fmt(h)}")
+        if len(heads) > self.max_listed:
+            self.add(f"    ... and {len(heads) - self.max_listed} more")
+
+    def start(self, idx: int, title: str) -> None:
+        self.section = title
+        self.add("")
+        self.add(f"[{idx}/{_N_SECTIONS}] {title}")
+        self.add(_SUB)
+
+
+def validation_report(
+    model: str,
+    head_summaries: Sequence[dict],
+    *,
+    row_sum_tol: float = 1e-6,
+    future_tol: float = 0.0,
+    local_bias_min: float = 1.1,
+    same_token_min: float = 1.05,
+    sharp_max: float = 0.5,
+    uniform_min: float = 0.95,
+    qvar_pass: float = 0.05,
+    qvar_fail: float = 0.02,
+    gain_min: float = 0.0,
+    unicode: bool = False,
+    max_listed: int = 10,
+) -> str:
+    """The validation report of one model as text (ends with a newline).
+
+    Thresholds:
+      row_sum_tol     FAIL when any row sum differs from 1 by more (SPEC: 1e-6)
+      future_tol      FAIL when any future / out-of-window key weighs more (default 0)
+      local_bias_min  PASS when mean near/far attention ratio >= this, else WARN
+      same_token_min  PASS when same/different-token attention ratio >= this, else WARN
+      sharp_max, uniform_min
+                      classes for heads without ``attn_class``; FAIL "nearly uniform"
+                      when the mean entropy_ratio over heads >= uniform_min
+      qvar_pass, qvar_fail
+                      distant-query (dpos=10) L2 variation: PASS >= qvar_pass,
+                      FAIL < qvar_fail, WARN in between (seed 004: 0.05 / 0.02)
+      gain_min        PASS when every head's gain > gain_min, else WARN
+    """
+    heads = sorted((dict(h) for h in head_summaries), key=_sort_key)
+    b = _Builder(bool(unicode), int(max_listed))
+    b.add(_RULE)
+    b.add("ATTENTION VALIDATION REPORT")
+    b.add(_RULE)
+    b.add(f"model: {model}")
+    b.add(f"heads: {len(heads)}")
+    windows = sorted({int(_num(h.get('sliding_window'))) for h in heads if _fin(h.get("sliding_window"))})
+    b.add(f"sliding windows: {', '.join(map(str, windows)) if windows else 'none (full causal)'}")
+
+    _sanity(b, heads, row_sum_tol, future_tol)
+    _positional(b, heads, local_bias_min)
+    _tokens(b, heads, same_token_min)
+    _statistical(b, heads, uniform_min)
+    _per_head(b, heads, sharp_max, uniform_min)
+    _query_variation(b, heads, qvar_pass, qvar_fail)
+    _sweep(b, heads, gain_min)
+    _summary(b)
+    b.add(_RULE)
+    return "\n".join(b.lines) + "\n"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
+    b.start(1, "Sanity Checks (Reconstruction)")
+    with_err = [h for h in heads if _fin(h.get("max_row_sum_error"))]
+    if not with_err:
+        b.check(SKIP, "Row sums: no head has a query that sees a key")
+    else:
+        worst = max(_num(h["max_row_sum_error"]) for h in with_err)
+        bad = [h for h in with_err if _num(h["max_row_sum_error"]) > row_sum_tol]
+        if bad:
+            b.check(FAIL, f"{len(bad)}/{len(with_err)} heads have rows not summing to 1 within "
+                          f"{row_sum_tol:.0e} (max error: {worst:.2e})")
+            b.listing(bad, lambda h: f"max |row sum - 1| = {_f(h['max_row_sum_error'], '.2e')}")
+        else:
+            b.check(PASS, f"All rows sum to 1 within {row_sum_tol:.0e} (max error: {worst:.2e})")
+
+    fut = [h for h in heads if _fin(h.get("max_future_weight"))]
+    if not fut:
+        b.check(SKIP, "Causality: no future-key weights recorded")
+    else:
+        worst = max(_num(h["max_future_weight"]) for h in fut)
+        bad = [h for h in fut if _num(h["max_future_weight"]) > future_tol]
+        if bad:
+            b.check(FAIL, f"Non-causal attention in {len(bad)}/{len(fut)} heads "
+                          f"(max future weight: {worst:.3g})")
+            b.listing(bad, lambda h: f"max future weight = {_f(h['max_future_weight'], '.3g')}")
+        else:
+            b.check(PASS, f"No future key has weight (max future weight: {worst:.3g})")
+
+    win = [h for h in heads if _fin(h.get("sliding_window")) and _fin(h.get("max_window_weight"))]
+    if not win:
+        b.check(SKIP, "Sliding window: no windowed head")
+    else:
+        worst = max(_num(h["max_window_weight"]) for h in win)
+        bad = [h for h in win if _num(h["max_window_weight"]) > future_tol]
+        if bad:
+            b.check(FAIL, f"Keys outside the sliding window have weight in {len(bad)}/{len(win)} "
+                          f"heads (max: {worst:.3g})")
+            b.listing(bad, lambda h: f"max out-of-window weight = {_f(h['max_window_weight'], '.3g')}")
+        else:
+            b.check(PASS, f"No key outside the sliding window has weight in {len(win)} windowed "
+                          f"heads (max: {worst:.3g})")
+
+    cov = [h for h in heads if _fin(h.get("mean_key_coverage"))]
+    if not cov:
+        b.check(SKIP, "Key coverage: not recorded")
+    else:
+        sparse = [h for h in cov if _num(h["mean_key_coverage"]) < 1.0 - 1e-12]
+        mean_cov = _mean(h["mean_key_coverage"] for h in cov)
+        if sparse:
+            b.check(WARN, f"Keys captured sparsely in {len(sparse)}/{len(cov)} heads: attention is "
+                          f"an estimate over the captured keys (mean coverage: {mean_cov:.3f})")
+        else:
+            b.check(PASS, "Keys captured densely in every head: attention is exact (coverage 1.000)")
+
+
+def _positional(b: _Builder, heads, local_bias_min) -> None:
+    b.start(2, "Positional Patterns")
+    ok = [h for h in heads if _fin(h.get("local_attn_near")) and _fin(h.get("local_attn_far"))]
+    lw = sorted({int(_num(h.get("local_window"))) for h in heads if _fin(h.get("local_window"))})
+    lw_txt = "/".join(map(str, lw)) if lw else "?"
+    if not ok:
+        b.check(SKIP, "Local bias: no query has both near and far keys")
+        return
+    near = _mean(h["local_attn_near"] for h in ok)
+    far = _mean(h["local_attn_far"] for h in ok)
+    ratio = near / far if far > 0 else float("nan")
+    msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
+    if math.isfinite(ratio) and ratio >= local_bias_min:
+        b.check(PASS, f"Local bias {msg}")
+    else:
+        b.check(WARN, f"No local bias {msg}")
+    n_local = sum(1 for h in ok if _num(h.get("local_bias_ratio")) >= local_bias_min)
+    b.info(f"{n_local}/{len(ok)} heads have a local bias ratio >= {local_bias_min:.2f}x")
+
+
+def _tokens(b: _Builder, heads, same_token_min) -> None:
+    b.start(3, "Token-Level Patterns")
+    ok = [h for h in heads if _fin(h.get("same_token_attn")) and _fin(h.get("diff_token_attn"))]
+    if not ok:
+        b.check(SKIP, "Repeated tokens: token_str not captured (or no repeated token seen)")
+        return
+    same = _mean(h["same_token_attn"] for h in ok)
+    diff = _mean(h["diff_token_attn"] for h in ok)
+    ratio = same / diff if diff > 0 else float("nan")
+    msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
+    if math.isfinite(ratio) and ratio >= same_token_min:
+        b.check(PASS, f"Repeated tokens attract {msg}")
+    else:
+        b.check(WARN, f"Repeated tokens do not attract {msg}")
+    b.info(f"computed over {len(ok)}/{len(heads)} heads")
+
+
+def _statistical(b: _Builder, heads, uniform_min) -> None:
+    b.start(4, "Statistical Tests (vs Uniform)")
+    ok = [h for h in heads if _fin(h.get("mean_entropy_ratio"))]
+    if not ok:
+        b.check(SKIP, "Entropy: no head has a finite entropy ratio")
+        return
+    ratio = _mean(h["mean_entropy_ratio"] for h in ok)
+    if ratio >= uniform_min:
+        b.check(FAIL, f"Nearly uniform (H/H_max: {ratio:.3f} >= {uniform_min:.2f})")
+    else:
+        b.check(PASS, f"Attention departs from uniform (H/H_max: {ratio:.3f} < {uniform_min:.2f})")
+    b.info(f"mean row_std: {_f(_mean(h.get('row_std') for h in heads))}, "
+           f"mean max_attn: {_f(_mean(h.get('mean_max_attn') for h in heads))}, "
+           f"mean k_eff: {_f(_mean(h.get('mean_k_eff') for h in heads), '.2f')} of "
+           f"{_f(_mean(h.get('mean_n_keys') for h in heads), '.1f')} keys")
+
+
+def _per_head(b: _Builder, heads, sharp_max, uniform_min) -> None:
+    b.start(5, "Per-Head Analysis")
+    counts = {"sharp": 0, "medium": 0, "uniform": 0, "unknown": 0}
+    tag = {"sharp": f"[{PASS} SHARP]", "medium": f"[{WARN} MEDIUM]",
+           "uniform": f"[{FAIL} UNIFORM]", "unknown": f"[{SKIP} UNKNOWN]"}
+    status = {"sharp": PASS, "medium": WARN, "uniform": FAIL, "unknown": SKIP}
+    for h in heads:
+        cls = h.get("attn_class")
+        if cls not in counts:
+            cls = attention_class(_num(h.get("mean_entropy_ratio")), sharp_max, uniform_min)
+        counts[cls] += 1
+        sym = f" {_SYMBOL[status[cls]]}" if b.use_unicode else ""
+        b.add(f"  {_label(h)}: H/Hmax={_f(h.get('mean_entropy_ratio'), '.3f')} "
+              f"row_std={_f(h.get('row_std'))} max_attn={_f(h.get('mean_max_attn'), '.3f')} "
+              f"k_eff={_f(h.get('mean_k_eff'), '.1f')} cov={_f(h.get('mean_key_coverage'), '.3f')} "
+              f"{tag[cls]}{sym}")
+    n = len(heads)
+
+    def pct(c):
+        return f"{100.0 * c / n:.0f}%" if n else "n/a"
+
+    line = (f"  Summary: {counts['sharp']}/{n} sharp ({pct(counts['sharp'])}), "
+            f"{counts['medium']}/{n} medium ({pct(counts['medium'])}), "
+            f"{counts['uniform']}/{n} uniform ({pct(counts['uniform'])})")
+    if counts["unknown"]:
+        line += f", {counts['unknown']}/{n} unknown"
+    b.add("")
+    b.add(line)
+
+
+def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
+    b.start(6, "Query-Side Variation (Do different queries attend differently?)")
+    adj = [h for h in heads if _fin(h.get("qvar_l2_adjacent"))]
+    far = [h for h in heads if _fin(h.get("qvar_l2_distant"))]
+    adj_m = _mean(h["qvar_l2_adjacent"] for h in adj)
+    far_m = _mean(h["qvar_l2_distant"] for h in far)
+    n_adj = sum(int(_num(h.get("qvar_pairs_adjacent"))) for h in adj if _fin(h.get("qvar_pairs_adjacent")))
+    n_far = sum(int(_num(h.get("qvar_pairs_distant"))) for h in far if _fin(h.get("qvar_pairs_distant")))
+    b.add(f"  Adjacent queries (dpos=1):  L2={_f(adj_m)} over {n_adj} pairs in {len(adj)} heads")
+    b.add(f"  Distant queries (dpos=10):  L2={_f(far_m)} over {n_far} pairs in {len(far)} heads")
+    if not far:
+        b.check(SKIP, "Query variation: no query pair 10 positions apart with >= 2 shared keys")
+        return
+    if far_m >= qvar_pass:
+        b.check(PASS, f"Different queries attend differently (L2={far_m:.4f} >= {qvar_pass:.2f})")
+    elif far_m < qvar_fail:
+        b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f})")
+    else:
+        b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f})")
+    if math.isfinite(adj_m):
+        if far_m > adj_m:
+            b.info("Positional structure detected (distant > adjacent)")
+        else:
+            b.info("No positional structure (distant <= adjacent)")
+
+
+def _sweep(b: _Builder, heads, gain_min) -> None:
+    b.start(7, "Query-Scale Sweep (gain = d mean max_attn / d log scale)")
+    ok = [h for h in heads if _fin(h.get("gain"))]
+    if not ok:
+        b.check(SKIP, "Query-scale sweep: no head has a gain")
+        return
+    for h in ok:
+        mono = "yes" if bool(h.get("entropy_monotonic")) else "NO"
+        b.add(f"  {_label(h)}: gain={_f(h['gain'])} (R2={_f(h.get('gain_r2'), '.3f')}) "
+              f"entropy falls monotonically: {mono}")
+    not_mono = [h for h in ok if not bool(h.get("entropy_monotonic"))]
+    if not_mono:
+        b.check(WARN, f"Entropy does not fall monotonically with query scale in "
+                      f"{len(not_mono)}/{len(ok)} heads")
+        b.listing(not_mono, lambda h: f"gain={_f(h['gain'])}")
+    else:
+        b.check(PASS, f"Entropy falls monotonically with query scale in all {len(ok)} heads")
+    flat = [h for h in ok if _num(h["gain"]) <= gain_min]
+    if flat:
+        b.check(WARN, f"{len(flat)}/{len(ok)} heads do not sharpen with query scale (gain <= {gain_min:g})")
+        b.listing(flat, lambda h: f"gain={_f(h['gain'])}")
+    else:
+        b.check(PASS, f"Every head sharpens with query scale (gain > {gain_min:g})")
+    gains = [_num(h["gain"]) for h in ok]
+    top = max(ok, key=lambda h: (_num(h["gain"]), [-x[1] for x in _sort_key(h)]))
+    med = median(gains)
+    r = gain_ratio(_num(top["gain"]), med)
+    if math.isfinite(r):
+        if r >= 2.0:
+            meaning = "strong evidence of head-specific exploitation"
+        elif r >= 1.5:
+            meaning = "higher sensitivity than the typical head"
+        else:
+            meaning = "no functional distinction (universal mechanism)"
+        b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}; "
+               f"ratio {r:.2f}x -> {meaning}")
+    else:
+        b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}")
+
+
+def _summary(b: _Builder) -> None:
+    b.add("")
+    b.add(_RULE)
+    b.add("SUMMARY")
+    b.add(_RULE)
+    counted = [r for r in b.results if r[0] != SKIP]
+    n_pass = sum(1 for r in counted if r[0] == PASS)
+    n_warn = sum(1 for r in counted if r[0] == WARN)
+    n_fail = sum(1 for r in counted if r[0] == FAIL)
+    n_skip = len(b.results) - len(counted)
+    b.add(f"Passed: {n_pass}/{len(counted)} checks")
+    b.add(f"Warnings: {n_warn}")
+    for status, section, msg in counted:
+        if status == WARN:
+            b.add(f"   - {section}: {msg}")
+    b.add(f"Failures: {n_fail}")
+    for status, section, msg in counted:
+        if status == FAIL:
+            b.add(f"   - {section}: {msg}")
+    b.add(f"Skipped: {n_skip}")
+    b.add("")
+    b.add(_SUB)
+    b.add("CONCLUSION:")
+    b.add(_SUB)
+    sanity_fail = any(s == FAIL and sec.startswith("Sanity") for s, sec, _ in counted)
+    if not counted:
+        b.add("No check could be computed.")
+    elif sanity_fail:
+        b.add("The attention reconstruction is wrong (row sums or masking); do not trust the")
+        b.add("other numbers until it is fixed.")
+    elif n_fail:
+        b.add("Attention is reconstructed correctly but may not carry meaningful patterns")
+        b.add("(see failures above).")
+    elif n_warn:
+        b.add("Attention is reconstructed correctly; see warnings above.")
+    else:
+        b.add("Attention is reconstructed correctly and shows structure.")

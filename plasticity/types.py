@@ -1,0 +1,90 @@
+"""Plain data containers shared by the math (`plasticity`) and the I/O layer (`warehouse`).
+
+They hold numpy arrays only; nothing here reads files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ESTIMATORS = ("bucket_full_cov", "linear_diag")
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """Knobs of the per-head analysis (SPEC section 2). Defaults are the SPEC's."""
+
+    normality_max_dims: int = 64
+    p_alpha: float = 0.01
+    seed: int = 0
+    num_pairs_per_bucket: int = 256
+    estimator: str = "bucket_full_cov"
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
+        if self.num_pairs_per_bucket < 1:
+            raise ValueError("num_pairs_per_bucket must be >= 1")
+        if self.normality_max_dims < 0:
+            raise ValueError("normality_max_dims must be >= 0")
+
+
+@dataclass
+class TokenArrays:
+    """The (sub)sampled rows of one shard, in canonical order (bucket, example_id, position).
+
+    `vectors` is float64 (n, d); `position` float64; `bucket`/`example_id` int64.
+    `sliding_window` is the shard's single window (None = full causal attention).
+    `token_str` is an object array of strings when the shard captured them, else None.
+    """
+
+    bucket: np.ndarray
+    example_id: np.ndarray
+    position: np.ndarray
+    vectors: np.ndarray
+    sliding_window: int | None = None
+    token_str: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = self.vectors.shape[0]
+        for name in ("bucket", "example_id", "position"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected ({n},)")
+
+    @property
+    def n(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def canonical(self) -> "TokenArrays":
+        """Rows sorted by (bucket, example_id, position); a no-op copy when already sorted."""
+        order = np.lexsort((self.position, self.example_id, self.bucket))
+        if np.all(order == np.arange(self.n)):
+            return self
+        return TokenArrays(
+            bucket=self.bucket[order],
+            example_id=self.example_id[order],
+            position=self.position[order],
+            vectors=self.vectors[order],
+            sliding_window=self.sliding_window,
+            token_str=None if self.token_str is None else self.token_str[order],
+        )
+
+
+@dataclass
+class HeadResult:
+    """Everything SPEC section 3 stores for one head (layer/q_head/k_head are added by the caller).
+
+    `metrics`: the head_metrics columns from `n_q_tokens` to `estimator`.
+    `bucket_rows`: columns q_bucket, k_bucket (int64), plasticity (float64, NaN allowed), n_pairs (int64).
+    `component_rows`: columns component (int64), component_r2, weight (float64).
+    """
+
+    metrics: dict
+    bucket_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    component_rows: dict[str, np.ndarray] = field(default_factory=dict)

@@ -1,0 +1,175 @@
+-- Warehouse schema. Every result table is keyed by (model, run_id); writes per
+-- head are delete-then-insert inside one transaction, so re-runs replace rows.
+CREATE TABLE IF NOT EXISTS shards (
+    model VARCHAR NOT NULL,
+    revision VARCHAR,
+    layer INTEGER NOT NULL,
+    head INTEGER NOT NULL,
+    kind VARCHAR NOT NULL,              -- 'q' or 'k'
+    path VARCHAR NOT NULL,
+    n_rows BIGINT,
+    dim INTEGER,
+    sliding_window INTEGER,
+    n_examples BIGINT,
+    n_buckets INTEGER,
+    min_bucket INTEGER,
+    max_bucket INTEGER,
+    min_position DOUBLE,
+    max_position DOUBLE,
+    has_token_str BOOLEAN,
+    error VARCHAR                       -- NULL when the shard passed validation
+);
+CREATE TABLE IF NOT EXISTS shard_buckets (
+    model VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    head INTEGER NOT NULL,
+    kind VARCHAR NOT NULL,
+    bucket INTEGER NOT NULL,
+    n_rows BIGINT,
+    min_position DOUBLE,
+    max_position DOUBLE,
+    mean_position DOUBLE
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    dataset_name VARCHAR,
+    revision VARCHAR,
+    config_json VARCHAR,
+    package_version VARCHAR,
+    started_at TIMESTAMP,
+    ended_at TIMESTAMP,
+    status VARCHAR,                     -- running | succeeded | partial | failed
+    n_heads INTEGER,
+    n_done INTEGER,
+    n_errors INTEGER
+);
+CREATE TABLE IF NOT EXISTS head_metrics (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    n_q_tokens BIGINT,
+    n_k_tokens BIGINT,
+    d_model INTEGER,
+    q_R2_pos DOUBLE,
+    q_beta_norm DOUBLE,
+    q_R2_scalar DOUBLE,
+    q_mae_baseline DOUBLE,
+    q_mae_proj DOUBLE,
+    q_mae_ratio DOUBLE,
+    q_resid0_skew DOUBLE,
+    q_resid0_kurt DOUBLE,
+    q_resid0_ks_p DOUBLE,
+    q_noise_med_abs_skew DOUBLE,
+    q_noise_med_abs_kurt DOUBLE,
+    q_noise_med_ks_p DOUBLE,
+    q_noise_frac_ks_p_lt_alpha DOUBLE,
+    ap_overall DOUBLE,
+    ap_overall_se DOUBLE,
+    estimator VARCHAR
+);
+CREATE TABLE IF NOT EXISTS head_bucket_plasticity (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    q_bucket INTEGER NOT NULL,
+    k_bucket INTEGER NOT NULL,
+    plasticity DOUBLE,
+    n_pairs INTEGER
+);
+CREATE TABLE IF NOT EXISTS head_component_weights (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    component INTEGER NOT NULL,
+    component_r2 DOUBLE,
+    weight DOUBLE
+);
+CREATE TABLE IF NOT EXISTS head_errors (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER,
+    file VARCHAR,
+    problem VARCHAR,                    -- short category, e.g. 'missing_columns'
+    message VARCHAR,
+    recorded_at TIMESTAMP
+);
+-- SPEC 4: attention rebuilt from the captured queries and keys.
+CREATE TABLE IF NOT EXISTS token_attention (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    bucket INTEGER,
+    example_id INTEGER,
+    position DOUBLE,
+    entropy DOUBLE,                     -- nats; NaN for positions < 2
+    entropy_ratio DOUBLE,               -- entropy / log(n_keys)
+    max_attn DOUBLE,
+    k_eff BIGINT,                       -- fewest keys holding 90% of the mass
+    query_norm DOUBLE,
+    n_keys BIGINT,                      -- captured keys the query may see
+    n_visible BIGINT,                   -- positions the query may see
+    key_coverage DOUBLE,                -- n_keys / n_visible; 1.0 = dense capture, exact attention
+    row_std DOUBLE
+);
+CREATE TABLE IF NOT EXISTS head_attention_summary (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    n_queries BIGINT,
+    n_queries_with_keys BIGINT,
+    n_examples BIGINT,
+    head_dim INTEGER,
+    sliding_window INTEGER,
+    mean_entropy DOUBLE,
+    mean_entropy_ratio DOUBLE,
+    mean_max_attn DOUBLE,
+    mean_k_eff DOUBLE,
+    mean_query_norm DOUBLE,
+    mean_n_keys DOUBLE,
+    mean_key_coverage DOUBLE,
+    row_std DOUBLE,
+    attn_class VARCHAR,                 -- sharp | medium | uniform
+    local_window INTEGER,
+    local_attn_near DOUBLE,
+    local_attn_far DOUBLE,
+    local_bias_ratio DOUBLE,
+    same_token_attn DOUBLE,
+    diff_token_attn DOUBLE,
+    same_token_ratio DOUBLE,
+    qvar_l2_adjacent DOUBLE,
+    qvar_l2_distant DOUBLE,
+    qvar_pairs_adjacent BIGINT,
+    qvar_pairs_distant BIGINT,
+    max_row_sum_error DOUBLE,
+    max_future_weight DOUBLE,
+    max_window_weight DOUBLE,
+    gain DOUBLE,                        -- slope of mean max_attn vs log(scale)
+    gain_r2 DOUBLE,
+    entropy_monotonic BOOLEAN
+);
+CREATE TABLE IF NOT EXISTS query_scale_sweep (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    scale DOUBLE,
+    mean_entropy DOUBLE,
+    mean_entropy_ratio DOUBLE,
+    mean_max_attn DOUBLE,
+    mean_k_eff DOUBLE,
+    mean_row_std DOUBLE
+);

@@ -1,0 +1,140 @@
+"""SPEC 1 bad input: each damaged shard gives its own clear error in head_errors,
+naming the file; every other head's results are unchanged, to the bit."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from warehouse import db
+from warehouse.config import load_config
+from warehouse.pipeline import analyze_dataset
+
+
+def shard(root, layer, head, kind):
+    return root / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet"
+
+
+def rewrite(path, fn):
+    pq.write_table(fn(pq.read_table(path)), path)
+
+
+def as_plain_list(table, widths=None):
+    """vector column as list<float>, optionally with some rows' widths changed."""
+    vec = table.column("vector").combine_chunks()
+    d = vec.type.list_size
+    rows = vec.flatten().to_numpy().reshape(-1, d).tolist()
+    if widths:
+        for i, w in widths.items():
+            rows[i] = (rows[i] + [0.0] * w)[:w]
+    return table.set_column(table.schema.get_field_index("vector"), "vector", pa.array(rows, pa.list_(pa.float32())))
+
+
+def set_vector_value(table, row, col, value):
+    vec = table.column("vector").combine_chunks()
+    d = vec.type.list_size
+    flat = vec.flatten().to_numpy().copy()
+    flat[row * d + col] = value
+    new = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), d)
+    return table.set_column(table.schema.get_field_index("vector"), "vector", new)
+
+
+def widen(table):
+    vec = table.column("vector").combine_chunks()
+    d = vec.type.list_size
+    flat = vec.flatten().to_numpy().reshape(-1, d)
+    wider = np.hstack([flat, np.ones((flat.shape[0], 1), np.float32)])
+    new = pa.FixedSizeListArray.from_arrays(pa.array(wider.ravel(), pa.float32()), d + 1)
+    return table.set_column(table.schema.get_field_index("vector"), "vector", new)
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def set_column(table, name, array):
+    return table.set_column(table.schema.get_field_index(name), name, array)
+
+
+# (case, shard to damage (layer, head, kind), damage, expected problem, heads (layer, q_head) that must fail)
+CASES = [
+    ("truncated", (0, 0, "q"), lambda p: truncate(p), "unreadable", {(0, 0)}),
+    ("not_parquet", (0, 1, "q"), lambda p: p.write_bytes(b"this is not parquet"), "unreadable", {(0, 1)}),
+    ("missing_column", (0, 1, "q"), lambda p: rewrite(p, lambda t: t.drop_columns(["position"])), "missing_columns", {(0, 1)}),
+    ("wrong_type", (0, 2, "q"), lambda p: rewrite(p, lambda t: set_column(t, "bucket", pc.cast(t.column("bucket"), pa.string()))), "wrong_type", {(0, 2)}),
+    ("ragged", (0, 3, "q"), lambda p: rewrite(p, lambda t: as_plain_list(t, {5: 3})), "ragged_vectors", {(0, 3)}),
+    ("nan_vector", (1, 0, "q"), lambda p: rewrite(p, lambda t: set_vector_value(t, 7, 2, np.nan)), "nonfinite_values", {(1, 0)}),
+    ("inf_vector", (1, 0, "q"), lambda p: rewrite(p, lambda t: set_vector_value(t, 3, 0, np.inf)), "nonfinite_values", {(1, 0)}),
+    ("negative_position", (1, 1, "q"), lambda p: rewrite(p, lambda t: set_column(t, "position", pa.array(np.where(np.arange(t.num_rows) == 4, -1, t.column("position").to_numpy()).astype(np.int32)))), "negative_positions", {(1, 1)}),
+    ("empty", (1, 2, "q"), lambda p: rewrite(p, lambda t: t.slice(0, 0)), "empty", {(1, 2)}),
+    ("mixed_window", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([64 if i % 2 else None for i in range(t.num_rows)], pa.int32()))), "mixed_sliding_window", {(1, 3)}),
+    ("duplicate_rows", (0, 0, "q"), lambda p: rewrite(p, lambda t: pa.concat_tables([t, t.slice(0, 10)])), "duplicate_rows", {(0, 0)}),
+    ("missing_key_shard", (1, 1, "k"), lambda p: os.remove(p), "missing_key_shard", {(1, 2), (1, 3)}),
+    ("width_mismatch", (0, 1, "q"), lambda p: rewrite(p, widen), "width_mismatch", {(0, 1)}),
+    ("bad_key_shard", (0, 0, "k"), lambda p: rewrite(p, lambda t: set_vector_value(t, 0, 0, np.nan)), "nonfinite_values", {(0, 0), (0, 1)}),
+]
+
+
+def results_by_head(cfg):
+    with db.reader(cfg.warehouse) as con:
+        out = {}
+        for table in ("head_metrics", "head_bucket_plasticity", "head_component_weights"):
+            for row in con.execute(f"SELECT * EXCLUDE (model, run_id) FROM {table} ORDER BY ALL").fetchall():
+                out.setdefault((row[0], row[1]), []).append((table, row))
+        errors = con.execute("SELECT layer, q_head, file, problem, message FROM head_errors").fetchall()
+    return out, errors
+
+
+def same(a, b):
+    return len(a) == len(b) and all(
+        ta == tb and all(x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)) for x, y in zip(ra, rb))
+        for (ta, ra), (tb, rb) in zip(a, b)
+    )
+
+
+@pytest.fixture(scope="module")
+def clean(small_dataset, tmp_path_factory):
+    cfg = load_config(None, {"warehouse": str(tmp_path_factory.mktemp("clean") / "wh.duckdb"), "max_workers": 1,
+                             "attention": False, "model": "m"})
+    analyze_dataset(cfg, small_dataset, progress=False)
+    return results_by_head(cfg)[0]
+
+
+@pytest.mark.parametrize("case,target,damage,problem,failing", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_recorded_per_head(case, target, damage, problem, failing, small_copy, tmp_path, clean):
+    path = shard(small_copy, *target)
+    damage(path)
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+    summary = analyze_dataset(cfg, small_copy, progress=False)
+    got, errors = results_by_head(cfg)
+    assert {(l, q) for l, q, *_ in errors} == failing, errors
+    for layer, q_head, file, prob, message in errors:
+        assert prob == problem, message
+        if problem != "missing_key_shard":
+            assert file == str(path) and str(path) in message  # names the file
+        else:
+            assert f"l{target[0]:02d}h{target[1]:02d}k" in message
+    assert summary.n_errors == len(failing) and summary.status == "partial"
+    for head, rows in clean.items():
+        if head in failing:
+            assert head not in got
+        else:
+            assert same(got[head], rows), head
+
+
+def test_accepted_variants_give_identical_results(small_copy, tmp_path, clean):
+    """A plain list<float> vector column and float positions are accepted and change nothing."""
+    rewrite(shard(small_copy, 0, 0, "q"), lambda t: as_plain_list(t))
+    rewrite(shard(small_copy, 0, 0, "k"), lambda t: set_column(t, "position", pc.cast(t.column("position"), pa.float64())))
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+    analyze_dataset(cfg, small_copy, progress=False)
+    got, errors = results_by_head(cfg)
+    assert errors == []
+    assert all(same(got[h], clean[h]) for h in clean)

@@ -1,0 +1,180 @@
+"""plasticity.report: markers, counts and determinism of the validation report."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from plasticity.attention import head_attention_metrics
+from plasticity.report import validation_report
+from plasticity.types import TokenArrays
+
+
+def head(layer, q_head, k_head=None, **over):
+    h = {
+        "layer": layer,
+        "q_head": q_head,
+        "k_head": q_head if k_head is None else k_head,
+        "n_queries": 1000,
+        "n_queries_with_keys": 1000,
+        "n_examples": 4,
+        "head_dim": 64,
+        "sliding_window": None,
+        "mean_entropy": 2.0,
+        "mean_entropy_ratio": 0.40,
+        "mean_max_attn": 0.45,
+        "mean_k_eff": 12.0,
+        "mean_query_norm": 8.0,
+        "mean_n_keys": 256.0,
+        "mean_key_coverage": 1.0,
+        "row_std": 0.08,
+        "attn_class": "sharp",
+        "local_window": 5,
+        "local_attn_near": 0.02,
+        "local_attn_far": 0.005,
+        "local_bias_ratio": 4.0,
+        "same_token_attn": 0.03,
+        "diff_token_attn": 0.01,
+        "same_token_ratio": 3.0,
+        "qvar_l2_adjacent": 0.10,
+        "qvar_l2_distant": 0.30,
+        "qvar_pairs_adjacent": 990,
+        "qvar_pairs_distant": 900,
+        "max_row_sum_error": 4.4e-16,
+        "max_future_weight": 0.0,
+        "max_window_weight": 0.0,
+        "gain": 0.25,
+        "gain_r2": 0.99,
+        "entropy_monotonic": True,
+    }
+    h.update(over)
+    return h
+
+
+def section(text, idx):
+    """Lines of section [idx/7] (up to the next section or the summary)."""
+    start = text.index(f"[{idx}/7]")
+    nxt = text.find(f"[{idx + 1}/7]", start)
+    end = nxt if nxt >= 0 else text.index("SUMMARY", start)
+    return text[start:end]
+
+
+def counts(text):
+    m = re.search(r"Passed: (\d+)/(\d+) checks", text)
+    w = re.search(r"Warnings: (\d+)", text)
+    f = re.search(r"Failures: (\d+)", text)
+    s = re.search(r"Skipped: (\d+)", text)
+    return int(m[1]), int(m[2]), int(w[1]), int(f[1]), int(s[1])
+
+
+def test_healthy_heads_pass_everything_but_window():
+    text = validation_report("demo/model", [head(0, 0), head(0, 1), head(1, 0)])
+    assert text.startswith("=" * 70 + "\nATTENTION VALIDATION REPORT")
+    assert "model: demo/model" in text
+    assert "[PASS] All rows sum to 1 within 1e-06" in text
+    assert "[PASS] No future key has weight" in text
+    assert "[SKIP] Sliding window: no windowed head" in text
+    assert "[PASS] Local bias" in section(text, 2)
+    assert "[PASS] Repeated tokens attract" in section(text, 3)
+    assert "[PASS] Attention departs from uniform" in section(text, 4)
+    assert "[PASS] Different queries attend differently" in section(text, 6)
+    assert "Positional structure detected" in section(text, 6)
+    assert "[PASS] Entropy falls monotonically" in section(text, 7)
+    assert "3/3 sharp (100%)" in text
+    assert counts(text) == (9, 9, 0, 0, 1)
+    assert "[FAIL]" not in text and "[WARN]" not in text
+    assert "shows structure" in text
+
+
+def test_reconstruction_failures_are_flagged_with_head():
+    bad = head(2, 5, 1, max_row_sum_error=3e-3, max_future_weight=0.0078)
+    text = validation_report("m", [head(0, 0), bad])
+    sec = section(text, 1)
+    assert "[FAIL] 1/2 heads have rows not summing to 1" in sec
+    assert "L2 H5 (kv 1)" in sec
+    assert "[FAIL] Non-causal attention in 1/2 heads (max future weight: 0.0078)" in sec
+    _, _, _, n_fail, _ = counts(text)
+    assert n_fail == 2
+    assert "reconstruction is wrong" in text
+
+
+def test_row_sum_tolerance_boundary():
+    ok = validation_report("m", [head(0, 0, max_row_sum_error=1e-6)])
+    bad = validation_report("m", [head(0, 0, max_row_sum_error=1.1e-6)])
+    assert "[PASS] All rows sum to 1" in ok
+    assert "[FAIL]" in section(bad, 1) and "[FAIL]" not in section(ok, 1)
+
+
+def test_uniform_heads_fail_and_are_labelled():
+    uni = dict(mean_entropy_ratio=0.983, attn_class="uniform", row_std=0.024,
+               local_attn_near=0.0082, local_attn_far=0.0079, local_bias_ratio=1.04,
+               same_token_attn=0.0078, diff_token_attn=0.0078, same_token_ratio=1.0,
+               qvar_l2_adjacent=0.012, qvar_l2_distant=0.010)
+    text = validation_report("m", [head(0, i, 0, **uni) for i in range(3)] + [head(1, 0, 0, **dict(uni, mean_entropy_ratio=0.94, attn_class="medium"))])
+    assert "[FAIL] Nearly uniform" in section(text, 4)
+    assert text.count("[FAIL UNIFORM]") == 3 and text.count("[WARN MEDIUM]") == 1
+    assert "0/4 sharp (0%), 1/4 medium (25%), 3/4 uniform (75%)" in text
+    assert "[WARN] No local bias" in section(text, 2)
+    assert "[WARN] Repeated tokens do not attract" in section(text, 3)
+    assert "[FAIL] Queries attend alike" in section(text, 6)
+    assert "No positional structure" in section(text, 6)
+    n_pass, n_total, n_warn, n_fail, _ = counts(text)
+    assert (n_warn, n_fail) == (2, 2) and n_pass + n_warn + n_fail == n_total
+    assert "correctly but may not carry meaningful patterns" in text
+
+
+def test_windows_tokens_coverage_and_sweep_warnings():
+    hs = [
+        head(0, 0, sliding_window=128, max_window_weight=0.0, mean_key_coverage=0.5,
+             same_token_attn=float("nan"), diff_token_attn=float("nan")),
+        head(0, 1, sliding_window=128, max_window_weight=0.2, same_token_attn=None, diff_token_attn=None,
+             entropy_monotonic=False, gain=0.0),
+    ]
+    text = validation_report("m", hs, unicode=True)
+    assert "[FAIL] \u274c Keys outside the sliding window have weight in 1/2" in text
+    assert "[WARN] \u26a0 Keys captured sparsely in 1/2 heads" in text
+    assert "[SKIP] \u2013 Repeated tokens: token_str not captured" in text
+    assert "[WARN] \u26a0 Entropy does not fall monotonically with query scale in 1/2 heads" in text
+    assert "[WARN] \u26a0 1/2 heads do not sharpen" in text
+    assert "sliding windows: 128" in text
+    assert "entropy falls monotonically: NO" in text
+
+
+def test_gain_ratio_interpretation():
+    hs = [head(0, 0, gain=0.1), head(0, 1, gain=0.1), head(0, 2, gain=0.25)]
+    text = validation_report("m", hs)
+    assert "Most sensitive: L0 H2 (kv 2) gain=0.2500; median gain=0.1000; ratio 2.50x" in text
+    assert "strong evidence of head-specific exploitation" in text
+    flat = validation_report("m", [head(0, 0, gain=0.1), head(0, 1, gain=0.11)])
+    assert "no functional distinction" in flat
+
+
+def test_deterministic_and_order_independent():
+    hs = [head(3, 1), head(0, 2), head(0, 0, max_future_weight=0.5)]
+    a = validation_report("m", hs)
+    b = validation_report("m", list(reversed(hs)))
+    assert a == b
+    lines = [ln for ln in a.splitlines() if ln.startswith("  L") and "H/Hmax" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["L0 H0 (kv 0)", "L0 H2 (kv 2)", "L3 H1 (kv 1)"]
+    assert a.isascii()
+
+
+def test_empty_report():
+    text = validation_report("m", [])
+    assert "heads: 0" in text
+    assert counts(text) == (0, 0, 0, 0, 9)
+    assert "No check could be computed." in text
+
+
+def test_report_from_real_head_metrics():
+    rng = np.random.default_rng(0)
+    n, d = 40, 8
+    pos = np.tile(np.arange(n), 2).astype(float)
+    ex = np.repeat([0, 1], n)
+    q = TokenArrays(np.zeros(2 * n, np.int64), ex, pos, rng.normal(size=(2 * n, d)) * 2)
+    k = TokenArrays(np.zeros(2 * n, np.int64), ex, pos, rng.normal(size=(2 * n, d)))
+    _, summ, _ = head_attention_metrics(q, k)
+    text = validation_report("real", [dict(summ, layer=0, q_head=0, k_head=0)])
+    assert "[PASS] All rows sum to 1" in text and "[PASS] No future key has weight" in text
+    assert "[PASS] Entropy falls monotonically" in text

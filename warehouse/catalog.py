@@ -1,0 +1,220 @@
+"""Catalog of sniffer shards: find them, validate their schema, profile them.
+
+A shard is `l{LL}h{HH}{q|k}/data.parquet` under the dataset root (optionally
+under `model_dir`). Validation problems become `ShardError`s that name the file
+and the problem; the pipeline records them against the affected heads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import sql
+
+SHARD_RE = re.compile(r"^l(\d+)h(\d+)([qk])$")
+REQUIRED_COLUMNS = ("bucket", "example_id", "position", "vector")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used. `problem` is a short category stored in head_errors."""
+
+    def __init__(self, path: str | Path, problem: str, message: str):
+        self.path = str(path)
+        self.problem = problem
+        self.message = message
+        super().__init__(f"{self.path}: {message}")
+
+    def __reduce__(self):  # keep the fields when crossing a process boundary
+        return (ShardError, (self.path, self.problem, self.message))
+
+
+@dataclass
+class BucketRange:
+    bucket: int
+    n_rows: int
+    min_position: float
+    max_position: float
+    mean_position: float
+
+
+@dataclass
+class ShardInfo:
+    layer: int
+    head: int
+    kind: str  # 'q' | 'k'
+    path: str
+    n_rows: int | None = None
+    dim: int | None = None  # None for a plain list<float> column until read
+    sliding_window: int | None = None
+    n_examples: int | None = None
+    has_token_str: bool = False
+    buckets: list[BucketRange] = field(default_factory=list)
+    error: ShardError | None = None
+
+    @property
+    def min_bucket(self) -> int | None:
+        return self.buckets[0].bucket if self.buckets else None
+
+    @property
+    def max_bucket(self) -> int | None:
+        return self.buckets[-1].bucket if self.buckets else None
+
+    def row(self) -> dict:
+        positions = [b.min_position for b in self.buckets] + [b.max_position for b in self.buckets]
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "kind": self.kind,
+            "path": self.path,
+            "n_rows": self.n_rows,
+            "dim": self.dim,
+            "sliding_window": self.sliding_window,
+            "n_examples": self.n_examples,
+            "n_buckets": len(self.buckets) if self.buckets else None,
+            "min_bucket": self.min_bucket,
+            "max_bucket": self.max_bucket,
+            "min_position": min(positions) if positions else None,
+            "max_position": max(positions) if positions else None,
+            "has_token_str": self.has_token_str,
+            "error": None if self.error is None else str(self.error),
+        }
+
+    def bucket_rows(self) -> list[dict]:
+        return [
+            {"layer": self.layer, "head": self.head, "kind": self.kind, **asdict(b)} for b in self.buckets
+        ]
+
+
+def find_shards(root: str | Path, model_dir: str | None = None) -> list[ShardInfo]:
+    """All `lXXhYY{q,k}/data.parquet` under root (or root/model_dir), sorted by (layer, kind, head)."""
+    base = Path(root) / model_dir if model_dir else Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset folder {base} does not exist")
+    found = []
+    for sub in base.iterdir():
+        m = SHARD_RE.match(sub.name)
+        if m and (sub / "data.parquet").is_file():
+            found.append(ShardInfo(int(m[1]), int(m[2]), m[3], str(sub / "data.parquet")))
+    if not found:
+        raise FileNotFoundError(f"no lXXhYY{{q,k}}/data.parquet shards under {base}")
+    return sorted(found, key=lambda s: (s.layer, s.kind, s.head))
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def check_schema(path: str, schema: pa.Schema) -> tuple[int | None, bool, bool]:
+    """Validate column presence and types. Returns (dim or None, has sliding_window, has token_str)."""
+    names = set(schema.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise ShardError(path, "missing_columns", f"missing column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+    for col in ("bucket", "example_id"):
+        t = schema.field(col).type
+        if not _is_int(t):
+            raise ShardError(path, "wrong_type", f"column {col} must be an integer type, found {t}")
+    t = schema.field("position").type
+    if not (_is_int(t) or pa.types.is_floating(t)):
+        raise ShardError(path, "wrong_type", f"column position must be int32 (or float), found {t}")
+    vt = schema.field("vector").type
+    if not (pa.types.is_fixed_size_list(vt) or pa.types.is_list(vt) or pa.types.is_large_list(vt)):
+        raise ShardError(path, "wrong_type", f"column vector must be fixed_size_list<float32> or list<float>, found {vt}")
+    if not pa.types.is_floating(vt.value_type):
+        raise ShardError(path, "wrong_type", f"column vector must hold floats, found {vt}")
+    dim = vt.list_size if pa.types.is_fixed_size_list(vt) else None
+    has_window = "sliding_window" in names
+    if has_window:
+        wt = schema.field("sliding_window").type
+        if not (_is_int(wt) or pa.types.is_null(wt)):
+            raise ShardError(path, "wrong_type", f"column sliding_window must be int32 (nullable), found {wt}")
+    has_tokens = "token_str" in names and (
+        pa.types.is_string(schema.field("token_str").type) or pa.types.is_large_string(schema.field("token_str").type)
+    )
+    return dim, has_window, has_tokens
+
+
+def profile_shard(con: duckdb.DuckDBPyConnection, info: ShardInfo) -> ShardInfo:
+    """Fill `info` from the file: schema checks, row counts, window, bucket ranges.
+
+    Any problem is stored in `info.error` (never raised) so the catalog lists
+    every shard, good or bad.
+    """
+    path = info.path
+    try:
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # truncated footer, not Parquet at all, permission...
+            raise ShardError(path, "unreadable", f"cannot read Parquet file ({type(exc).__name__}: {exc})") from None
+        info.dim, has_window, info.has_token_str = check_schema(path, schema)
+        profile_sql = sql.load("shard_profile").format(
+            sliding_window="sliding_window" if has_window else "NULL::INTEGER"
+        )
+        try:
+            cur = con.execute(profile_sql, {"path": path})
+            names = [d[0] for d in cur.description]
+            prof = dict(zip(names, cur.fetchone()))
+        except duckdb.Error as exc:
+            raise ShardError(path, "unreadable", f"cannot read Parquet data ({exc})") from None
+        info.n_rows = int(prof["n_rows"])
+        info.n_examples = int(prof["n_examples"])
+        if info.n_rows == 0:
+            raise ShardError(path, "empty", "shard has no rows")
+        if prof["n_null_keys"]:
+            raise ShardError(path, "null_values", f"{prof['n_null_keys']} row(s) have a null bucket, example_id or position")
+        if prof["n_nonfinite_positions"]:
+            raise ShardError(path, "nonfinite_values", f"{prof['n_nonfinite_positions']} position(s) are NaN or infinite")
+        if prof["n_negative_positions"]:
+            raise ShardError(path, "negative_positions", f"{prof['n_negative_positions']} row(s) have a negative position (min {prof['min_position']:g})")
+        n_distinct_windows = int(prof["n_windows"]) + (1 if prof["n_null_windows"] else 0)
+        if n_distinct_windows > 1:
+            raise ShardError(path, "mixed_sliding_window", "sliding_window takes more than one value within the shard")
+        info.sliding_window = None if prof["sliding_window"] is None else int(prof["sliding_window"])
+        if prof["n_duplicate_rows"]:
+            raise ShardError(path, "duplicate_rows", f"{prof['n_duplicate_rows']} row(s) repeat an (example_id, position) already present")
+        cur = con.execute(sql.load("shard_buckets"), {"path": path})
+        info.buckets = [BucketRange(int(b), int(n), float(lo), float(hi), float(mu)) for b, n, lo, hi, mu in cur.fetchall()]
+    except ShardError as err:
+        info.error = err
+    return info
+
+
+def infer_layout(shards: list[ShardInfo]) -> tuple[int, int, int]:
+    """(num_layers, num_q_heads, num_k_heads) from the shard names present."""
+    q = [s for s in shards if s.kind == "q"]
+    k = [s for s in shards if s.kind == "k"]
+    if not q:
+        raise ValueError("no query shards (lXXhYYq) found")
+    num_layers = max(s.layer for s in shards) + 1
+    num_q = max(s.head for s in q) + 1
+    num_k = (max(s.head for s in k) + 1) if k else num_q
+    if num_q % num_k:
+        raise ValueError(
+            f"inferred {num_q} query heads and {num_k} key heads, which is not a whole GQA group; "
+            "set num_q_heads/num_k_heads in the config"
+        )
+    return num_layers, num_q, num_k
+
+
+def read_dataset_card(root: str | Path) -> dict:
+    """YAML front matter of the dataset card (README.md), or {} when absent or unparsable."""
+    import yaml
+
+    card = Path(root) / "README.md"
+    if not card.is_file():
+        return {}
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    try:
+        front = text.split("---", 2)[1]
+        data = yaml.safe_load(front)
+    except Exception:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,54 @@
+"""CSV exports with the SPEC's column names, one file set per model and run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from warehouse import db
+
+HEAD_METRICS_COLUMNS = (
+    "layer, q_head, k_head, n_q_tokens, n_k_tokens, d_model, q_R2_pos, q_beta_norm, q_R2_scalar, "
+    "q_mae_baseline, q_mae_proj, q_mae_ratio, q_resid0_skew, q_resid0_kurt, q_resid0_ks_p, "
+    "q_noise_med_abs_skew, q_noise_med_abs_kurt, q_noise_med_ks_p, q_noise_frac_ks_p_lt_alpha, "
+    "ap_overall, ap_overall_se, estimator"
+)
+EXPORTS = {
+    "head_metrics": (HEAD_METRICS_COLUMNS, "layer, q_head"),
+    "head_bucket_plasticity": ("layer, q_head, k_head, q_bucket, k_bucket, plasticity, n_pairs", "layer, q_head, q_bucket, k_bucket"),
+    "head_component_weights": ("layer, q_head, k_head, component, component_r2, weight", "layer, q_head, component"),
+    "head_errors": ("layer, q_head, k_head, file, problem, message", "layer, q_head"),
+}
+
+
+def latest_run_id(con, model: str) -> str:
+    row = con.execute(
+        "SELECT run_id FROM runs WHERE model = $m ORDER BY started_at DESC, run_id LIMIT 1", {"m": model}
+    ).fetchone()
+    if row is None:
+        known = [r[0] for r in con.execute("SELECT DISTINCT model FROM runs ORDER BY 1").fetchall()]
+        raise LookupError(f"no run of model {model!r} in the warehouse (models: {', '.join(known) or 'none'})")
+    return row[0]
+
+
+def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: str | Path,
+                file_names: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict[str, Path]:
+    """Write the CSVs of one model+run into out_dir; returns {table: path}.
+
+    NaN is written as `NaN` (pandas and numpy read it back as NaN).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {t: f"{t}.csv" for t in EXPORTS}
+    names.update(file_names or {})
+    written = {}
+    with db.reader(warehouse, timeout_s) as con:
+        run_id = run_id or latest_run_id(con, model)
+        for table, (columns, order) in EXPORTS.items():
+            path = out_dir / names[table]
+            con.execute(
+                f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "
+                f"TO '{str(path).replace(chr(39), chr(39) * 2)}' (HEADER, DELIMITER ',')",
+                {"m": model, "r": run_id},
+            )
+            written[table] = path
+    return written

@@ -1,0 +1,302 @@
+"""The per-model run: catalog -> plan heads -> compute (worker processes) -> write (this process).
+
+Compute steps read shards through their own in-memory DuckDB connections and
+return plain results; only the calling process writes the warehouse, in short
+transactions, so a crash leaves every committed head intact and a re-run with
+the same config resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from plasticity.orientation import orientation_from_bucket_sums
+from plasticity.types import AnalysisParams
+from warehouse import db, results
+from warehouse.catalog import ShardError, ShardInfo, find_shards, infer_layout, profile_shard, read_dataset_card
+from warehouse.config import RunConfig
+from warehouse.loading import key_bucket_sums, load_rows
+
+FLUSH_EVERY_HEADS = 32
+FLUSH_EVERY_SECONDS = 2.0
+
+
+def package_version() -> str:
+    try:
+        return version("attention-plasticity-warehouse")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class GroupTask:
+    """One key head and the query heads that share it (a GQA group): the unit of parallel work."""
+
+    layer: int
+    k_head: int
+    k_info: ShardInfo | None
+    queries: list[tuple[int, ShardInfo]]
+    params: AnalysisParams
+    cap: int
+    attention: bool = False
+    attention_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    duckdb_threads: int = 1
+
+
+@dataclass
+class Catalog:
+    root: Path
+    shards: list[ShardInfo]
+    num_layers: int
+    num_q_heads: int
+    num_k_heads: int
+    card: dict = field(default_factory=dict)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_q_heads // self.num_k_heads
+
+
+def local_revision(shards: Iterable[ShardInfo]) -> str:
+    """Fingerprint of a local dataset: relative path, size and Parquet footer of every shard."""
+    h = hashlib.sha1()
+    for s in sorted(shards, key=lambda s: s.path):
+        p = Path(s.path)
+        h.update(f"{p.parent.name}/{p.name}".encode())
+        try:
+            size = p.stat().st_size
+            h.update(str(size).encode())
+            with open(p, "rb") as fh:
+                fh.seek(max(0, size - 65536))
+                h.update(fh.read())
+        except OSError:
+            h.update(b"missing")
+    return "local-" + h.hexdigest()[:12]
+
+
+def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog:
+    """Find and profile every shard; layout from the config, else from the shard names."""
+    shards = find_shards(root, cfg.model_dir)
+    con = db.memory_connection(threads)
+    try:
+        for s in shards:
+            profile_shard(con, s)
+    finally:
+        con.close()
+    if cfg.num_q_heads is not None:
+        num_q, num_k = cfg.num_q_heads, cfg.num_k_heads
+        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_layout(shards)[0]
+    else:
+        inferred = infer_layout(shards)
+        num_layers = cfg.num_layers if cfg.num_layers is not None else inferred[0]
+        num_q, num_k = inferred[1], inferred[2]
+    base = Path(root) / cfg.model_dir if cfg.model_dir else Path(root)
+    return Catalog(Path(root), shards, num_layers, num_q, num_k, read_dataset_card(base) or read_dataset_card(root))
+
+
+def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset()) -> list[GroupTask]:
+    """GQA groups of query heads to compute, skipping heads already done."""
+    keys = {(s.layer, s.head): s for s in cat.shards if s.kind == "k"}
+    groups: dict[tuple[int, int], GroupTask] = {}
+    for s in cat.shards:
+        if s.kind != "q" or s.layer >= cat.num_layers or s.head >= cat.num_q_heads:
+            continue
+        if cfg.layers is not None and s.layer not in cfg.layers:
+            continue
+        if (s.layer, s.head) in skip:
+            continue
+        k_head = s.head // cat.group_size
+        task = groups.get((s.layer, k_head))
+        if task is None:
+            task = groups[(s.layer, k_head)] = GroupTask(
+                layer=s.layer, k_head=k_head, k_info=keys.get((s.layer, k_head)), queries=[],
+                params=cfg.params, cap=cfg.max_tokens_per_head, attention=cfg.attention,
+                attention_scales=tuple(cfg.attention_scales), duckdb_threads=cfg.duckdb_threads,
+            )
+        task.queries.append((s.head, s))
+    return [groups[k] for k in sorted(groups)]
+
+
+def _error(file: str | None, problem: str, message: str) -> dict:
+    return {"file": file, "problem": problem, "message": message}
+
+
+def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
+    """Analyse every query head of one GQA group. Never raises: failures become per-head errors."""
+    from plasticity.head import analyze_head
+
+    out: list[results.HeadOutcome] = []
+    con = db.memory_connection(task.duckdb_threads)
+    try:
+        k_rows = orientation = None
+        k_err = None
+        if task.k_info is None:
+            k_err = _error(None, "missing_key_shard", f"key shard l{task.layer:02d}h{task.k_head:02d}k/data.parquet is missing")
+        else:
+            try:
+                k_rows = load_rows(con, task.k_info, task.cap, task.params.seed, with_tokens=task.attention)
+                _, sums, counts = key_bucket_sums(task.k_info, k_rows)
+                orientation = orientation_from_bucket_sums(sums, counts)
+            except ShardError as e:
+                k_err = _error(e.path, e.problem, str(e))
+        for q_head, q_info in task.queries:
+            outcome = results.HeadOutcome(task.layer, q_head, task.k_head)
+            if k_err is not None:
+                outcome.error = k_err
+                out.append(outcome)
+                continue
+            try:
+                q_rows = load_rows(con, q_info, task.cap, task.params.seed, with_tokens=task.attention)
+                if q_rows.d != k_rows.d:
+                    raise ShardError(
+                        q_info.path, "width_mismatch",
+                        f"query vectors have width {q_rows.d} but key shard {task.k_info.path} has width {k_rows.d}",
+                    )
+                outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
+                if task.attention:
+                    outcome.extra_tables = attention_tables(q_rows, k_rows, task.attention_scales)
+            except ShardError as e:
+                outcome.error = _error(e.path, e.problem, str(e))
+            except Exception as e:  # a bug or degenerate data: still only this head fails
+                outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
+            out.append(outcome)
+    finally:
+        con.close()
+    return out
+
+
+def attention_tables(q_rows, k_rows, scales) -> dict:
+    """SPEC 4 attention-pattern tables for one head (filled in by plasticity.attention)."""
+    try:
+        from plasticity.attention import head_attention_metrics
+    except ImportError:
+        return {}
+    tokens, summary, sweep = head_attention_metrics(q_rows, k_rows, scales=tuple(scales))
+    return {
+        "token_attention": tokens,
+        "head_attention_summary": {k: [v] for k, v in summary.items()},
+        "query_scale_sweep": sweep,
+    }
+
+
+def _init_worker() -> None:
+    # Processes, not BLAS threads, carry the parallelism; one thread each also
+    # keeps floating-point reductions identical whatever the worker count.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def iter_outcomes(tasks: list[GroupTask], workers: int) -> Iterator[list[results.HeadOutcome]]:
+    """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory)."""
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            yield compute_group(t)
+        return
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        pending = set()
+        queue = list(reversed(tasks))
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                pending.add(pool.submit(compute_group, queue.pop()))
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+
+
+@dataclass
+class RunSummary:
+    model: str
+    run_id: str
+    revision: str
+    n_heads: int
+    n_computed: int
+    n_skipped: int
+    n_done: int
+    n_errors: int
+    status: str
+    seconds: float
+    warehouse: str
+
+
+def analyze_dataset(
+    cfg: RunConfig,
+    root: str | Path,
+    *,
+    model: str | None = None,
+    revision: str | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    on_outcome: Callable[[results.HeadOutcome], None] | None = None,
+) -> RunSummary:
+    """Analyse every head of one model's dataset folder into the warehouse."""
+    t0 = time.perf_counter()
+    cat = build_catalog(root, cfg, threads=max(1, cfg.workers()))
+    model = model or cfg.model or cat.card.get("model_name") or cat.card.get("model") or Path(root).name
+    model = str(model)
+    revision = revision or local_revision(cat.shards)
+    run_id = cfg.run_id(model, revision)
+    wh = cfg.warehouse
+    db.ensure_schema(wh, cfg.lock_timeout_s)
+    with db.reader(wh, cfg.lock_timeout_s) as con:
+        already = results.done_heads(con, model, run_id) if resume else set()
+    all_groups = plan_groups(cat, cfg)
+    n_heads = sum(len(g.queries) for g in all_groups)
+    groups = plan_groups(cat, cfg, skip=already)
+    n_todo = sum(len(g.queries) for g in groups)
+    with db.writer(wh, cfg.lock_timeout_s) as con:
+        results.replace_catalog(con, model, revision, cat.shards)
+        if not resume:
+            for table in results.RESULT_TABLES:
+                if table in results.existing_tables(con):
+                    con.execute(f"DELETE FROM {table} WHERE model = $m AND run_id = $r", {"m": model, "r": run_id})
+        results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(), n_heads)
+
+    bar = None
+    if progress is None:
+        progress = os.isatty(2)
+    if progress and n_todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_todo, unit="head", desc=f"{model}", dynamic_ncols=True)
+    buffer: list[results.HeadOutcome] = []
+    n_failed = 0
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if buffer:
+            with db.writer(wh, cfg.lock_timeout_s) as wcon:
+                results.write_outcomes(wcon, model, run_id, buffer)
+            buffer.clear()
+        last_flush = time.monotonic()
+
+    try:
+        for outcomes in iter_outcomes(groups, cfg.workers()):
+            buffer.extend(outcomes)
+            for o in outcomes:
+                if on_outcome is not None:
+                    on_outcome(o)
+            n_failed += sum(1 for o in outcomes if o.error)
+            if bar is not None:
+                bar.update(len(outcomes))
+                if n_failed:
+                    bar.set_postfix(errors=n_failed)
+            if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
+                flush()
+        flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    with db.writer(wh, cfg.lock_timeout_s) as con:
+        n_done, n_err, status = results.finish_run(con, run_id, model)
+    return RunSummary(model, run_id, revision, n_heads, n_todo, n_heads - n_todo, n_done, n_err, status,
+                      time.perf_counter() - t0, str(wh))
