@@ -102,26 +102,45 @@ def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog
     return Catalog(Path(root), shards, num_layers, num_q, num_k, read_dataset_card(base) or read_dataset_card(root))
 
 
+def head_pairs(cat: Catalog) -> list[tuple[int, int, int, str, str | None]]:
+    """(layer, q_head, k_head, q_path, k_path) of every query shard, via the GQA join in SQL."""
+    import pyarrow as pa
+
+    import sql
+
+    rows = [s.row() for s in cat.shards]
+    table = pa.table({
+        "model": ["_"] * len(rows),
+        **{k: [r[k] for r in rows] for k in ("layer", "head", "kind", "path", "error")},
+    })
+    con = db.memory_connection()
+    try:
+        con.register("shards", table)
+        out = con.execute(sql.load("head_pairs"), {"model": "_", "group_size": cat.group_size}).fetchall()
+    finally:
+        con.close()
+    return [(int(layer), int(q), int(k), qp, kp) for layer, q, k, qp, kp, _qe, _ke in out]
+
+
 def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset()) -> list[GroupTask]:
-    """GQA groups of query heads to compute, skipping heads already done."""
-    keys = {(s.layer, s.head): s for s in cat.shards if s.kind == "k"}
+    """GQA groups of query heads to compute (layer/head filters applied), skipping heads already done."""
+    by_path = {s.path: s for s in cat.shards}
     groups: dict[tuple[int, int], GroupTask] = {}
-    for s in cat.shards:
-        if s.kind != "q" or s.layer >= cat.num_layers or s.head >= cat.num_q_heads:
+    for layer, q_head, k_head, q_path, k_path in head_pairs(cat):
+        if layer >= cat.num_layers or q_head >= cat.num_q_heads:
             continue
-        if cfg.layers is not None and s.layer not in cfg.layers:
+        if cfg.layers is not None and layer not in cfg.layers:
             continue
-        if (s.layer, s.head) in skip:
+        if (layer, q_head) in skip:
             continue
-        k_head = s.head // cat.group_size
-        task = groups.get((s.layer, k_head))
+        task = groups.get((layer, k_head))
         if task is None:
-            task = groups[(s.layer, k_head)] = GroupTask(
-                layer=s.layer, k_head=k_head, k_info=keys.get((s.layer, k_head)), queries=[],
+            task = groups[(layer, k_head)] = GroupTask(
+                layer=layer, k_head=k_head, k_info=by_path.get(k_path), queries=[],
                 params=cfg.params, cap=cfg.max_tokens_per_head, attention=cfg.attention,
                 attention_scales=tuple(cfg.attention_scales), duckdb_threads=cfg.duckdb_threads,
             )
-        task.queries.append((s.head, s))
+        task.queries.append((q_head, by_path[q_path]))
     return [groups[k] for k in sorted(groups)]
 
 
