@@ -68,13 +68,12 @@ def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
     return root, cfg.model or branch, refs[branch]
 
 
-def _print_summary(summary, stream=sys.stdout) -> None:
+def _print_summary(summary) -> None:
     print(
         f"model {summary.model}  run {summary.run_id}  revision {summary.revision}\n"
         f"heads: {summary.n_heads} total, {summary.n_computed} computed, {summary.n_skipped} already done; "
         f"{summary.n_done} with results, {summary.n_errors} with errors; status {summary.status}; "
         f"{summary.seconds:.1f}s",
-        file=stream,
     )
 
 

@@ -1,0 +1,90 @@
+"""The `plasticity` command line and the YAML config, run for real on temp folders."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from dagster_project.cli import main
+from warehouse.config import load_config
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "m.yaml"
+    cfg_file.write_text("model_dir: sub\nnum_layers: 3\nnum_q_heads: 8\nnum_k_heads: 2\nseed: 5\n")
+    cfg = load_config(cfg_file, {"seed": "7", "layers": "0,2", "attention": "false", "p_alpha": "0.05"})
+    assert (cfg.model_dir, cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads) == ("sub", 3, 8, 2)
+    assert cfg.seed == 7 and cfg.layers == [0, 2] and cfg.attention is False and cfg.p_alpha == 0.05
+    assert cfg.params.seed == 7 and cfg.max_tokens_per_head == 50000  # SPEC default
+
+
+def test_config_rejects_unknown_keys_and_bad_groups(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_layer: 3\n")
+    with pytest.raises(ValueError, match="unknown config key.*num_layer"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="multiple of num_k_heads"):
+        load_config(None, {"num_q_heads": 9, "num_k_heads": 2})
+    with pytest.raises(ValueError, match="estimator"):
+        load_config(None, {"estimator": "median"})
+
+
+def test_run_id_ignores_workers_but_not_numbers():
+    a = load_config(None, {"max_workers": 1}).run_id("m", "r")
+    b = load_config(None, {"max_workers": 2, "output_dir": "elsewhere"}).run_id("m", "r")
+    c = load_config(None, {"num_pairs_per_bucket": 128}).run_id("m", "r")
+    assert a == b != c
+    assert load_config(None).run_id("m", "r2") != a
+
+
+def test_cli_analyze_sql_export(small_dataset, tmp_path, capsys):
+    wh = tmp_path / "wh.duckdb"
+    out = tmp_path / "results"
+    code = main(["analyze", "--dataset_local_root", str(small_dataset), "--model", "small", "--warehouse", str(wh),
+                 "--output_dir", str(out), "--max_workers", "1", "--attention", "false", "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "8 with results, 0 with errors" in text
+    code = main(["sql", "SELECT count(*) AS n, min(ap_overall) >= 0 AND max(ap_overall) <= 1 AS ok FROM head_metrics",
+                 "--warehouse", str(wh), "--csv"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == ["n,ok", "8,True"]
+    code = main(["export", "--model", "small", "--warehouse", str(wh), "--out", str(tmp_path / "csv")])
+    assert code == 0
+    with open(tmp_path / "csv" / "head_metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and {r["k_head"] for r in rows} == {"0", "1"}
+    # the analyze step wrote the upstream file names under output_dir/<model>/<run_id>/
+    written = list(out.glob("small/*/head_metrics.csv"))
+    assert len(written) == 1
+
+
+def test_cli_sql_refuses_writes(small_dataset, tmp_path, capsys):
+    wh = tmp_path / "wh.duckdb"
+    assert main(["analyze", "--dataset_local_root", str(small_dataset), "--warehouse", str(wh), "--output_dir",
+                 str(tmp_path / "r"), "--max_workers", "1", "--attention", "false", "--quiet"]) == 0
+    for stmt in ("DELETE FROM head_metrics", "CREATE TABLE x (a INT)", "ATTACH 'other.duckdb' AS o"):
+        assert main(["sql", stmt, "--warehouse", str(wh)]) == 2
+        assert "read-only" in capsys.readouterr().err
+    assert main(["sql", "SELECT count(*) FROM head_metrics", "--warehouse", str(wh), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "8"
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["analyze", "--dataset_local_root", str(tmp_path / "nope"), "--warehouse", str(tmp_path / "w.duckdb"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["export", "--model", "ghost", "--warehouse", str(tmp_path / "w.duckdb")]) == 2
+
+
+def test_cli_demo_small(tmp_path, capsys, monkeypatch):
+    """The demo command end to end (smaller heads count via layers filter to stay quick)."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["demo", "--quiet", "--attention", "false", "--layers", "0", "--max_workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "mean |ap_overall - ap_true| over 4 heads" in out
+    mae = float(out.split("mean |ap_overall - ap_true| over 4 heads: ")[1].split()[0])
+    assert mae <= 0.01
+    assert (tmp_path / "data" / "warehouse.duckdb").exists()
+    assert list((tmp_path / "results" / "synthetic-demo").glob("*/head_metrics.csv"))
