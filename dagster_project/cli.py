@@ -50,22 +50,25 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
-    """(local folder, model name, revision sha) for a config: a local folder, or a Hub branch."""
+    """(dataset root, model name, revision sha) for a config: a local folder, or a Hub branch.
+
+    The root is the folder the config's `model_dir` is relative to (the snapshot root for the Hub).
+    """
     if cfg.dataset_local_root:
         return Path(cfg.dataset_local_root), cfg.model, None
     if not cfg.dataset_name:
-        raise SystemExit("config needs dataset_local_root (a local folder) or dataset_name (+ revision) on the Hub")
+        raise ValueError("config needs dataset_local_root (a local folder) or dataset_name (+ revision) on the Hub")
     from warehouse import hub
 
-    branch = cfg.revision or "main"
-    refs = {b.name: b.sha for b in hub.list_dataset_branches(cfg.dataset_name)}
-    if branch not in refs:
-        raise SystemExit(f"dataset {cfg.dataset_name} has no branch {branch!r} (branches: {', '.join(sorted(refs))})")
-    root = hub.download_branch(
-        cfg.dataset_name, branch, refs[branch], model_dir=cfg.model_dir, cache_dir=cfg.dataset_cache_dir,
+    ref = hub.get_branch(cfg.dataset_name, cfg.revision or "main")
+    shards_dir = hub.download_branch(
+        cfg.dataset_name, ref.name, ref.sha, model_dir=cfg.model_dir, cache_dir=cfg.dataset_cache_dir,
         max_workers=cfg.download_max_workers,
     )
-    return root, cfg.model or branch, refs[branch]
+    root = shards_dir
+    for _ in Path(cfg.model_dir).parts if cfg.model_dir else ():
+        root = root.parent
+    return root, cfg.model or ref.name, ref.sha
 
 
 def _print_summary(summary) -> None:
@@ -237,14 +240,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-truth", action="store_true", help="skip the ground-truth computation")
     p.set_defaults(func=cmd_generate)
+
+    from dagster_project.plot_cli import add_plot_parser  # no Dagster import
+    from dagster_project.ui import add_ui_parser  # imports Dagster only when `ui` runs
+
+    add_plot_parser(sub)
+    add_ui_parser(sub)
+
+    from warehouse.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs
+    from warehouse.validation import add_validate_parser  # SPEC 4 validation report
+
+    add_validate_parser(sub)
+    add_attention_plot_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from warehouse.hub import HubError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, LookupError, ValueError) as exc:
+    except (FileNotFoundError, LookupError, ValueError, HubError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

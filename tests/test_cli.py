@@ -88,3 +88,35 @@ def test_cli_demo_small(tmp_path, capsys, monkeypatch):
     assert mae <= 0.01
     assert (tmp_path / "data" / "warehouse.duckdb").exists()
     assert list((tmp_path / "results" / "synthetic-demo").glob("*/head_metrics.csv"))
+
+
+def test_cli_analyze_from_hub_branch(small_dataset, tmp_path, monkeypatch, capsys):
+    """`analyze` on a Hub branch (with model_dir) through the real client and a local fake Hub."""
+    import shutil
+
+    try:
+        from tests.fake_hub import FakeHub, block_non_loopback, configure_hf_client
+    except ImportError:  # pragma: no cover
+        from fake_hub import FakeHub, block_non_loopback, configure_hf_client
+
+    attempts = block_non_loopback(monkeypatch)
+    repo = tmp_path / "hub" / "org" / "sniffed"
+    shutil.copytree(small_dataset, repo / "small-branch" / "Org_Small")
+    (repo / "main").mkdir(parents=True)
+    (repo / "main" / "README.md").write_text("# index\n")
+    cfg = tmp_path / "hubcfg.yaml"
+    cfg.write_text(
+        "dataset_name: org/sniffed\nrevision: small-branch\nmodel_dir: Org_Small\n"
+        f"warehouse: {tmp_path / 'wh.duckdb'}\noutput_dir: {tmp_path / 'out'}\n"
+        f"dataset_cache_dir: {tmp_path / 'cache'}\nattention: false\nmax_workers: 1\n"
+    )
+    with FakeHub(tmp_path / "hub") as hub:
+        configure_hf_client(monkeypatch, hub, hf_home=tmp_path / "hf-home")
+        assert main(["analyze", "--config", str(cfg), "--quiet"]) == 0
+        sha = hub.branch_sha("org/sniffed", "small-branch")
+        assert main(["analyze", "--config", str(cfg), "--revision", "no-such-branch", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert f"model small-branch  run" in out and f"revision {sha}" in out
+    assert "8 with results, 0 with errors" in out
+    assert "no-such-branch" in err
+    assert attempts == []

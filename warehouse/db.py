@@ -47,7 +47,7 @@ def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyCo
                 mode = "read-only" if read_only else "read-write"
                 raise WarehouseBusy(
                     f"warehouse {path} is locked by another process; gave up opening it {mode} "
-                    f"after {timeout_s:.0f}s. DuckDB said: {exc}"
+                    f"after {timeout_s:g}s. DuckDB said: {exc}"
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
@@ -59,6 +59,7 @@ def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with writer(path, timeout_s) as con:
         con.execute(sql.load("schema"))
+        con.execute(sql.load("head_samples_schema"))
         con.execute(sql.load("views"))
 
 
@@ -93,17 +94,40 @@ def reader(path: str | os.PathLike, timeout_s: float = 60.0) -> Iterator[duckdb.
         con.close()
 
 
+#: Statement types `read_only_query` runs (SHOW, DESCRIBE, SUMMARIZE, FROM ... and WITH ... parse as SELECT).
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(query: str) -> None:
+    """Raise ReadOnlyViolation unless every statement of `query` is a SELECT (or a plain EXPLAIN).
+
+    Decided by DuckDB's own parser, so comments, case, whitespace and several statements in one
+    string cannot hide a write; COPY ... TO, ATTACH, EXPORT, INSTALL/LOAD, SET and PRAGMA are
+    refused as well as anything that would change the warehouse.
+    """
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ValueError(f"cannot parse the query: {exc}") from None
+    refused = []
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY_STATEMENTS or (kind == "EXPLAIN" and "analyze" in st.query.lower()):
+            refused.append("EXPLAIN ANALYZE" if kind == "EXPLAIN" else kind)
+    if refused:
+        raise ReadOnlyViolation(
+            f"`plasticity sql` is read-only; refused {', '.join(dict.fromkeys(refused))} statement(s) "
+            "(only SELECT, WITH, FROM, SHOW, DESCRIBE, SUMMARIZE and EXPLAIN run here)"
+        )
+
+
 def read_only_query(path: str | os.PathLike, query: str, params: dict | None = None, timeout_s: float = 60.0):
     """Run a user's SELECT on a read-only connection; returns (column names, rows).
 
-    The connection is read-only, so DuckDB rejects writes; we turn that into a
-    clear ReadOnlyViolation. ATTACH/COPY TO/INSTALL are refused too, since they
-    could write files outside the warehouse.
+    Statements other than SELECT/EXPLAIN are refused before the file is opened (`check_read_only`);
+    the connection is read-only too, so DuckDB itself would reject any write that got through.
     """
-    lowered = " ".join(query.lower().split())
-    for banned in ("attach ", "copy ", "install ", "load ", "export database"):
-        if lowered.startswith(banned) or f"; {banned}" in lowered or f";{banned}" in lowered:
-            raise ReadOnlyViolation(f"`plasticity sql` is read-only; refused statement starting with {banned.strip()!r}")
+    check_read_only(query)
     with reader(path, timeout_s) as con:
         try:
             rel = con.execute(query, params) if params else con.execute(query)

@@ -1,0 +1,205 @@
+"""Which dataset a partition key names. Plain Python: no Dagster import.
+
+A partition of the `models` dynamic partitions definition is one model, and its
+key is the `model` value the warehouse stores. The key is resolved, in order:
+
+1. a run config ``configs/*.yaml`` whose ``model`` (else file stem) is the key:
+   ``dataset_local_root`` -> a local folder (relative paths are relative to the
+   project root, the parent of ``configs/``); else ``dataset_name`` +
+   ``revision`` -> that Hub dataset repo and branch;
+2. a branch of a Hub repo listed in the watch file
+   (``configs/dagster/hub_repos.yaml``): key = ``key_prefix`` + branch name, run
+   config = the repo entry's ``overrides`` on top of the defaults.
+
+A watched branch that has its own run config (same ``dataset_name`` and
+``revision``) uses that config and its ``model`` as the key, so the CLI and
+Dagster write the same `model` into the warehouse.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from warehouse.config import RunConfig, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS_DIR = PROJECT_ROOT / "configs"
+WATCH_FILE_NAME = Path("dagster") / "hub_repos.yaml"
+DEMO_MODEL = "synthetic-demo"
+
+
+class RegistryError(LookupError):
+    """A partition key that names no dataset, or names several."""
+
+
+@dataclass
+class DatasetEntry:
+    """One model's dataset: a local folder or a Hub repo branch, with its run config."""
+
+    key: str
+    source: str  # "local" | "hub"
+    config_path: Path | None = None
+    local_root: Path | None = None
+    repo_id: str | None = None
+    branch: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.source == "hub"
+
+    def describe(self) -> str:
+        if self.is_hub:
+            return f"Hub dataset {self.repo_id} branch {self.branch}"
+        return f"local folder {self.local_root}"
+
+    def run_config(self, **extra: Any) -> RunConfig:
+        """The run config of this model (config file + entry overrides + `extra`, None = keep)."""
+        overrides: dict[str, Any] = {**self.overrides, "model": self.key}
+        if self.is_hub:
+            overrides.update(dataset_name=self.repo_id, revision=self.branch)
+        else:
+            overrides["dataset_local_root"] = str(self.local_root)
+        overrides.update({k: v for k, v in extra.items() if v is not None})
+        return load_config(self.config_path, overrides)
+
+
+@dataclass
+class WatchedRepo:
+    """A Hub dataset repo whose branches become partitions (see `hub_branches_sensor`)."""
+
+    repo_id: str
+    branches: list[str] | None = None  # None: every branch
+    key_prefix: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def wants(self, branch: str) -> bool:
+        return self.branches is None or branch in self.branches
+
+
+class DatasetRegistry:
+    """configs/*.yaml + the Hub watch file, loaded once; cheap to rebuild per run or sensor tick."""
+
+    def __init__(self, configs_dir: str | os.PathLike = DEFAULT_CONFIGS_DIR,
+                 watch_file: str | os.PathLike | None = None):
+        self.configs_dir = Path(configs_dir).resolve()
+        self.project_root = self.configs_dir.parent
+        self.watch_file = Path(watch_file) if watch_file else self.configs_dir / WATCH_FILE_NAME
+        self.entries: dict[str, DatasetEntry] = {}
+        self.problems: list[str] = []
+        self.watched: list[WatchedRepo] = []
+        self._load_configs()
+        self._load_watch_file()
+
+    # ------------------------------------------------------------------ loading
+    def _load_configs(self) -> None:
+        if not self.configs_dir.is_dir():
+            self.problems.append(f"configs folder {self.configs_dir} does not exist")
+            return
+        for path in sorted(self.configs_dir.glob("*.yaml")):
+            try:
+                cfg = load_config(path)
+            except Exception as exc:  # one bad file must not hide the others
+                self.problems.append(f"{path}: {exc}")
+                continue
+            key = str(cfg.model or path.stem)
+            if cfg.dataset_local_root:
+                root = Path(cfg.dataset_local_root)
+                if not root.is_absolute():
+                    root = (self.project_root / root).resolve()
+                entry = DatasetEntry(key, "local", config_path=path, local_root=root)
+            elif cfg.dataset_name:
+                entry = DatasetEntry(key, "hub", config_path=path, repo_id=cfg.dataset_name,
+                                     branch=cfg.revision or "main")
+            else:
+                self.problems.append(f"{path}: needs dataset_local_root or dataset_name")
+                continue
+            if key in self.entries:
+                self.problems.append(
+                    f"{path}: model {key!r} is already defined by {self.entries[key].config_path}; ignored")
+                continue
+            self.entries[key] = entry
+
+    def _load_watch_file(self) -> None:
+        if not self.watch_file.is_file():
+            return
+        try:
+            data = yaml.safe_load(self.watch_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            self.problems.append(f"{self.watch_file}: {exc}")
+            return
+        repos = data.get("repos", []) if isinstance(data, dict) else None
+        if not isinstance(repos, list):
+            self.problems.append(f"{self.watch_file}: expected a mapping with a `repos:` list")
+            return
+        for item in repos:
+            if isinstance(item, str):
+                item = {"dataset_name": item}
+            if not isinstance(item, dict) or not item.get("dataset_name"):
+                self.problems.append(f"{self.watch_file}: every repo needs a dataset_name, got {item!r}")
+                continue
+            unknown = sorted(set(item) - {"dataset_name", "branches", "key_prefix", "overrides"})
+            if unknown:
+                self.problems.append(f"{self.watch_file}: unknown key(s) {', '.join(unknown)} for {item['dataset_name']}")
+                continue
+            overrides = dict(item.get("overrides") or {})
+            try:
+                load_config(None, overrides)  # reject unknown run-config keys now, not at run time
+            except Exception as exc:
+                self.problems.append(f"{self.watch_file}: overrides of {item['dataset_name']}: {exc}")
+                continue
+            branches = item.get("branches")
+            self.watched.append(WatchedRepo(
+                repo_id=str(item["dataset_name"]),
+                branches=None if branches is None else [str(b) for b in branches],
+                key_prefix=str(item.get("key_prefix") or ""),
+                overrides=overrides,
+            ))
+
+    # ------------------------------------------------------------------ lookups
+    def local_entries(self) -> list[DatasetEntry]:
+        return [e for e in self.entries.values() if not e.is_hub]
+
+    def _config_for_branch(self, repo_id: str, branch: str) -> DatasetEntry | None:
+        for e in self.entries.values():
+            if e.is_hub and e.repo_id == repo_id and e.branch == branch:
+                return e
+        return None
+
+    def entry_for_branch(self, repo: WatchedRepo | str, branch: str) -> DatasetEntry:
+        """The entry of a watched repo's branch: its own config if any, else the watch defaults."""
+        if isinstance(repo, str):
+            repo = next((w for w in self.watched if w.repo_id == repo), WatchedRepo(repo))
+        configured = self._config_for_branch(repo.repo_id, branch)
+        if configured is not None:
+            return configured
+        return DatasetEntry(repo.key_prefix + branch, "hub", repo_id=repo.repo_id, branch=branch,
+                            overrides=dict(repo.overrides))
+
+    def get(self, key: str, repo_hint: str | None = None) -> DatasetEntry:
+        """The dataset of a partition key; `repo_hint` (a run's repo tag) settles ambiguous keys."""
+        if key in self.entries:
+            return self.entries[key]
+        candidates = [w for w in self.watched if key.startswith(w.key_prefix) and len(key) > len(w.key_prefix)]
+        if repo_hint is not None:
+            hinted = [w for w in candidates if w.repo_id == repo_hint]
+            candidates = hinted or [WatchedRepo(repo_hint)]
+        candidates = [w for w in candidates if w.wants(key[len(w.key_prefix):])]
+        if len(candidates) == 1:
+            w = candidates[0]
+            return self.entry_for_branch(w, key[len(w.key_prefix):])
+        if len(candidates) > 1:
+            names = ", ".join(w.repo_id for w in candidates)
+            raise RegistryError(
+                f"partition {key!r} could be a branch of several watched repos ({names}); "
+                f"give each repo a key_prefix in {self.watch_file}")
+        known = ", ".join(sorted(self.entries)) or "none"
+        hint = f" Problems while loading: {'; '.join(self.problems)}" if self.problems else ""
+        raise RegistryError(
+            f"partition {key!r} names no dataset: no configs/*.yaml with model {key!r} (known: {known}) "
+            f"and no watched Hub repo in {self.watch_file} has that branch.{hint}")

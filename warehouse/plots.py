@@ -1,0 +1,522 @@
+"""Seaborn plots of the warehouse results (the upstream toolkit's "Plotting Plasticity").
+
+Four figures, each from a plain DataFrame so that the same code serves the
+`plasticity plot` command (CSV or warehouse input) and the Dagster plot assets:
+
+* ``curves``     per-bucket plasticity ``AP_j`` of every head (faint) and their mean (bold),
+                 optionally coloured by layer (``color_by_layer``) or by trend (``color_trend``);
+* ``heatmap``    query bucket x key bucket plasticity, aggregated over heads (``agg`` mean|median);
+* ``components`` mean share of "linear positional information" per rotated component,
+                 after normalising each head's weights to sum to 1;
+* ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each).
+
+Bucket positions follow the upstream convention: the START of each bucket,
+``bucket * bucket_min_size`` for uniform buckets and ``2**bucket * bucket_min_size``
+for log buckets.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
+through pyplot, so nothing here touches a GUI backend or global figure state.
+Data is read through `warehouse.db.reader` (read-only connections). No Dagster.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from warehouse import db
+
+KINDS = ("curves", "heatmap", "components", "compare")
+BUCKET_TYPES = ("uniform", "log")
+AGGREGATIONS = ("mean", "median")
+# configs/plots/<model>-<suffix>.yaml, as in the upstream toolkit (…-plasticity.yaml, …-heatmap.yaml, …)
+CONFIG_SUFFIX = {"curves": "plasticity", "heatmap": "heatmap", "components": "components", "compare": "comparison"}
+TREND_COLORS = {"rising": "#c0392b", "falling": "#2471a3", "mixed": "#7f8c8d"}
+TREND_MIN_RHO = 0.5  # |Spearman rho| of AP_j vs bucket needed to call a head rising/falling
+
+
+@dataclass
+class PlotOptions:
+    """Every option of every plot kind (upstream names). Unused ones are ignored by a kind."""
+
+    # data source: a CSV (upstream) or the warehouse
+    bucket_csv: str | None = None
+    component_csv: str | None = None
+    head_metrics_csv: str | None = None
+    warehouse: str | None = None
+    model: str | None = None
+    run_id: str | None = None
+    models: list[str] | None = None  # compare: which models (default: every model in the warehouse)
+    # presentation
+    model_name: str | None = None  # label in the title (default: model)
+    title: str | None = None
+    bucket_type: str = "uniform"
+    bucket_min_size: float = 1.0
+    color_by_layer: bool = False
+    color_trend: bool = False
+    agg: str = "mean"
+    cmap: str = "viridis"
+    vmin: float | None = 0.0
+    vmax: float | None = 1.0
+    max_components: int | None = None  # components: show the first N only
+    metric: str = "ap_overall"  # compare: head_metrics column
+    normalize_depth: bool = False  # compare: x = layer / (num_layers - 1)
+    output: str | None = None
+    dpi: int = 110
+    kind: str | None = None  # optional in YAML; must match the command when given
+
+    def validate(self, kind: str) -> "PlotOptions":
+        if kind not in KINDS:
+            raise ValueError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
+        if self.kind is not None and self.kind != kind:
+            raise ValueError(f"this config is for a {self.kind!r} plot, not {kind!r}")
+        if self.bucket_type not in BUCKET_TYPES:
+            raise ValueError(f"bucket_type must be one of {BUCKET_TYPES}, got {self.bucket_type!r}")
+        if not self.bucket_min_size or self.bucket_min_size <= 0:
+            raise ValueError(f"bucket_min_size must be > 0, got {self.bucket_min_size!r}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
+        if self.color_by_layer and self.color_trend:
+            raise ValueError("choose color_by_layer or color_trend, not both")
+        if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
+            raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
+        return self
+
+
+_OPTION_FIELDS = {f.name: f for f in fields(PlotOptions)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    t = str(_OPTION_FIELDS[name].type)
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("none", "null", ""):
+            return None
+        if t.startswith("bool"):
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name}: expected true/false, got {value!r}")
+        if t.startswith("int"):
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("list"):
+            return [v for v in value.replace(",", " ").split() if v]
+    if t.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if t.startswith("list") and isinstance(value, str):
+        return [value]
+    return value
+
+
+def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaults: dict[str, Any] | None = None,
+                      **overrides: Any) -> PlotOptions:
+    """defaults < YAML plot config (optional) < overrides (None = not given) -> validated PlotOptions.
+
+    `defaults` fill what the YAML leaves out (e.g. the bucket size from the dataset
+    card). Unknown keys are an error naming them, like the run configs.
+    """
+    raw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
+    if config is not None:
+        import yaml
+
+        with open(config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config}: expected a YAML mapping of plot options")
+        raw.update(loaded)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(raw) - set(_OPTION_FIELDS))
+    if unknown:
+        where = f" in {config}" if config else ""
+        raise ValueError(f"unknown plot option(s){where}: {', '.join(unknown)}")
+    return PlotOptions(**{k: _coerce(k, v) for k, v in raw.items()}).validate(kind)
+
+
+def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None) -> Path:
+    """configs/plots/<model>-plasticity.yaml etc.; the comparison is configs/plots/model-comparison.yaml."""
+    if kind == "compare":
+        return Path(configs_dir) / "model-comparison.yaml"
+    return Path(configs_dir) / f"{model}-{CONFIG_SUFFIX[kind]}.yaml"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _latest_run_id(con, model: str) -> str:
+    from warehouse.export import latest_run_id
+
+    return latest_run_id(con, model)
+
+
+def load_run_table(warehouse: str | os.PathLike, table: str, model: str, run_id: str | None = None,
+                   timeout_s: float = 60.0) -> tuple[pd.DataFrame, str]:
+    """Rows of one result table for a model's run (default: its latest run), without model/run_id."""
+    if table not in ("head_metrics", "head_bucket_plasticity", "head_component_weights"):
+        raise ValueError(f"not a plottable result table: {table}")
+    with db.reader(warehouse, timeout_s) as con:
+        run_id = run_id or _latest_run_id(con, model)
+        df = con.execute(
+            f"SELECT * EXCLUDE (model, run_id) FROM {table} WHERE model = $m AND run_id = $r ORDER BY ALL",
+            {"m": model, "r": run_id},
+        ).df()
+    return df, run_id
+
+
+def load_comparison(warehouse: str | os.PathLike, models: list[str] | None = None, metric: str = "ap_overall",
+                    timeout_s: float = 60.0) -> pd.DataFrame:
+    """(model, run_id, layer, q_head, value) of the latest run of each model."""
+    with db.reader(warehouse, timeout_s) as con:
+        cols = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'head_metrics'").fetchall()}
+        if metric not in cols or metric in ("model", "run_id", "estimator"):
+            raise ValueError(f"unknown head_metrics column {metric!r}")
+        query = f'SELECT model, run_id, layer, q_head, "{metric}" AS value FROM latest_head_metrics'
+        params: dict = {}
+        if models:
+            query += " WHERE list_contains($models, model)"
+            params["models"] = list(models)
+        df = con.execute(query + " ORDER BY model, layer, q_head", params).df()
+    if models:
+        missing = sorted(set(models) - set(df["model"]))
+        if missing:
+            raise LookupError(f"no run of model(s) {', '.join(missing)} in the warehouse")
+    return df
+
+
+def read_csv(path: str | os.PathLike, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV export (NaN written as `NaN`), checking it has the columns a plot needs."""
+    df = pd.read_csv(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(df.columns)})")
+    return df
+
+
+BUCKET_COLUMNS = ("layer", "q_head", "k_head", "q_bucket", "k_bucket", "plasticity")
+COMPONENT_COLUMNS = ("layer", "q_head", "k_head", "component", "weight")
+
+
+# --------------------------------------------------------------------------- pure transforms
+
+
+def bucket_start(bucket, bucket_type: str = "uniform", bucket_min_size: float = 1.0):
+    """Position where a bucket starts: uniform b * size, log 2**b * size."""
+    b = np.asarray(bucket, dtype=np.float64)
+    if bucket_type == "uniform":
+        return b * bucket_min_size
+    if bucket_type == "log":
+        return np.power(2.0, b) * bucket_min_size
+    raise ValueError(f"bucket_type must be one of {BUCKET_TYPES}, got {bucket_type!r}")
+
+
+def bucket_curves(cells: pd.DataFrame) -> pd.DataFrame:
+    """AP_j per head and query bucket: the mean of its non-NaN cells (SPEC 2.8); NaN when none."""
+    df = cells.loc[:, ["layer", "q_head", "k_head", "q_bucket", "plasticity"]]
+    out = (df.groupby(["layer", "q_head", "k_head", "q_bucket"], sort=True)["plasticity"]
+           .mean()  # pandas skips NaN
+           .reset_index())
+    return out
+
+
+def head_trends(curves: pd.DataFrame, min_rho: float = TREND_MIN_RHO) -> pd.Series:
+    """rising / falling / mixed per head, by the Spearman correlation of AP_j with the bucket index."""
+    labels = {}
+    for key, g in curves.dropna(subset=["plasticity"]).groupby(["layer", "q_head", "k_head"], sort=True):
+        if len(g) < 3 or g["plasticity"].nunique() < 2:
+            labels[key] = "mixed"
+            continue
+        rho = g["q_bucket"].rank().corr(g["plasticity"].rank())
+        labels[key] = "rising" if rho >= min_rho else ("falling" if rho <= -min_rho else "mixed")
+    idx = pd.MultiIndex.from_tuples(list(labels), names=["layer", "q_head", "k_head"]) if labels else None
+    return pd.Series(list(labels.values()), index=idx, dtype=object, name="trend")
+
+
+def heatmap_matrix(cells: pd.DataFrame, agg: str = "mean") -> pd.DataFrame:
+    """Plasticity per (q_bucket, k_bucket) over all heads: rows q_bucket, columns k_bucket."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    grouped = cells.groupby(["q_bucket", "k_bucket"], sort=True)["plasticity"]
+    values = grouped.mean() if agg == "mean" else grouped.median()
+    return values.unstack("k_bucket").sort_index().sort_index(axis=1)
+
+
+def normalized_component_weights(weights: pd.DataFrame) -> pd.DataFrame:
+    """Each head's weights rescaled to sum to 1 (1/d each when they sum to 0); adds `weight_norm`."""
+    df = weights.loc[:, ["layer", "q_head", "k_head", "component", "weight"]].copy()
+    w = df["weight"].clip(lower=0).fillna(0.0)
+    keys = [df["layer"], df["q_head"], df["k_head"]]
+    total = w.groupby(keys).transform("sum")
+    count = w.groupby(keys).transform("count")
+    df["weight_norm"] = np.where(total > 0, w / total.where(total > 0, 1.0), 1.0 / count)
+    return df
+
+
+def component_means(weights: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and sd) over heads of the normalised weight of every component."""
+    norm = normalized_component_weights(weights)
+    out = norm.groupby("component", sort=True)["weight_norm"].agg(["mean", "std", "count"]).reset_index()
+    return out.rename(columns={"mean": "mean_weight", "std": "sd_weight", "count": "n_heads"})
+
+
+def layer_means(values: pd.DataFrame) -> pd.DataFrame:
+    """Mean / median / count of the metric per (model, layer), with the relative depth of the layer."""
+    g = values.groupby(["model", "layer"], sort=True)["value"]
+    out = g.agg(["mean", "median", "count"]).reset_index().rename(columns={"count": "n_heads"})
+    depth = values.groupby("model")["layer"].max()
+    out["depth"] = out.apply(lambda r: r["layer"] / depth[r["model"]] if depth[r["model"]] else 0.0, axis=1)
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass
+class PlotResult:
+    figure: Any  # matplotlib.figure.Figure
+    summary: pd.DataFrame  # what the plot shows, as a table (for previews)
+    n_rows: int  # input rows plotted
+    n_heads: int
+    extra: dict = field(default_factory=dict)
+
+
+def _figure(width: float = 8.0, height: float = 5.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _label(opts: PlotOptions) -> str:
+    return opts.model_name or opts.model or ""
+
+
+def _position_label(opts: PlotOptions, what: str) -> str:
+    kind = "log2 buckets" if opts.bucket_type == "log" else "uniform buckets"
+    return f"{what} position (bucket start, {kind} of {opts.bucket_min_size:g})"
+
+
+def _fmt_pos(x: float) -> str:
+    if not np.isfinite(x):
+        return ""
+    return f"{int(x):d}" if float(x).is_integer() else f"{x:g}"
+
+
+def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
+    """Every head's AP_j (faint) and the mean over heads (bold) against the query bucket start."""
+    import seaborn as sns
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    opts.validate("curves")
+    curves = bucket_curves(cells)
+    if curves.empty:
+        raise ValueError("no bucket plasticity rows to plot")
+    curves["position"] = bucket_start(curves["q_bucket"], opts.bucket_type, opts.bucket_min_size)
+    heads = curves.groupby(["layer", "q_head", "k_head"], sort=True)
+    fig = _figure()
+    ax = fig.add_subplot()
+    layers = sorted(curves["layer"].unique())
+    trends = head_trends(curves) if opts.color_trend else None
+    cmap = colormaps["viridis"]
+    norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
+    for key, g in heads:
+        g = g.dropna(subset=["plasticity"])
+        if g.empty:
+            continue
+        if opts.color_by_layer:
+            color, alpha = cmap(norm(key[0])), 0.55
+        elif trends is not None:
+            color, alpha = TREND_COLORS[trends.get(key, "mixed")], 0.5
+        else:
+            color, alpha = "0.45", 0.25
+        ax.plot(g["position"], g["plasticity"], color=color, alpha=alpha, linewidth=0.9)
+    mean = (curves.groupby("q_bucket", sort=True)
+            .agg(position=("position", "first"), mean_plasticity=("plasticity", "mean"),
+                 median_plasticity=("plasticity", "median"), n_heads=("plasticity", "count"))
+            .reset_index())
+    sns.lineplot(data=mean, x="position", y="mean_plasticity", ax=ax, color="black", linewidth=2.6,
+                 marker="o", markersize=4, label="mean over heads", errorbar=None)
+    if opts.bucket_type == "log":
+        ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(_position_label(opts, "query"))
+    ax.set_ylabel("attention plasticity $AP_j$")
+    n_heads = heads.ngroups
+    ax.set_title(opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip())
+    if opts.color_by_layer:
+        sm = ScalarMappable(norm=norm, cmap=cmap)
+        fig.colorbar(sm, ax=ax, label="layer")
+    elif trends is not None:
+        counts = trends.value_counts()
+        handles = [Line2D([], [], color=c, label=f"{t} ({int(counts.get(t, 0))})") for t, c in TREND_COLORS.items()]
+        handles.append(Line2D([], [], color="black", linewidth=2.6, label="mean over heads"))
+        ax.legend(handles=handles, loc="best", fontsize="small")
+    else:
+        ax.legend(loc="best", fontsize="small")
+    sns.despine(ax=ax)
+    extra = {"trends": trends.value_counts().to_dict()} if trends is not None else {}
+    return PlotResult(fig, mean, int(len(cells)), n_heads, extra)
+
+
+def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
+    """q bucket x k bucket plasticity, aggregated over heads with `agg`."""
+    import seaborn as sns
+
+    opts.validate("heatmap")
+    matrix = heatmap_matrix(cells, opts.agg)
+    if matrix.empty:
+        raise ValueError("no bucket plasticity rows to plot")
+    q_pos = bucket_start(matrix.index.to_numpy(), opts.bucket_type, opts.bucket_min_size)
+    k_pos = bucket_start(matrix.columns.to_numpy(), opts.bucket_type, opts.bucket_min_size)
+    labelled = matrix.copy()
+    labelled.index = [_fmt_pos(x) for x in q_pos]
+    labelled.columns = [_fmt_pos(x) for x in k_pos]
+    n = max(matrix.shape)
+    size = min(12.0, max(5.0, 0.35 * n + 3.0))
+    fig = _figure(size + 1.2, size)
+    ax = fig.add_subplot()
+    sns.heatmap(labelled, ax=ax, cmap=opts.cmap, vmin=opts.vmin, vmax=opts.vmax, mask=labelled.isna(),
+                square=True, linewidths=0.0, cbar_kws={"label": f"attention plasticity ({opts.agg} over heads)"},
+                annot=n <= 12, fmt=".2f", annot_kws={"fontsize": 7})
+    ax.set_xlabel(_position_label(opts, "key"))
+    ax.set_ylabel(_position_label(opts, "query"))
+    n_heads = int(cells.groupby(["layer", "q_head", "k_head"]).ngroups)
+    ax.set_title(opts.title or f"{_label(opts)} bucket plasticity, {opts.agg} of {n_heads} heads".strip())
+    summary = matrix.copy()
+    summary.index.name = "q_bucket \\ k_bucket"
+    return PlotResult(fig, summary.reset_index(), int(len(cells)), n_heads,
+                      {"n_cells": int(matrix.notna().to_numpy().sum())})
+
+
+def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResult:
+    """Bars of the mean normalised weight of every component (sd over heads as error bars)."""
+    import seaborn as sns
+
+    opts.validate("components")
+    norm = normalized_component_weights(weights)
+    if norm.empty:
+        raise ValueError("no component weight rows to plot")
+    if opts.max_components is not None:
+        norm = norm[norm["component"] < opts.max_components]
+    means = component_means(weights)
+    if opts.max_components is not None:
+        means = means[means["component"] < opts.max_components]
+    d = int(norm["component"].nunique())
+    fig = _figure(min(16.0, max(6.0, 0.12 * d + 4.0)), 4.8)
+    ax = fig.add_subplot()
+    sns.barplot(data=norm, x="component", y="weight_norm", ax=ax, color="#4c72b0", errorbar="sd",
+                err_kws={"linewidth": 0.8}, capsize=0.2 if d <= 32 else 0.0)
+    if d > 32:  # keep tick labels readable
+        step = int(math.ceil(d / 32))
+        for i, label in enumerate(ax.get_xticklabels()):
+            label.set_visible(i % step == 0)
+    ax.set_xlabel("component of the rotated basis (0 = positional direction)")
+    ax.set_ylabel("share of linear positional information")
+    n_heads = int(norm.groupby(["layer", "q_head", "k_head"]).ngroups)
+    ax.set_title(opts.title or f"{_label(opts)} component weights, mean of {n_heads} heads".strip())
+    sns.despine(ax=ax)
+    return PlotResult(fig, means, int(len(weights)), n_heads)
+
+
+def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult:
+    """The metric (default ap_overall) by layer, one line per model, interquartile band over heads."""
+    import seaborn as sns
+
+    opts.validate("compare")
+    if values.empty:
+        raise ValueError("no head metrics to compare")
+    data = values.dropna(subset=["value"]).copy()
+    depth = data.groupby("model")["layer"].transform("max").replace(0, 1)
+    data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
+    fig = _figure(8.5, 5.0)
+    ax = fig.add_subplot()
+    sns.lineplot(data=data, x="x", y="value", hue="model", ax=ax, marker="o", errorbar=("pi", 50),
+                 estimator="mean")
+    ax.set_xlabel("relative depth (layer / last layer)" if opts.normalize_depth else "layer")
+    if not opts.normalize_depth:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{opts.metric} (mean over heads, band = interquartile range)")
+    if opts.metric.startswith("ap_"):
+        ax.set_ylim(-0.02, 1.02)
+    n_models = int(data["model"].nunique())
+    ax.set_title(opts.title or f"{opts.metric} by layer across {n_models} model(s)")
+    sns.despine(ax=ax)
+    summary = layer_means(values)
+    n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
+    return PlotResult(fig, summary, int(len(values)), n_heads, {"models": sorted(data["model"].unique())})
+
+
+# --------------------------------------------------------------------------- one call per kind
+
+
+def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[PlotResult, dict]:
+    """Load the data a plot needs (CSV if given, else the warehouse) and draw it.
+
+    Returns the result and a dict describing the source (model, run_id, csv).
+    """
+    opts.validate(kind)
+    source: dict = {}
+    if kind == "compare":
+        if opts.head_metrics_csv:
+            df = read_csv(opts.head_metrics_csv, ("layer", "q_head", opts.metric))
+            df = df.rename(columns={opts.metric: "value"})
+            if "model" not in df.columns:
+                df["model"] = opts.model_name or opts.model or Path(opts.head_metrics_csv).parent.name
+            source["csv"] = opts.head_metrics_csv
+        else:
+            df = load_comparison(_need_warehouse(opts), opts.models, opts.metric, timeout_s)
+            source["runs"] = df.groupby("model")["run_id"].first().to_dict() if not df.empty else {}
+        return plot_model_comparison(df, opts), source
+    csv = opts.component_csv if kind == "components" else opts.bucket_csv
+    if csv:
+        df = read_csv(csv, COMPONENT_COLUMNS if kind == "components" else BUCKET_COLUMNS)
+        source["csv"] = csv
+    else:
+        if not opts.model:
+            raise ValueError(f"give {'component_csv' if kind == 'components' else 'bucket_csv'} or model (+ warehouse)")
+        table = "head_component_weights" if kind == "components" else "head_bucket_plasticity"
+        df, run_id = load_run_table(_need_warehouse(opts), table, opts.model, opts.run_id, timeout_s)
+        source.update(model=opts.model, run_id=run_id)
+    draw = {"curves": plot_plasticity_curves, "heatmap": plot_bucket_heatmap, "components": plot_component_weights}
+    return draw[kind](df, opts), source
+
+
+def _need_warehouse(opts: PlotOptions) -> str:
+    if not opts.warehouse:
+        raise ValueError("no warehouse given (set warehouse, or a CSV input)")
+    return opts.warehouse
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = png_bytes(fig, dpi)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
