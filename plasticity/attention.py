@@ -18,8 +18,9 @@ Visibility / sliding window
     subset of keys).
 
 Per query token (scale 1.0 unless stated)
-    ``entropy``        -sum a log a in nats, from log-probabilities; NaN when the
-                       position is < 2 (seed 003) or the query sees no key.
+    ``entropy``        -sum a log a in nats (from log-probabilities, never log of a
+                       rounded weight); NaN when the position is < 2 (seed 003) or
+                       the query sees no key.
     ``entropy_ratio``  entropy / log(n_keys); NaN when n_keys < 2 or entropy is NaN.
     ``max_attn``       largest weight; NaN when n_keys == 0.
     ``k_eff``          fewest keys whose (largest-first) weights sum to >= 0.9; a
@@ -56,30 +57,53 @@ Query-side variation (scale 1.0)
 Reconstruction checks
     Every row is computed over a block of keys that includes masked keys: all keys any
     query of the chunk can see, plus the next (future) key and the previous
-    (out-of-window) key. The mask is applied as -inf before the softmax and the weights
-    on masked keys are read back from the computed matrix: ``max_future_weight``
-    (keys with pk > pq) and ``max_window_weight`` (keys with pk <= pq - w), plus
-    ``max_row_sum_error = max |sum(row) - 1|``, all maxima over every scale of the sweep.
+    (out-of-window) key. Weights are zeroed where ``visible_mask`` says a key is hidden,
+    and the weights on future / out-of-window keys (decided from the positions, not
+    from the mask) are read back: ``max_future_weight`` (keys with pk > pq) and
+    ``max_window_weight`` (keys with pk <= pq - w), plus ``max_row_sum_error =
+    max |sum(row) - 1|`` (the row's weights re-summed from their sorted copy), all
+    maxima over every scale of the sweep; a NaN anywhere makes the error infinite.
+
+Computation (how, not what)
+    Shifted scores ``a = q.k/sqrt(d) - rowmax`` (<= 0); one ``R = exp(a / 4)`` per
+    score; the weights at scale ``s = m / 4`` (m <= 64: every default scale) are
+    ``R**m / sum`` by repeated multiplication, within a few ulps of
+    ``exp(s a) / sum``; other scales use ``exp(s a)`` directly (floored the same way). Scale 1.0 is always
+    ``R**4``, whatever the other scales. Exp arguments are floored at -708 (libm is
+    slow on underflow): R >= exp(-708) ~ 3e-308, whose powers m >= 2 underflow to 0 as
+    the true weights do; only at scale 0.25 (m = 1) does a weight below that read as
+    3e-308. Entropy is ``log(sum) - s * sum(p a)``, two non-negative terms. Each row is sorted once (the order is the same at every scale)
+    and k_eff is found by block sums over the sorted weights. Query-variation rows are
+    renormalised from the scale-1 weights; a row whose shared-key mass is below 1e-250
+    of its maximum is recomputed from its scores.
 
 Memory
-    Queries are processed per example in chunks of ``chunk_size`` rows; a chunk holds a
-    handful of (chunk x key-block) float64 arrays, the key block being at most the
-    example's keys. By default the chunk is the largest with
-    ``chunk * n_keys_of_example <= 4_000_000`` (and, with a window w, at most max(w, 64)
-    rows, so windowed heads cost O(n_q * w) instead of O(n_q * n_keys)). Query-variation
-    pairs use half the rows (two score blocks per chunk).
+    Examples whose captured query and key positions are identical (dense capture) form
+    one group and are processed together. Queries go in chunks of ``chunk_size`` rows
+    (default 64), each over the key block it may see (keys up to the chunk's last
+    position; with a window w only the last ~w + chunk keys, so O(n_q * (w + 64)) work).
+    The weights of all scales of a batch of examples are stacked in one float64 array of
+    at most ``_BLOCK_BUDGET`` (524288) elements: wide key blocks get fewer rows per chunk
+    (down to 16), then fewer examples per batch, and only past 4x the budget are the
+    scales split into groups (which repeats the per-chunk exp and sort). About ten such
+    arrays are live; they live in a per-thread workspace reused from chunk to chunk
+    (fresh pages cost a page fault each, several microseconds in a VM) -- ~30 MB for the
+    demo, ~40 MB for 8192 dense positions; ``release_workspace()`` frees it.
 
 Reproducibility
-    Scores are computed with ``np.einsum`` (no BLAS), so each score is bit-identical
-    whatever the chunking, BLAS build or thread count. Row reductions run over key blocks
-    whose width depends on the chunk, so chunked and unchunked results agree to ~1 ulp
-    (tested at rtol 1e-15); integer columns (n_keys, k_eff) agree exactly.
+    Scores are computed in 32 x 32 tiles aligned to each example's query and key ranks,
+    one BLAS call of the same shape per tile, so a score does not depend on the
+    chunking or on which examples share a batch (with one BLAS build; another build may
+    change last bits). Row reductions run over key blocks whose width depends on the
+    chunk, so chunked and unchunked results agree to ~1 ulp (tested at rtol 1e-15);
+    integer columns (n_keys, k_eff) agree exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -100,12 +124,23 @@ __all__ = [
     "attention_class",
     "gain_fit",
     "gain_ratio",
+    "release_workspace",
 ]
 
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
 K_EFF_MASS = 0.9
 _K_EFF_TOL = 1e-12
-_BLOCK_BUDGET = 4_000_000  # elements of one (chunk x keys) float64 array
+_BLOCK_BUDGET = 524_288  # elements of one (scales x examples x chunk x keys) float64 array
+_SPLIT_FACTOR = 4  # a chunk of _ROW_MIN rows may exceed the budget this much before scales are split
+_ROW_TARGET = 64  # default queries per chunk
+_ROW_MIN = 16  # ... and the fewest, however many keys
+_TILE = 32  # scores are computed in T x T tiles (one BLAS call each)
+_KEFF_BLOCK = 32  # k_eff: block width of the two-level cumulative sum
+_SHIFT = 2  # scales m / 2**_SHIFT with m <= _MAX_POWER use powers of one exp
+_MAX_POWER = 64
+_MASKED = -1e300  # shifted score of a masked key: exp() gives 0 and 0 * _MASKED = 0
+_EXP_FLOOR = -708.0  # exp() arguments are raised to this (exp(-708) ~ 3e-308)
+_TINY_MASS = 1e-250  # query variation: below this, renormalise a row from its scores
 
 TOKEN_COLUMNS: tuple[str, ...] = (
     "bucket",
@@ -216,18 +251,14 @@ def _token_codes(qt: np.ndarray | None, kt: np.ndarray | None):
     """Integer codes for token strings shared by q and k; -1 for missing tokens."""
     if qt is None or kt is None:
         return None, None
-    vocab: dict = {}
-
-    def enc(arr: np.ndarray) -> np.ndarray:
-        out = np.empty(len(arr), dtype=np.int64)
-        for i, t in enumerate(arr):
-            if t is None or (isinstance(t, float) and math.isnan(t)):
-                out[i] = -1
-            else:
-                out[i] = vocab.setdefault(t, len(vocab))
-        return out
-
-    return enc(qt), enc(kt)
+    both = list(qt) + list(kt)
+    index = {t: i for i, t in enumerate(dict.fromkeys(both))}
+    codes = np.fromiter(map(index.__getitem__, both), dtype=np.int64, count=len(both))
+    missing = np.fromiter((t is None or (isinstance(t, float) and math.isnan(t)) for t in index),
+                          dtype=bool, count=len(index))
+    if missing.any():
+        codes = np.where(missing, -1, np.arange(len(index)))[codes]
+    return codes[: len(qt)], codes[len(qt):]
 
 
 def visible_mask(q_pos: np.ndarray, k_pos: np.ndarray, sliding_window: int | None = None) -> np.ndarray:
@@ -264,15 +295,83 @@ def attention_weights(
     return p
 
 
-def _scores(qv: np.ndarray, kv: np.ndarray, inv_sqrt_d: float) -> np.ndarray:
-    """q . k / sqrt(d) for every (query, key) pair.
+# --------------------------------------------------------------------------- scores
 
-    ``np.einsum`` without BLAS: each entry is summed over d in a fixed order, so a score
-    does not depend on how queries are chunked, on the key block, on the BLAS build or
-    on the thread count (a BLAS matmul can differ in the last bit between row blocks).
+
+class _Workspace(threading.local):
+    """Reusable float64 scratch arrays, one per name, grown on demand and kept for the
+    thread's lifetime (at most a few times _BLOCK_BUDGET elements each).
+
+    Fresh memory costs a page fault per 4 KiB page on first touch -- several microseconds
+    each in a VM, more than the arithmetic done on the page -- so the scan's large
+    temporaries are written into these (``out=``) instead of being allocated per chunk.
     """
-    out = np.einsum("id,kd->ik", qv, kv)
-    out *= inv_sqrt_d
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, name: str, shape) -> np.ndarray:
+        n = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, 2 * (0 if buf is None else buf.size)))
+            self.bufs[name] = buf
+        return buf[:n].reshape(shape)
+
+
+_WS = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the scratch arrays kept by this thread (they are re-created when needed)."""
+    _WS.bufs.clear()
+
+
+def _tile_scores(qt: np.ndarray, kt: np.ndarray, out: np.ndarray) -> None:
+    """Scores of every (query tile, key tile) pair into ``out`` (no scaling).
+
+    ``qt`` is (b, nq_tiles, T, d), ``kt`` (b, nk_tiles, T, d); ``out`` is a C-contiguous
+    (b, nq_tiles * T, nk_tiles * T) array. Each T x T tile is one BLAS call of the same
+    shape on the same rows, so a score never depends on the chunking around it.
+    """
+    b, nqt, t, _ = qt.shape
+    nkt = kt.shape[1]
+    view = out.reshape(b, nqt, t, nkt, t).transpose(0, 1, 3, 2, 4)
+    np.matmul(qt[:, :, None], kt[:, None].swapaxes(-1, -2), out=view)
+
+
+def _chunk_scores(qpad: np.ndarray, kpad: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Scores of query rows [r0, r1) and key rows [c0, c1) of the tile-padded, pre-scaled
+    arrays ``qpad`` (b, nq_pad, d) and ``kpad`` (b, nk_pad, d): a (b, r1-r0, c1-c0) view
+    of a workspace array (valid until the next call)."""
+    t = _TILE
+    b, _, d = qpad.shape
+    t0, t1 = r0 // t, -(-r1 // t)
+    u0, u1 = c0 // t, -(-c1 // t)
+    out = _WS.get("tiles", (b, (t1 - t0) * t, (u1 - u0) * t))
+    _tile_scores(qpad[:, t0 * t : t1 * t].reshape(b, t1 - t0, t, d),
+                 kpad[:, u0 * t : u1 * t].reshape(b, u1 - u0, t, d), out)
+    return out[:, r0 - t0 * t : r1 - t0 * t, c0 - u0 * t : c1 - u0 * t]
+
+
+def _scores(qv: np.ndarray, kv: np.ndarray, inv_sqrt_d: float) -> np.ndarray:
+    """q . k / sqrt(d) for every (query, key) pair of 2-D ``qv``, ``kv``, tiled like the scan."""
+    qv = np.asarray(qv, dtype=np.float64)
+    kv = np.asarray(kv, dtype=np.float64)
+    nq, nk = qv.shape[0], kv.shape[0]
+    if nq == 0 or nk == 0:
+        return np.zeros((nq, nk))
+    return _chunk_scores(_pad_rows(qv[None] * inv_sqrt_d), _pad_rows(kv[None]), 0, nq, 0, nk)[0].copy()
+
+
+def _pad_rows(x: np.ndarray) -> np.ndarray:
+    """(b, n, d) -> (b, ceil(n / T) * T, d), zero rows appended."""
+    b, n, d = x.shape
+    n_pad = -(-n // _TILE) * _TILE
+    if n_pad == n and x.flags.c_contiguous:
+        return x
+    out = np.zeros((b, n_pad, d))
+    out[:, :n] = x
     return out
 
 
@@ -289,13 +388,58 @@ def _masked_softmax(s: np.ndarray, mask: np.ndarray):
     return np.exp(a), a
 
 
+# --------------------------------------------------------------------------- scale powers
+
+
+def _scale_plan(scales: Sequence[float]) -> list:
+    """How each scale's weights are computed from the shifted scores ``a`` (<= 0).
+
+    The base is ``R = exp(a / 2**_SHIFT)``, one exp per score. Returns, per scale, the
+    integer m with ``s == m / 2**_SHIFT`` and ``m <= _MAX_POWER`` (weights ``R**m``, by
+    binary exponentiation), or None: that scale's weights are ``exp(s * a)`` computed
+    directly. ``R**m`` is within a few ulps of ``exp(m a / 2**_SHIFT)``. The shift is
+    fixed, so scale 1.0 is always ``R**(2**_SHIFT)`` whatever the other scales are.
+    """
+    out = []
+    for s in scales:
+        m = s * 2**_SHIFT
+        out.append(int(m) if m == int(m) and 1 <= m <= _MAX_POWER else None)
+    return out
+
+
+class _Powers:
+    """base ** m for integer m >= 1: R**m = (R**(m/2))**2 for even m, R**(m-1) * R for odd
+    m, so ``m`` alone fixes the multiplications. Results go to ``dest[m]`` when given,
+    else to workspace arrays ``<prefix><m>``."""
+
+    def __init__(self, base: np.ndarray, prefix: str, dest: dict | None = None):
+        self.cache = {1: base}
+        self.prefix = prefix
+        self.dest = dest or {}
+
+    def get(self, m: int) -> np.ndarray:
+        hit = self.cache.get(m)
+        if hit is not None:
+            return hit
+        out = self.dest.get(m)
+        if out is None:
+            out = _WS.get(f"{self.prefix}{m}", self.cache[1].shape)
+        if m % 2:  # R**m = R**(m-1) * R
+            np.multiply(self.get(m - 1), self.cache[1], out=out)
+        else:  # R**m = (R**(m/2))**2
+            half = self.get(m // 2)
+            np.multiply(half, half, out=out)
+        self.cache[m] = out
+        return out
+
+
 # --------------------------------------------------------------------------- core scan
 
 
 class _Acc:
     """Per-query outputs, indexed in canonical query order."""
 
-    def __init__(self, nq: int, n_scales: int):
+    def __init__(self, nq: int, n_scales: int, deltas: Sequence[int] = ()):
         f = lambda: np.full((nq, n_scales), np.nan)  # noqa: E731
         self.entropy = f()
         self.max_attn = f()
@@ -309,6 +453,13 @@ class _Acc:
         self.row_sum_err = 0.0
         self.future_w = 0.0
         self.window_w = 0.0
+        self.qvar = {int(dlt): [0.0, 0] for dlt in deltas}  # delta -> [sum of L2, n pairs]
+
+    def error(self, name: str, values: np.ndarray) -> None:
+        """Keep the running maximum of a check; NaN counts as an infinite error."""
+        if values.size:
+            v = float(np.max(values))
+            setattr(self, name, max(getattr(self, name), v if v == v else math.inf))
 
 
 def _group_ranges(ex_sorted: np.ndarray):
@@ -321,147 +472,358 @@ def _group_ranges(ex_sorted: np.ndarray):
     return ex_sorted[starts], starts, stops
 
 
-def _rows_per_chunk(chunk_size: int | None, width: int, window: int | None = None) -> int:
-    """Queries per chunk: ``chunk_size``, else the most with rows * width <= budget.
-
-    With a sliding window the key block of a chunk spans about (rows + window) keys, so
-    the default also caps rows at max(window, 64) to keep the work near O(n_q * window).
-    """
-    if chunk_size is not None:
-        if int(chunk_size) < 1:
-            raise ValueError("chunk_size must be >= 1")
-        return int(chunk_size)
-    rows = max(1, _BLOCK_BUDGET // max(width, 1))
-    if window is not None:
-        rows = min(rows, max(window, 64))
-    return rows
-
-
-def _block_stats(base, mask, scale, acc, rows, j, n_keys, out_scratch, extras):
-    """Fill per-query metrics of one chunk for one scale (column j of the accumulators)."""
-    has = n_keys > 0
-    a, e, dsc = out_scratch
-    np.multiply(base, scale, out=a)
-    np.copyto(a, -np.inf, where=~mask)
-    m = np.where(has, a.max(axis=1, initial=-np.inf), 0.0)
-    a -= m[:, None]
-    np.exp(a, out=e)
-    tot = e.sum(axis=1)
-    lse = np.where(has, np.log(np.where(has, tot, 1.0)), 0.0)
-    a -= lse[:, None]  # log-probabilities (-inf on masked keys)
-    np.exp(a, out=e)  # probabilities (exactly 0 on masked keys)
-
-    row_sum = e.sum(axis=1)
-    if has.any():
-        acc.row_sum_err = max(acc.row_sum_err, float(np.max(np.abs(row_sum[has] - 1.0))))
-    fut, outside = extras["future"], extras["outside"]
-    acc.future_w = max(acc.future_w, float(np.max(e, where=fut, initial=0.0)))
-    if outside is not None:
-        acc.window_w = max(acc.window_w, float(np.max(e, where=outside, initial=0.0)))
-
-    nk = np.maximum(n_keys, 1).astype(np.float64)
-    np.copyto(a, 0.0, where=~mask)  # a := logp on visible keys, 0 elsewhere (no 0 * -inf)
-    ent = -np.einsum("ij,ij->i", e, a)
-    maxa = e.max(axis=1)
-    np.subtract(e, (row_sum / nk)[:, None], out=dsc)
-    np.copyto(dsc, 0.0, where=~mask)
-    var = np.einsum("ij,ij->i", dsc, dsc) / nk
-    # k_eff: sort -p ascending (= p descending), cumulative mass, count prefixes below 0.9
-    np.negative(e, out=dsc)
-    dsc.sort(axis=1)
-    np.cumsum(dsc, axis=1, out=dsc)
-    k_eff = np.count_nonzero(dsc > -(K_EFF_MASS - _K_EFF_TOL), axis=1) + 1
-    k_eff = np.where(has, np.minimum(k_eff, n_keys), 0)
-
-    acc.entropy[rows, j] = np.where(has, ent, np.nan)
-    acc.max_attn[rows, j] = np.where(has, maxa, np.nan)
-    acc.row_std[rows, j] = np.where(has, np.sqrt(var), np.nan)
-    acc.k_eff[rows, j] = k_eff
-
-    if extras.get("scale_one"):
-        near_m, far_m = extras["near"], extras["far"]
-        acc.near[rows] = _group_mean(e, near_m, dsc)
-        acc.far[rows] = _group_mean(e, far_m, dsc)
-        if extras.get("same") is not None:
-            acc.same[rows] = _group_mean(e, extras["same"], dsc)
-            acc.diff[rows] = _group_mean(e, extras["diff"], dsc)
-
-
-def _group_mean(p: np.ndarray, group: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    cnt = group.sum(axis=1)
-    np.multiply(p, group, out=scratch)
-    tot = scratch.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
-
-
-def _scan(q, k, scales, window, local_window, chunk_size, want_extras):
-    """One pass over examples/chunks computing per-query metrics at every scale."""
-    qpos_all = _int_positions(q.position, "query")
-    kpos_all = _int_positions(k.position, "key")
-    nq = q.n
-    acc = _Acc(nq, len(scales))
-    if nq == 0:
-        return acc
-    qcodes, kcodes = _token_codes(q.token_str, k.token_str) if want_extras else (None, None)
-
-    qo = np.lexsort((qpos_all, q.example_id))
-    ko = np.lexsort((kpos_all, k.example_id))
-    qex, kex = q.example_id[qo], k.example_id[ko]
-    kids, kst, ksp = _group_ranges(kex)
+def _example_groups(qex, qpos_all, kex, kpos_all):
+    """Examples that have both queries and keys, grouped by identical (query positions,
+    key positions): each group is (q row indices (B, nq), k row indices (B, nk), query
+    positions (nq,), key positions (nk,)), rows sorted by position. Densely captured
+    examples of one length form a single group, processed in batches."""
+    qo = np.lexsort((qpos_all, qex))
+    ko = np.lexsort((kpos_all, kex))
+    kids, kst, ksp = _group_ranges(kex[ko])
     kmap = {int(e): (int(a), int(b)) for e, a, b in zip(kids, kst, ksp)}
-    qids, qst, qsp = _group_ranges(qex)
-    d = q.d
-    inv_sqrt_d = 1.0 / math.sqrt(d)
-    try:
-        one_idx = scales.index(1.0)
-    except ValueError:
-        one_idx = -1
-
+    qids, qst, qsp = _group_ranges(qex[qo])
+    groups: dict = {}
     for ex, a0, b0 in zip(qids, qst, qsp):
         if int(ex) not in kmap:
             continue  # no key in this example: n_keys stays 0
         ka, kb = kmap[int(ex)]
-        kidx = ko[ka:kb]
-        kpos = kpos_all[kidx]
-        kvec = k.vectors[kidx]
-        kc = None if kcodes is None else kcodes[kidx]
-        qidx_ex = qo[a0:b0]
-        step = _rows_per_chunk(chunk_size, kb - ka, window)
-        for s0 in range(0, qidx_ex.size, step):
-            rows = qidx_ex[s0 : s0 + step]
-            pq = qpos_all[rows]
+        qi, ki = qo[a0:b0], ko[ka:kb]
+        qp, kp = qpos_all[qi], kpos_all[ki]
+        sig = (qp.tobytes(), kp.tobytes())
+        g = groups.get(sig)
+        if g is None:
+            groups[sig] = g = ([], [], qp, kp)
+        g[0].append(qi)
+        g[1].append(ki)
+    return [(np.stack(a), np.stack(b), qp, kp) for a, b, qp, kp in groups.values()]
+
+
+def _pairs(qpos: np.ndarray, delta: int):
+    """(early rank, late rank) of query pairs exactly ``delta`` positions apart; each early
+    query pairs with the first query at its position + delta."""
+    hit = np.searchsorted(qpos, qpos + delta, side="left")
+    ok = hit < qpos.size
+    ok[ok] = qpos[hit[ok]] == qpos[ok] + delta
+    return np.flatnonzero(ok), hit[ok]
+
+
+def _k_eff_sorted(pd: np.ndarray, sign: np.ndarray, tot: np.ndarray, n_keys: np.ndarray):
+    """Fewest keys holding K_EFF_MASS of each row, from its weights sorted largest first;
+    also the sorted weights' total (summed block by block) and largest weight.
+
+    ``sign * pd`` (..., W) holds the unnormalised weights (row total ``tot``) in descending
+    order, W a multiple of _KEFF_BLOCK, zero padded; ``sign`` broadcasts against ``tot``.
+    Block sums locate the block where the cumulative mass reaches
+    ``(K_EFF_MASS - tol) * tot``; only that block is summed element by element. Blocks start at the row's first (largest)
+    weight, so the result does not depend on the padding.
+    """
+    g = _KEFF_BLOCK
+    lead = pd.shape[:-1]
+    nb = pd.shape[-1] // g
+    n = math.prod(lead)
+    blocks = pd.reshape(n, nb, g)
+    sgn = np.broadcast_to(sign, lead).reshape(n)
+    # small arrays are kept (columns, rows) so that cumulative sums run across rows
+    bc = np.cumsum(np.einsum("nij->in", blocks), axis=0)  # (nb, n)
+    bc *= sgn
+    thr = ((K_EFF_MASS - _K_EFF_TOL) * tot).reshape(n)
+    bi = np.minimum(np.count_nonzero(bc < thr, axis=0), nb - 1)
+    rows = np.arange(n)
+    prev = np.where(bi > 0, bc[np.maximum(bi - 1, 0), rows], 0.0)
+    inner = np.cumsum(np.ascontiguousarray(blocks[rows, bi].T), axis=0)  # (g, n)
+    inner *= sgn
+    inner += prev
+    k = bi * g + np.count_nonzero(inner < thr, axis=0) + 1
+    k = np.where(n_keys > 0, np.minimum(k.reshape(lead), n_keys), 0)
+    total = bc[-1].reshape(lead)  # bc is already sign-corrected
+    largest = (blocks[:, 0, 0] * sgn).reshape(lead)
+    return k, total, largest
+
+
+def _rows_per_chunk(chunk_size: int | None, width: int, extra: int = 0) -> int:
+    """Queries per chunk: ``chunk_size``, else _ROW_TARGET (short chunks keep the causal key
+    block close to the keys the rows can see), fewer -- down to _ROW_MIN -- when
+    (rows + extra) * width would exceed the budget."""
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise ValueError("chunk_size must be >= 1")
+        return int(chunk_size)
+    return max(_ROW_MIN, min(_ROW_TARGET, _BLOCK_BUDGET // max(width, 1) - extra))
+
+
+class _Chunk:
+    """Geometry and masks of one query chunk, shared by every example of its group."""
+
+    def __init__(self, qpos, kpos, s0, s1, pairs, lo, hi, window, local_window, want_extras):
+        x0 = s0
+        sel_pairs = {}
+        for dlt, (ei, li) in pairs.items():
+            sel = (li >= s0) & (li < s1)
+            sel_pairs[dlt] = (ei[sel], li[sel])
+            if sel.any():
+                x0 = min(x0, int(ei[sel].min()))
+        self.s0, self.s1, self.x0, self.lo, self.hi = s0, s1, x0, lo, hi
+        self.n_x = s0 - x0  # earlier queries needed only as partners of this chunk's pairs
+        self.rows_all = s1 - x0
+        self.width = hi - lo
+        self.pk = pk = kpos[lo:hi]
+        self.pq = pq = qpos[s0:s1]
+        mask_all = visible_mask(qpos[x0:s1], pk, window)
+        self.has_all = mask_all.any(axis=1)
+        self.mask = mask = mask_all[self.n_x :]
+        self.n_keys = mask.sum(axis=1)
+        self.has = self.n_keys > 0
+        self.nkf = np.maximum(self.n_keys, 1).astype(np.float64)
+        shape_all = (self.rows_all, self.width)
+        self.mf_all = _WS.get("mf", shape_all)
+        np.copyto(self.mf_all, mask_all)
+        self.madd_all = _WS.get("madd", shape_all)  # 0 on visible keys, _MASKED elsewhere
+        np.subtract(1.0, self.mf_all, out=self.madd_all)
+        self.madd_all *= _MASKED
+        self.mf = self.mf_all[self.n_x :]
+        shape = (s1 - s0, self.width)
+        self.fut_f = _WS.get("futf", shape)
+        np.copyto(self.fut_f, pk[None, :] > pq[:, None])
+        self.out_f = None
+        if window is not None:
+            self.out_f = _WS.get("outf", shape)
+            np.copyto(self.out_f, pk[None, :] <= (pq - window)[:, None])
+        if want_extras:
+            near_b = mask & (pk[None, :] >= (pq - local_window)[:, None])
+            self.near_f = _WS.get("nearf", shape)
+            np.copyto(self.near_f, near_b)
+            self.far_f = _WS.get("farf", shape)
+            np.copyto(self.far_f, mask & ~near_b)
+            self.n_near = self.near_f.sum(axis=1)
+            self.n_far = self.far_f.sum(axis=1)
+            self.tok_valid = mask & (pk[None, :] != pq[:, None])
+        # query-variation pairs whose later query is in this chunk, with >= 2 shared keys
+        self.qvar = {}
+        for dlt, (ei, li) in sel_pairs.items():
+            if not ei.size:
+                continue
+            late_pos = qpos[li]
+            shared = pk[None, :] <= (late_pos - dlt)[:, None]
+            if window is not None:
+                shared &= pk[None, :] > (late_pos - window)[:, None]
+            keep = shared.sum(axis=1) >= 2
+            if keep.any():
+                sf = _WS.get(f"qs{dlt}", (int(keep.sum()), self.width))
+                np.copyto(sf, shared[keep])
+                self.qvar[dlt] = (_as_slice(ei[keep] - x0), _as_slice(li[keep] - x0), sf, shared[keep])
+
+
+def _as_slice(idx: np.ndarray):
+    """A slice equal to the index array ``idx`` when it is consecutive (i, i+1, ...), else idx."""
+    if idx.size and np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def _scan(q, k, scales, window, local_window, chunk_size, want_extras, deltas=()):
+    """One pass over example groups / query chunks computing per-query metrics at every
+    scale (and, for ``deltas``, the query-variation sums)."""
+    qpos_all = _int_positions(q.position, "query")
+    kpos_all = _int_positions(k.position, "key")
+    acc = _Acc(q.n, len(scales), deltas)
+    if q.n == 0 or k.n == 0:
+        return acc
+    qcodes, kcodes = _token_codes(q.token_str, k.token_str) if want_extras else (None, None)
+    inv_sqrt_d = 1.0 / math.sqrt(q.d)
+    max_delta = max(deltas) if deltas else 0
+    n_s = len(scales)
+    plans: dict = {}  # scales per group -> list of _ScalePlan
+
+    for qidx, kidx, qpos, kpos in _example_groups(q.example_id, qpos_all, k.example_id, kpos_all):
+        n_ex, nq = qidx.shape
+        nk = kidx.shape[1]
+        qpad = _pad_rows(q.vectors[qidx] * inv_sqrt_d)
+        kpad = _pad_rows(k.vectors[kidx])
+        codes = None if qcodes is None else (qcodes[qidx], kcodes[kidx])
+        pairs = {dlt: _pairs(qpos, dlt) for dlt in deltas}
+        width_max = nk if window is None else min(nk, _ROW_TARGET + window + 2)
+        step = _rows_per_chunk(chunk_size, width_max * n_s, max_delta)
+        for s0 in range(0, nq, step):
+            s1 = min(nq, s0 + step)
+            pq = qpos[s0:s1]
             hi = int(np.searchsorted(kpos, pq.max(), side="right"))
-            hi = min(kpos.size, hi + 1)  # one future key, so causality is checked, not assumed
+            hi = min(nk, hi + 1)  # one future key, so causality is checked, not assumed
             lo = 0
             if window is not None:
                 lo = int(np.searchsorted(kpos, pq.min() - window, side="right"))
                 lo = max(0, lo - 1)  # one out-of-window key, likewise
-            pk = kpos[lo:hi]
-            mask = visible_mask(pq, pk, window)
-            n_keys = mask.sum(axis=1)
-            acc.n_keys[rows] = n_keys
-            base = _scores(q.vectors[rows], kvec[lo:hi], inv_sqrt_d)
-            scratch = (np.empty_like(base), np.empty_like(base), np.empty_like(base))
-            dist = pq[:, None] - pk[None, :]
-            extras = {
-                "future": dist < 0,
-                "outside": None if window is None else dist >= window,
-            }
-            for j, s in enumerate(scales):
-                ex_j = extras
-                if want_extras and j == one_idx:
-                    near = mask & (dist <= local_window)
-                    ex_j = dict(extras, scale_one=True, near=near, far=mask & ~near, same=None)
-                    if qcodes is not None:
-                        qc = qcodes[rows]
-                        kcs = kc[lo:hi]
-                        valid = mask & (dist != 0) & (qc >= 0)[:, None] & (kcs >= 0)[None, :]
-                        eq = qc[:, None] == kcs[None, :]
-                        ex_j["same"] = valid & eq
-                        ex_j["diff"] = valid & ~eq
-                _block_stats(base, mask, s, acc, rows, j, n_keys, scratch, ex_j)
+            ch = _Chunk(qpos, kpos, s0, s1, pairs, lo, hi, window, local_window, want_extras)
+            acc.n_keys[qidx[:, s0:s1]] = ch.n_keys
+            if not ch.has_all.any():
+                continue
+            unit = ch.rows_all * ch.width  # elements per example and scale
+            if chunk_size is not None:
+                n_sg, bsz = n_s, max(1, int(chunk_size) // (s1 - s0))
+            else:  # all scales at once, up to _SPLIT_FACTOR x the budget, else groups of scales
+                n_sg = n_s if n_s * unit <= _SPLIT_FACTOR * _BLOCK_BUDGET else \
+                    max(1, _SPLIT_FACTOR * _BLOCK_BUDGET // unit)
+                bsz = max(1, _BLOCK_BUDGET // (unit * n_sg))
+            if n_sg not in plans:
+                plans[n_sg] = [_ScalePlan(scales, range(i, min(n_s, i + n_sg))) for i in range(0, n_s, n_sg)]
+            for e0 in range(0, n_ex, bsz):
+                e1 = min(n_ex, e0 + bsz)
+                bcodes = None if codes is None else (codes[0][e0:e1, s0:s1], codes[1][e0:e1, lo:hi])
+                for plan in plans[n_sg]:
+                    _batch(acc, ch, qpad[e0:e1], kpad[e0:e1], qidx[e0:e1, s0:s1], plan, want_extras, bcodes)
     return acc
+
+
+class _ScalePlan:
+    """Some of the scan's scales (accumulator columns ``cols``), split into powers of the
+    base and direct exps (_scale_plan). Query variation and the scale-1 extras are
+    computed with the plan that holds scale 1.0."""
+
+    def __init__(self, scales, cols):
+        self.cols = np.asarray(list(cols))
+        self.scales = tuple(scales[c] for c in self.cols)
+        self.m = _scale_plan(self.scales)
+        self.one = self.scales.index(1.0) if 1.0 in self.scales else -1
+        self.m_one = 2**_SHIFT
+        self.s = np.asarray(self.scales)[:, None, None]
+        # sorted weights are stored negated (ascending sort = largest weight first);
+        # a power m of the negated base has sign (-1)**m
+        self.sign = np.array([1.0 if (m is not None and m % 2 == 0) else -1.0 for m in self.m])[:, None, None]
+
+
+def _batch(acc, ch, qpad, kpad, rows, plan, want_extras, codes):
+    """All metrics of one chunk for a batch of examples (rows: (b, chunk) query indices).
+
+    Weights of every scale are stacked on a leading axis: P (S, b, chunk, keys)."""
+    b = rows.shape[0]
+    n_x, width, n_r = ch.n_x, ch.width, ch.s1 - ch.s0
+    n_s = len(plan.scales)
+    x = _chunk_scores(qpad, kpad, ch.x0, ch.s1, ch.lo, ch.hi)
+    a_all = _WS.get("a", x.shape)  # shifted scores: 0 at each row's max, <= 0 elsewhere
+    np.multiply(x, ch.mf_all, out=a_all)
+    a_all += ch.madd_all
+    m0 = np.where(ch.has_all, a_all.max(axis=-1), 0.0)
+    a_all -= m0[..., None]
+    base_all = _WS.get("base", x.shape)
+    np.multiply(a_all, 0.5**_SHIFT, out=base_all)
+    # libm's exp is several times slower on underflow; below the floor every power m >= 2
+    # is 0 anyway, and masked keys are zeroed just after
+    np.maximum(base_all, _EXP_FLOOR, out=base_all)
+    np.exp(base_all, out=base_all)
+    base_all *= ch.mf_all
+    a, base = a_all[:, n_x:], base_all[:, n_x:]
+    # negated base sorted ascending: weights largest first (same order at every scale)
+    wp = -(-width // _KEFF_BLOCK) * _KEFF_BLOCK
+    sd = _WS.get("sd", (b, n_r, wp))
+    sd[..., width:] = 0.0
+    np.negative(base, out=sd[..., :width])
+    sd.sort(axis=-1)
+    P_all = _WS.get("P", (n_s,) + x.shape)
+    Pd = _WS.get("Pd", (n_s,) + sd.shape)
+    pw_all = _Powers(base_all, "p", {m: P_all[j] for j, m in enumerate(plan.m) if m is not None})
+    pw_sorted = _Powers(sd, "s", {m: Pd[j] for j, m in enumerate(plan.m) if m is not None})
+    tmp = _WS.get("tmp", base.shape)
+    rf = np.multiply(base, ch.fut_f, out=tmp).max(axis=-1)
+    ro = None if ch.out_f is None else np.multiply(base, ch.out_f, out=tmp).max(axis=-1)
+    fw = np.empty((n_s, b, n_r))
+    ow = None if ro is None else np.empty((n_s, b, n_r))
+    for j, (s, m) in enumerate(zip(plan.scales, plan.m)):
+        if m is None:
+            Pj = P_all[j]
+            np.multiply(a_all, s, out=Pj)
+            np.maximum(Pj, _EXP_FLOOR, out=Pj)
+            np.exp(Pj, out=Pj)
+            Pj *= ch.mf_all
+            Pj = Pj[:, n_x:]
+            Pd[j][..., width:] = 0.0
+            np.negative(Pj, out=Pd[j][..., :width])
+            Pd[j].sort(axis=-1)
+            fw[j] = np.multiply(Pj, ch.fut_f, out=tmp).max(axis=-1)
+            if ow is not None:
+                ow[j] = np.multiply(Pj, ch.out_f, out=tmp).max(axis=-1)
+        else:
+            pw_all.get(m)
+            pw_sorted.get(m)
+            fw[j] = rf**m  # the largest weight on a future key (monotone in the base)
+            if ow is not None:
+                ow[j] = ro**m
+    P = P_all[:, :, n_x:]
+    has, n_keys, nkf = ch.has, ch.n_keys, ch.nkf
+    tot = P.sum(axis=-1)  # (S, b, chunk)
+    inv = 1.0 / np.where(has, tot, 1.0)
+    k_eff, sorted_tot, sorted_max = _k_eff_sorted(Pd, plan.sign, tot, n_keys)
+    # the sorted copy, summed in another order, must hold the same mass: rows sum to 1
+    acc.error("row_sum_err", np.abs(sorted_tot * inv - 1.0)[..., has])
+    acc.error("future_w", fw * inv)
+    if ow is not None:
+        acc.error("window_w", ow * inv)
+    # entropy = -sum p log p with log p = s a - log(tot): log(tot) - s sum p a, both >= 0
+    pa = np.einsum("sbrk,brk->sbr", P, a)
+    ent = np.log(np.where(has, tot, 1.0)) * (tot * inv) - (plan.s * pa) * inv
+    maxa = sorted_max * inv
+    # population variance over the visible keys, two-pass (stable for near-uniform rows)
+    dev = _WS.get("dev", P.shape)
+    np.subtract(P, (tot / nkf)[..., None], out=dev)
+    dev *= ch.mf
+    std = np.sqrt(np.einsum("sbrk,sbrk->sbr", dev, dev) / nkf) * inv
+    cols = plan.cols
+    acc.entropy[rows[..., None], cols] = np.where(has, ent, np.nan).transpose(1, 2, 0)
+    acc.max_attn[rows[..., None], cols] = np.where(has, maxa, np.nan).transpose(1, 2, 0)
+    acc.row_std[rows[..., None], cols] = np.where(has, std, np.nan).transpose(1, 2, 0)
+    acc.k_eff[rows[..., None], cols] = k_eff.transpose(1, 2, 0)
+    if want_extras and plan.one >= 0:
+        P1, inv1 = P[plan.one], inv[plan.one]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            near = np.einsum("brk,rk->br", P1, ch.near_f) * inv1
+            far = np.einsum("brk,rk->br", P1, ch.far_f) * inv1
+            acc.near[rows] = np.where(ch.n_near > 0, near / ch.n_near, np.nan)
+            acc.far[rows] = np.where(ch.n_far > 0, far / ch.n_far, np.nan)
+            if codes is not None:
+                qc, kc = codes
+                valid = ch.tok_valid & (qc >= 0)[..., None] & (kc >= 0)[:, None, :]
+                eq = qc[..., None] == kc[:, None, :]
+                for name, grp in (("same", valid & eq), ("diff", valid & ~eq)):
+                    cnt = grp.sum(axis=-1)
+                    tot_g = np.multiply(P1, grp, out=tmp).sum(axis=-1) * inv1
+                    getattr(acc, name)[rows] = np.where(cnt > 0, tot_g / np.maximum(cnt, 1), np.nan)
+    if ch.qvar and plan.one >= 0:
+        r1_all = pw_all.get(plan.m_one)
+        for dlt, geo in ch.qvar.items():
+            _qvar_pairs(acc.qvar[dlt], r1_all, a_all, geo, ch.out_f is not None)
+
+
+def _qvar_pairs(tally, r1, a, geo, windowed):
+    """Add the L2 distances of query pairs to ``tally`` = [sum, count]. ``r1`` holds the
+    scale-1 weights exp(a) of every chunk row (0 on masked keys); ``geo`` = (early rows,
+    late rows, shared-key mask as float, as bool)."""
+    early, late, sf, shared = geo
+    shape = (r1.shape[0],) + sf.shape
+    lw = _WS.get("ql", shape)
+    np.multiply(r1[:, late], sf, out=lw)
+    e_src = r1[:, early]
+    if windowed:
+        ew = _WS.get("qe", shape)
+        np.multiply(e_src, sf, out=ew)
+        e_src = ew
+    # without a window the early query sees exactly the shared keys: already restricted
+    te, tl = e_src.sum(axis=-1), lw.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # e / te - l / tl = (e - l * (te / tl)) / te
+        lw *= (te / tl)[..., None]
+        np.subtract(e_src, lw, out=lw)
+        d = np.sqrt(np.einsum("...k,...k->...", lw, lw)) / te
+    tiny = ~((te >= _TINY_MASS) & (tl >= _TINY_MASS))
+    if tiny.any():  # every shared key far below a row's max: softmax afresh from the scores
+        early_i = np.arange(r1.shape[1])[early]
+        late_i = np.arange(r1.shape[1])[late]
+        for bi, ri in zip(*np.nonzero(tiny)):
+            rows = []
+            for r in (early_i[ri], late_i[ri]):
+                z = np.where(shared[ri], a[bi, r], -np.inf)
+                z = np.exp(z - z.max())
+                rows.append(z / z.sum())
+            d[bi, ri] = np.sqrt(np.sum((rows[0] - rows[1]) ** 2))
+    tally[0] += float(d.sum())
+    tally[1] += int(d.size)
 
 
 # --------------------------------------------------------------------------- query variation
@@ -481,58 +843,12 @@ def query_variation(
     """
     if delta < 1:
         raise ValueError("delta must be >= 1")
+    if q.n and k.n and q.d != k.d:
+        raise ValueError(f"query width {q.d} != key width {k.d}")
     window = _resolve_window(q, k)
     q, k = _as_float64(q), _as_float64(k)
-    qpos_all = _int_positions(q.position, "query")
-    kpos_all = _int_positions(k.position, "key")
-    if q.n == 0 or k.n == 0:
-        return float("nan"), 0
-    if q.d != k.d:
-        raise ValueError(f"query width {q.d} != key width {k.d}")
-    qo = np.lexsort((qpos_all, q.example_id))
-    ko = np.lexsort((kpos_all, k.example_id))
-    kids, kst, ksp = _group_ranges(k.example_id[ko])
-    kmap = {int(e): (int(a), int(b)) for e, a, b in zip(kids, kst, ksp)}
-    qids, qst, qsp = _group_ranges(q.example_id[qo])
-    inv_sqrt_d = 1.0 / math.sqrt(q.d)
-    total, count = 0.0, 0
-    for ex, a0, b0 in zip(qids, qst, qsp):
-        if int(ex) not in kmap:
-            continue
-        ka, kb = kmap[int(ex)]
-        kidx = ko[ka:kb]
-        kpos = kpos_all[kidx]
-        kvec = k.vectors[kidx]
-        qidx = qo[a0:b0]
-        qpos = qpos_all[qidx]
-        hit = np.searchsorted(qpos, qpos + delta, side="left")
-        ok = hit < qpos.size
-        ok[ok] = qpos[hit[ok]] == qpos[ok] + delta
-        ii, jj = qidx[ok], qidx[hit[ok]]
-        if ii.size == 0:
-            continue
-        step = max(1, _rows_per_chunk(chunk_size, kb - ka, window) // 2)
-        for s0 in range(0, ii.size, step):
-            ri, rj = ii[s0 : s0 + step], jj[s0 : s0 + step]
-            pi, pj = qpos_all[ri], qpos_all[rj]
-            hi = int(np.searchsorted(kpos, pi.max(), side="right"))
-            lo = 0 if window is None else int(np.searchsorted(kpos, pj.min() - window, side="right"))
-            if hi <= lo:
-                continue
-            pk = kpos[lo:hi][None, :]
-            shared = pk <= pi[:, None]
-            if window is not None:
-                shared &= pk > (pj - window)[:, None]
-            keep = shared.sum(axis=1) >= 2
-            if not keep.any():
-                continue
-            shared = shared[keep]
-            kv = kvec[lo:hi]
-            p1, _ = _masked_softmax(_scores(q.vectors[ri[keep]], kv, inv_sqrt_d), shared)
-            p2, _ = _masked_softmax(_scores(q.vectors[rj[keep]], kv, inv_sqrt_d), shared)
-            dist = np.sqrt(np.einsum("ij,ij->i", p1 - p2, p1 - p2))
-            total += float(dist.sum())
-            count += int(dist.size)
+    acc = _scan(q, k, (1.0,), window, 0, chunk_size, want_extras=False, deltas=(int(delta),))
+    total, count = acc.qvar[int(delta)]
     return (total / count if count else float("nan")), count
 
 
@@ -658,7 +974,8 @@ def head_attention_metrics(
         raise ValueError("local_window must be >= 0")
     q, k, window = _prepare(q, k)
     all_scales = scales if 1.0 in scales else scales + (1.0,)
-    acc = _scan(q, k, all_scales, window, int(local_window), chunk_size, want_extras=True)
+    acc = _scan(q, k, all_scales, window, int(local_window), chunk_size, want_extras=True,
+                deltas=(ADJACENT_DELTA, DISTANT_DELTA))
     qpos = _int_positions(q.position, "query")
     j1 = all_scales.index(1.0)
     table = _token_table(q, acc, j1, qpos, window)
@@ -695,8 +1012,9 @@ def head_attention_metrics(
     tok_ok = np.isfinite(acc.same) & np.isfinite(acc.diff)
     same_m = _nanmean(acc.same[tok_ok])
     diff_m = _nanmean(acc.diff[tok_ok])
-    qv_adj, n_adj = query_variation(q, k, ADJACENT_DELTA, chunk_size=chunk_size)
-    qv_far, n_far = query_variation(q, k, DISTANT_DELTA, chunk_size=chunk_size)
+    (t_adj, n_adj), (t_far, n_far) = acc.qvar[ADJACENT_DELTA], acc.qvar[DISTANT_DELTA]
+    qv_adj = t_adj / n_adj if n_adj else float("nan")
+    qv_far = t_far / n_far if n_far else float("nan")
 
     def ratio(a, b):
         return a / b if (math.isfinite(a) and math.isfinite(b) and b != 0) else float("nan")

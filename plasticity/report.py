@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .attention import attention_class, gain_ratio
 
-__all__ = ["validation_report", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
+__all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
 
 PASS, WARN, FAIL, SKIP, INFO = "PASS", "WARN", "FAIL", "SKIP", "INFO"
 _SYMBOL = {PASS: "\u2713", WARN: "\u26a0", FAIL: "\u274c", SKIP: "\u2013", INFO: "\u2139"}
@@ -116,6 +116,7 @@ def validation_report(
     model: str,
     head_summaries: Sequence[dict],
     *,
+    run_id: str | None = None,
     row_sum_tol: float = 1e-6,
     future_tol: float = 0.0,
     local_bias_min: float = 1.1,
@@ -149,6 +150,8 @@ def validation_report(
     b.add("ATTENTION VALIDATION REPORT")
     b.add(_RULE)
     b.add(f"model: {model}")
+    if run_id is not None:
+        b.add(f"run: {run_id}")
     b.add(f"heads: {len(heads)}")
     windows = sorted({int(_num(h.get('sliding_window'))) for h in heads if _fin(h.get("sliding_window"))})
     b.add(f"sliding windows: {', '.join(map(str, windows)) if windows else 'none (full causal)'}")
@@ -361,16 +364,40 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
     med = median(gains)
     r = gain_ratio(_num(top["gain"]), med)
     if math.isfinite(r):
-        if r >= 2.0:
-            meaning = "strong evidence of head-specific exploitation"
-        elif r >= 1.5:
-            meaning = "higher sensitivity than the typical head"
-        else:
-            meaning = "no functional distinction (universal mechanism)"
+        meaning = gain_ratio_meaning(r)
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}; "
                f"ratio {r:.2f}x -> {meaning}")
     else:
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}")
+
+
+def gain_ratio_meaning(ratio: float) -> str:
+    """Seed 003's reading of a target/control gain ratio."""
+    if not math.isfinite(ratio):
+        return "undefined (a gain is missing or the control's gain is 0)"
+    if ratio >= 2.0:
+        return "strong evidence of head-specific exploitation"
+    if ratio >= 1.5:
+        return "higher sensitivity than the typical head"
+    return "no functional distinction (universal mechanism)"
+
+
+_COUNT_LINES = {"passed": "Passed: ", "warnings": "Warnings: ", "failures": "Failures: ", "skipped": "Skipped: "}
+
+
+def report_counts(text: str) -> dict[str, int]:
+    """Counts from the SUMMARY of a report: passed, checks (counted), warnings, failures, skipped."""
+    out: dict[str, int] = {}
+    for line in text[text.rindex("SUMMARY"):].splitlines():
+        for key, prefix in _COUNT_LINES.items():
+            if line.startswith(prefix) and key not in out:
+                value = line[len(prefix):].split()[0]
+                if key == "passed":
+                    passed, total = value.split("/")
+                    out["passed"], out["checks"] = int(passed), int(total)
+                else:
+                    out[key] = int(value)
+    return out
 
 
 def _summary(b: _Builder) -> None:

@@ -272,18 +272,23 @@ def test_chunked_equals_unchunked(window):
 
 def test_default_chunk_respects_budget(monkeypatch):
     seen = []
-    real = att._scores
+    real = att._chunk_scores
 
-    def spy(qv, kv, inv):
-        seen.append(qv.shape[0] * kv.shape[0])
-        return real(qv, kv, inv)
+    def spy(*args):
+        block = real(*args)
+        seen.append(block.size)  # examples x (chunk rows + partner rows) x keys
+        return block
 
-    monkeypatch.setattr(att, "_BLOCK_BUDGET", 500)
-    monkeypatch.setattr(att, "_scores", spy)
+    monkeypatch.setattr(att, "_BLOCK_BUDGET", 3000)
+    monkeypatch.setattr(att, "_chunk_scores", spy)
     rng = np.random.default_rng(7)
     q, k = dense_head(rng, n_ex=2, n_pos=80, d=4)
-    head_attention_metrics(q, k)
-    assert len(seen) > 4 and max(seen) <= 500
+    ref = head_attention_metrics(q, k, chunk_size=10_000)
+    got = head_attention_metrics(q, k)
+    assert len(seen) > 4 + 1 and max(seen[1:]) <= 3000
+    assert seen[0] > 3000  # the explicit chunk took everything at once
+    np.testing.assert_allclose(got[0]["entropy"], ref[0]["entropy"], rtol=1e-15, atol=1e-15, equal_nan=True)
+    assert got[1]["qvar_pairs_distant"] == ref[1]["qvar_pairs_distant"] > 0
 
 
 def test_rows_sum_to_one_and_no_future_weight():
@@ -457,3 +462,101 @@ def test_empty_and_keyless_heads():
                                      ta(rng.normal(size=(2, 3)), [0, 1], [1, 1]))
     assert np.array_equal(t["n_keys"], [0, 0]) and s["n_queries_with_keys"] == 0
     assert math.isnan(s["max_row_sum_error"]) and np.array_equal(t["key_coverage"], [0.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+def test_scale_groups_and_batches_do_not_change_results(monkeypatch):
+    """A tiny budget splits the scales into groups and the examples into batches of one;
+    every number stays the same."""
+    rng = np.random.default_rng(21)
+    q, k = dense_head(rng, n_ex=3, n_pos=60, d=8, window=None)
+    t0, s0, w0 = head_attention_metrics(q, k)
+    plans, real = [], att._batch
+
+    def spy(acc, ch, qpad, kpad, rows, plan, *args):
+        plans.append((rows.shape[0], len(plan.scales)))
+        return real(acc, ch, qpad, kpad, rows, plan, *args)
+
+    monkeypatch.setattr(att, "_BLOCK_BUDGET", 1000)
+    monkeypatch.setattr(att, "_batch", spy)
+    t1, s1, w1 = head_attention_metrics(q, k)
+    assert max(b for b, _ in plans) == 1 and min(n for _, n in plans) < len(DEFAULT_SCALES)
+    for col in TOKEN_COLUMNS:
+        np.testing.assert_allclose(t1[col], t0[col], rtol=1e-15, atol=1e-15, equal_nan=True)
+    for col in SWEEP_COLUMNS:
+        np.testing.assert_allclose(w1[col], w0[col], rtol=1e-15, atol=1e-15)
+    for key in ("qvar_l2_adjacent", "qvar_l2_distant", "local_attn_near", "same_token_attn", "gain"):
+        assert s1[key] == pytest.approx(s0[key], rel=1e-14, abs=1e-15, nan_ok=True)
+
+
+def test_example_alone_or_batched_gives_the_same_rows():
+    rng = np.random.default_rng(22)
+    q, k = dense_head(rng, n_ex=3, n_pos=70, d=5)
+    t_all, _, _ = head_attention_metrics(q, k)
+    for e in range(3):
+        sel_q, sel_k = q.example_id == e, k.example_id == e
+        qe = TokenArrays(q.bucket[sel_q], q.example_id[sel_q], q.position[sel_q], q.vectors[sel_q])
+        ke = TokenArrays(k.bucket[sel_k], k.example_id[sel_k], k.position[sel_k], k.vectors[sel_k])
+        t_e, _, _ = head_attention_metrics(qe, ke)
+        rows = np.flatnonzero(t_all["example_id"] == e)
+        for col in ("entropy", "max_attn", "row_std", "k_eff"):
+            np.testing.assert_allclose(t_e[col], t_all[col][rows], rtol=1e-15, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("scales", [(0.3, 1.0, 2.7), (1.0, 17.0, 0.125)])
+def test_scales_outside_the_power_grid_match_brute_force(scales):
+    """Scales that are not multiples of 1/4 (or need a power > 64) take the direct-exp path."""
+    rng = np.random.default_rng(23)
+    n, d = 30, 4
+    q = ta(rng.normal(size=(n, d)), np.arange(n), window=9)
+    k = ta(rng.normal(size=(n, d)), np.arange(n), window=9)
+    _, _, sweep = head_attention_metrics(q, k, scales=scales)
+    for i, s in enumerate(scales):
+        ref = brute_metrics(brute_rows(q, k, 9, scale=s), q.position)
+        assert sweep["mean_entropy"][i] == pytest.approx(np.nanmean(ref["entropy"]), rel=1e-12)
+        assert sweep["mean_max_attn"][i] == pytest.approx(np.mean(ref["max_attn"]), rel=1e-12)
+        assert sweep["mean_row_std"][i] == pytest.approx(np.mean(ref["row_std"]), rel=1e-12)
+        assert sweep["mean_k_eff"][i] == pytest.approx(np.mean(ref["k_eff"]), rel=1e-15)
+
+
+def test_query_variation_when_shared_keys_are_far_below_the_max():
+    """The later query's own position key outweighs the shared keys by e^-3000: its
+    renormalised row over the shared keys must still be exact (softmax of its scores)."""
+    # d = 1; keys 0 and 1 score 0 and 1 * q, key 2 scores 3000 for the query at 2
+    q = ta([0.0, 0.5, 1.0], [0, 1, 2])
+    k = ta([0.0, 1.0, 3000.0], [0, 1, 2])
+    mean, n = query_variation(q, k, 1)
+    # early query (pos 1, q=0.5) over keys 0,1: softmax(0, 0.5); late (pos 2, q=1): softmax(0, 1)
+    e = np.exp([0.0, 0.5]) / np.exp([0.0, 0.5]).sum()
+    l_ = np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum()
+    assert n == 1
+    assert mean == pytest.approx(np.linalg.norm(e - l_), rel=1e-13)
+    _, summ, _ = head_attention_metrics(q, k)
+    assert summ["qvar_l2_adjacent"] == pytest.approx(np.linalg.norm(e - l_), rel=1e-13)
+
+
+def test_token_codes_treat_missing_tokens_as_unknown():
+    qc, kc = att._token_codes(np.array(["a", None, "b"], dtype=object),
+                              np.array(["b", "a", float("nan"), "c"], dtype=object))
+    assert qc.tolist()[1] == -1 and kc.tolist()[2] == -1
+    assert qc[0] == kc[1] and qc[2] == kc[0] and kc[3] not in (qc[0], qc[2])
+
+
+def test_query_variation_with_duplicate_positions_matches_brute_force():
+    """Two captured queries at one position both pair with the first query D later."""
+    q = ta([[0.3, -1.0], [1.2, 0.4], [-0.7, 0.9], [0.5, 0.5], [2.0, -0.3], [-1.1, 0.2]], [2, 3, 3, 4, 5, 5])
+    k = ta([[0.1, 0.8], [-0.6, 0.3], [1.0, 1.0], [0.2, -0.9], [0.7, 0.1], [-0.4, -0.4]], [0, 0, 3, 3, 3, 5])
+    dists = []
+    for i, j in [(0, 1), (1, 3), (2, 3), (3, 4)]:  # late = first query at position + 1
+        shared = np.flatnonzero(k.position <= q.position[i])
+        rows = []
+        for r in (i, j):
+            s = k.vectors[shared] @ q.vectors[r] / math.sqrt(2)
+            w = np.exp(s - s.max())
+            rows.append(w / w.sum())
+        dists.append(np.linalg.norm(rows[0] - rows[1]))
+    mean, n = query_variation(q, k, 1)
+    assert n == 4 and mean == pytest.approx(np.mean(dists), rel=1e-13)
+    assert head_attention_metrics(q, k)[1]["qvar_l2_adjacent"] == pytest.approx(np.mean(dists), rel=1e-13)

@@ -96,6 +96,9 @@ class RunConfig:
             "params": dataclasses.asdict(self.params),
             "num_q_heads": self.num_q_heads,
             "num_k_heads": self.num_k_heads,
+            # attention tables are part of a run's results: switching them on or
+            # changing the scales must not resume a run that lacks them
+            "attention": [float(s) for s in self.attention_scales] if self.attention else None,
         }
         blob = json.dumps(keyed, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]

@@ -31,19 +31,30 @@ def latest_run_id(con, model: str) -> str:
 
 
 def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: str | Path,
-                file_names: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict[str, Path]:
+                file_names: dict[str, str] | None = None, timeout_s: float = 60.0,
+                tables: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the CSVs of one model+run into out_dir; returns {table: path}.
 
-    NaN is written as `NaN` (pandas and numpy read it back as NaN).
+    `tables` defaults to the SPEC 3 tables and head_errors, plus the SPEC 4
+    attention tables when the run computed them. NaN is written as `nan`.
     """
+    from warehouse.attention_export import ATTENTION_EXPORTS
+
+    specs = {**EXPORTS, **ATTENTION_EXPORTS}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = {t: f"{t}.csv" for t in EXPORTS}
+    names = {t: f"{t}.csv" for t in specs}
     names.update(file_names or {})
     written = {}
     with db.reader(warehouse, timeout_s) as con:
         run_id = run_id or latest_run_id(con, model)
-        for table, (columns, order) in EXPORTS.items():
+        if tables is None:
+            (n_attention,) = con.execute(
+                "SELECT count(*) FROM head_attention_summary WHERE model = $m AND run_id = $r", {"m": model, "r": run_id}
+            ).fetchone()
+            tables = tuple(EXPORTS) + (tuple(ATTENTION_EXPORTS) if n_attention else ())
+        for table in tables:
+            columns, order = specs[table]
             path = out_dir / names[table]
             con.execute(
                 f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "

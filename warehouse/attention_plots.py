@@ -1,0 +1,338 @@
+"""Seaborn plots of the SPEC 4 attention tables of one model's run.
+
+* ``scale``    mean entropy / max_attn / k_eff (any ``query_scale_sweep`` metric) against
+               the query scale, one line per chosen head (seed 003's intervention plots);
+               by default the three heads with the highest gain and the three with the
+               lowest (target vs control), or every head when there are at most six.
+* ``classes``  per layer, how many heads are sharp / medium / uniform (stacked bars).
+
+Each ``plot_*`` function reads the warehouse read-only (the model's latest run unless a
+run id is given), writes a PNG atomically and returns an `AttentionPlot`: the PNG path
+(it is also ``os.PathLike``) and the data frame holding exactly the values drawn.
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through
+pyplot. No Dagster. The command-line glue is `add_attention_plot_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from warehouse import db
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "SCALE_METRICS",
+    "DEFAULT_METRICS",
+    "CLASSES",
+    "AttentionPlot",
+    "scale_sweep_data",
+    "class_counts_data",
+    "default_heads",
+    "plot_scale_sweep",
+    "plot_attention_classes",
+    "add_attention_plot_parser",
+    "cmd_attention_plot",
+]
+
+# metric name -> column of query_scale_sweep (per-head means at one query scale)
+SCALE_METRICS = {
+    "entropy": "mean_entropy",
+    "entropy_ratio": "mean_entropy_ratio",
+    "max_attn": "mean_max_attn",
+    "k_eff": "mean_k_eff",
+    "row_std": "mean_row_std",
+}
+METRIC_LABELS = {
+    "entropy": "mean entropy (nats)",
+    "entropy_ratio": "mean entropy / log(n_keys)",
+    "max_attn": "mean max attention weight",
+    "k_eff": "mean k_eff (keys for 90% mass)",
+    "row_std": "mean row std of weights",
+}
+DEFAULT_METRICS = ("entropy", "max_attn", "k_eff")
+CLASSES = ("sharp", "medium", "uniform", "unknown")
+CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9"}
+DEFAULT_OUTPUT_DIR = Path("results") / "plots"
+N_DEFAULT_EACH = 3  # default heads: this many highest-gain and lowest-gain heads
+
+
+@dataclass(frozen=True)
+class AttentionPlot:
+    path: Path  # the PNG
+    data: pd.DataFrame  # exactly the values drawn
+    run_id: str
+    kind: str
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def png(self) -> bytes:
+        return self.path.read_bytes()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _run_and_frame(warehouse, model: str, run_id: str | None, query: str, timeout_s: float):
+    from warehouse.validation import resolve_run_id
+
+    with db.reader(warehouse, timeout_s) as con:
+        run_id = resolve_run_id(con, model, run_id)
+        df = con.execute(query, {"m": model, "r": run_id}).df()
+    return run_id, df
+
+
+def _head_label(layer, q_head) -> str:
+    return f"L{int(layer)} H{int(q_head)}"
+
+
+def default_heads(summary: pd.DataFrame, n_each: int = N_DEFAULT_EACH) -> list[tuple[int, int]]:
+    """Every head when there are at most 2 * n_each, else the n_each highest-gain and the
+    n_each lowest-gain heads (NaN gains last), in (layer, q_head) order."""
+    import pandas as pd
+
+    heads = summary[["layer", "q_head", "gain"]].copy()
+    if len(heads) > 2 * n_each:
+        ok = heads.dropna(subset=["gain"]).sort_values(["gain", "layer", "q_head"])
+        keep = pd.concat([ok.head(n_each), ok.tail(n_each)])
+        if len(keep) < 2 * n_each:
+            keep = pd.concat([keep, heads.drop(keep.index).head(2 * n_each - len(keep))])
+        heads = keep.drop_duplicates()
+    return sorted((int(a), int(b)) for a, b in zip(heads["layer"], heads["q_head"]))
+
+
+def scale_sweep_data(
+    warehouse: str | os.PathLike,
+    model: str,
+    run_id: str | None = None,
+    heads: Sequence[tuple[int, int]] | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    timeout_s: float = 60.0,
+) -> tuple[str, pd.DataFrame]:
+    """(run id, long frame: layer, q_head, k_head, head, gain, scale, metric, value), one row per
+    (head, scale, metric), ordered by head, metric, scale."""
+    import pandas as pd
+
+    unknown = [m for m in metrics if m not in SCALE_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(SCALE_METRICS)}")
+    cols = ", ".join(f"s.{SCALE_METRICS[m]}" for m in dict.fromkeys(metrics))
+    query = (
+        f"SELECT s.layer, s.q_head, s.k_head, h.gain, s.scale, {cols} "
+        "FROM query_scale_sweep s LEFT JOIN head_attention_summary h "
+        "ON h.model = s.model AND h.run_id = s.run_id AND h.layer = s.layer AND h.q_head = s.q_head "
+        "WHERE s.model = $m AND s.run_id = $r ORDER BY s.layer, s.q_head, s.scale"
+    )
+    run_id, wide = _run_and_frame(warehouse, model, run_id, query, timeout_s)
+    if wide.empty:
+        raise LookupError(f"run {run_id} of model {model!r} has no query-scale sweep (table query_scale_sweep); "
+                          "was it analysed with `attention: false`?")
+    available = sorted({(int(a), int(b)) for a, b in zip(wide["layer"], wide["q_head"])})
+    if heads is None:
+        summary = wide.drop_duplicates(["layer", "q_head"])[["layer", "q_head", "gain"]]
+        heads = default_heads(summary)
+    heads = [(int(a), int(b)) for a, b in heads]
+    missing = [h for h in heads if h not in available]
+    if missing:
+        raise LookupError(f"no sweep for head(s) {', '.join(f'{a}:{b}' for a, b in missing)} "
+                          f"(heads: {', '.join(f'{a}:{b}' for a, b in available)})")
+    keep = pd.MultiIndex.from_frame(wide[["layer", "q_head"]].astype(int)).isin(heads)
+    wide = wide[keep]
+    long = wide.melt(id_vars=["layer", "q_head", "k_head", "gain", "scale"],
+                     value_vars=[SCALE_METRICS[m] for m in dict.fromkeys(metrics)],
+                     var_name="metric", value_name="value")
+    long["metric"] = long["metric"].map({v: k for k, v in SCALE_METRICS.items()})
+    long["head"] = [_head_label(a, b) for a, b in zip(long["layer"], long["q_head"])]
+    order = {m: i for i, m in enumerate(dict.fromkeys(metrics))}
+    long = long.assign(_m=long["metric"].map(order)).sort_values(["layer", "q_head", "_m", "scale"])
+    long = long.drop(columns="_m").reset_index(drop=True)
+    cols_out = ["layer", "q_head", "k_head", "head", "gain", "scale", "metric", "value"]
+    return run_id, long[cols_out]
+
+
+def class_counts_data(warehouse: str | os.PathLike, model: str, run_id: str | None = None,
+                      timeout_s: float = 60.0) -> tuple[str, pd.DataFrame]:
+    """(run id, frame: layer, sharp, medium, uniform[, unknown], heads): heads per class and layer."""
+    import pandas as pd
+
+    query = ("SELECT layer, q_head, attn_class FROM head_attention_summary "
+             "WHERE model = $m AND run_id = $r ORDER BY layer, q_head")
+    run_id, df = _run_and_frame(warehouse, model, run_id, query, timeout_s)
+    if df.empty:
+        raise LookupError(f"run {run_id} of model {model!r} has no attention summaries (table "
+                          "head_attention_summary); was it analysed with `attention: false`?")
+    cls = df["attn_class"].where(df["attn_class"].isin(CLASSES), "unknown")
+    counts = pd.crosstab(df["layer"].astype(int), cls).reindex(columns=list(CLASSES), fill_value=0)
+    if counts["unknown"].sum() == 0:
+        counts = counts.drop(columns="unknown")
+    counts = counts.astype(int)
+    counts["heads"] = counts.sum(axis=1)
+    counts.columns.name = None
+    return run_id, counts.reset_index().rename(columns={"index": "layer"})
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
+    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def plot_scale_sweep(
+    warehouse: str | os.PathLike,
+    model: str,
+    run_id: str | None,
+    out_path: str | os.PathLike,
+    *,
+    heads: Sequence[tuple[int, int]] | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    dpi: int = 110,
+    timeout_s: float = 60.0,
+) -> AttentionPlot:
+    """One panel per metric: the per-head mean against the query scale (log axis), one line
+    per head, labelled with its gain (slope of mean max_attn vs log scale)."""
+    import pandas as pd
+
+    import seaborn as sns
+
+    run_id, data = scale_sweep_data(warehouse, model, run_id, heads, metrics, timeout_s)
+    metrics = list(dict.fromkeys(metrics))
+    labels = {h: f"{h} (gain {g:.3f})" if pd.notna(g) else f"{h} (gain n/a)"
+              for h, g in data.drop_duplicates("head")[["head", "gain"]].itertuples(index=False)}
+    plot_df = data.assign(label=data["head"].map(labels))
+    hue_order = list(dict.fromkeys(plot_df["label"]))
+    scales = sorted(plot_df["scale"].unique())
+    fig = _figure(4.2 * len(metrics) + 1.5, 4.2)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        sub = plot_df[plot_df["metric"] == metric]
+        sns.lineplot(data=sub, x="scale", y="value", hue="label", hue_order=hue_order, marker="o",
+                     ax=ax, legend=(i == len(metrics) - 1), errorbar=None, estimator=None, sort=True)
+        ax.set_xscale("log")
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{s:g}" for s in scales])
+        ax.minorticks_off()
+        ax.set_xlabel("query scale s (q -> s q)")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.grid(True, alpha=0.3)
+    leg = axes[-1].get_legend()
+    if leg is not None:
+        leg.set_title("head")
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.suptitle(f"{model}: attention vs query scale (run {run_id})")
+    path = _save_png(fig, out_path, dpi)
+    return AttentionPlot(path, data, run_id, "scale")
+
+
+def plot_attention_classes(
+    warehouse: str | os.PathLike,
+    model: str,
+    run_id: str | None,
+    out_path: str | os.PathLike,
+    *,
+    dpi: int = 110,
+    timeout_s: float = 60.0,
+) -> AttentionPlot:
+    """Stacked bars per layer: how many heads are sharp / medium / uniform (entropy_ratio classes)."""
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    run_id, counts = class_counts_data(warehouse, model, run_id, timeout_s)
+    classes = [c for c in CLASSES if c in counts.columns]
+    long = counts.melt(id_vars="layer", value_vars=classes, var_name="attn_class", value_name="n_heads")
+    layers = counts["layer"].tolist()
+    fig = _figure(max(6.5, 0.45 * len(layers) + 3.5), 4.5)
+    ax = fig.subplots()
+    sns.histplot(data=long, x="layer", weights="n_heads", hue="attn_class", hue_order=classes,
+                 multiple="stack", discrete=True, shrink=0.8, palette=CLASS_COLORS, ax=ax, alpha=1.0)
+    ax.set_xticks(layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("heads")
+    ax.set_ylim(0, max(1, int(counts["heads"].max())) * 1.08)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    leg = ax.get_legend()
+    if leg is not None:
+        leg.set_title("class (H / H_max)")
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    totals = {c: int(counts[c].sum()) for c in classes}
+    fig.suptitle(f"{model}: attention classes per layer (run {run_id})\n"
+                 + ", ".join(f"{totals[c]} {c}" for c in classes) + f" of {int(counts['heads'].sum())} heads")
+    path = _save_png(fig, out_path, dpi)
+    return AttentionPlot(path, counts, run_id, "classes")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _heads_arg(values: Iterable[str] | None):
+    if not values:
+        return None
+    from warehouse.validation import parse_head
+
+    return [parse_head(v) for v in values]
+
+
+def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
+    """`plasticity attention-plot {scale,classes} --model M [--run-id R] [--heads L:Q ...] [--output PNG]`."""
+    from warehouse.config import DEFAULT_WAREHOUSE
+
+    p = sub.add_parser(
+        "attention-plot", help="plot attention metrics vs query scale, or attention classes per layer (SPEC 4)",
+        description="scale: mean entropy / max_attn / k_eff against the query scale for chosen heads (default: "
+                    "the 3 highest- and 3 lowest-gain heads). classes: per layer, how many heads are sharp, "
+                    "medium or uniform. Reads the warehouse (the model's latest run unless --run-id).",
+    )
+    p.add_argument("kind", choices=("scale", "classes"))
+    p.add_argument("--model", required=True, help="model in the warehouse")
+    p.add_argument("--run-id", default=None, help="run of the model (default: its latest)")
+    p.add_argument("--warehouse", default=os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE),
+                   help="DuckDB warehouse (default $PLASTICITY_WAREHOUSE or data/warehouse.duckdb)")
+    p.add_argument("--heads", nargs="+", metavar="L:Q", default=None, help="scale: heads to draw, LAYER:QHEAD")
+    p.add_argument("--metrics", nargs="+", choices=tuple(SCALE_METRICS), default=list(DEFAULT_METRICS),
+                   help="scale: metrics, one panel each (default: entropy max_attn k_eff)")
+    p.add_argument("--output", default=None, metavar="PNG",
+                   help=f"output file (default {DEFAULT_OUTPUT_DIR}/<model>-attention-<kind>.png)")
+    p.add_argument("--dpi", type=int, default=110)
+    p.set_defaults(func=cmd_attention_plot)
+    return p
+
+
+def cmd_attention_plot(args: argparse.Namespace) -> int:
+    out = args.output or DEFAULT_OUTPUT_DIR / f"{args.model.replace('/', '_')}-attention-{args.kind}.png"
+    if args.kind == "scale":
+        res = plot_scale_sweep(args.warehouse, args.model, args.run_id, out, heads=_heads_arg(args.heads),
+                               metrics=args.metrics, dpi=args.dpi)
+        shown = sorted(set(res.data["head"]), key=lambda h: tuple(int(x[1:]) for x in h.split()))
+        print(f"run {res.run_id}: {len(shown)} head(s): {', '.join(shown)}")
+    else:
+        res = plot_attention_classes(args.warehouse, args.model, args.run_id, out, dpi=args.dpi)
+        print(f"run {res.run_id}:")
+        print(res.data.to_string(index=False))
+    print(f"wrote {res.path}")
+    return 0
