@@ -24,12 +24,20 @@ RESULT_ASSETS = {
     "head_bucket_plasticity": "Plasticity of every (q_bucket, k_bucket) cell of every head, with its pair count.",
     "head_component_weights": "Per-component positional R2 and the normalised weights (sum 1 per head).",
     "head_errors": "Heads that could not be analysed, with the file and the problem.",
+    "token_attention": "SPEC 4: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
+                       "of its rebuilt attention (empty when the run has attention off).",
+    "head_attention_summary": "SPEC 4: per-head attention summary, sharp/medium/uniform class, local bias, "
+                              "query-side variation, reconstruction checks, query-scale gain.",
+    "query_scale_sweep": "SPEC 4: per-head means of the attention metrics with q scaled by each sweep scale.",
 }
 RESULT_CHECKS = {
     "head_metrics": ("ap_overall_in_unit_interval", "no_duplicate_rows_head_metrics"),
     "head_bucket_plasticity": ("plasticity_in_unit_interval", "no_duplicate_rows_head_bucket_plasticity"),
     "head_component_weights": ("weights_sum_to_one", "no_duplicate_rows_head_component_weights"),
     "head_errors": ("no_duplicate_rows_head_errors",),
+    "token_attention": ("no_duplicate_rows_token_attention",),
+    "head_attention_summary": ("no_duplicate_rows_head_attention_summary",),
+    "query_scale_sweep": ("no_duplicate_rows_query_scale_sweep",),
 }
 
 

@@ -16,14 +16,14 @@ from dagster_project.partitions import models_partitions
 from dagster_project.resources import WarehouseResource
 from warehouse import db
 
-# head_analysis writes the attention tables together with this table
-ANALYSIS_ASSET = "head_metrics"
+# written by head_analysis (assets/analysis.py) together with head_metrics
+ANALYSIS_ASSET = "head_attention_summary"
 ATTENTION_TABLES = ("token_attention", "head_attention_summary", "query_scale_sweep")
 GROUP = "attention"
 
 
 def _row_counts(warehouse: WarehouseResource, model: str, run_id: str) -> dict:
-    with db.reader(warehouse.path, warehouse.lock_timeout_s) as con:
+    with db.reader(warehouse.path_for(model), warehouse.lock_timeout_s) as con:
         return {t: con.execute(f"SELECT count(*) FROM {t} WHERE model = $m AND run_id = $r",
                                {"m": model, "r": run_id}).fetchone()[0] for t in ATTENTION_TABLES}
 
@@ -31,7 +31,7 @@ def _row_counts(warehouse: WarehouseResource, model: str, run_id: str) -> dict:
 def _latest_with_attention(context, warehouse: WarehouseResource):
     """(model, run id, row counts) of the partition's latest run, or None (logged) without attention rows."""
     model = context.partition_key
-    run_id = steps.latest_run(warehouse.path, model, warehouse.lock_timeout_s)["run_id"]
+    run_id = steps.latest_run(warehouse.path_for(model), model, warehouse.lock_timeout_s)["run_id"]
     counts = _row_counts(warehouse, model, run_id)
     if counts["head_attention_summary"] == 0:
         context.log.info(f"run {run_id} of {model} has no attention rows (analysed with `attention: false`?); "
@@ -58,7 +58,7 @@ def attention_validation_report(context: dg.AssetExecutionContext, warehouse: Wa
     if found is None:
         return
     model, run_id, counts = found
-    res = model_report(warehouse.path, model, run_id, timeout_s=warehouse.lock_timeout_s)
+    res = model_report(warehouse.path_for(model), model, run_id, timeout_s=warehouse.lock_timeout_s)
     path = warehouse.run_dir(model, run_id) / "attention_validation.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(res.text, encoding="utf-8")
@@ -104,7 +104,7 @@ def attention_scale_plot(context: dg.AssetExecutionContext, warehouse: Warehouse
     if found is None:
         return
     model, run_id, counts = found
-    out = plot_scale_sweep(warehouse.path, model, run_id,
+    out = plot_scale_sweep(warehouse.path_for(model), model, run_id,
                            warehouse.run_dir(model, run_id) / "plots" / "attention_scale_plot.png",
                            timeout_s=warehouse.lock_timeout_s)
     preview = out.data.pivot_table(index=["head", "gain", "scale"], columns="metric", values="value",
@@ -131,7 +131,7 @@ def attention_class_plot(context: dg.AssetExecutionContext, warehouse: Warehouse
     if found is None:
         return
     model, run_id, counts = found
-    out = plot_attention_classes(warehouse.path, model, run_id,
+    out = plot_attention_classes(warehouse.path_for(model), model, run_id,
                                  warehouse.run_dir(model, run_id) / "plots" / "attention_class_plot.png",
                                  timeout_s=warehouse.lock_timeout_s)
     yield dg.MaterializeResult(metadata=_plot_metadata(model, run_id, out, out.data, counts))

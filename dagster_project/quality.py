@@ -22,6 +22,9 @@ RESULT_KEYS = {
     "head_bucket_plasticity": "layer, q_head, q_bucket, k_bucket",
     "head_component_weights": "layer, q_head, component",
     "head_errors": "layer, q_head",
+    "token_attention": "layer, q_head, example_id, position",
+    "head_attention_summary": "layer, q_head",
+    "query_scale_sweep": "layer, q_head, scale",
 }
 
 

@@ -202,6 +202,12 @@ RESULT_PREVIEWS = {
     "head_component_weights": ("component, avg(weight) AS mean_weight, avg(component_r2) AS mean_r2, "
                                "count(*) AS n_heads", None),
     "head_errors": ("layer, q_head, k_head, problem, message", "layer, q_head"),
+    "token_attention": ("layer, count(*) AS n_tokens, avg(entropy) AS mean_entropy, avg(max_attn) AS mean_max_attn, "
+                        "avg(key_coverage) AS mean_key_coverage", None),
+    "head_attention_summary": ("layer, q_head, k_head, attn_class, mean_entropy_ratio, mean_max_attn, row_std, "
+                               "local_bias_ratio, gain, entropy_monotonic", "layer, q_head"),
+    "query_scale_sweep": ("scale, avg(mean_entropy) AS mean_entropy, avg(mean_max_attn) AS mean_max_attn, "
+                          "avg(mean_k_eff) AS mean_k_eff", None),
 }
 
 

@@ -365,4 +365,4 @@ def test_dagster_assets_materialize(analysed, small_dataset, tmp_path):
     for a in defs_assets:
         node = graph.get(a.key)
         assert node.partitions_def.name == "models"
-        assert {k.to_user_string() for k in node.parent_keys} == {"head_metrics"}
+        assert {k.to_user_string() for k in node.parent_keys} == {"head_attention_summary"}

@@ -29,11 +29,12 @@ MODEL = "synthetic-demo"
 TINY = SyntheticSpec(model=MODEL, num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=4,
                      seq_len=128, bucket_size=32, sliding_windows={1: 64}, seed=1)
 N_HEADS = TINY.num_layers * TINY.num_q_heads
-RESULT_TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors")
+ATTENTION_TABLES = ("token_attention", "head_attention_summary", "query_scale_sweep")
+RESULT_TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors", *ATTENTION_TABLES)
 EXPECTED_ASSETS = {
     "shard_catalog", "bucket_statistics", "head_samples", "head_metrics", "head_bucket_plasticity",
     "head_component_weights", "head_errors", "csv_exports", "plasticity_curves_plot", "bucket_heatmap_plot",
-    "component_weights_plot", "model_comparison_plot",
+    "component_weights_plot", "model_comparison_plot", *ATTENTION_TABLES,
 }
 EXPECTED_CHECKS = {
     ("shard_catalog", "shard_schema_valid"), ("shard_catalog", "shard_widths_consistent"),
@@ -44,6 +45,7 @@ EXPECTED_CHECKS = {
     ("head_component_weights", "weights_sum_to_one"),
     ("head_component_weights", "no_duplicate_rows_head_component_weights"),
     ("head_errors", "no_duplicate_rows_head_errors"),
+    *((t, f"no_duplicate_rows_{t}") for t in ATTENTION_TABLES),
 }
 
 
@@ -132,7 +134,7 @@ def test_warehouse_rows_equal_analyze_dataset(run, tmp_path):
         got = canon(fetch(run["warehouse"], q, {"m": MODEL, "r": ref.run_id}))
         want = canon(fetch(cfg.warehouse, q, {"m": MODEL, "r": ref.run_id}))
         assert got == want, table
-        if table != "head_errors":
+        if table not in ("head_errors", *ATTENTION_TABLES):
             assert len(got) > 0
     assert fetch(run["warehouse"], "SELECT count(*) FROM head_metrics")[0][0] == N_HEADS
 
@@ -153,7 +155,7 @@ def test_row_counts_previews_and_plots_in_metadata(run):
         assert mats[key].metadata["dagster/row_count"].value == n, key
     for key, mat in mats.items():
         assert "dagster/row_count" in mat.metadata, key
-        if key != "head_errors":
+        if key not in ("head_errors", *ATTENTION_TABLES):  # empty here: no errors, attention off
             preview = mat.metadata["preview"].value
             assert preview.startswith("| ") and "\n| ---" in preview, key
     assert mats["head_metrics"].metadata["run_id"].value == run_id
