@@ -12,6 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+# Parallelism comes from worker processes; one BLAS thread each also keeps
+# floating-point reductions the same whatever the machine (set before numpy loads).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 DEMO_ROOT = Path("data/demo")
 
 

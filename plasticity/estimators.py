@@ -116,6 +116,101 @@ class CellTable:
         }
 
 
+@dataclass(frozen=True)
+class QueryModel:
+    """Gaussian model of the rotated query at each query bucket of ``buckets``.
+
+    ``mean`` (J, d): model mean. bucket_full_cov: ``cov`` (J, d, d) = blockdiag(sigma2, Sigma_j);
+    linear_diag: ``diag`` (d,) = resid_var (same for every bucket).
+    """
+
+    estimator: str
+    buckets: QueryBuckets
+    mean: np.ndarray
+    cov: np.ndarray | None = None
+    diag: np.ndarray | None = None
+
+
+def bucket_moments(buckets: QueryBuckets, Xq_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query bucket: ``mu_j`` = mean of ``Xq_rot[rows_j, 1:]`` and ``Sigma_j`` = its covariance (ddof=1)
+    plus 1e-12 I. Returns (mu (J, d-1), Sigma (J, d-1, d-1))."""
+    Xq_rot = np.asarray(Xq_rot, dtype=np.float64)
+    d = Xq_rot.shape[1]
+    J = buckets.bucket.shape[0]
+    mu = np.zeros((J, d - 1))
+    Sigma = np.zeros((J, d - 1, d - 1))
+    ridge = SIGMA_RIDGE * np.eye(d - 1)
+    for jj in range(J):
+        rows = Xq_rot[buckets.start[jj] : buckets.stop[jj], 1:]
+        mu[jj] = rows.mean(axis=0)
+        Y = rows - mu[jj]
+        Sigma[jj] = (Y.T @ Y) / (rows.shape[0] - 1) + ridge
+    return mu, Sigma
+
+
+def full_cov_model(
+    buckets: QueryBuckets,
+    mu: np.ndarray,
+    Sigma: np.ndarray,
+    alpha_rot: np.ndarray,
+    beta_rot: np.ndarray,
+    resid_var: np.ndarray,
+) -> QueryModel:
+    """bucket_full_cov model: mean ``[alpha_rot[0] + beta_rot[0] tau_j, mu_j]``, covariance
+    ``blockdiag(resid_var[0], Sigma_j)`` (``Sigma_j`` already includes the 1e-12 ridge)."""
+    J = buckets.bucket.shape[0]
+    d = np.asarray(alpha_rot).shape[0]
+    mean = np.zeros((J, d))
+    mean[:, 0] = alpha_rot[0] + beta_rot[0] * buckets.tau
+    mean[:, 1:] = mu
+    cov = np.zeros((J, d, d))
+    cov[:, 0, 0] = resid_var[0]
+    cov[:, 1:, 1:] = Sigma
+    return QueryModel("bucket_full_cov", buckets, mean, cov=cov)
+
+
+def linear_diag_model(buckets: QueryBuckets, alpha_rot: np.ndarray, beta_rot: np.ndarray, resid_var: np.ndarray) -> QueryModel:
+    """linear_diag model: mean ``alpha_rot + beta_rot tau_j``, covariance ``diag(resid_var)``."""
+    mean = alpha_rot[None, :] + beta_rot[None, :] * buckets.tau[:, None]
+    return QueryModel("linear_diag", buckets, mean, diag=np.asarray(resid_var, dtype=np.float64).copy())
+
+
+@dataclass(frozen=True)
+class KeyBasis:
+    """Relation between raw and rotated key differences: ``D_rot = (D_raw * s) H``, ``H = I - 2 w w^T``
+    (``w`` None: H = I). Lets the estimators work on raw keys without rotating them."""
+
+    s: np.ndarray
+    w: np.ndarray | None
+
+    def rotate(self, D: np.ndarray) -> np.ndarray:
+        """``(D * s) H`` (new array), O(P d)."""
+        R = D * self.s
+        if self.w is not None:
+            R -= np.outer(R @ self.w, 2.0 * self.w)
+        return R
+
+    def map_mean(self, mu: np.ndarray) -> np.ndarray:
+        """``a`` with ``D_raw . a = D_rot . mu``: ``a = s * (H mu)``."""
+        a = np.array(mu, dtype=np.float64)
+        if self.w is not None:
+            a -= 2.0 * float(self.w @ a) * self.w
+        return a * self.s
+
+    def map_cov(self, C: np.ndarray) -> np.ndarray:
+        """``M`` with ``D_raw^T M D_raw = D_rot^T C D_rot``: ``M = (s s^T) * (H C H)`` in O(d^2)."""
+        M = np.array(C, dtype=np.float64)
+        if self.w is not None:
+            w = self.w
+            a = M @ w
+            b = w @ M
+            g = float(w @ a)
+            M -= 2.0 * np.outer(w, b)
+            M -= 2.0 * np.outer(a, w)
+            M += 4.0 * g * np.outer(w, w)
+        return M * np.outer(self.s, self.s)
+
+
 def _key_diff(keys: KeyDiff, i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
     if callable(keys):
         return np.asarray(keys(i1, i2), dtype=np.float64)
@@ -140,81 +235,65 @@ def _cell_stats(ap: np.ndarray, sizes: np.ndarray):
     return mean, var
 
 
-def _run_cells(
-    estimator: str,
-    q_bucket: np.ndarray,
-    q_position: np.ndarray,
-    Xq_rot: np.ndarray | None,
-    alpha_rot: np.ndarray,
-    beta_rot: np.ndarray,
-    resid_var: np.ndarray,
-    k_bucket: np.ndarray,
-    k_example_id: np.ndarray,
-    k_position: np.ndarray,
-    keys: KeyDiff,
+def plasticity_cells(
+    model: QueryModel,
+    keys: KeyPairIndex,
+    key_diff: KeyDiff,
     *,
     sliding_window: int | None,
     num_pairs_per_bucket: int,
     rng: np.random.Generator,
+    basis: KeyBasis | None = None,
 ) -> CellTable:
-    alpha_rot = np.asarray(alpha_rot, dtype=np.float64).reshape(-1)
-    beta_rot = np.asarray(beta_rot, dtype=np.float64).reshape(-1)
-    resid_var = np.asarray(resid_var, dtype=np.float64).reshape(-1)
-    d = alpha_rot.shape[0]
-    if beta_rot.shape[0] != d or resid_var.shape[0] != d:
-        raise ValueError("alpha_rot, beta_rot and resid_var must have equal lengths")
+    """Core of SPEC 2.8: cells, pair sampling and pair APs for a query model.
+
+    ``key_diff(i1, i2)`` (or an array, differenced by row) gives key differences for canonical key
+    rows: rotated differences when ``basis`` is None, raw differences otherwise (the model is then
+    mapped into the raw basis, or the differences rotated, whichever is cheaper).
+    """
     if int(num_pairs_per_bucket) < 1:
         raise ValueError("num_pairs_per_bucket must be >= 1")
-    qb = QueryBuckets.build(q_bucket, q_position)
-    kidx = KeyPairIndex.build(k_bucket, k_example_id, k_position)
-    elig = eligibility_mask(qb.bucket, qb.minpos, kidx.buckets, kidx.maxpos, sliding_window)
-    if estimator == "bucket_full_cov":
-        if Xq_rot is None:
-            raise ValueError("bucket_full_cov needs the rotated queries Xq_rot")
-        Xq_rot = np.asarray(Xq_rot, dtype=np.float64)
-        if Xq_rot.ndim != 2 or Xq_rot.shape[1] != d or Xq_rot.shape[0] != np.asarray(q_bucket).shape[0]:
-            raise ValueError(f"Xq_rot must be (n_q, {d}), got {Xq_rot.shape}")
+    qb = model.buckets
+    d = model.mean.shape[1] if model.mean.ndim == 2 else 0
+    elig = eligibility_mask(qb.bucket, qb.minpos, keys.buckets, keys.maxpos, sliding_window)
     out = {k: [] for k in ("q", "k", "pl", "np", "tot", "var", "qn")}
-    ridge = SIGMA_RIDGE * np.eye(d - 1)
     for jj in range(qb.bucket.shape[0]):
         cells = np.flatnonzero(elig[jj])
         if cells.shape[0] == 0:
             continue
-        i1, i2, sizes = kidx.draw(cells, num_pairs_per_bucket, rng)
+        i1, i2, sizes = keys.draw(cells, num_pairs_per_bucket, rng)
         ap = np.zeros(0)
         if i1.shape[0]:
-            D = _key_diff(keys, i1, i2)
+            D = _key_diff(keys=key_diff, i1=i1, i2=i2)
             if D.shape != (i1.shape[0], d):
                 raise ValueError(f"key differences have shape {D.shape}, expected ({i1.shape[0]}, {d})")
-            tau = qb.tau[jj]
-            if estimator == "bucket_full_cov":
-                rows = Xq_rot[qb.start[jj] : qb.stop[jj], 1:]
-                mu = rows.mean(axis=0)
-                Y = rows - mu
-                Sigma = (Y.T @ Y) / (rows.shape[0] - 1) + ridge
-                D0 = D[:, 0]
-                D1 = D[:, 1:]
-                m = D0 * (alpha_rot[0] + beta_rot[0] * tau) + D1 @ mu
-                v = D0 * D0 * resid_var[0] + np.einsum("ij,ij->i", D1 @ Sigma, D1)
+            if model.cov is not None:
+                mean, cov = model.mean[jj], model.cov[jj]
+                if basis is not None:
+                    mean, cov = basis.map_mean(mean), basis.map_cov(cov)
+                m = D @ mean
+                v = np.einsum("ij,ij->i", D @ cov, D)
             else:
-                m = D @ (alpha_rot + beta_rot * tau)
-                v = (D * D) @ resid_var
+                if basis is not None:
+                    D = basis.rotate(D)
+                m = D @ model.mean[jj]
+                v = (D * D) @ model.diag
             ap = ap_from_moments(m, v)
-        mean, var = _cell_stats(ap, sizes)
+        mean_c, var_c = _cell_stats(ap, sizes)
         nc = cells.shape[0]
         out["q"].append(np.full(nc, qb.bucket[jj], np.int64))
-        out["k"].append(kidx.buckets[cells])
-        out["pl"].append(mean)
+        out["k"].append(keys.buckets[cells])
+        out["pl"].append(mean_c)
         out["np"].append(sizes)
-        out["tot"].append(kidx.total_pairs[cells])
-        out["var"].append(var)
+        out["tot"].append(keys.total_pairs[cells])
+        out["var"].append(var_c)
         out["qn"].append(np.full(nc, qb.n[jj], np.int64))
 
     def cat(key, dtype):
         return np.concatenate(out[key]).astype(dtype) if out[key] else np.zeros(0, dtype)
 
     return CellTable(
-        estimator=estimator,
+        estimator=model.estimator,
         q_bucket=cat("q", np.int64),
         k_bucket=cat("k", np.int64),
         plasticity=cat("pl", np.float64),
@@ -223,6 +302,16 @@ def _run_cells(
         ap_var=cat("var", np.float64),
         q_count=cat("qn", np.int64),
     )
+
+
+def _check_params(alpha_rot, beta_rot, resid_var):
+    alpha_rot = np.asarray(alpha_rot, dtype=np.float64).reshape(-1)
+    beta_rot = np.asarray(beta_rot, dtype=np.float64).reshape(-1)
+    resid_var = np.asarray(resid_var, dtype=np.float64).reshape(-1)
+    d = alpha_rot.shape[0]
+    if beta_rot.shape[0] != d or resid_var.shape[0] != d:
+        raise ValueError("alpha_rot, beta_rot and resid_var must have equal lengths")
+    return alpha_rot, beta_rot, resid_var
 
 
 def bucket_full_cov(
@@ -251,9 +340,16 @@ def bucket_full_cov(
     ``keys`` is the rotated key matrix ``Xk_rot`` (n_k, d) in that order, or a callable
     ``(i1, i2) -> Xk_rot[i1] - Xk_rot[i2]``. Returns one row per eligible cell (see `CellTable`).
     """
-    return _run_cells(
-        "bucket_full_cov", q_bucket, q_position, Xq_rot, alpha_rot, beta_rot, resid_var,
-        k_bucket, k_example_id, k_position, keys,
+    alpha_rot, beta_rot, resid_var = _check_params(alpha_rot, beta_rot, resid_var)
+    Xq_rot = np.asarray(Xq_rot, dtype=np.float64)
+    d = alpha_rot.shape[0]
+    if Xq_rot.ndim != 2 or Xq_rot.shape != (np.asarray(q_bucket).shape[0], d):
+        raise ValueError(f"Xq_rot must be (n_q, {d}), got {Xq_rot.shape}")
+    qb = QueryBuckets.build(q_bucket, q_position)
+    mu, Sigma = bucket_moments(qb, Xq_rot)
+    model = full_cov_model(qb, mu, Sigma, alpha_rot, beta_rot, resid_var)
+    return plasticity_cells(
+        model, KeyPairIndex.build(k_bucket, k_example_id, k_position), keys,
         sliding_window=sliding_window, num_pairs_per_bucket=num_pairs_per_bucket, rng=rng,
     )
 
@@ -278,9 +374,11 @@ def linear_diag(
     component and covariance ``diag(resid_var)``: ``m = D . (alpha_rot + beta_rot tau_j)``,
     ``v = sum_c D_c^2 resid_var_c``. Same buckets, cells and pairs as `bucket_full_cov`
     (``Xq_rot`` is not used and may be None)."""
-    return _run_cells(
-        "linear_diag", q_bucket, q_position, Xq_rot, alpha_rot, beta_rot, resid_var,
-        k_bucket, k_example_id, k_position, keys,
+    alpha_rot, beta_rot, resid_var = _check_params(alpha_rot, beta_rot, resid_var)
+    qb = QueryBuckets.build(q_bucket, q_position)
+    model = linear_diag_model(qb, alpha_rot, beta_rot, resid_var)
+    return plasticity_cells(
+        model, KeyPairIndex.build(k_bucket, k_example_id, k_position), keys,
         sliding_window=sliding_window, num_pairs_per_bucket=num_pairs_per_bucket, rng=rng,
     )
 

@@ -5,10 +5,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .estimators import aggregate_cells, bucket_full_cov, linear_diag
-from .normality import first_component_residual_stats, noise_normality_stats
-from .regression import fit_position_regression, scalar_position_predictability
-from .rotation import householder_apply
+from .estimators import (
+    KeyBasis,
+    QueryBuckets,
+    aggregate_cells,
+    full_cov_model,
+    linear_diag_model,
+    plasticity_cells,
+)
+from .normality import first_component_residual_stats, ks_columns, noise_summary
+from .pairs import KeyPairIndex
+from .query_pass import rotated_query_pass
+from .regression import (
+    BETA_NORM_TOL,
+    PositionDesign,
+    RowSource,
+    fit_rows,
+    scalar_predictability_from_projection,
+)
 from .types import AnalysisParams, HeadResult, TokenArrays
 from .weights import component_weights
 
@@ -25,33 +39,67 @@ def pair_rng_seed(seed: int, layer: int, q_head: int) -> int:
     return int(seed) + 10007 * int(layer) + 379 * int(q_head)
 
 
-def canonicalize(t: TokenArrays) -> TokenArrays:
-    """`TokenArrays.canonical()` with float64/int64 arrays, plus a total order for exact ties.
+def _sort_order(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``np.lexsort((position, example_id, bucket))``, computed via one stable argsort of a packed
+    int64 key when all three are integral and fit in 63 bits (same permutation, faster)."""
+    n = bucket.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    keys = []
+    for col in (bucket, example_id, position):
+        col = np.asarray(col)
+        if col.dtype.kind == "f":
+            if not np.all(np.isfinite(col)) or np.any(col != np.floor(col)) or np.abs(col).max() > 2**53:
+                return np.lexsort((position, example_id, bucket))
+            col = col.astype(np.int64)
+        elif col.dtype.kind not in "iu":
+            return np.lexsort((position, example_id, bucket))
+        col = col.astype(np.int64, copy=False)
+        lo = int(col.min())
+        keys.append((col, lo, int(col.max()) - lo))
+    bits = [max(1, int(span).bit_length()) for _, _, span in keys]
+    if sum(bits) > 63:
+        return np.lexsort((position, example_id, bucket))
+    packed = np.zeros(n, np.int64)
+    for (col, lo, _), nb in zip(keys, bits):
+        packed <<= nb
+        packed |= col - lo
+    if np.all(packed[1:] >= packed[:-1]):
+        return np.arange(n, dtype=np.int64)
+    return np.argsort(packed, kind="stable").astype(np.int64)
 
-    Rows sharing (bucket, example_id, position) -- which canonical() leaves in input order -- are
-    further ordered by their vector components, so the result depends only on the set of rows.
-    """
-    c = t.canonical()
-    bucket = np.asarray(c.bucket).astype(np.int64)
-    ex = np.asarray(c.example_id).astype(np.int64)
-    pos = np.asarray(c.position, dtype=np.float64)
-    vec = np.asarray(c.vectors, dtype=np.float64)
-    tok = c.token_str
-    if c.n > 1:
-        tie = (bucket[1:] == bucket[:-1]) & (ex[1:] == ex[:-1]) & (pos[1:] == pos[:-1])
+
+def canonical_order(t: TokenArrays) -> np.ndarray:
+    """Row order of `TokenArrays.canonical()` -- by (bucket, example_id, position) -- made total:
+    rows that tie on all three are ordered by the bytes of their vectors, so the order depends only
+    on the set of rows, never on the input order."""
+    order = _sort_order(np.asarray(t.bucket), np.asarray(t.example_id), np.asarray(t.position))
+    n = order.shape[0]
+    if n > 1:
+        b, e, p = t.bucket[order], t.example_id[order], t.position[order]
+        tie = (b[1:] == b[:-1]) & (e[1:] == e[:-1]) & (p[1:] == p[:-1])
         if np.any(tie):
-            # rows in a tie group, ordered by (group, vector[0], vector[1], ...); others stay put
             in_tie = np.r_[tie, False] | np.r_[False, tie]
             idx = np.flatnonzero(in_tie)
             group = np.cumsum(np.r_[True, ~tie])[idx]
-            sub = vec[idx]
-            keys = tuple(sub[:, j] for j in range(sub.shape[1] - 1, -1, -1)) + (group,)
-            order = np.arange(c.n)
-            order[idx] = idx[np.lexsort(keys)]
-            bucket, ex, pos, vec = bucket[order], ex[order], pos[order], vec[order]
-            tok = None if tok is None else tok[order]
-    return TokenArrays(bucket=bucket, example_id=ex, position=pos, vectors=vec,
-                       sliding_window=c.sliding_window, token_str=tok)
+            rows = np.ascontiguousarray(np.asarray(t.vectors, dtype=np.float64)[order[idx]])
+            raw = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
+            _, rank = np.unique(raw, return_inverse=True)
+            order[idx] = order[idx][np.lexsort((rank.reshape(-1), group))]
+    return order
+
+
+def canonicalize(t: TokenArrays) -> TokenArrays:
+    """`TokenArrays` re-ordered by `canonical_order`, with float64/int64 arrays."""
+    order = canonical_order(t)
+    return TokenArrays(
+        bucket=np.asarray(t.bucket)[order].astype(np.int64),
+        example_id=np.asarray(t.example_id)[order].astype(np.int64),
+        position=np.asarray(t.position, dtype=np.float64)[order],
+        vectors=np.asarray(t.vectors, dtype=np.float64)[order],
+        sliding_window=t.sliding_window,
+        token_str=None if t.token_str is None else t.token_str[order],
+    )
 
 
 def analyze_head(
@@ -65,9 +113,10 @@ def analyze_head(
 ) -> HeadResult:
     """Run SPEC 2.2-2.8 on one head's (sub)sampled queries ``q`` and keys ``k``.
 
-    ``orientation`` is the sign vector s of SPEC 2.2 (from ALL key rows; see
-    `plasticity.orientation`); Q and K are multiplied by it. The query shard's
-    ``sliding_window`` drives key-bucket eligibility. Results depend only on the sets of rows.
+    ``orientation`` is the sign vector s of SPEC 2.2 (computed from ALL key rows, see
+    `plasticity.orientation`); Q and K are multiplied by it. Rows are put in canonical order
+    (`canonical_order`) first, so results depend only on the sets of rows. The query shard's
+    ``sliding_window`` drives key-bucket eligibility.
     """
     if q.d != k.d:
         raise ValueError(f"query vectors have width {q.d} but key vectors have width {k.d}")
@@ -82,46 +131,55 @@ def analyze_head(
     if s.shape != (d,):
         raise ValueError(f"orientation has length {s.shape[0]}, expected {d}")
 
-    q = canonicalize(q)
-    k = canonicalize(k)
-    p = q.position
+    # canonical order: queries are streamed (oriented) through RowSource, keys only indexed
+    oq = canonical_order(q)
+    ok = canonical_order(k)
+    q_bucket = np.asarray(q.bucket)[oq].astype(np.int64)
+    p = np.asarray(q.position, dtype=np.float64)[oq]
     n = q.n
+    rows = RowSource(np.asarray(q.vectors, dtype=np.float64), oq, s)  # X_q, streamed
 
-    # 2.2 orientation, 2.3 position regression, 2.4 scalar predictability
-    Xq = q.vectors * s
-    fit = fit_position_regression(p, Xq)
-    scalar = scalar_position_predictability(p, Xq, fit.beta)
+    # 2.3 position regression
+    design = PositionDesign.build(p)
+    fit = fit_rows(design, rows)
 
-    # 2.5 rotation (in place: Xq becomes X_q_rot) and refit
-    householder_apply(Xq, fit.beta, out=Xq)
-    fit_rot = fit_position_regression(p, Xq)
-    resid_var = fit_rot.resid_var
-    scale = float(np.sqrt(np.sum(fit_rot.mean**2 + fit_rot.ss_tot / n)))  # RMS row norm of X_q
+    # 2.5 rotation X_q_rot = X_q H, fused with the statistics of 2.4, 2.5, 2.6 and 2.8 (one pass)
+    buckets = QueryBuckets.build(q_bucket, p)
+    sel = np.sort(ks_columns(d - 1, params.normality_max_dims, params.seed))  # order-free statistics
+    full = params.estimator == "bucket_full_cov"
+    rq = rotated_query_pass(rows, design, fit, q_bucket, buckets, sel, bucket_cov=full)
+    fit_rot = rq.fit_rot
+    scale = float(np.sqrt(np.sum(rq.mean**2 + rq.m2)))  # RMS row norm of X_q
+
+    # 2.4 scalar predictability: X_q u is column 0 of X_q_rot
+    scalar = scalar_predictability_from_projection(p, rq.x0 if fit.beta_norm >= BETA_NORM_TOL else None)
 
     # 2.6 normality
-    skew0, kurt0, ks0 = first_component_residual_stats(p, Xq[:, 0], scale=scale)
-    noise = noise_normality_stats(Xq[:, 1:], params.normality_max_dims, params.p_alpha, params.seed, scale=scale)
+    skew0, kurt0, ks0 = first_component_residual_stats(p, rq.x0, scale=scale)
+    noise = noise_summary(n, rq.m2[1:], rq.m3[1:], rq.m4[1:], rq.Z, rq.Z_center, sel, scale, params.p_alpha)
 
     # 2.7 weights
     weights = component_weights(fit.r2)
 
-    # 2.8 plasticity; keys are oriented and rotated only for the sampled differences
-    Kv = k.vectors
-    beta = fit.beta
+    # 2.8 plasticity on raw key differences; the query model is mapped into the raw basis
+    if full:
+        model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
+    else:
+        model = linear_diag_model(buckets, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
+    kindex = KeyPairIndex.build(
+        np.asarray(k.bucket)[ok], np.asarray(k.example_id)[ok], np.asarray(k.position, dtype=np.float64)[ok]
+    )
+    Kv = np.asarray(k.vectors, dtype=np.float64)
 
     def key_diff(i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
-        D = Kv[i1] - Kv[i2]
-        D *= s
-        return householder_apply(D, beta, out=D)
+        return Kv[ok[i1]] - Kv[ok[i2]]
 
-    window = None if q.sliding_window is None else int(q.sliding_window)
-    est = bucket_full_cov if params.estimator == "bucket_full_cov" else linear_diag
-    table = est(
-        q.bucket, p, Xq, fit_rot.alpha, fit_rot.beta, resid_var,
-        k.bucket, k.example_id, k.position, key_diff,
-        sliding_window=window,
+    table = plasticity_cells(
+        model, kindex, key_diff,
+        sliding_window=None if q.sliding_window is None else int(q.sliding_window),
         num_pairs_per_bucket=params.num_pairs_per_bucket,
         rng=np.random.default_rng(pair_rng_seed(params.seed, layer, q_head)),
+        basis=KeyBasis(s=s, w=rq.w),
     )
     ap, se = aggregate_cells(table)
 

@@ -15,14 +15,19 @@ R2_SS_TOT_FLOOR = 1e-12
 BETA_NORM_TOL = 1e-12
 
 
-def row_blocks(n: int, d: int, target_bytes: int = 1 << 20):
+def row_blocks(n: int, d: int, target_bytes: int = 1 << 19):
     """Yield ``slice`` objects covering ``range(n)`` in blocks of about ``target_bytes`` of float64 rows.
 
     Used to stream over (n, d) matrices with cache-sized temporaries instead of n x d ones.
     """
-    step = max(256, target_bytes // (8 * max(d, 1)))
+    step = block_rows(d, target_bytes)
     for a in range(0, n, step):
         yield slice(a, min(a + step, n))
+
+
+def block_rows(d: int, target_bytes: int = 1 << 19) -> int:
+    """Rows per streaming block for width ``d`` (at least 256)."""
+    return max(256, target_bytes // (8 * max(d, 1)))
 
 
 def as_matrix(X: np.ndarray, name: str = "X") -> np.ndarray:
@@ -91,62 +96,176 @@ class PositionFit:
         return (X - self.mean[None, :]) - (p - self.position_mean)[:, None] * self.beta[None, :]
 
 
-def fit_position_regression(p: np.ndarray, X: np.ndarray) -> PositionFit:
-    """OLS per column of ``X`` on the position ``p`` (SPEC 2.3).
+#: Columns whose closed-form SS_res is below this fraction of SS_tot are recomputed explicitly.
+_EXPLICIT_RESID_FRACTION = 1e-2
 
-    ``pc = p - mean(p)``, ``Xc = X - mean(X)``; ``beta = pc^T Xc / pc^T pc``,
-    ``alpha = mean(X) - beta * mean(p)``; ``R = Xc - pc beta^T``;
-    ``R2_c = 1 - SS_res_c / max(SS_tot_c, 1e-12)``; ``r2_overall = nanmean(R2_c)``.
-    If positions do not vary (max(p) == min(p)): ``beta = 0``, ``alpha = mean``, all ``R2 = 0``.
-    Residual sums are computed explicitly (not as SS_tot - beta*Sxy), streaming over row
-    blocks so no (n, d) temporary is formed.
+
+@dataclass(frozen=True)
+class PositionDesign:
+    """The regressor of SPEC 2.3: ``pc = p - mean(p)``, ``sxx = pc . pc``, ``spc = sum(pc)``."""
+
+    p: np.ndarray
+    mean: float
+    pc: np.ndarray
+    sxx: float
+    spc: float
+    vary: bool
+
+    @classmethod
+    def build(cls, p: np.ndarray) -> "PositionDesign":
+        p = np.asarray(p, dtype=np.float64).reshape(-1)
+        if p.shape[0] == 0:
+            raise ValueError("need at least one position")
+        mp = float(p.mean())
+        pc = p - mp
+        vary = bool(p.max() != p.min())
+        sxx = float(pc @ pc) if vary else 0.0
+        return cls(p=p, mean=mp, pc=pc, sxx=sxx, spc=float(pc.sum()), vary=vary and sxx > 0.0)
+
+
+def fit_from_sums(
+    design: PositionDesign,
+    shift: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    sxy: np.ndarray,
+    explicit_ssr=None,
+) -> PositionFit:
+    """Finish the OLS of SPEC 2.3 from sums about a shift ``c``: ``s1 = sum(x - c)``,
+    ``s2 = sum((x - c)^2)``, ``sxy = sum(pc (x - c))`` (per column).
+
+    ``mean = c + s1/n``; ``SS_tot = s2 - s1^2/n``; ``Sxy = sxy - (mean - c) sum(pc)``;
+    ``beta = Sxy/sxx``; ``SS_res = SS_tot - beta Sxy``. Where that closed form is below 1% of
+    SS_tot (R2 > 0.99, where it loses digits) ``explicit_ssr(cols, mean, beta)`` recomputes
+    ``sum((x - mean) - pc beta)^2`` from the data.
     """
-    X = as_matrix(X)
-    n, d = X.shape
-    if n == 0:
-        raise ValueError("fit_position_regression needs at least one row")
-    p = as_vector(p, n)
-    mx = X.mean(axis=0)
-    mp = float(p.mean())
-    pc = p - mp
-    vary = bool(p.max() != p.min())
-    sxx = float(pc @ pc) if vary else 0.0
-    if not (sxx > 0.0):
-        vary = False
-    sst = np.zeros(d)
-    sxy = np.zeros(d)
-    for sl in row_blocks(n, d):
-        xc = X[sl] - mx
-        sst += np.einsum("ij,ij->j", xc, xc)
-        if vary:
-            sxy += pc[sl] @ xc
-    if vary:
-        beta = sxy / sxx
-        ssr = np.zeros(d)
-        for sl in row_blocks(n, d):
-            r = (X[sl] - mx) - pc[sl, None] * beta[None, :]
-            ssr += np.einsum("ij,ij->j", r, r)
+    n = design.pc.shape[0]
+    delta = s1 / n
+    mean = shift + delta
+    sst = np.maximum(s2 - s1 * delta, 0.0)
+    d = mean.shape[0]
+    if design.vary:
+        sxy_c = sxy - delta * design.spc
+        beta = sxy_c / design.sxx
+        ssr = np.maximum(sst - beta * sxy_c, 0.0)
+        cols = np.flatnonzero(ssr < _EXPLICIT_RESID_FRACTION * sst)
+        if cols.shape[0] and explicit_ssr is not None:
+            ssr[cols] = explicit_ssr(cols, mean[cols], beta[cols])
         r2 = 1.0 - ssr / np.maximum(sst, R2_SS_TOT_FLOOR)
     else:
         beta = np.zeros(d)
         ssr = sst.copy()
         r2 = np.zeros(d)
-    alpha = mx - beta * mp
     with np.errstate(invalid="ignore"):
         r2_overall = float(np.nanmean(r2)) if np.any(~np.isnan(r2)) else float("nan")
     return PositionFit(
-        alpha=alpha,
+        alpha=mean - beta * design.mean,
         beta=beta,
         r2=r2,
         r2_overall=r2_overall,
         beta_norm=float(np.linalg.norm(beta)),
-        mean=mx,
+        mean=mean,
         ss_tot=sst,
         ss_res=ssr,
         n=n,
-        position_mean=mp,
-        positions_vary=vary,
+        position_mean=design.mean,
+        positions_vary=design.vary,
     )
+
+
+class RowSource:
+    """Rows ``V[order] * s`` of a matrix, served in blocks without materialising the whole product.
+
+    ``order`` None = identity, ``s`` None = no sign flip. Used to stream the oriented queries in
+    canonical order (SPEC 2.2 / 2.3) straight from the shard's vectors.
+    """
+
+    def __init__(self, V: np.ndarray, order: np.ndarray | None = None, s: np.ndarray | None = None):
+        self.V = as_matrix(V)
+        n = self.V.shape[0]
+        if order is not None:
+            order = np.asarray(order, dtype=np.int64)
+            if order.shape != (n,):
+                raise ValueError(f"order has shape {order.shape}, expected ({n},)")
+            if np.all(order == np.arange(n)):
+                order = None
+        self.order = order
+        self.s = None if s is None else np.asarray(s, dtype=np.float64).reshape(-1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.V.shape
+
+    def block(self, sl: slice, buf: np.ndarray) -> np.ndarray:
+        """Rows ``sl`` (a view of V when nothing needs copying, else written into ``buf``)."""
+        m = sl.stop - sl.start
+        if self.order is None and self.s is None:
+            return self.V[sl]
+        out = buf[:m]
+        if self.order is None:
+            np.multiply(self.V[sl], self.s, out=out)
+        else:
+            np.take(self.V, self.order[sl], axis=0, out=out)
+            if self.s is not None:
+                out *= self.s
+        return out
+
+    def columns(self, cols: np.ndarray) -> np.ndarray:
+        """All rows of the columns ``cols``, shape (n, len(cols))."""
+        cols = np.asarray(cols, dtype=np.int64)
+        A = np.take(self.V, cols, axis=1)
+        if self.order is not None:
+            A = A[self.order]
+        if self.s is not None:
+            A = A * self.s[cols]
+        return A
+
+
+def explicit_ssr(A: np.ndarray, pc: np.ndarray, mean: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """``sum_i ((A[i, c] - mean_c) - pc_i beta_c)^2`` per column of ``A`` (n, k)."""
+    r = (A - mean) - pc[:, None] * beta
+    return np.einsum("ij,ij->j", r, r)
+
+
+def fit_rows(design: PositionDesign, rows: RowSource) -> PositionFit:
+    """`fit_position_regression` on the rows of a `RowSource` (one streaming pass)."""
+    n, d = rows.shape
+    step = block_rows(d)
+    buf = np.empty((min(step, n), d))
+    shift = rows.block(slice(0, min(step, n)), buf).mean(axis=0)
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    sxy = np.zeros(d)
+    c = np.empty((min(step, n), d))
+    for a in range(0, n, step):
+        sl = slice(a, min(a + step, n))
+        cb = c[: sl.stop - a]
+        np.subtract(rows.block(sl, buf), shift, out=cb)
+        s1 += cb.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", cb, cb)
+        if design.vary:
+            sxy += np.einsum("i,ij->j", design.pc[sl], cb)  # not BLAS: small blocks
+    return fit_from_sums(
+        design, shift, s1, s2, sxy,
+        explicit_ssr=lambda cols, mean, beta: explicit_ssr(rows.columns(cols), design.pc, mean, beta),
+    )
+
+
+def fit_position_regression(p: np.ndarray, X: np.ndarray) -> PositionFit:
+    """OLS per column of ``X`` on the position ``p`` (SPEC 2.3).
+
+    ``pc = p - mean(p)``; ``beta = sum(pc (X - mean X)) / sum(pc^2)``; ``alpha = mean(X) - beta mean(p)``;
+    ``R = X - alpha - beta p``; ``R2_c = 1 - SS_res_c / max(SS_tot_c, 1e-12)``; ``r2_overall = nanmean(R2_c)``.
+    If positions do not vary (max(p) == min(p)): ``beta = 0``, ``alpha = mean``, all ``R2 = 0``.
+
+    One streaming pass of sums about the first block's mean (see `fit_from_sums`), then an
+    explicit residual pass only for columns with R2 > 0.99.
+    """
+    X = as_matrix(X)
+    n = X.shape[0]
+    if n == 0:
+        raise ValueError("fit_position_regression needs at least one row")
+    return fit_rows(PositionDesign.build(as_vector(p, n)), RowSource(X))
 
 
 def _ols_scalar(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -184,15 +303,25 @@ def scalar_position_predictability(p: np.ndarray, X: np.ndarray, beta: np.ndarra
     beta = np.asarray(beta, dtype=np.float64).reshape(-1)
     if beta.shape[0] != d:
         raise ValueError(f"beta has length {beta.shape[0]}, expected {d}")
-    if n == 0:
-        raise ValueError("scalar_position_predictability needs at least one row")
-    y = np.log2(p + 1.0)
-    baseline = float(np.mean(np.abs(y - y.mean())))
     nrm = float(np.linalg.norm(beta))
-    if not nrm >= BETA_NORM_TOL:
+    proj = X @ (beta / nrm) if nrm >= BETA_NORM_TOL else None
+    return scalar_predictability_from_projection(p, proj)
+
+
+def scalar_predictability_from_projection(p: np.ndarray, proj: np.ndarray | None) -> dict:
+    """SPEC 2.4 given the projection ``s = X u`` (``None`` when ``||beta|| < 1e-12``); see
+    `scalar_position_predictability`."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    if p.shape[0] == 0:
+        raise ValueError("scalar position predictability needs at least one row")
+    y = np.log2(p + 1.0)
+    if y.max() == y.min():  # positions do not vary: nothing to predict
+        return {"q_R2_scalar": 0.0, "q_mae_baseline": 0.0, "q_mae_proj": 0.0, "q_mae_ratio": 1.0}
+    baseline = float(np.mean(np.abs(y - y.mean())))
+    if proj is None:
         r2, mae = 0.0, baseline
     else:
-        s = X @ (beta / nrm)
+        s = as_vector(proj, p.shape[0], "proj")
         a, b, r2 = _ols_scalar(s, y)
         mae = float(np.mean(np.abs(y - (a + b * s))))
     ratio = mae / baseline if baseline > 0.0 else 1.0

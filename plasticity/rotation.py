@@ -66,8 +66,22 @@ def householder_apply(X: np.ndarray, beta: np.ndarray, *, out: np.ndarray | None
         if not np.shares_memory(res, X2):
             res[...] = X2
     if w is not None:
-        w2 = 2.0 * w
         for sl in row_blocks(res.shape[0], res.shape[1]):
-            blk = res[sl]
-            blk -= np.outer(blk @ w, w2)
+            reflect_rows_inplace(res[sl], w)
     return res[0] if one_row else res
+
+
+def reflect_rows_inplace(B: np.ndarray, w: np.ndarray, r_out: np.ndarray | None = None,
+                         tmp: np.ndarray | None = None) -> np.ndarray:
+    """``B <- B - 2 (B w) w^T`` in place (rows of B reflected by ``I - 2 w w^T``); returns ``r = B w``
+    (written into ``r_out`` when given). ``tmp`` is an optional scratch array shaped like B.
+
+    Uses numpy loops, not BLAS: this runs on many small blocks, where a multi-threaded BLAS call
+    costs more in thread hand-off than it saves (and stalls badly on oversubscribed machines).
+    """
+    r = np.einsum("ij,j->i", B, w, out=r_out)
+    if tmp is None:
+        tmp = np.empty_like(B)
+    np.multiply(r[:, None], 2.0 * w, out=tmp)
+    B -= tmp
+    return r
