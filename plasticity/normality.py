@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import kolmogorov, ndtr
-from scipy.stats import kstwo
 
 from .regression import as_matrix, as_vector, fit_position_regression, row_blocks
 
@@ -240,8 +239,13 @@ def kstwo_sf(D: np.ndarray, n: int) -> np.ndarray:
             pg &= (-_PI_SQUARED / 8 / (n * D * D)) >= _MIN_LOG
         if np.any(pg):
             out[pg] = np.clip(1.0 - _pelz_good_cdf(n, D[pg]), 0.0, 1.0)
-        rest = ~(smir | pg)
+        # scipy's _kolmogn returns exactly 0.0 for the survival function when n D^2 >= 370
+        zero = inner & (nxsq >= 370.0)
+        out[zero] = 0.0
+        rest = ~(smir | pg | zero)
     if np.any(rest):
+        from scipy.stats import kstwo  # imported here: scipy.stats costs ~1 s of start-up per worker
+
         out[rest] = np.asarray(kstwo.sf(D[rest], n), dtype=np.float64)
     return out
 

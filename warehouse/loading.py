@@ -1,7 +1,10 @@
-"""Load one head's rows from its shards as numpy arrays (via DuckDB/Arrow).
+"""Load one head's rows from its shards as numpy arrays.
 
-Compute steps use their own in-memory DuckDB connection (`db.memory_connection`);
-they never open the warehouse file.
+A shard is read once, with `pyarrow.parquet` (the vector column dominates and
+pyarrow decodes it fastest), straight into numpy. DuckDB is used only to rank
+the rows of a shard larger than the cap (SPEC 2.1, `sql/sample_rows.sql`),
+over the scalar columns already in memory; the connection is made once per
+process (`rank_connection`). Compute steps never open the warehouse file.
 """
 
 from __future__ import annotations
@@ -16,19 +19,53 @@ from plasticity.types import TokenArrays
 from warehouse.catalog import ShardError, ShardInfo
 
 STREAM_BATCH_ROWS = 65536
+ROW_COLUMNS = ("bucket", "example_id", "position", "vector")
+
+_RANK_CON = None
 
 
-def vectors_from_arrow(column: pa.ChunkedArray | pa.Array, path: str, expected_dim: int | None) -> np.ndarray:
-    """(n, d) float64 from a list/fixed_size_list column; raises ShardError on ragged or non-finite data."""
+def rank_connection():
+    """This process's in-memory DuckDB connection for ranking rows (one thread: same order everywhere)."""
+    global _RANK_CON
+    if _RANK_CON is None:
+        from warehouse import db
+
+        _RANK_CON = db.memory_connection(1)
+    return _RANK_CON
+
+
+_NUMPY_TYPES = {
+    pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
+    pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
+    pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64,
+}
+
+
+def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric Arrow column without nulls as a (read-only, zero-copy when one chunk) numpy array.
+
+    Same values as ``column.to_numpy()``, without the pandas import pyarrow's own conversion makes
+    (half a second in every fresh worker process).
+    """
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    dtype = _NUMPY_TYPES.get(arr.type)
+    if dtype is None or arr.null_count:
+        return arr.to_numpy(zero_copy_only=False)
+    itemsize = np.dtype(dtype).itemsize
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * itemsize)
+
+
+def vector_values(column: pa.ChunkedArray | pa.Array, path: str, expected_dim: int | None) -> np.ndarray:
+    """(n, d) view of the stored values (float32 or float64, not copied when possible), validated:
+    no null vectors or elements, one width for every row (equal to `expected_dim` when given), all finite."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
     if arr.null_count:
         raise ShardError(path, "null_values", f"{arr.null_count} row(s) have a null vector")
     if pa.types.is_fixed_size_list(arr.type):
         d = arr.type.list_size
-        flat = arr.flatten()
     else:
-        offsets = arr.offsets.to_numpy()
+        offsets = to_numpy(arr.offsets)
         lengths = np.diff(offsets)
         if n and lengths.min() != lengths.max():
             raise ShardError(
@@ -36,64 +73,124 @@ def vectors_from_arrow(column: pa.ChunkedArray | pa.Array, path: str, expected_d
                 f"vector widths differ between rows (from {lengths.min()} to {lengths.max()})",
             )
         d = int(lengths[0]) if n else (expected_dim or 0)
-        flat = arr.flatten()
+    flat = arr.flatten()
     if expected_dim is not None and d != expected_dim:
         raise ShardError(path, "ragged_vectors", f"vector width {d} differs from the schema's {expected_dim}")
     if d == 0:
         raise ShardError(path, "wrong_type", "vectors have width 0")
     if flat.null_count:
         raise ShardError(path, "null_values", f"{flat.null_count} vector element(s) are null")
-    values = flat.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    values = to_numpy(flat).reshape(n, d)
     if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values.reshape(n, d))).any(axis=1).sum())
+        bad = int((~np.isfinite(values)).any(axis=1).sum())
         raise ShardError(path, "nonfinite_values", f"{bad} vector(s) contain NaN or Inf")
-    return values.reshape(n, d)
+    return values
 
 
-def load_rows(con, info: ShardInfo, cap: int, seed: int, with_tokens: bool = False) -> TokenArrays:
-    """At most `cap` rows of a shard (SPEC 2.1), canonical order (bucket, example_id, position)."""
-    if info.error is not None:
-        raise info.error
-    extra = ", t.token_str" if (with_tokens and info.has_token_str) else ""
-    if info.n_rows is not None and info.n_rows <= cap:
-        query = sql.load("all_rows").format(extra_columns=extra.replace("t.", ""))
-        params = {"path": info.path}
-    else:
-        query = sql.load("sample_rows").format(extra_columns=extra)
-        params = {"path": info.path, "seed": int(seed), "cap": int(cap)}
-    try:
-        table = con.sql(query, params=params).to_arrow_table()
-    except Exception as exc:
-        raise ShardError(info.path, "unreadable", f"cannot read rows ({type(exc).__name__}: {exc})") from None
-    vectors = vectors_from_arrow(table.column("vector"), info.path, info.dim)
-    tokens = table.column("token_str").to_numpy(zero_copy_only=False) if extra else None
-    return TokenArrays(
-        bucket=table.column("bucket").to_numpy().astype(np.int64),
-        example_id=table.column("example_id").to_numpy().astype(np.int64),
-        position=table.column("position").to_numpy().astype(np.float64),
-        vectors=vectors,
-        sliding_window=info.sliding_window,
-        token_str=tokens,
-    )
-
-
-def key_bucket_sums(info: ShardInfo, loaded: TokenArrays | None = None):
-    """Per-bucket vector sums and counts over ALL rows of a key shard (SPEC 2.2).
-
-    When `loaded` already holds every row (the shard fits the cap) it is reused;
-    otherwise the file is streamed in batches in file order, so memory stays
-    bounded by one batch and the sums do not depend on thread count.
-    """
-    if loaded is not None and info.n_rows is not None and loaded.n == info.n_rows:
-        return bucket_sums(loaded.bucket, loaded.vectors)
-    parts = []
+def read_shard(info: ShardInfo, columns: tuple[str, ...], batch_sums: bool = False):
+    """The named columns of a whole shard as an Arrow table, plus, with `batch_sums`, the per-bucket
+    vector sums of every 64k-row batch in file order (for the key orientation of SPEC 2.2) and the
+    validated vector values (n, d) in file order; otherwise (table, None, None)."""
     try:
         pf = pq.ParquetFile(info.path)
-        for batch in pf.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=["bucket", "vector"]):
-            vec = vectors_from_arrow(batch.column("vector"), info.path, info.dim)
-            parts.append(bucket_sums(batch.column("bucket").to_numpy().astype(np.int64), vec))
+        if not batch_sums:
+            return pf.read(columns=list(columns), use_threads=False), None, None
+        batches, parts, values = [], [], []
+        for batch in pf.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=list(columns), use_threads=False):
+            vec = vector_values(batch.column("vector"), info.path, info.dim)
+            parts.append(bucket_sums(to_numpy(batch.column("bucket")).astype(np.int64), vec.astype(np.float64)))
+            batches.append(batch)
+            values.append(vec)
+        if not batches:
+            return pf.read(columns=list(columns), use_threads=False), None, None
+        return pa.Table.from_batches(batches), parts, values[0] if len(values) == 1 else np.concatenate(values)
     except ShardError:
         raise
     except Exception as exc:
-        raise ShardError(info.path, "unreadable", f"cannot stream rows ({type(exc).__name__}: {exc})") from None
-    return merge_bucket_sums(parts)
+        raise ShardError(info.path, "unreadable", f"cannot read rows ({type(exc).__name__}: {exc})") from None
+
+
+def is_canonical(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarray) -> bool:
+    """True when the rows are already sorted by (bucket, example_id, position)."""
+    if bucket.shape[0] < 2:
+        return True
+    db, de = np.diff(bucket), np.diff(example_id)
+    return bool(np.all((db > 0) | ((db == 0) & ((de > 0) | ((de == 0) & (position[1:] >= position[:-1]))))))
+
+
+def sample_indices(example_id: np.ndarray, position: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Row numbers of the `cap` rows SPEC 2.1 keeps (sql/sample_rows.sql), in no particular order.
+
+    `example_id` and `position` are the shard's columns as stored (numpy, their Parquet types);
+    DuckDB scans them in place (a dict of numpy arrays: no copy, and no pandas import).
+    """
+    con = rank_connection()
+    keys = {"row_number": np.arange(example_id.shape[0], dtype=np.int64), "example_id": example_id, "position": position}
+    con.register("shard_keys", keys)
+    try:
+        chosen = con.execute(sql.load("sample_rows"), {"seed": int(seed), "cap": int(cap)}).fetchnumpy()["row_number"]
+    finally:
+        con.unregister("shard_keys")
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def load_rows(con, info: ShardInfo, cap: int, seed: int, with_tokens: bool = False,
+              *, key_sums: bool = False):
+    """At most `cap` rows of a shard (SPEC 2.1), canonical order (bucket, example_id, position).
+
+    `con` is accepted for compatibility and unused (ranking uses `rank_connection`). With
+    `key_sums`, returns (rows, (buckets, sums, counts)) where the sums are SPEC 2.2's per-bucket
+    vector sums over ALL rows of the shard, read in the same pass.
+    """
+    if info.error is not None:
+        raise info.error
+    columns = ROW_COLUMNS + (("token_str",) if (with_tokens and info.has_token_str) else ())
+    capped = info.n_rows is not None and info.n_rows > cap
+    table, parts, values = read_shard(info, columns, batch_sums=key_sums and capped)
+    n = table.num_rows
+    if values is None:
+        values = vector_values(table.column("vector"), info.path, info.dim)
+    try:
+        raw_example_id = to_numpy(table.column("example_id"))
+        raw_position = to_numpy(table.column("position"))
+        bucket = to_numpy(table.column("bucket")).astype(np.int64)
+        example_id = raw_example_id.astype(np.int64)
+        position = raw_position.astype(np.float64)
+    except Exception as exc:  # nulls slipped past the catalog
+        raise ShardError(info.path, "null_values", f"cannot read bucket/example_id/position ({exc})") from None
+    if n > cap:
+        try:
+            rows = sample_indices(raw_example_id, raw_position, cap, seed)
+        except Exception as exc:
+            raise ShardError(info.path, "unreadable", f"cannot rank rows ({type(exc).__name__}: {exc})") from None
+    else:
+        rows = None
+    # canonical order (bucket, example_id, position); (example_id, position) is unique in a shard,
+    # so the order is total and a file already in that order needs no sort
+    in_order = is_canonical(bucket, example_id, position)
+    if rows is None:
+        order = None if in_order else np.lexsort((position, example_id, bucket))
+    elif in_order:
+        order = np.sort(rows)
+    else:
+        order = rows[np.lexsort((position[rows], example_id[rows], bucket[rows]))]
+    tokens = None
+    if "token_str" in columns:
+        tokens = table.column("token_str").to_numpy(zero_copy_only=False)
+    if order is not None:
+        bucket, example_id, position = bucket[order], example_id[order], position[order]
+        values = np.take(values, order, axis=0)  # gather the stored (float32) values, then widen
+        tokens = None if tokens is None else tokens[order]
+    loaded = TokenArrays(
+        bucket=bucket,
+        example_id=example_id,
+        position=position,
+        vectors=values.astype(np.float64),
+        sliding_window=info.sliding_window,
+        token_str=tokens,
+    )
+    if not key_sums:
+        return loaded
+    if parts is None:  # every row loaded: sum them (in canonical order)
+        return loaded, bucket_sums(loaded.bucket, loaded.vectors)
+    return loaded, merge_bucket_sums(parts)

@@ -12,6 +12,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -23,10 +24,13 @@ from plasticity.types import AnalysisParams
 from warehouse import db, results
 from warehouse.catalog import ShardError, ShardInfo, find_shards, infer_layout, profile_shard, read_dataset_card
 from warehouse.config import RunConfig
-from warehouse.loading import key_bucket_sums, load_rows
+from warehouse.loading import load_rows
 
-FLUSH_EVERY_HEADS = 32
-FLUSH_EVERY_SECONDS = 2.0
+# Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
+# comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
+# transaction, so a crash loses at most one batch; fewer, larger batches leave the CPU to the workers.
+FLUSH_EVERY_HEADS = 64
+FLUSH_EVERY_SECONDS = 5.0
 
 
 def package_version() -> str:
@@ -82,15 +86,12 @@ def local_revision(shards: Iterable[ShardInfo]) -> str:
     return "local-" + h.hexdigest()[:12]
 
 
-def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog:
-    """Find and profile every shard; layout from the config, else from the shard names."""
+def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
+    """Every shard of the dataset by name (not yet profiled), the layout and the dataset card.
+
+    Layout from the config, else from the shard names. Cheap: a directory listing.
+    """
     shards = find_shards(root, cfg.model_dir)
-    con = db.memory_connection(threads)
-    try:
-        for s in shards:
-            profile_shard(con, s)
-    finally:
-        con.close()
     if cfg.num_q_heads is not None:
         num_q, num_k = cfg.num_q_heads, cfg.num_k_heads
         num_layers = cfg.num_layers if cfg.num_layers is not None else infer_layout(shards)[0]
@@ -100,6 +101,21 @@ def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog
         num_q, num_k = inferred[1], inferred[2]
     base = Path(root) / cfg.model_dir if cfg.model_dir else Path(root)
     return Catalog(Path(root), shards, num_layers, num_q, num_k, read_dataset_card(base) or read_dataset_card(root))
+
+
+def profile_catalog(cat: Catalog) -> Catalog:
+    """Profile every shard in place (footer and scalar columns only, a few ms a shard)."""
+    for s in cat.shards:
+        profile_shard(s)
+    return cat
+
+
+def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog:
+    """Find and profile every shard; layout from the config, else from the shard names.
+
+    `threads` is accepted for compatibility; profiling reads only footers and scalar columns.
+    """
+    return profile_catalog(find_catalog(root, cfg))
 
 
 def head_pairs(cat: Catalog) -> list[tuple[int, int, int, str, str | None]]:
@@ -149,46 +165,49 @@ def _error(file: str | None, problem: str, message: str) -> dict:
 
 
 def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
-    """Analyse every query head of one GQA group. Never raises: failures become per-head errors."""
+    """Analyse every query head of one GQA group. Never raises: failures become per-head errors.
+
+    The key shard is read once for the group (its rows and the SPEC 2.2 orientation sums in one
+    pass); each query shard once for its head.
+    """
     from plasticity.head import analyze_head
 
     out: list[results.HeadOutcome] = []
-    con = db.memory_connection(task.duckdb_threads)
-    try:
-        k_rows = orientation = None
-        k_err = None
-        if task.k_info is None:
-            k_err = _error(None, "missing_key_shard", f"key shard l{task.layer:02d}h{task.k_head:02d}k/data.parquet is missing")
-        else:
-            try:
-                k_rows = load_rows(con, task.k_info, task.cap, task.params.seed, with_tokens=task.attention)
-                _, sums, counts = key_bucket_sums(task.k_info, k_rows)
-                orientation = orientation_from_bucket_sums(sums, counts)
-            except ShardError as e:
-                k_err = _error(e.path, e.problem, str(e))
-        for q_head, q_info in task.queries:
-            outcome = results.HeadOutcome(task.layer, q_head, task.k_head)
-            if k_err is not None:
-                outcome.error = k_err
-                out.append(outcome)
-                continue
-            try:
-                q_rows = load_rows(con, q_info, task.cap, task.params.seed, with_tokens=task.attention)
-                if q_rows.d != k_rows.d:
-                    raise ShardError(
-                        q_info.path, "width_mismatch",
-                        f"query vectors have width {q_rows.d} but key shard {task.k_info.path} has width {k_rows.d}",
-                    )
-                outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
-                if task.attention:
-                    outcome.extra_tables = attention_tables(q_rows, k_rows, task.attention_scales)
-            except ShardError as e:
-                outcome.error = _error(e.path, e.problem, str(e))
-            except Exception as e:  # a bug or degenerate data: still only this head fails
-                outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
+    k_rows = orientation = None
+    k_err = None
+    if task.k_info is None:
+        k_err = _error(None, "missing_key_shard", f"key shard l{task.layer:02d}h{task.k_head:02d}k/data.parquet is missing")
+    else:
+        try:
+            k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
+                                                  with_tokens=task.attention, key_sums=True)
+            orientation = orientation_from_bucket_sums(sums, counts)
+        except ShardError as e:
+            k_err = _error(e.path, e.problem, str(e))
+        except Exception as e:  # a bug or degenerate data: only this group's heads fail
+            k_err = _error(task.k_info.path, "analysis_failed", f"{task.k_info.path}: {type(e).__name__}: {e}")
+    for q_head, q_info in task.queries:
+        outcome = results.HeadOutcome(task.layer, q_head, task.k_head)
+        if k_err is not None:
+            outcome.error = k_err
             out.append(outcome)
-    finally:
-        con.close()
+            continue
+        try:
+            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention)
+            if q_rows.d != k_rows.d:
+                raise ShardError(
+                    q_info.path, "width_mismatch",
+                    f"query vectors have width {q_rows.d} but key shard {task.k_info.path} has width {k_rows.d}",
+                )
+            outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
+            if task.attention:
+                outcome.extra_tables = attention_tables(q_rows, k_rows, task.attention_scales)
+        except ShardError as e:
+            outcome.error = _error(e.path, e.problem, str(e))
+        except Exception as e:  # a bug or degenerate data: still only this head fails
+            outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
+        q_rows = None  # free this head's rows before the next one is read
+        out.append(outcome)
     return out
 
 
@@ -206,29 +225,73 @@ def attention_tables(q_rows, k_rows, scales) -> dict:
     }
 
 
+_ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def _init_worker() -> None:
     # Processes, not BLAS threads, carry the parallelism; one thread each also
-    # keeps floating-point reductions identical whatever the worker count.
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # keeps floating-point reductions identical whatever the worker count. The
+    # variables must be in the environment the worker starts with (numpy loads
+    # BLAS while the pool unpickles this function), so `start_pool` sets them in
+    # the parent; setting them here again only covers pools made elsewhere.
+    for var in _ONE_THREAD_ENV:
         os.environ[var] = "1"
 
 
-def iter_outcomes(tasks: list[GroupTask], workers: int) -> Iterator[list[results.HeadOutcome]]:
-    """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory)."""
-    if workers <= 1 or len(tasks) <= 1:
+def _warm_up() -> int:
+    """Import everything a compute step needs, so the first group does not pay for it."""
+    import plasticity.head  # noqa: F401
+    import warehouse.loading  # noqa: F401
+
+    return os.getpid()
+
+
+@contextmanager
+def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` spawned processes, already importing the analysis code while the caller
+    does other work (None when workers <= 1: compute runs in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    saved = {v: os.environ.get(v) for v in _ONE_THREAD_ENV}
+    for var in _ONE_THREAD_ENV:
+        os.environ[var] = "1"
+    try:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+            for _ in range(workers):
+                pool.submit(_warm_up)
+            yield pool
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def iter_outcomes(tasks: list[GroupTask], workers: int,
+                  pool: ProcessPoolExecutor | None = None) -> Iterator[list[results.HeadOutcome]]:
+    """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory).
+
+    Uses `pool` when given (see `start_pool`), else its own; with workers <= 1 runs in this process.
+    """
+    if pool is None and (workers <= 1 or len(tasks) <= 1):
         for t in tasks:
             yield compute_group(t)
         return
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-        pending = set()
-        queue = list(reversed(tasks))
-        while queue or pending:
-            while queue and len(pending) < 2 * workers:
-                pending.add(pool.submit(compute_group, queue.pop()))
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                yield fut.result()
+    if pool is None:
+        with start_pool(workers) as own:
+            yield from iter_outcomes(tasks, workers, own)
+        return
+    pending = set()
+    queue = list(reversed(tasks))
+    while queue or pending:
+        while queue and len(pending) < 2 * workers:
+            pending.add(pool.submit(compute_group, queue.pop()))
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield fut.result()
 
 
 @dataclass
@@ -256,9 +319,19 @@ def analyze_dataset(
     progress: bool | None = None,
     on_outcome: Callable[[results.HeadOutcome], None] | None = None,
 ) -> RunSummary:
-    """Analyse every head of one model's dataset folder into the warehouse."""
+    """Analyse every head of one model's dataset folder into the warehouse.
+
+    The run is planned from the shard names; when heads remain to compute, worker processes
+    (`cfg.workers()`, spawned) start and import the analysis code while this process profiles
+    the shards for the catalog. Workers compute GQA groups (`compute_group`) and never open the
+    warehouse; this process alone writes the results, in one transaction every
+    FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps every committed head
+    and the next run with the same config (same run_id) skips them.
+    """
     t0 = time.perf_counter()
-    cat = build_catalog(root, cfg, threads=max(1, cfg.workers()))
+    # Everything up to the plan needs only the shard names, so the workers start (and import the
+    # analysis code) only when there is work, while this process profiles the shards.
+    cat = find_catalog(root, cfg)
     model = model or cfg.model or cat.card.get("model_name") or cat.card.get("model") or Path(root).name
     model = str(model)
     revision = revision or local_revision(cat.shards)
@@ -267,17 +340,28 @@ def analyze_dataset(
     db.ensure_schema(wh, cfg.lock_timeout_s)
     with db.reader(wh, cfg.lock_timeout_s) as con:
         already = results.done_heads(con, model, run_id) if resume else set()
-    all_groups = plan_groups(cat, cfg)
-    n_heads = sum(len(g.queries) for g in all_groups)
-    groups = plan_groups(cat, cfg, skip=already)
+    n_heads = sum(len(g.queries) for g in plan_groups(cat, cfg))
+    groups = plan_groups(cat, cfg, skip=already)  # tasks share the ShardInfo objects profiled below
     n_todo = sum(len(g.queries) for g in groups)
+    workers = max(1, min(cfg.workers(), len(groups)))
+    with start_pool(workers) as pool:
+        profile_catalog(cat)
+        return _run(cfg, cat, groups, pool, workers, t0, model=model, revision=revision, run_id=run_id,
+                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
+
+
+def _run(cfg, cat, groups, pool, workers, t0, *, model, revision, run_id, resume, n_heads, n_todo, progress,
+         on_outcome) -> RunSummary:
+    wh = cfg.warehouse
     with db.writer(wh, cfg.lock_timeout_s) as con:
         results.replace_catalog(con, model, revision, cat.shards)
         if not resume:
+            tables = results.existing_tables(con)
             for table in results.RESULT_TABLES:
-                if table in results.existing_tables(con):
+                if table in tables:
                     con.execute(f"DELETE FROM {table} WHERE model = $m AND run_id = $r", {"m": model, "r": run_id})
         results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(), n_heads)
+        present = results.existing_tables(con)
 
     bar = None
     if progress is None:
@@ -294,12 +378,12 @@ def analyze_dataset(
         nonlocal last_flush
         if buffer:
             with db.writer(wh, cfg.lock_timeout_s) as wcon:
-                results.write_outcomes(wcon, model, run_id, buffer)
+                results.write_outcomes(wcon, model, run_id, buffer, present)
             buffer.clear()
         last_flush = time.monotonic()
 
     try:
-        for outcomes in iter_outcomes(groups, cfg.workers()):
+        for outcomes in iter_outcomes(groups, workers, pool):
             buffer.extend(outcomes)
             for o in outcomes:
                 if on_outcome is not None:

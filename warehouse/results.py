@@ -64,14 +64,20 @@ def _now() -> datetime:
 
 
 def existing_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
-    return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    return {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
 
 
-def write_outcomes(con: duckdb.DuckDBPyConnection, model: str, run_id: str, outcomes: list[HeadOutcome]) -> None:
-    """Replace the rows of these heads (caller holds the transaction)."""
+def write_outcomes(con: duckdb.DuckDBPyConnection, model: str, run_id: str, outcomes: list[HeadOutcome],
+                   present: set[str] | None = None) -> None:
+    """Replace the rows of these heads (caller holds the transaction).
+
+    `present`: the warehouse's tables, when the caller already knows them (saves a catalog query
+    per batch).
+    """
     if not outcomes:
         return
-    present = existing_tables(con)
+    if present is None:
+        present = existing_tables(con)
     keys = pa.table({
         "layer": pa.array([o.layer for o in outcomes], pa.int32()),
         "q_head": pa.array([o.q_head for o in outcomes], pa.int32()),

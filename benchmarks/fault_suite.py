@@ -1,0 +1,71 @@
+"""Run the bad-input fault suite (the cases of tests/test_bad_input.py) and print how many passed.
+
+    .venv/bin/python benchmarks/fault_suite.py
+
+Each case damages one shard of a fresh copy of a small synthetic dataset (truncated Parquet,
+not Parquet, a missing column, wrong types, ragged / NaN / Inf vectors, negative positions, an
+empty shard, mixed sliding windows, duplicated rows, a missing key shard, mismatched q/k widths, a
+bad key shard), analyses it, and checks that exactly the affected heads carry the expected
+problem in head_errors, naming the file, and that every other head's results are bit-for-bit
+those of the undamaged dataset. One more case checks that the accepted variants (a plain
+list<float> vector column, float positions) change nothing. The checks are the test module's
+own functions, so this script and `pytest tests/test_bad_input.py` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import conftest  # noqa: E402
+import test_bad_input as suite  # noqa: E402
+
+from warehouse.config import load_config  # noqa: E402
+from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
+from warehouse.pipeline import analyze_dataset  # noqa: E402
+
+
+def main() -> int:
+    tried = passed = 0
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="fault-suite-") as tmp:
+        tmp = Path(tmp)
+        dataset = write_synthetic_dataset(tmp / "clean" / conftest.SMALL_SPEC.model, conftest.SMALL_SPEC, with_truth=False)
+        cfg = load_config(None, {"warehouse": str(tmp / "clean.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+        analyze_dataset(cfg, dataset, progress=False)
+        clean = suite.results_by_head(cfg)[0]
+
+        cases = [(c[0], "bad input", lambda copy, work, c=c: suite.test_bad_input_is_recorded_per_head(*c, copy, work, clean))
+                 for c in suite.CASES]
+        cases.append(("accepted_variants", "no error", lambda copy, work: suite.test_accepted_variants_give_identical_results(copy, work, clean)))
+        width = max(len(name) for name, _, _ in cases)
+        for i, (name, kind, check) in enumerate(cases):
+            work = tmp / f"case{i}"
+            copy = work / "data" / conftest.SMALL_SPEC.model
+            shutil.copytree(dataset, copy)
+            tried += 1
+            t0 = time.perf_counter()
+            try:
+                check(copy, work)
+            except Exception:
+                failures.append((name, traceback.format_exc()))
+                verdict = "FAILED"
+            else:
+                passed += 1
+                verdict = "passed"
+            print(f"{name.ljust(width)}  {kind:9}  {verdict}  {time.perf_counter() - t0:5.1f}s", flush=True)
+    for name, tb in failures:
+        print(f"\n--- {name} ---\n{tb}")
+    print(f"\nfault suite: {tried} cases tried, {passed} passed")
+    return 0 if passed == tried else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
