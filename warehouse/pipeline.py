@@ -118,35 +118,37 @@ def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog
     return profile_catalog(find_catalog(root, cfg))
 
 
-def head_pairs(cat: Catalog) -> list[tuple[int, int, int, str, str | None]]:
-    """(layer, q_head, k_head, q_path, k_path) of every query shard, via the GQA join in SQL."""
+def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, str | None]]:
+    """(layer, q_head, k_head, q_path, k_path) of every planned query shard.
+
+    The GQA join and the layer/head filters are sql/head_samples.sql, the same
+    query the Dagster `head_samples` asset runs against the warehouse catalog.
+    """
     import pyarrow as pa
 
     import sql
 
     rows = [s.row() for s in cat.shards]
-    table = pa.table({
-        "model": ["_"] * len(rows),
-        **{k: [r[k] for r in rows] for k in ("layer", "head", "kind", "path", "error")},
-    })
+    table = pa.table({"model": ["_"] * len(rows), "revision": [None] * len(rows),
+                      **{k: [r[k] for r in rows] for k in rows[0]}})
+    params = {"model": "_", "group_size": cat.group_size, "num_layers": cat.num_layers,
+              "num_q_heads": cat.num_q_heads, "layers": cfg.layers, "cap": cfg.max_tokens_per_head}
     con = db.memory_connection()
     try:
         con.register("shards", table)
-        out = con.execute(sql.load("head_pairs"), {"model": "_", "group_size": cat.group_size}).fetchall()
+        cur = con.execute(sql.load("head_samples"), params)
+        names = [d[0] for d in cur.description]
+        out = [dict(zip(names, r)) for r in cur.fetchall()]
     finally:
         con.close()
-    return [(int(layer), int(q), int(k), qp, kp) for layer, q, k, qp, kp, _qe, _ke in out]
+    return [(int(r["layer"]), int(r["q_head"]), int(r["k_head"]), r["q_path"], r["k_path"]) for r in out]
 
 
 def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset()) -> list[GroupTask]:
-    """GQA groups of query heads to compute (layer/head filters applied), skipping heads already done."""
+    """GQA groups of query heads to compute, skipping heads already done."""
     by_path = {s.path: s for s in cat.shards}
     groups: dict[tuple[int, int], GroupTask] = {}
-    for layer, q_head, k_head, q_path, k_path in head_pairs(cat):
-        if layer >= cat.num_layers or q_head >= cat.num_q_heads:
-            continue
-        if cfg.layers is not None and layer not in cfg.layers:
-            continue
+    for layer, q_head, k_head, q_path, k_path in head_pairs(cat, cfg):
         if (layer, q_head) in skip:
             continue
         task = groups.get((layer, k_head))
