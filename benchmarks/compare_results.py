@@ -10,7 +10,9 @@ The snapshot analyses a few small synthetic datasets that exercise every code
 path the performance work touches (all rows and the subsample, streamed key
 orientation, sliding windows, both estimators, several workers, the attention
 tables) and stores every result table row by row. `compare` demands that
-every value is identical (NaN equals NaN), not merely close.
+every value is identical (NaN equals NaN), not merely close; with ``--rtol`` it accepts
+floats within that relative difference (for changes that only reorder rounding) and
+reports the largest difference it saw.
 """
 
 from __future__ import annotations
@@ -99,17 +101,25 @@ def snapshot(out: Path, data_dir: Path) -> dict:
     return snap
 
 
-def _same(x, y) -> bool:
-    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
-        return True
-    return type(x) is type(y) and x == y
+def _rel_diff(x, y) -> float:
+    """0 for identical values (NaN equals NaN), the relative difference of two finite floats, inf otherwise."""
+    if isinstance(x, float) and isinstance(y, float):
+        if (math.isnan(x) and math.isnan(y)) or x == y:
+            return 0.0
+        if math.isfinite(x) and math.isfinite(y):
+            return abs(x - y) / max(abs(x), abs(y))
+        return math.inf
+    return 0.0 if (type(x) is type(y) and x == y) else math.inf
 
 
-def compare(a_dir: Path, b_dir: Path) -> int:
+def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> int:
+    """Every value identical (``rtol`` 0), or floats within ``rtol`` relative to each other."""
     a = pickle.loads((a_dir / "snapshot.pkl").read_bytes())
     b = pickle.loads((b_dir / "snapshot.pkl").read_bytes())
     bad = 0
     n_values = 0
+    n_changed = 0
+    worst = 0.0
     for name in a:
         if a[name]["run_id"] != b[name]["run_id"]:
             print(f"{name}: run_id differs {a[name]['run_id']} != {b[name]['run_id']}")
@@ -122,11 +132,16 @@ def compare(a_dir: Path, b_dir: Path) -> int:
                 continue
             for ra, rb in zip(rows, other):
                 n_values += len(ra)
-                if len(ra) != len(rb) or not all(_same(x, y) for x, y in zip(ra, rb)):
+                diffs = [_rel_diff(x, y) for x, y in zip(ra, rb)] if len(ra) == len(rb) else [math.inf]
+                n_changed += sum(1 for x in diffs if x > 0)
+                worst = max([worst, *diffs])
+                if max(diffs, default=0.0) > rtol:
                     print(f"{name}.{t}: row differs\n  before {ra}\n  after  {rb}")
                     bad += 1
                     break
-    print(f"compared {n_values} values in {len(a)} scenarios: {'IDENTICAL' if not bad else f'{bad} difference(s)'}")
+    verdict = "IDENTICAL" if not n_changed else (f"{n_changed} value(s) differ, largest relative difference "
+                                                  f"{worst:.2e} (rtol {rtol:g})")
+    print(f"compared {n_values} values in {len(a)} scenarios: {verdict}" + (f"; {bad} FAILED" if bad else ""))
     return 1 if bad else 0
 
 
@@ -139,11 +154,13 @@ def main(argv=None) -> int:
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
+    c.add_argument("--rtol", type=float, default=0.0,
+                   help="accept floats within this relative difference (default 0: bit for bit)")
     args = ap.parse_args(argv)
     if args.cmd == "snapshot":
         snapshot(args.out, args.data)
         return 0
-    return compare(args.before, args.after)
+    return compare(args.before, args.after, args.rtol)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,26 @@ def _sort_order(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarray
     return np.argsort(packed, kind="stable").astype(np.int64)
 
 
+def stored_vectors(V: np.ndarray) -> np.ndarray:
+    """``V`` as a float32 or float64 array (float32 kept: widening to float64 is exact, so it can
+    wait until the values are used); any other type becomes float64."""
+    V = np.asarray(V)
+    return V if V.dtype in (np.float32, np.float64) else V.astype(np.float64)
+
+
+def oriented_rows(V: np.ndarray, order: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``X = V[order] * s`` as a new C-contiguous float64 array (one pass; ``order`` may be the
+    identity). Equal, element for element, to widening V to float64 first."""
+    V = stored_vectors(V)
+    n = V.shape[0]
+    X = np.empty((n, V.shape[1]))
+    if np.array_equal(order, np.arange(n)):
+        np.multiply(V, s, out=X)
+    else:
+        np.multiply(np.take(V, order, axis=0), s, out=X)
+    return X
+
+
 def canonical_order(t: TokenArrays) -> np.ndarray:
     """Row order of `TokenArrays.canonical()` -- by (bucket, example_id, position) -- made total:
     rows that tie on all three are ordered by the bytes of their vectors, so the order depends only
@@ -137,11 +157,11 @@ def analyze_head(
     q_bucket = np.asarray(q.bucket)[oq].astype(np.int64)
     p = np.asarray(q.position, dtype=np.float64)[oq]
     n = q.n
-    rows = RowSource(np.asarray(q.vectors, dtype=np.float64), oq, s)  # X_q, streamed
+    rows = RowSource(oriented_rows(q.vectors, oq, s))  # X_q = (V_q * s) in canonical order, float64
 
     # 2.3 position regression
     design = PositionDesign.build(p)
-    fit = fit_rows(design, rows)
+    fit = fit_rows(design, rows, exact_residuals=False)  # only r2, beta and the means are used
 
     # 2.5 rotation X_q_rot = X_q H, fused with the statistics of 2.4, 2.5, 2.6 and 2.8 (one pass)
     buckets = QueryBuckets.build(q_bucket, p)
@@ -169,10 +189,11 @@ def analyze_head(
     kindex = KeyPairIndex.build(
         np.asarray(k.bucket)[ok], np.asarray(k.example_id)[ok], np.asarray(k.position, dtype=np.float64)[ok]
     )
-    Kv = np.asarray(k.vectors, dtype=np.float64)
+    Kv = stored_vectors(k.vectors)
 
     def key_diff(i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
-        return Kv[ok[i1]] - Kv[ok[i2]]
+        # gather in the stored precision (half the memory traffic for float32), subtract in float64
+        return np.subtract(Kv[ok[i1]], Kv[ok[i2]], dtype=np.float64)
 
     table = plasticity_cells(
         model, kindex, key_diff,

@@ -61,7 +61,7 @@ def skew_kurtosis_from_moments(m2: np.ndarray, m3: np.ndarray, m4: np.ndarray, n
     return skew, kurt
 
 
-def ks_statistic_sorted(S: np.ndarray) -> np.ndarray:
+def ks_statistic_sorted(S: np.ndarray, center: np.ndarray | None = None, sd: np.ndarray | None = None) -> np.ndarray:
     """Two-sided KS statistic against N(0, 1) for each row of ``S`` (k, n), rows sorted ascending.
 
     ``D = max_i max((i+1)/n - Phi(z_(i)), Phi(z_(i)) - i/n)`` (i = 0..n-1), exactly the values
@@ -69,21 +69,35 @@ def ks_statistic_sorted(S: np.ndarray) -> np.ndarray:
     Phi is evaluated only where the maximum can lie: Phi at every KS_BLOCK-th order statistic
     gives exact values (a lower bound L) and, by monotonicity, an upper bound for each block;
     Phi is then evaluated inside the blocks whose bound reaches L.
+
+    With ``center`` and ``sd`` (k,), the rows of ``S`` are the raw values and the statistic is that
+    of ``z = (S - center) / sd`` (row-wise): standardising is monotone, so the sorted raw values give
+    the sorted z, and z is computed (with exactly those two operations) only where Phi is needed.
     """
     S = np.asarray(S, dtype=np.float64)
     k, n = S.shape
     if k == 0:
         return np.zeros(0)
+    if center is None:
+        def std(rows, vals):
+            return vals
+    else:
+        center = np.asarray(center, dtype=np.float64).reshape(-1)
+        sd = np.asarray(sd, dtype=np.float64).reshape(-1)
+
+        def std(rows, vals):
+            return (vals - center[rows]) / sd[rows]
+    all_rows = np.arange(k)[:, None]
     B = KS_BLOCK
     if n <= 8 * B:
-        F = ndtr(S)
+        F = ndtr(std(all_rows, S))
         dp = np.arange(1.0, n + 1) / n - F
         dm = F - np.arange(0.0, n) / n
         return np.maximum(dp.max(axis=1), dm.max(axis=1))
     ends = np.arange(0, n, B)
     if ends[-1] != n - 1:
         ends = np.append(ends, n - 1)
-    Fe = ndtr(S[:, ends])
+    Fe = ndtr(std(all_rows, S[:, ends]))
     after = (ends + 1.0) / n  # ECDF just after order statistic i
     before = ends / n  # ECDF just before order statistic i
     L = np.maximum((after - Fe).max(axis=1), (Fe - before).max(axis=1))
@@ -98,7 +112,7 @@ def ks_statistic_sorted(S: np.ndarray) -> np.ndarray:
         offs = np.cumsum(lens) - lens
         idx = np.repeat(starts - offs, lens) + np.arange(tot)
         rr = np.repeat(rows, lens)
-        F = ndtr(S[rr, idx])
+        F = ndtr(std(rr, S[rr, idx]))
         vals = np.maximum((idx + 1.0) / n - F, F - idx / n)
         np.maximum.at(D, rr, vals)
     return D
@@ -381,7 +395,8 @@ def noise_summary(
     """The four SPEC 2.6 noise statistics from the central moments m2, m3, m4 of the m semantic columns.
 
     ``Z`` (len(sel), n) holds the values of the tested columns ``sel`` (any common shift per row)
-    and ``Z_center`` their means in the same shift; ``Z`` is standardised and sorted in place.
+    and ``Z_center`` their means in the same shift; ``Z`` is sorted in place (and standardised
+    only where the KS statistic evaluates Phi, see `ks_statistic_sorted`).
     See `noise_normality_stats` for the definitions.
     """
     m = m2.shape[0]
@@ -402,10 +417,8 @@ def noise_summary(
     live = ~zero[sel]
     if np.any(live):
         Zl = Z if np.all(live) else Z[live]
-        Zl -= np.asarray(Z_center)[live][:, None]
-        Zl /= sd[sel[live]][:, None]
         Zl.sort(axis=1)
-        D[live] = ks_statistic_sorted(Zl)
+        D[live] = ks_statistic_sorted(Zl, np.asarray(Z_center)[live], sd[sel[live]])
     med_p, frac = ks_median_and_fraction(D, n, p_alpha)
     return {
         "q_noise_med_abs_skew": float(np.median(np.abs(skew))),

@@ -227,8 +227,13 @@ def explicit_ssr(A: np.ndarray, pc: np.ndarray, mean: np.ndarray, beta: np.ndarr
     return np.einsum("ij,ij->j", r, r)
 
 
-def fit_rows(design: PositionDesign, rows: RowSource) -> PositionFit:
-    """`fit_position_regression` on the rows of a `RowSource` (one streaming pass)."""
+def fit_rows(design: PositionDesign, rows: RowSource, *, exact_residuals: bool = True) -> PositionFit:
+    """`fit_position_regression` on the rows of a `RowSource` (one streaming pass).
+
+    ``exact_residuals=False`` skips the explicit residual pass over columns with R2 > 0.99: their
+    ``ss_res`` (and ``resid_var``) then come from the closed form, with an absolute error of a few
+    ulps of ``ss_tot`` -- which leaves ``r2`` exact to ~1e-15 but not ``ss_res`` itself. For callers
+    that use only ``r2``, ``beta`` and the means (the unrotated fit of `analyze_head`)."""
     n, d = rows.shape
     step = block_rows(d)
     buf = np.empty((min(step, n), d))
@@ -247,7 +252,8 @@ def fit_rows(design: PositionDesign, rows: RowSource) -> PositionFit:
             sxy += np.einsum("i,ij->j", design.pc[sl], cb)  # not BLAS: small blocks
     return fit_from_sums(
         design, shift, s1, s2, sxy,
-        explicit_ssr=lambda cols, mean, beta: explicit_ssr(rows.columns(cols), design.pc, mean, beta),
+        explicit_ssr=(lambda cols, mean, beta: explicit_ssr(rows.columns(cols), design.pc, mean, beta))
+        if exact_residuals else None,
     )
 
 

@@ -35,7 +35,9 @@ class AnalysisParams:
 class TokenArrays:
     """The (sub)sampled rows of one shard, in canonical order (bucket, example_id, position).
 
-    `vectors` is float64 (n, d); `position` float64; `bucket`/`example_id` int64.
+    `vectors` is (n, d) in the precision the shard stores (float32 or float64: float32 shards stay
+    half the size in memory); every computation widens it to float64. `position` float64;
+    `bucket`/`example_id` int64.
     `sliding_window` is the shard's single window (None = full causal attention).
     `token_str` is an object array of strings when the shard captured them, else None.
     """

@@ -107,30 +107,42 @@ class RunConfig:
 _FIELD_TYPES = {f.name: f for f in fields(RunConfig)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Turn a YAML/CLI value into the field's type (CLI values arrive as strings)."""
+def coerce_value(name: str, type_name: str, value: Any) -> Any:
+    """Turn a YAML/CLI value into a dataclass field's type, given as its annotation string
+    (``"int"``, ``"float | None"``, ``"list[int]"``, ``"bool"``, ...). CLI values arrive as strings:
+    "none"/"null"/"" mean None, lists are comma- or space-separated, booleans are
+    true/false/yes/no/on/off/1/0. Numbers given for a float field become floats. Shared by the run
+    configs and the plot options."""
     if value is None:
         return None
-    f = _FIELD_TYPES[name]
-    t = str(f.type)
+    t = type_name
     if isinstance(value, str):
-        if value.lower() in ("none", "null", ""):
+        low = value.strip().lower()
+        if low in ("none", "null", ""):
             return None
         if t.startswith("list[int]"):
             return [int(v) for v in value.replace(",", " ").split()]
         if t.startswith("list[float]"):
             return [float(v) for v in value.replace(",", " ").split()]
+        if t.startswith("list"):
+            return [v for v in value.replace(",", " ").split() if v]
         if t.startswith("bool"):
-            if value.lower() in ("1", "true", "yes", "on"):
+            if low in ("1", "true", "yes", "on"):
                 return True
-            if value.lower() in ("0", "false", "no", "off"):
+            if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"{name}: expected true/false, got {value!r}")
         if t.startswith("int"):
             return int(value)
         if t.startswith("float"):
             return float(value)
+    if t.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
     return value
+
+
+def _coerce(name: str, value: Any) -> Any:
+    return coerce_value(name, str(_FIELD_TYPES[name].type), value)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

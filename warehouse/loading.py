@@ -179,13 +179,13 @@ def load_rows(con, info: ShardInfo, cap: int, seed: int, with_tokens: bool = Fal
         tokens = table.column("token_str").to_numpy(zero_copy_only=False)
     if order is not None:
         bucket, example_id, position = bucket[order], example_id[order], position[order]
-        values = np.take(values, order, axis=0)  # gather the stored (float32) values, then widen
+        values = np.take(values, order, axis=0)  # gather the stored (float32) values
         tokens = None if tokens is None else tokens[order]
     loaded = TokenArrays(
         bucket=bucket,
         example_id=example_id,
         position=position,
-        vectors=values.astype(np.float64),
+        vectors=values,  # stored precision; the analysis widens to float64 as it reads
         sliding_window=info.sliding_window,
         token_str=tokens,
     )

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from warehouse import db
+from warehouse.config import coerce_value
 
 KINDS = ("curves", "heatmap", "components", "compare")
 BUCKET_TYPES = ("uniform", "log")
@@ -94,30 +95,7 @@ _OPTION_FIELDS = {f.name: f for f in fields(PlotOptions)}
 
 
 def _coerce(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    t = str(_OPTION_FIELDS[name].type)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("none", "null", ""):
-            return None
-        if t.startswith("bool"):
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}: expected true/false, got {value!r}")
-        if t.startswith("int"):
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-        if t.startswith("list"):
-            return [v for v in value.replace(",", " ").split() if v]
-    if t.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if t.startswith("list") and isinstance(value, str):
-        return [value]
-    return value
+    return coerce_value(name, str(_OPTION_FIELDS[name].type), value)
 
 
 def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaults: dict[str, Any] | None = None,
