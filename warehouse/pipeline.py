@@ -144,11 +144,13 @@ def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, s
     return [(int(r["layer"]), int(r["q_head"]), int(r["k_head"]), r["q_path"], r["k_path"]) for r in out]
 
 
-def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset()) -> list[GroupTask]:
-    """GQA groups of query heads to compute, skipping heads already done."""
+def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset(),
+                pairs: list[tuple[int, int, int, str, str | None]] | None = None) -> list[GroupTask]:
+    """GQA groups of query heads to compute, skipping heads already done (``pairs``: `head_pairs`,
+    computed here when not given)."""
     by_path = {s.path: s for s in cat.shards}
     groups: dict[tuple[int, int], GroupTask] = {}
-    for layer, q_head, k_head, q_path, k_path in head_pairs(cat, cfg):
+    for layer, q_head, k_head, q_path, k_path in (head_pairs(cat, cfg) if pairs is None else pairs):
         if (layer, q_head) in skip:
             continue
         task = groups.get((layer, k_head))
@@ -342,8 +344,9 @@ def analyze_dataset(
     db.ensure_schema(wh, cfg.lock_timeout_s)
     with db.reader(wh, cfg.lock_timeout_s) as con:
         already = results.done_heads(con, model, run_id) if resume else set()
-    n_heads = sum(len(g.queries) for g in plan_groups(cat, cfg))
-    groups = plan_groups(cat, cfg, skip=already)  # tasks share the ShardInfo objects profiled below
+    pairs = head_pairs(cat, cfg)
+    n_heads = len(pairs)
+    groups = plan_groups(cat, cfg, skip=already, pairs=pairs)  # tasks share the ShardInfo objects profiled below
     n_todo = sum(len(g.queries) for g in groups)
     workers = max(1, min(cfg.workers(), len(groups)))
     with start_pool(workers) as pool:
