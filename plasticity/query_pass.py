@@ -98,7 +98,6 @@ def rotated_query_pass(
     buf = np.empty((cap, d))
     c = np.empty((cap, d))
     c2 = np.empty((cap, d))
-    tmp = np.empty((cap, d))
     # centred semantic rows of one bucket, for a single covariance product per bucket
     y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else None
     ridge = SIGMA_RIDGE * np.eye(d - 1)
@@ -113,7 +112,7 @@ def rotated_query_pass(
             cb, c2b = c[:m], c2[:m]
             np.subtract(rows.block(sl, buf), shift, out=cb)
             if w is not None:
-                reflect_rows_inplace(cb, w, r_out=r_all[sl], tmp=tmp[:m])
+                reflect_rows_inplace(cb, w, r_out=r_all[sl])
             np.multiply(cb, cb, out=c2b)
             s2 += c2b.sum(axis=0)
             s3 += np.einsum("ij,ij->j", c2b, cb)

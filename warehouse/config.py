@@ -141,27 +141,31 @@ def coerce_value(name: str, type_name: str, value: Any) -> Any:
     return value
 
 
-def _coerce(name: str, value: Any) -> Any:
-    return coerce_value(name, str(_FIELD_TYPES[name].type), value)
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> RunConfig. Unknown keys raise ValueError naming them."""
-    raw: dict[str, Any] = {}
+def read_settings(field_types: dict, path: str | os.PathLike | None, overrides: dict[str, Any] | None, *,
+                  defaults: dict[str, Any] | None = None, mapping_of: str, unknown: str) -> dict[str, Any]:
+    """defaults < the YAML mapping at ``path`` (optional) < overrides, None values meaning "not
+    given", each value coerced (`coerce_value`) to its dataclass field's type. A file that is not
+    a mapping ("<path>: expected a YAML mapping of <mapping_of>") and keys that are not fields
+    ("<unknown> in <path>: a, b") raise ValueError. Shared by run configs and plot options."""
+    raw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
     if path is not None:
         with open(path) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a YAML mapping of config keys")
+            raise ValueError(f"{path}: expected a YAML mapping of {mapping_of}")
         raw.update(loaded)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = value
-    unknown = sorted(set(raw) - set(_FIELD_TYPES))
-    if unknown:
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    bad = sorted(set(raw) - set(field_types))
+    if bad:
         where = f" in {path}" if path else ""
-        raise ValueError(f"unknown config key(s){where}: {', '.join(unknown)}")
-    return RunConfig(**{k: _coerce(k, v) for k, v in raw.items()})
+        raise ValueError(f"{unknown}{where}: {', '.join(bad)}")
+    return {k: coerce_value(k, str(field_types[k].type), v) for k, v in raw.items()}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> RunConfig. Unknown keys raise ValueError naming them."""
+    return RunConfig(**read_settings(_FIELD_TYPES, path, overrides, mapping_of="config keys",
+                                     unknown="unknown config key(s)"))
 
 
 def config_fields() -> list[dataclasses.Field]:

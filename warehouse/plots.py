@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from warehouse import db
-from warehouse.config import coerce_value
+from warehouse.config import read_settings
 
 KINDS = ("curves", "heatmap", "components", "compare")
 BUCKET_TYPES = ("uniform", "log")
@@ -94,10 +94,6 @@ class PlotOptions:
 _OPTION_FIELDS = {f.name: f for f in fields(PlotOptions)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    return coerce_value(name, str(_OPTION_FIELDS[name].type), value)
-
-
 def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaults: dict[str, Any] | None = None,
                       **overrides: Any) -> PlotOptions:
     """defaults < YAML plot config (optional) < overrides (None = not given) -> validated PlotOptions.
@@ -105,21 +101,9 @@ def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaul
     `defaults` fill what the YAML leaves out (e.g. the bucket size from the dataset
     card). Unknown keys are an error naming them, like the run configs.
     """
-    raw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
-    if config is not None:
-        import yaml
-
-        with open(config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config}: expected a YAML mapping of plot options")
-        raw.update(loaded)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(raw) - set(_OPTION_FIELDS))
-    if unknown:
-        where = f" in {config}" if config else ""
-        raise ValueError(f"unknown plot option(s){where}: {', '.join(unknown)}")
-    return PlotOptions(**{k: _coerce(k, v) for k, v in raw.items()}).validate(kind)
+    settings = read_settings(_OPTION_FIELDS, config, overrides, defaults=defaults,
+                             mapping_of="plot options", unknown="unknown plot option(s)")
+    return PlotOptions(**settings).validate(kind)
 
 
 def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None) -> Path:
