@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import sql
 from plasticity.orientation import bucket_sums, merge_bucket_sums
 from plasticity.types import TokenArrays
-from warehouse.catalog import ShardError, ShardInfo
+from warehouse.catalog import ShardError, ShardInfo, to_numpy
 
 STREAM_BATCH_ROWS = 65536
 ROW_COLUMNS = ("bucket", "example_id", "position", "vector")
@@ -32,27 +32,6 @@ def rank_connection():
 
         _RANK_CON = db.memory_connection(1)
     return _RANK_CON
-
-
-_NUMPY_TYPES = {
-    pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
-    pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,
-    pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64,
-}
-
-
-def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A numeric Arrow column without nulls as a (read-only, zero-copy when one chunk) numpy array.
-
-    Same values as ``column.to_numpy()``, without the pandas import pyarrow's own conversion makes
-    (half a second in every fresh worker process).
-    """
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    dtype = _NUMPY_TYPES.get(arr.type)
-    if dtype is None or arr.null_count:
-        return arr.to_numpy(zero_copy_only=False)
-    itemsize = np.dtype(dtype).itemsize
-    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * itemsize)
 
 
 def vector_values(column: pa.ChunkedArray | pa.Array, path: str, expected_dim: int | None) -> np.ndarray:
