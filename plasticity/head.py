@@ -19,7 +19,6 @@ from .query_pass import rotated_query_pass
 from .regression import (
     BETA_NORM_TOL,
     PositionDesign,
-    RowSource,
     fit_rows,
     scalar_predictability_from_projection,
 )
@@ -151,23 +150,23 @@ def analyze_head(
     if s.shape != (d,):
         raise ValueError(f"orientation has length {s.shape[0]}, expected {d}")
 
-    # canonical order: queries are streamed (oriented) through RowSource, keys only indexed
+    # canonical order: queries are materialised oriented (X_q), keys only indexed
     oq = canonical_order(q)
     ok = canonical_order(k)
     q_bucket = np.asarray(q.bucket)[oq].astype(np.int64)
     p = np.asarray(q.position, dtype=np.float64)[oq]
     n = q.n
-    rows = RowSource(oriented_rows(q.vectors, oq, s))  # X_q = (V_q * s) in canonical order, float64
+    Xq = oriented_rows(q.vectors, oq, s)  # X_q = (V_q * s) in canonical order, float64
 
     # 2.3 position regression
     design = PositionDesign.build(p)
-    fit = fit_rows(design, rows, exact_residuals=False)  # only r2, beta and the means are used
+    fit = fit_rows(design, Xq, exact_residuals=False)  # only r2, beta and the means are used
 
     # 2.5 rotation X_q_rot = X_q H, fused with the statistics of 2.4, 2.5, 2.6 and 2.8 (one pass)
     buckets = QueryBuckets.build(q_bucket, p)
     sel = np.sort(ks_columns(d - 1, params.normality_max_dims, params.seed))  # order-free statistics
     full = params.estimator == "bucket_full_cov"
-    rq = rotated_query_pass(rows, design, fit, q_bucket, buckets, sel, bucket_cov=full)
+    rq = rotated_query_pass(Xq, design, fit, q_bucket, buckets, sel, bucket_cov=full)
     fit_rot = rq.fit_rot
     scale = float(np.sqrt(np.sum(rq.mean**2 + rq.m2)))  # RMS row norm of X_q
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .estimators import SIGMA_RIDGE, QueryBuckets
-from .regression import PositionDesign, PositionFit, RowSource, block_rows, explicit_ssr, fit_from_sums
+from .regression import PositionDesign, PositionFit, block_rows, explicit_ssr, fit_from_sums
 from .rotation import householder_vector, reflect_rows_inplace
 
 #: Rows whose mean is the shift of a bucket's covariance sums.
@@ -49,7 +49,7 @@ class RotatedQueryStats:
 
 
 def rotated_query_pass(
-    rows: RowSource,
+    X: np.ndarray,
     design: PositionDesign,
     fit: PositionFit,
     bucket_sorted: np.ndarray,
@@ -58,12 +58,12 @@ def rotated_query_pass(
     *,
     bucket_cov: bool,
 ) -> RotatedQueryStats:
-    """Summarise ``X_q_rot = X_q H`` (H from ``fit.beta``) in one pass over ``rows`` (= X_q).
+    """Summarise ``X_q_rot = X_q H`` (H from ``fit.beta``) in one pass over ``X`` (= X_q, float64).
 
     ``bucket_sorted``: query bucket of every row (ascending); ``buckets``: eligible query buckets,
     whose row ranges get the mean and covariance (+1e-12 I) of columns 1.. when ``bucket_cov``.
     """
-    n, d = rows.shape
+    n, d = X.shape
     w = householder_vector(fit.beta)
     w2 = None if w is None else 2.0 * w
     shift = fit.mean  # X_q is centred on mean(X_q) before rotating
@@ -95,7 +95,6 @@ def rotated_query_pass(
 
     step = block_rows(d)
     cap = min(step, n)
-    buf = np.empty((cap, d))
     c = np.empty((cap, d))
     c2 = np.empty((cap, d))
     # centred semantic rows of one bucket, for a single covariance product per bucket
@@ -110,7 +109,7 @@ def rotated_query_pass(
             sl = slice(a, min(a + step, z0))
             m = sl.stop - a
             cb, c2b = c[:m], c2[:m]
-            np.subtract(rows.block(sl, buf), shift, out=cb)
+            np.subtract(X[sl], shift, out=cb)
             if w is not None:
                 reflect_rows_inplace(cb, w, r_out=r_all[sl])
             np.multiply(cb, cb, out=c2b)
@@ -141,7 +140,7 @@ def rotated_query_pass(
 
     def ssr_rot(cols, mean, beta):
         # X_q_rot[:, c] = X_q[:, c] - 2 w_c (X_q w), with X_q w = (X_q - shift) w + shift . w
-        A = rows.columns(cols)
+        A = X[:, cols]  # a copy (fancy index), updated in place below
         if w is not None:
             A -= np.outer(r_all + float(shift @ w), w2[cols])
         return explicit_ssr(A, pc, mean, beta)

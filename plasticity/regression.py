@@ -173,71 +173,22 @@ def fit_from_sums(
     )
 
 
-class RowSource:
-    """Rows ``V[order] * s`` of a matrix, served in blocks without materialising the whole product.
-
-    ``order`` None = identity, ``s`` None = no sign flip. Used to stream the oriented queries in
-    canonical order (SPEC 2.2 / 2.3) straight from the shard's vectors.
-    """
-
-    def __init__(self, V: np.ndarray, order: np.ndarray | None = None, s: np.ndarray | None = None):
-        self.V = as_matrix(V)
-        n = self.V.shape[0]
-        if order is not None:
-            order = np.asarray(order, dtype=np.int64)
-            if order.shape != (n,):
-                raise ValueError(f"order has shape {order.shape}, expected ({n},)")
-            if np.all(order == np.arange(n)):
-                order = None
-        self.order = order
-        self.s = None if s is None else np.asarray(s, dtype=np.float64).reshape(-1)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.V.shape
-
-    def block(self, sl: slice, buf: np.ndarray) -> np.ndarray:
-        """Rows ``sl`` (a view of V when nothing needs copying, else written into ``buf``)."""
-        m = sl.stop - sl.start
-        if self.order is None and self.s is None:
-            return self.V[sl]
-        out = buf[:m]
-        if self.order is None:
-            np.multiply(self.V[sl], self.s, out=out)
-        else:
-            np.take(self.V, self.order[sl], axis=0, out=out)
-            if self.s is not None:
-                out *= self.s
-        return out
-
-    def columns(self, cols: np.ndarray) -> np.ndarray:
-        """All rows of the columns ``cols``, shape (n, len(cols))."""
-        cols = np.asarray(cols, dtype=np.int64)
-        A = np.take(self.V, cols, axis=1)
-        if self.order is not None:
-            A = A[self.order]
-        if self.s is not None:
-            A = A * self.s[cols]
-        return A
-
-
 def explicit_ssr(A: np.ndarray, pc: np.ndarray, mean: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """``sum_i ((A[i, c] - mean_c) - pc_i beta_c)^2`` per column of ``A`` (n, k)."""
     r = (A - mean) - pc[:, None] * beta
     return np.einsum("ij,ij->j", r, r)
 
 
-def fit_rows(design: PositionDesign, rows: RowSource, *, exact_residuals: bool = True) -> PositionFit:
-    """`fit_position_regression` on the rows of a `RowSource` (one streaming pass).
+def fit_rows(design: PositionDesign, X: np.ndarray, *, exact_residuals: bool = True) -> PositionFit:
+    """`fit_position_regression` on the float64 matrix ``X`` (n, d): one pass over row blocks.
 
     ``exact_residuals=False`` skips the explicit residual pass over columns with R2 > 0.99: their
     ``ss_res`` (and ``resid_var``) then come from the closed form, with an absolute error of a few
     ulps of ``ss_tot`` -- which leaves ``r2`` exact to ~1e-15 but not ``ss_res`` itself. For callers
     that use only ``r2``, ``beta`` and the means (the unrotated fit of `analyze_head`)."""
-    n, d = rows.shape
+    n, d = X.shape
     step = block_rows(d)
-    buf = np.empty((min(step, n), d))
-    shift = rows.block(slice(0, min(step, n)), buf).mean(axis=0)
+    shift = X[: min(step, n)].mean(axis=0)
     s1 = np.zeros(d)
     s2 = np.zeros(d)
     sxy = np.zeros(d)
@@ -245,14 +196,14 @@ def fit_rows(design: PositionDesign, rows: RowSource, *, exact_residuals: bool =
     for a in range(0, n, step):
         sl = slice(a, min(a + step, n))
         cb = c[: sl.stop - a]
-        np.subtract(rows.block(sl, buf), shift, out=cb)
+        np.subtract(X[sl], shift, out=cb)
         s1 += cb.sum(axis=0)
         s2 += np.einsum("ij,ij->j", cb, cb)
         if design.vary:
             sxy += np.einsum("i,ij->j", design.pc[sl], cb)  # not BLAS: small blocks
     return fit_from_sums(
         design, shift, s1, s2, sxy,
-        explicit_ssr=(lambda cols, mean, beta: explicit_ssr(rows.columns(cols), design.pc, mean, beta))
+        explicit_ssr=(lambda cols, mean, beta: explicit_ssr(X[:, cols], design.pc, mean, beta))
         if exact_residuals else None,
     )
 
@@ -271,7 +222,7 @@ def fit_position_regression(p: np.ndarray, X: np.ndarray) -> PositionFit:
     n = X.shape[0]
     if n == 0:
         raise ValueError("fit_position_regression needs at least one row")
-    return fit_rows(PositionDesign.build(as_vector(p, n)), RowSource(X))
+    return fit_rows(PositionDesign.build(as_vector(p, n)), X)
 
 
 def _ols_scalar(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:

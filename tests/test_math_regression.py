@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from plasticity.head import oriented_rows
 from plasticity.regression import (
     PositionDesign,
-    RowSource,
     fit_position_regression,
     fit_rows,
     scalar_position_predictability,
@@ -89,17 +89,22 @@ def test_nearly_deterministic_column_keeps_precision():
     assert fit.resid_var[0] == pytest.approx(resid.var(ddof=1), rel=1e-6)
 
 
-def test_row_source_with_order_and_signs_equals_materialised():
+def test_oriented_rows_equal_the_reordered_signed_rows_and_fit_like_scipy():
     rng = np.random.default_rng(5)
-    V = rng.standard_normal((3000, 9)) + np.arange(9)
+    V = (rng.standard_normal((3000, 9)) + np.arange(9)).astype(np.float32)
     order = rng.permutation(3000)
     s = np.where(rng.random(9) < 0.5, -1.0, 1.0)
     p = rng.random(3000) * 100
-    a = fit_rows(PositionDesign.build(p), RowSource(V, order, s))
-    b = fit_position_regression(p, V[order] * s)
-    np.testing.assert_allclose(a.beta, b.beta, rtol=1e-12)
-    np.testing.assert_allclose(a.r2, b.r2, rtol=1e-12)
-    np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-12)
+    X = oriented_rows(V, order, s)
+    assert X.dtype == np.float64 and X.flags.c_contiguous
+    np.testing.assert_array_equal(X, V.astype(np.float64)[order] * s)  # widening is exact
+    np.testing.assert_array_equal(oriented_rows(V, np.arange(3000), s), V.astype(np.float64) * s)
+    a = fit_rows(PositionDesign.build(p), X)
+    for c in (0, 4, 8):
+        ref = stats.linregress(p, X[:, c])
+        assert a.beta[c] == pytest.approx(ref.slope, rel=1e-10)
+        assert a.alpha[c] == pytest.approx(ref.intercept, rel=1e-10)
+        assert a.r2[c] == pytest.approx(ref.rvalue**2, rel=1e-8, abs=1e-12)
 
 
 def test_scalar_predictability_matches_linregress():
