@@ -8,6 +8,7 @@ the same config resumes where it stopped.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing as mp
 import os
@@ -240,6 +241,30 @@ def _init_worker() -> None:
     # the parent; setting them here again only covers pools made elsewhere.
     for var in _ONE_THREAD_ENV:
         os.environ[var] = "1"
+    _keep_freed_memory()
+
+
+#: glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _keep_freed_memory() -> None:
+    """Let a worker's malloc keep freed memory for the next head instead of handing it back.
+
+    Every head allocates and frees the same large arrays; by default glibc returns them to the
+    kernel (munmap, heap trim) and the next head faults the pages in again, zero-filled. That
+    was about 10% of the workers' CPU time, nearly all of it system time. Arrays up to 32 MiB
+    (glibc's ceiling) now come from the heap, which is never trimmed below its peak, so a
+    worker's resident size stays at the peak of one head. No-op outside glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_TOP_PAD, 64 << 20)
 
 
 def _warm_up() -> int:
