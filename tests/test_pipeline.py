@@ -151,3 +151,27 @@ def test_linear_diag_estimator_recorded(small_dataset, tmp_path):
     cfg, s = run(small_dataset, tmp_path, "ld", estimator="linear_diag")
     rows = fetch(cfg, "SELECT estimator, ap_overall FROM head_metrics")
     assert rows and all(e == "linear_diag" and 0 <= ap <= 1 for e, ap in rows)
+
+
+def test_catalog_lists_every_shard_profiled_when_only_some_layers_run(small_dataset, tmp_path):
+    # shards are profiled as their groups are submitted and the rest while the workers compute;
+    # the catalog must still hold every shard, profiled exactly as the SQL definition says
+    from warehouse.catalog import ShardInfo, find_shards, profile_shard_sql
+
+    cfg, summary = run(small_dataset, tmp_path, "part", max_workers=2, layers=[1])
+    assert summary.n_done == 4 and summary.n_errors == 0
+    got = {r[0]: r[1:] for r in fetch(
+        cfg, "SELECT path, n_rows, dim, sliding_window, n_examples, n_buckets, min_position, max_position "
+             "FROM shards WHERE model = $m", {"m": summary.model})}
+    shards = find_shards(small_dataset)
+    assert len(got) == len(shards) == 2 * (4 + 2)
+    con = db.memory_connection()
+    try:
+        for info in shards:
+            ref = profile_shard_sql(con, ShardInfo(info.layer, info.head, info.kind, info.path))
+            row = ref.row()
+            assert got[info.path] == (row["n_rows"], row["dim"], row["sliding_window"], row["n_examples"],
+                                      row["n_buckets"], row["min_position"], row["max_position"]), info.path
+            assert row["n_rows"] == 8 * 256 and row["dim"] == 8
+    finally:
+        con.close()

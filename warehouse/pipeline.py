@@ -20,6 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
+
 from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
 from warehouse import db, results
@@ -125,13 +127,16 @@ def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, s
     The GQA join and the layer/head filters are sql/head_samples.sql, the same
     query the Dagster `head_samples` asset runs against the warehouse catalog.
     """
-    import pyarrow as pa
-
     import sql
 
     rows = [s.row() for s in cat.shards]
-    table = pa.table({"model": ["_"] * len(rows), "revision": [None] * len(rows),
-                      **{k: [r[k] for r in rows] for k in rows[0]}})
+    # numpy columns (object arrays for text and nullable values): DuckDB scans a dict of them
+    # without importing pandas, which an Arrow table would cost (~0.5 s, before the workers start)
+    table = {"model": np.full(len(rows), "_", dtype=object), "revision": np.full(len(rows), None, dtype=object)}
+    for key in rows[0]:
+        table[key] = np.array([r[key] for r in rows], dtype=object)
+    table["layer"] = table["layer"].astype(np.int64)
+    table["head"] = table["head"].astype(np.int64)
     params = {"model": "_", "group_size": cat.group_size, "num_layers": cat.num_layers,
               "num_q_heads": cat.num_q_heads, "layers": cfg.layers, "cap": cfg.max_tokens_per_head}
     con = db.memory_connection()
@@ -299,28 +304,51 @@ def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
                 os.environ[var] = value
 
 
-def iter_outcomes(tasks: list[GroupTask], workers: int,
-                  pool: ProcessPoolExecutor | None = None) -> Iterator[list[results.HeadOutcome]]:
+def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecutor | None = None, *,
+                  prepare: Callable[[GroupTask], None] | None = None,
+                  started: Callable[[], None] | None = None) -> Iterator[list[results.HeadOutcome]]:
     """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory).
 
     Uses `pool` when given (see `start_pool`), else its own; with workers <= 1 runs in this process.
+    `prepare(task)` runs just before a task is submitted; `started()` once the first tasks are in
+    flight (before anything is yielded), so this process's own work overlaps the workers'.
     """
+    def noop(*_):
+        return None
+
+    prepare = prepare or noop
+    started = started or noop
     if pool is None and (workers <= 1 or len(tasks) <= 1):
+        started()
         for t in tasks:
+            prepare(t)
             yield compute_group(t)
         return
     if pool is None:
         with start_pool(workers) as own:
-            yield from iter_outcomes(tasks, workers, own)
+            yield from iter_outcomes(tasks, workers, own, prepare=prepare, started=started)
         return
     pending = set()
     queue = list(reversed(tasks))
-    while queue or pending:
+
+    def fill() -> None:
         while queue and len(pending) < 2 * workers:
-            pending.add(pool.submit(compute_group, queue.pop()))
+            task = queue.pop()
+            prepare(task)
+            pending.add(pool.submit(compute_group, task))
+
+    fill()
+    try:
+        started()
+    except BaseException:
+        for fut in pending:  # those not yet running; running ones finish as the pool shuts down
+            fut.cancel()
+        raise
+    while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for fut in done:
             yield fut.result()
+        fill()
 
 
 @dataclass
@@ -351,15 +379,16 @@ def analyze_dataset(
     """Analyse every head of one model's dataset folder into the warehouse.
 
     The run is planned from the shard names; when heads remain to compute, worker processes
-    (`cfg.workers()`, spawned) start and import the analysis code while this process profiles
-    the shards for the catalog. Workers compute GQA groups (`compute_group`) and never open the
-    warehouse; this process alone writes the results, in one transaction every
+    (`cfg.workers()`, spawned) start and import the analysis code. Each group's shards are
+    profiled just before it is submitted; once the first groups are in flight this process
+    profiles the other shards and records the catalog and the run. Workers compute GQA groups
+    (`compute_group`) and never open the warehouse; this process alone writes the results, in one transaction every
     FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps every committed head
     and the next run with the same config (same run_id) skips them.
     """
     t0 = time.perf_counter()
     # Everything up to the plan needs only the shard names, so the workers start (and import the
-    # analysis code) only when there is work, while this process profiles the shards.
+    # analysis code) only when there is work, and as early as possible.
     cat = find_catalog(root, cfg)
     model = model or cfg.model or cat.card.get("model_name") or cat.card.get("model") or Path(root).name
     model = str(model)
@@ -371,11 +400,10 @@ def analyze_dataset(
         already = results.done_heads(con, model, run_id) if resume else set()
     pairs = head_pairs(cat, cfg)
     n_heads = len(pairs)
-    groups = plan_groups(cat, cfg, skip=already, pairs=pairs)  # tasks share the ShardInfo objects profiled below
+    groups = plan_groups(cat, cfg, skip=already, pairs=pairs)  # tasks share the ShardInfo objects _run profiles
     n_todo = sum(len(g.queries) for g in groups)
     workers = max(1, min(cfg.workers(), len(groups)))
     with start_pool(workers) as pool:
-        profile_catalog(cat)
         return _run(cfg, cat, groups, pool, workers, t0, model=model, revision=revision, run_id=run_id,
                     resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
 
@@ -383,15 +411,35 @@ def analyze_dataset(
 def _run(cfg, cat, groups, pool, workers, t0, *, model, revision, run_id, resume, n_heads, n_todo, progress,
          on_outcome) -> RunSummary:
     wh = cfg.warehouse
-    with db.writer(wh, cfg.lock_timeout_s) as con:
-        results.replace_catalog(con, model, revision, cat.shards)
-        if not resume:
-            tables = results.existing_tables(con)
-            for table in results.RESULT_TABLES:
-                if table in tables:
-                    con.execute(f"DELETE FROM {table} WHERE model = $m AND run_id = $r", {"m": model, "r": run_id})
-        results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(), n_heads)
-        present = results.existing_tables(con)
+    profiled: set[int] = set()
+
+    def profile(info: ShardInfo | None) -> None:
+        if info is not None and id(info) not in profiled:
+            profile_shard(info)
+            profiled.add(id(info))
+
+    def prepare(task: GroupTask) -> None:
+        # a task carries its shards' profiles (row counts, window, errors) to the worker
+        profile(task.k_info)
+        for _, info in task.queries:
+            profile(info)
+
+    present: set[str] = set()
+
+    def open_run() -> None:
+        # runs while the first groups compute: profile the other shards, record catalog and run
+        for info in cat.shards:
+            profile(info)
+        with db.writer(wh, cfg.lock_timeout_s) as con:
+            results.replace_catalog(con, model, revision, cat.shards)
+            if not resume:
+                tables = results.existing_tables(con)
+                for table in results.RESULT_TABLES:
+                    if table in tables:
+                        con.execute(f"DELETE FROM {table} WHERE model = $m AND run_id = $r", {"m": model, "r": run_id})
+            results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(),
+                              n_heads)
+            present.update(results.existing_tables(con))
 
     bar = None
     if progress is None:
@@ -413,7 +461,7 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, revision, run_id, resume
         last_flush = time.monotonic()
 
     try:
-        for outcomes in iter_outcomes(groups, workers, pool):
+        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run):
             buffer.extend(outcomes)
             for o in outcomes:
                 if on_outcome is not None:
