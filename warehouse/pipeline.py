@@ -258,7 +258,7 @@ def _keep_freed_memory() -> None:
 
     Every head allocates and frees the same large arrays; by default glibc returns them to the
     kernel (munmap, heap trim) and the next head faults the pages in again, zero-filled. That
-    was about 10% of the workers' CPU time, nearly all of it system time. Arrays up to 32 MiB
+    was 6-12% of the workers' CPU time (system time) on the benchmark shapes. Arrays up to 32 MiB
     (glibc's ceiling) now come from the heap, which is never trimmed below its peak, so a
     worker's resident size stays at the peak of one head. No-op outside glibc."""
     try:
@@ -382,9 +382,9 @@ def analyze_dataset(
     (`cfg.workers()`, spawned) start and import the analysis code. Each group's shards are
     profiled just before it is submitted; once the first groups are in flight this process
     profiles the other shards and records the catalog and the run. Workers compute GQA groups
-    (`compute_group`) and never open the warehouse; this process alone writes the results, in one transaction every
-    FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps every committed head
-    and the next run with the same config (same run_id) skips them.
+    (`compute_group`) and never open the warehouse; this process alone writes the results, in
+    one transaction every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps
+    every committed head and the next run with the same config (same run_id) skips them.
     """
     t0 = time.perf_counter()
     # Everything up to the plan needs only the shard names, so the workers start (and import the
