@@ -171,47 +171,47 @@ def validation_report(
 # --------------------------------------------------------------------------- sections
 
 
+def _ceiling_check(b: _Builder, heads, key: str, tol: float, *, none: str, fail, ok, item) -> None:
+    """One reconstruction check: PASS when every head that has ``key`` is within ``tol``, FAIL
+    (listing the heads above it, ``item(h)`` a line each) otherwise, SKIP when no head has it.
+    ``fail(n_bad, n, worst)`` and ``ok(n, worst)`` word the verdict."""
+    have = [h for h in heads if _fin(h.get(key))]
+    if not have:
+        b.check(SKIP, none)
+        return
+    worst = max(_num(h[key]) for h in have)
+    bad = [h for h in have if _num(h[key]) > tol]
+    if bad:
+        b.check(FAIL, fail(len(bad), len(have), worst))
+        b.listing(bad, item)
+    else:
+        b.check(PASS, ok(len(have), worst))
+
+
 def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
     b.start(1, "Sanity Checks (Reconstruction)")
-    with_err = [h for h in heads if _fin(h.get("max_row_sum_error"))]
-    if not with_err:
-        b.check(SKIP, "Row sums: no head has a query that sees a key")
-    else:
-        worst = max(_num(h["max_row_sum_error"]) for h in with_err)
-        bad = [h for h in with_err if _num(h["max_row_sum_error"]) > row_sum_tol]
-        if bad:
-            b.check(FAIL, f"{len(bad)}/{len(with_err)} heads have rows not summing to 1 within "
-                          f"{row_sum_tol:.0e} (max error: {worst:.2e})")
-            b.listing(bad, lambda h: f"max |row sum - 1| = {_f(h['max_row_sum_error'], '.2e')}")
-        else:
-            b.check(PASS, f"All rows sum to 1 within {row_sum_tol:.0e} (max error: {worst:.2e})")
-
-    fut = [h for h in heads if _fin(h.get("max_future_weight"))]
-    if not fut:
-        b.check(SKIP, "Causality: no future-key weights recorded")
-    else:
-        worst = max(_num(h["max_future_weight"]) for h in fut)
-        bad = [h for h in fut if _num(h["max_future_weight"]) > future_tol]
-        if bad:
-            b.check(FAIL, f"Non-causal attention in {len(bad)}/{len(fut)} heads "
-                          f"(max future weight: {worst:.3g})")
-            b.listing(bad, lambda h: f"max future weight = {_f(h['max_future_weight'], '.3g')}")
-        else:
-            b.check(PASS, f"No future key has weight (max future weight: {worst:.3g})")
-
-    win = [h for h in heads if _fin(h.get("sliding_window")) and _fin(h.get("max_window_weight"))]
-    if not win:
-        b.check(SKIP, "Sliding window: no windowed head")
-    else:
-        worst = max(_num(h["max_window_weight"]) for h in win)
-        bad = [h for h in win if _num(h["max_window_weight"]) > future_tol]
-        if bad:
-            b.check(FAIL, f"Keys outside the sliding window have weight in {len(bad)}/{len(win)} "
-                          f"heads (max: {worst:.3g})")
-            b.listing(bad, lambda h: f"max out-of-window weight = {_f(h['max_window_weight'], '.3g')}")
-        else:
-            b.check(PASS, f"No key outside the sliding window has weight in {len(win)} windowed "
-                          f"heads (max: {worst:.3g})")
+    _ceiling_check(
+        b, heads, "max_row_sum_error", row_sum_tol,
+        none="Row sums: no head has a query that sees a key",
+        fail=lambda nb, n, worst: f"{nb}/{n} heads have rows not summing to 1 within "
+                                  f"{row_sum_tol:.0e} (max error: {worst:.2e})",
+        ok=lambda n, worst: f"All rows sum to 1 within {row_sum_tol:.0e} (max error: {worst:.2e})",
+        item=lambda h: f"max |row sum - 1| = {_f(h['max_row_sum_error'], '.2e')}",
+    )
+    _ceiling_check(
+        b, heads, "max_future_weight", future_tol,
+        none="Causality: no future-key weights recorded",
+        fail=lambda nb, n, worst: f"Non-causal attention in {nb}/{n} heads (max future weight: {worst:.3g})",
+        ok=lambda n, worst: f"No future key has weight (max future weight: {worst:.3g})",
+        item=lambda h: f"max future weight = {_f(h['max_future_weight'], '.3g')}",
+    )
+    _ceiling_check(
+        b, [h for h in heads if _fin(h.get("sliding_window"))], "max_window_weight", future_tol,
+        none="Sliding window: no windowed head",
+        fail=lambda nb, n, worst: f"Keys outside the sliding window have weight in {nb}/{n} heads (max: {worst:.3g})",
+        ok=lambda n, worst: f"No key outside the sliding window has weight in {n} windowed heads (max: {worst:.3g})",
+        item=lambda h: f"max out-of-window weight = {_f(h['max_window_weight'], '.3g')}",
+    )
 
     cov = [h for h in heads if _fin(h.get("mean_key_coverage"))]
     if not cov:
