@@ -92,6 +92,16 @@ class ShardInfo:
         ]
 
 
+def catalog_columns(shards, model: str, revision: str | None) -> dict[str, list]:
+    """The `shards` table's columns (sql/schema.sql) for these shards: model, revision, then
+    the fields of `ShardInfo.row`, one list per column."""
+    rows = [s.row() for s in shards]
+    cols = {"model": [model] * len(rows), "revision": [revision] * len(rows)}
+    for key in rows[0] if rows else ():
+        cols[key] = [r[key] for r in rows]
+    return cols
+
+
 _NUMPY_TYPES = {
     pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
     pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32, pa.uint64(): np.uint64,

@@ -25,7 +25,9 @@ import numpy as np
 from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
 from warehouse import db, results
-from warehouse.catalog import ShardError, ShardInfo, find_shards, infer_layout, profile_shard, read_dataset_card
+from warehouse.catalog import (
+    ShardError, ShardInfo, catalog_columns, find_shards, infer_layout, profile_shard, read_dataset_card,
+)
 from warehouse.config import RunConfig
 from warehouse.loading import load_rows
 
@@ -129,12 +131,9 @@ def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, s
     """
     import sql
 
-    rows = [s.row() for s in cat.shards]
     # numpy columns (object arrays for text and nullable values): DuckDB scans a dict of them
     # without importing pandas, which an Arrow table would cost (~0.5 s, before the workers start)
-    table = {"model": np.full(len(rows), "_", dtype=object), "revision": np.full(len(rows), None, dtype=object)}
-    for key in rows[0]:
-        table[key] = np.array([r[key] for r in rows], dtype=object)
+    table = {k: np.array(v, dtype=object) for k, v in catalog_columns(cat.shards, "_", None).items()}
     table["layer"] = table["layer"].astype(np.int64)
     table["head"] = table["head"].astype(np.int64)
     params = {"model": "_", "group_size": cat.group_size, "num_layers": cat.num_layers,

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from plasticity.types import HeadResult
+from warehouse.catalog import catalog_columns
 
 # Tables holding per-head results; all carry model, run_id, layer, q_head, k_head.
 RESULT_TABLES = (
@@ -114,10 +115,8 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, model: str, run_id: str, outc
 def replace_catalog(con: duckdb.DuckDBPyConnection, model: str, revision: str, shards) -> None:
     con.execute("DELETE FROM shards WHERE model = $m", {"m": model})
     con.execute("DELETE FROM shard_buckets WHERE model = $m", {"m": model})
-    rows = [s.row() for s in shards]
-    if rows:
-        cols = {k: [r[k] for r in rows] for k in rows[0]}
-        t = pa.table({"model": [model] * len(rows), "revision": [revision] * len(rows), **cols})
+    if shards:
+        t = pa.table(catalog_columns(shards, model, revision))
         con.register("_shards", t)
         con.execute("INSERT INTO shards BY NAME SELECT * FROM _shards")
         con.unregister("_shards")
