@@ -36,6 +36,7 @@ EXTRA = [
     ("plain_list_vectors", lambda p: rewrite(p, as_plain_list)),
     ("no_window_column", lambda p: rewrite(p, lambda t: t.drop_columns(["sliding_window"]))),
     ("all_null_window", lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.nulls(t.num_rows, pa.int32())))),
+    ("some_null_window", lambda p: rewrite(p, lambda t: with_nulls(t, "sliding_window", [2, 7]))),
     ("null_example_id", lambda p: rewrite(p, lambda t: with_nulls(t, "example_id", [3, 9]))),
     ("null_bucket", lambda p: rewrite(p, lambda t: with_nulls(t, "bucket", [0]))),
     ("nan_position", lambda p: rewrite(p, lambda t: set_column(t, "position", pc.if_else(

@@ -173,5 +173,12 @@ def test_catalog_lists_every_shard_profiled_when_only_some_layers_run(small_data
             assert got[info.path] == (row["n_rows"], row["dim"], row["sliding_window"], row["n_examples"],
                                       row["n_buckets"], row["min_position"], row["max_position"]), info.path
             assert row["n_rows"] == 8 * 256 and row["dim"] == 8
+            stored = fetch(
+                cfg, "SELECT bucket, n_rows, min_position, max_position, mean_position FROM shard_buckets "
+                     "WHERE model = $m AND layer = $l AND head = $h AND kind = $k ORDER BY bucket",
+                {"m": summary.model, "l": info.layer, "h": info.head, "k": info.kind})
+            assert stored == [(b.bucket, b.n_rows, b.min_position, b.max_position, b.mean_position)
+                              for b in ref.buckets], info.path
+            assert len(stored) == row["n_buckets"] > 1
     finally:
         con.close()

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from plasticity.types import HeadResult
-from warehouse.catalog import catalog_columns
+from warehouse.catalog import bucket_columns, catalog_columns
 
 # Tables holding per-head results; all carry model, run_id, layer, q_head, k_head.
 RESULT_TABLES = (
@@ -120,10 +120,9 @@ def replace_catalog(con: duckdb.DuckDBPyConnection, model: str, revision: str, s
         con.register("_shards", t)
         con.execute("INSERT INTO shards BY NAME SELECT * FROM _shards")
         con.unregister("_shards")
-    brows = [b for s in shards for b in s.bucket_rows()]
-    if brows:
-        cols = {k: [r[k] for r in brows] for k in brows[0]}
-        t = pa.table({"model": [model] * len(brows), **cols})
+    buckets = bucket_columns(shards, model)
+    if buckets["model"]:
+        t = pa.table(buckets)
         con.register("_buckets", t)
         con.execute("INSERT INTO shard_buckets BY NAME SELECT * FROM _buckets")
         con.unregister("_buckets")
