@@ -226,6 +226,21 @@ def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
             b.check(PASS, "Keys captured densely in every head: attention is exact (coverage 1.000)")
 
 
+def _mean_ratio(heads, num_key: str, den_key: str) -> tuple[float, float, float]:
+    """Means of two per-head values over ``heads`` and their ratio (NaN unless the second is > 0)."""
+    num = _mean(h[num_key] for h in heads)
+    den = _mean(h[den_key] for h in heads)
+    return num, den, (num / den if den > 0 else float("nan"))
+
+
+def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_msg: str) -> None:
+    """PASS when ``ratio`` is finite and at least ``minimum``, WARN otherwise."""
+    if math.isfinite(ratio) and ratio >= minimum:
+        b.check(PASS, pass_msg)
+    else:
+        b.check(WARN, warn_msg)
+
+
 def _positional(b: _Builder, heads, local_bias_min) -> None:
     b.start(2, "Positional Patterns")
     ok = [h for h in heads if _fin(h.get("local_attn_near")) and _fin(h.get("local_attn_far"))]
@@ -234,14 +249,9 @@ def _positional(b: _Builder, heads, local_bias_min) -> None:
     if not ok:
         b.check(SKIP, "Local bias: no query has both near and far keys")
         return
-    near = _mean(h["local_attn_near"] for h in ok)
-    far = _mean(h["local_attn_far"] for h in ok)
-    ratio = near / far if far > 0 else float("nan")
+    near, far, ratio = _mean_ratio(ok, "local_attn_near", "local_attn_far")
     msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    if math.isfinite(ratio) and ratio >= local_bias_min:
-        b.check(PASS, f"Local bias {msg}")
-    else:
-        b.check(WARN, f"No local bias {msg}")
+    _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}")
     n_local = sum(1 for h in ok if _num(h.get("local_bias_ratio")) >= local_bias_min)
     b.info(f"{n_local}/{len(ok)} heads have a local bias ratio >= {local_bias_min:.2f}x")
 
@@ -252,14 +262,9 @@ def _tokens(b: _Builder, heads, same_token_min) -> None:
     if not ok:
         b.check(SKIP, "Repeated tokens: token_str not captured (or no repeated token seen)")
         return
-    same = _mean(h["same_token_attn"] for h in ok)
-    diff = _mean(h["diff_token_attn"] for h in ok)
-    ratio = same / diff if diff > 0 else float("nan")
+    same, diff, ratio = _mean_ratio(ok, "same_token_attn", "diff_token_attn")
     msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    if math.isfinite(ratio) and ratio >= same_token_min:
-        b.check(PASS, f"Repeated tokens attract {msg}")
-    else:
-        b.check(WARN, f"Repeated tokens do not attract {msg}")
+    _ratio_check(b, ratio, same_token_min, f"Repeated tokens attract {msg}", f"Repeated tokens do not attract {msg}")
     b.info(f"computed over {len(ok)}/{len(heads)} heads")
 
 
