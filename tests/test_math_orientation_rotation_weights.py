@@ -27,6 +27,24 @@ def test_bucket_sums_match_manual_groupby():
         assert counts[i] == np.sum(b == bb)
 
 
+@pytest.mark.parametrize("n_buckets", [3, 400])  # the per-bucket loop and the single reduceat
+@pytest.mark.parametrize("sorted_rows", [True, False])
+def test_bucket_sums_add_rows_in_order_in_float64(n_buckets, sorted_rows):
+    # every bucket's sum is the float64 running sum of its rows in their order (cumsum is
+    # sequential), bit for bit, whether the rows are float32 or already float64
+    rng = np.random.default_rng(7)
+    b = rng.integers(0, n_buckets, 4000)
+    if sorted_rows:
+        b = np.sort(b)
+    X32 = (rng.standard_normal((4000, 5)) * 10.0 ** rng.integers(-3, 4, (4000, 1))).astype(np.float32)
+    for X in (X32, X32.astype(np.float64)):
+        u, sums, counts = bucket_sums(b, X)
+        np.testing.assert_array_equal(u, np.unique(b))
+        ref = np.stack([np.cumsum(X32[b == bb].astype(np.float64), axis=0)[-1] for bb in u])
+        np.testing.assert_array_equal(sums, ref)
+        np.testing.assert_array_equal(counts, [np.sum(b == bb) for bb in u])
+
+
 def test_merge_of_batches_equals_whole():
     rng = np.random.default_rng(1)
     b = rng.integers(0, 9, 1000)

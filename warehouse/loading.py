@@ -77,7 +77,7 @@ def read_shard(info: ShardInfo, columns: tuple[str, ...], batch_sums: bool = Fal
         batches, parts, values = [], [], []
         for batch in pf.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=list(columns), use_threads=False):
             vec = vector_values(batch.column("vector"), info.path, info.dim)
-            parts.append(bucket_sums(to_numpy(batch.column("bucket")).astype(np.int64), vec.astype(np.float64)))
+            parts.append(bucket_sums(to_numpy(batch.column("bucket")).astype(np.int64), vec))
             batches.append(batch)
             values.append(vec)
         if not batches:
