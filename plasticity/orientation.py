@@ -12,21 +12,40 @@ from typing import Iterable
 import numpy as np
 
 
+#: Below this many rows per bucket on average, segment sums use one reduceat instead of a loop.
+_ROWS_PER_BUCKET_LOOP = 256
+
+
 def _sorted_segment_sums(bucket: np.ndarray, X: np.ndarray, counts_in: np.ndarray | None):
-    """Group rows by ``bucket``: (unique buckets, per-bucket row sums of X, per-bucket counts)."""
+    """Group rows by ``bucket`` (stable): (unique buckets, per-bucket row sums of X, per-bucket counts).
+
+    The rows of a bucket are added in float64, one after the other in their order in ``X``
+    (float32 values are widened exactly). With few large buckets each bucket is gathered and
+    widened on its own, so no float64 copy of the whole input is made (2.2x faster on a
+    51k x 128 float32 key shard); ``rows.sum(axis=0)`` adds rows in order, as reduceat does:
+    the same bits either way.
+    """
+    n = bucket.shape[0]
     order = np.argsort(bucket, kind="stable")
-    if not np.all(order == np.arange(bucket.shape[0])):
+    in_order = bool(np.all(order == np.arange(n)))
+    if not in_order:
         bucket = bucket[order]
-        X = X[order]
         if counts_in is not None:
             counts_in = counts_in[order]
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    stops = np.r_[starts[1:], n]
     uniq = bucket[starts].astype(np.int64)
-    sums = np.add.reduceat(X, starts, axis=0)
     if counts_in is None:
-        counts = np.diff(np.r_[starts, bucket.shape[0]]).astype(np.int64)
+        counts = (stops - starts).astype(np.int64)
     else:
         counts = np.add.reduceat(counts_in, starts).astype(np.int64)
+    if starts.shape[0] * _ROWS_PER_BUCKET_LOOP > n:  # many small buckets: one reduceat
+        rows = X if in_order else X[order]
+        return uniq, np.add.reduceat(rows.astype(np.float64, copy=False), starts, axis=0), counts
+    sums = np.empty((starts.shape[0], X.shape[1]))
+    for j, (a, z) in enumerate(zip(starts.tolist(), stops.tolist())):
+        rows = X[a:z] if in_order else np.take(X, order[a:z], axis=0)
+        sums[j] = rows.astype(np.float64, copy=False).sum(axis=0)
     return uniq, sums, counts
 
 
@@ -43,29 +62,9 @@ def bucket_sums(bucket: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarr
         X = X.astype(np.float64)
     if X.ndim != 2 or X.shape[0] != bucket.shape[0]:
         raise ValueError(f"X must be (n, d) with n = len(bucket) = {bucket.shape[0]}, got {X.shape}")
-    n = bucket.shape[0]
-    if n == 0:
+    if bucket.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros((0, X.shape[1])), np.zeros(0, np.int64)
-    order = np.argsort(bucket, kind="stable")
-    in_order = bool(np.all(order == np.arange(n)))
-    b = bucket if in_order else bucket[order]
-    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-    stops = np.r_[starts[1:], n]
-    if starts.shape[0] * _ROWS_PER_BUCKET_LOOP > n:
-        # many small buckets: one reduceat over the whole (re-ordered, widened) shard
-        return _sorted_segment_sums(bucket, X.astype(np.float64, copy=False), None)
-    # few large buckets: gather and widen one bucket at a time, so no float64 copy of the whole
-    # shard is made (2.2x faster on a 51k x 128 float32 key shard). X[rows].sum(axis=0) adds the
-    # rows one after the other, as reduceat does: the same bits.
-    sums = np.empty((starts.shape[0], X.shape[1]))
-    for j, (a, z) in enumerate(zip(starts.tolist(), stops.tolist())):
-        rows = X[a:z] if in_order else np.take(X, order[a:z], axis=0)
-        sums[j] = rows.astype(np.float64, copy=False).sum(axis=0)
-    return b[starts], sums, (stops - starts).astype(np.int64)
-
-
-#: Below this many rows per bucket on average, `bucket_sums` uses one reduceat instead of a loop.
-_ROWS_PER_BUCKET_LOOP = 256
+    return _sorted_segment_sums(bucket, X, None)
 
 
 def merge_bucket_sums(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]):
