@@ -58,6 +58,8 @@ SHAPES = {
                   windows={5: 512, 17: 512, 29: 512}),
     "qwen": dict(layers=2, q_heads=32, k_heads=8, dim=128, rows=51_000, buckets=16, seq_len=4096, windows={}),
 }
+#: Shape fields that --layers, --q-heads, ... override.
+SHAPE_KEYS = ("layers", "q_heads", "k_heads", "dim", "rows", "buckets")
 SOURCE_TREE: str | None = None  # --source: analyse with another checkout (e.g. the code before a change)
 TARGET_HEADS_PER_S = {"first": 20.0, "qwen": 5.0}
 TARGET_RATIO = 3.0
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         shape = dict(SHAPES[name])
-        for key in ("layers", "q_heads", "k_heads", "dim", "rows", "buckets"):
+        for key in SHAPE_KEYS:
             if getattr(args, key) is not None:
                 shape[key] = getattr(args, key)
         rows += measure(name, shape, args)

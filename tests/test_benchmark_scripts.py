@@ -1,0 +1,42 @@
+"""The per-head profiler of benchmarks/ runs on a small generated shape and its figures add up."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_profile_head_stages_add_up_to_the_head(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_head.py"), "--shape", "first", "--layers", "2",
+         "--q-heads", "4", "--k-heads", "2", "--dim", "16", "--rows", "1500", "--buckets", "8",
+         "--groups", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    head = re.search(r"first: (\d+) heads \((\d+) groups\), CPU per head ([\d.]+) ms", out)
+    assert head, out
+    assert (int(head[1]), int(head[2])) == (4, 2)  # 2 groups of 2 query heads after the warm-up group
+    rows = {m[1].strip(): (float(m[2]), float(m[3]))
+            for m in re.finditer(r"^ {2,}(\S.*?)\s+(-?[\d.]+) ms\s+(-?[\d.]+)%$", out, re.M)}
+    top = ["load: key shard + orientation sums (share of the group)", "load: query shard", "analyze_head"]
+    assert sum(rows[k][0] for k in top) == _approx(float(head[3]))
+    assert sum(rows[k][1] for k in top) == _approx(100.0, 0.2)
+    stages = ["canonical order (q and k)", "oriented queries X_q (float64 copy)", "position regression (2.3)",
+              "rotated query pass (2.4-2.6, bucket covariances)", "scalar predictability (2.4)",
+              "first-component normality (2.6)", "semantic normality + KS (2.6)", "pair plasticity (2.8)",
+              "aggregation", "other (small steps, result assembly)"]
+    assert sum(rows[k][0] for k in stages) == _approx(rows["analyze_head"][0])
+    assert rows["pair draws"][0] + rows["AP from moments"][0] <= rows["pair plasticity (2.8)"][0] + 0.2
+    assert all(rows[k][0] > 0 for k in ("rotated query pass (2.4-2.6, bucket covariances)", "pair plasticity (2.8)"))
+    floors = re.findall(r"^  (Arrow decode|quadratic forms|bucket covariances|KS sort).*?([\d.]+) ms$", out, re.M)
+    assert [f[0] for f in floors] == ["Arrow decode", "quadratic forms", "bucket covariances", "KS sort"], out
+
+
+def _approx(value, abs_tol=0.35):
+    import pytest
+
+    return pytest.approx(value, abs=abs_tol)  # each printed figure is rounded to 0.1 ms
