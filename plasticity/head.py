@@ -22,7 +22,7 @@ from .regression import (
     fit_rows,
     scalar_predictability_from_projection,
 )
-from .types import AnalysisParams, HeadResult, TokenArrays
+from .types import AnalysisParams, HeadResult, TokenArrays, canonical_sort_order
 from .weights import component_weights
 
 METRIC_KEYS = (
@@ -36,36 +36,6 @@ METRIC_KEYS = (
 def pair_rng_seed(seed: int, layer: int, q_head: int) -> int:
     """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (SPEC 2.8)."""
     return int(seed) + 10007 * int(layer) + 379 * int(q_head)
-
-
-def _sort_order(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """``np.lexsort((position, example_id, bucket))``, computed via one stable argsort of a packed
-    int64 key when all three are integral and fit in 63 bits (same permutation, faster)."""
-    n = bucket.shape[0]
-    if n == 0:
-        return np.zeros(0, np.int64)
-    keys = []
-    for col in (bucket, example_id, position):
-        col = np.asarray(col)
-        if col.dtype.kind == "f":
-            if not np.all(np.isfinite(col)) or np.any(col != np.floor(col)) or np.abs(col).max() > 2**53:
-                return np.lexsort((position, example_id, bucket))
-            col = col.astype(np.int64)
-        elif col.dtype.kind not in "iu":
-            return np.lexsort((position, example_id, bucket))
-        col = col.astype(np.int64, copy=False)
-        lo = int(col.min())
-        keys.append((col, lo, int(col.max()) - lo))
-    bits = [max(1, int(span).bit_length()) for _, _, span in keys]
-    if sum(bits) > 63:
-        return np.lexsort((position, example_id, bucket))
-    packed = np.zeros(n, np.int64)
-    for (col, lo, _), nb in zip(keys, bits):
-        packed <<= nb
-        packed |= col - lo
-    if np.all(packed[1:] >= packed[:-1]):
-        return np.arange(n, dtype=np.int64)
-    return np.argsort(packed, kind="stable").astype(np.int64)
 
 
 def stored_vectors(V: np.ndarray) -> np.ndarray:
@@ -92,7 +62,7 @@ def canonical_order(t: TokenArrays) -> np.ndarray:
     """Row order of `TokenArrays.canonical()` -- by (bucket, example_id, position) -- made total:
     rows that tie on all three are ordered by the bytes of their vectors, so the order depends only
     on the set of rows, never on the input order."""
-    order = _sort_order(np.asarray(t.bucket), np.asarray(t.example_id), np.asarray(t.position))
+    order = canonical_sort_order(np.asarray(t.bucket), np.asarray(t.example_id), np.asarray(t.position))
     n = order.shape[0]
     if n > 1:
         b, e, p = t.bucket[order], t.example_id[order], t.position[order]

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 import sql
 from plasticity.orientation import bucket_sums, merge_bucket_sums
-from plasticity.types import TokenArrays
+from plasticity.types import TokenArrays, canonical_sort_order
 from warehouse.catalog import ShardError, ShardInfo, to_numpy
 
 STREAM_BATCH_ROWS = 65536
@@ -148,11 +148,11 @@ def load_rows(con, info: ShardInfo, cap: int, seed: int, with_tokens: bool = Fal
     # so the order is total and a file already in that order needs no sort
     in_order = is_canonical(bucket, example_id, position)
     if rows is None:
-        order = None if in_order else np.lexsort((position, example_id, bucket))
+        order = None if in_order else canonical_sort_order(bucket, example_id, position)
     elif in_order:
         order = np.sort(rows)
     else:
-        order = rows[np.lexsort((position[rows], example_id[rows], bucket[rows]))]
+        order = rows[canonical_sort_order(bucket[rows], example_id[rows], position[rows])]
     tokens = None
     if "token_str" in columns:
         tokens = table.column("token_str").to_numpy(zero_copy_only=False)
