@@ -182,3 +182,31 @@ def test_catalog_lists_every_shard_profiled_when_only_some_layers_run(small_data
             assert len(stored) == row["n_buckets"] > 1
     finally:
         con.close()
+
+
+def test_workers_do_not_rerun_the_parents_main_module(small_dataset, tmp_path):
+    # Spawned workers would otherwise import the parent's __main__ (Dagster's or pytest's command
+    # line in practice); here a main script that leaves a mark each time it is imported.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    marks = tmp_path / "imports.txt"
+    script = tmp_path / "main_script.py"
+    repo = Path(__file__).resolve().parent.parent
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        f"open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "from warehouse.config import load_config\n"
+        "from warehouse.pipeline import analyze_dataset\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = load_config(None, {{'warehouse': {str(tmp_path / 'w.duckdb')!r}, 'max_workers': 2, 'attention': False}})\n"
+        f"    s = analyze_dataset(cfg, {str(small_dataset)!r}, model='m', progress=False)\n"
+        "    assert s.n_done == s.n_heads and not s.n_errors, s\n"
+        "    assert __file__ == sys.argv[0] and __spec__ is None  # the parent's own module is restored\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert len(marks.read_text().split()) == 1  # imported by the parent only

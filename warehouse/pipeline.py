@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import multiprocessing as mp
 import os
+import sys
 import time
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -280,9 +281,33 @@ def _warm_up() -> int:
 
 
 @contextmanager
+def _parent_main_hidden() -> Iterator[None]:
+    """Start spawned processes without re-running this process's ``__main__`` in them.
+
+    multiprocessing's spawn imports the parent's main module in every child, so that functions
+    defined there can be unpickled. The pool runs only functions of this package, and when the
+    parent is Dagster (a run launched from the UI, `dagster asset materialize`) or pytest, that
+    module is their command line: about a second of imports per worker, for nothing. Without a
+    ``__file__`` and a ``__spec__`` the main module is not re-imported (as for ``python -c``)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+@contextmanager
 def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     """A pool of `workers` spawned processes, already importing the analysis code while the caller
-    does other work (None when workers <= 1: compute runs in this process)."""
+    does other work (None when workers <= 1: compute runs in this process). The workers do not
+    import the caller's ``__main__`` (see `_parent_main_hidden`): submit functions of this package."""
     if workers <= 1:
         yield None
         return
@@ -292,8 +317,9 @@ def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     try:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-            for _ in range(workers):
-                pool.submit(_warm_up)
+            with _parent_main_hidden():  # each submit starts one worker while none is idle
+                for _ in range(workers):
+                    pool.submit(_warm_up)
             yield pool
     finally:
         for var, value in saved.items():
