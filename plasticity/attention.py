@@ -135,6 +135,7 @@ _SPLIT_FACTOR = 4  # a chunk of _ROW_MIN rows may exceed the budget this much be
 _ROW_TARGET = 64  # default queries per chunk
 _ROW_MIN = 16  # ... and the fewest, however many keys
 _TILE = 32  # scores are computed in T x T tiles (one BLAS call each)
+_SCORE_BLOCK_ROWS = 128  # query rows of scores computed at once and sliced for the chunks
 _KEFF_BLOCK = 32  # k_eff: block width of the two-level cumulative sum
 _SHIFT = 2  # scales m / 2**_SHIFT with m <= _MAX_POWER use powers of one exp
 _MAX_POWER = 64
@@ -340,18 +341,57 @@ def _tile_scores(qt: np.ndarray, kt: np.ndarray, out: np.ndarray) -> None:
     np.matmul(qt[:, :, None], kt[:, None].swapaxes(-1, -2), out=view)
 
 
-def _chunk_scores(qpad: np.ndarray, kpad: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+def _chunk_scores(qpad: np.ndarray, kpad: np.ndarray, r0: int, r1: int, c0: int, c1: int,
+                  buf: np.ndarray | None = None) -> np.ndarray:
     """Scores of query rows [r0, r1) and key rows [c0, c1) of the tile-padded, pre-scaled
     arrays ``qpad`` (b, nq_pad, d) and ``kpad`` (b, nk_pad, d): a (b, r1-r0, c1-c0) view
-    of a workspace array (valid until the next call)."""
+    of a workspace array (valid until the next call), or of ``buf`` (1-D, large enough for
+    the whole tiles) when given."""
     t = _TILE
     b, _, d = qpad.shape
     t0, t1 = r0 // t, -(-r1 // t)
     u0, u1 = c0 // t, -(-c1 // t)
-    out = _WS.get("tiles", (b, (t1 - t0) * t, (u1 - u0) * t))
+    shape = (b, (t1 - t0) * t, (u1 - u0) * t)
+    out = _WS.get("tiles", shape) if buf is None else buf[: math.prod(shape)].reshape(shape)
     _tile_scores(qpad[:, t0 * t : t1 * t].reshape(b, t1 - t0, t, d),
                  kpad[:, u0 * t : u1 * t].reshape(b, u1 - u0, t, d), out)
     return out[:, r0 - t0 * t : r1 - t0 * t, c0 - u0 * t : c1 - u0 * t]
+
+
+class _ScoreBlocks:
+    """Scores of one batch of examples, computed a block of query rows at a time and sliced
+    for each chunk.
+
+    A chunk needs its rows plus the earlier partner rows of its query-variation pairs, and
+    the tile grid rounds both ends out to whole tiles: computed chunk by chunk, a chunk of 16
+    rows (wide examples) costs two or three 32-row tiles of scores. A block of
+    ``block_rows`` tile-aligned rows over every key its last row may see serves several
+    consecutive chunks. The scores are the same tiles (`_chunk_scores`), so the same values.
+    """
+
+    def __init__(self, qpad, kpad, qpos, kpos, window, block_rows: int):
+        self.qpad, self.kpad, self.qpos, self.kpos = qpad, kpad, qpos, kpos
+        self.window, self.block_rows = window, block_rows
+        self.rows = self.cols = (0, 0)
+        self.block = self.buf = None
+
+    def chunk(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Scores of query rows [r0, r1) and key rows [c0, c1): a (b, r1-r0, c1-c0) view."""
+        (R0, R1), (C0, C1) = self.rows, self.cols
+        if not (R0 <= r0 and r1 <= R1 and C0 <= c0 and c1 <= C1):
+            t, nq, nk = _TILE, self.qpos.shape[0], self.kpos.shape[0]
+            R0 = r0 // t * t
+            R1 = min(-(-nq // t) * t, max(-(-r1 // t) * t, R0 + self.block_rows))
+            # keys up to one past the last visible to the block's last row (as the chunks take)
+            hi = int(np.searchsorted(self.kpos, self.qpos[min(R1, nq) - 1], side="right")) + 1
+            C0, C1 = c0, max(c1, min(nk, hi))
+            b = self.qpad.shape[0]
+            size = b * (R1 - R0) * (-(-C1 // t) - C0 // t) * t  # whole tiles
+            if self.buf is None or self.buf.size < size:
+                self.buf = np.empty(size)
+            self.block = _chunk_scores(self.qpad, self.kpad, R0, R1, C0, C1, buf=self.buf)
+            self.rows, self.cols = (R0, R1), (C0, C1)
+        return self.block[:, r0 - R0 : r1 - R0, c0 - C0 : c1 - C0]
 
 
 def _scores(qv: np.ndarray, kv: np.ndarray, inv_sqrt_d: float) -> np.ndarray:
@@ -643,6 +683,7 @@ def _scan(q, k, scales, window, local_window, chunk_size, want_extras, deltas=()
         pairs = {dlt: _pairs(qpos, dlt) for dlt in deltas}
         width_max = nk if window is None else min(nk, _ROW_TARGET + window + 2)
         step = _rows_per_chunk(chunk_size, width_max * n_s, max_delta)
+        blocks: dict = {}  # (e0, e1) -> _ScoreBlocks of that batch of examples
         for s0 in range(0, nq, step):
             s1 = min(nq, s0 + step)
             pq = qpos[s0:s1]
@@ -665,12 +706,28 @@ def _scan(q, k, scales, window, local_window, chunk_size, want_extras, deltas=()
                 bsz = max(1, _BLOCK_BUDGET // (unit * n_sg))
             if n_sg not in plans:
                 plans[n_sg] = [_ScalePlan(scales, range(i, min(n_s, i + n_sg))) for i in range(0, n_s, n_sg)]
+            used = {}
             for e0 in range(0, n_ex, bsz):
                 e1 = min(n_ex, e0 + bsz)
+                sb = used[e0, e1] = blocks.get((e0, e1)) or _ScoreBlocks(
+                    qpad[e0:e1], kpad[e0:e1], qpos, kpos, window,
+                    _block_rows(ch.rows_all, e1 - e0, width_max, chunk_size is not None))
                 bcodes = None if codes is None else (codes[0][e0:e1, s0:s1], codes[1][e0:e1, lo:hi])
                 for plan in plans[n_sg]:
-                    _batch(acc, ch, qpad[e0:e1], kpad[e0:e1], qidx[e0:e1, s0:s1], plan, want_extras, bcodes)
+                    _batch(acc, ch, sb, qidx[e0:e1, s0:s1], plan, want_extras, bcodes)
+            blocks = used  # batches change with the chunk width: keep only the current ones
     return acc
+
+
+def _block_rows(rows_all: int, b: int, width: int, explicit_chunk: bool) -> int:
+    """Query rows of a `_ScoreBlocks` block: whole tiles covering a chunk wherever it starts,
+    and up to _SCORE_BLOCK_ROWS when b x rows x width stays within twice the budget (an
+    explicit ``chunk_size`` keeps blocks to the chunk, so it still bounds the memory)."""
+    need = (-(-rows_all // _TILE) + 1) * _TILE
+    if explicit_chunk:
+        return need
+    fit = 2 * _BLOCK_BUDGET // max(1, b * width) // _TILE * _TILE
+    return max(need, min(_SCORE_BLOCK_ROWS, fit))
 
 
 class _ScalePlan:
@@ -690,14 +747,15 @@ class _ScalePlan:
         self.sign = np.array([1.0 if (m is not None and m % 2 == 0) else -1.0 for m in self.m])[:, None, None]
 
 
-def _batch(acc, ch, qpad, kpad, rows, plan, want_extras, codes):
-    """All metrics of one chunk for a batch of examples (rows: (b, chunk) query indices).
+def _batch(acc, ch, scores, rows, plan, want_extras, codes):
+    """All metrics of one chunk for a batch of examples (rows: (b, chunk) query indices;
+    scores: their `_ScoreBlocks`).
 
     Weights of every scale are stacked on a leading axis: P (S, b, chunk, keys)."""
     b = rows.shape[0]
     n_x, width, n_r = ch.n_x, ch.width, ch.s1 - ch.s0
     n_s = len(plan.scales)
-    x = _chunk_scores(qpad, kpad, ch.x0, ch.s1, ch.lo, ch.hi)
+    x = scores.chunk(ch.x0, ch.s1, ch.lo, ch.hi)
     a_all = _WS.get("a", x.shape)  # shifted scores: 0 at each row's max, <= 0 elsewhere
     np.multiply(x, ch.mf_all, out=a_all)
     a_all += ch.madd_all

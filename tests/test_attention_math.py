@@ -271,22 +271,32 @@ def test_chunked_equals_unchunked(window):
 
 
 def test_default_chunk_respects_budget(monkeypatch):
-    seen = []
-    real = att._chunk_scores
+    seen, blocks = [], []
+    real_chunk, real_scores = att._ScoreBlocks.chunk, att._chunk_scores
 
-    def spy(*args):
-        block = real(*args)
-        seen.append(block.size)  # examples x (chunk rows + partner rows) x keys
+    def spy_chunk(self, *args):
+        view = real_chunk(self, *args)
+        seen.append(view.size)  # examples x (chunk rows + partner rows) x keys
+        return view
+
+    def spy_scores(qpad, kpad, r0, r1, c0, c1, buf=None):
+        block = real_scores(qpad, kpad, r0, r1, c0, c1, buf)
+        blocks.append(block.shape)
         return block
 
     monkeypatch.setattr(att, "_BLOCK_BUDGET", 3000)
-    monkeypatch.setattr(att, "_chunk_scores", spy)
+    monkeypatch.setattr(att._ScoreBlocks, "chunk", spy_chunk)
+    monkeypatch.setattr(att, "_chunk_scores", spy_scores)
     rng = np.random.default_rng(7)
     q, k = dense_head(rng, n_ex=2, n_pos=80, d=4)
     ref = head_attention_metrics(q, k, chunk_size=10_000)
+    assert len(seen) == len(blocks) == 1 and seen[0] > 3000  # the explicit chunk took everything at once
+    seen.clear(), blocks.clear()
     got = head_attention_metrics(q, k)
-    assert len(seen) > 4 + 1 and max(seen[1:]) <= 3000
-    assert seen[0] > 3000  # the explicit chunk took everything at once
+    assert len(seen) > 4 and max(seen) <= 3000
+    # scores are computed a block of tile-aligned rows at a time, each block serving several chunks
+    assert len(blocks) < len(seen)
+    assert all(r % att._TILE == 0 and r <= att._SCORE_BLOCK_ROWS for _, r, _ in blocks)
     np.testing.assert_allclose(got[0]["entropy"], ref[0]["entropy"], rtol=1e-15, atol=1e-15, equal_nan=True)
     assert got[1]["qvar_pairs_distant"] == ref[1]["qvar_pairs_distant"] > 0
 
@@ -475,9 +485,9 @@ def test_scale_groups_and_batches_do_not_change_results(monkeypatch):
     t0, s0, w0 = head_attention_metrics(q, k)
     plans, real = [], att._batch
 
-    def spy(acc, ch, qpad, kpad, rows, plan, *args):
+    def spy(acc, ch, scores, rows, plan, *args):
         plans.append((rows.shape[0], len(plan.scales)))
-        return real(acc, ch, qpad, kpad, rows, plan, *args)
+        return real(acc, ch, scores, rows, plan, *args)
 
     monkeypatch.setattr(att, "_BLOCK_BUDGET", 1000)
     monkeypatch.setattr(att, "_batch", spy)
