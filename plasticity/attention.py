@@ -83,12 +83,14 @@ Memory
     (default 64), each over the key block it may see (keys up to the chunk's last
     position; with a window w only the last ~w + chunk keys, so O(n_q * (w + 64)) work).
     The weights of all scales of a batch of examples are stacked in one float64 array of
-    at most ``_BLOCK_BUDGET`` (524288) elements: wide key blocks get fewer rows per chunk
+    at most ``_BLOCK_BUDGET`` (1M) elements: wide key blocks get fewer rows per chunk
     (down to 16), then fewer examples per batch, and only past 4x the budget are the
     scales split into groups (which repeats the per-chunk exp and sort). About ten such
     arrays are live; they live in a per-thread workspace reused from chunk to chunk
-    (fresh pages cost a page fault each, several microseconds in a VM) -- ~30 MB for the
-    demo, ~40 MB for 8192 dense positions; ``release_workspace()`` frees it.
+    (fresh pages cost a page fault each, several microseconds in a VM) -- ~50 MB for the
+    demo, ~35 MB for 8192 dense positions; ``release_workspace()`` frees it. The scores
+    of a batch are computed for up to 128 query rows at a time (`_ScoreBlocks`, at most
+    twice the budget, or one chunk's rows) and sliced for the chunks inside them.
 
 Reproducibility
     Scores are computed in 32 x 32 tiles aligned to each example's query and key ranks,
