@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             res = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
             analyze += time.process_time() - t
             heads += 1 if i else 0
-            last = (q_info, q_rows, res)
+            last = (q_rows, res)
 
     ms = 1e3 / heads
     total = load_k + load_q + analyze
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         name = "  " * depth + label
         print(f"  {name:<{width}}  {sec * ms:7.1f} ms  {100 * sec / total:5.1f}%")
 
-    q_info, q_rows, res = last
+    q_rows, res = last
     n_pairs = int(np.sum(res.bucket_rows["n_pairs"]))
     n_buckets = int(np.unique(res.bucket_rows["q_bucket"]).shape[0])
     ks_cols = ks_columns(q_rows.d - 1, cfg.normality_max_dims, cfg.seed).shape[0]

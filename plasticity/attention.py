@@ -371,9 +371,9 @@ class _ScoreBlocks:
     consecutive chunks. The scores are the same tiles (`_chunk_scores`), so the same values.
     """
 
-    def __init__(self, qpad, kpad, qpos, kpos, window, block_rows: int):
+    def __init__(self, qpad, kpad, qpos, kpos, block_rows: int):
         self.qpad, self.kpad, self.qpos, self.kpos = qpad, kpad, qpos, kpos
-        self.window, self.block_rows = window, block_rows
+        self.block_rows = block_rows
         self.rows = self.cols = (0, 0)
         self.block = self.buf = None
 
@@ -712,7 +712,7 @@ def _scan(q, k, scales, window, local_window, chunk_size, want_extras, deltas=()
             for e0 in range(0, n_ex, bsz):
                 e1 = min(n_ex, e0 + bsz)
                 sb = used[e0, e1] = blocks.get((e0, e1)) or _ScoreBlocks(
-                    qpad[e0:e1], kpad[e0:e1], qpos, kpos, window,
+                    qpad[e0:e1], kpad[e0:e1], qpos, kpos,
                     _block_rows(ch.rows_all, e1 - e0, width_max, chunk_size is not None))
                 bcodes = None if codes is None else (codes[0][e0:e1, s0:s1], codes[1][e0:e1, lo:hi])
                 for plan in plans[n_sg]:
