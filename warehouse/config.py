@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
@@ -90,6 +91,7 @@ class RunConfig:
         layers resumes the same run instead of starting a new one.
         """
         keyed = {
+            "analysis_version": ANALYSIS_VERSION,  # what the numbers mean (plasticity.ANALYSIS_VERSION)
             "model": model,
             "revision": revision,
             "max_tokens_per_head": self.max_tokens_per_head,
