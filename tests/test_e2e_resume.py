@@ -9,14 +9,13 @@ on `analyze_head` and by the rows' DuckDB `rowid`s, which a delete and re-insert
 
 from __future__ import annotations
 
-import math
 import shutil
 
 import numpy as np
 import pytest
 
 import plasticity.head
-from test_bad_input import rewrite, set_vector_value
+from test_bad_input import rewrite, same as same_rows, set_vector_value
 from wiring_reference import SEED, reference_head, shard_path, write_wiring_dataset
 from warehouse import db
 from warehouse.config import load_config
@@ -49,14 +48,6 @@ def snapshot(cfg, run_id):
                              "WHERE model = $m AND run_id = $r ORDER BY ALL", p).fetchall()
         runs = con.execute("SELECT status, n_done, n_errors FROM runs WHERE model = $m AND run_id = $r", p).fetchall()
     return out, errors, runs
-
-
-def same_rows(a, b) -> bool:
-    return len(a) == len(b) and all(
-        ta == tb and len(ra) == len(rb)
-        and all(x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)) for x, y in zip(ra, rb))
-        for (ta, ra), (tb, rb) in zip(a, b)
-    )
 
 
 def test_a_head_that_failed_once_is_retried_and_the_others_are_left_alone(wiring_root, tmp_path, monkeypatch):
