@@ -10,8 +10,9 @@ query-count weighting of `ap_overall` (rel 1e-12), the position fits (rel 1e-9).
 
 Cases: the wiring dataset (tests/wiring_reference.py: GQA 4 q / 2 k heads, layer 1 windowed at
 exactly a bucket edge, very unequal query counts per bucket, key components that tell every
-wrong orientation apart) with both estimators, a cap below and above the shard sizes, one of them
-through the worker pool; and the real tiny-llama capture (6 q / 2 k heads) capped at 1500 rows.
+wrong orientation apart) with both estimators, a cap below and above the shard sizes; and the real
+tiny-llama capture (6 q / 2 k heads) capped at 1500 rows. One worker: that the worker pool gives the
+same bits is test_pipeline.py's test_same_seed_same_bits_across_workers_and_threads.
 """
 
 from __future__ import annotations
@@ -45,17 +46,16 @@ class Case:
     dataset: str  # "wiring" | "tinyllama"
     estimator: str
     cap: int
-    workers: int = 1
 
     @property
     def id(self) -> str:
-        return f"{self.dataset}-{self.estimator}-cap{self.cap}-w{self.workers}"
+        return f"{self.dataset}-{self.estimator}-cap{self.cap}"
 
 
 CASES = [
     Case("wiring", "bucket_full_cov", SMALL_CAP),
     Case("wiring", "bucket_full_cov", LARGE_CAP),
-    Case("wiring", "linear_diag", SMALL_CAP, workers=2),
+    Case("wiring", "linear_diag", SMALL_CAP),
     Case("wiring", "linear_diag", LARGE_CAP),
     Case("tinyllama", "bucket_full_cov", 1500),
 ]
@@ -105,7 +105,7 @@ def analysed(request, wiring_root, tmp_path_factory) -> Analysed:
     root = wiring_root if case.dataset == "wiring" else TINY_LLAMA
     num_layers, num_q, num_k = LAYOUT[case.dataset]
     cfg = load_config(None, {
-        "warehouse": str(tmp_path_factory.mktemp("wh") / "wh.duckdb"), "max_workers": case.workers,
+        "warehouse": str(tmp_path_factory.mktemp("wh") / "wh.duckdb"), "max_workers": 1,
         "attention": False, "estimator": case.estimator, "max_tokens_per_head": case.cap,
         "num_q_heads": num_q, "num_k_heads": num_k,
     })
