@@ -29,7 +29,7 @@ MODEL = "wiring-export"
 Q_HEADS = {0: [2, 10], 1: [2, 5, 10]}
 BAD_HEAD = (1, 5)
 FLAKY_HEAD = (1, 2)
-FILES = {  # table: (columns, sort key: how many leading columns are (layer, q_head, ...) sort keys)
+FILES = {  # table: (CSV columns, the columns the rows must be sorted by)
     "head_metrics": (SPEC_HEAD_COLUMNS, ("layer", "q_head")),
     "head_bucket_plasticity": (["layer", "q_head", "k_head", "q_bucket", "k_bucket", "plasticity", "n_pairs"],
                                ("layer", "q_head", "q_bucket", "k_bucket")),
