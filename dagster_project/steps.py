@@ -22,7 +22,7 @@ import pandas as pd
 import sql
 from dagster_project.registry import DEMO_MODEL, DatasetEntry
 from warehouse import db
-from warehouse.catalog import ShardInfo, infer_layout, read_dataset_card
+from warehouse.catalog import ShardInfo, infer_layout, infer_num_layers, read_dataset_card
 from warehouse.config import RunConfig
 
 
@@ -135,7 +135,7 @@ def catalog_revision(warehouse: str, model: str, lock_timeout_s: float = 60.0) -
 def layout_for(shards: list[ShardInfo], cfg: RunConfig) -> tuple[int, int, int]:
     """(num_layers, num_q_heads, num_k_heads): the config's, else inferred (as `build_catalog` does)."""
     if cfg.num_q_heads is not None:
-        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_layout(shards)[0]
+        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_num_layers(shards)
         return num_layers, cfg.num_q_heads, cfg.num_k_heads
     inferred = infer_layout(shards)
     return (cfg.num_layers if cfg.num_layers is not None else inferred[0]), inferred[1], inferred[2]

@@ -354,13 +354,21 @@ def profile_shard_sql(con: duckdb.DuckDBPyConnection, info: ShardInfo) -> ShardI
     return info
 
 
+def infer_num_layers(shards: list[ShardInfo]) -> int:
+    """Number of layers from the shard names present (the highest layer + 1); needs no head counts,
+    so configured head counts are never second-guessed by the shard names."""
+    if not shards:
+        raise ValueError("no shards (lXXhYYq, lXXhYYk) found")
+    return max(s.layer for s in shards) + 1
+
+
 def infer_layout(shards: list[ShardInfo]) -> tuple[int, int, int]:
     """(num_layers, num_q_heads, num_k_heads) from the shard names present."""
     q = [s for s in shards if s.kind == "q"]
     k = [s for s in shards if s.kind == "k"]
     if not q:
         raise ValueError("no query shards (lXXhYYq) found")
-    num_layers = max(s.layer for s in shards) + 1
+    num_layers = infer_num_layers(shards)
     num_q = max(s.head for s in q) + 1
     num_k = (max(s.head for s in k) + 1) if k else num_q
     if num_q % num_k:

@@ -27,7 +27,8 @@ from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
 from warehouse import db, results
 from warehouse.catalog import (
-    ShardError, ShardInfo, catalog_columns, find_shards, infer_layout, profile_shard, read_dataset_card,
+    ShardError, ShardInfo, catalog_columns, find_shards, infer_layout, infer_num_layers, profile_shard,
+    read_dataset_card,
 )
 from warehouse.config import RunConfig
 from warehouse.loading import load_rows
@@ -100,7 +101,7 @@ def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
     shards = find_shards(root, cfg.model_dir)
     if cfg.num_q_heads is not None:
         num_q, num_k = cfg.num_q_heads, cfg.num_k_heads
-        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_layout(shards)[0]
+        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_num_layers(shards)
     else:
         inferred = infer_layout(shards)
         num_layers = cfg.num_layers if cfg.num_layers is not None else inferred[0]
