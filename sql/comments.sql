@@ -119,7 +119,7 @@ COMMENT ON COLUMN head_errors.run_id IS 'Run in which the head failed';
 COMMENT ON COLUMN head_errors.layer IS 'Layer index';
 COMMENT ON COLUMN head_errors.q_head IS 'Query head index';
 COMMENT ON COLUMN head_errors.k_head IS 'Key head paired with the query head';
-COMMENT ON COLUMN head_errors.file IS 'Shard file the problem was found in';
+COMMENT ON COLUMN head_errors.file IS 'Shard file the problem was found in; NULL for a missing key shard';
 COMMENT ON COLUMN head_errors.problem IS 'Short problem category, e.g. missing_columns or missing_key_shard';
 COMMENT ON COLUMN head_errors.message IS 'Human-readable description naming the file and the problem';
 COMMENT ON COLUMN head_errors.recorded_at IS 'When the error was written, UTC';
