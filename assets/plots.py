@@ -19,12 +19,14 @@ from dagster_project.resources import DatasetsResource, HubResource, WarehouseRe
 PER_MODEL_PLOTS = {
     # asset name: (plot kind, source table, description)
     "plasticity_curves_plot": ("curves", "head_bucket_plasticity",
-                               "Per-bucket plasticity AP_j of every head (faint) and the mean over heads (bold)."),
+                               "Per-bucket plasticity AP_j of every head (faint) and the mean over heads (bold); "
+                               "heads coloured by layer or by curve shape when the plot config asks for it."),
     "bucket_heatmap_plot": ("heatmap", "head_bucket_plasticity",
                             "Query bucket x key bucket plasticity, aggregated over heads (mean or median)."),
     "component_weights_plot": ("components", "head_component_weights",
-                               "Mean share of linear positional information per rotated component "
-                               "(each head normalised to sum 1 first)."),
+                               "Mean share of linear positional information per query dimension (the head's own "
+                               "basis; each head normalised to sum 1 first), with 95% bootstrap intervals of the "
+                               "mean over heads."),
 }
 
 

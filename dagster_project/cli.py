@@ -148,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nmean |ap_overall - ap_true| over {len(errs)} heads: {sum(errs) / len(errs):.4f}")
     _print_summary(summary)
     print(f"warehouse: {cfg.warehouse}\ncsv: {out}/")
-    print(f'try: plasticity sql "SELECT layer, avg(ap_overall) FROM head_metrics GROUP BY layer ORDER BY layer" --warehouse {cfg.warehouse}')
+    print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_errors == 0 else 1
 
@@ -198,7 +198,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from warehouse.config import DEFAULT_WAREHOUSE
 
-    parser = argparse.ArgumentParser(prog="plasticity", description="Attention-plasticity warehouse")
+    parser = argparse.ArgumentParser(
+        prog="plasticity", description="Attention-plasticity warehouse",
+        epilog="What every table and column means (formula, range, units, estimation, caveats): docs/metrics.md "
+               "in the repository; the same one-line texts are DuckDB comments: plasticity sql \"SELECT table_name, "
+               "column_name, comment FROM duckdb_columns() WHERE NOT internal\"")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate the synthetic demo dataset, analyse it, print a summary")

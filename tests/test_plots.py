@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from dagster_project.cli import main
 from warehouse import plots
@@ -54,7 +55,45 @@ def test_bucket_curves_average_non_nan_cells():
     assert c[(1, 0, 2)] == pytest.approx(0.5)  # the NaN cell is skipped, not counted as 0
     trends = plots.head_trends(plots.bucket_curves(cells()))
     assert trends[(0, 0, 0)] == "rising" and trends[(0, 1, 0)] == "falling"
-    assert trends[(1, 0, 0)] == "mixed"  # two non-NaN buckets only
+    assert trends[(1, 0, 0)] == "flat"  # 0.5 then 0.5: the NaN-only bucket 1 is left out
+
+
+def brute_rise_fall(y):
+    pairs = [(y[j] - y[i]) for i in range(len(y)) for j in range(i + 1, len(y))]
+    return max([0.0] + pairs), max([0.0] + [-p for p in pairs])
+
+
+TREND_CASES = {
+    "rising": [0.1, 0.3, 0.29, 0.5],            # a 0.01 wobble is noise
+    "falling": [0.9, 0.7, 0.71, 0.2],
+    "flat": [0.50, 0.51, 0.495, 0.505],
+    "dip": [0.8, 0.4, 0.2, 0.21, 0.5, 0.9],     # down, a noisy bottom, up
+    "peak": [0.2, 0.6, 0.9, 0.6, 0.3],
+    "mixed": [0.2, 0.8, 0.2, 0.8],              # turns twice
+    "one bucket": [0.4],
+}
+
+
+@pytest.mark.parametrize("expected", sorted(TREND_CASES))
+def test_trend_classes_on_constructed_curves(expected):
+    y = TREND_CASES[expected]
+    assert plots.trend_class(np.array(y)) == expected
+    assert plots.rise_and_fall(np.array(y)) == pytest.approx(brute_rise_fall(y), abs=1e-15)
+
+
+def test_trend_tolerance_edges():
+    tol = 0.125  # binary fractions, so "exactly tol" is exact
+    assert plots.trend_class(np.array([0.25, 0.5, 0.375, 0.75]), tol) == "rising"  # a drop of exactly tol is noise
+    assert plots.trend_class(np.array([0.25, 0.5, 0.25, 0.75]), tol) == "mixed"  # up, down, up
+    assert plots.trend_class(np.array([0.5, 0.625]), tol) == "flat"
+    assert plots.trend_class(np.array([0.5, 0.75]), tol) == "rising"
+    # a monotone-looking curve that ends in a dip deeper than tol is not "falling"
+    assert plots.trend_class(np.array([0.9, 0.6, 0.3, 0.5])) == "dip"
+    assert plots.trend_class(np.array([0.9, 0.6, 0.3, 0.5]), tol=0.3) == "falling"
+    rng = np.random.default_rng(5)
+    for _ in range(200):  # rise/fall against the O(n^2) definition
+        y = rng.random(int(rng.integers(1, 9)))
+        assert plots.rise_and_fall(y) == pytest.approx(brute_rise_fall(list(y)), abs=1e-15)
 
 
 def test_heatmap_matrix_mean_and_median():
@@ -76,6 +115,12 @@ def test_component_weights_are_normalised_per_head_before_averaging():
     assert means.tolist() == pytest.approx([(0.5 + 0.5 + 1 / 3) / 3, (0.25 + 0.25 + 1 / 3) / 3, (0.25 + 0.25 + 1 / 3) / 3])
 
 
+def _outside(fig, ax, legend) -> bool:
+    """The legend's box lies right of the axes' box (drawn, in display coordinates)."""
+    fig.canvas.draw()
+    return legend.get_window_extent().x0 >= ax.get_window_extent().x1
+
+
 def test_curves_figure_draws_every_head_and_the_mean():
     opts = plots.load_plot_options("curves", bucket_min_size=64, color_by_layer=True, model_name="toy")
     res = plots.plot_plasticity_curves(cells(), opts)
@@ -87,10 +132,45 @@ def test_curves_figure_draws_every_head_and_the_mean():
     want = plots.bucket_curves(cells()).groupby("q_bucket")["plasticity"].mean().tolist()
     assert mean_line.get_ydata().tolist() == pytest.approx(want)
     assert res.summary["mean_plasticity"].tolist() == pytest.approx(want)
-    colors = {tuple(ln.get_color()) for ln in lines if ln is not mean_line}
-    assert len(colors) == 2  # one colour per layer
-    assert len(res.figure.axes) == 2  # the layer colour bar
+    colors = plots.layer_colors([0, 1])
+    assert [tuple(ln.get_color()) for ln in lines if ln is not mean_line] == [colors[0], colors[0], colors[1]]
+    # a discrete key: one legend entry per layer with its head count, no continuous colour bar
+    assert len(res.figure.axes) == 1
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 0 (2)", "layer 1 (1)", "mean over heads"]
+    assert [tuple(h.get_color()) for h in legend.legend_handles[:2]] == [colors[0], colors[1]]
+    assert _outside(res.figure, ax, legend)
     assert res.n_heads == 3 and res.n_rows == len(cells()) and "toy" in ax.get_title()
+
+
+def test_many_layers_get_a_discrete_colour_bar():
+    n_layers = plots.LAYER_LEGEND_MAX + 3
+    many = pd.concat([cells().assign(layer=layer) for layer in range(n_layers)], ignore_index=True)
+    res = plots.plot_plasticity_curves(many, plots.load_plot_options("curves", color_by_layer=True))
+    fig = res.figure
+    assert len(fig.axes) == 2
+    bar_ax = fig.axes[1]
+    ticks = bar_ax.get_yticks()
+    assert len(ticks) >= 2 and np.all(ticks == np.round(ticks))  # integer layers only, no 0.5 ticks
+    solids = next(c for c in bar_ax.collections if type(c).__name__ == "QuadMesh")  # the colour bar's blocks
+    assert list(solids.norm.boundaries) == [x - 0.5 for x in range(n_layers + 1)]  # one block per layer
+    assert solids.cmap.N == n_layers
+    colors = plots.layer_colors(range(n_layers))
+    assert [tuple(solids.cmap(i)) for i in range(n_layers)] == [colors[la] for la in range(n_layers)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mean over heads"]
+
+
+def test_color_trend_legend_is_outside_and_counts_shapes():
+    res = plots.plot_plasticity_curves(cells(), plots.load_plot_options("curves", color_trend=True))
+    ax = res.figure.axes[0]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["rising (1)", "falling (1)", "flat (1)", "mean over heads"]
+    assert _outside(res.figure, ax, legend)
+    from matplotlib.colors import to_rgba
+
+    colors = [to_rgba(ln.get_color()) for ln in ax.get_lines()][:3]  # heads in (layer, q_head) order
+    assert colors == [to_rgba(plots.TREND_COLORS[t]) for t in ("rising", "falling", "flat")]
+    assert res.extra["trends"] == {"rising": 1, "falling": 1, "flat": 1}
 
 
 def test_heatmap_figure_values_and_axes():
@@ -108,10 +188,46 @@ def test_heatmap_figure_values_and_axes():
     assert ax.get_title() == "T"
 
 
-def test_component_bars_heights():
+def test_component_bars_heights_and_interval_bars():
     res = plots.plot_component_weights(weights(), plots.load_plot_options("components"))
-    heights = [p.get_height() for p in res.figure.axes[0].patches]
-    assert heights == pytest.approx(plots.component_means(weights())["mean_weight"].tolist())
+    ax = res.figure.axes[0]
+    means = plots.component_means(weights())
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == pytest.approx(means["mean_weight"].tolist())
+    segments = [np.asarray(seg) for seg in ax.collections[0].get_segments()]
+    drawn = np.array([(s[0, 0], s[0, 1], s[1, 1]) for s in segments])
+    np.testing.assert_allclose(drawn, means[["component", "ci_low", "ci_high"]].to_numpy(dtype=float), rtol=1e-12)
+    assert all(0.0 <= s[:, 1].min() and s[:, 1].max() <= 1.0 for s in segments)
+    assert "95% bootstrap interval of the mean" in ax.get_title()
+    assert ax.get_xlabel() == "query dimension (the head's own basis)"
+
+
+def test_bootstrap_mean_interval():
+    rng = np.random.default_rng(1)
+    w = rng.dirichlet(np.full(6, 0.3), size=40)  # 40 heads, skewed weights summing to 1
+    low, high = plots.bootstrap_mean_interval(w)
+    again = plots.bootstrap_mean_interval(w)
+    assert np.array_equal(low, again[0]) and np.array_equal(high, again[1])  # same seed, same bits
+    assert np.all(w.min(axis=0) <= low) and np.all(high <= w.max(axis=0)) and np.all(low <= high)
+    assert np.all((low <= w.mean(axis=0)) & (w.mean(axis=0) <= high))
+    # the percentile bootstrap of scipy, with many more resamples, agrees within Monte Carlo error
+    ref = stats.bootstrap((w,), np.mean, axis=0, method="percentile", n_resamples=20000, rng=np.random.default_rng(2))
+    assert np.abs(low - ref.confidence_interval.low).max() < 0.01
+    assert np.abs(high - ref.confidence_interval.high).max() < 0.01
+    # closed forms: identical heads give a zero-width interval; one head its own values
+    same = np.tile([0.7, 0.2, 0.1], (5, 1))
+    assert np.array_equal(plots.bootstrap_mean_interval(same)[0], same[0])
+    assert np.array_equal(plots.bootstrap_mean_interval(same[:1])[1], same[0])
+    # two heads 0 and 1: resample means k/2, k ~ Binomial(2, 1/2): 2.5% and 97.5% quantiles 0 and 1
+    lo2, hi2 = plots.bootstrap_mean_interval(np.array([[0.0], [1.0]]))
+    assert (lo2[0], hi2[0]) == (0.0, 1.0)
+
+
+def test_component_means_refuse_heads_of_different_width():
+    w = weights()
+    w = w[~((w["layer"] == 1) & (w["component"] == 2))]
+    with pytest.raises(ValueError, match="different numbers of components"):
+        plots.component_means(w)
 
 
 def test_model_comparison_lines_per_model():
@@ -184,3 +300,65 @@ def test_plot_command_errors_are_clear(tmp_path, capsys):
     assert main(["plot", "curves", "--warehouse", str(tmp_path / "none.duckdb"), "--model", "m"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def sweep_frame(curves: dict[tuple[int, int], dict[str, list[float]]], gains: dict) -> pd.DataFrame:
+    """A `scale_sweep_data`-shaped frame from {(layer, q_head): {metric: values at 5 scales}}."""
+    rows = []
+    for (layer, q_head), per_metric in curves.items():
+        for metric, values in per_metric.items():
+            for scale, v in zip((0.5, 0.75, 1.0, 1.25, 1.5), values):
+                rows.append({"layer": layer, "q_head": q_head, "k_head": 0, "head": f"L{layer} H{q_head}",
+                             "gain": gains[(layer, q_head)], "scale": scale, "metric": metric, "value": v})
+    return pd.DataFrame(rows)
+
+
+FLAT = {"entropy": [5.0, 4.9, 4.8, 4.7, 4.6], "max_attn": [0.02, 0.03, 0.04, 0.05, 0.06]}
+SHARP = {"entropy": [3.0, 2.0, 1.5, 1.0, 0.8], "max_attn": [0.3, 0.5, 0.6, 0.7, 0.8]}
+
+
+def test_coinciding_heads_groups_curves_drawn_on_top_of_each_other():
+    from warehouse.attention_plots import COINCIDE_REL_TOL, coinciding_heads
+
+    nudge = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 0.9 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
+    apart = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 3 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
+    data = sweep_frame({(0, 0): FLAT, (0, 1): FLAT, (1, 0): SHARP, (1, 1): nudge, (2, 0): apart},
+                       {(0, 0): 0.02, (0, 1): 0.02, (1, 0): 0.4, (1, 1): 0.02, (2, 0): 0.02})
+    # entropy range over all heads: 5.126 - 0.8 = 4.326, so 1% is 0.0433: 0.0378 apart coincides, 0.126 not
+    same = coinciding_heads(data)
+    assert same["L0 H0"] == ["L0 H1", "L1 H1"] and same["L0 H1"] == ["L0 H0", "L1 H1"]
+    assert same["L1 H0"] == [] and same["L2 H0"] == []
+    # groups close transitively: a ~ b and b ~ c put a and c together even when a and c are 1.8% apart
+    step = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 0.9 for v in nudge["entropy"]], "max_attn": FLAT["max_attn"]}
+    chain = coinciding_heads(sweep_frame({(0, 0): FLAT, (0, 1): nudge, (0, 2): step, (1, 0): SHARP},
+                                         {(0, 0): 0.0, (0, 1): 0.0, (0, 2): 0.0, (1, 0): 0.0}))
+    assert chain["L0 H0"] == ["L0 H1", "L0 H2"]
+    # equal in one metric but not the other: drawn apart in that panel, so not coinciding
+    half = sweep_frame({(0, 0): FLAT, (0, 1): {"entropy": FLAT["entropy"], "max_attn": SHARP["max_attn"]}},
+                       {(0, 0): 0.0, (0, 1): 0.0})
+    assert coinciding_heads(half) == {"L0 H0": [], "L0 H1": []}
+
+
+def test_scale_drawing_keeps_identical_heads_distinguishable():
+    from warehouse.attention_plots import draw_scale_sweep
+
+    data = sweep_frame({(0, 0): FLAT, (0, 1): FLAT, (0, 2): FLAT, (1, 0): SHARP},
+                       {(0, 0): 0.024, (0, 1): 0.024, (0, 2): 0.024, (1, 0): 0.4})
+    fig = draw_scale_sweep(data, ["entropy", "max_attn"], "toy")
+    for ax, metric in zip(fig.axes, ["entropy", "max_attn"]):
+        lines = ax.get_lines()
+        assert [ln.get_label() for ln in lines] == ["L0 H0", "L0 H1", "L0 H2", "L1 H0"]
+        assert len({ln.get_marker() for ln in lines}) == 4 and len({str(ln.get_linestyle()) for ln in lines}) == 4
+        assert all(ln.get_markerfacecolor() == "none" for ln in lines)  # open markers show through
+        sizes = [ln.get_markersize() for ln in lines]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]  # nested, not hidden
+        for ln, head in zip(lines, ["L0 H0", "L0 H1", "L0 H2", "L1 H0"]):
+            want = data[(data["head"] == head) & (data["metric"] == metric)].sort_values("scale")
+            assert ln.get_xdata().tolist() == want["scale"].tolist()
+            assert ln.get_ydata().tolist() == want["value"].tolist()
+    legend = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "L0 H0 (gain 0.024) = L0 H1, L0 H2", "L0 H1 (gain 0.024) = L0 H0, L0 H2",
+        "L0 H2 (gain 0.024) = L0 H0, L0 H1", "L1 H0 (gain 0.400)"]
+    assert "coinciding curves (3 of 4 heads)" in legend.get_title().get_text()
+    assert _outside(fig, fig.axes[-1], legend)

@@ -35,7 +35,9 @@ __all__ = [
     "scale_sweep_data",
     "class_counts_data",
     "default_heads",
+    "coinciding_heads",
     "plot_scale_sweep",
+    "draw_scale_sweep",
     "plot_attention_classes",
     "add_attention_plot_parser",
     "cmd_attention_plot",
@@ -61,6 +63,12 @@ CLASSES = ("sharp", "medium", "uniform", "unknown")
 CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9"}
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 N_DEFAULT_EACH = 3  # default heads: this many highest-gain and lowest-gain heads
+#: scale plot: curves closer than this fraction of a panel's value range at every scale look identical
+COINCIDE_REL_TOL = 0.01
+# colour-blind-safe (Okabe-Ito), neighbours far apart
+HEAD_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#000000", "#E69F00", "#56B4E9")
+HEAD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+HEAD_DASHES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,39 @@ def _save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
     return path
 
 
+def coinciding_heads(data: pd.DataFrame, rel_tol: float = COINCIDE_REL_TOL) -> dict[str, list[str]]:
+    """For every head of a `scale_sweep_data` frame, the other heads whose curves coincide with
+    its own: heads a and b coincide when, in every metric, ``max_scale |a - b| <= rel_tol * range``
+    (``range`` = max - min of that metric over all heads and scales, or 1 when it is 0), i.e. they
+    would be drawn on top of each other. Groups are closed transitively (a ~ b and b ~ c put a,
+    b, c together). Heads in (layer, q_head) order."""
+    import numpy as np
+
+    heads = list(dict.fromkeys(data.sort_values(["layer", "q_head"])["head"]))
+    wide = data.pivot_table(index="head", columns=["metric", "scale"], values="value", aggfunc="first").loc[heads]
+    values = wide.to_numpy(dtype=np.float64)
+    metric_of = wide.columns.get_level_values("metric").to_numpy()
+    span = np.ones(values.shape[1])
+    for m in set(metric_of):
+        cols = metric_of == m
+        finite = values[:, cols][np.isfinite(values[:, cols])]
+        rng = float(finite.max() - finite.min()) if finite.size else 0.0
+        span[cols] = rng if rng > 0 else 1.0
+    diff = np.abs(values[:, None, :] - values[None, :, :]) / span
+    both_nan = np.isnan(values[:, None, :]) & np.isnan(values[None, :, :])
+    close = np.all(np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf)) <= rel_tol, axis=2)
+    group = list(range(len(heads)))  # union-find over the "close" relation
+
+    def root(i):
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(close, 1))):
+        group[root(int(j))] = root(int(i))
+    return {h: [o for j, o in enumerate(heads) if j != i and root(j) == root(i)] for i, h in enumerate(heads)}
+
+
 def plot_scale_sweep(
     warehouse: str | os.PathLike,
     model: str,
@@ -215,25 +256,37 @@ def plot_scale_sweep(
     dpi: int = 110,
     timeout_s: float = 60.0,
 ) -> AttentionPlot:
-    """One panel per metric: the per-head mean against the query scale (log axis), one line
-    per head, labelled with its gain (slope of mean max_attn vs log scale)."""
-    import pandas as pd
-
-    import seaborn as sns
-
+    """`draw_scale_sweep` of the run's sweep (`scale_sweep_data`), written to ``out_path``."""
     run_id, data = scale_sweep_data(warehouse, model, run_id, heads, metrics, timeout_s)
-    metrics = list(dict.fromkeys(metrics))
-    labels = {h: f"{h} (gain {g:.3f})" if pd.notna(g) else f"{h} (gain n/a)"
-              for h, g in data.drop_duplicates("head")[["head", "gain"]].itertuples(index=False)}
-    plot_df = data.assign(label=data["head"].map(labels))
-    hue_order = list(dict.fromkeys(plot_df["label"]))
-    scales = sorted(plot_df["scale"].unique())
-    fig = _figure(4.2 * len(metrics) + 1.5, 4.2)
+    fig = draw_scale_sweep(data, list(dict.fromkeys(metrics)), f"{model}: attention vs query scale (run {run_id})")
+    return AttentionPlot(_save_png(fig, out_path, dpi), data, run_id, "scale")
+
+
+def draw_scale_sweep(data: pd.DataFrame, metrics: Sequence[str], title: str):
+    """One panel per metric: the per-head mean against the query scale (log axis), one line per
+    head with its own colour, marker and dash, labelled with its gain (slope of mean max_attn vs
+    log scale). Heads whose curves coincide (`coinciding_heads`) are named together in the legend,
+    and their open markers of different shapes and sizes stay visible on top of each other."""
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.lines import Line2D
+
+    gains = dict(data.drop_duplicates("head")[["head", "gain"]].itertuples(index=False))
+    order = list(dict.fromkeys(data.sort_values(["layer", "q_head"])["head"]))
+    same = coinciding_heads(data)
+    palette = HEAD_COLORS if len(order) <= len(HEAD_COLORS) else sns.color_palette("husl", len(order))
+    style = {h: {"color": palette[i], "marker": HEAD_MARKERS[i % len(HEAD_MARKERS)],
+                 "linestyle": HEAD_DASHES[i % len(HEAD_DASHES)], "markersize": 9.0 - 4.0 * i / max(1, len(order) - 1),
+                 "markerfacecolor": "none", "markeredgewidth": 1.4, "linewidth": 1.5}
+             for i, h in enumerate(order)}
+    scales = sorted(data["scale"].unique())
+    fig = _figure(4.2 * len(metrics) + 2.8, 4.4)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for i, (ax, metric) in enumerate(zip(axes, metrics)):
-        sub = plot_df[plot_df["metric"] == metric]
-        sns.lineplot(data=sub, x="scale", y="value", hue="label", hue_order=hue_order, marker="o",
-                     ax=ax, legend=(i == len(metrics) - 1), errorbar=None, estimator=None, sort=True)
+    for ax, metric in zip(axes, metrics):
+        sub = data[data["metric"] == metric]
+        for h in order:
+            g = sub[sub["head"] == h].sort_values("scale")
+            ax.plot(g["scale"], g["value"], label=h, **style[h])
         ax.set_xscale("log")
         ax.set_xticks(scales)
         ax.set_xticklabels([f"{s:g}" for s in scales])
@@ -241,13 +294,23 @@ def plot_scale_sweep(
         ax.set_xlabel("query scale s (q -> s q)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(True, alpha=0.3)
-    leg = axes[-1].get_legend()
-    if leg is not None:
-        leg.set_title("head")
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle(f"{model}: attention vs query scale (run {run_id})")
-    path = _save_png(fig, out_path, dpi)
-    return AttentionPlot(path, data, run_id, "scale")
+
+    def label(h):
+        gain = f"gain {gains[h]:.3f}" if pd.notna(gains[h]) else "gain n/a"
+        others = same[h]
+        if not others:
+            return f"{h} ({gain})"
+        names = ", ".join(others) if len(others) <= 3 else f"{len(others)} other heads"
+        return f"{h} ({gain}) = {names}"
+
+    handles = [Line2D([], [], label=label(h), **style[h]) for h in order]
+    n_shared = sum(1 for h in order if same[h])
+    legend_title = "head (gain)" + (f"\n'= ...': coinciding curves ({n_shared} of {len(order)} heads)"
+                                    if n_shared else "")
+    axes[-1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                    fontsize="small", title=legend_title, title_fontsize="small")
+    fig.suptitle(title)
+    return fig
 
 
 def plot_attention_classes(

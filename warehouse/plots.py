@@ -4,10 +4,13 @@ Four figures, each from a plain DataFrame so that the same code serves the
 `plasticity plot` command (CSV or warehouse input) and the Dagster plot assets:
 
 * ``curves``     per-bucket plasticity ``AP_j`` of every head (faint) and their mean (bold),
-                 optionally coloured by layer (``color_by_layer``) or by trend (``color_trend``);
+                 optionally coloured by layer (``color_by_layer``, a discrete legend) or by the
+                 shape of the curve (``color_trend``: rising, falling, flat, dip, peak, mixed;
+                 see `trend_class`);
 * ``heatmap``    query bucket x key bucket plasticity, aggregated over heads (``agg`` mean|median);
-* ``components`` mean share of "linear positional information" per rotated component,
-                 after normalising each head's weights to sum to 1;
+* ``components`` mean share of "linear positional information" per query dimension (the
+                 head's own basis), after normalising each head's weights to sum to 1, with a
+                 95% bootstrap interval of the mean over heads (`bootstrap_mean_interval`);
 * ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each).
 
 Bucket positions follow the upstream convention: the START of each bucket,
@@ -39,8 +42,17 @@ BUCKET_TYPES = ("uniform", "log")
 AGGREGATIONS = ("mean", "median")
 # configs/plots/<model>-<suffix>.yaml, as in the upstream toolkit (…-plasticity.yaml, …-heatmap.yaml, …)
 CONFIG_SUFFIX = {"curves": "plasticity", "heatmap": "heatmap", "components": "components", "compare": "comparison"}
-TREND_COLORS = {"rising": "#c0392b", "falling": "#2471a3", "mixed": "#7f8c8d"}
-TREND_MIN_RHO = 0.5  # |Spearman rho| of AP_j vs bucket needed to call a head rising/falling
+#: AP_j changes of at most this much (AP is in [0, 1]) are noise to `trend_class`, not a trend.
+TREND_TOL = 0.02
+# colour-blind-safe (Okabe-Ito) colours of the curve shapes, in legend order
+TREND_COLORS = {"rising": "#D55E00", "falling": "#0072B2", "flat": "#999999", "dip": "#CC79A7",
+                "peak": "#009E73", "mixed": "#E69F00", "one bucket": "#56B4E9"}
+#: Up to this many layers get one legend entry each; more get a discrete colour bar.
+LAYER_LEGEND_MAX = 12
+#: Component-weight error bars: percentile bootstrap of the mean over heads.
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
@@ -192,15 +204,55 @@ def bucket_curves(cells: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def head_trends(curves: pd.DataFrame, min_rho: float = TREND_MIN_RHO) -> pd.Series:
-    """rising / falling / mixed per head, by the Spearman correlation of AP_j with the bucket index."""
+def rise_and_fall(y: np.ndarray) -> tuple[float, float]:
+    """Largest increase ``max_{i<j} (y_j - y_i)`` and largest decrease ``max_{i<j} (y_i - y_j)`` of
+    a sequence, each at least 0 (0, 0 for fewer than 2 values)."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.shape[0] < 2:
+        return 0.0, 0.0
+    rise = float(np.max(y[1:] - np.minimum.accumulate(y)[:-1]))
+    fall = float(np.max(np.maximum.accumulate(y)[:-1] - y[1:]))
+    return max(rise, 0.0), max(fall, 0.0)
+
+
+def trend_class(y: np.ndarray, tol: float = TREND_TOL) -> str:
+    """Shape of one head's curve ``y`` (AP_j in bucket order, NaN dropped); a change of at most
+    ``tol`` is noise. With ``rise``/``fall`` the largest increase/decrease between an earlier and
+    a later point (`rise_and_fall`), checked in this order:
+
+    * ``one bucket``: a single value, no shape;
+    * ``flat``: rise <= tol and fall <= tol;
+    * ``rising``: fall <= tol (the curve never drops by more than tol);
+    * ``falling``: rise <= tol;
+    * ``dip``: at the first minimum, no rise > tol before it and no fall > tol after it (down, then up);
+    * ``peak``: at the first maximum, no fall > tol before it and no rise > tol after it (up, then down);
+    * ``mixed``: anything else (it turns more than once).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if y.shape[0] == 1:
+        return "one bucket"
+    rise, fall = rise_and_fall(y)
+    if rise <= tol and fall <= tol:
+        return "flat"
+    if fall <= tol:
+        return "rising"
+    if rise <= tol:
+        return "falling"
+    k = int(np.argmin(y))
+    if rise_and_fall(y[: k + 1])[0] <= tol and rise_and_fall(y[k:])[1] <= tol:
+        return "dip"
+    k = int(np.argmax(y))
+    if rise_and_fall(y[: k + 1])[1] <= tol and rise_and_fall(y[k:])[0] <= tol:
+        return "peak"
+    return "mixed"
+
+
+def head_trends(curves: pd.DataFrame, tol: float = TREND_TOL) -> pd.Series:
+    """`trend_class` of every head's AP_j curve (by ascending q_bucket, NaN buckets left out);
+    heads without any value are not listed."""
     labels = {}
     for key, g in curves.dropna(subset=["plasticity"]).groupby(["layer", "q_head", "k_head"], sort=True):
-        if len(g) < 3 or g["plasticity"].nunique() < 2:
-            labels[key] = "mixed"
-            continue
-        rho = g["q_bucket"].rank().corr(g["plasticity"].rank())
-        labels[key] = "rising" if rho >= min_rho else ("falling" if rho <= -min_rho else "mixed")
+        labels[key] = trend_class(g.sort_values("q_bucket")["plasticity"].to_numpy(), tol)
     idx = pd.MultiIndex.from_tuples(list(labels), names=["layer", "q_head", "k_head"]) if labels else None
     return pd.Series(list(labels.values()), index=idx, dtype=object, name="trend")
 
@@ -225,11 +277,37 @@ def normalized_component_weights(weights: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def bootstrap_mean_interval(values: np.ndarray, level: float = CI_LEVEL, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the column means of ``values`` (n rows, k columns).
+
+    Each of ``n_resamples`` resamples draws n rows with replacement (the same rows for every
+    column), as counts ``C ~ Multinomial(n, 1/n)`` from ``numpy.random.default_rng(seed)``; its
+    means are ``C @ values / n``. The interval is the ``(1 - level) / 2`` and ``(1 + level) / 2``
+    quantiles (numpy's linear rule) of those means, per column. Resampled means are averages of
+    the observed values, so the interval lies within each column's [min, max]. Returns (low, high).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    if n == 0:
+        raise ValueError("bootstrap needs at least one row")
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
+    means = counts.astype(np.float64) @ values / n
+    low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0], axis=0)
+    return low, high
+
+
 def component_means(weights: pd.DataFrame) -> pd.DataFrame:
-    """Mean (and sd) over heads of the normalised weight of every component."""
+    """Per component: mean over heads of the normalised weight, the 95% bootstrap interval of
+    that mean (`bootstrap_mean_interval`, heads resampled), and the number of heads."""
     norm = normalized_component_weights(weights)
-    out = norm.groupby("component", sort=True)["weight_norm"].agg(["mean", "std", "count"]).reset_index()
-    return out.rename(columns={"mean": "mean_weight", "std": "sd_weight", "count": "n_heads"})
+    table = norm.set_index(["layer", "q_head", "k_head", "component"])["weight_norm"].unstack("component")
+    if table.isna().to_numpy().any():
+        raise ValueError("heads have different numbers of components; plot one model (one head dimension) at a time")
+    values = table.to_numpy(dtype=np.float64)
+    low, high = bootstrap_mean_interval(values)
+    return pd.DataFrame({"component": table.columns.to_numpy(), "mean_weight": values.mean(axis=0),
+                         "ci_low": low, "ci_high": high, "n_heads": values.shape[0]})
 
 
 def layer_means(values: pd.DataFrame) -> pd.DataFrame:
@@ -277,12 +355,47 @@ def _fmt_pos(x: float) -> str:
     return f"{int(x):d}" if float(x).is_integer() else f"{x:g}"
 
 
+def layer_colors(layers) -> dict[int, tuple]:
+    """One viridis colour per layer, evenly spaced in layer order (the yellow end left out, for contrast)."""
+    from matplotlib import colormaps
+
+    layers = sorted(int(x) for x in layers)
+    spots = np.linspace(0.0, 0.9, len(layers)) if len(layers) > 1 else np.array([0.45])
+    return {layer: colormaps["viridis"](float(x)) for layer, x in zip(layers, spots)}
+
+
+def _legend_outside(ax, handles=None, title: str | None = None):
+    """Legend to the right of the axes, never over the data."""
+    kwargs = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small", "frameon": False,
+              "title": title, "title_fontsize": "small"}
+    return ax.legend(handles=handles, **kwargs) if handles is not None else ax.legend(**kwargs)
+
+
+def _layer_key(fig, ax, colors: dict[int, tuple], heads_per_layer: dict[int, int], mean_handle) -> None:
+    """A discrete key of the layer colours: legend entries up to LAYER_LEGEND_MAX layers, else a
+    colour bar with one block per layer and integer ticks."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    layers = sorted(colors)
+    if len(layers) <= LAYER_LEGEND_MAX:
+        handles = [Line2D([], [], color=colors[la], linewidth=2, label=f"layer {la} ({heads_per_layer[la]})")
+                   for la in layers]
+        _legend_outside(ax, handles + [mean_handle], title="layer (heads)")
+        return
+    bounds = np.r_[np.asarray(layers, dtype=float) - 0.5, layers[-1] + 0.5]
+    sm = ScalarMappable(norm=BoundaryNorm(bounds, len(layers)), cmap=ListedColormap([colors[la] for la in layers]))
+    bar = fig.colorbar(sm, ax=ax, label="layer", spacing="proportional")
+    bar.set_ticks(MaxNLocator(integer=True, nbins=12).tick_values(layers[0], layers[-1]))
+    bar.ax.set_ylim(bounds[0], bounds[-1])
+    fig.legend(handles=[mean_handle], loc="outside lower right", fontsize="small", frameon=False)
+
+
 def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
     """Every head's AP_j (faint) and the mean over heads (bold) against the query bucket start."""
     import seaborn as sns
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
     opts.validate("curves")
@@ -291,20 +404,18 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult
         raise ValueError("no bucket plasticity rows to plot")
     curves["position"] = bucket_start(curves["q_bucket"], opts.bucket_type, opts.bucket_min_size)
     heads = curves.groupby(["layer", "q_head", "k_head"], sort=True)
-    fig = _figure()
+    fig = _figure(9.0, 5.0)
     ax = fig.add_subplot()
-    layers = sorted(curves["layer"].unique())
     trends = head_trends(curves) if opts.color_trend else None
-    cmap = colormaps["viridis"]
-    norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
+    colors = layer_colors(curves["layer"].unique()) if opts.color_by_layer else None
     for key, g in heads:
         g = g.dropna(subset=["plasticity"])
         if g.empty:
             continue
-        if opts.color_by_layer:
-            color, alpha = cmap(norm(key[0])), 0.55
+        if colors is not None:
+            color, alpha = colors[int(key[0])], 0.75
         elif trends is not None:
-            color, alpha = TREND_COLORS[trends.get(key, "mixed")], 0.5
+            color, alpha = TREND_COLORS[trends[key]], 0.75
         else:
             color, alpha = "0.45", 0.25
         ax.plot(g["position"], g["plasticity"], color=color, alpha=alpha, linewidth=0.9)
@@ -313,7 +424,8 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult
                  median_plasticity=("plasticity", "median"), n_heads=("plasticity", "count"))
             .reset_index())
     sns.lineplot(data=mean, x="position", y="mean_plasticity", ax=ax, color="black", linewidth=2.6,
-                 marker="o", markersize=4, label="mean over heads", errorbar=None)
+                 marker="o", markersize=4, errorbar=None, legend=False)
+    mean_handle = Line2D([], [], color="black", linewidth=2.6, marker="o", markersize=4, label="mean over heads")
     if opts.bucket_type == "log":
         ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
@@ -321,16 +433,17 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult
     ax.set_ylabel("attention plasticity $AP_j$")
     n_heads = heads.ngroups
     ax.set_title(opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip())
-    if opts.color_by_layer:
-        sm = ScalarMappable(norm=norm, cmap=cmap)
-        fig.colorbar(sm, ax=ax, label="layer")
+    if colors is not None:
+        per_layer = {int(la): int(n) for la, n in
+                     curves.drop_duplicates(["layer", "q_head", "k_head"]).groupby("layer").size().items()}
+        _layer_key(fig, ax, colors, per_layer, mean_handle)
     elif trends is not None:
         counts = trends.value_counts()
-        handles = [Line2D([], [], color=c, label=f"{t} ({int(counts.get(t, 0))})") for t, c in TREND_COLORS.items()]
-        handles.append(Line2D([], [], color="black", linewidth=2.6, label="mean over heads"))
-        ax.legend(handles=handles, loc="best", fontsize="small")
+        handles = [Line2D([], [], color=c, linewidth=2, label=f"{t} ({int(counts[t])})")
+                   for t, c in TREND_COLORS.items() if t in counts.index]
+        _legend_outside(ax, handles + [mean_handle], title=f"curve shape (heads)\nchanges <= {TREND_TOL:g} ignored")
     else:
-        ax.legend(loc="best", fontsize="small")
+        _legend_outside(ax, [mean_handle])
     sns.despine(ax=ax)
     extra = {"trends": trends.value_counts().to_dict()} if trends is not None else {}
     return PlotResult(fig, mean, int(len(cells)), n_heads, extra)
@@ -367,31 +480,36 @@ def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
 
 
 def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResult:
-    """Bars of the mean normalised weight of every component (sd over heads as error bars)."""
+    """Bars of the mean normalised weight of every query dimension, with the 95% bootstrap
+    interval of the mean over heads as error bars (always within [0, 1])."""
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     opts.validate("components")
-    norm = normalized_component_weights(weights)
-    if norm.empty:
+    if weights.empty:
         raise ValueError("no component weight rows to plot")
-    if opts.max_components is not None:
-        norm = norm[norm["component"] < opts.max_components]
     means = component_means(weights)
     if opts.max_components is not None:
         means = means[means["component"] < opts.max_components]
-    d = int(norm["component"].nunique())
+        if means.empty:
+            raise ValueError(f"no component below max_components={opts.max_components}")
+    d = len(means)
     fig = _figure(min(16.0, max(6.0, 0.12 * d + 4.0)), 4.8)
     ax = fig.add_subplot()
-    sns.barplot(data=norm, x="component", y="weight_norm", ax=ax, color="#4c72b0", errorbar="sd",
-                err_kws={"linewidth": 0.8}, capsize=0.2 if d <= 32 else 0.0)
-    if d > 32:  # keep tick labels readable
-        step = int(math.ceil(d / 32))
-        for i, label in enumerate(ax.get_xticklabels()):
-            label.set_visible(i % step == 0)
-    ax.set_xlabel("component of the rotated basis (0 = positional direction)")
+    x = means["component"].to_numpy()
+    mean = means["mean_weight"].to_numpy()
+    ax.bar(x, mean, width=0.8, color="#4c72b0")
+    ax.errorbar(x, mean, yerr=np.vstack([mean - means["ci_low"].to_numpy(), means["ci_high"].to_numpy() - mean]),
+                fmt="none", ecolor="0.2", elinewidth=0.8, capsize=2.0 if d <= 32 else 0.0)
+    ax.set_xlim(x.min() - 0.6, x.max() + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(d + 1, 32)))
+    ax.set_ylim(0.0, None)
+    ax.set_xlabel("query dimension (the head's own basis)")
     ax.set_ylabel("share of linear positional information")
-    n_heads = int(norm.groupby(["layer", "q_head", "k_head"]).ngroups)
-    ax.set_title(opts.title or f"{_label(opts)} component weights, mean of {n_heads} heads".strip())
+    n_heads = int(means["n_heads"].iloc[0])
+    title = opts.title or f"{_label(opts)} component weights, mean of {n_heads} heads".strip()
+    ax.set_title(f"{title}\nerror bars: {CI_LEVEL:.0%} bootstrap interval of the mean over heads "
+                 f"({BOOTSTRAP_RESAMPLES} resamples)", fontsize="medium")
     sns.despine(ax=ax)
     return PlotResult(fig, means, int(len(weights)), n_heads)
 
@@ -408,8 +526,8 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
     fig = _figure(8.5, 5.0)
     ax = fig.add_subplot()
-    sns.lineplot(data=data, x="x", y="value", hue="model", ax=ax, marker="o", errorbar=("pi", 50),
-                 estimator="mean")
+    sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
+                 errorbar=("pi", 50), estimator="mean")
     ax.set_xlabel("relative depth (layer / last layer)" if opts.normalize_depth else "layer")
     if not opts.normalize_depth:
         from matplotlib.ticker import MaxNLocator
@@ -420,6 +538,8 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
         ax.set_ylim(-0.02, 1.02)
     n_models = int(data["model"].nunique())
     ax.set_title(opts.title or f"{opts.metric} by layer across {n_models} model(s)")
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     sns.despine(ax=ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
