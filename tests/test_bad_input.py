@@ -1,10 +1,13 @@
 """SPEC 1 bad input: each damaged shard gives its own clear error in head_errors,
-naming the file; every other head's results are unchanged, to the bit."""
+naming the file; every other head's results are unchanged, to the bit. Problems that belong to no
+head (an unusable folder name, a stray key shard) are recorded in the catalog, and a layout that
+cannot be known stops the run before any work."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +57,30 @@ def widen(table):
     return table.set_column(table.schema.get_field_index("vector"), "vector", new)
 
 
+def copy_folder(src, dst_name):
+    """Copy a shard folder next to itself under another name (`dst_name`)."""
+    shutil.copytree(src.parent, src.parent.parent / dst_name)
+
+
+def set_value(table, name, row, value, type_=None):
+    """Column `name` with one row's value replaced (as `type_`, default the column's type)."""
+    values = table.column(name).to_pylist()
+    values[row] = value
+    return set_column(table, name, pa.array(values, type_ or table.schema.field(name).type))
+
+
+def duplicate_column(table, name):
+    arrays = list(table.columns) + [table.column(name)]
+    return pa.Table.from_arrays(arrays, names=table.column_names + [name])
+
+
+def unsort_buckets_without_card(path):
+    """Give the row with the largest position bucket 0, and drop the dataset card (so the bucket scheme is
+    unknown and only the order of buckets by position can be checked; the layout is inferred)."""
+    rewrite(path, lambda t: set_value(t, "bucket", int(np.argmax(t.column("position").to_numpy())), 0))
+    os.remove(path.parents[1] / "README.md")
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -79,6 +106,33 @@ CASES = [
     ("missing_key_shard", (1, 1, "k"), lambda p: os.remove(p), "missing_key_shard", {(1, 2), (1, 3)}),
     ("width_mismatch", (0, 1, "q"), lambda p: rewrite(p, widen), "width_mismatch", {(0, 1)}),
     ("bad_key_shard", (0, 0, "k"), lambda p: rewrite(p, lambda t: set_vector_value(t, 0, 0, np.nan)), "nonfinite_values", {(0, 0), (0, 1)}),
+    # shard identity (issue 13.2)
+    ("duplicate_query_shard", (0, 0, "q"), lambda p: copy_folder(p, "l0h0q"), "duplicate_shard", {(0, 0)}),
+    ("duplicate_key_shard", (1, 1, "k"), lambda p: copy_folder(p, "l1h001k"), "duplicate_shard", {(1, 2), (1, 3)}),
+    # layout (issue 13.3): the card says 4 query heads; a stray one fails alone, a missing one is reported
+    ("stray_query_shard", (0, 4, "q"), lambda p: copy_folder(p.parents[1] / "l00h03q" / "data.parquet", "l00h04q"),
+     "layout_mismatch", {(0, 4)}),
+    ("missing_query_shard", (1, 2, "q"), lambda p: shutil.rmtree(p.parent), "missing_query_shard", {(1, 2)}),
+    # out-of-range integers, duplicate columns (issue 13.5)
+    ("bucket_2_pow_40", (0, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 5, 2**40, pa.int64())),
+     "integer_out_of_range", {(0, 2)}),
+    ("example_id_2_pow_40", (1, 0, "k"), lambda p: rewrite(p, lambda t: set_value(t, "example_id", 0, 2**40, pa.int64())),
+     "integer_out_of_range", {(1, 0), (1, 1)}),
+    ("window_2_pow_40", (1, 1, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([2**40] * t.num_rows, pa.int64()))),
+     "integer_out_of_range", {(1, 1)}),
+    ("duplicate_columns", (0, 1, "q"), lambda p: rewrite(p, lambda t: duplicate_column(t, "position")), "duplicate_columns", {(0, 1)}),
+    # values checked per SPEC 1 (issue 13.6)
+    ("negative_bucket", (0, 1, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 3, -1)), "negative_buckets", {(0, 1)}),
+    ("bucket_disagrees_with_card", (1, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 10, t.column("bucket")[10].as_py() + 1)),
+     "bucket_position_mismatch", {(1, 2)}),
+    ("buckets_out_of_order", (0, 3, "q"), unsort_buckets_without_card, "bucket_position_mismatch", {(0, 3)}),
+    ("zero_sliding_window", (0, 3, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([0] * t.num_rows, pa.int32()))),
+     "invalid_sliding_window", {(0, 3)}),
+    ("window_differs_from_key", (1, 0, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([32] * t.num_rows, pa.int32()))),
+     "window_mismatch", {(1, 0)}),
+    ("two_row_query_shard", (0, 1, "q"), lambda p: rewrite(p, lambda t: t.slice(0, 2)), "too_few_rows", {(0, 1)}),
+    ("position_beyond_int32", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_value(t, "position", 0, 2**31, pa.int64())),
+     "position_overflow", {(1, 3)}),
 ]
 
 
