@@ -192,3 +192,107 @@ def test_accepted_variants_give_identical_results(small_copy, tmp_path, clean):
     got, errors = results_by_head(cfg)
     assert errors == []
     assert all(same(got[h], clean[h]) for h in clean)
+
+
+# --------------------------------------------------------------------------- problems of the dataset, not of a head
+
+
+def analyse(copy, work, **overrides):
+    cfg = load_config(None, {"warehouse": str(work / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m",
+                             **overrides})
+    return cfg, analyze_dataset(cfg, copy, progress=False)
+
+
+def assert_results_equal_clean(cfg, clean, absent=frozenset()):
+    got, errors = results_by_head(cfg)
+    assert errors == [], errors
+    assert set(got) == set(clean) - set(absent)
+    assert all(same(got[h], clean[h]) for h in got)
+
+
+def fetch(cfg, query):
+    with db.reader(cfg.warehouse) as con:
+        return con.execute(query).fetchall()
+
+
+def test_folder_name_beyond_the_integer_range_is_a_catalog_problem(small_copy, tmp_path, clean):
+    copy_folder(shard(small_copy, 0, 0, "q"), "l99999999999h00q")
+    bad = str(small_copy / "l99999999999h00q" / "data.parquet")
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert (summary.status, summary.n_heads) == ("succeeded", 8)
+    assert_results_equal_clean(cfg, clean)
+    (row,) = fetch(cfg, "SELECT file, problem, message FROM catalog_problems")
+    assert row[:2] == (bad, "integer_out_of_range") and bad in row[2]
+    assert fetch(cfg, f"SELECT count(*) FROM shards WHERE path = '{bad}'") == [(0,)]
+
+
+def test_stray_key_shard_is_marked_and_pairs_with_nothing(small_copy, tmp_path, clean):
+    copy_folder(shard(small_copy, 0, 1, "k"), "l00h02k")  # the card says 2 key heads
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert summary.status == "succeeded"
+    assert_results_equal_clean(cfg, clean)
+    stray = str(small_copy / "l00h02k" / "data.parquet")
+    assert fetch(cfg, f"SELECT problem FROM shards WHERE path = '{stray}'") == [("layout_mismatch",)]
+
+
+def with_front_matter(copy, extra: str) -> None:
+    card = copy / "README.md"
+    card.write_text(card.read_text().replace("---\n", "---\n" + extra, 1))
+
+
+def test_head_sampled_capture_is_not_missing_heads(small_copy, tmp_path, clean):
+    """qk-sniffer head_sampling: a random subset of query heads is the whole plan, not missing heads."""
+    with_front_matter(small_copy, "head_sampling_strategy: random_query\nhead_sampling_selected_query_heads: 7\n")
+    shutil.rmtree(small_copy / "l01h03q")
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert (summary.status, summary.n_heads) == ("succeeded", 7)
+    assert_results_equal_clean(cfg, clean, absent={(1, 3)})
+    assert fetch(cfg, "SELECT problem FROM catalog_problems") == []
+    shutil.rmtree(small_copy / "l00h01q")  # the card said 7 heads were sampled: 6 remain
+    cfg, summary = analyse(small_copy, tmp_path / "again")
+    assert summary.status == "succeeded" and summary.n_heads == 6
+    assert fetch(cfg, "SELECT problem FROM catalog_problems") == [("head_sampling_mismatch",)]
+
+
+def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_path, clean):
+    from warehouse.layout import LayoutError
+
+    os.remove(small_copy / "README.md")
+    shutil.rmtree(small_copy / "l01h03q")
+    with pytest.raises(LayoutError, match=r"l01h03q.*num_q_heads"):
+        analyse(small_copy, tmp_path)
+    assert not (tmp_path / "wh.duckdb").exists()  # nothing written
+    # the counts from the config make the same shards a normal run, with the missing head reported
+    cfg, summary = analyse(small_copy, tmp_path / "cfg", num_q_heads=4, num_k_heads=2)
+    assert summary.n_heads == 8 and fetch(cfg, "SELECT layer, q_head, problem FROM head_errors") == [
+        (1, 3, "missing_query_shard")]
+
+
+def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(small_copy, tmp_path, clean):
+    import warehouse.catalog as catalog
+
+    target = str(shard(small_copy, 1, 0, "k"))
+    real = catalog.check_schema
+
+    def broken(path, schema):
+        if path == target:
+            raise RuntimeError("simulated bug")
+        return real(path, schema)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catalog, "check_schema", broken)
+        cfg, summary = analyse(small_copy, tmp_path)
+    got, errors = results_by_head(cfg)
+    assert sorted((l, q, f, p) for l, q, f, p, _ in errors) == [(1, 0, target, "catalog_failed"), (1, 1, target, "catalog_failed")]
+    assert all("RuntimeError: simulated bug" in m for *_, m in errors)
+    assert all(same(got[h], clean[h]) for h in clean if h[0] != 1 or h[1] > 1)
+
+
+#: checks of problems that belong to the dataset rather than one head (benchmarks/fault_suite.py runs them too)
+DATASET_CASES = [
+    test_folder_name_beyond_the_integer_range_is_a_catalog_problem,
+    test_stray_key_shard_is_marked_and_pairs_with_nothing,
+    test_head_sampled_capture_is_not_missing_heads,
+    test_unknown_layout_and_sparse_shards_stop_before_any_work,
+    test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,
+]
