@@ -57,3 +57,14 @@ def test_expected_query_layers():
     assert expected_query_layers(layout, [0, 2], head_sampling=True, full_attention_only=False) == []
     assert expected_query_layers(layout, [0, 2, 9], head_sampling=False, full_attention_only=True) == [0, 2]
     assert expected_query_layers(layout, [0, 2], head_sampling=False, full_attention_only=False, layers=[1, 3, 7]) == [1, 3]
+
+
+def test_shard_names_use_ascii_digits_only(tmp_path):
+    from warehouse.catalog import scan_shards
+
+    for name in ("l00h00q", "l\u0660h\u0660q", "l0h0x", "L0H0Q"):  # Arabic-Indic zeros, a bad kind, upper case
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.parquet").write_bytes(b"x")
+    scan = scan_shards(tmp_path)
+    assert [(s.layer, s.head, s.kind, s.error) for s in scan.shards] == [(0, 0, "q", None)]
+    assert scan.paths == [str(tmp_path / "l00h00q" / "data.parquet")]

@@ -99,3 +99,31 @@ def test_models_row_is_replaced_not_duplicated(small_dataset, tmp_path):
     analyze_dataset(cfg, small_dataset, progress=False, resume=False)
     rows = fetch(cfg.warehouse, "SELECT model, dataset_name, revision, layout_source, bucket_scheme, bucket_size FROM models")
     assert rows == [("m", "org/x", first.revision, "card", "uniform", 32)]
+
+
+def test_new_columns_have_comments(tmp_path):
+    import sql
+
+    wh = tmp_path / "wh.duckdb"
+    db.ensure_schema(wh)
+    with db.writer(wh) as con:
+        con.execute(sql.load("comments"))
+    rows = fetch(wh, "SELECT table_name, column_name, comment FROM duckdb_columns() "
+                     "WHERE table_name IN ('models', 'catalog_problems') OR (table_name, column_name) IN "
+                     "(('shards', 'problem'), ('head_samples', 'plan_problem'))")
+    assert len(rows) == 17 + 6 + 2 and all(c for *_, c in rows), [r for r in rows if not r[2]]
+
+
+def test_card_bucket_facts_are_part_of_the_run(small_copy, tmp_path):
+    """What the card says about buckets changes which heads pass the checks: a new card is a new run."""
+    def run_id(name):
+        cfg = load_config(None, {"warehouse": str(tmp_path / f"{name}.duckdb"), "max_workers": 1, "attention": False,
+                                 "model": "m", "layers": [0]})
+        return analyze_dataset(cfg, small_copy, progress=False)
+
+    first = run_id("a")
+    card = small_copy / "README.md"
+    card.write_text(card.read_text().replace("bucket_size: 32", "bucket_size: 16"))
+    second = run_id("b")
+    assert second.revision == first.revision and second.run_id != first.run_id
+    assert second.n_errors == 4  # layer 0's query shards now disagree with the card's scheme

@@ -1,0 +1,26 @@
+-- Column comments (DuckDB COMMENT ON COLUMN); see docs/metrics.md.
+COMMENT ON COLUMN shards.problem IS 'category of the shard''s error (as head_errors.problem); NULL when it passed';
+COMMENT ON COLUMN models.model IS 'model name in the warehouse (caller, config, else folder; never the card''s)';
+COMMENT ON COLUMN models.dataset_name IS 'Hub dataset id of the config; NULL for a local folder';
+COMMENT ON COLUMN models.revision IS 'Hub commit sha, or local- + SHA-256 of every shard''s relative path and content';
+COMMENT ON COLUMN models.num_layers IS 'layers of the head layout the run used';
+COMMENT ON COLUMN models.num_q_heads IS 'query heads per layer of the layout the run used';
+COMMENT ON COLUMN models.num_k_heads IS 'key heads per layer of the layout the run used';
+COMMENT ON COLUMN models.layout_source IS 'where the head counts came from: config | card | shards (complete set)';
+COMMENT ON COLUMN models.head_sampling IS 'card head_sampling_strategy: only some query heads were captured; NULL = all';
+COMMENT ON COLUMN models.attention_scope IS 'card attention_scope (full_only: sliding-window layers not captured)';
+COMMENT ON COLUMN models.bucket_scheme IS 'uniform (floor(p / size)) | log (max(floor(log2(p + 1)), log2(size))) | NULL unknown';
+COMMENT ON COLUMN models.bucket_size IS 'uniform: bucket width; log: size of the smallest bucket';
+COMMENT ON COLUMN models.sampling_strategy IS 'qk-sniffer sampler kind: all | uniform | log';
+COMMENT ON COLUMN models.sampler_base_rate IS 'sampler base_rate, when the card states it';
+COMMENT ON COLUMN models.q_capture_probability IS 'probability a query position was captured; NULL unknown or varying by bucket';
+COMMENT ON COLUMN models.k_capture_probability IS 'probability a key position was captured; NULL unknown or varying by bucket';
+COMMENT ON COLUMN models.card_model_name IS 'the dataset card''s model name (untrusted text)';
+COMMENT ON COLUMN models.updated_at IS 'when this row was written (UTC)';
+COMMENT ON COLUMN catalog_problems.model IS 'model whose dataset has the problem';
+COMMENT ON COLUMN catalog_problems.revision IS 'dataset revision the catalog was built from';
+COMMENT ON COLUMN catalog_problems.file IS 'the file concerned (a shard or the dataset card)';
+COMMENT ON COLUMN catalog_problems.problem IS 'integer_out_of_range | invalid_card | head_sampling_mismatch';
+COMMENT ON COLUMN catalog_problems.message IS 'what is wrong, naming the file';
+COMMENT ON COLUMN catalog_problems.recorded_at IS 'when the catalog recorded it (UTC)';
+COMMENT ON COLUMN head_samples.plan_problem IS 'missing_query_shard | layout_mismatch | missing_key_shard | NULL (runs)';
