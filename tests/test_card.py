@@ -74,6 +74,7 @@ def test_synthetic_front_matter_card():
     ("---\nnum_q_heads: 6\nnum_k_heads: 4\n---\n", "whole number of groups", "num_q_heads"),
     ("---\nnum_q_heads: 6\n---\n", "only one of", "num_q_heads"),
     ("---\nnum_q_heads: -6\nnum_k_heads: 2\n---\n", "not a positive integer", "num_q_heads"),
+    ("---\nnum_layers: 99999999999\n---\n", "not a positive integer up to 65536", "num_layers"),
     ("- `num_q_heads`: `6`\n- `head_sampling_num_query_heads`: `8`\n- `num_k_heads`: `2`\n", "different values",
      "num_q_heads"),
     ("- `sampling_strategy`: `zigzag`\n- `sampling_bucket_size`: `64`\n", "sampling_strategy", "bucket_scheme"),

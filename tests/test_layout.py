@@ -68,3 +68,10 @@ def test_shard_names_use_ascii_digits_only(tmp_path):
     scan = scan_shards(tmp_path)
     assert [(s.layer, s.head, s.kind, s.error) for s in scan.shards] == [(0, 0, "q", None)]
     assert scan.paths == [str(tmp_path / "l00h00q" / "data.parquet")]
+
+
+def test_absurd_layouts_are_refused_before_planning():
+    with pytest.raises(LayoutError, match="not a plausible layout"):
+        resolve_layout(full_set(1, 2, 1), config=(10**9, 8, 8))
+    with pytest.raises(LayoutError, match="not a plausible layout"):
+        resolve_layout(full_set(1, 2, 1), config=(0, 8, 8))

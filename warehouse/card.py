@@ -31,6 +31,8 @@ import yaml
 CARD_FILE = "README.md"
 CARD_MAX_BYTES = 256 * 1024
 MAX_MODEL_NAME_CHARS = 256
+MAX_LAYOUT_COUNT = 1 << 16  # layers or heads a card may state (real models have a few hundred at most)
+MAX_BUCKET_SIZE = 2**31 - 1  # stored as INTEGER
 BUCKET_SCHEMES = ("uniform", "log")
 SAMPLING_STRATEGIES = ("all", "uniform", "log")
 
@@ -263,13 +265,13 @@ class _Reader:
             return None
         return next(iter(values), None)
 
-    def positive_int(self, fact: str, value: str | None = None) -> int | None:
+    def positive_int(self, fact: str, value: str | None = None, at_most: int = MAX_BUCKET_SIZE) -> int | None:
         value = self.text(fact) if value is None else value
         if value is None:
             return None
-        if re.fullmatch(r"\+?[0-9]{1,12}(\.0*)?", value.strip()) and int(float(value)) > 0:
+        if re.fullmatch(r"\+?[0-9]{1,12}(\.0*)?", value.strip()) and 0 < int(float(value)) <= at_most:
             return int(float(value))
-        self.problems.append(f"{fact}: {value[:80]!r} is not a positive integer; treated as unknown")
+        self.problems.append(f"{fact}: {value[:80]!r} is not a positive integer up to {at_most}; treated as unknown")
         return None
 
     def positive_float(self, fact: str, value: str | None = None, at_most: float | None = None) -> float | None:
@@ -312,8 +314,9 @@ def _interpret(stated: dict[str, list[str]], problems: list[str], path: str | No
         problems.append(f"model name longer than {MAX_MODEL_NAME_CHARS} characters; treated as unknown")
         name = None
 
-    num_layers = r.positive_int("num_layers")
-    num_q, num_k = r.positive_int("num_q_heads"), r.positive_int("num_k_heads")
+    num_layers = r.positive_int("num_layers", at_most=MAX_LAYOUT_COUNT)
+    num_q = r.positive_int("num_q_heads", at_most=MAX_LAYOUT_COUNT)
+    num_k = r.positive_int("num_k_heads", at_most=MAX_LAYOUT_COUNT)
     if (num_q is None) != (num_k is None):
         if num_q is not None or num_k is not None:
             problems.append("the card gives only one of the query/key head counts; layout treated as unknown")
@@ -407,6 +410,6 @@ def _interpret(stated: dict[str, list[str]], problems: list[str], path: str | No
         sampling_strategy=strategy, bucket_scheme=scheme, bucket_size=bucket_size if scheme else None,
         sampler_base_rate=base_rate, capture_fraction=capture,
         head_sampling=head_sampling[:80] if head_sampling else None,
-        head_sampling_query_heads=r.positive_int("head_sampling_query_heads"),
+        head_sampling_query_heads=r.positive_int("head_sampling_query_heads", at_most=MAX_LAYOUT_COUNT**2),
         attention_scope=(r.text("attention_scope") or None), problems=tuple(problems),
     )

@@ -16,6 +16,9 @@ from typing import Iterable
 
 ShardId = tuple[int, int, str]  # (layer, head, 'q' | 'k')
 LAYOUT_SOURCES = ("config", "card", "shards")
+#: A layout planning more query heads than this is refused: every expected head becomes a planned row,
+#: so an absurd count (a typo, a hostile card) would otherwise exhaust memory before any check.
+MAX_PLANNED_HEADS = 1 << 20
 
 
 class LayoutError(ValueError):
@@ -102,6 +105,9 @@ def resolve_layout(ids: Iterable[ShardId], *, config: tuple[int | None, int | No
         num_layers = max(l for l, _, _ in ids) + 1
     else:
         raise LayoutError(f"cannot tell how many layers {where} has: set num_layers in the config")
+    if num_layers < 1 or num_layers * num_q > MAX_PLANNED_HEADS:
+        raise LayoutError(f"{num_layers} layers x {num_q} query heads is not a plausible layout (at most "
+                          f"{MAX_PLANNED_HEADS} heads); check num_layers and num_q_heads")
     return HeadLayout(int(num_layers), int(num_q), int(num_k), source)
 
 
