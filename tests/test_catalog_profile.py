@@ -93,8 +93,9 @@ def test_bucket_check_is_exact_below_2_pow_20_and_equal_to_sql(scheme, tmp_path)
     truth = exact_bucket(pos, scheme)
     for shift in (0, -1, 1):
         bucket = truth + shift
-        bad = bucket_mismatches(bucket, pos, scheme)
-        assert bad.tolist() == (bucket != truth).tolist(), shift
+        for stored in (np.int32, np.int64, np.float64):  # the integer shortcut and the float expression
+            bad = bucket_mismatches(bucket, pos.astype(stored), scheme)
+            assert bad.tolist() == (bucket != truth).tolist(), (shift, stored)
     # beyond 2**20 an edge may move by float32 rounding (qk-sniffer's arithmetic): a neighbour bucket at a
     # position within float32 rounding of its edge is accepted, anything further is not
     if scheme.kind == "uniform":

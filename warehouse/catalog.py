@@ -280,8 +280,16 @@ def bucket_mismatches(bucket: np.ndarray, position: np.ndarray, scheme: BucketSc
     uniform (size ``s``): ok when ``b s <= p + t`` and ``p - t < (b + 1) s``, i.e. ``b = floor(p / s)``;
     log (floor ``F``, ``q = p + 1``): ok when ``b >= F``, (``b = F`` or ``2^b <= q + t``) and ``q - t < 2^(b+1)``,
     i.e. ``b = max(floor(log2(p + 1)), F)``. The same expression as sql/shard_profile.sql, operation for
-    operation.
+    operation. Integer positions in ``[0, BUCKET_EXACT_BELOW)`` (the usual case) take an integer shortcut
+    with the same answers (``t = 0`` there and every quantity is exact): ``b != p // s`` or
+    ``b != max(e - 1, F)`` with ``e`` the binary exponent of ``p + 1`` (``frexp``), 100x cheaper.
     """
+    if position.dtype.kind in "iu" and position.size and position.min() >= 0 and position.max() < BUCKET_EXACT_BELOW:
+        if scheme.kind == "uniform":
+            expected = position.astype(np.int64) // scheme.size
+        else:
+            expected = np.maximum(np.frexp(position + 1.0)[1] - 1, scheme.log_floor)
+        return bucket != expected
     b = bucket.astype(np.float64)
     p = position.astype(np.float64)
     t = np.where(p >= BUCKET_EXACT_BELOW, p * BUCKET_EDGE_SLACK[scheme.kind], 0.0)
@@ -425,7 +433,7 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
     prof["min_example_id"], prof["max_example_id"] = int(example.min()), int(example.max())
     prof["n_negative_buckets"] = int(np.count_nonzero(bucket < 0)) if prof["min_bucket"] < 0 else 0
     if scheme is not None:
-        bad = bucket_mismatches(bucket, pos, scheme)
+        bad = bucket_mismatches(bucket, raw_pos, scheme)
         prof["n_bucket_mismatches"] = int(np.count_nonzero(bad))
         if prof["n_bucket_mismatches"]:
             prof["first_mismatch_position"] = float(pos[bad].min())
