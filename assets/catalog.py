@@ -9,6 +9,7 @@ from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, TAG_REVISION, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
+from warehouse.layout import LayoutError
 
 CATALOG_CHECKS = ("shard_schema_valid", "shard_widths_consistent")
 HEAD_SAMPLE_CHECKS = ("every_query_head_has_key_head", "query_key_widths_match")
@@ -53,7 +54,10 @@ def shard_catalog(context: dg.AssetExecutionContext, config: CatalogConfig, ware
     sha = config.revision or (context.run.tags.get(TAG_REVISION) if entry.is_hub else None)
     root, sha = steps.open_dataset(entry, cfg, hub, sha)
     context.log.info(f"model {key}: {entry.describe()} at {sha or 'local files'} -> {root}")
-    res = steps.build_shard_catalog(entry, cfg, root, sha, wh, warehouse.lock_timeout_s)
+    try:
+        res = steps.build_shard_catalog(entry, cfg, root, sha, wh, warehouse.lock_timeout_s)
+    except LayoutError as exc:  # the run stops before any work, saying what to set
+        raise dg.Failure(description=str(exc)) from None
     common = {"model": key, "revision": res.revision, "source": entry.describe()}
     yield dg.MaterializeResult(
         asset_key="shard_catalog",
@@ -64,6 +68,9 @@ def shard_catalog(context: dg.AssetExecutionContext, config: CatalogConfig, ware
             "key_shards": res.n_key,
             "bad_shards": res.n_bad,
             "layout": f"{res.num_layers} layers x {res.num_q_heads} q heads / {res.num_k_heads} k heads",
+            "layout_source": res.layout_source,
+            "bucket_scheme": res.bucket_scheme or "unknown (buckets only checked to increase with position)",
+            "dataset_problems": res.n_problems,
             "dataset_root": dg.MetadataValue.path(str(res.root)),
             "preview": md_preview(res.shards[["layer", "head", "kind", "n_rows", "dim", "sliding_window",
                                               "n_examples", "n_buckets", "error"]]),
@@ -101,6 +108,7 @@ def head_samples(context: dg.AssetExecutionContext, warehouse: WarehouseResource
             "model": key,
             "dagster/row_count": res.n_heads,
             "heads_missing_key_shard": res.n_missing_key,
+            "heads_that_cannot_run": res.n_plan_problems,
             "gqa_group_size": res.group_size,
             "max_tokens_per_head": cfg.max_tokens_per_head,
             "sampled_query_rows": res.q_sample_rows,

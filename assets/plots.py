@@ -3,7 +3,7 @@
 Options come from configs/plots/<model>-plasticity.yaml, -heatmap.yaml,
 -components.yaml (and model-comparison.yaml) when present, the same files
 `plasticity plot --config` reads; bucket type and size default to the dataset
-card's. Each materialization shows the plot, a markdown table of what it shows
+card's (as the catalog step recorded them in table `models`). Each materialization shows the plot, a markdown table of what it shows
 and the number of rows plotted.
 """
 
@@ -13,8 +13,8 @@ import dagster as dg
 
 from dagster_project import steps
 from dagster_project.metadata import md_preview, png_markdown
-from dagster_project.partitions import TAG_REPO, models_partitions
-from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
+from dagster_project.partitions import models_partitions
+from dagster_project.resources import DatasetsResource, WarehouseResource
 
 PER_MODEL_PLOTS = {
     # asset name: (plot kind, source table, description)
@@ -50,14 +50,11 @@ def _metadata(out: steps.PlotOutput, extra: dict) -> dict:
 def _per_model_plot(name: str, kind: str, table: str, description: str) -> dg.AssetsDefinition:
     @dg.asset(name=name, deps=[table], partitions_def=models_partitions, group_name="plots",
               kinds={"seaborn"}, description=description)
-    def _plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource, hub: HubResource,
+    def _plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
               datasets: DatasetsResource) -> dg.MaterializeResult:
         key = context.partition_key
         wh = warehouse.path_for(key)
-        entry = datasets.entry(key, repo_hint=context.run.tags.get(TAG_REPO))
-        cfg = entry.run_config(warehouse=wh)
-        sha = steps.catalog_revision(wh, key, warehouse.lock_timeout_s) if entry.is_hub else None
-        defaults = steps.card_plot_defaults(steps.dataset_card(entry, cfg, hub, sha))
+        defaults = steps.plot_defaults(wh, key, warehouse.lock_timeout_s)
         run = steps.latest_run(wh, key, warehouse.lock_timeout_s)
         out_path = warehouse.run_dir(key, run["run_id"]) / "plots" / f"{name}.png"
         out = steps.render_plot(kind, wh, out_path, datasets.plot_configs_dir, key, defaults,

@@ -5,11 +5,18 @@
 Each case damages one shard of a fresh copy of a small synthetic dataset (truncated Parquet,
 not Parquet, a missing column, wrong types, ragged / NaN / Inf vectors, negative positions, an
 empty shard, mixed sliding windows, duplicated rows, a missing key shard, mismatched q/k widths, a
-bad key shard), analyses it, and checks that exactly the affected heads carry the expected
-problem in head_errors, naming the file, and that every other head's results are bit-for-bit
-those of the undamaged dataset. One more case checks that the accepted variants (a plain
-list<float> vector column, float positions) change nothing. The checks are the test module's
-own functions, so this script and `pytest tests/test_bad_input.py` cannot drift apart.
+bad key shard, two folders naming one head, a stray or a missing query shard, integers beyond
+int32, duplicate columns, negative buckets, buckets that disagree with positions (the card's
+scheme, or their order when the scheme is unknown), a zero window, q/k windows that differ, a
+two-row query shard, a position beyond int32), analyses it, and checks that exactly the affected
+heads carry the expected problem in head_errors, naming the file, and that every other head's
+results are bit-for-bit those of the undamaged dataset. The dataset-level cases check a folder
+name beyond the integer range and a stray key shard (catalog problems, no head affected), a
+head-sampled capture (no missing heads), an unknown layout over sparse shards (the run stops
+before any work) and an unexpected exception while cataloguing (that shard's heads only). One more
+case checks that the accepted variants (a plain list<float> vector column, float positions)
+change nothing. The checks are the test module's own functions, so this script and
+`pytest tests/test_bad_input.py` cannot drift apart.
 """
 
 from __future__ import annotations
@@ -42,10 +49,13 @@ def main() -> int:
         analyze_dataset(cfg, dataset, progress=False)
         clean = suite.results_by_head(cfg)[0]
 
-        cases = [(c[0], "bad input", lambda copy, work, c=c: suite.test_bad_input_is_recorded_per_head(*c, copy, work, clean))
+        cases = [(c[0], c[3], lambda copy, work, c=c: suite.test_bad_input_is_recorded_per_head(*c, copy, work, clean))
                  for c in suite.CASES]
+        cases += [(fn.__name__.removeprefix("test_"), "dataset", lambda copy, work, fn=fn: fn(copy, work, clean))
+                  for fn in suite.DATASET_CASES]
         cases.append(("accepted_variants", "no error", lambda copy, work: suite.test_accepted_variants_give_identical_results(copy, work, clean)))
         width = max(len(name) for name, _, _ in cases)
+        kind_width = max(len(kind) for _, kind, _ in cases)
         for i, (name, kind, check) in enumerate(cases):
             work = tmp / f"case{i}"
             copy = work / "data" / conftest.SMALL_SPEC.model
@@ -60,7 +70,7 @@ def main() -> int:
             else:
                 passed += 1
                 verdict = "passed"
-            print(f"{name.ljust(width)}  {kind:9}  {verdict}  {time.perf_counter() - t0:5.1f}s", flush=True)
+            print(f"{name.ljust(width)}  {kind.ljust(kind_width)}  {verdict}  {time.perf_counter() - t0:5.1f}s", flush=True)
     for name, tb in failures:
         print(f"\n--- {name} ---\n{tb}")
     print(f"\nfault suite: {tried} cases tried, {passed} passed")

@@ -20,7 +20,10 @@ parent holds is counted:
    ``pyarrow.parquet.ParquetFile.read`` (one thread) and turn it into float64 numpy arrays,
    page cache warm: once in one process, and once split over ``--workers`` processes (started
    before the clock), which is what the same number of processes can really read on this machine;
-2. the **analysis**: ``warehouse.pipeline.analyze_dataset`` into a fresh warehouse with
+2. the **revision hash**: `warehouse.revision.content_revision` over every shard (what every local run
+   does before its run id; SHA-256 of every byte, threads), page cache warm: wall and CPU seconds,
+   also as a share of the analysis wall time;
+3. the **analysis**: ``warehouse.pipeline.analyze_dataset`` into a fresh warehouse with
    ``--workers`` worker processes (attention off: SPEC 4 is a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
@@ -288,6 +291,29 @@ def child_io_floor(root: str, processes: int = 1) -> dict:
     return {"seconds": seconds, "n_shards": len(paths), "n_rows": n_rows}
 
 
+def child_hash(root: str) -> dict:
+    """Time the dataset revision (`content_revision`, as `analyze_dataset` computes it), page cache warm;
+    CPU seconds of every thread of this process."""
+    import resource
+
+    from warehouse.catalog import scan_shards
+    from warehouse.revision import content_revision
+
+    scan = scan_shards(root)
+    for p in scan.paths:  # warm the page cache the same way the analysis will find it
+        with open(p, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    revision = content_revision(scan.base, scan.paths)
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    n_bytes = sum(os.path.getsize(p) for p in scan.paths)
+    return {"seconds": wall, "cpu_s": cpu, "bytes": n_bytes, "revision": revision}
+
+
 def child_analyze(root: str, warehouse: str, workers: int, attention: bool, profile: str | None) -> dict:
     from warehouse.config import load_config
     from warehouse.pipeline import analyze_dataset
@@ -320,6 +346,7 @@ def measure(name: str, shape: dict, args) -> list[dict]:
           else f"[{name}] dataset {root} ({n_heads} heads; cached)", file=sys.stderr)
     floor, floor_mem, _ = run_child(["--_child", "io", root.as_posix(), "1"])
     floor_np = run_child(["--_child", "io", root.as_posix(), str(args.workers)])[0] if args.workers > 1 else floor
+    hashed = run_child(["--_child", "hash", root.as_posix()])[0]
     rows = []
     variants = [False, True] if args.attention else [False]
     for attention in variants:
@@ -344,6 +371,9 @@ def measure(name: str, shape: dict, args) -> list[dict]:
             "io_floor_parallel_s": floor_np["seconds"],
             "ratio": wall / (floor["seconds"] / args.workers), "ratio_1p": wall / floor["seconds"],
             "ratio_parallel": wall / floor_np["seconds"],
+            # the content hash of the dataset revision (part of every local run, before its run id)
+            "hash_s": hashed["seconds"], "hash_cpu_s": hashed["cpu_s"], "hash_gib": hashed["bytes"] / 2**30,
+            "hash_pct_of_run": 100.0 * hashed["seconds"] / wall,
             "attention": attention,
             # other processes competing for the CPUs make every figure worse; 1-minute load averages
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
@@ -365,7 +395,9 @@ def measure(name: str, shape: dict, args) -> list[dict]:
         rows.append(row)
         print(f"[{name}] {row['shape']}: {wall:.1f}s, {row['heads_per_s']:.1f} heads/s, "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB, {row['tree_cpu_s']:.1f} CPU s = {row['cores_used']:.2f} cores "
-              f"(load average {load_before:.1f} before)", file=sys.stderr)
+              f"(load average {load_before:.1f} before); revision hash of {row['hash_gib']:.2f} GiB: "
+              f"{row['hash_s']:.2f} s ({row['hash_cpu_s']:.2f} CPU s) = {row['hash_pct_of_run']:.1f}% of the run",
+              file=sys.stderr)
         if load_before > 0.5:
             print(f"[{name}] warning: the machine was busy (load average {load_before:.1f}); figures are pessimistic",
                   file=sys.stderr)
@@ -377,7 +409,8 @@ def format_table(rows: list[dict]) -> str:
             ("wall_s", "wall s", "{:.1f}"), ("heads_per_s", "heads/s", "{:.1f}"),
             ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_pss_mib", "peak PSS MiB", "{:.0f}"),
             ("io_floor_s", "I/O floor s", "{:.2f}"), ("io_floor_parallel_s", "floor Np s", "{:.2f}"),
-            ("ratio", "ratio", "{:.2f}"), ("ratio_parallel", "ratio Np", "{:.2f}"), ("ratio_1p", "ratio 1p", "{:.2f}")]
+            ("ratio", "ratio", "{:.2f}"), ("ratio_parallel", "ratio Np", "{:.2f}"), ("ratio_1p", "ratio 1p", "{:.2f}"),
+            ("hash_s", "hash s", "{:.2f}"), ("hash_cpu_s", "hash CPU s", "{:.2f}"), ("hash_pct_of_run", "hash %", "{:.1f}")]
     cells = [[fmt.format(r[k]) for k, _, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(cols)]
     lines = ["  ".join(h.rjust(w) for (_, h, _), w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
@@ -407,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         mode = argv[1]
         if mode == "io":
             res = child_io_floor(argv[2], int(argv[3]) if len(argv) > 3 else 1)
+        elif mode == "hash":
+            res = child_hash(argv[2])
         else:
             profile = argv[argv.index("--_profile") + 1] if "--_profile" in argv else None
             res = child_analyze(argv[2], argv[3], int(argv[4]), argv[5] == "1", profile)

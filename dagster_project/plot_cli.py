@@ -88,11 +88,16 @@ def default_output(kind: str, opts) -> Path:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.config import DEFAULT_WAREHOUSE
+    from warehouse.models import bucket_plot_defaults
     from warehouse.plots import load_plot_options, make_plot, save_png
 
     overrides = {k: getattr(args, k) for k in OPTION_ARGS}
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
     opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
+    if opts.model and opts.warehouse and not (opts.bucket_csv or opts.component_csv):
+        # the model's bucket scheme and size, as its dataset card gave them (table `models`), unless set
+        defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))
+        opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     result, source = make_plot(args.kind, opts)
     out = Path(opts.output) if opts.output else default_output(args.kind, opts)
     save_png(result.figure, out, opts.dpi)

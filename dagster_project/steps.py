@@ -22,7 +22,6 @@ import pandas as pd
 import sql
 from dagster_project.registry import DEMO_MODEL, DatasetEntry
 from warehouse import db
-from warehouse.catalog import ShardInfo, infer_layout, infer_num_layers, read_dataset_card
 from warehouse.config import RunConfig
 
 
@@ -70,18 +69,6 @@ def open_dataset(entry: DatasetEntry, cfg: RunConfig, hub: HubClient, sha: str |
     return hub.snapshot(entry.repo_id, entry.branch, sha, cfg.model_dir), sha
 
 
-def dataset_card(entry: DatasetEntry, cfg: RunConfig, hub: HubClient | None, sha: str | None) -> dict:
-    """The dataset card's front matter if the dataset is on disk already (no download), else {}."""
-    if entry.is_hub:
-        if hub is None or not sha:
-            return {}
-        root = hub.snapshot_path(entry.repo_id, sha)
-    else:
-        root = Path(entry.local_root)
-    base = root / cfg.model_dir if cfg.model_dir else root
-    return read_dataset_card(base) or read_dataset_card(root)
-
-
 # --------------------------------------------------------------------------- catalog
 
 
@@ -98,28 +85,34 @@ class CatalogResult:
     n_key: int
     n_bad: int
     n_bucket_rows: int
-    card: dict
+    layout_source: str  # config | card | shards
+    bucket_scheme: str | None
+    n_problems: int  # catalog_problems rows (the dataset's, not any head's)
     shards: pd.DataFrame  # the catalog rows written (without model)
 
 
 def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | None,
                         warehouse: str, lock_timeout_s: float = 60.0) -> CatalogResult:
-    """Profile every shard (SQL over Parquet, in memory) and replace the model's catalog rows."""
+    """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
+    (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does."""
     from warehouse.pipeline import build_catalog, local_revision
     from warehouse.results import replace_catalog
 
     cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
-    revision = sha or local_revision(cat.shards)
+    revision = sha or local_revision(cat)
     db.ensure_schema(warehouse, lock_timeout_s)
     with db.writer(warehouse, lock_timeout_s) as con:
-        replace_catalog(con, entry.key, revision, cat.shards)
+        replace_catalog(con, entry.key, revision, cat.shards, cat.model_info(entry.key, cfg.dataset_name, revision),
+                        cat.problems)
     rows = pd.DataFrame([s.row() for s in cat.shards])
     return CatalogResult(
         model=entry.key, revision=revision, root=Path(root), num_layers=cat.num_layers,
         num_q_heads=cat.num_q_heads, num_k_heads=cat.num_k_heads, n_shards=len(cat.shards),
         n_query=sum(s.kind == "q" for s in cat.shards), n_key=sum(s.kind == "k" for s in cat.shards),
         n_bad=sum(s.error is not None for s in cat.shards),
-        n_bucket_rows=sum(len(s.buckets) for s in cat.shards), card=cat.card, shards=rows,
+        n_bucket_rows=sum(len(s.buckets) for s in cat.shards), layout_source=cat.layout.source,
+        bucket_scheme=None if cat.card.scheme is None else cat.card.scheme.describe(), n_problems=len(cat.problems),
+        shards=rows,
     )
 
 
@@ -132,20 +125,12 @@ def catalog_revision(warehouse: str, model: str, lock_timeout_s: float = 60.0) -
     return None if row is None else row[0]
 
 
-def layout_for(shards: list[ShardInfo], cfg: RunConfig) -> tuple[int, int, int]:
-    """(num_layers, num_q_heads, num_k_heads): the config's, else inferred (as `build_catalog` does)."""
-    if cfg.num_q_heads is not None:
-        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_num_layers(shards)
-        return num_layers, cfg.num_q_heads, cfg.num_k_heads
-    inferred = infer_layout(shards)
-    return (cfg.num_layers if cfg.num_layers is not None else inferred[0]), inferred[1], inferred[2]
-
-
 @dataclass
 class HeadSamplesResult:
     model: str
     n_heads: int
     n_missing_key: int
+    n_plan_problems: int  # heads that cannot run (missing query or key shard, outside the layout)
     group_size: int
     layout: tuple[int, int, int]
     q_sample_rows: int
@@ -155,28 +140,35 @@ class HeadSamplesResult:
 
 def refresh_head_samples(model: str, cfg: RunConfig, warehouse: str, lock_timeout_s: float = 60.0
                          ) -> HeadSamplesResult:
-    """Rebuild the model's head_samples rows (GQA pairing + sample sizes) from its shard catalog, in SQL."""
+    """Rebuild the model's head_samples rows (GQA pairing, expected heads, sample sizes) from its shard
+    catalog and the layout the catalog step resolved (table `models`), in SQL."""
+    from warehouse.layout import HeadLayout, expected_query_layers
+    from warehouse.models import read_model
+    from warehouse.pipeline import plan_parameters
+
     with db.writer(warehouse, lock_timeout_s) as con:
         con.execute(sql.load("head_samples_schema"))
-        rows = con.execute("SELECT layer, head, kind, path FROM shards WHERE model = $m", {"m": model}).fetchall()
-        if not rows:
+        info = read_model(con, model)
+        layers = [r[0] for r in con.execute("SELECT DISTINCT layer FROM shards WHERE model = $m", {"m": model}).fetchall()]
+        if info is None or not layers:
             raise LookupError(f"no shard catalog for model {model!r} in {warehouse}: materialize shard_catalog first")
-        layout = layout_for([ShardInfo(int(a), int(b), c, p) for a, b, c, p in rows], cfg)
-        group = layout[1] // layout[2]
+        layout = HeadLayout(info["num_layers"], info["num_q_heads"], info["num_k_heads"], info["layout_source"])
+        expected = expected_query_layers(layout, layers, head_sampling=info["head_sampling"] is not None,
+                                         full_attention_only=info["attention_scope"] == "full_only", layers=cfg.layers)
+        group = layout.group_size
         con.execute("DELETE FROM head_samples WHERE model = $m", {"m": model})
-        con.execute(
-            "INSERT INTO head_samples BY NAME " + sql.load("head_samples"),
-            {"model": model, "group_size": group, "cap": cfg.max_tokens_per_head, "num_layers": layout[0],
-             "num_q_heads": layout[1], "layers": cfg.layers},
-        )
+        con.execute("INSERT INTO head_samples BY NAME " + sql.load("head_samples"),
+                    plan_parameters(layout, expected, cfg, model))
         df = con.execute(
             "SELECT layer, q_head, k_head, q_rows, k_rows, q_sample_rows, k_sample_rows, q_dim, k_dim, "
-            "sliding_window, k_path IS NULL AS missing_key FROM head_samples WHERE model = $m ORDER BY layer, q_head",
+            "sliding_window, plan_problem FROM head_samples WHERE model = $m "
+            "ORDER BY layer, q_head",
             {"m": model},
         ).df()
     return HeadSamplesResult(
-        model=model, n_heads=len(df), n_missing_key=int(df["missing_key"].sum()) if len(df) else 0,
-        group_size=group, layout=layout,
+        model=model, n_heads=len(df), n_missing_key=int((df["plan_problem"] == "missing_key_shard").sum()),
+        n_plan_problems=int(df["plan_problem"].notna().sum()),
+        group_size=group, layout=(layout.num_layers, layout.num_q_heads, layout.num_k_heads),
         q_sample_rows=int(df["q_sample_rows"].fillna(0).sum()), k_sample_rows=int(df["k_sample_rows"].fillna(0).sum()),
         preview=df,
     )
@@ -274,21 +266,11 @@ def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, loc
 # --------------------------------------------------------------------------- plots
 
 
-def card_plot_defaults(card: dict) -> dict:
-    """bucket_type / bucket_min_size from a dataset card (qk-sniffer and our synthetic cards)."""
-    from warehouse.plots import BUCKET_TYPES
+def plot_defaults(warehouse: str, model: str, lock_timeout_s: float = 60.0) -> dict:
+    """bucket_type / bucket_min_size of the model's bucket scheme, as the catalog recorded it (table `models`)."""
+    from warehouse.models import bucket_plot_defaults
 
-    out = {}
-    bucket_type = card.get("bucket_type")
-    if bucket_type in BUCKET_TYPES:
-        out["bucket_type"] = bucket_type
-    size = card.get("bucket_min_size", card.get("bucket_size"))
-    try:
-        if size is not None and float(size) > 0:
-            out["bucket_min_size"] = float(size)
-    except (TypeError, ValueError):
-        pass
-    return out
+    return bucket_plot_defaults(warehouse, model, lock_timeout_s)
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 COMMENT ON TABLE shards IS 'One row per shard file of a model (query or key vectors of one head), with its profile and validation error';
 COMMENT ON COLUMN shards.model IS 'Model (dataset branch or name) the shard belongs to';
-COMMENT ON COLUMN shards.revision IS 'Dataset revision: Hub commit sha, or local- plus a fingerprint of the local shards';
+COMMENT ON COLUMN shards.revision IS 'Dataset revision: Hub commit sha, or local- plus SHA-256 of every shard''s relative path and content';
 COMMENT ON COLUMN shards.layer IS 'Layer index from the shard folder name';
 COMMENT ON COLUMN shards.head IS 'Head index from the shard folder name (a query head for kind q, a key head for kind k)';
 COMMENT ON COLUMN shards.kind IS 'Whether the shard holds query (q) or key (k) vectors';
@@ -20,6 +20,7 @@ COMMENT ON COLUMN shards.min_position IS 'Smallest position in the file';
 COMMENT ON COLUMN shards.max_position IS 'Largest position in the file';
 COMMENT ON COLUMN shards.has_token_str IS 'Whether the file has a token_str column (needed for same-token attention)';
 COMMENT ON COLUMN shards.error IS 'Why the shard cannot be used (file: problem); NULL when it passed validation';
+COMMENT ON COLUMN shards.problem IS 'Category of the shard''s error (as head_errors.problem); NULL when it passed validation';
 
 COMMENT ON TABLE shard_buckets IS 'Observed position range of every bucket of every shard';
 COMMENT ON COLUMN shard_buckets.model IS 'Model the shard belongs to';
@@ -31,6 +32,32 @@ COMMENT ON COLUMN shard_buckets.n_rows IS 'Rows of the shard in this bucket';
 COMMENT ON COLUMN shard_buckets.min_position IS 'Smallest position in this bucket';
 COMMENT ON COLUMN shard_buckets.max_position IS 'Largest position in this bucket';
 COMMENT ON COLUMN shard_buckets.mean_position IS 'Mean position in this bucket';
+
+COMMENT ON TABLE models IS 'One row per model: resolved head layout and its source, bucket scheme, sampling and pinned revision';
+COMMENT ON COLUMN models.model IS 'Model name in the warehouse: the caller''s, the config''s, else the dataset folder''s (never the card''s)';
+COMMENT ON COLUMN models.dataset_name IS 'Hub dataset id of the config; NULL for a local dataset';
+COMMENT ON COLUMN models.revision IS 'Dataset revision: Hub commit sha, or local- plus SHA-256 of every shard''s relative path and content';
+COMMENT ON COLUMN models.num_layers IS 'Layers of the head layout the run used';
+COMMENT ON COLUMN models.num_q_heads IS 'Query heads per layer of the head layout the run used';
+COMMENT ON COLUMN models.num_k_heads IS 'Key heads per layer of the head layout the run used';
+COMMENT ON COLUMN models.layout_source IS 'Where the head counts came from: the config, the dataset card, or a complete and consistent shard set';
+COMMENT ON COLUMN models.head_sampling IS 'The card''s head_sampling_strategy: only a subset of query heads was captured; NULL when every head was';
+COMMENT ON COLUMN models.attention_scope IS 'The card''s attention_scope; full_only means sliding-window layers were not captured';
+COMMENT ON COLUMN models.bucket_scheme IS 'Bucket scheme: uniform floor(p / size), log max(floor(log2(p + 1)), log2(size)); NULL when unknown';
+COMMENT ON COLUMN models.bucket_size IS 'Uniform: the bucket width; log: the size of the smallest bucket';
+COMMENT ON COLUMN models.sampling_strategy IS 'qk-sniffer''s position sampler kind, from the card';
+COMMENT ON COLUMN models.sampler_base_rate IS 'The sampler''s base_rate, when the card states it';
+COMMENT ON COLUMN models.q_capture_probability IS 'Probability that a query position was captured; NULL when unknown or varying by bucket';
+COMMENT ON COLUMN models.k_capture_probability IS 'Probability that a key position was captured; NULL when unknown or varying by bucket';
+COMMENT ON COLUMN models.card_model_name IS 'The dataset card''s model name, kept as text (never a key or a path)';
+COMMENT ON COLUMN models.updated_at IS 'When this row was written';
+COMMENT ON TABLE catalog_problems IS 'Problems of a model''s dataset that belong to no head (shard folder names, the dataset card)';
+COMMENT ON COLUMN catalog_problems.model IS 'Model whose dataset has the problem';
+COMMENT ON COLUMN catalog_problems.revision IS 'Dataset revision the catalog was built from';
+COMMENT ON COLUMN catalog_problems.file IS 'The file concerned (a shard folder or the dataset card)';
+COMMENT ON COLUMN catalog_problems.problem IS 'integer_out_of_range, invalid_card or head_sampling_mismatch';
+COMMENT ON COLUMN catalog_problems.message IS 'What is wrong, naming the file';
+COMMENT ON COLUMN catalog_problems.recorded_at IS 'When the catalog recorded it';
 
 COMMENT ON TABLE head_samples IS 'Query heads a run will analyse, paired with their key head (GQA), with the sample sizes (Dagster head_samples asset)';
 COMMENT ON COLUMN head_samples.model IS 'Model of the head';
@@ -51,12 +78,13 @@ COMMENT ON COLUMN head_samples.k_buckets IS 'Distinct buckets in the key shard';
 COMMENT ON COLUMN head_samples.sliding_window IS 'Sliding window of the query shard; NULL means full causal attention';
 COMMENT ON COLUMN head_samples.q_error IS 'Validation error of the query shard, NULL when valid';
 COMMENT ON COLUMN head_samples.k_error IS 'Validation error of the key shard, NULL when valid';
+COMMENT ON COLUMN head_samples.plan_problem IS 'Why the head cannot run, known before any shard is read: missing_query_shard, layout_mismatch or missing_key_shard; NULL for heads that run';
 
 COMMENT ON TABLE runs IS 'One row per run: model, dataset revision, full config, version, times, status and head counts';
 COMMENT ON COLUMN runs.run_id IS 'Run id: hash of model, dataset revision, analysis version and every setting that changes a number';
 COMMENT ON COLUMN runs.model IS 'Model analysed';
 COMMENT ON COLUMN runs.dataset_name IS 'Hub dataset id (dataset_name setting); NULL for a local dataset';
-COMMENT ON COLUMN runs.revision IS 'Dataset revision analysed: Hub commit sha, or local- plus a fingerprint of the local shards';
+COMMENT ON COLUMN runs.revision IS 'Dataset revision analysed: Hub commit sha, or local- plus SHA-256 of every shard''s relative path and content';
 COMMENT ON COLUMN runs.config_json IS 'Full resolved run configuration as JSON';
 COMMENT ON COLUMN runs.package_version IS 'Version of attention-plasticity-warehouse that ran';
 COMMENT ON COLUMN runs.started_at IS 'When the run (or its latest resumption) started, UTC';
@@ -198,7 +226,7 @@ COMMENT ON VIEW latest_runs IS 'The latest started run of every model (any statu
 COMMENT ON COLUMN latest_runs.run_id IS 'Run id: hash of model, dataset revision, analysis version and every setting that changes a number';
 COMMENT ON COLUMN latest_runs.model IS 'Model analysed';
 COMMENT ON COLUMN latest_runs.dataset_name IS 'Hub dataset id (dataset_name setting); NULL for a local dataset';
-COMMENT ON COLUMN latest_runs.revision IS 'Dataset revision analysed: Hub commit sha, or local- plus a fingerprint of the local shards';
+COMMENT ON COLUMN latest_runs.revision IS 'Dataset revision analysed: Hub commit sha, or local- plus SHA-256 of every shard''s relative path and content';
 COMMENT ON COLUMN latest_runs.config_json IS 'Full resolved run configuration as JSON';
 COMMENT ON COLUMN latest_runs.package_version IS 'Version of attention-plasticity-warehouse that ran';
 COMMENT ON COLUMN latest_runs.started_at IS 'When the run (or its latest resumption) started, UTC';

@@ -1,5 +1,5 @@
--- head_samples: one row per query head the analysis will run, paired with its key
--- head (GQA), with the sample sizes SPEC 2.1 will draw. Written by the Dagster
+-- head_samples: one row per query head the analysis plans (every shard, and every head the
+-- layout expects), paired with its key head (GQA), with the sample sizes SPEC 2.1 will draw. Written by the Dagster
 -- `head_samples` asset (delete-then-insert per model in one transaction).
 CREATE TABLE IF NOT EXISTS head_samples (
     model VARCHAR NOT NULL,
@@ -19,5 +19,6 @@ CREATE TABLE IF NOT EXISTS head_samples (
     k_buckets INTEGER,
     sliding_window INTEGER,
     q_error VARCHAR,
-    k_error VARCHAR
+    k_error VARCHAR,
+    plan_problem VARCHAR                -- missing_query_shard | layout_mismatch | missing_key_shard | NULL
 );

@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS shards (
     min_position DOUBLE,
     max_position DOUBLE,
     has_token_str BOOLEAN,
-    error VARCHAR                       -- NULL when the shard passed validation
+    error VARCHAR,                      -- NULL when the shard passed validation
+    problem VARCHAR                     -- the error's category (head_errors.problem), NULL when none
 );
 CREATE TABLE IF NOT EXISTS shard_buckets (
     model VARCHAR NOT NULL,
@@ -29,6 +30,35 @@ CREATE TABLE IF NOT EXISTS shard_buckets (
     min_position DOUBLE,
     max_position DOUBLE,
     mean_position DOUBLE
+);
+-- What was resolved for each analysed model (latest state; replaced with its shard catalog).
+CREATE TABLE IF NOT EXISTS models (
+    model VARCHAR NOT NULL,
+    dataset_name VARCHAR,
+    revision VARCHAR,
+    num_layers INTEGER,
+    num_q_heads INTEGER,
+    num_k_heads INTEGER,
+    layout_source VARCHAR,              -- config | card | shards
+    head_sampling VARCHAR,              -- the card's head_sampling_strategy; NULL: every head was captured
+    attention_scope VARCHAR,
+    bucket_scheme VARCHAR,              -- uniform | log | NULL (unknown)
+    bucket_size INTEGER,
+    sampling_strategy VARCHAR,          -- all | uniform | log
+    sampler_base_rate DOUBLE,
+    q_capture_probability DOUBLE,
+    k_capture_probability DOUBLE,
+    card_model_name VARCHAR,            -- untrusted text from the card
+    updated_at TIMESTAMP
+);
+-- Problems of a model's dataset that belong to no head (replaced with its shard catalog).
+CREATE TABLE IF NOT EXISTS catalog_problems (
+    model VARCHAR NOT NULL,
+    revision VARCHAR,
+    file VARCHAR,
+    problem VARCHAR,
+    message VARCHAR,
+    recorded_at TIMESTAMP
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR NOT NULL,

@@ -1,10 +1,13 @@
 """SPEC 1 bad input: each damaged shard gives its own clear error in head_errors,
-naming the file; every other head's results are unchanged, to the bit."""
+naming the file; every other head's results are unchanged, to the bit. Problems that belong to no
+head (an unusable folder name, a stray key shard) are recorded in the catalog, and a layout that
+cannot be known stops the run before any work."""
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +57,30 @@ def widen(table):
     return table.set_column(table.schema.get_field_index("vector"), "vector", new)
 
 
+def copy_folder(src, dst_name):
+    """Copy a shard folder next to itself under another name (`dst_name`)."""
+    shutil.copytree(src.parent, src.parent.parent / dst_name)
+
+
+def set_value(table, name, row, value, type_=None):
+    """Column `name` with one row's value replaced (as `type_`, default the column's type)."""
+    values = table.column(name).to_pylist()
+    values[row] = value
+    return set_column(table, name, pa.array(values, type_ or table.schema.field(name).type))
+
+
+def duplicate_column(table, name):
+    arrays = list(table.columns) + [table.column(name)]
+    return pa.Table.from_arrays(arrays, names=table.column_names + [name])
+
+
+def unsort_buckets_without_card(path):
+    """Give the row with the largest position bucket 0, and drop the dataset card (so the bucket scheme is
+    unknown and only the order of buckets by position can be checked; the layout is inferred)."""
+    rewrite(path, lambda t: set_value(t, "bucket", int(np.argmax(t.column("position").to_numpy())), 0))
+    os.remove(path.parents[1] / "README.md")
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -79,6 +106,33 @@ CASES = [
     ("missing_key_shard", (1, 1, "k"), lambda p: os.remove(p), "missing_key_shard", {(1, 2), (1, 3)}),
     ("width_mismatch", (0, 1, "q"), lambda p: rewrite(p, widen), "width_mismatch", {(0, 1)}),
     ("bad_key_shard", (0, 0, "k"), lambda p: rewrite(p, lambda t: set_vector_value(t, 0, 0, np.nan)), "nonfinite_values", {(0, 0), (0, 1)}),
+    # shard identity (issue 13.2)
+    ("duplicate_query_shard", (0, 0, "q"), lambda p: copy_folder(p, "l0h0q"), "duplicate_shard", {(0, 0)}),
+    ("duplicate_key_shard", (1, 1, "k"), lambda p: copy_folder(p, "l1h001k"), "duplicate_shard", {(1, 2), (1, 3)}),
+    # layout (issue 13.3): the card says 4 query heads; a stray one fails alone, a missing one is reported
+    ("stray_query_shard", (0, 4, "q"), lambda p: copy_folder(p.parents[1] / "l00h03q" / "data.parquet", "l00h04q"),
+     "layout_mismatch", {(0, 4)}),
+    ("missing_query_shard", (1, 2, "q"), lambda p: shutil.rmtree(p.parent), "missing_query_shard", {(1, 2)}),
+    # out-of-range integers, duplicate columns (issue 13.5)
+    ("bucket_2_pow_40", (0, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 5, 2**40, pa.int64())),
+     "integer_out_of_range", {(0, 2)}),
+    ("example_id_2_pow_40", (1, 0, "k"), lambda p: rewrite(p, lambda t: set_value(t, "example_id", 0, 2**40, pa.int64())),
+     "integer_out_of_range", {(1, 0), (1, 1)}),
+    ("window_2_pow_40", (1, 1, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([2**40] * t.num_rows, pa.int64()))),
+     "integer_out_of_range", {(1, 1)}),
+    ("duplicate_columns", (0, 1, "q"), lambda p: rewrite(p, lambda t: duplicate_column(t, "position")), "duplicate_columns", {(0, 1)}),
+    # values checked per SPEC 1 (issue 13.6)
+    ("negative_bucket", (0, 1, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 3, -1)), "negative_buckets", {(0, 1)}),
+    ("bucket_disagrees_with_card", (1, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 10, t.column("bucket")[10].as_py() + 1)),
+     "bucket_position_mismatch", {(1, 2)}),
+    ("buckets_out_of_order", (0, 3, "q"), unsort_buckets_without_card, "bucket_position_mismatch", {(0, 3)}),
+    ("zero_sliding_window", (0, 3, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([0] * t.num_rows, pa.int32()))),
+     "invalid_sliding_window", {(0, 3)}),
+    ("window_differs_from_key", (1, 0, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([32] * t.num_rows, pa.int32()))),
+     "window_mismatch", {(1, 0)}),
+    ("two_row_query_shard", (0, 1, "q"), lambda p: rewrite(p, lambda t: t.slice(0, 2)), "too_few_rows", {(0, 1)}),
+    ("position_beyond_int32", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_value(t, "position", 0, 2**31, pa.int64())),
+     "position_overflow", {(1, 3)}),
 ]
 
 
@@ -138,3 +192,107 @@ def test_accepted_variants_give_identical_results(small_copy, tmp_path, clean):
     got, errors = results_by_head(cfg)
     assert errors == []
     assert all(same(got[h], clean[h]) for h in clean)
+
+
+# --------------------------------------------------------------------------- problems of the dataset, not of a head
+
+
+def analyse(copy, work, **overrides):
+    cfg = load_config(None, {"warehouse": str(work / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m",
+                             **overrides})
+    return cfg, analyze_dataset(cfg, copy, progress=False)
+
+
+def assert_results_equal_clean(cfg, clean, absent=frozenset()):
+    got, errors = results_by_head(cfg)
+    assert errors == [], errors
+    assert set(got) == set(clean) - set(absent)
+    assert all(same(got[h], clean[h]) for h in got)
+
+
+def fetch(cfg, query):
+    with db.reader(cfg.warehouse) as con:
+        return con.execute(query).fetchall()
+
+
+def test_folder_name_beyond_the_integer_range_is_a_catalog_problem(small_copy, tmp_path, clean):
+    copy_folder(shard(small_copy, 0, 0, "q"), "l99999999999h00q")
+    bad = str(small_copy / "l99999999999h00q" / "data.parquet")
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert (summary.status, summary.n_heads) == ("succeeded", 8)
+    assert_results_equal_clean(cfg, clean)
+    (row,) = fetch(cfg, "SELECT file, problem, message FROM catalog_problems")
+    assert row[:2] == (bad, "integer_out_of_range") and bad in row[2]
+    assert fetch(cfg, f"SELECT count(*) FROM shards WHERE path = '{bad}'") == [(0,)]
+
+
+def test_stray_key_shard_is_marked_and_pairs_with_nothing(small_copy, tmp_path, clean):
+    copy_folder(shard(small_copy, 0, 1, "k"), "l00h02k")  # the card says 2 key heads
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert summary.status == "succeeded"
+    assert_results_equal_clean(cfg, clean)
+    stray = str(small_copy / "l00h02k" / "data.parquet")
+    assert fetch(cfg, f"SELECT problem FROM shards WHERE path = '{stray}'") == [("layout_mismatch",)]
+
+
+def with_front_matter(copy, extra: str) -> None:
+    card = copy / "README.md"
+    card.write_text(card.read_text().replace("---\n", "---\n" + extra, 1))
+
+
+def test_head_sampled_capture_is_not_missing_heads(small_copy, tmp_path, clean):
+    """qk-sniffer head_sampling: a random subset of query heads is the whole plan, not missing heads."""
+    with_front_matter(small_copy, "head_sampling_strategy: random_query\nhead_sampling_selected_query_heads: 7\n")
+    shutil.rmtree(small_copy / "l01h03q")
+    cfg, summary = analyse(small_copy, tmp_path)
+    assert (summary.status, summary.n_heads) == ("succeeded", 7)
+    assert_results_equal_clean(cfg, clean, absent={(1, 3)})
+    assert fetch(cfg, "SELECT problem FROM catalog_problems") == []
+    shutil.rmtree(small_copy / "l00h01q")  # the card said 7 heads were sampled: 6 remain
+    cfg, summary = analyse(small_copy, tmp_path / "again")
+    assert summary.status == "succeeded" and summary.n_heads == 6
+    assert fetch(cfg, "SELECT problem FROM catalog_problems") == [("head_sampling_mismatch",)]
+
+
+def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_path, clean):
+    from warehouse.layout import LayoutError
+
+    os.remove(small_copy / "README.md")
+    shutil.rmtree(small_copy / "l01h03q")
+    with pytest.raises(LayoutError, match=r"l01h03q.*num_q_heads"):
+        analyse(small_copy, tmp_path)
+    assert not (tmp_path / "wh.duckdb").exists()  # nothing written
+    # the counts from the config make the same shards a normal run, with the missing head reported
+    cfg, summary = analyse(small_copy, tmp_path / "cfg", num_q_heads=4, num_k_heads=2)
+    assert summary.n_heads == 8 and fetch(cfg, "SELECT layer, q_head, problem FROM head_errors") == [
+        (1, 3, "missing_query_shard")]
+
+
+def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(small_copy, tmp_path, clean):
+    import warehouse.catalog as catalog
+
+    target = str(shard(small_copy, 1, 0, "k"))
+    real = catalog.check_schema
+
+    def broken(path, schema):
+        if path == target:
+            raise RuntimeError("simulated bug")
+        return real(path, schema)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(catalog, "check_schema", broken)
+        cfg, summary = analyse(small_copy, tmp_path)
+    got, errors = results_by_head(cfg)
+    assert sorted((l, q, f, p) for l, q, f, p, _ in errors) == [(1, 0, target, "catalog_failed"), (1, 1, target, "catalog_failed")]
+    assert all("RuntimeError: simulated bug" in m for *_, m in errors)
+    assert all(same(got[h], clean[h]) for h in clean if h[0] != 1 or h[1] > 1)
+
+
+#: checks of problems that belong to the dataset rather than one head (benchmarks/fault_suite.py runs them too)
+DATASET_CASES = [
+    test_folder_name_beyond_the_integer_range_is_a_catalog_problem,
+    test_stray_key_shard_is_marked_and_pairs_with_nothing,
+    test_head_sampled_capture_is_not_missing_heads,
+    test_unknown_layout_and_sparse_shards_stop_before_any_work,
+    test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime, timezone
 
@@ -49,7 +50,7 @@ def test_local_sensor_registers_datasets_and_reruns_on_change(dataset, tmp_path)
         first = local_tick(instance, configs)
         assert [r.partition_keys for r in first.dynamic_partitions_requests] == [[MODEL]]
         (request,) = first.run_requests
-        assert request.partition_key == MODEL and request.tags[TAG_REVISION].startswith("local-")
+        assert request.partition_key == MODEL and request.tags[TAG_REVISION].startswith("stat-")
         assert instance.get_dynamic_partitions("models") == [MODEL]
         second = local_tick(instance, configs, first.cursor)
         assert second.run_requests == [] and "1 seen" in second.skip_reason.skip_message
@@ -57,6 +58,15 @@ def test_local_sensor_registers_datasets_and_reruns_on_change(dataset, tmp_path)
         third = local_tick(instance, configs, second.cursor)
         assert [r.partition_key for r in third.run_requests] == [MODEL]
         assert third.run_requests[0].tags[TAG_REVISION] != request.tags[TAG_REVISION]
+        # an in-place edit that keeps the size and the file's mtime still moves the fingerprint (ctime)
+        path = root / "l01h00q" / "data.parquet"
+        st = os.stat(path)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        fourth = local_tick(instance, configs, third.cursor)
+        assert [r.partition_key for r in fourth.run_requests] == [MODEL]
 
 
 def test_schedule_requests_every_registered_model():

@@ -174,3 +174,25 @@ def test_entry_run_config_points_at_the_dataset(tmp_path):
     entry = DatasetEntry("m", "local", local_root=tmp_path / "ds")
     cfg = entry.run_config(max_workers=3)
     assert cfg.model == "m" and cfg.dataset_local_root == str(tmp_path / "ds") and cfg.max_workers == 3
+
+
+def test_dagster_catalog_stops_when_the_layout_cannot_be_known(tmp_path):
+    """No head counts in the config or the card, and a sparse shard set: the catalog step fails with a
+    message asking for them, and nothing is written."""
+    spec = replace(TINY, num_layers=2, num_q_heads=4, num_k_heads=2)
+    root = write_synthetic_dataset(tmp_path / "data" / MODEL, spec, with_truth=False)
+    (root / "README.md").unlink()
+    shutil.rmtree(root / "l01h02q")
+    configs = tmp_path / "configs"
+    write_config(configs, MODEL, root)
+    resources = resources_for(tmp_path, configs)
+    selection = [a for a in OWN_ASSETS if "shard_catalog" in {k.to_user_string() for k in a.keys}]
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("models", [MODEL])
+        result = dg.materialize(selection, partition_key=MODEL, instance=instance, resources=resources,
+                                raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "l01h02q" in message and "num_q_heads" in message
+    assert not (tmp_path / "warehouse.duckdb").exists()

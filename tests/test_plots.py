@@ -362,3 +362,28 @@ def test_scale_drawing_keeps_identical_heads_distinguishable():
         "L0 H2 (gain 0.024) = L0 H0, L0 H1", "L1 H0 (gain 0.400)"]
     assert "coinciding curves (3 of 4 heads)" in legend.get_title().get_text()
     assert _outside(fig, fig.axes[-1], legend)
+
+def test_plot_command_takes_bucket_scheme_from_the_warehouse(small_dataset, tmp_path, monkeypatch, capsys):
+    """`plot curves --model` places buckets by the dataset card's scheme, as the catalog recorded it
+    (table `models`), unless the options say otherwise."""
+    from warehouse.config import load_config
+    from warehouse.models import plot_bucket_options
+    from warehouse.pipeline import analyze_dataset
+
+    wh = tmp_path / "wh.duckdb"
+    cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "m"})
+    analyze_dataset(cfg, small_dataset, progress=False)
+    drawn = []
+    real = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=110: drawn.append(fig) or real(fig, path, dpi))
+    assert main(["plot", "curves", "--warehouse", str(wh), "--model", "m", "--output", str(tmp_path / "c.png")]) == 0
+    ax = drawn[-1].axes[0]
+    mean_line = max(ax.get_lines(), key=lambda ln: ln.get_linewidth())
+    assert mean_line.get_xdata().tolist() == [32 * b for b in range(1, 8)]  # the card's uniform buckets of 32
+    assert "uniform buckets of 32" in ax.get_xlabel()
+    assert main(["plot", "curves", "--warehouse", str(wh), "--model", "m", "--bucket_min_size", "2",
+                 "--output", str(tmp_path / "d.png")]) == 0
+    assert max(drawn[-1].axes[0].get_lines(), key=lambda ln: ln.get_linewidth()).get_xdata().tolist()[:2] == [2, 4]
+    # log buckets (qk-sniffer: bucket b starts at 2**b - 1) are drawn at 2**b; unknown schemes keep the defaults
+    assert plot_bucket_options({"bucket_scheme": "log", "bucket_size": 128}) == {"bucket_type": "log", "bucket_min_size": 1.0}
+    assert plot_bucket_options({"bucket_scheme": None, "bucket_size": None}) == {} == plot_bucket_options(None)

@@ -1,13 +1,17 @@
 """Catalog of sniffer shards: find them, validate their schema, profile them.
 
 A shard is `l{LL}h{HH}{q|k}/data.parquet` under the dataset root (optionally
-under `model_dir`). Validation problems become `ShardError`s that name the file
-and the problem; the pipeline records them against the affected heads.
+under `model_dir`); its identity is (layer, head, kind), so `l0h0q` and `l00h00q`
+name the same head (both are then a `duplicate_shard` error). Validation
+problems become `ShardError`s that name the file and the problem; the pipeline
+records them against the affected heads. Files that cannot be any head (numbers
+beyond the stored integer range) are `CatalogProblem`s of the dataset.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,9 +21,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import sql
+from warehouse.card import BucketScheme
 
-SHARD_RE = re.compile(r"^l(\d+)h(\d+)([qk])$")
+SHARD_RE = re.compile(r"^l([0-9]+)h([0-9]+)([qk])$")  # ASCII digits only
 REQUIRED_COLUMNS = ("bucket", "example_id", "position", "vector")
+USED_COLUMNS = REQUIRED_COLUMNS + ("sliding_window", "token_str")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the warehouse stores layer, head, bucket, example_id, window as INTEGER
+#: Positions must lie in SPEC 1's int32 range: beyond it they no longer fit the integer columns a capture
+#: writes, and the regressions' sums of squared positions lose exactness long before they overflow.
+MAX_POSITION = INT32_MAX
+#: A query shard needs 3 rows: through 2 points the position regression (SPEC 2.3) fits exactly, so
+#: every component would get R2 = 1 whatever the data, and the residual statistics have no data.
+MIN_QUERY_ROWS = 3
 
 
 class ShardError(ValueError):
@@ -33,6 +46,15 @@ class ShardError(ValueError):
 
     def __reduce__(self):  # keep the fields when crossing a process boundary
         return (ShardError, (self.path, self.problem, self.message))
+
+
+@dataclass
+class CatalogProblem:
+    """A problem of the dataset that belongs to no head (a file no head can be, the card...)."""
+
+    file: str | None
+    problem: str
+    message: str
 
 
 @dataclass
@@ -84,6 +106,7 @@ class ShardInfo:
             "max_position": max(positions) if positions else None,
             "has_token_str": self.has_token_str,
             "error": None if self.error is None else str(self.error),
+            "problem": None if self.error is None else self.error.problem,
         }
 
 
@@ -135,19 +158,74 @@ def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * itemsize)
 
 
-def find_shards(root: str | Path, model_dir: str | None = None) -> list[ShardInfo]:
-    """All `lXXhYY{q,k}/data.parquet` under root (or root/model_dir), sorted by (layer, kind, head)."""
+@dataclass
+class ShardScan:
+    """What a dataset folder holds: the shards (duplicates marked), the files that cannot be a head,
+    and every shard file's path (all of them count for the dataset revision)."""
+
+    base: Path
+    shards: list[ShardInfo]
+    problems: list[CatalogProblem]
+    paths: list[str]
+
+
+_KIND_NAMES = {"q": "query", "k": "key"}
+
+
+def scan_shards(root: str | Path, model_dir: str | None = None) -> ShardScan:
+    """Every ``lXXhYY{q,k}/data.parquet`` under root (or root/model_dir), shards sorted by (layer, kind, head).
+
+    Two folders naming one (layer, head, kind) are each a `duplicate_shard` error (never two values for one
+    head). A layer or head number beyond the stored integer range is a `CatalogProblem`, not a shard.
+    """
     base = Path(root) / model_dir if model_dir else Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"dataset folder {base} does not exist")
-    found = []
+    found: list[ShardInfo] = []
+    problems: list[CatalogProblem] = []
+    paths: list[str] = []
     for sub in base.iterdir():
         m = SHARD_RE.match(sub.name)
-        if m and (sub / "data.parquet").is_file():
-            found.append(ShardInfo(int(m[1]), int(m[2]), m[3], str(sub / "data.parquet")))
+        if not m:
+            continue
+        path = sub / "data.parquet"
+        try:
+            present = path.is_file()
+        except OSError as exc:  # e.g. a folder we may not list
+            present = True
+            unreadable = ShardError(path, "catalog_failed", f"cannot stat the shard ({type(exc).__name__}: {exc})")
+        else:
+            unreadable = None
+        if not present:
+            continue
+        paths.append(str(path))
+        layer, head = int(m[1]), int(m[2])
+        if layer > INT32_MAX or head > INT32_MAX:
+            problems.append(CatalogProblem(str(path), "integer_out_of_range",
+                                           f"{path}: layer {m[1]} / head {m[2]} is beyond the stored integer range "
+                                           f"(at most {INT32_MAX}); the shard is not used"))
+            continue
+        found.append(ShardInfo(layer, head, m[3], str(path), error=unreadable))
     if not found:
-        raise FileNotFoundError(f"no lXXhYY{{q,k}}/data.parquet shards under {base}")
-    return sorted(found, key=lambda s: (s.layer, s.kind, s.head))
+        extra = f" ({len(problems)} with unusable layer/head numbers)" if problems else ""
+        raise FileNotFoundError(f"no lXXhYY{{q,k}}/data.parquet shards under {base}{extra}")
+    found.sort(key=lambda s: (s.layer, s.kind, s.head, s.path))
+    copies: dict[tuple[int, int, str], list[ShardInfo]] = defaultdict(list)
+    for s in found:
+        copies[(s.layer, s.head, s.kind)].append(s)
+    for (layer, head, kind), same in copies.items():
+        if len(same) > 1:
+            names = ", ".join(Path(c.path).parent.name for c in same)
+            for c in same:
+                c.error = ShardError(c.path, "duplicate_shard",
+                                     f"{len(same)} shard folders ({names}) name {_KIND_NAMES[kind]} head {head} of "
+                                     f"layer {layer}; none of them is used")
+    return ShardScan(base, found, problems, paths)
+
+
+def find_shards(root: str | Path, model_dir: str | None = None) -> list[ShardInfo]:
+    """The shards of `scan_shards`, sorted by (layer, kind, head)."""
+    return scan_shards(root, model_dir).shards
 
 
 def _is_int(t: pa.DataType) -> bool:
@@ -157,6 +235,9 @@ def _is_int(t: pa.DataType) -> bool:
 def check_schema(path: str, schema: pa.Schema) -> tuple[int | None, bool, bool]:
     """Validate column presence and types. Returns (dim or None, has sliding_window, has token_str)."""
     names = set(schema.names)
+    repeated = sorted({c for c in schema.names if c in USED_COLUMNS and schema.names.count(c) > 1})
+    if repeated:
+        raise ShardError(path, "duplicate_columns", f"column(s) {', '.join(repeated)} appear more than once")
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise ShardError(path, "missing_columns", f"missing column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
@@ -184,21 +265,113 @@ def check_schema(path: str, schema: pa.Schema) -> tuple[int | None, bool, bool]:
     return dim, has_window, has_tokens
 
 
-def _check_profile(path: str, prof: dict) -> None:
+#: Bucket-position check (SPEC 1): exact below this position. qk-sniffer computes buckets in float32
+#: (``floor(p / size)``, ``floor(log2(p + 1))``), so at larger positions a bucket edge may move: by a relative
+#: 2^-23 for the uniform quotient, by up to an ulp of the float32 logarithm (2^-18 of it below 2^32) for log.
+#: The slack allows twice that, and nothing below `BUCKET_EXACT_BELOW`.
+BUCKET_EXACT_BELOW = 2.0 ** 20
+BUCKET_EDGE_SLACK = {"uniform": 2.0 ** -22, "log": 2.0 ** -18}
+
+
+def bucket_mismatches(bucket: np.ndarray, position: np.ndarray, scheme: BucketScheme) -> np.ndarray:
+    """Rows whose bucket disagrees with their position under `scheme` (a bool mask).
+
+    With ``t = position * BUCKET_EDGE_SLACK[kind]`` for positions >= ``BUCKET_EXACT_BELOW``, else 0:
+    uniform (size ``s``): ok when ``b s <= p + t`` and ``p - t < (b + 1) s``, i.e. ``b = floor(p / s)``;
+    log (floor ``F``, ``q = p + 1``): ok when ``b >= F``, (``b = F`` or ``2^b <= q + t``) and ``q - t < 2^(b+1)``,
+    i.e. ``b = max(floor(log2(p + 1)), F)``. The same expression as sql/shard_profile.sql, operation for
+    operation. Integer positions in ``[0, BUCKET_EXACT_BELOW)`` (the usual case) take an integer shortcut
+    with the same answers (``t = 0`` there and every quantity is exact): ``b != p // s`` or
+    ``b != max(e - 1, F)`` with ``e`` the binary exponent of ``p + 1`` (``frexp``), 100x cheaper.
+    """
+    if position.dtype.kind in "iu" and position.size and position.min() >= 0 and position.max() < BUCKET_EXACT_BELOW:
+        if scheme.kind == "uniform":
+            expected = position.astype(np.int64) // scheme.size
+        else:
+            expected = np.maximum(np.frexp(position + 1.0)[1] - 1, scheme.log_floor)
+        return bucket != expected
+    b = bucket.astype(np.float64)
+    p = position.astype(np.float64)
+    t = np.where(p >= BUCKET_EXACT_BELOW, p * BUCKET_EDGE_SLACK[scheme.kind], 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if scheme.kind == "uniform":
+            size = float(scheme.size)
+            ok = (b * size <= p + t) & (p - t < (b + 1.0) * size)
+        else:
+            floor = float(scheme.log_floor)
+            q = p + 1.0
+            ok = (b >= floor) & ((b == floor) | (np.power(2.0, b) <= q + t)) & (q - t < np.power(2.0, b + 1.0))
+    return ~ok
+
+
+def scheme_parameters(scheme: BucketScheme | None) -> dict:
+    """The parameters sql/shard_profile.sql takes for a bucket scheme (None: no scheme check)."""
+    return {
+        "scheme": None if scheme is None else scheme.kind,
+        "bucket_size": 0.0 if scheme is None else float(scheme.size),
+        "log_floor": 0.0 if scheme is None or scheme.kind != "log" else float(scheme.log_floor),
+        "exact_below": BUCKET_EXACT_BELOW, "edge_slack": 0.0 if scheme is None else BUCKET_EDGE_SLACK[scheme.kind],
+    }
+
+
+def _out_of_int32(prof: dict, column: str) -> int | None:
+    lo, hi = prof[f"min_{column}"], prof[f"max_{column}"]
+    if lo is not None and int(lo) < INT32_MIN:
+        return int(lo)
+    if hi is not None and int(hi) > INT32_MAX:
+        return int(hi)
+    return None
+
+
+def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
+                   scheme: BucketScheme | None) -> None:
     """Raise the first problem a shard profile shows (the order is part of the contract)."""
     if prof["n_rows"] == 0:
         raise ShardError(path, "empty", "shard has no rows")
     if prof["n_null_keys"]:
         raise ShardError(path, "null_values", f"{prof['n_null_keys']} row(s) have a null bucket, example_id or position")
+    for column in ("bucket", "example_id"):
+        bad = _out_of_int32(prof, column)
+        if bad is not None:
+            raise ShardError(path, "integer_out_of_range",
+                             f"column {column} holds {bad}, outside the int32 range SPEC 1 gives it")
     if prof["n_nonfinite_positions"]:
         raise ShardError(path, "nonfinite_values", f"{prof['n_nonfinite_positions']} position(s) are NaN or infinite")
     if prof["n_negative_positions"]:
         raise ShardError(path, "negative_positions", f"{prof['n_negative_positions']} row(s) have a negative position (min {prof['min_position']:g})")
+    if prof["max_position"] > MAX_POSITION:
+        raise ShardError(path, "position_overflow",
+                         f"position {prof['max_position']:g} is beyond {MAX_POSITION} (SPEC 1's int32 positions); "
+                         "the position regressions would not be exact")
+    if prof["n_negative_buckets"]:
+        raise ShardError(path, "negative_buckets",
+                         f"{prof['n_negative_buckets']} row(s) have a negative bucket (min {prof['min_bucket']})")
     n_distinct_windows = int(prof["n_windows"]) + (1 if prof["n_null_windows"] else 0)
     if n_distinct_windows > 1:
         raise ShardError(path, "mixed_sliding_window", "sliding_window takes more than one value within the shard")
+    window = prof["sliding_window"]
+    if window is not None and not INT32_MIN <= int(window) <= INT32_MAX:
+        raise ShardError(path, "integer_out_of_range",
+                         f"column sliding_window holds {int(window)}, outside the int32 range SPEC 1 gives it")
+    if window is not None and int(window) <= 0:
+        raise ShardError(path, "invalid_sliding_window",
+                         f"sliding_window is {int(window)}; a window must be a positive number of positions")
     if prof["n_duplicate_rows"]:
         raise ShardError(path, "duplicate_rows", f"{prof['n_duplicate_rows']} row(s) repeat an (example_id, position) already present")
+    if scheme is not None and prof["n_bucket_mismatches"]:
+        raise ShardError(path, "bucket_position_mismatch",
+                         f"{prof['n_bucket_mismatches']} row(s) have a bucket that disagrees with their position under "
+                         f"the dataset card's {scheme.describe()} (first at position {prof['first_mismatch_position']:g})")
+    if scheme is None:
+        for lower, upper in zip(ranges, ranges[1:]):
+            if lower.max_position >= upper.min_position:
+                raise ShardError(path, "bucket_position_mismatch",
+                                 f"buckets do not increase with position: bucket {lower.bucket} holds position "
+                                 f"{lower.max_position:g} but bucket {upper.bucket} starts at {upper.min_position:g}")
+    if kind == "q" and prof["n_rows"] < MIN_QUERY_ROWS:
+        raise ShardError(path, "too_few_rows",
+                         f"query shard has {prof['n_rows']} row(s); the position regression needs at least "
+                         f"{MIN_QUERY_ROWS} (through 2 points it fits exactly: R2 = 1 whatever the data)")
 
 
 def _read_schema(path: str) -> tuple[pq.ParquetFile, pa.Schema]:
@@ -209,9 +382,10 @@ def _read_schema(path: str) -> tuple[pq.ParquetFile, pa.Schema]:
         raise ShardError(path, "unreadable", f"cannot read Parquet file ({type(exc).__name__}: {exc})") from None
 
 
-def table_profile(table: pa.Table) -> tuple[dict, list[BucketRange]]:
+def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[dict, list[BucketRange]]:
     """The profile of `sql/shard_profile.sql` and the bucket ranges of `sql/shard_buckets.sql`,
-    computed with numpy from the scalar columns (bucket, example_id, position[, sliding_window]).
+    computed with numpy from the scalar columns (bucket, example_id, position[, sliding_window]);
+    `scheme` is the dataset's bucket scheme (None: unknown, no bucket-position count).
 
     Equal to the SQL results (tests/test_catalog_profile.py); about 10x cheaper per shard, which
     matters when a model has thousands of shards. Only shards with null values need
@@ -225,6 +399,8 @@ def table_profile(table: pa.Table) -> tuple[dict, list[BucketRange]]:
         "n_duplicate_rows": 0, "n_negative_positions": 0, "n_nonfinite_positions": 0,
         "min_position": None, "max_position": None,
         "n_windows": 0, "n_null_windows": n if window is None else window.null_count, "sliding_window": None,
+        "min_bucket": None, "max_bucket": None, "min_example_id": None, "max_example_id": None,
+        "n_negative_buckets": 0, "n_bucket_mismatches": 0, "first_mismatch_position": None,
     }
     if window is not None and window.null_count == 0 and n:
         w = to_numpy(window)
@@ -253,6 +429,14 @@ def table_profile(table: pa.Table) -> tuple[dict, list[BucketRange]]:
     example = to_numpy(cols["example_id"])
     raw_pos = to_numpy(cols["position"])
     pos = raw_pos.astype(np.float64)
+    prof["min_bucket"], prof["max_bucket"] = int(bucket.min()), int(bucket.max())
+    prof["min_example_id"], prof["max_example_id"] = int(example.min()), int(example.max())
+    prof["n_negative_buckets"] = int(np.count_nonzero(bucket < 0)) if prof["min_bucket"] < 0 else 0
+    if scheme is not None:
+        bad = bucket_mismatches(bucket, raw_pos, scheme)
+        prof["n_bucket_mismatches"] = int(np.count_nonzero(bad))
+        if prof["n_bucket_mismatches"]:
+            prof["first_mismatch_position"] = float(pos[bad].min())
     prof["min_position"] = float(pos.min())
     prof["max_position"] = float(pos.max())
     finite = np.isfinite(pos)
@@ -292,36 +476,48 @@ def table_profile(table: pa.Table) -> tuple[dict, list[BucketRange]]:
     return prof, ranges
 
 
-def profile_shard(info: ShardInfo) -> ShardInfo:
-    """Fill `info` from the file: schema checks, row counts, window, bucket ranges.
+def profile_shard(info: ShardInfo, scheme: BucketScheme | None = None) -> ShardInfo:
+    """Fill `info` from the file: schema checks, row counts, window, bucket ranges, the SPEC 1 value
+    checks (`_check_profile`; buckets against `scheme`, the dataset's bucket scheme, when known).
 
-    Reads only the footer and the scalar columns. Any problem is stored in
-    `info.error` (never raised) so the catalog lists every shard, good or bad.
+    Reads only the footer and the scalar columns. Any problem, including an unexpected exception
+    (`catalog_failed`), is stored in `info.error` (never raised) so the catalog lists every shard,
+    good or bad. A shard that already has an error (a duplicate, a shard outside the layout) is left as is.
     """
-    path = info.path
+    if info.error is not None:
+        return info
     try:
-        pf, schema = _read_schema(path)
-        info.dim, has_window, info.has_token_str = check_schema(path, schema)
-        columns = ["bucket", "example_id", "position"] + (["sliding_window"] if has_window else [])
-        try:
-            table = pf.read(columns=columns, use_threads=False)
-        except Exception as exc:
-            raise ShardError(path, "unreadable", f"cannot read Parquet data ({type(exc).__name__}: {exc})") from None
-        try:
-            prof, ranges = table_profile(table)
-        except Exception as exc:  # a column pyarrow can read but not convert
-            raise ShardError(path, "unreadable", f"cannot profile rows ({type(exc).__name__}: {exc})") from None
-        info.n_rows = int(prof["n_rows"])
-        info.n_examples = int(prof["n_examples"])
-        _check_profile(path, prof)
-        info.sliding_window = None if prof["sliding_window"] is None else int(prof["sliding_window"])
-        info.buckets = ranges
+        _profile_into(info, scheme)
     except ShardError as err:
         info.error = err
+    except Exception as exc:  # a bug or a file nothing above anticipated: this shard fails, the catalog goes on
+        info.error = ShardError(info.path, "catalog_failed",
+                                f"unexpected error while cataloguing the shard ({type(exc).__name__}: {exc})")
     return info
 
 
-def profile_shard_sql(con: duckdb.DuckDBPyConnection, info: ShardInfo) -> ShardInfo:
+def _profile_into(info: ShardInfo, scheme: BucketScheme | None) -> None:
+    """`profile_shard` without the error handling (raises ShardError)."""
+    path = info.path
+    pf, schema = _read_schema(path)
+    info.dim, has_window, info.has_token_str = check_schema(path, schema)
+    columns = ["bucket", "example_id", "position"] + (["sliding_window"] if has_window else [])
+    try:
+        table = pf.read(columns=columns, use_threads=False)
+    except Exception as exc:
+        raise ShardError(path, "unreadable", f"cannot read Parquet data ({type(exc).__name__}: {exc})") from None
+    try:
+        prof, ranges = table_profile(table, scheme)
+    except Exception as exc:  # a column pyarrow can read but not convert
+        raise ShardError(path, "unreadable", f"cannot profile rows ({type(exc).__name__}: {exc})") from None
+    info.n_rows = int(prof["n_rows"])
+    info.n_examples = int(prof["n_examples"])
+    _check_profile(path, prof, ranges, info.kind, scheme)
+    info.sliding_window = None if prof["sliding_window"] is None else int(prof["sliding_window"])
+    info.buckets = ranges
+
+
+def profile_shard_sql(con: duckdb.DuckDBPyConnection, info: ShardInfo, scheme: BucketScheme | None = None) -> ShardInfo:
     """`profile_shard` done by DuckDB with sql/shard_profile.sql and sql/shard_buckets.sql.
 
     The readable definition of the profile; `profile_shard` computes the same with numpy
@@ -338,60 +534,20 @@ def profile_shard_sql(con: duckdb.DuckDBPyConnection, info: ShardInfo) -> ShardI
             sliding_window="sliding_window" if has_window else "NULL::INTEGER"
         )
         try:
-            cur = con.execute(profile_sql, {"path": path})
+            cur = con.execute(profile_sql, {"path": path, **scheme_parameters(scheme)})
             names = [d[0] for d in cur.description]
             prof = dict(zip(names, cur.fetchone()))
         except duckdb.Error as exc:
             raise ShardError(path, "unreadable", f"cannot read Parquet data ({exc})") from None
         info.n_rows = int(prof["n_rows"])
         info.n_examples = int(prof["n_examples"])
-        _check_profile(path, prof)
+        ranges = []
+        if not prof["n_null_keys"] and prof["n_rows"]:
+            cur = con.execute(sql.load("shard_buckets"), {"path": path})
+            ranges = [BucketRange(int(b), int(n), float(lo), float(hi), float(mu)) for b, n, lo, hi, mu in cur.fetchall()]
+        _check_profile(path, prof, ranges, info.kind, scheme)
         info.sliding_window = None if prof["sliding_window"] is None else int(prof["sliding_window"])
-        cur = con.execute(sql.load("shard_buckets"), {"path": path})
-        info.buckets = [BucketRange(int(b), int(n), float(lo), float(hi), float(mu)) for b, n, lo, hi, mu in cur.fetchall()]
+        info.buckets = ranges
     except ShardError as err:
         info.error = err
     return info
-
-
-def infer_num_layers(shards: list[ShardInfo]) -> int:
-    """Number of layers from the shard names present (the highest layer + 1); needs no head counts,
-    so configured head counts are never second-guessed by the shard names."""
-    if not shards:
-        raise ValueError("no shards (lXXhYYq, lXXhYYk) found")
-    return max(s.layer for s in shards) + 1
-
-
-def infer_layout(shards: list[ShardInfo]) -> tuple[int, int, int]:
-    """(num_layers, num_q_heads, num_k_heads) from the shard names present."""
-    q = [s for s in shards if s.kind == "q"]
-    k = [s for s in shards if s.kind == "k"]
-    if not q:
-        raise ValueError("no query shards (lXXhYYq) found")
-    num_layers = infer_num_layers(shards)
-    num_q = max(s.head for s in q) + 1
-    num_k = (max(s.head for s in k) + 1) if k else num_q
-    if num_q % num_k:
-        raise ValueError(
-            f"inferred {num_q} query heads and {num_k} key heads, which is not a whole GQA group; "
-            "set num_q_heads/num_k_heads in the config"
-        )
-    return num_layers, num_q, num_k
-
-
-def read_dataset_card(root: str | Path) -> dict:
-    """YAML front matter of the dataset card (README.md), or {} when absent or unparsable."""
-    import yaml
-
-    card = Path(root) / "README.md"
-    if not card.is_file():
-        return {}
-    text = card.read_text(errors="replace")
-    if not text.startswith("---"):
-        return {}
-    try:
-        front = text.split("---", 2)[1]
-        data = yaml.safe_load(front)
-    except Exception:
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -83,8 +83,11 @@ class RunConfig:
     def workers(self) -> int:
         return self.max_workers or os.cpu_count() or 1
 
-    def run_id(self, model: str, revision: str) -> str:
+    def run_id(self, model: str, revision: str, dataset: dict | None = None) -> str:
         """Stable id of (model, dataset revision, everything that changes a number).
+
+        `dataset`: what the dataset card states that changes a number or a check (bucket scheme,
+        capture sampling; `warehouse.models.ModelInfo.run_facts`).
 
         Output paths, worker counts and layer filters are left out on purpose:
         they do not change any result, so a run with more workers or more
@@ -102,6 +105,8 @@ class RunConfig:
             # changing the scales must not resume a run that lacks them
             "attention": [float(s) for s in self.attention_scales] if self.attention else None,
         }
+        if dataset:
+            keyed["dataset"] = dataset
         blob = json.dumps(keyed, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 

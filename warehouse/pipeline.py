@@ -9,7 +9,7 @@ the same config resumes where it stopped.
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import dataclasses
 import multiprocessing as mp
 import os
 import sys
@@ -19,19 +19,22 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
 from warehouse import db, results
+from warehouse.card import DatasetCard, find_card, read_card
 from warehouse.catalog import (
-    ShardError, ShardInfo, catalog_columns, find_shards, infer_layout, infer_num_layers, profile_shard,
-    read_dataset_card,
+    CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
 )
 from warehouse.config import RunConfig
+from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
 from warehouse.loading import load_rows
+from warehouse.models import ModelInfo
+from warehouse.revision import content_revision
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
 # comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
@@ -64,72 +67,129 @@ class GroupTask:
 
 @dataclass
 class Catalog:
+    """A dataset as found: its shards (named, not yet profiled), layout, card and dataset problems."""
+
     root: Path
+    base: Path  # root / model_dir: the folder holding the shards
     shards: list[ShardInfo]
-    num_layers: int
-    num_q_heads: int
-    num_k_heads: int
-    card: dict = field(default_factory=dict)
+    layout: HeadLayout
+    card: DatasetCard = field(default_factory=DatasetCard)
+    problems: list[CatalogProblem] = field(default_factory=list)  # the dataset's, not any head's
+    paths: list[str] = field(default_factory=list)  # every shard file found (all count for the revision)
+    expected_layers: list[int] = field(default_factory=list)  # layers whose every query head needs a shard
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.layout.num_q_heads
+
+    @property
+    def num_k_heads(self) -> int:
+        return self.layout.num_k_heads
 
     @property
     def group_size(self) -> int:
-        return self.num_q_heads // self.num_k_heads
+        return self.layout.group_size
+
+    def profile(self, info: ShardInfo) -> ShardInfo:
+        """`profile_shard` with this dataset's bucket scheme."""
+        return profile_shard(info, self.card.scheme)
+
+    def model_info(self, model: str, dataset_name: str | None, revision: str) -> ModelInfo:
+        return ModelInfo(model, dataset_name, revision, self.layout, self.card)
 
 
-def local_revision(shards: Iterable[ShardInfo]) -> str:
-    """Fingerprint of a local dataset: relative path, size and Parquet footer of every shard."""
-    h = hashlib.sha1()
-    for s in sorted(shards, key=lambda s: s.path):
-        p = Path(s.path)
-        h.update(f"{p.parent.name}/{p.name}".encode())
-        try:
-            size = p.stat().st_size
-            h.update(str(size).encode())
-            with open(p, "rb") as fh:
-                fh.seek(max(0, size - 65536))
-                h.update(fh.read())
-        except OSError:
-            h.update(b"missing")
-    return "local-" + h.hexdigest()[:12]
+def local_revision(cat: "Catalog") -> str:
+    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`)."""
+    return content_revision(cat.base, cat.paths)
+
+
+def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> None:
+    """Shards whose layer or head the layout does not have: a `layout_mismatch` error (never re-paired)."""
+    limit = {"q": layout.num_q_heads, "k": layout.num_k_heads}
+    for s in shards:
+        if s.error is None and (s.layer >= layout.num_layers or s.head >= limit[s.kind]):
+            what = "query" if s.kind == "q" else "key"
+            s.error = ShardError(s.path, "layout_mismatch",
+                                 f"{what} head {s.head} of layer {s.layer} is outside the layout: {layout.describe()}")
+
+
+def _dataset_problems(card: DatasetCard, shards: list[ShardInfo]) -> list[CatalogProblem]:
+    out = [CatalogProblem(card.path, "invalid_card", f"{card.path}: {p}") for p in card.problems]
+    if card.head_sampling is not None and card.head_sampling_query_heads is not None:
+        found = len({(s.layer, s.head) for s in shards if s.kind == "q"})
+        if found != card.head_sampling_query_heads:
+            out.append(CatalogProblem(
+                card.path, "head_sampling_mismatch",
+                f"{card.path}: the card says {card.head_sampling_query_heads} query heads were sampled, "
+                f"the dataset holds {found} query shard(s)"))
+    return out
 
 
 def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
-    """Every shard of the dataset by name (not yet profiled), the layout and the dataset card.
+    """Every shard of the dataset by name (not yet profiled), the dataset card and the head layout.
 
-    Layout from the config, else from the shard names. Cheap: a directory listing.
+    Layout: config, else card, else a complete shard set (`warehouse.layout.resolve_layout`); raises
+    `LayoutError` (before any work) when it cannot be known. Cheap: a directory listing and the card.
     """
-    shards = find_shards(root, cfg.model_dir)
-    if cfg.num_q_heads is not None:
-        num_q, num_k = cfg.num_q_heads, cfg.num_k_heads
-        num_layers = cfg.num_layers if cfg.num_layers is not None else infer_num_layers(shards)
-    else:
-        inferred = infer_layout(shards)
-        num_layers = cfg.num_layers if cfg.num_layers is not None else inferred[0]
-        num_q, num_k = inferred[1], inferred[2]
-    base = Path(root) / cfg.model_dir if cfg.model_dir else Path(root)
-    return Catalog(Path(root), shards, num_layers, num_q, num_k, read_dataset_card(base) or read_dataset_card(root))
+    scan = scan_shards(root, cfg.model_dir)
+    card = read_card(find_card(root))
+    layout = resolve_layout(
+        [(s.layer, s.head, s.kind) for s in scan.shards],
+        config=(cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads),
+        card=(card.num_layers, card.num_q_heads, card.num_k_heads), where=str(scan.base),
+    )
+    _mark_outside_layout(scan.shards, layout)
+    expected = expected_query_layers(
+        layout, (s.layer for s in scan.shards), head_sampling=card.head_sampling is not None,
+        full_attention_only=card.attention_scope == "full_only", layers=cfg.layers,
+    )
+    return Catalog(Path(root), scan.base, scan.shards, layout, card,
+                   scan.problems + _dataset_problems(card, scan.shards), scan.paths, expected)
 
 
 def profile_catalog(cat: Catalog) -> Catalog:
     """Profile every shard in place (footer and scalar columns only, a few ms a shard)."""
     for s in cat.shards:
-        profile_shard(s)
+        cat.profile(s)
     return cat
 
 
 def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog:
-    """Find and profile every shard; layout from the config, else from the shard names.
+    """Find and profile every shard (`find_catalog`, `profile_catalog`).
 
     `threads` is accepted for compatibility; profiling reads only footers and scalar columns.
     """
     return profile_catalog(find_catalog(root, cfg))
 
 
-def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, str | None]]:
-    """(layer, q_head, k_head, q_path, k_path) of every planned query shard.
+@dataclass(frozen=True)
+class PlannedHead:
+    """One row of sql/head_samples.sql: a head the run plans, and why it cannot run (if it cannot)."""
 
-    The GQA join and the layer/head filters are sql/head_samples.sql, the same
-    query the Dagster `head_samples` asset runs against the warehouse catalog.
+    layer: int
+    q_head: int
+    k_head: int
+    q_path: str | None
+    k_path: str | None
+    problem: str | None  # missing_query_shard | layout_mismatch | missing_key_shard | None
+
+
+def plan_parameters(layout: HeadLayout, expected_layers: list[int], cfg: RunConfig, model: str) -> dict:
+    """The parameters of sql/head_samples.sql."""
+    return {"model": model, "group_size": layout.group_size, "num_layers": layout.num_layers,
+            "num_q_heads": layout.num_q_heads, "expected_layers": list(expected_layers), "layers": cfg.layers,
+            "cap": cfg.max_tokens_per_head}
+
+
+def head_pairs(cat: Catalog, cfg: RunConfig) -> list[PlannedHead]:
+    """Every head the run plans: each query shard and each query head the layout expects, with its key head.
+
+    The GQA join, the expected heads and the layer filter are sql/head_samples.sql, the same query the
+    Dagster `head_samples` asset runs against the warehouse catalog.
     """
     import sql
 
@@ -138,41 +198,67 @@ def head_pairs(cat: Catalog, cfg: RunConfig) -> list[tuple[int, int, int, str, s
     table = {k: np.array(v, dtype=object) for k, v in catalog_columns(cat.shards, "_", None).items()}
     table["layer"] = table["layer"].astype(np.int64)
     table["head"] = table["head"].astype(np.int64)
-    params = {"model": "_", "group_size": cat.group_size, "num_layers": cat.num_layers,
-              "num_q_heads": cat.num_q_heads, "layers": cfg.layers, "cap": cfg.max_tokens_per_head}
     con = db.memory_connection()
     try:
         con.register("shards", table)
-        cur = con.execute(sql.load("head_samples"), params)
+        cur = con.execute(sql.load("head_samples"), plan_parameters(cat.layout, cat.expected_layers, cfg, "_"))
         names = [d[0] for d in cur.description]
         out = [dict(zip(names, r)) for r in cur.fetchall()]
     finally:
         con.close()
-    return [(int(r["layer"]), int(r["q_head"]), int(r["k_head"]), r["q_path"], r["k_path"]) for r in out]
+    return [PlannedHead(int(r["layer"]), int(r["q_head"]), int(r["k_head"]), r["q_path"], r["k_path"],
+                        r["plan_problem"]) for r in out]
 
 
 def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = frozenset(),
-                pairs: list[tuple[int, int, int, str, str | None]] | None = None) -> list[GroupTask]:
-    """GQA groups of query heads to compute, skipping heads already done (``pairs``: `head_pairs`,
-    computed here when not given)."""
+                pairs: list[PlannedHead] | None = None) -> list[GroupTask]:
+    """GQA groups of query heads to compute, skipping heads already done and heads the plan already
+    knows cannot run (``pairs``: `head_pairs`, computed here when not given; see `plan_failures`)."""
     by_path = {s.path: s for s in cat.shards}
     groups: dict[tuple[int, int], GroupTask] = {}
-    for layer, q_head, k_head, q_path, k_path in (head_pairs(cat, cfg) if pairs is None else pairs):
-        if (layer, q_head) in skip:
+    for head in (head_pairs(cat, cfg) if pairs is None else pairs):
+        if (head.layer, head.q_head) in skip or head.problem is not None:
             continue
-        task = groups.get((layer, k_head))
+        task = groups.get((head.layer, head.k_head))
         if task is None:
-            task = groups[(layer, k_head)] = GroupTask(
-                layer=layer, k_head=k_head, k_info=by_path.get(k_path), queries=[],
+            task = groups[(head.layer, head.k_head)] = GroupTask(
+                layer=head.layer, k_head=head.k_head, k_info=by_path.get(head.k_path), queries=[],
                 params=cfg.params, cap=cfg.max_tokens_per_head, attention=cfg.attention,
                 attention_scales=tuple(cfg.attention_scales), duckdb_threads=cfg.duckdb_threads,
             )
-        task.queries.append((q_head, by_path[q_path]))
+        task.queries.append((head.q_head, by_path[head.q_path]))
     return [groups[k] for k in sorted(groups)]
+
+
+def plan_failures(cat: Catalog, pairs: list[PlannedHead], skip: set[tuple[int, int]] = frozenset()
+                  ) -> list[results.HeadOutcome]:
+    """The error outcome of every planned head that cannot run (``head.problem``), naming the file."""
+    out = []
+    for head in pairs:
+        if head.problem is None or (head.layer, head.q_head) in skip:
+            continue
+        outcome = results.HeadOutcome(head.layer, head.q_head, head.k_head)
+        if head.problem == "missing_query_shard":
+            file = str(cat.base / f"l{head.layer:02d}h{head.q_head:02d}q" / "data.parquet")
+            outcome.error = _error(file, head.problem,
+                                   f"{file}: expected query shard is missing (layout {cat.layout.describe()}, and the "
+                                   "dataset card does not say that only some heads were captured)")
+        elif head.problem == "layout_mismatch":
+            outcome.error = _error(head.q_path, head.problem,
+                                   f"{head.q_path}: query head {head.q_head} of layer {head.layer} is outside the "
+                                   f"layout: {cat.layout.describe()}")
+        else:
+            outcome.error = _missing_key_error(head.layer, head.k_head)
+        out.append(outcome)
+    return out
 
 
 def _error(file: str | None, problem: str, message: str) -> dict:
     return {"file": file, "problem": problem, "message": message}
+
+
+def _missing_key_error(layer: int, k_head: int) -> dict:
+    return _error(None, "missing_key_shard", f"key shard l{layer:02d}h{k_head:02d}k/data.parquet is missing")
 
 
 def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
@@ -187,7 +273,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     k_rows = orientation = None
     k_err = None
     if task.k_info is None:
-        k_err = _error(None, "missing_key_shard", f"key shard l{task.layer:02d}h{task.k_head:02d}k/data.parquet is missing")
+        k_err = _missing_key_error(task.layer, task.k_head)
     else:
         try:
             k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
@@ -204,6 +290,12 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
             out.append(outcome)
             continue
         try:
+            if q_info.error is not None:
+                raise q_info.error
+            if q_info.sliding_window != task.k_info.sliding_window:
+                raise ShardError(q_info.path, "window_mismatch",
+                                 f"query sliding_window {q_info.sliding_window} differs from key shard "
+                                 f"{task.k_info.path}'s {task.k_info.sliding_window} (None = full causal)")
             q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention)
             if q_rows.d != k_rows.d:
                 raise ShardError(
@@ -404,6 +496,12 @@ def analyze_dataset(
 ) -> RunSummary:
     """Analyse every head of one model's dataset folder into the warehouse.
 
+    The head layout is resolved first (config, else dataset card, else a complete shard set; a
+    `LayoutError` stops the run before any work), then the revision (the Hub commit sha, else a hash
+    of every byte of every shard) and the run id from both, so the same data and settings give the
+    same run id whichever command or asset launches the run. The model name is the caller's, else the
+    config's, else the folder's (never the card's: card text is untrusted).
+
     The run is planned from the shard names; when heads remain to compute, worker processes
     (`cfg.workers()`, spawned) start and import the analysis code. Each group's shards are
     profiled just before it is submitted; once the first groups are in flight this process
@@ -416,10 +514,11 @@ def analyze_dataset(
     # Everything up to the plan needs only the shard names, so the workers start (and import the
     # analysis code) only when there is work, and as early as possible.
     cat = find_catalog(root, cfg)
-    model = model or cfg.model or cat.card.get("model_name") or cat.card.get("model") or Path(root).name
-    model = str(model)
-    revision = revision or local_revision(cat.shards)
-    run_id = cfg.run_id(model, revision)
+    model = str(model or cfg.model or Path(root).name)
+    revision = revision or local_revision(cat)
+    info = cat.model_info(model, cfg.dataset_name, revision)
+    cfg = resolved_config(cfg, cat.layout)
+    run_id = cfg.run_id(model, revision, info.run_facts())
     wh = cfg.warehouse
     db.ensure_schema(wh, cfg.lock_timeout_s)
     with db.reader(wh, cfg.lock_timeout_s) as con:
@@ -427,37 +526,46 @@ def analyze_dataset(
     pairs = head_pairs(cat, cfg)
     n_heads = len(pairs)
     groups = plan_groups(cat, cfg, skip=already, pairs=pairs)  # tasks share the ShardInfo objects _run profiles
-    n_todo = sum(len(g.queries) for g in groups)
+    failed = plan_failures(cat, pairs, skip=already)
+    n_todo = sum(len(g.queries) for g in groups) + len(failed)
     workers = max(1, min(cfg.workers(), len(groups)))
     with start_pool(workers) as pool:
-        return _run(cfg, cat, groups, pool, workers, t0, model=model, revision=revision, run_id=run_id,
+        return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
                     resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
 
 
-def _run(cfg, cat, groups, pool, workers, t0, *, model, revision, run_id, resume, n_heads, n_todo, progress,
+def resolved_config(cfg: RunConfig, layout: HeadLayout) -> RunConfig:
+    """`cfg` with the resolved head layout filled in: what the run id and the `runs` table record.
+    The layout's source (config, card, shards) is left out: the same layout gives the same numbers."""
+    return dataclasses.replace(cfg, num_layers=layout.num_layers, num_q_heads=layout.num_q_heads,
+                               num_k_heads=layout.num_k_heads)
+
+
+def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, resume, n_heads, n_todo, progress,
          on_outcome) -> RunSummary:
     wh = cfg.warehouse
+    revision = info.revision
     profiled: set[int] = set()
 
-    def profile(info: ShardInfo | None) -> None:
-        if info is not None and id(info) not in profiled:
-            profile_shard(info)
-            profiled.add(id(info))
+    def profile(shard: ShardInfo | None) -> None:
+        if shard is not None and id(shard) not in profiled:
+            cat.profile(shard)
+            profiled.add(id(shard))
 
     def prepare(task: GroupTask) -> None:
         # a task carries its shards' profiles (row counts, window, errors) to the worker
         profile(task.k_info)
-        for _, info in task.queries:
-            profile(info)
+        for _, shard in task.queries:
+            profile(shard)
 
     present: set[str] = set()
 
     def open_run() -> None:
         # runs while the first groups compute: profile the other shards, record catalog and run
-        for info in cat.shards:
-            profile(info)
+        for shard in cat.shards:
+            profile(shard)
         with db.writer(wh, cfg.lock_timeout_s) as con:
-            results.replace_catalog(con, model, revision, cat.shards)
+            results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
             if not resume:
                 tables = results.existing_tables(con)
                 for table in results.RESULT_TABLES:
@@ -486,17 +594,22 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, revision, run_id, resume
             buffer.clear()
         last_flush = time.monotonic()
 
+    def take(outcomes: list[results.HeadOutcome]) -> None:
+        nonlocal n_failed
+        buffer.extend(outcomes)
+        for o in outcomes:
+            if on_outcome is not None:
+                on_outcome(o)
+        n_failed += sum(1 for o in outcomes if o.error)
+        if bar is not None:
+            bar.update(len(outcomes))
+            if n_failed:
+                bar.set_postfix(errors=n_failed)
+
     try:
+        take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
         for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run):
-            buffer.extend(outcomes)
-            for o in outcomes:
-                if on_outcome is not None:
-                    on_outcome(o)
-            n_failed += sum(1 for o in outcomes if o.error)
-            if bar is not None:
-                bar.update(len(outcomes))
-                if n_failed:
-                    bar.set_postfix(errors=n_failed)
+            take(outcomes)
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
         flush()

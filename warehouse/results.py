@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from plasticity.types import HeadResult
-from warehouse.catalog import bucket_columns, catalog_columns
+from warehouse.catalog import CatalogProblem, bucket_columns, catalog_columns
+from warehouse.models import ModelInfo, replace_model
 
 # Tables holding per-head results; all carry model, run_id, layer, q_head, k_head.
 RESULT_TABLES = (
@@ -112,7 +113,11 @@ def write_outcomes(con: duckdb.DuckDBPyConnection, model: str, run_id: str, outc
         con.unregister("_new_rows")
 
 
-def replace_catalog(con: duckdb.DuckDBPyConnection, model: str, revision: str, shards) -> None:
+def replace_catalog(con: duckdb.DuckDBPyConnection, model: str, revision: str, shards, info: ModelInfo,
+                    problems: list[CatalogProblem] = ()) -> None:
+    """Replace the model's shard catalog (`shards`, `shard_buckets`), its `models` row and its
+    `catalog_problems` (the caller holds the transaction, so all change together)."""
+    replace_model(con, info, list(problems))
     con.execute("DELETE FROM shards WHERE model = $m", {"m": model})
     con.execute("DELETE FROM shard_buckets WHERE model = $m", {"m": model})
     if shards:

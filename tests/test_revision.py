@@ -1,0 +1,73 @@
+"""The local dataset revision is a hash of every byte of every shard (SPEC 1): any edit starts a new
+run instead of resuming stale results."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from warehouse import db
+from warehouse.catalog import scan_shards
+from warehouse.config import load_config
+from warehouse.pipeline import analyze_dataset
+from warehouse.revision import content_revision, file_sha256, stat_fingerprint
+
+
+def revision_of(root):
+    scan = scan_shards(root)
+    return content_revision(scan.base, scan.paths)
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    st = os.stat(path)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+
+
+def test_file_hash_is_sha256_of_the_content(small_dataset, tmp_path):
+    path = small_dataset / "l00h00q" / "data.parquet"
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom((4 << 20) * 2 + 123))  # several read blocks
+    assert file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert file_sha256(tmp_path / "absent").startswith("unreadable:")
+
+
+def test_any_changed_byte_changes_the_revision(small_copy, tmp_path):
+    before = revision_of(small_copy)
+    assert before.startswith("local-") and len(before) == len("local-") + 16
+    shutil.copytree(small_copy, tmp_path / "elsewhere")
+    assert revision_of(tmp_path / "elsewhere") == before  # where the copy lives does not matter
+    assert content_revision(scan_shards(small_copy).base, scan_shards(small_copy).paths, threads=1) == before
+    path = small_copy / "l01h01k" / "data.parquet"
+    flip_byte(path, 100)
+    assert revision_of(small_copy) != before
+    flip_byte(path, 100)
+    assert revision_of(small_copy) == before
+    (small_copy / "l01h01k").rename(small_copy / "l01h1k")  # the same bytes under another folder name
+    assert revision_of(small_copy) != before
+
+
+def test_edit_before_the_last_64k_starts_a_new_run(small_copy, tmp_path):
+    """An in-place edit that keeps the size, the mtime and the last 64 KB (a footer fingerprint misses it)."""
+    path = small_copy / "l00h01q" / "data.parquet"
+    # grow the shard so that the vector data lies before the last 64 KB, then take the clean run
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=64, compression="none", data_page_size=1024)
+    assert path.stat().st_size > 4096 + 65536  # the edit below lies before the last 64 KB
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False,
+                             "model": "m"})
+    first = analyze_dataset(cfg, small_copy, progress=False)
+    fingerprint = stat_fingerprint(small_copy, [str(path)])
+    flip_byte(path, 4096)  # inside the first data pages, far from the footer
+    second = analyze_dataset(cfg, small_copy, progress=False)
+    assert second.revision != first.revision and second.run_id != first.run_id
+    assert second.n_skipped == 0  # nothing resumed from the first run
+    assert stat_fingerprint(small_copy, [str(path)]) != fingerprint  # the sensor notices too (ctime)
+    with db.reader(cfg.warehouse) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
