@@ -63,8 +63,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k, o in options_of(PlotOptions).items() if o.spec.cli}
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
     opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
+    out = Path(opts.output) if opts.output else default_output(args.kind, opts)  # a bad name stops before reading
     result, source = make_plot(args.kind, opts)
-    out = Path(opts.output) if opts.output else default_output(args.kind, opts)
     save_png(result.figure, out, opts.dpi)
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source
