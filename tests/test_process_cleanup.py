@@ -12,6 +12,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,30 @@ def _wait_until(predicate, timeout_s: float, step_s: float = 0.2):
     return predicate()
 
 
+@contextmanager
+def running(argv: list[str], **popen):
+    """A started process; it and every process of its `.tree` (filled in by the test) are killed at the end,
+    whatever happened."""
+    proc = subprocess.Popen(argv, **{"env": ENV, **popen})
+    proc.tree = {}
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in alive(proc.tree):
+            os.kill(pid, signal.SIGKILL)
+
+
+def supervised(child_code: str, *child_args: str, stop_timeout_s: float) -> list[str]:
+    """A command running `plasticity ui`'s supervisor on a Python child program."""
+    runner = (f"import os, sys; from pathlib import Path; from dagster_project.ui import supervise; "
+              f"sys.exit(supervise([sys.executable, '-c', {child_code!r}, *{list(child_args)!r}], dict(os.environ), "
+              f"Path('.'), stop_timeout_s={stop_timeout_s!r}))")
+    return [sys.executable, "-c", runner]
+
+
 def _slow_dataset(root: Path) -> Path:
     from plasticity.synthetic import SyntheticSpec
     from warehouse.demo_data import write_synthetic_dataset
@@ -59,30 +84,25 @@ def _slow_dataset(root: Path) -> Path:
 
 def test_workers_exit_when_the_run_is_killed(tmp_path):
     data = _slow_dataset(tmp_path / "slow")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dagster_project.cli", "analyze", "--dataset_local_root", str(data),
-         "--warehouse", str(tmp_path / "wh.duckdb"), "--output_dir", str(tmp_path / "out"), "--max_workers", "2",
-         "--quiet"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    argv = [sys.executable, "-m", "dagster_project.cli", "analyze", "--dataset_local_root", str(data),
+            "--warehouse", str(tmp_path / "wh.duckdb"), "--output_dir", str(tmp_path / "out"), "--max_workers", "2",
+            "--quiet"]
+    with running(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         def started_workers():
             # scipy is imported by the warm-up task, which runs after the worker initializer
             found = {p: t for p, t in descendants(proc.pid).items()
                      if "multiprocessing" in _cmdline(p) and "/scipy/" in _maps(p)}
             return found if len(found) >= 2 else None
 
-        pool = _wait_until(started_workers, 90)
-        assert pool, f"no worker processes appeared: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+        proc.tree = _wait_until(started_workers, 90)
+        assert proc.tree, f"no worker processes appeared: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
         time.sleep(0.5)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         t0 = time.monotonic()
-        left = _wait_until(lambda: not alive(pool), 5.0, 0.05)
-        assert left, f"workers still running 5 s after the run was killed: {alive(pool)}"
+        gone = _wait_until(lambda: not alive(proc.tree), 5.0, 0.05)
+        assert gone, f"workers still running 5 s after the run was killed: {alive(proc.tree)}"
         print(f"workers gone {time.monotonic() - t0:.2f} s after SIGKILL")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 ORPHAN = textwrap.dedent("""
@@ -107,22 +127,14 @@ def test_an_orphaned_child_ends(mechanism, tmp_path):
     """Each mechanism alone: the portable parent watch, and Linux's parent-death signal."""
     if mechanism == "pdeathsig" and not sys.platform.startswith("linux"):
         pytest.skip("Linux only")
-    middle = subprocess.Popen([sys.executable, "-c", ORPHAN, mechanism], env=ENV, stdout=subprocess.PIPE, text=True)
-    child: dict[int, int] = {}
-    try:
+    with running([sys.executable, "-c", ORPHAN, mechanism], stdout=subprocess.PIPE, text=True) as middle:
         child_pid = int(middle.stdout.readline())
-        child = {child_pid: descendants(middle.pid)[child_pid]}
+        middle.tree = {child_pid: descendants(middle.pid)[child_pid]}
         time.sleep(0.8)
-        assert alive(child)  # still running while its parent lives
+        assert alive(middle.tree)  # still running while its parent lives
         os.kill(middle.pid, signal.SIGKILL)
         middle.wait(10)
-        assert _wait_until(lambda: not alive(child), 5.0, 0.05), "the orphan kept running"
-    finally:
-        if middle.poll() is None:
-            middle.kill()
-            middle.wait()
-        for pid in alive(child):
-            os.kill(pid, signal.SIGKILL)
+        assert _wait_until(lambda: not alive(middle.tree), 5.0, 0.05), "the orphan kept running"
 
 
 # --------------------------------------------------------------------------- plasticity ui
@@ -141,15 +153,10 @@ def _ignore_sigint() -> None:  # pragma: no cover -- runs in the child before ex
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-UI_CASES = {
-    "SIGTERM": (signal.SIGTERM, []),
-    "SIGINT_ignored_at_start": (signal.SIGINT, []),  # what `plasticity ui &` in a script gets
-}
-
-
-@pytest.mark.parametrize("case", list(UI_CASES))
-def test_ui_in_the_background_stops_with_all_its_processes(case, tmp_path):
-    sig, extra = UI_CASES[case]
+def test_ui_in_the_background_stops_on_sigterm_with_all_its_processes(tmp_path):
+    """The real `plasticity ui` (dagster dev: webserver, daemon, code server), started the way a script's
+    `plasticity ui &` is (SIGINT ignored), stopped with SIGTERM. SIGINT takes the same path
+    (`test_supervise_stops_on_sigint_even_if_started_ignoring_it`)."""
     configs = tmp_path / "configs"
     configs.mkdir()
     port = _free_port()
@@ -157,13 +164,10 @@ def test_ui_in_the_background_stops_with_all_its_processes(case, tmp_path):
     env.update(PLASTICITY_CONFIGS_DIR=str(configs), PLASTICITY_WAREHOUSE=str(tmp_path / "wh.duckdb"),
                PLASTICITY_EXPORTS_DIR=str(tmp_path / "results"), DAGSTER_DISABLE_TELEMETRY="1")
     log = tmp_path / "ui.log"
-    with open(log, "wb") as out:
-        ui = subprocess.Popen(
-            [sys.executable, "-m", "dagster_project.cli", "ui", "--no-demo", "--port", str(port),
-             "--dagster-home", str(tmp_path / "home"), *extra],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
-    tree: dict[int, int] = {}
-    try:
+    argv = [sys.executable, "-m", "dagster_project.cli", "ui", "--no-demo", "--port", str(port),
+            "--dagster-home", str(tmp_path / "home")]
+    with open(log, "wb") as out, running(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=_ignore_sigint) as ui:
         def ready() -> bool:
             assert ui.poll() is None, log.read_text()[-4000:]
             try:
@@ -180,20 +184,14 @@ def test_ui_in_the_background_stops_with_all_its_processes(case, tmp_path):
             commands = " | ".join(_cmdline(p) for p in found)
             return found if all(w in commands for w in wanted) else None
 
-        tree = _wait_until(full_tree, 60, 0.5)  # the webserver, the daemon and the code server are up
-        assert tree, {p: _cmdline(p) for p in descendants(ui.pid)}
-        ui.send_signal(sig)
+        ui.tree = _wait_until(full_tree, 60, 0.5)  # the webserver, the daemon and the code server are up
+        assert ui.tree, {p: _cmdline(p) for p in descendants(ui.pid)}
+        ui.send_signal(signal.SIGTERM)
         assert ui.wait(timeout=60) == 0, log.read_text()[-4000:]
-        assert _wait_until(lambda: not alive(tree), 10, 0.1), {p: _cmdline(p) for p in alive(tree)}
+        assert _wait_until(lambda: not alive(ui.tree), 10, 0.1), {p: _cmdline(p) for p in alive(ui.tree)}
         assert "did not stop within" not in log.read_text()  # Dagster shut itself down, nothing was killed
         with pytest.raises((urllib.error.URLError, OSError)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-    finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-        for pid in alive(tree):
-            os.kill(pid, signal.SIGKILL)
 
 
 STUBBORN = textwrap.dedent("""
@@ -218,27 +216,45 @@ def test_supervise_kills_what_does_not_stop_in_time(tmp_path):
     whole process group and tree are killed, including a process that left the group."""
     pid_file = tmp_path / "pids"
     pid_file.write_text("")
-    runner = (f"import os, sys; from pathlib import Path; from dagster_project.ui import supervise; "
-              f"sys.exit(supervise([sys.executable, '-c', {STUBBORN!r}, {str(pid_file)!r}], dict(os.environ), "
-              f"Path('.'), stop_timeout_s=1.0))")
-    sup = subprocess.Popen([sys.executable, "-c", runner], env=ENV, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    tree: dict[int, int] = {}
-    try:
+    with running(supervised(STUBBORN, str(pid_file), stop_timeout_s=1.0), cwd=tmp_path, stderr=subprocess.PIPE,
+                 text=True) as sup:
         assert _wait_until(lambda: "ready" in pid_file.read_text(), 60, 0.1), sup.stderr.read()
-        tree = descendants(sup.pid)
-        assert len(tree) == 2  # the child and the sleeper that left the group
+        sup.tree = descendants(sup.pid)
+        assert len(sup.tree) == 2  # the child and the sleeper that left the group
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0
         late = [int(line) for line in pid_file.read_text().split() if line.isdigit()]
         assert len(late) == 2
-        gone = _wait_until(lambda: not alive(tree) and all(not Path(f"/proc/{p}/stat").exists()
-                                                           or " Z " in Path(f"/proc/{p}/stat").read_text()
-                                                           for p in late), 5, 0.05)
-        assert gone, (alive(tree), late)
+        gone = _wait_until(lambda: not alive(sup.tree) and all(not Path(f"/proc/{p}/stat").exists()
+                                                               or " Z " in Path(f"/proc/{p}/stat").read_text()
+                                                               for p in late), 5, 0.05)
+        assert gone, (alive(sup.tree), late)
         assert "did not stop within 1s; killing it" in sup.stderr.read()
-    finally:
-        if sup.poll() is None:
-            sup.kill()
-            sup.wait()
-        for pid in alive(tree):
-            os.kill(pid, signal.SIGKILL)
+
+
+COOPERATIVE = textwrap.dedent("""
+    import subprocess, sys, time
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(helper.pid, flush=True)
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:  # what dagster dev does on SIGINT: stop its own processes, then exit
+        helper.terminate()
+        helper.wait()
+        print("stopped", flush=True)
+""")
+
+
+def test_supervise_stops_on_sigint_even_if_started_ignoring_it(tmp_path):
+    """`plasticity ui &` from a script starts with SIGINT ignored; SIGINT must still stop it, and the child
+    must get a SIGINT it acts on (graceful: nothing left to kill)."""
+    with running(supervised(COOPERATIVE, stop_timeout_s=30.0), cwd=tmp_path, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True, preexec_fn=_ignore_sigint) as sup:
+        helper = int(sup.stdout.readline())
+        sup.tree = _wait_until(lambda: (lambda t: t if helper in t else None)(descendants(sup.pid)), 10, 0.05)
+        assert len(sup.tree) == 2
+        sup.send_signal(signal.SIGINT)
+        out, err = sup.communicate(timeout=30)
+        assert sup.returncode == 0 and out.strip() == "stopped", err
+        assert "did not stop within" not in err
+        assert _wait_until(lambda: not alive(sup.tree), 5, 0.05)

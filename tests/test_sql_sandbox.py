@@ -202,12 +202,30 @@ def test_no_file_outside_the_warehouse_is_read(warehouse, tmp_path, capsys):
 
 
 def test_python_variables_are_not_tables(warehouse, capsys):
-    """DuckDB's Python client would otherwise scan a DataFrame of the caller's frame by its name."""
-    secret_frame = pd.DataFrame({"x": ["TOPSECRET"]})  # noqa: F841 -- what the query tries to reach
-    code, out, err = run_sql(capsys, warehouse, "SELECT * FROM secret_frame")
-    assert code == 2 and "TOPSECRET" not in out
-    with pytest.raises(duckdb.CatalogException):
-        db.read_only_query(warehouse, "SELECT * FROM secret_frame")
+    """DuckDB's Python client would otherwise scan a DataFrame of the calling frame by its name."""
+    with db.sandbox([warehouse]) as con:
+        secret_frame = pd.DataFrame({"x": ["TOPSECRET"]})
+        assert len(secret_frame) == 1
+        with pytest.raises(duckdb.CatalogException, match="secret_frame does not exist"):
+            con.execute("SELECT * FROM secret_frame")
+    with duckdb.connect(":memory:") as plain:  # what the setting prevents
+        assert plain.execute("SELECT * FROM secret_frame").fetchall() == [("TOPSECRET",)]
+
+
+def test_the_sandbox_settings_are_in_force_and_locked(warehouse):
+    expected = {"python_enable_replacements": "false", "autoinstall_known_extensions": "false",
+                "autoload_known_extensions": "false", "allow_community_extensions": "false",
+                "allow_persistent_secrets": "false", "enable_external_access": "false", "lock_configuration": "true"}
+    with db.sandbox([warehouse]) as con:
+        got = dict(con.execute("SELECT name, value FROM duckdb_settings() WHERE list_contains($n, name)",
+                               {"n": list(expected)}).fetchall())
+        assert got == expected
+        (read_only,) = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = 'warehouse'"
+                                   ).fetchone()
+        assert read_only
+        for name in expected:
+            with pytest.raises(duckdb.InvalidInputException, match="configuration has been locked"):
+                con.execute(f"RESET {name}")
 
 
 @pytest.mark.parametrize("query,kind", [

@@ -21,7 +21,7 @@ import duckdb
 import pytest
 
 from dagster_project.cli import main
-from warehouse import db, results, schema
+from warehouse import db, schema
 from warehouse.config import load_config
 from warehouse.pipeline import analyze_dataset
 
