@@ -122,6 +122,8 @@ def _refused(tmp: Path, url: str) -> list[tuple[str, list[Path]]]:
         (f"EXPORT DATABASE '{export_dir}'", [export_dir]),
         ("INSTALL httpfs", []),
         ("LOAD httpfs", []),
+        (f"LOAD '{tmp / 'evil.duckdb_extension'}'", []),
+        (f"INSTALL '{tmp / 'evil.duckdb_extension'}'", []),
         ("FORCE INSTALL json", []),
         ("SET enable_external_access = true", []),
         ("RESET enable_external_access", []),
@@ -150,6 +152,7 @@ def _refused(tmp: Path, url: str) -> list[tuple[str, list[Path]]]:
 
 def test_writes_files_urls_extensions_and_settings_are_refused(warehouse, tmp_path, capsys, http_server):
     url, hits = http_server
+    (tmp_path / "evil.duckdb_extension").write_bytes(b"\x7fELF not really an extension")
     home_duckdb = Path.home() / ".duckdb"
     home_before = sorted(p.name for p in home_duckdb.rglob("*")) if home_duckdb.exists() else None
     before = _sha(warehouse)

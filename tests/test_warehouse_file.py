@@ -105,6 +105,8 @@ def test_a_bad_warehouse_file_is_one_clear_error_and_stays_as_it_was(kind, small
     assert main(analyze_argv(small_dataset, wh, tmp_path / "results")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: warehouse {wh}") and said in err and err.count("\n") == 1, err
+    if kind in ("foreign_head_metrics", "foreign_runs", "runs_as_a_view"):
+        assert "so it is not (or no longer) this tool's warehouse" in err
     assert snapshot(tmp_path / "store") == before  # byte-identical, no .wal beside it
     assert not (tmp_path / "results").exists()
 
@@ -265,7 +267,9 @@ def test_migrations_are_numbered_files_applied_in_order(tmp_path, monkeypatch):
     assert problems == ["table runs: missing column(s) error VARCHAR"]
     monkeypatch.setattr(schema, "migrations", lambda: ())
     monkeypatch.setattr(schema, "schema_version", lambda: 1)
-    with pytest.raises(db.WarehouseError, match="table runs: missing column.s. error VARCHAR"):
+    with pytest.raises(db.WarehouseError, match="would lack what this version needs after the upgrade: table runs: "
+                                                r"missing column\(s\) error VARCHAR; .*sql/schema.sql gained it "
+                                                "without a migration"):
         db.ensure_schema(wh)
     assert snapshot(tmp_path) == before
 

@@ -179,15 +179,28 @@ def check_existing(path: Path, timeout_s: float) -> int:
             f"warehouse {path} has schema version {version}, newer than this version of the tool "
             f"({schema_version()}); upgrade attention-plasticity-warehouse. Nothing was changed.")
     try:
-        problems = differences(_rehearse(existing, version), expected)
+        after, failure = _rehearse(existing, version), []
+        problems = differences(after, expected)
     except duckdb.Error as exc:
-        problems = differences(existing, expected, missing=False) + [f"upgrading fails: {db.one_line(exc)}"]
-    if problems:
+        after, failure = existing, [f"upgrading fails: {db.one_line(exc)}"]
+        problems = differences(existing, expected, missing=False)
+    if not problems and not failure:
+        return version
+    detail = "; ".join(problems + failure)
+    if not _foreign(after, expected):  # only less than the code expects
         raise db.WarehouseError(
-            f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
-            f"longer) this tool's warehouse: {'; '.join(problems)}. Nothing was changed; choose another "
-            "--warehouse.")
-    return version
+            f"warehouse {path} (schema version {version}) would lack what this version needs after the upgrade: "
+            f"{detail}. Either it is not this tool's warehouse, or sql/schema.sql gained it without a migration "
+            "in sql/migrations. Nothing was changed.")
+    raise db.WarehouseError(
+        f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
+        f"longer) this tool's warehouse: {detail}. Nothing was changed; choose another --warehouse.")
+
+
+def _foreign(actual: Shape, expected: Shape) -> bool:
+    """Whether `actual` has one of our names as another kind of object, or a column we do not know."""
+    return any(name in actual and (actual[name][0] != kind or (kind == "table" and actual[name][1] - cols))
+               for name, (kind, cols) in expected.items())
 
 
 def upgrade(path: Path, timeout_s: float = 60.0) -> int:
