@@ -288,3 +288,16 @@ def test_plot_options_are_validated_with_their_source(tmp_path):
     cfg.write_text("colour_by_layer: true\n")
     with pytest.raises(OptionError, match=r"colour_by_layer \(did you mean color_by_layer\?\)"):
         load_plot_options("curves", cfg)
+
+
+def test_list_options_take_spaces_or_commas_and_replace_the_default():
+    parser = build_parser()
+    assert parser.parse_args(["attention-plot", "scale", "--model", "m"]).metrics == ["entropy", "max_attn", "k_eff"]
+    got = parser.parse_args(["attention-plot", "scale", "--model", "m", "--metrics", "k_eff,entropy", "max_attn"])
+    assert got.metrics == ["k_eff", "entropy", "max_attn"]
+    assert parser.parse_args(["attention-plot", "scale", "--model", "m", "--heads", "0:1,2:3", "4:5"]).heads == \
+        ["0:1", "2:3", "4:5"]
+    pairs = parser.parse_args(["validate", "--model", "m", "--gain-ratio", "0:1", "0:2", "--gain-ratio", "1:1", "1:2"])
+    assert pairs.gain_ratio == [["0:1", "0:2"], ["1:1", "1:2"]]
+    cfg = load_config(None, {"layers": ["0,2", "3"], "attention_scales": ["0.5 1.0", "2"]}, overrides_from="command line")
+    assert (cfg.layers, cfg.attention_scales) == ([0, 2, 3], [0.5, 1.0, 2.0])

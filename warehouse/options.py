@@ -102,8 +102,10 @@ class Option:
             words = f"{words} {bounds}"
         if self.spec.accepts:
             words = self.spec.accepts if self.base is str and self.spec.choices is None else f"{words} ({self.spec.accepts})"
-        if self.is_list:
-            words = f"list of {words} (comma-separated on the command line)"
+        if self.is_list and "nargs" not in dict(self.spec.cli_kwargs):
+            words = f"list of {words} (space- or comma-separated)"
+        elif self.is_list:
+            words = f"list of {words}"
         if self.optional:
             words += ", or none"
         return words
@@ -312,18 +314,21 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, typed: bo
             parser.add_argument(*flags, dest=dest, action="store_true", help=opt.help_text())
             continue
         kwargs: dict[str, Any] = {"dest": dest, "metavar": opt.metavar(), "help": opt.help_text()}
-        if opt.is_list:
+        custom = dict(opt.spec.cli_kwargs)
+        if opt.is_list and "nargs" not in custom:
             kwargs["nargs"] = "+"
+            if typed:
+                kwargs["action"] = _ListAction
         elif opt.base is bool:  # `--flag` alone means true
             kwargs.update(nargs="?", const=True if typed else "true")
         if typed:
-            kwargs["type"] = _argparse_type(opt, element=opt.is_list)
+            kwargs["type"] = _argparse_type(opt, element=opt.is_list, split="nargs" not in custom)
             kwargs["default"] = opt.default_value()
         else:
             kwargs["default"] = None
         if opt.spec.required:
             kwargs["required"] = True
-        kwargs.update(opt.spec.cli_kwargs)
+        kwargs.update(custom)
         parser.add_argument(*flags, **kwargs)
 
 
@@ -336,21 +341,32 @@ def _flag_names(name: str, spelling: str) -> list[str]:
     return [under] + ([dashed] if dashed != under else [])
 
 
-def _argparse_type(opt: Option, element: bool) -> Callable[[str], Any]:
-    """An argparse `type=`: one command-line token, coerced and checked (one element of a list)."""
+def _argparse_type(opt: Option, element: bool, split: bool = True) -> Callable[[str], Any]:
+    """An argparse `type=`: one command-line token, coerced and checked; for a list, the token's items
+    (``--metrics entropy,k_eff`` or ``--metrics entropy k_eff``, joined by `_ListAction`)."""
     single = dataclasses.replace(opt, is_list=False) if element else opt
+
+    def one(text: str) -> Any:
+        value = single.coerce(text, "command line")
+        if single.spec.choices is not None or single.base in (int, float) or single.spec.check:
+            single.check(value, "command line")
+        return value
 
     def convert(text: str) -> Any:
         try:
-            value = single.coerce(text, "command line")
-            if single.spec.choices is not None or single.base in (int, float) or single.spec.check:
-                single.check(value, "command line")
-            return value
+            return [one(item) for item in opt.split(text)] if element and split else one(text)
         except OptionError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     convert.__name__ = opt.type_words()
     return convert
+
+
+class _ListAction(argparse.Action):
+    """Stores a list option's items from all its tokens (each converted to a list), replacing the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [item for token in values for item in token])
 
 
 # ---------------------------------------------------------------------- documentation
