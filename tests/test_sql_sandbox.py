@@ -100,6 +100,25 @@ def test_read_only_statements_work(warehouse, capsys, query, expected):
     assert _sha(warehouse) == before
 
 
+def test_a_query_larger_than_memory_spills_to_a_private_folder_removed_afterwards(warehouse, monkeypatch, tmp_path):
+    """Not to <warehouse>.tmp beside the file (the store may be read-only or shared)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    before = sorted(p.name for p in warehouse.parent.iterdir())
+    with db.sandbox([warehouse]) as con:
+        spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0])
+        assert spill.parent == tmp_path / "tmp"
+        with pytest.raises(duckdb.InvalidInputException, match="locked"):
+            con.execute("SET memory_limit = '20MB'")
+    names, rows = db.read_only_query(warehouse, "SELECT count(*) AS n, max(r) < 1 AS ok FROM "
+                                                "(SELECT random() AS r, range AS x FROM range(3000000) ORDER BY r)")
+    assert rows == [(3000000, True)]
+    assert sorted(p.name for p in warehouse.parent.iterdir()) == before  # no warehouse.duckdb.tmp
+    assert list((tmp_path / "tmp").iterdir()) == []  # the private folders are gone
+
+
 def test_result_values_come_through(warehouse, capsys):
     code, out, _ = run_sql(capsys, warehouse,
                            "SELECT layer, sum(ap_overall) AS s FROM head_metrics GROUP BY layer ORDER BY layer",

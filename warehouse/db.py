@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -203,7 +205,7 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
     statement works (SELECT, PIVOT, CTEs, temp tables and macros, EXPLAIN [ANALYZE], DESCRIBE,
     SUMMARIZE, SHOW); writes to the warehouse, reading or writing any other file or URL
     (COPY, EXPORT DATABASE, read_csv, glob, ...), ATTACH, INSTALL/LOAD and changing a setting are
-    refused by DuckDB.
+    refused by DuckDB. Queries larger than memory spill to a private temporary folder, removed afterwards.
     """
     if not paths:
         raise ValueError("sandbox needs at least one warehouse file")
@@ -214,13 +216,19 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
         if alias in taken:
             raise ValueError(f"two warehouse files are named {alias!r}; they would share one name in SQL")
         taken.add(alias)
-    with reader(files[0], timeout_s) as con:
-        for f, alias in zip(files[1:], aliases):
-            check_file(f, for_writing=False)
-            con.execute(f"ATTACH {_quote_literal(str(f))} AS {_quote_identifier(alias)} (READ_ONLY)")
-        for setting in SANDBOX_SETTINGS:
-            con.execute(setting)
-        yield con
+    spill = tempfile.mkdtemp(prefix="plasticity-sql-")
+    try:
+        with reader(files[0], timeout_s) as con:
+            for f, alias in zip(files[1:], aliases):
+                check_file(f, for_writing=False)
+                con.execute(f"ATTACH {_quote_literal(str(f))} AS {_quote_identifier(alias)} (READ_ONLY)")
+            # a large sort spills to a private temporary folder, not to <warehouse>.tmp beside the file
+            con.execute(f"SET temp_directory = {_quote_literal(spill)}")
+            for setting in SANDBOX_SETTINGS:
+                con.execute(setting)
+            yield con
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
