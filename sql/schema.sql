@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (
     n_heads INTEGER,
     n_done INTEGER,
     n_errors INTEGER,
-    error VARCHAR                       -- why the run stopped early (interrupted/failed); NULL otherwise
+    error VARCHAR                       -- why the run stopped early (failed/interrupted); NULL otherwise
 );
 CREATE TABLE IF NOT EXISTS head_metrics (
     model VARCHAR NOT NULL,

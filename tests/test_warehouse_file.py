@@ -344,3 +344,30 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     assert status == "interrupted" and error.startswith("KeyboardInterrupt")
     assert n_done == n_metrics < 24
     assert not (tmp_path / "results").exists()
+
+
+def test_new_columns_are_documented_and_commented_alike(tmp_path):
+    """docs/metrics.md's meaning of each column this branch adds or changes is its DuckDB comment."""
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    meanings = {}
+    for section in ("runs", "schema_migrations"):
+        body = doc.split(f"### `{section}` (table)", 1)[1].split("\n### ", 1)[0]
+        for line in body.splitlines():
+            if line.startswith("| `"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                meanings[(section, cells[0].strip("`"))] = (cells[1], cells[3])
+    wh = tmp_path / "wh.duckdb"
+    db.ensure_schema(wh)
+    with db.reader(wh) as con:
+        columns = {(t, c): (ty, cm) for t, c, ty, cm in con.execute(
+            "SELECT table_name, column_name, data_type, comment FROM duckdb_columns() "
+            "WHERE table_name IN ('runs', 'schema_migrations', 'latest_runs')").fetchall()}
+    assert {k for k in columns if k[0] != "latest_runs"} == set(meanings)  # every column documented, none more
+    for (table, column), (dtype, comment) in columns.items():
+        doc_type, meaning = meanings[("runs" if table == "latest_runs" else table, column)]
+        assert dtype == doc_type, (table, column)
+        if comment:  # this branch comments the columns it adds or changes
+            assert comment == meaning.replace("`", ""), (table, column)
+    for key in (("runs", "error"), ("latest_runs", "error"), ("runs", "status"), ("schema_migrations", "version"),
+                ("schema_migrations", "name"), ("schema_migrations", "applied_at")):
+        assert columns[key][1], f"{key} has no comment"
