@@ -17,6 +17,7 @@ from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
+from warehouse.config import describe
 
 RESULT_ASSETS = {
     "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
@@ -45,11 +46,9 @@ class AnalysisConfig(dg.Config):
     """Run config of the per-head analysis step (none of these change a number)."""
 
     fresh: bool = Field(default=False, description="Recompute every head instead of resuming the run.")
-    max_workers: Optional[int] = Field(
-        default=None, description="Worker processes for the per-head loop (default: the dataset config's, "
-                                  "else the number of CPUs).")
-    attention: Optional[bool] = Field(
-        default=None, description="Also compute the SPEC 4 attention-pattern tables (default: the dataset config's).")
+    # descriptions from the config-key declarations (warehouse/config.py); unset = the dataset config's value
+    max_workers: Optional[int] = Field(default=None, description=describe("max_workers", "the dataset config's"))
+    attention: Optional[bool] = Field(default=None, description=describe("attention", "the dataset config's"))
 
 
 @dg.multi_asset(

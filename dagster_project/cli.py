@@ -9,13 +9,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 # Parallelism comes from worker processes; one BLAS thread each also keeps
 # floating-point reductions the same whatever the machine (set before numpy loads).
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+from warehouse.config import MAX_SEED, warehouse_option  # noqa: E402 (after the thread settings)
+from warehouse.names import name_problem  # noqa: E402
+from warehouse.options import option  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
 
@@ -43,15 +50,21 @@ def format_table(names: list[str], rows: list[tuple], max_rows: int | None = Non
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    from warehouse.config import config_fields
+    from warehouse.config import RunConfig
+    from warehouse.options import add_arguments
 
-    group = parser.add_argument_group("config overrides (any YAML key)")
-    for f in config_fields():
-        group.add_argument(f"--{f.name}", dest=f"cfg_{f.name}", default=None, metavar="VALUE")
+    group = parser.add_argument_group("config keys (each overrides the same key of --config)")
+    add_arguments(group, RunConfig, typed=False, dest_prefix="cfg_", spelling="underscore")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def _load_config(args: argparse.Namespace, extra: dict | None = None):
+    from warehouse.config import load_config
+
+    return load_config(args.config, {**(extra or {}), **_overrides(args)}, overrides_from="command line")
 
 
 def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
@@ -66,6 +79,10 @@ def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
     from warehouse import hub
 
     ref = hub.get_branch(cfg.dataset_name, cfg.revision or "main")
+    if cfg.model is None:  # the branch name becomes the model name, and a folder name: check it before downloading
+        from warehouse.names import safe_path_component
+
+        safe_path_component(ref.name, f"model name from the Hub branch of {cfg.dataset_name} (set --model)")
     shards_dir = hub.download_branch(
         cfg.dataset_name, ref.name, ref.sha, model_dir=cfg.model_dir, cache_dir=cfg.dataset_cache_dir,
         max_workers=cfg.download_max_workers,
@@ -99,15 +116,14 @@ def _print_errors(warehouse: str, model: str, run_id: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from warehouse.config import load_config
-    from warehouse.export import export_csvs
+    from warehouse.export import export_csvs, results_dir
     from warehouse.pipeline import analyze_dataset
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
     root, model, sha = resolve_dataset(cfg)
     summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet)
     _print_summary(summary)
-    out = Path(cfg.output_dir) / summary.model / summary.run_id
+    out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     files = export_csvs(cfg.warehouse, summary.model, summary.run_id, out,
                         {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
                          "head_component_weights": cfg.component_csv})
@@ -118,21 +134,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.config import load_config
     from warehouse.db import read_only_query
     from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
-    from warehouse.export import export_csvs
+    from warehouse.export import export_csvs, results_dir
     from warehouse.pipeline import analyze_dataset
 
     spec = SyntheticSpec()
     root = Path(args.data) / spec.model
+    cfg = _load_config(args, {"dataset_local_root": str(root), "model": spec.model})  # before writing anything
+    cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
         print(f"generating synthetic dataset {spec.model} in {root} ...")
         write_synthetic_dataset(root, spec)
-    overrides = {"dataset_local_root": str(root), "model": spec.model, **_overrides(args)}
-    cfg = load_config(args.config, overrides)
     summary = analyze_dataset(cfg, root, model=spec.model, resume=not args.fresh, progress=not args.quiet)
-    out = Path(cfg.output_dir) / summary.model / summary.run_id
+    out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     export_csvs(cfg.warehouse, summary.model, summary.run_id, out)
     truth = {(t["layer"], t["q_head"]): t.get("ap_true") for t in read_ground_truth(root)}
     names, rows = read_only_query(
@@ -154,12 +169,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from warehouse.db import ReadOnlyViolation, read_only_query
+    import duckdb
+
+    from warehouse.db import one_line, read_only_query
 
     try:
         names, rows = read_only_query(args.warehouse, args.query)
-    except ReadOnlyViolation as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.csv:
         import csv
@@ -174,8 +191,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from warehouse.export import export_csvs
+    from warehouse.names import safe_path_component
 
-    files = export_csvs(args.warehouse, args.model, args.run_id, Path(args.out) if args.out else Path("results") / args.model)
+    out = Path(args.out) if args.out else Path("results") / safe_path_component(args.model, "--model")
+    files = export_csvs(args.warehouse, args.model, args.run_id, out)
     for table, path in files.items():
         print(f"{table}: {path}")
     return 0
@@ -184,7 +203,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
     from warehouse.demo_data import write_synthetic_dataset
+    from warehouse.options import OptionError
 
+    if args.q_heads % args.k_heads:
+        raise OptionError(f"q_heads = {args.q_heads}: must be a multiple of k_heads = {args.k_heads} (GQA)")
     spec = SyntheticSpec(
         model=args.model, num_layers=args.layers, num_q_heads=args.q_heads, num_k_heads=args.k_heads,
         head_dim=args.dim, num_examples=args.examples, seq_len=args.seq_len, bucket_size=args.bucket_size,
@@ -195,59 +217,97 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- options of the commands
+# Declared once each (warehouse.options): type, default, accepted values and the one-line help.
+
+
+@dataclass
+class RunOptions:
+    """`analyze` and `demo` (besides the config keys)."""
+
+    config: str | None = option(None, help="YAML config (configs/*.yaml); the config-key flags override its keys",
+                                metavar="YAML", accepts="a file")
+    fresh: bool = option(False, switch=True, help="recompute every head instead of resuming the run")
+    quiet: bool = option(False, switch=True, help="no progress bar")
+
+
+@dataclass
+class DemoOptions:
+    data: str = option(str(DEMO_ROOT), help="folder for the demo dataset", accepts="a folder")
+    regenerate: bool = option(False, switch=True, help="rewrite the demo dataset")
+
+
+@dataclass
+class SqlOptions:
+    query: str = option(None, positional=True, metavar="QUERY",
+                        help="SQL: any read-only statements (SELECT, PIVOT, WITH, temp tables, EXPLAIN, DESCRIBE, ...)")
+    warehouse: str = warehouse_option()
+    csv: bool = option(False, switch=True, help="print CSV instead of a table")
+    max_rows: int = option(200, ge=1, help="rows shown in the table")
+
+
+@dataclass
+class ExportOptions:
+    model: str = option(None, required=True, help="model in the warehouse")
+    run_id: str | None = option(None, help="run of the model", default_text="its latest run")
+    out: str | None = option(None, help="folder for the CSVs", accepts="a folder", default_text="results/<model>")
+    warehouse: str = warehouse_option()
+
+
+@dataclass
+class GenerateOptions:
+    out: str = option(None, required=True, help="dataset folder to write", accepts="a folder")
+    model: str = option("synthetic", check=name_problem, help="model name in the dataset card",
+                        accepts="a name without / \\ : or control characters")
+    layers: int = option(4, ge=1, help="layers")
+    q_heads: int = option(4, ge=1, help="query heads per layer")
+    k_heads: int = option(2, ge=1, help="key heads per layer (must divide q-heads)")
+    dim: int = option(16, ge=2, help="head dimension")
+    examples: int = option(16, ge=1, help="sequences captured")
+    seq_len: int = option(512, ge=2, help="tokens per sequence")
+    bucket_size: int = option(64, ge=1, help="positions per bucket")
+    capture_fraction: float = option(1.0, gt=0, le=1, help="share of positions captured (1 = dense)")
+    seed: int = option(0, ge=0, le=MAX_SEED, help="generator seed")
+    no_truth: bool = option(False, switch=True, help="skip the ground-truth computation")
+
+
+EPILOG = (
+    "Every number is defined in docs/metrics.md (the metric reference); setup, commands and design "
+    "decisions are in README.md. `plasticity COMMAND --help` lists each command's options with their "
+    "defaults and accepted values. Exit status: 0 done, 1 some heads or checks failed, 2 bad input "
+    "(config, query, file)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from warehouse.config import DEFAULT_WAREHOUSE
+    from warehouse.options import add_arguments
 
-    parser = argparse.ArgumentParser(
-        prog="plasticity", description="Attention-plasticity warehouse",
-        epilog="What every table and column means (formula, range, units, estimation, caveats): docs/metrics.md "
-               "in the repository; the same one-line texts are DuckDB comments: plasticity sql \"SELECT table_name, "
-               "column_name, comment FROM duckdb_columns() WHERE NOT internal\"")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="generate the synthetic demo dataset, analyse it, print a summary")
-    p.add_argument("--data", default=str(DEMO_ROOT), help="folder for the demo dataset (default data/demo)")
-    p.add_argument("--config", default=None, help="optional YAML config")
-    p.add_argument("--regenerate", action="store_true", help="rewrite the demo dataset")
-    p.add_argument("--fresh", action="store_true", help="recompute every head instead of resuming")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("demo", help="generate the synthetic demo dataset, analyse it, print a summary",
+                       epilog=EPILOG)
+    add_arguments(p, DemoOptions)
+    add_arguments(p, RunOptions)
     _add_config_flags(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("analyze", help="analyse one model's dataset into the warehouse and export CSVs")
-    p.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
-    p.add_argument("--fresh", action="store_true", help="recompute every head instead of resuming")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("analyze", help="analyse one model's dataset into the warehouse and export CSVs",
+                       epilog=EPILOG)
+    add_arguments(p, RunOptions)
     _add_config_flags(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("sql", help="run a read-only SQL query on the warehouse")
-    p.add_argument("query")
-    p.add_argument("--warehouse", default=os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE))
-    p.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    p.add_argument("--max-rows", type=int, default=200)
+    p = sub.add_parser("sql", help="run read-only SQL on the warehouse (sandboxed by DuckDB)", epilog=EPILOG)
+    add_arguments(p, SqlOptions)
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("export", help="write the CSVs of a model's run")
-    p.add_argument("--model", required=True)
-    p.add_argument("--run-id", default=None, help="default: the model's latest run")
-    p.add_argument("--out", default=None, help="default results/<model>")
-    p.add_argument("--warehouse", default=os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE))
+    add_arguments(p, ExportOptions)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="write a synthetic sniffer dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default="synthetic")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--q-heads", type=int, default=4)
-    p.add_argument("--k-heads", type=int, default=2)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--examples", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--bucket-size", type=int, default=64)
-    p.add_argument("--capture-fraction", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-truth", action="store_true", help="skip the ground-truth computation")
+    add_arguments(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
     from dagster_project.plot_cli import add_plot_parser  # no Dagster import
@@ -264,15 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from warehouse.db import WarehouseError
     from warehouse.hub import HubError
 
     args = build_parser().parse_args(argv)
+    if args.command in ("analyze", "demo") and threading.current_thread() is threading.main_thread():
+        # a run stopped with SIGTERM unwinds like Ctrl-C: the run is marked interrupted, workers stop
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, LookupError, ValueError, HubError) as exc:
+    except (FileNotFoundError, LookupError, ValueError, HubError, WarehouseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

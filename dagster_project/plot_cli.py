@@ -17,64 +17,28 @@ from pathlib import Path
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 
 
-def _flag(parser, name: str, **kwargs) -> None:
-    dashed = name.replace("_", "-")
-    names = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
-    parser.add_argument(*names, dest=name, default=None, **kwargs)
-
-
-def _bool(value: str) -> bool:
-    low = value.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+DATA_OPTIONS = ("warehouse", "model", "run_id", "models", "bucket_csv", "component_csv", "head_metrics_csv")
 
 
 def add_plot_parser(sub) -> argparse.ArgumentParser:
-    from warehouse.plots import AGGREGATIONS, BUCKET_TYPES, KINDS
+    from warehouse.options import add_arguments
+    from warehouse.plots import KINDS, PlotOptions
 
     p = sub.add_parser(
         "plot", help="draw a plot (curves, heatmap, components, compare) of the results to a PNG",
         description="Plot per-bucket plasticity curves, the q-bucket x k-bucket heatmap, component-weight bars, "
-                    "or ap_overall by layer across models. Reads a CSV export or the warehouse.",
+                    "or ap_overall by layer across models. Reads a CSV export or the warehouse. Every option "
+                    "can also be set in the YAML given with --config; the command line wins.",
     )
-    p.add_argument("kind", choices=KINDS)
-    p.add_argument("--config", default=None, help="YAML plot config (e.g. configs/plots/synthetic-demo-heatmap.yaml)")
-    _flag(p, "output", metavar="PNG", help=f"output file (default {DEFAULT_OUTPUT_DIR}/<model>-<kind>.png)")
-    g = p.add_argument_group("data")
-    _flag(g, "warehouse", help="DuckDB warehouse (default $PLASTICITY_WAREHOUSE or data/warehouse.duckdb)")
-    _flag(g, "model", help="model in the warehouse")
-    _flag(g, "run_id", help="run of the model (default: its latest)")
-    _flag(g, "models", nargs="+", help="compare: models to show (default: all)")
-    _flag(g, "bucket_csv", help="head_bucket_plasticity.csv instead of the warehouse (curves, heatmap)")
-    _flag(g, "component_csv", help="head_component_weights.csv instead of the warehouse (components)")
-    _flag(g, "head_metrics_csv", help="head_metrics.csv instead of the warehouse (compare)")
-    g = p.add_argument_group("presentation")
-    _flag(g, "bucket_type", choices=BUCKET_TYPES, help="uniform (default) or log buckets")
-    _flag(g, "bucket_min_size", type=float, help="bucket width (uniform) or multiplier (log)")
-    _flag(g, "model_name", help="label in the title")
-    _flag(g, "title")
-    _flag(g, "color_by_layer", type=_bool, nargs="?", const=True, help="curves: colour heads by layer")
-    _flag(g, "color_trend", type=_bool, nargs="?", const=True, help="curves: colour heads by rising/falling trend")
-    _flag(g, "agg", choices=AGGREGATIONS, help="heatmap: aggregate heads with mean (default) or median")
-    _flag(g, "cmap", help="heatmap colour map (default viridis)")
-    _flag(g, "vmin", type=float)
-    _flag(g, "vmax", type=float)
-    _flag(g, "max_components", type=int, help="components: show the first N only")
-    _flag(g, "metric", help="compare: head_metrics column (default ap_overall)")
-    _flag(g, "normalize_depth", type=_bool, nargs="?", const=True, help="compare: x = layer / last layer")
-    _flag(g, "dpi", type=int)
+    p.add_argument("kind", choices=KINDS, help=f"what to draw: {'|'.join(KINDS)}")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="YAML plot config, e.g. configs/plots/synthetic-demo-heatmap.yaml (default: none)")
+    add_arguments(p, PlotOptions, typed=False, spelling="both", only=("output",))
+    add_arguments(p.add_argument_group("data"), PlotOptions, typed=False, spelling="both", only=DATA_OPTIONS)
+    add_arguments(p.add_argument_group("presentation"), PlotOptions, typed=False, spelling="both",
+                  exclude=DATA_OPTIONS + ("output",))
     p.set_defaults(func=cmd_plot)
     return p
-
-
-OPTION_ARGS = (
-    "output", "warehouse", "model", "run_id", "models", "bucket_csv", "component_csv", "head_metrics_csv",
-    "bucket_type", "bucket_min_size", "model_name", "title", "color_by_layer", "color_trend", "agg", "cmap",
-    "vmin", "vmax", "max_components", "metric", "normalize_depth", "dpi",
-)
 
 
 def default_output(kind: str, opts) -> Path:
@@ -82,7 +46,10 @@ def default_output(kind: str, opts) -> Path:
 
     if kind == "compare":
         return DEFAULT_OUTPUT_DIR / "model-comparison.png"
-    name = opts.model or opts.model_name or "plot"
+    from warehouse.names import safe_path_component
+
+    name = safe_path_component(opts.model, "--model") if opts.model else (
+        safe_path_component(opts.model_name, "--model_name") if opts.model_name else "plot")
     return DEFAULT_OUTPUT_DIR / f"{name}-{CONFIG_SUFFIX[kind]}.png"
 
 
@@ -91,15 +58,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.models import bucket_plot_defaults
     from warehouse.plots import load_plot_options, make_plot, save_png
 
-    overrides = {k: getattr(args, k) for k in OPTION_ARGS}
+    from warehouse.options import options_of
+    from warehouse.plots import PlotOptions
+
+    overrides = {k: getattr(args, k) for k, o in options_of(PlotOptions).items() if o.spec.cli}
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
     opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
+    out = Path(opts.output) if opts.output else default_output(args.kind, opts)  # a bad name stops before reading
     if opts.model and opts.warehouse and not (opts.bucket_csv or opts.component_csv):
         # the model's bucket scheme and size, as its dataset card gave them (table `models`), unless set
         defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))
         opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     result, source = make_plot(args.kind, opts)
-    out = Path(opts.output) if opts.output else default_output(args.kind, opts)
     save_png(result.figure, out, opts.dpi)
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source

@@ -19,6 +19,8 @@ from pydantic import Field
 
 from dagster_project.registry import DEFAULT_CONFIGS_DIR, PROJECT_ROOT, DatasetEntry, DatasetRegistry
 from warehouse import db
+from warehouse.export import results_dir
+from warehouse.names import safe_path_component
 
 DEFAULT_WAREHOUSE = PROJECT_ROOT / "data" / "warehouse.duckdb"
 DEFAULT_EXPORTS_DIR = PROJECT_ROOT / "results"
@@ -51,8 +53,7 @@ class WarehouseResource(dg.ConfigurableResource):
         """The warehouse file holding `model`."""
         if not self.per_model:
             return self.path
-        safe = model.replace(os.sep, "__").replace("/", "__")
-        return self.path.replace(MODEL_PLACEHOLDER, safe)
+        return self.path.replace(MODEL_PLACEHOLDER, safe_path_component(model, "model name (partition key)"))
 
     def all_paths(self) -> list[str]:
         """Every existing warehouse file (one, or one per model)."""
@@ -71,7 +72,7 @@ class WarehouseResource(dg.ConfigurableResource):
             yield con
 
     def run_dir(self, model: str, run_id: str) -> Path:
-        return Path(self.exports_dir) / model / run_id
+        return results_dir(self.exports_dir, model, run_id)
 
 
 class HubResource(dg.ConfigurableResource):

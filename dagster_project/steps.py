@@ -247,11 +247,11 @@ class ExportResult:
 def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, lock_timeout_s: float = 60.0
                ) -> ExportResult:
     """The SPEC section 3 CSVs of the model's latest run into <exports_dir>/<model>/<run_id>/."""
-    from warehouse.export import export_csvs, latest_run_id
+    from warehouse.export import export_csvs, latest_run_id, results_dir
 
     with db.reader(warehouse, lock_timeout_s) as con:
         run_id = latest_run_id(con, model)
-    out_dir = Path(exports_dir) / model / run_id
+    out_dir = results_dir(exports_dir, model, run_id)
     files = export_csvs(warehouse, model, run_id, out_dir,
                         {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
                          "head_component_weights": cfg.component_csv}, timeout_s=lock_timeout_s)

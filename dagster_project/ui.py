@@ -6,9 +6,13 @@
    is generated when missing.
 3. Every local dataset of configs/*.yaml whose folder exists gets its partition
    (the demo's is ``synthetic-demo``).
-4. Then this process becomes ``dagster dev`` (webserver + daemon, so sensors,
-   schedules and queued runs work) on 127.0.0.1, or with ``--webserver-only``
-   ``dagster-webserver`` alone (runs launch directly; no sensors/schedules).
+4. Then ``dagster dev`` (webserver + daemon + code server, so sensors, schedules
+   and queued runs work) runs on 127.0.0.1, or with ``--webserver-only``
+   ``dagster-webserver`` alone (runs launch directly; no sensors/schedules), as a
+   child in its own process group that this process supervises: SIGINT (Ctrl-C),
+   SIGTERM or SIGHUP stop it with every process it started (`supervise`), also
+   when `plasticity ui` runs in the background of a script, where SIGINT starts
+   out ignored; if this process is killed outright, Linux interrupts the child.
 
 Dagster is imported only when the command runs.
 """
@@ -17,10 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dagster_project.registry import DEMO_MODEL, PROJECT_ROOT
+from warehouse.options import add_arguments, option
+from warehouse.processes import alive, descendants, kill_all, set_parent_death_signal
 
 DEFINITIONS_MODULE = "dagster_project.definitions"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -50,17 +60,24 @@ run_coordinator:
 """
 
 
+@dataclass
+class UiOptions:
+    host: str = option("127.0.0.1", help="interface the webserver listens on")
+    port: int = option(3000, ge=1, le=65535, help="webserver port")
+    dagster_home: str | None = option(None, help="Dagster instance folder", accepts="a folder",
+                                      default_text="$DAGSTER_HOME, else .dagster_home/ in the project")
+    no_demo: bool = option(False, switch=True, help="do not generate the demo dataset")
+    webserver_only: bool = option(False, switch=True,
+                                  help="run dagster-webserver without the daemon (no sensors, schedules or run queue)")
+    prepare_only: bool = option(False, switch=True,
+                                help="set up DAGSTER_HOME, the demo dataset and the partitions, then exit")
+    stop_timeout_s: float = option(20.0, ge=0, help="on SIGINT/SIGTERM, seconds Dagster gets to shut down "
+                                                    "before its processes are killed")
+
+
 def add_ui_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this project with the demo dataset ready")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--dagster-home", default=None,
-                   help="Dagster instance folder (default $DAGSTER_HOME, else .dagster_home/ in the project)")
-    p.add_argument("--no-demo", action="store_true", help="do not generate the demo dataset")
-    p.add_argument("--webserver-only", action="store_true",
-                   help="run dagster-webserver without the daemon (no sensors, schedules or run queue)")
-    p.add_argument("--prepare-only", action="store_true",
-                   help="set up DAGSTER_HOME, the demo dataset and the partitions, then exit")
+    add_arguments(p, UiOptions)
     p.set_defaults(func=cmd_ui)
     return p
 
@@ -126,6 +143,63 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     print(f"starting: {' '.join(cmd[1:])}\nopen http://{args.host}:{args.port}", flush=True)
     sys.stderr.flush()
-    os.chdir(PROJECT_ROOT)
-    os.execve(sys.executable, cmd, env)  # this process becomes the Dagster server (signals reach it directly)
-    return 0  # pragma: no cover
+    return supervise(cmd, env, cwd=PROJECT_ROOT, stop_timeout_s=args.stop_timeout_s)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _start_child() -> None:
+    """In the forked child, before exec: SIGINT from the kernel if this supervisor dies without cleaning
+    up (SIGKILL). (SIGINT itself is back to its default in the child even when a script started us in
+    the background with SIGINT ignored: we catch it, and exec resets caught signals.)"""
+    set_parent_death_signal(signal.SIGINT)
+
+
+def supervise(cmd: list[str], env: dict, cwd: Path, stop_timeout_s: float = 20.0) -> int:
+    """Run `cmd` (Dagster) in its own process group until it exits or we get SIGINT/SIGTERM/SIGHUP.
+
+    On a signal the child gets SIGINT (Dagster's graceful shutdown: it stops its webserver, daemon
+    and code servers), then `stop_timeout_s` to finish; whatever of its process tree (as it was when
+    the signal came) or its process group is still running after that is killed. Returns the child's
+    exit status, or 0 after a requested stop."""
+    stop: list[int] = []
+
+    def request_stop(signum, frame) -> None:
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, preexec_fn=_start_child)
+        while proc.poll() is None and not stop:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        tree = descendants(proc.pid)
+        if proc.poll() is None:
+            print(f"plasticity ui: stopping Dagster (signal {stop[0]}) ...", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                print(f"plasticity ui: Dagster did not stop within {stop_timeout_s:g}s; killing it",
+                      file=sys.stderr, flush=True)
+        _end_group(proc, tree, stop_timeout_s)
+        return 0 if stop else proc.returncode
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_group(proc: subprocess.Popen, tree: dict[int, int], grace_s: float) -> None:
+    """Kill what is left of the child's process group and of its tree (snapshot `tree`), then reap it."""
+    deadline = time.monotonic() + min(grace_s, 5.0)
+    while alive(tree) and time.monotonic() < deadline and proc.poll() is not None:
+        time.sleep(0.1)  # children of a stopped Dagster get a moment to exit on their own
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    kill_all(tree)
+    proc.wait()

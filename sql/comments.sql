@@ -88,11 +88,7 @@ COMMENT ON COLUMN runs.revision IS 'Dataset revision analysed: Hub commit sha, o
 COMMENT ON COLUMN runs.config_json IS 'Full resolved run configuration as JSON';
 COMMENT ON COLUMN runs.package_version IS 'Version of attention-plasticity-warehouse that ran';
 COMMENT ON COLUMN runs.started_at IS 'When the run (or its latest resumption) started, UTC';
-COMMENT ON COLUMN runs.ended_at IS 'When the run finished, UTC; NULL while running or after a crash';
-COMMENT ON COLUMN runs.status IS 'running, succeeded (no head failed), partial (some heads failed) or failed (no head has results)';
 COMMENT ON COLUMN runs.n_heads IS 'Heads the run planned';
-COMMENT ON COLUMN runs.n_done IS 'Heads with a head_metrics row when the run finished';
-COMMENT ON COLUMN runs.n_errors IS 'Heads with a head_errors row when the run finished';
 
 COMMENT ON TABLE head_metrics IS 'One row per analysed head and run: positional predictability, normality and attention plasticity (docs/metrics.md)';
 COMMENT ON COLUMN head_metrics.model IS 'Model (dataset branch or name)';
@@ -230,11 +226,7 @@ COMMENT ON COLUMN latest_runs.revision IS 'Dataset revision analysed: Hub commit
 COMMENT ON COLUMN latest_runs.config_json IS 'Full resolved run configuration as JSON';
 COMMENT ON COLUMN latest_runs.package_version IS 'Version of attention-plasticity-warehouse that ran';
 COMMENT ON COLUMN latest_runs.started_at IS 'When the run (or its latest resumption) started, UTC';
-COMMENT ON COLUMN latest_runs.ended_at IS 'When the run finished, UTC; NULL while running or after a crash';
-COMMENT ON COLUMN latest_runs.status IS 'running, succeeded (no head failed), partial (some heads failed) or failed (no head has results)';
 COMMENT ON COLUMN latest_runs.n_heads IS 'Heads the run planned';
-COMMENT ON COLUMN latest_runs.n_done IS 'Heads with a head_metrics row when the run finished';
-COMMENT ON COLUMN latest_runs.n_errors IS 'Heads with a head_errors row when the run finished';
 
 COMMENT ON VIEW latest_head_metrics IS 'head_metrics of the latest run of every model';
 COMMENT ON COLUMN latest_head_metrics.model IS 'Model (dataset branch or name)';
@@ -303,3 +295,19 @@ COMMENT ON COLUMN layer_plasticity.median_ap IS 'Median ap_overall of the heads 
 COMMENT ON COLUMN layer_plasticity.min_ap IS 'Smallest ap_overall of the heads of the layer';
 COMMENT ON COLUMN layer_plasticity.max_ap IS 'Largest ap_overall of the heads of the layer (NaN if any head is NaN)';
 COMMENT ON COLUMN layer_plasticity.n_heads IS 'Heads of the layer with a head_metrics row';
+
+-- runs status/error and schema versioning
+COMMENT ON TABLE schema_migrations IS 'One row per migration (sql/migrations/NNN_name.sql) applied to this warehouse; the schema version is the highest version';
+COMMENT ON COLUMN schema_migrations.version IS 'Number of a migration applied to this warehouse; the schema version is the highest';
+COMMENT ON COLUMN schema_migrations.name IS 'File name of the migration in sql/migrations';
+COMMENT ON COLUMN schema_migrations.applied_at IS 'When the migration was applied, UTC';
+COMMENT ON COLUMN runs.ended_at IS 'When the run finished or stopped early, UTC; NULL while running or after its process was killed';
+COMMENT ON COLUMN runs.status IS 'running, succeeded (no head failed), partial (some heads failed), failed (no head has results, or an error stopped the run) or interrupted (stopped by a signal or a cancelled Dagster run)';
+COMMENT ON COLUMN runs.n_done IS 'Heads with a head_metrics row when the run finished or stopped';
+COMMENT ON COLUMN runs.n_errors IS 'Heads with a head_errors row when the run finished or stopped';
+COMMENT ON COLUMN runs.error IS 'Why the run stopped early, as ExceptionType: message (e.g. KeyboardInterrupt: signal 15); NULL when it ran to the end';
+COMMENT ON COLUMN latest_runs.ended_at IS 'When the run finished or stopped early, UTC; NULL while running or after its process was killed';
+COMMENT ON COLUMN latest_runs.status IS 'running, succeeded (no head failed), partial (some heads failed), failed (no head has results, or an error stopped the run) or interrupted (stopped by a signal or a cancelled Dagster run)';
+COMMENT ON COLUMN latest_runs.n_done IS 'Heads with a head_metrics row when the run finished or stopped';
+COMMENT ON COLUMN latest_runs.n_errors IS 'Heads with a head_errors row when the run finished or stopped';
+COMMENT ON COLUMN latest_runs.error IS 'Why the run stopped early, as ExceptionType: message (e.g. KeyboardInterrupt: signal 15); NULL when it ran to the end';

@@ -69,10 +69,11 @@ CREATE TABLE IF NOT EXISTS runs (
     package_version VARCHAR,
     started_at TIMESTAMP,
     ended_at TIMESTAMP,
-    status VARCHAR,                     -- running | succeeded | partial | failed
+    status VARCHAR,                     -- running | succeeded | partial | failed | interrupted
     n_heads INTEGER,
     n_done INTEGER,
-    n_errors INTEGER
+    n_errors INTEGER,
+    error VARCHAR                       -- why the run stopped early (failed/interrupted); NULL otherwise
 );
 CREATE TABLE IF NOT EXISTS head_metrics (
     model VARCHAR NOT NULL,

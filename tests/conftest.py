@@ -41,3 +41,35 @@ def small_copy(small_dataset, tmp_path) -> Path:
     dst = tmp_path / "data" / SMALL_SPEC.model
     shutil.copytree(small_dataset, dst)
     return dst
+
+
+# --------------------------------------------------------------------------- the checkout stays clean
+# Tests write only under tmp_path. The session fails if any file appeared in the checkout (outside
+# .git, the venv and Python's caches) while it ran, naming the files.
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+_SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache"}
+
+
+def checkout_files(root: Path = CHECKOUT) -> set[str]:
+    out = set()
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.endswith(".egg-info")]
+        rel = Path(folder).relative_to(root)
+        out.update(str(rel / n) for n in names)
+        out.update(str(rel / d) + "/" for d in dirs)
+    return out
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._checkout_before = checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = getattr(session.config, "_checkout_before", None)
+    if before is None:
+        return
+    stray = sorted(checkout_files() - before)
+    if stray:
+        print(f"\nERROR: the tests wrote into the checkout {CHECKOUT}: {', '.join(stray[:20])}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -296,3 +296,15 @@ DATASET_CASES = [
     test_unknown_layout_and_sparse_shards_stop_before_any_work,
     test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,
 ]
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_a_cap_below_three_query_rows_is_too_few_rows_on_every_head(cap, small_dataset, tmp_path):
+    """max_tokens_per_head 1 or 2 is a valid setting, but a position regression through 1-2 points fits
+    exactly (R2 = 1 whatever the data): every head says so instead of storing such numbers."""
+    cfg, summary = analyse(small_dataset, tmp_path, max_tokens_per_head=cap)
+    errors = fetch(cfg, "SELECT problem, message FROM head_errors")
+    assert summary.n_done == 0 and len(errors) == summary.n_heads > 0
+    assert {p for p, _ in errors} == {"too_few_rows"}
+    assert all(f"max_tokens_per_head = {cap} keeps {cap} query row(s)" in m for _, m in errors)
+    assert fetch(cfg, "SELECT count(*) FROM head_metrics") == [(0,)]

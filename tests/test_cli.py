@@ -64,9 +64,11 @@ def test_cli_sql_refuses_writes(small_dataset, tmp_path, capsys):
     wh = tmp_path / "wh.duckdb"
     assert main(["analyze", "--dataset_local_root", str(small_dataset), "--warehouse", str(wh), "--output_dir",
                  str(tmp_path / "r"), "--max_workers", "1", "--attention", "false", "--quiet"]) == 0
-    for stmt in ("DELETE FROM head_metrics", "CREATE TABLE x (a INT)", "ATTACH 'other.duckdb' AS o"):
+    for stmt, said in (("DELETE FROM head_metrics", "read-only"), ("CREATE TABLE x (a INT)", "read-only"),
+                       (f"ATTACH '{tmp_path / 'other.duckdb'}' AS o", "disabled by configuration")):
         assert main(["sql", stmt, "--warehouse", str(wh)]) == 2
-        assert "read-only" in capsys.readouterr().err
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "other.duckdb").exists()
     assert main(["sql", "SELECT count(*) FROM head_metrics", "--warehouse", str(wh), "--csv"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "8"
 

@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from warehouse import db
+from warehouse.config import warehouse_option
+from warehouse.names import safe_path_component
+from warehouse.options import add_arguments, option
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -361,33 +364,39 @@ def _heads_arg(values: Iterable[str] | None):
     return [parse_head(v) for v in values]
 
 
+@dataclass
+class AttentionPlotOptions:
+    """Options of `plasticity attention-plot` (declared once: `warehouse.options`)."""
+
+    kind: str = option(None, positional=True, choices=("scale", "classes"), metavar="{scale,classes}",
+                       help="scale: metrics against the query scale; classes: head classes per layer")
+    model: str = option(None, required=True, help="model in the warehouse")
+    run_id: str | None = option(None, help="run of the model", default_text="its latest run")
+    warehouse: str = warehouse_option()
+    heads: list[str] | None = option(None, metavar="L:Q", help="scale: heads to draw, LAYER:QHEAD",
+                                     default_text="the 3 highest- and 3 lowest-gain heads")
+    metrics: list[str] = option(default_factory=lambda: list(DEFAULT_METRICS), choices=tuple(SCALE_METRICS),
+                                help="scale: metrics, one panel each")
+    output: str | None = option(None, metavar="PNG", accepts="a file", help="output file",
+                                default_text=f"{DEFAULT_OUTPUT_DIR}/<model>-attention-<kind>.png")
+    dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
+
+
 def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
     """`plasticity attention-plot {scale,classes} --model M [--run-id R] [--heads L:Q ...] [--output PNG]`."""
-    from warehouse.config import DEFAULT_WAREHOUSE
-
     p = sub.add_parser(
         "attention-plot", help="plot attention metrics vs query scale, or attention classes per layer (SPEC 4)",
         description="scale: mean entropy / max_attn / k_eff against the query scale for chosen heads (default: "
                     "the 3 highest- and 3 lowest-gain heads). classes: per layer, how many heads are sharp, "
                     "medium or uniform. Reads the warehouse (the model's latest run unless --run-id).",
     )
-    p.add_argument("kind", choices=("scale", "classes"))
-    p.add_argument("--model", required=True, help="model in the warehouse")
-    p.add_argument("--run-id", default=None, help="run of the model (default: its latest)")
-    p.add_argument("--warehouse", default=os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE),
-                   help="DuckDB warehouse (default $PLASTICITY_WAREHOUSE or data/warehouse.duckdb)")
-    p.add_argument("--heads", nargs="+", metavar="L:Q", default=None, help="scale: heads to draw, LAYER:QHEAD")
-    p.add_argument("--metrics", nargs="+", choices=tuple(SCALE_METRICS), default=list(DEFAULT_METRICS),
-                   help="scale: metrics, one panel each (default: entropy max_attn k_eff)")
-    p.add_argument("--output", default=None, metavar="PNG",
-                   help=f"output file (default {DEFAULT_OUTPUT_DIR}/<model>-attention-<kind>.png)")
-    p.add_argument("--dpi", type=int, default=110)
+    add_arguments(p, AttentionPlotOptions)
     p.set_defaults(func=cmd_attention_plot)
     return p
 
 
 def cmd_attention_plot(args: argparse.Namespace) -> int:
-    out = args.output or DEFAULT_OUTPUT_DIR / f"{args.model.replace('/', '_')}-attention-{args.kind}.png"
+    out = args.output or DEFAULT_OUTPUT_DIR / f"{safe_path_component(args.model, '--model')}-attention-{args.kind}.png"
     if args.kind == "scale":
         res = plot_scale_sweep(args.warehouse, args.model, args.run_id, out, heads=_heads_arg(args.heads),
                                metrics=args.metrics, dpi=args.dpi)

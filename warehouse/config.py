@@ -1,8 +1,10 @@
 """Run configuration: the upstream toolkit's YAML keys plus the warehouse's own.
 
 A config is a YAML mapping; every key can be overridden on the command line
-(`--max_tokens_per_head 2000`). Unknown keys are an error so typos do not pass
-silently.
+(`--max_tokens_per_head 2000`). Every key is declared once below (`option`): its type, default,
+accepted values and description, from which validation, `plasticity analyze --help`, the README's
+key table and the Dagster run-config descriptions are all derived. Unknown keys, values of the wrong
+type or out of range, and invalid YAML are errors naming the key (or line) before any work starts.
 """
 
 from __future__ import annotations
@@ -11,61 +13,112 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
 
 from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
+from warehouse.names import name_problem
+from warehouse.options import OptionError, check_all, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
+#: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
+MAX_SEED = 2**63 - 1
+
+
+def _relative_inside(value: str) -> str | None:
+    """A sub-folder of the dataset: relative, without `..` (it is joined to the dataset root)."""
+    p = PurePath(value)
+    if value == "" or p.is_absolute() or ".." in p.parts or "\\" in value or "\x00" in value:
+        return "must be a relative folder inside the dataset (no leading /, no ..)"
+    return None
+
+
+def _not_empty(value: str) -> str | None:
+    return "must not be empty" if value.strip() == "" or "\x00" in value else None
 
 
 @dataclass
 class RunConfig:
     # --- upstream keys (seed 000/001) ---
-    model_dir: str | None = None  # sub-folder of the dataset holding the lXXhYY{q,k} shards
-    dataset_name: str | None = None  # Hub dataset id, e.g. "viktoroo/sniffed-qk"
-    num_layers: int | None = None  # None: inferred from the shards present
-    num_q_heads: int | None = None
-    num_k_heads: int | None = None
-    max_tokens_per_head: int = 50000
-    normality_max_dims: int = 64
-    p_alpha: float = 0.01
-    seed: int = 0
-    output_csv: str = "head_metrics.csv"
-    bucket_csv: str = "head_bucket_plasticity.csv"
-    component_csv: str = "head_component_weights.csv"
-    max_workers: int | None = None  # None: number of CPUs
-    dataset_local_root: str | None = None  # a local dataset folder (skips the Hub)
-    dataset_cache_dir: str | None = None
-    download_max_workers: int | None = None
+    model_dir: str | None = option(
+        None, help="sub-folder of the dataset holding the lXXhYY{q,k} shards", check=_relative_inside,
+        accepts="a relative folder", default_text="the dataset root")
+    dataset_name: str | None = option(None, help='Hub dataset repo id, e.g. "viktoroo/sniffed-qk"', check=_not_empty)
+    num_layers: int | None = option(None, ge=1, help="number of layers", default_text="the dataset card's, else a complete shard set's")
+    num_q_heads: int | None = option(None, ge=1, help="query heads per layer (with num_k_heads)",
+                                     default_text="the dataset card's, else a complete shard set's")
+    num_k_heads: int | None = option(None, ge=1, help="key heads per layer; must divide num_q_heads (GQA)",
+                                     default_text="the dataset card's, else a complete shard set's")
+    max_tokens_per_head: int = option(50000, ge=1, help="rows of each of Q and K sampled per head (SPEC 2.1)")
+    normality_max_dims: int = option(64, ge=0, help="semantic dimensions given a KS test (SPEC 2.6)")
+    p_alpha: float = option(0.01, gt=0, lt=1, help="KS p-value threshold of q_noise_frac_ks_p_lt_alpha")
+    seed: int = option(0, ge=0, le=MAX_SEED, help="seed of the subsample, the KS columns and the key pairs")
+    output_csv: str = option("head_metrics.csv", check=name_problem, accepts="a file name",
+                             help="file name of the head_metrics export")
+    bucket_csv: str = option("head_bucket_plasticity.csv", check=name_problem, accepts="a file name",
+                             help="file name of the head_bucket_plasticity export")
+    component_csv: str = option("head_component_weights.csv", check=name_problem, accepts="a file name",
+                                help="file name of the head_component_weights export")
+    max_workers: int | None = option(None, ge=1, help="worker processes computing heads",
+                                     default_text="number of CPUs")
+    dataset_local_root: str | None = option(None, check=_not_empty, accepts="a folder",
+                                            help="a local dataset folder (instead of the Hub)")
+    dataset_cache_dir: str | None = option(None, check=_not_empty, accepts="a folder",
+                                           help="where Hub downloads go", default_text="the huggingface_hub cache")
+    download_max_workers: int | None = option(None, ge=1, help="parallel Hub file downloads",
+                                              default_text="huggingface_hub's")
     # --- warehouse keys ---
-    model: str | None = None  # name in the warehouse; default: revision, card name or folder name
-    revision: str | None = None  # Hub branch of dataset_name (one branch per model)
-    num_pairs_per_bucket: int = 256
-    estimator: str = "bucket_full_cov"
-    warehouse: str = DEFAULT_WAREHOUSE
-    output_dir: str = "results"  # CSVs go to output_dir/<model>/<run_id>/
-    layers: list[int] | None = None  # restrict to these layers
-    attention: bool = True  # also compute SPEC 4 attention-pattern metrics
-    attention_scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
-    duckdb_threads: int = 1  # threads of each in-memory DuckDB reader connection
-    lock_timeout_s: float = 60.0  # how long a writer waits for the warehouse lock
+    model: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
+                               help="model name in the warehouse and the results folder",
+                               default_text="the Hub branch, else the folder name (never the card's)")
+    revision: str | None = option(None, check=_not_empty, help="Hub branch of dataset_name (one branch per model)",
+                                  default_text="main")
+    num_pairs_per_bucket: int = option(256, ge=1, help="key pairs drawn per (query bucket, key bucket) cell")
+    estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (SPEC 2.8)")
+    warehouse: str = option(DEFAULT_WAREHOUSE, check=_not_empty, accepts="a file", help="DuckDB warehouse file")
+    output_dir: str = option("results", check=_not_empty, accepts="a folder",
+                             help="CSV exports go to output_dir/<model>/<run_id>/")
+    layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
+    attention: bool = option(True, help="also compute the SPEC 4 attention-pattern tables")
+    attention_scales: list[float] = option(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5], gt=0,
+                                           help="query scales of the attention sweep (SPEC 4)")
+    duckdb_threads: int = option(1, ge=1, help="threads of each in-memory DuckDB shard reader")
+    lock_timeout_s: float = option(60.0, ge=0, help="seconds to wait for another process's warehouse lock")
 
     def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.max_tokens_per_head < 2:
-            raise ValueError("max_tokens_per_head must be >= 2")
-        if (self.num_q_heads is None) != (self.num_k_heads is None):
-            raise ValueError("give both num_q_heads and num_k_heads, or neither")
-        if self.num_q_heads is not None and self.num_q_heads % self.num_k_heads:
-            raise ValueError(
-                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_k_heads ({self.num_k_heads})"
-            )
+        self.validate()
+
+    def validate(self) -> "RunConfig":
+        """Every key's type and range, then the rules between keys (OptionError naming the key)."""
+        check_all(self)
+        q, k = self.num_q_heads, self.num_k_heads
+        if (q is None) != (k is None):
+            given = "num_q_heads" if q is not None else "num_k_heads"
+            raise OptionError(f"{given} = {q if q is not None else k}: give num_q_heads and "
+                              "num_k_heads together, or neither")
+        if q is not None and q % k:
+            raise OptionError(f"num_q_heads = {q}: must be a multiple of "
+                              f"num_k_heads = {k} (GQA)")
+        if self.layers is not None and self.num_layers is not None:
+            beyond = [layer for layer in self.layers if layer >= self.num_layers]
+            if beyond:
+                raise OptionError(f"layers = {','.join(map(str, self.layers))}: layer(s) "
+                                  f"{', '.join(map(str, beyond))} do not exist (num_layers = {self.num_layers})")
+        return self
+
+    def check_layers_exist(self, present: set[int]) -> None:
+        """`layers` must name layers the dataset has shards for (a config error, not a data error)."""
+        if self.layers is None:
+            return
+        missing = sorted(set(self.layers) - present)
+        if missing:
+            have = ", ".join(map(str, sorted(present))) or "none"
+            raise OptionError(f"layers = {','.join(map(str, self.layers))}: layer(s) "
+                              f"{', '.join(map(str, missing))} have no shards in the dataset (layers present: {have})")
 
     @property
     def params(self) -> AnalysisParams:
@@ -111,72 +164,107 @@ class RunConfig:
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
-_FIELD_TYPES = {f.name: f for f in fields(RunConfig)}
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            try:
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: let PyYAML report it
+                pass
+        return super().construct_mapping(node, deep)
 
 
-def coerce_value(name: str, type_name: str, value: Any) -> Any:
-    """Turn a YAML/CLI value into a dataclass field's type, given as its annotation string
-    (``"int"``, ``"float | None"``, ``"list[int]"``, ``"bool"``, ...). CLI values arrive as strings:
-    "none"/"null"/"" mean None, lists are comma- or space-separated, booleans are
-    true/false/yes/no/on/off/1/0. Numbers given for a float field become floats. Shared by the run
-    configs and the plot options."""
-    if value is None:
-        return None
-    t = type_name
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("none", "null", ""):
-            return None
-        if t.startswith("list[int]"):
-            return [int(v) for v in value.replace(",", " ").split()]
-        if t.startswith("list[float]"):
-            return [float(v) for v in value.replace(",", " ").split()]
-        if t.startswith("list"):
-            return [v for v in value.replace(",", " ").split() if v]
-        if t.startswith("bool"):
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}: expected true/false, got {value!r}")
-        if t.startswith("int"):
-            return int(value)
-        if t.startswith("float"):
-            return float(value)
-    if t.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def read_settings(field_types: dict, path: str | os.PathLike | None, overrides: dict[str, Any] | None, *,
-                  defaults: dict[str, Any] | None = None, mapping_of: str, unknown: str) -> dict[str, Any]:
-    """defaults < the YAML mapping at ``path`` (optional) < overrides, None values meaning "not
-    given", each value coerced (`coerce_value`) to its dataclass field's type. A file that is not
-    a mapping ("<path>: expected a YAML mapping of <mapping_of>") and keys that are not fields
-    ("<unknown> in <path>: a, b") raise ValueError. Shared by run configs and plot options."""
-    raw: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if v is not None}
-    if path is not None:
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a YAML mapping of {mapping_of}")
-        raw.update(loaded)
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    bad = sorted(set(raw) - set(field_types))
+def read_yaml_mapping(path: str | os.PathLike, mapping_of: str) -> dict[str, Any]:
+    """A YAML file holding one mapping; OptionError in one line, with the line number, otherwise."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except FileNotFoundError:
+        raise OptionError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise OptionError(f"{path}: is a folder, not a YAML config file") from None
+    except UnicodeDecodeError as exc:
+        raise OptionError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        context = getattr(exc, "context", None)
+        if context and getattr(exc, "problem", None):
+            problem = f"{' '.join(context.split())}: {problem}"
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise OptionError(f"{where}: invalid YAML: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise OptionError(f"{path}: expected a YAML mapping of {mapping_of}, got a {type(loaded).__name__}")
+    bad = [k for k in loaded if not isinstance(k, str)]
     if bad:
-        where = f" in {path}" if path else ""
-        raise ValueError(f"{unknown}{where}: {', '.join(bad)}")
-    return {k: coerce_value(k, str(field_types[k].type), v) for k, v in raw.items()}
+        raise OptionError(f"{path}: keys must be text, got {bad[0]!r}")
+    return loaded
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """YAML file (optional) + overrides -> RunConfig. Unknown keys raise ValueError naming them."""
-    return RunConfig(**read_settings(_FIELD_TYPES, path, overrides, mapping_of="config keys",
-                                     unknown="unknown config key(s)"))
+def read_settings(cls: type, path: str | os.PathLike | None, overrides: dict[str, Any] | None, *,
+                  defaults: dict[str, Any] | None = None, mapping_of: str, unknown: str,
+                  overrides_from: str = "override") -> dict[str, Any]:
+    """defaults < the YAML mapping at ``path`` (optional) < overrides, each value coerced to its declared
+    type and checked (`warehouse.options`); None means "not given" in defaults and overrides. Unknown keys
+    ("<unknown> in <path>: a (did you mean b?)"), a file that is not a mapping, invalid YAML and bad
+    values raise OptionError naming the key, the value and where it came from. Shared by run configs
+    and plot options; the rules between keys are the dataclass's own."""
+    declared = options_of(cls)
+    layers = [("default", {k: v for k, v in (defaults or {}).items() if v is not None})]
+    if path is not None:
+        loaded = read_yaml_mapping(path, mapping_of)
+        if set(loaded) - set(declared):
+            raise unknown_keys_error(set(loaded) - set(declared), declared, unknown, str(path))
+        layers.append((str(path), loaded))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers.append((overrides_from, {k: declared[k].from_command_line(v) if k in declared else v
+                                    for k, v in given.items()}))
+    settings: dict[str, Any] = {}
+    for source, values in layers:
+        if set(values) - set(declared):
+            raise unknown_keys_error(set(values) - set(declared), declared, unknown, "")
+        for key, value in values.items():
+            settings[key] = declared[key].parse(value, source)
+    return settings
 
 
-def config_fields() -> list[dataclasses.Field]:
-    return list(fields(RunConfig))
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, *,
+                overrides_from: str = "override") -> RunConfig:
+    """YAML file (optional) + overrides -> a validated RunConfig (OptionError names the key, value and source:
+    the file, or `overrides_from`)."""
+    return RunConfig(**read_settings(RunConfig, path, overrides, mapping_of="config keys",
+                                     unknown="unknown config key(s)", overrides_from=overrides_from))
+
+
+def warehouse_option() -> Any:
+    """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all)."""
+    return option(default_factory=lambda: os.environ.get("PLASTICITY_WAREHOUSE") or DEFAULT_WAREHOUSE,
+                  check=_not_empty, accepts="a file", help="DuckDB warehouse file",
+                  default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+
+
+def config_markdown() -> str:
+    """The README's table of config keys (generated; tests/test_options.py keeps the README in sync)."""
+    from warehouse.options import markdown_table
+
+    return markdown_table(RunConfig)
+
+
+def describe(key: str, default_text: str | None = None) -> str:
+    """The one-line help of a config key (Dagster run-config descriptions), optionally with another default."""
+    opt = options_of(RunConfig)[key]
+    if default_text is not None:
+        opt = dataclasses.replace(opt, spec=dataclasses.replace(opt.spec, default_text=default_text))
+    return opt.help_text()
 
 
 def resolve_path(base: str | os.PathLike, maybe_relative: str) -> Path:

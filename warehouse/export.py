@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from warehouse import db
+from warehouse.names import safe_path_component
 
 HEAD_METRICS_COLUMNS = (
     "layer, q_head, k_head, n_q_tokens, n_k_tokens, d_model, q_R2_pos, q_beta_norm, q_R2_scalar, "
@@ -18,6 +19,11 @@ EXPORTS = {
     "head_component_weights": ("layer, q_head, k_head, component, component_r2, weight", "layer, q_head, component"),
     "head_errors": ("layer, q_head, k_head, file, problem, message", "layer, q_head"),
 }
+
+
+def results_dir(base: str | Path, model: str, run_id: str) -> Path:
+    """<base>/<model>/<run_id>/, the folder of one run's files; both names must be safe folder names."""
+    return Path(base) / safe_path_component(model, "model name") / safe_path_component(run_id, "run id")
 
 
 def latest_run_id(con, model: str) -> str:
@@ -42,12 +48,16 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
 
     specs = {**EXPORTS, **ATTENTION_EXPORTS}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = {t: f"{t}.csv" for t in specs}
-    names.update(file_names or {})
+    names.update({t: safe_path_component(n, f"file name of the {t} export") for t, n in (file_names or {}).items()})
     written = {}
     with db.reader(warehouse, timeout_s) as con:
         run_id = run_id or latest_run_id(con, model)
+        (known,) = con.execute("SELECT count(*) FROM runs WHERE model = $m AND run_id = $r",
+                               {"m": model, "r": run_id}).fetchone()
+        if not known:
+            raise LookupError(f"no run {run_id!r} of model {model!r} in {warehouse}")
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
         if tables is None:
             (n_attention,) = con.execute(
                 "SELECT count(*) FROM head_attention_summary WHERE model = $m AND run_id = $r", {"m": model, "r": run_id}

@@ -28,13 +28,15 @@ from plasticity.types import AnalysisParams
 from warehouse import db, results
 from warehouse.card import DatasetCard, find_card, read_card
 from warehouse.catalog import (
-    CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
+    MIN_QUERY_ROWS, CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
 )
 from warehouse.config import RunConfig
 from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
 from warehouse.loading import load_rows
 from warehouse.models import ModelInfo
 from warehouse.revision import content_revision
+from warehouse.names import safe_path_component
+from warehouse.processes import tie_to_parent
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
 # comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
@@ -297,6 +299,10 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                                  f"query sliding_window {q_info.sliding_window} differs from key shard "
                                  f"{task.k_info.path}'s {task.k_info.sliding_window} (None = full causal)")
             q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention)
+            if q_rows.n < MIN_QUERY_ROWS:  # a cap below the minimum: the shard itself passed the profile
+                raise ShardError(q_info.path, "too_few_rows",
+                                 f"max_tokens_per_head = {task.cap} keeps {q_rows.n} query row(s); the position "
+                                 f"regression needs at least {MIN_QUERY_ROWS} (through 2 points it fits exactly)")
             if q_rows.d != k_rows.d:
                 raise ShardError(
                     q_info.path, "width_mismatch",
@@ -331,7 +337,11 @@ def attention_tables(q_rows, k_rows, scales) -> dict:
 _ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int | None = None) -> None:
+    # A worker never outlives the coordinating process: if that is killed (even with SIGKILL), the
+    # kernel kills the worker (Linux), or the worker's parent watch ends it within half a second.
+    if parent_pid is not None:
+        tie_to_parent(parent_pid)
     # Processes, not BLAS threads, carry the parallelism; one thread each also
     # keeps floating-point reductions identical whatever the worker count. The
     # variables must be in the environment the worker starts with (numpy loads
@@ -409,17 +419,39 @@ def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         os.environ[var] = "1"
     try:
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
             with _parent_main_hidden():  # each submit starts one worker while none is idle
                 for _ in range(workers):
                     pool.submit(_warm_up)
-            yield pool
+            try:
+                yield pool
+            except BaseException:
+                _stop_workers(pool)  # interrupted or failed: do not wait for groups nobody will collect
+                raise
     finally:
         for var, value in saved.items():
             if value is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
+
+
+def _stop_workers(pool: ProcessPoolExecutor, timeout_s: float = 5.0) -> None:
+    """Cancel what is queued and end the running workers (SIGTERM, then SIGKILL after `timeout_s`).
+
+    ``shutdown`` alone would wait for every group in flight. The executor keeps its processes in
+    ``_processes`` (CPython 3.8-3.13); without it the pool just shuts down normally."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
 
 
 def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecutor | None = None, *,
@@ -469,6 +501,23 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
         fill()
 
 
+def _stop_run(wh: str, timeout_s: float, run_id: str, model: str, exc: BaseException,
+              flush: Callable[[], None] | None) -> None:
+    """A run that stops early keeps the heads it computed and is marked 'interrupted' (Ctrl-C, SIGTERM,
+    a cancelled Dagster run) or 'failed' (an error), with the reason, instead of staying 'running'.
+    Best effort: a problem here is reported, never raised over the original one."""
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)) or not isinstance(exc, Exception)
+    status = "interrupted" if interrupted else "failed"
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    try:
+        if flush is not None:
+            flush()
+        with db.writer(wh, timeout_s) as con:
+            results.stop_run(con, run_id, model, status, reason)
+    except Exception as cleanup:  # noqa: BLE001 -- the original exception is the one to raise
+        print(f"warning: could not mark run {run_id} of {model} as {status} in {wh}: {cleanup}", file=sys.stderr)
+
+
 @dataclass
 class RunSummary:
     model: str
@@ -514,7 +563,8 @@ def analyze_dataset(
     # Everything up to the plan needs only the shard names, so the workers start (and import the
     # analysis code) only when there is work, and as early as possible.
     cat = find_catalog(root, cfg)
-    model = str(model or cfg.model or Path(root).name)
+    model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
+    cfg.check_layers_exist({s.layer for s in cat.shards})
     revision = revision or local_revision(cat)
     info = cat.model_info(model, cfg.dataset_name, revision)
     cfg = resolved_config(cfg, cat.layout)
@@ -559,6 +609,7 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             profile(shard)
 
     present: set[str] = set()
+    run_opened: list[bool] = []
 
     def open_run() -> None:
         # runs while the first groups compute: profile the other shards, record catalog and run
@@ -574,6 +625,7 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(),
                               n_heads)
             present.update(results.existing_tables(con))
+        run_opened.append(True)
 
     bar = None
     if progress is None:
@@ -613,10 +665,14 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
         flush()
+        with db.writer(wh, cfg.lock_timeout_s) as con:
+            n_done, n_err, status = results.finish_run(con, run_id, model)
+    except BaseException as exc:
+        if run_opened:
+            _stop_run(wh, cfg.lock_timeout_s, run_id, model, exc, flush if buffer else None)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    with db.writer(wh, cfg.lock_timeout_s) as con:
-        n_done, n_err, status = results.finish_run(con, run_id, model)
     return RunSummary(model, run_id, revision, n_heads, n_todo, n_heads - n_todo, n_done, n_err, status,
                       time.perf_counter() - t0, str(wh))

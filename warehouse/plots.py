@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ import pandas as pd
 
 from warehouse import db
 from warehouse.config import read_settings
+from warehouse.names import safe_path_component
+from warehouse.options import check_all, option
 
 KINDS = ("curves", "heatmap", "components", "compare")
 BUCKET_TYPES = ("uniform", "log")
@@ -57,53 +59,55 @@ BOOTSTRAP_SEED = 0
 
 @dataclass
 class PlotOptions:
-    """Every option of every plot kind (upstream names). Unused ones are ignored by a kind."""
+    """Every option of every plot kind (upstream names). Unused ones are ignored by a kind.
+
+    Each is declared once (`warehouse.options.option`): `plasticity plot --help`, the YAML checks and
+    the errors all come from here."""
 
     # data source: a CSV (upstream) or the warehouse
-    bucket_csv: str | None = None
-    component_csv: str | None = None
-    head_metrics_csv: str | None = None
-    warehouse: str | None = None
-    model: str | None = None
-    run_id: str | None = None
-    models: list[str] | None = None  # compare: which models (default: every model in the warehouse)
+    bucket_csv: str | None = option(None, help="head_bucket_plasticity.csv to plot instead of the warehouse "
+                                               "(curves, heatmap)", accepts="a file")
+    component_csv: str | None = option(None, help="head_component_weights.csv instead of the warehouse (components)",
+                                       accepts="a file")
+    head_metrics_csv: str | None = option(None, help="head_metrics.csv instead of the warehouse (compare)",
+                                          accepts="a file")
+    warehouse: str | None = option(None, help="DuckDB warehouse", accepts="a file",
+                                   default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+    model: str | None = option(None, help="model in the warehouse", default_text="none (required for the warehouse)")
+    run_id: str | None = option(None, help="run of the model", default_text="its latest run")
+    models: list[str] | None = option(None, help="compare: models to show", default_text="every model")
     # presentation
-    model_name: str | None = None  # label in the title (default: model)
-    title: str | None = None
-    bucket_type: str = "uniform"
-    bucket_min_size: float = 1.0
-    color_by_layer: bool = False
-    color_trend: bool = False
-    agg: str = "mean"
-    cmap: str = "viridis"
-    vmin: float | None = 0.0
-    vmax: float | None = 1.0
-    max_components: int | None = None  # components: show the first N only
-    metric: str = "ap_overall"  # compare: head_metrics column
-    normalize_depth: bool = False  # compare: x = layer / (num_layers - 1)
-    output: str | None = None
-    dpi: int = 110
-    kind: str | None = None  # optional in YAML; must match the command when given
+    model_name: str | None = option(None, help="label in the title", default_text="the model")
+    title: str | None = option(None, help="figure title", default_text="one naming the model and the plot")
+    bucket_type: str = option("uniform", choices=BUCKET_TYPES, help="position buckets of the capture")
+    bucket_min_size: float = option(1.0, gt=0, help="bucket width (uniform) or multiplier (log)")
+    color_by_layer: bool = option(False, help="curves: colour heads by layer")
+    color_trend: bool = option(False, help="curves: colour heads by rising/falling trend")
+    agg: str = option("mean", choices=AGGREGATIONS, help="heatmap: how heads are aggregated")
+    cmap: str = option("viridis", help="heatmap colour map (a matplotlib name)")
+    vmin: float | None = option(0.0, help="heatmap: lower end of the colour scale", default_text="0")
+    vmax: float | None = option(1.0, help="heatmap: upper end of the colour scale", default_text="1")
+    max_components: int | None = option(None, ge=1, help="components: show the first N only",
+                                        default_text="all")
+    metric: str = option("ap_overall", help="compare: the head_metrics column plotted")
+    normalize_depth: bool = option(False, help="compare: x = layer / last layer")
+    output: str | None = option(None, help="output PNG", accepts="a file",
+                                default_text="results/plots/<model>-<kind>.png", metavar="PNG")
+    dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
+    kind: str | None = option(None, choices=KINDS, cli=False, help="plot kind; must match the command when given",
+                              default_text="the command's")
 
     def validate(self, kind: str) -> "PlotOptions":
         if kind not in KINDS:
             raise ValueError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
+        check_all(self)
         if self.kind is not None and self.kind != kind:
             raise ValueError(f"this config is for a {self.kind!r} plot, not {kind!r}")
-        if self.bucket_type not in BUCKET_TYPES:
-            raise ValueError(f"bucket_type must be one of {BUCKET_TYPES}, got {self.bucket_type!r}")
-        if not self.bucket_min_size or self.bucket_min_size <= 0:
-            raise ValueError(f"bucket_min_size must be > 0, got {self.bucket_min_size!r}")
-        if self.agg not in AGGREGATIONS:
-            raise ValueError(f"agg must be one of {AGGREGATIONS}, got {self.agg!r}")
         if self.color_by_layer and self.color_trend:
             raise ValueError("choose color_by_layer or color_trend, not both")
         if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
             raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
         return self
-
-
-_OPTION_FIELDS = {f.name: f for f in fields(PlotOptions)}
 
 
 def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaults: dict[str, Any] | None = None,
@@ -113,7 +117,7 @@ def load_plot_options(kind: str, config: str | os.PathLike | None = None, defaul
     `defaults` fill what the YAML leaves out (e.g. the bucket size from the dataset
     card). Unknown keys are an error naming them, like the run configs.
     """
-    settings = read_settings(_OPTION_FIELDS, config, overrides, defaults=defaults,
+    settings = read_settings(PlotOptions, config, overrides, defaults=defaults, overrides_from="command line",
                              mapping_of="plot options", unknown="unknown plot option(s)")
     return PlotOptions(**settings).validate(kind)
 
@@ -122,7 +126,7 @@ def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None
     """configs/plots/<model>-plasticity.yaml etc.; the comparison is configs/plots/model-comparison.yaml."""
     if kind == "compare":
         return Path(configs_dir) / "model-comparison.yaml"
-    return Path(configs_dir) / f"{model}-{CONFIG_SUFFIX[kind]}.yaml"
+    return Path(configs_dir) / f"{safe_path_component(model, 'model name')}-{CONFIG_SUFFIX[kind]}.yaml"
 
 
 # --------------------------------------------------------------------------- data

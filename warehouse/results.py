@@ -137,8 +137,9 @@ def start_run(con, run_id: str, model: str, dataset_name: str | None, revision: 
               package_version: str, n_heads: int) -> None:
     con.execute("DELETE FROM runs WHERE run_id = $r AND model = $m", {"r": run_id, "m": model})
     con.execute(
-        "INSERT INTO runs VALUES ($run_id, $model, $dataset_name, $revision, $config_json, $package_version, "
-        "$started_at, NULL, 'running', $n_heads, NULL, NULL)",
+        "INSERT INTO runs (run_id, model, dataset_name, revision, config_json, package_version, started_at, "
+        "status, n_heads) VALUES ($run_id, $model, $dataset_name, $revision, $config_json, $package_version, "
+        "$started_at, 'running', $n_heads)",
         {
             "run_id": run_id, "model": model, "dataset_name": dataset_name, "revision": revision,
             "config_json": json.dumps(config, sort_keys=True), "package_version": package_version,
@@ -160,6 +161,17 @@ def finish_run(con, run_id: str, model: str) -> tuple[int, int, str]:
         {"t": _now(), "s": status, "d": n_done, "e": n_err, "r": run_id, "m": model},
     )
     return n_done, n_err, status
+
+
+def stop_run(con, run_id: str, model: str, status: str, error: str) -> None:
+    """Mark a run that stopped early ('interrupted' or 'failed'), with its committed counts and the reason."""
+    con.execute(
+        "UPDATE runs SET ended_at = $t, status = $s, error = $err, "
+        "n_done = (SELECT count(*) FROM head_metrics WHERE run_id = $r AND model = $m), "
+        "n_errors = (SELECT count(*) FROM head_errors WHERE run_id = $r AND model = $m) "
+        "WHERE run_id = $r AND model = $m",
+        {"t": _now(), "s": status, "err": error, "r": run_id, "m": model},
+    )
 
 
 def done_heads(con, model: str, run_id: str) -> set[tuple[int, int]]:

@@ -26,6 +26,8 @@ from pathlib import Path
 from plasticity.attention import SUMMARY_COLUMNS, gain_ratio
 from plasticity.report import gain_ratio_meaning, report_counts, validation_report
 from warehouse import db
+from warehouse.config import warehouse_option
+from warehouse.options import add_arguments, option
 
 __all__ = [
     "ValidationResult",
@@ -177,10 +179,23 @@ def model_report(
 # --------------------------------------------------------------------------- command line
 
 
+@dataclass
+class ValidateOptions:
+    """Options of `plasticity validate` (declared once: `warehouse.options`)."""
+
+    model: str = option(None, required=True, help="model in the warehouse")
+    run_id: str | None = option(None, help="run of the model", default_text="its latest run")
+    warehouse: str = warehouse_option()
+    gain_ratio: list[str] | None = option(
+        None, help="also print gain(TARGET) / gain(CONTROL) for two heads given as LAYER:QHEAD "
+                   "(e.g. --gain-ratio 12:0 12:15); repeatable", accepts="two LAYER:QHEAD heads",
+        cli_kwargs={"nargs": 2, "action": "append", "metavar": ("TARGET", "CONTROL")})
+    unicode: bool = option(False, switch=True, help="add symbols after the PASS/WARN/FAIL markers")
+    out: str | None = option(None, help="also write the report to this file", accepts="a file")
+
+
 def add_validate_parser(sub) -> argparse.ArgumentParser:
     """`plasticity validate --model M [--run-id R] [--warehouse W] [--gain-ratio L:Q L:Q]... [--unicode]`."""
-    from warehouse.config import DEFAULT_WAREHOUSE
-
     p = sub.add_parser(
         "validate", help="print the attention validation report (SPEC 4, seed 004) of a model's run",
         description="Sanity checks of the rebuilt attention (rows sum to 1, no future or out-of-window weight), "
@@ -188,15 +203,7 @@ def add_validate_parser(sub) -> argparse.ArgumentParser:
                     "query-scale sweep of one model's run, each marked PASS/WARN/FAIL. Exit status 0 when no "
                     "check failed, 1 when one did, 2 on an error.",
     )
-    p.add_argument("--model", required=True, help="model in the warehouse")
-    p.add_argument("--run-id", default=None, help="run of the model (default: its latest)")
-    p.add_argument("--warehouse", default=os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE),
-                   help="DuckDB warehouse (default $PLASTICITY_WAREHOUSE or data/warehouse.duckdb)")
-    p.add_argument("--gain-ratio", nargs=2, action="append", metavar=("TARGET", "CONTROL"), default=None,
-                   help="also print gain(TARGET) / gain(CONTROL) for two heads given as LAYER:QHEAD "
-                        "(e.g. --gain-ratio 12:0 12:15); repeatable")
-    p.add_argument("--unicode", action="store_true", help="add symbols after the PASS/WARN/FAIL markers")
-    p.add_argument("--out", default=None, help="also write the report to this file")
+    add_arguments(p, ValidateOptions)
     p.set_defaults(func=cmd_validate)
     return p
 

@@ -1,0 +1,216 @@
+"""The warehouse schema: its version, the check of an existing file, and idempotent upgrades.
+
+A new warehouse gets the tables of ``sql/schema.sql`` (the latest shape, ``CREATE ... IF NOT EXISTS``).
+An existing one is brought up to date by the numbered migrations ``sql/migrations/NNN_name.sql``
+it has not had yet: each is idempotent (``ADD COLUMN IF NOT EXISTS`` ...) and together with
+``schema.sql`` they give the latest shape, whatever version the file started from (version 0 is a
+warehouse from before versioning). Adding a column later = the column in ``schema.sql`` plus a
+new numbered migration file.
+
+Nothing is written before the file has passed every check: `db.check_file` (a DuckDB file, writable),
+a read-only look at its version and at the tables and views with our names, and a rehearsal of the
+upgrade on an in-memory copy of their shapes, which must end exactly in the latest shape. A file
+holding foreign tables with our names, or written by a newer version, is a WarehouseError naming
+the file, and stays byte-identical. The upgrade itself is one transaction.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+
+import duckdb
+
+import sql
+from warehouse import db
+
+#: Scripts creating the latest shape (in order), and those rerun after every upgrade.
+CREATE_SCRIPTS = ("schema_migrations", "schema", "head_samples_schema")
+FINISH_SCRIPTS = ("views", "comments")
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+
+@functools.lru_cache(maxsize=None)
+def migrations() -> tuple[Migration, ...]:
+    """sql/migrations/NNN_name.sql in order; numbered 1, 2, ... without gaps (else RuntimeError)."""
+    folder = files(sql.__name__).joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            m = _MIGRATION_NAME.match(entry.name)
+            if m is None:
+                raise RuntimeError(f"sql/migrations/{entry.name}: migrations are named NNN_name.sql")
+            found.append(Migration(int(m.group(1)), entry.name, entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    if [m.version for m in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"sql/migrations must be numbered 1, 2, ... without gaps: {[m.name for m in found]}")
+    return tuple(found)
+
+
+def schema_version() -> int:
+    """The version this code writes: the number of the last migration."""
+    return migrations()[-1].version if migrations() else 0
+
+
+def stored_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The version of an open warehouse (0: written before versioning, or empty)."""
+    (present,) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
+        "AND table_name = 'schema_migrations'").fetchone()
+    if not present:
+        return 0
+    (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(version)
+
+
+def apply(con: duckdb.DuckDBPyConnection, from_version: int) -> int:
+    """Create what is missing, run the migrations after `from_version`, refresh views and comments.
+    Idempotent; the caller holds the transaction. Returns the new version."""
+    for name in CREATE_SCRIPTS:
+        con.execute(sql.load(name))
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for m in migrations():
+        if m.version > from_version:
+            con.execute(m.text)
+            con.execute("INSERT INTO schema_migrations VALUES ($v, $n, $t)", {"v": m.version, "n": m.name, "t": now})
+    for name in FINISH_SCRIPTS:
+        con.execute(sql.load(name))
+    return max(from_version, schema_version())
+
+
+# ---------------------------------------------------------------------- shapes
+
+#: name -> ("table" | "view", frozenset of (column, type))
+Shape = dict[str, tuple[str, frozenset[tuple[str, str]]]]
+
+
+def read_shape(con: duckdb.DuckDBPyConnection, names: set[str] | None = None) -> Shape:
+    """Tables and views of the main schema (only `names`, when given) with their columns and types."""
+    where = "database_name = current_database() AND schema_name = 'main'"
+    kinds = {r[0]: "table" for r in con.execute(f"SELECT table_name FROM duckdb_tables() WHERE {where}").fetchall()}
+    kinds.update({r[0]: "view" for r in con.execute(
+        f"SELECT view_name FROM duckdb_views() WHERE {where} AND NOT internal").fetchall()})
+    columns: dict[str, set] = {}
+    for table, column, dtype in con.execute(
+            f"SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE {where}").fetchall():
+        columns.setdefault(table, set()).add((column, dtype))
+    return {n: (k, frozenset(columns.get(n, ()))) for n, k in kinds.items() if names is None or n in names}
+
+
+@functools.lru_cache(maxsize=None)
+def _latest_shape_cached() -> tuple:
+    con = duckdb.connect(":memory:")
+    try:
+        apply(con, 0)
+        return tuple(read_shape(con).items())
+    finally:
+        con.close()
+
+
+def latest_shape() -> Shape:
+    """The shape this code writes (`apply` on an empty database)."""
+    return dict(_latest_shape_cached())
+
+
+def _rehearse(existing: Shape, version: int) -> Shape:
+    """The shape `apply` would leave, run on an in-memory database holding `existing`'s tables and views."""
+    con = duckdb.connect(":memory:")
+    try:
+        for name, (kind, cols) in existing.items():
+            if kind == "table":
+                columns = ", ".join(f'"{c.replace(chr(34), chr(34) * 2)}" {t}' for c, t in sorted(cols))
+                con.execute(f'CREATE TABLE "{name}" ({columns})')
+            else:
+                con.execute(f'CREATE VIEW "{name}" AS SELECT NULL AS x')
+        apply(con, version)
+        return read_shape(con, set(latest_shape()))
+    finally:
+        con.close()
+
+
+def _describe(cols, shown: int = 6) -> str:
+    items = [f"{c} {t}" for c, t in sorted(cols)]
+    more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def differences(actual: Shape, expected: Shape, *, missing: bool = True) -> list[str]:
+    """What differs between two shapes, table by table (empty: the same); `missing=False`: only about
+    the tables and views `actual` has."""
+    out = []
+    for name, (kind, cols) in sorted(expected.items()):
+        if name not in actual:
+            if missing:
+                out.append(f"{kind} {name} is missing")
+            continue
+        have_kind, have = actual[name]
+        if have_kind != kind:
+            out.append(f"{name} is a {have_kind}, not a {kind}")
+        elif kind == "table" and have != cols:
+            parts = []
+            if have - cols:
+                parts.append(f"unexpected column(s) {_describe(have - cols)}")
+            if cols - have:
+                parts.append(f"missing column(s) {_describe(cols - have)}")
+            out.append(f"table {name}: {'; '.join(parts)}")
+    return out
+
+
+def check_existing(path: Path, timeout_s: float) -> int:
+    """Read-only checks of an existing warehouse; returns its stored version. WarehouseError (nothing
+    written) if it is newer than this code or its tables with our names would not upgrade to ours."""
+    expected = latest_shape()
+    with db.reader(path, timeout_s) as con:
+        version = stored_version(con)
+        existing = read_shape(con, set(expected))
+    if version > schema_version():
+        raise db.WarehouseError(
+            f"warehouse {path} has schema version {version}, newer than this version of the tool "
+            f"({schema_version()}); upgrade attention-plasticity-warehouse. Nothing was changed.")
+    try:
+        after, failure = _rehearse(existing, version), []
+        problems = differences(after, expected)
+    except duckdb.Error as exc:
+        after, failure = existing, [f"upgrading fails: {db.one_line(exc)}"]
+        problems = differences(existing, expected, missing=False)
+    if not problems and not failure:
+        return version
+    detail = "; ".join(problems + failure)
+    if not _foreign(after, expected):  # only less than the code expects
+        raise db.WarehouseError(
+            f"warehouse {path} (schema version {version}) would lack what this version needs after the upgrade: "
+            f"{detail}. Either it is not this tool's warehouse, or sql/schema.sql gained it without a migration "
+            "in sql/migrations. Nothing was changed.")
+    raise db.WarehouseError(
+        f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
+        f"longer) this tool's warehouse: {detail}. Nothing was changed; choose another --warehouse.")
+
+
+def _foreign(actual: Shape, expected: Shape) -> bool:
+    """Whether `actual` has one of our names as another kind of object, or a column we do not know."""
+    return any(name in actual and (actual[name][0] != kind or (kind == "table" and actual[name][1] - cols))
+               for name, (kind, cols) in expected.items())
+
+
+def upgrade(path: Path, timeout_s: float = 60.0) -> int:
+    """Create or upgrade the warehouse at `path` after `check_existing` passed; one transaction."""
+    db.check_file(path, for_writing=True)
+    if path.exists():
+        check_existing(path, timeout_s)
+    with db.writer(path, timeout_s) as con:
+        version = apply(con, stored_version(con))  # read again under the lock: another process may have upgraded
+        problems = differences(read_shape(con, set(latest_shape())), latest_shape())
+        if problems:  # the rehearsal makes this unreachable; never commit a half-known shape
+            raise db.WarehouseError(f"warehouse {path}: upgrade left {'; '.join(problems)}; rolled back")
+    return version
