@@ -82,7 +82,7 @@ class PlotOptions:
     bucket_type: str = option("uniform", choices=BUCKET_TYPES, help="position buckets of the capture")
     bucket_min_size: float = option(1.0, gt=0, help="bucket width (uniform) or multiplier (log)")
     color_by_layer: bool = option(False, help="curves: colour heads by layer")
-    color_trend: bool = option(False, help="curves: colour heads by rising/falling trend")
+    color_trend: bool = option(False, help="curves: colour heads by the shape of their curve (rising, falling, flat, dip, peak, mixed)")
     agg: str = option("mean", choices=AGGREGATIONS, help="heatmap: how heads are aggregated")
     cmap: str = option("viridis", help="heatmap colour map (a matplotlib name)")
     vmin: float | None = option(0.0, help="heatmap: lower end of the colour scale", default_text="0")
