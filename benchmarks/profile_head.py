@@ -45,6 +45,11 @@ STAGES = (
     ("plasticity.pairs.KeyPairIndex", "draw", "pair draws", "pair plasticity (2.8)"),
     ("plasticity.estimators", "ap_from_moments", "AP from moments", "pair plasticity (2.8)"),
     ("plasticity.head", "aggregate_cells", "aggregation", None),
+    ("plasticity.estimators", "ap_with_slopes", "AP and its slopes (jackknife)", "pair plasticity (2.8)"),
+    ("plasticity.pair_influence.PairInfluenceBuilder", "add_bucket", "pair side of the jackknife", "pair plasticity (2.8)"),
+    ("plasticity.head", "example_jackknife", "example jackknife (query side, replicates)", None),
+    ("plasticity.jackknife", "row_quadratic_forms", "query quadratic forms", "example jackknife (query side, replicates)"),
+    ("plasticity.head", "bucket_summary_rows", "bucket summary", None),
 )
 
 
