@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/calibrate_se.py                    # 3 designs x 48 heads, both estimators
     .venv/bin/python benchmarks/calibrate_se.py --layers 20        # 3 x 160 heads
+    .venv/bin/python benchmarks/calibrate_se.py --stress           # and the stress design (own lines only)
 
 Heads come from `plasticity.synthetic` with isotropic, mildly and strongly anisotropic semantic
 noise, noise scales from 0.03 to 3 (true AP from ~0.05 to ~0.97), 16 dense examples of 256 positions
@@ -32,7 +33,12 @@ DESIGNS = (
     ("isotropic", dict(mixing_scale=0.0)),
     ("anisotropic", dict(mixing_scale=0.3)),
     ("strongly anisotropic", dict(mixing_scale=0.3, noise_condition=10.0)),
-    ("strongly anisotropic, sharp position", dict(mixing_scale=0.3, noise_condition=10.0, position_noise=0.05)),
+)
+#: A stress case outside the calibration claim: positional noise 60x below the semantic noise of the
+#: noisiest heads, so the estimated positional direction leaks semantic variance into sigma2 (a
+#: bias of order angle^2 that no standard error covers; see docs/metrics.md).
+STRESS_DESIGNS = (
+    ("sharp position (stress)", dict(mixing_scale=0.3, noise_condition=10.0, position_noise=0.05)),
 )
 ESTIMATORS = ("bucket_full_cov", "linear_diag")
 AP_BANDS = ((0.0, 0.2), (0.2, 0.8), (0.8, 0.95), (0.95, 1.0))
@@ -61,7 +67,7 @@ def design_spec(name: str, overrides: dict, layers: int, seed: int):
     )
 
 
-def check_heads(layers: int = 6, seed: int = 0, estimators=ESTIMATORS) -> list[HeadCheck]:
+def check_heads(layers: int = 6, seed: int = 0, estimators=ESTIMATORS, designs=DESIGNS) -> list[HeadCheck]:
     """Analyse every head of every design with each estimator and compare with the truth."""
     from plasticity.head import analyze_head
     from plasticity.orientation import orientation_from_keys
@@ -69,7 +75,7 @@ def check_heads(layers: int = 6, seed: int = 0, estimators=ESTIMATORS) -> list[H
     from plasticity.types import AnalysisParams
 
     out = []
-    for i, (name, overrides) in enumerate(DESIGNS):
+    for i, (name, overrides) in enumerate(designs):
         spec = design_spec(name, overrides, layers, seed + 100 * i)
         for layer in range(spec.num_layers):
             keys = [make_key_shard(spec, layer, kh) for kh in range(spec.num_k_heads)]
@@ -122,25 +128,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=6, help=f"layers of {Q_HEADS} heads per design")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stress", action="store_true", help="also the stress design (not part of the claim)")
     args = ap.parse_args(argv)
     t0 = time.process_time()
-    checks = check_heads(args.layers, args.seed)
+    designs = DESIGNS + (STRESS_DESIGNS if args.stress else ())
+    checks = check_heads(args.layers, args.seed, designs=designs)
     print(f"{len(checks)} head analyses in {time.process_time() - t0:.1f} CPU s")
     print(f"{'estimator':16s} {'design':22s} {'heads':>5s} {'RMS z':>6s} {'cover95':>7s} {'mean z':>7s} "
           f"{'RMS z pair-only SE':>18s}  true AP range")
     for est in ESTIMATORS:
-        for name in [d[0] for d in DESIGNS] + ["all"]:
-            sel = [c for c in checks if c.estimator == est and name in ("all", c.design)]
+        for name in [d[0] for d in designs] + ["all"]:
+            sel = [c for c in checks if c.estimator == est and (name == c.design or (name == "all" and c.design in
+                                                                                       dict(DESIGNS)))]
             c = calibration(sel)
             print(f"{est:16s} {name:22s} {c.n_heads:5d} {c.rms_z:6.3f} {c.coverage:7.3f} {c.mean_z:+7.3f} "
                   f"{c.rms_z_pairs:18.2f}  {c.truth_min:.3f}-{c.truth_max:.3f}")
         for lo, hi in AP_BANDS:
-            sel = [c for c in checks if c.estimator == est and lo <= c.truth < hi]
+            sel = [c for c in checks if c.estimator == est and lo <= c.truth < hi and c.design in dict(DESIGNS)]
             if sel:
                 c = calibration(sel)
                 print(f"{est:16s} {f'true AP in [{lo}, {hi})':22s} {c.n_heads:5d} {c.rms_z:6.3f} {c.coverage:7.3f} "
                       f"{c.mean_z:+7.3f} {c.rms_z_pairs:18.2f}")
-        n, rms, cover = bucket_calibration([c for c in checks if c.estimator == est])
+        n, rms, cover = bucket_calibration([c for c in checks if c.estimator == est and c.design in dict(DESIGNS)])
         print(f"{est:16s} {'per bucket AP_j':22s} {n:5d} {rms:6.3f} {cover:7.3f}")
     return 0
 

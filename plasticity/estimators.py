@@ -193,18 +193,24 @@ class KeyBasis:
         return reflect_both_sides(C, self.w) * np.outer(self.s, self.s)
 
     def pull_mean(self, g: np.ndarray) -> np.ndarray:
-        """Gradient in the rotated basis from one in the raw basis (the transpose of `map_mean`):
-        ``H (s * g)``."""
+        """Gradients in the rotated basis from gradients in the raw basis (the transpose of `map_mean`):
+        ``H (s * g)`` for every row of ``g`` (..., d)."""
         r = np.asarray(g, dtype=np.float64) * self.s
         if self.w is not None:
-            r -= 2.0 * float(self.w @ r) * self.w
+            r -= 2.0 * (r @ self.w)[..., None] * self.w
         return r
 
     def pull_cov(self, G: np.ndarray) -> np.ndarray:
-        """Gradient in the rotated basis from one in the raw basis (the transpose of `map_cov`):
-        ``H ((s s^T) * G) H``, O(d^2)."""
+        """Gradients in the rotated basis from gradients in the raw basis (the transpose of `map_cov`):
+        ``H ((s s^T) * G) H`` for every matrix of ``G`` (..., d, d), by rank-one updates in O(d^2) each."""
         M = np.asarray(G, dtype=np.float64) * np.outer(self.s, self.s)
-        return reflect_both_sides(M, self.w)
+        w = self.w
+        if w is not None:
+            a = M @ w  # (..., d)
+            b = w @ M
+            g = a @ w
+            M = M - 2.0 * (w[:, None] * b[..., None, :] + a[..., :, None] * w) + 4.0 * g[..., None, None] * np.outer(w, w)
+        return M
 
 
 def reflect_both_sides(M: np.ndarray, w: np.ndarray | None) -> np.ndarray:
@@ -271,7 +277,8 @@ def plasticity_cells(
     d = model.mean.shape[1] if model.mean.ndim == 2 else 0
     elig = eligibility_mask(qb.bucket, qb.minpos, keys.buckets, keys.maxpos, sliding_window)
     full = model.cov is not None
-    builder = None if key_group is None else PairInfluenceBuilder(key_group, n_groups, qb.bucket.shape[0], d, full)
+    builder = None if key_group is None else PairInfluenceBuilder(key_group, n_groups, qb.bucket.shape[0], d, full,
+                                                                  basis if full else None)
     out = {k: [] for k in ("q", "k", "pl", "np", "tot", "var", "qn")}
     for jj in range(qb.bucket.shape[0]):
         cells = np.flatnonzero(elig[jj])
@@ -299,7 +306,7 @@ def plasticity_cells(
                 ap = ap_from_moments(m, v)
             else:
                 ap, dap_dm, dap_dv = ap_with_slopes(m, v)
-                builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv, D, basis if full else None)
+                builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv, D)
         elif builder is not None:
             builder.add_empty(nc)
         mean_c, var_c = _cell_stats(ap, sizes)

@@ -41,8 +41,11 @@ class PairInfluence:
 class PairInfluenceBuilder:
     """Collects `PairInfluence` bucket by bucket inside the pair pass (`plasticity_cells`)."""
 
-    def __init__(self, key_group: np.ndarray, n_groups: int, n_buckets: int, d: int, full_cov: bool):
+    def __init__(self, key_group: np.ndarray, n_groups: int, n_buckets: int, d: int, full_cov: bool, basis=None):
+        """``basis`` (a `KeyBasis`): the differences come in the raw basis and the gradients are brought
+        to the rotated one (`KeyBasis.pull_mean`, `KeyBasis.pull_cov`) when the pass ends."""
         self.key_group = np.asarray(key_group, dtype=np.int64)
+        self.basis = basis
         self.G = int(n_groups)
         self.grad_mean = np.zeros((n_buckets, d))
         self.grad_cov = np.zeros((n_buckets, d, d)) if full_cov else None
@@ -51,11 +54,10 @@ class PairInfluenceBuilder:
         self._pairs: list[np.ndarray] = []
 
     def add_bucket(self, jj: int, sizes: np.ndarray, i1: np.ndarray, ap: np.ndarray,
-                   dap_dm: np.ndarray, dap_dv: np.ndarray, D: np.ndarray, basis=None) -> None:
+                   dap_dm: np.ndarray, dap_dv: np.ndarray, D: np.ndarray) -> None:
         """Record bucket ``jj``: its cells' pair counts ``sizes``, first key row ``i1`` of each pair (the
         pair's example), pair APs and slopes, and the key differences ``D`` the moments were computed
-        from (raw with ``basis``, whose `pull_mean`/`pull_cov` bring the gradients to the rotated basis).
-        ``D`` is used as scratch and overwritten."""
+        from. ``D`` is used as scratch and overwritten."""
         nc = sizes.shape[0]
         cell = np.repeat(np.arange(nc), sizes)
         slot = cell * self.G + self.key_group[i1]
@@ -65,16 +67,11 @@ class PairInfluenceBuilder:
         if n_cells == 0:
             return
         weight = 1.0 / (n_cells * sizes[cell])  # sizes[cell] >= 1 for every pair
-        g = D.T @ (weight * dap_dm)
+        self.grad_mean[jj] = D.T @ (weight * dap_dm)
         if self.grad_cov is not None:
             D *= np.sqrt(weight * dap_dv)[:, None]
-            C = D.T @ D  # one syrk: the weights are non-negative
-            if basis is not None:
-                g, C = basis.pull_mean(g), basis.pull_cov(C)
-            self.grad_mean[jj] = g
-            self.grad_cov[jj] = C
+            self.grad_cov[jj] = D.T @ D  # one syrk: the weights are non-negative
         else:
-            self.grad_mean[jj] = g
             np.multiply(D, D, out=D)
             self.grad_diag[jj] = D.T @ (weight * dap_dv)
 
@@ -87,11 +84,15 @@ class PairInfluenceBuilder:
         def cat(parts, dtype):
             return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, self.G), dtype)
 
+        grad_mean, grad_cov = self.grad_mean, self.grad_cov
+        if self.basis is not None:
+            grad_mean = self.basis.pull_mean(grad_mean)
+            grad_cov = None if grad_cov is None else self.basis.pull_cov(grad_cov)
         return PairInfluence(
             n_groups=self.G,
             cell_group_ap=cat(self._ap, np.float64),
             cell_group_pairs=cat(self._pairs, np.int64),
-            grad_mean=self.grad_mean,
-            grad_cov=self.grad_cov,
+            grad_mean=grad_mean,
+            grad_cov=grad_cov,
             grad_diag=self.grad_diag,
         )

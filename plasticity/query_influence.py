@@ -218,6 +218,8 @@ def model_shifts_full_cov(Xq: np.ndarray, design: PositionDesign, fit: PositionF
     r0 = (x0 - fit_rot.mean[0]) - design.pc * beta0
     sums = query_run_sums(Xq, design.pc, r0, runs)
     stats = bucket_group_stats(sums.n, sums.sp, runs, buckets, G)
+    if J == 0:
+        return stats, np.zeros((0, G))
     n_left, dtau = _tau_shift(stats, buckets)
 
     def rotate(V):
@@ -233,56 +235,66 @@ def model_shifts_full_cov(Xq: np.ndarray, design: PositionDesign, fit: PositionF
     fits0 = deleted_fits(gn, gsp, gspp, group_sums(sums.sr0, runs.group, G)[:, None],
                          group_sums(sums.sr0r0, runs.group, G)[:, None], group_sums(sums.spr0, runs.group, G)[:, None],
                          design.vary)
-    # the refit of all components (oriented): residual sums sum(x - mean) - beta sum(pc), ...
+    # the refit of all components (oriented) for the rotation: residual sums sum(x - mean) - beta sum(pc), ...
     mean = fit.mean
-    gx = group_sums(sums.X[:, 0], runs.group, G)
-    gpx = group_sums(sums.X[:, 1], runs.group, G)
-    sr = gx - gn[:, None] * mean - gsp[:, None] * fit.beta
-    spr = gpx - gsp[:, None] * mean - gspp[:, None] * fit.beta
-    dbeta = deleted_fits(gn, gsp, gspp, sr, np.zeros_like(sr), spr, design.vary).dbeta  # (G, d) oriented
-    rotation = fit.beta_norm >= BETA_NORM_TOL
-    du_sem = rotate(dbeta)[:, 1:] / fit.beta_norm if rotation else np.zeros((G, d - 1))
+    sr = group_sums(sums.X[:, 0], runs.group, G) - gn[:, None] * mean - gsp[:, None] * fit.beta
+    spr = group_sums(sums.X[:, 1], runs.group, G) - gsp[:, None] * mean - gspp[:, None] * fit.beta
+    if fit.beta_norm >= BETA_NORM_TOL:
+        dbeta = deleted_fits(gn, gsp, gspp, sr, np.zeros_like(sr), spr, design.vary).dbeta  # (G, d) oriented
+        du_sem = rotate(dbeta)[:, 1:] / fit.beta_norm
+    else:
+        du_sem = np.zeros((G, d - 1))
     # pooled residual covariance with component 0: sum_i R_i r0_i / (n - 1), R = (x - mean) - pc beta
-    n_all = float(sums.n.sum())
     sr_u = sums.X[:, 2].sum(axis=0) - mean * sums.sr0.sum() - fit.beta * sums.spr0.sum()
-    pooled_s0 = rotate(sr_u / max(n_all - 1.0, 1.0))[1:]
+    pooled_s0 = rotate(sr_u / max(float(sums.n.sum()) - 1.0, 1.0))[1:]
 
-    shifts = np.zeros((J, G))
+    # per bucket of the model: its runs, mean (oriented), mean of x0 = mean0 + r0 + beta0 pc
+    run_jj = np.searchsorted(buckets.start, runs.start, side="right") - 1
+    mine = (run_jj >= 0) & (runs.start < buckets.stop[np.maximum(run_jj, 0)])
+    rj, rg = run_jj[mine], runs.group[mine]
+    nj = buckets.n.astype(np.float64)
+
+    def per_bucket(values):
+        out = np.zeros((J,) + values.shape[1:])
+        np.add.at(out, rj, values[mine])
+        return out
+
+    xbar = per_bucket(sums.X[:, 0]) / nj[:, None]
+    x0bar = fit_rot.mean[0] + (per_bucket(sums.sr0) + beta0 * per_bucket(sums.sp)) / nj
+    # semantic sums about the bucket mean, per group (rotated)
+    S = np.zeros((J, G, d - 1))
+    np.add.at(S, (rj, rg), rotate(sums.X[mine, 0] - sums.n[mine, None] * xbar[rj])[:, 1:])
+    # bucket covariance of every component with component 0: sum (x - xbar)(x0 - x0bar) / (n - 1),
+    # with x0 - x0bar = r0 + beta0 pc + const
+    cross = (per_bucket(sums.X[:, 2]) - xbar * per_bucket(sums.sr0)[:, None]
+             + beta0 * (per_bucket(sums.X[:, 1]) - xbar * per_bucket(sums.sp)[:, None]))
     with np.errstate(invalid="ignore", divide="ignore"):
-        for jj in range(J):
-            a, z = int(buckets.start[jj]), int(buckets.stop[jj])
-            r = runs.within(a, z)
-            grp = runs.group[r]
-            nj = float(buckets.n[jj])
-            xbar = sums.X[r, 0].sum(axis=0) / nj  # oriented bucket mean
-            x0bar = float(x0[a:z].mean())
-            # semantic sums about the bucket mean, per group (rotated)
-            S = group_sums(rotate(sums.X[r, 0] - sums.n[r, None] * xbar)[:, 1:], grp, G)
-            # bucket covariance of every component with component 0: sum (x - xbar)(x0 - x0bar) / (n - 1),
-            # with x0 - x0bar = r0 + beta0 pc + const
-            cross = (sums.X[r, 2].sum(axis=0) - xbar * sums.sr0[r].sum()
-                     + beta0 * (sums.X[r, 1].sum(axis=0) - xbar * sums.sp[r].sum())) / (nj - 1.0)
-            sigma_s0 = rotate(cross)[1:]
-            g, Gm = grad_mean[jj], grad_cov[jj]
-            G_ss = Gm[1:, 1:]
-            form = np.zeros((d, d))
-            form[1:, 1:] = G_ss
-            q = row_quadratic_forms(Xq[a:z] - xbar, reflect_both_sides(form, w))
-            quad = group_sums(np.add.reduceat(q, runs.start[r] - a), grp, G)
-            Q = quad.sum()
-            nl = n_left[jj]
-            tau_left = buckets.tau[jj] + dtau[jj]
-            dm0 = (fits0.rbar[:, 0] + fits0.dbeta[:, 0] * (tau_left - design.mean - fits0.pbar)
-                   + beta0 * dtau[jj])
-            sgs = np.einsum("gd,de,ge->g", S, G_ss, S)
-            dcov = (Q - quad - sgs / nl) / (nl - 1.0) - Q / (nj - 1.0)
-            dmu = -(S @ g[1:]) / nl
-            m0 = fit_rot.alpha[0] + beta0 * buckets.tau[jj]
-            e_sem = fit_rot.alpha[1:] + fit_rot.beta[1:] * buckets.tau[jj] - mu[jj]
-            r_sem = (g[1:] * (m0 - x0bar) + e_sem * g[0] + 2.0 * fit_rot.resid_var[0] * Gm[1:, 0]
-                     + 2.0 * Gm[0, 0] * pooled_s0 - 2.0 * G_ss @ sigma_s0 - 2.0 * Sigma[jj] @ Gm[1:, 0])
-            shifts[jj] = (g[0] * dm0 + Gm[0, 0] * fits0.dresid_var[:, 0] + dmu + dcov + du_sem @ r_sem)
-    return stats, shifts
+        sigma_s0 = rotate(cross / (nj - 1.0)[:, None])[:, 1:]
+    # sums of the forms (x - xbar_j)^T A_j (x - xbar_j), A_j = H blockdiag(0, G_ss) H: one pass per bucket
+    G_ss = grad_cov[:, 1:, 1:]
+    quad = np.zeros((J, G))
+    form = np.zeros((d, d))
+    for jj in range(J):
+        a, z = int(buckets.start[jj]), int(buckets.stop[jj])
+        form[1:, 1:] = G_ss[jj]
+        q = row_quadratic_forms(Xq[a:z] - xbar[jj], reflect_both_sides(form, w))
+        r = runs.within(a, z)
+        np.add.at(quad[jj], runs.group[r], np.add.reduceat(q, runs.start[r] - a))
+    Q = quad.sum(axis=1, keepdims=True)
+
+    g, g0, G00, G_s0 = grad_mean, grad_mean[:, :1], grad_cov[:, :1, 0], grad_cov[:, 1:, 0]
+    tau = buckets.tau[:, None]
+    m0 = fit_rot.alpha[0] + beta0 * buckets.tau
+    e_sem = fit_rot.alpha[1:] + fit_rot.beta[1:] * tau - mu
+    r_sem = (g[:, 1:] * (m0 - x0bar)[:, None] + e_sem * g0 + 2.0 * fit_rot.resid_var[0] * G_s0
+             + 2.0 * G00 * pooled_s0 - 2.0 * np.einsum("jde,je->jd", G_ss, sigma_s0)
+             - 2.0 * np.einsum("jde,je->jd", Sigma, G_s0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dm0 = fits0.rbar[:, 0] + fits0.dbeta[:, 0] * (tau + dtau - design.mean - fits0.pbar) + beta0 * dtau
+        dmu = -np.einsum("jgd,jd->jg", S, g[:, 1:]) / n_left
+        sgs = np.einsum("jgd,jde,jge->jg", S, G_ss, S)
+        dcov = (Q - quad - sgs / n_left) / (n_left - 1.0) - Q / (nj[:, None] - 1.0)
+        return stats, g0 * dm0 + G00 * fits0.dresid_var[:, 0] + dmu + dcov + r_sem @ du_sem.T
 
 
 def model_shifts_linear_diag(Xq: np.ndarray, design: PositionDesign, fit: PositionFit, fit_rot: PositionFit,
