@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
+from scipy.special import stdtrit
 
 from .estimators import CellTable, QueryBuckets
 from .query_influence import BucketGroupStats, RowRuns, model_shifts_full_cov, model_shifts_linear_diag
@@ -65,14 +65,23 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _runs_of(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each run of equal consecutive values."""
+    n = ids.shape[0]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if n else np.zeros(0, np.int64)
+    return starts, np.diff(np.r_[starts, n])
+
+
 def example_groups(q_example_id: np.ndarray, k_example_id: np.ndarray,
                    max_groups: int = MAX_EXAMPLE_GROUPS) -> ExampleGroups:
     """Groups of the examples present in the query or key rows: ``G = min(E, max_groups)`` for E
     examples; examples sorted by ``splitmix64(example_id)`` (ties by id) and dealt round-robin, so
-    with ``E <= max_groups`` every example is its own group."""
+    with ``E <= max_groups`` every example is its own group. (Rows grouped by example, as canonical
+    rows are within a bucket, make this cheap: ids are looked up once per run of equal ids.)"""
     q_ex = np.asarray(q_example_id, dtype=np.int64).reshape(-1)
     k_ex = np.asarray(k_example_id, dtype=np.int64).reshape(-1)
-    ids = np.union1d(q_ex, k_ex)
+    (qs, ql), (ks, kl) = _runs_of(q_ex), _runs_of(k_ex)
+    ids = np.unique(np.r_[q_ex[qs], k_ex[ks]])
     E = int(ids.shape[0])
     G = max(1, min(E, int(max_groups)))
     rank = np.empty(E, np.int64)
@@ -80,8 +89,8 @@ def example_groups(q_example_id: np.ndarray, k_example_id: np.ndarray,
         rank[np.lexsort((ids, _mix64(ids)))] = np.arange(E)
     group_of = rank % G
     return ExampleGroups(
-        q_group=group_of[np.searchsorted(ids, q_ex)],
-        k_group=group_of[np.searchsorted(ids, k_ex)],
+        q_group=np.repeat(group_of[np.searchsorted(ids, q_ex[qs])], ql),
+        k_group=np.repeat(group_of[np.searchsorted(ids, k_ex[ks])], kl),
         n_groups=G,
         n_examples=E,
     )
@@ -183,7 +192,7 @@ def t_interval(estimate, se, df: int, level: float = CI_LEVEL) -> tuple[np.ndarr
     if df < 1:
         nan = np.full(np.broadcast(est, se).shape, np.nan)
         return nan, nan.copy()
-    half = student_t.ppf(0.5 + 0.5 * level, df) * se
+    half = stdtrit(df, 0.5 + 0.5 * level) * se  # the t quantile (scipy.stats.t.ppf without its import cost)
     return np.clip(est - half, 0.0, 1.0), np.clip(est + half, 0.0, 1.0)
 
 

@@ -18,7 +18,7 @@ from scipy.linalg import LinAlgError, cholesky
 from scipy.linalg.blas import dtrmm
 
 from .estimators import QueryBuckets, reflect_both_sides
-from .regression import BETA_NORM_TOL, PositionDesign, PositionFit
+from .regression import BETA_NORM_TOL, PositionDesign, PositionFit, block_rows
 from .rotation import reflect_rows_inplace
 
 #: Relative ridge that makes a positive semi-definite form factorisable (removed again exactly).
@@ -41,6 +41,14 @@ class RowRuns:
         start = np.flatnonzero(brk).astype(np.int64)
         stop = np.r_[start[1:], n].astype(np.int64)
         return cls(start, stop, np.asarray(group, dtype=np.int64)[start])
+
+    def blocks(self, target_rows: int):
+        """``(a, z, r0, r1)``: rows ``a:z`` made of the whole runs ``r0:r1``, about ``target_rows`` rows each."""
+        r0, n_runs = 0, self.start.shape[0]
+        while r0 < n_runs:
+            r1 = max(int(np.searchsorted(self.stop, self.start[r0] + target_rows, side="right")), r0 + 1)
+            yield int(self.start[r0]), int(self.stop[r1 - 1]), r0, r1
+            r0 = r1
 
     def within(self, a: int, z: int) -> slice:
         """The runs making up rows ``a:z`` (a bucket's rows: runs never cross buckets)."""
@@ -130,27 +138,37 @@ def deleted_fits(n, sp, spp, sr, srr, spr, positions_vary: bool) -> DeletedFits:
     return DeletedFits(pbar=pbar, rbar=rbar, dbeta=dbeta, dresid_var=rv - rv_all)
 
 
-def row_quadratic_forms(Y: np.ndarray, A: np.ndarray) -> np.ndarray:
-    """``q_i = y_i^T A y_i`` for every row of ``Y`` and a positive semi-definite ``A``; ``Y`` (float64,
-    C-contiguous) is used as scratch and overwritten.
+class QuadraticForm:
+    """``q_i = y_i^T A y_i`` for the rows of blocks ``Y`` and one positive semi-definite ``A``.
 
     Computed as ``||L^T y_i||^2 - delta ||y_i||^2`` with ``L L^T = A + delta I``,
     ``delta = 1e-10 tr(A) / d`` (the ridge makes a singular A factorisable; its term is removed
     exactly), so a triangular product (half the flops of ``Y A``) does the work; ``einsum(Y A, Y)``
     if the factorisation fails all the same.
     """
-    d = A.shape[0]
-    tr = float(np.trace(A))
-    if not tr > 0.0:
-        return np.zeros(Y.shape[0])
-    delta = _FORM_RIDGE * tr / d
-    try:
-        L = cholesky(A + delta * np.eye(d), lower=True, check_finite=False)
-    except LinAlgError:
-        return np.einsum("ij,ij->i", Y @ A, Y)
-    yy = np.einsum("ij,ij->i", Y, Y)
-    Z = dtrmm(1.0, L, Y.T, side=0, lower=1, trans_a=1, overwrite_b=1).T  # rows y_i^T L, in place
-    return np.einsum("ij,ij->i", Z, Z) - delta * yy
+
+    def __init__(self, A: np.ndarray):
+        d = A.shape[0]
+        self.A = A
+        self.L = None
+        tr = float(np.trace(A))
+        self.zero = not np.any(A)
+        self.delta = _FORM_RIDGE * tr / d
+        if tr > 0.0:
+            try:
+                self.L = cholesky(A + self.delta * np.eye(d), lower=True, check_finite=False)
+            except LinAlgError:
+                pass
+
+    def rows(self, Y: np.ndarray) -> np.ndarray:
+        """The forms of the rows of ``Y`` (float64, C-contiguous), which is used as scratch and overwritten."""
+        if self.zero:
+            return np.zeros(Y.shape[0])
+        if self.L is None:
+            return np.einsum("ij,ij->i", Y @ self.A, Y)
+        yy = np.einsum("ij,ij->i", Y, Y)
+        Z = dtrmm(1.0, self.L, Y.T, side=0, lower=1, trans_a=1, overwrite_b=1).T  # rows y_i^T L, in place
+        return np.einsum("ij,ij->i", Z, Z) - self.delta * yy
 
 
 @dataclass(frozen=True)
@@ -201,7 +219,7 @@ def model_shifts_full_cov(Xq: np.ndarray, design: PositionDesign, fit: PositionF
     * ``dmu = -S_jg / n'`` with ``S_jg`` the group's sum of semantic rows about ``mu_j``;
     * ``<G_ss, dSigma> = (Q_j - Q_jg - S_jg^T G_ss S_jg / n') / (n' - 1) - Q_j / (n_j - 1)``, the
       rank-one downdate of the bucket scatter, with ``Q`` the sums of the forms
-      ``(y - mu_j)^T G_ss (y - mu_j)`` (`row_quadratic_forms`; the 1e-12 ridge cancels);
+      ``(y - mu_j)^T G_ss (y - mu_j)`` (`QuadraticForm`; the 1e-12 ridge cancels);
     * the rotation: the positional direction ``u = beta / |beta|`` moves by ``du = P dbeta / |beta|``
       (``P = I - u u^T``, ``dbeta`` the refit of all components); the model depends on it through
       ``mean_j = xbar_j + u u^T e_j`` (``e_j = alpha + beta tau_j - xbar_j``), ``sigma2 = u^T S_R u`` (pooled
@@ -270,14 +288,23 @@ def model_shifts_full_cov(Xq: np.ndarray, design: PositionDesign, fit: PositionF
              + beta0 * (per_bucket(sums.X[:, 1]) - xbar * per_bucket(sums.sp)[:, None]))
     with np.errstate(invalid="ignore", divide="ignore"):
         sigma_s0 = rotate(cross / (nj - 1.0)[:, None])[:, 1:]
-    # sums of the forms (x - xbar_j)^T A_j (x - xbar_j), A_j = H blockdiag(0, G_ss) H: one pass per bucket
+    # sums of the forms (x - xbar_j)^T A_j (x - xbar_j), A_j = H blockdiag(0, G_ss) H: one pass per
+    # bucket, in cache-sized blocks of rows
     G_ss = grad_cov[:, 1:, 1:]
     quad = np.zeros((J, G))
     form = np.zeros((d, d))
+    step = block_rows(d)
+    scratch = np.empty((min(step, Xq.shape[0]), d))
     for jj in range(J):
         a, z = int(buckets.start[jj]), int(buckets.stop[jj])
         form[1:, 1:] = G_ss[jj]
-        q = row_quadratic_forms(Xq[a:z] - xbar[jj], reflect_both_sides(form, w))
+        qf = QuadraticForm(reflect_both_sides(form, w))
+        q = np.empty(z - a)
+        for b0 in range(a, z, step):
+            b1 = min(b0 + step, z)
+            Y = scratch[: b1 - b0]
+            np.subtract(Xq[b0:b1], xbar[jj], out=Y)
+            q[b0 - a : b1 - a] = qf.rows(Y)
         r = runs.within(a, z)
         np.add.at(quad[jj], runs.group[r], np.add.reduceat(q, runs.start[r] - a))
     Q = quad.sum(axis=1, keepdims=True)
@@ -309,14 +336,19 @@ def model_shifts_linear_diag(Xq: np.ndarray, design: PositionDesign, fit: Positi
     n_runs = runs.start.shape[0]
     run_r = np.empty((n_runs, 3, d))  # sums of R, pc R, R^2
     pc = design.pc
-    for i, (a, z) in enumerate(zip(runs.start.tolist(), runs.stop.tolist())):
+    W = np.empty((Xq.shape[0], 2))
+    W[:, 0] = 1.0
+    W[:, 1] = pc
+    for a, z, r0, r1 in runs.blocks(block_rows(d)):
         R = Xq[a:z] - fit.mean
         if w is not None:
             reflect_rows_inplace(R, w)
         R -= pc[a:z, None] * fit_rot.beta
-        run_r[i, 0] = R.sum(axis=0)
-        run_r[i, 1] = pc[a:z] @ R
-        run_r[i, 2] = np.einsum("ij,ij->j", R, R)
+        R2 = R * R
+        for i in range(r0, r1):
+            u, v = int(runs.start[i]) - a, int(runs.stop[i]) - a
+            run_r[i, :2] = W[a + u : a + v].T @ R[u:v]
+            run_r[i, 2] = R2[u:v].sum(axis=0)
     run_n = (runs.stop - runs.start).astype(np.float64)
     run_sp = np.add.reduceat(pc, runs.start) if n_runs else np.zeros(0)
     run_spp = np.add.reduceat(pc * pc, runs.start) if n_runs else np.zeros(0)

@@ -25,7 +25,7 @@ from plasticity.orientation import orientation_from_keys
 from plasticity.pair_ap import ap_with_slopes
 from plasticity.pair_influence import PairInfluence
 from plasticity.pairs import KeyPairIndex
-from plasticity.query_influence import BucketGroupStats, deleted_fits, row_quadratic_forms
+from plasticity.query_influence import BucketGroupStats, QuadraticForm, deleted_fits
 from plasticity.regression import fit_position_regression
 from plasticity.rotation import householder_vector
 from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
@@ -161,13 +161,17 @@ def test_deleted_fits_equal_refits_without_the_group():
 
 
 @pytest.mark.parametrize("rank", [0, 2, 6])
-def test_row_quadratic_forms(rank):
+def test_quadratic_forms_of_rows(rank):
     rng = np.random.default_rng(rank)
     B = rng.standard_normal((6, rank))
     A = B @ B.T
     Y = rng.standard_normal((50, 6)) + 3.0
     want = np.einsum("ij,jk,ik->i", Y, A, Y)
-    np.testing.assert_allclose(row_quadratic_forms(Y.copy(), A), want, rtol=1e-9, atol=1e-12 * np.abs(want).max(initial=1))
+    form = QuadraticForm(A)
+    assert (form.L is None) == (rank == 0)
+    np.testing.assert_allclose(form.rows(Y.copy()), want, rtol=1e-9, atol=1e-12 * np.abs(want).max(initial=1))
+    indefinite = QuadraticForm(A - 10 * np.eye(6) if rank else -np.eye(6))  # not PSD: the plain product
+    np.testing.assert_allclose(indefinite.rows(Y.copy()), np.einsum("ij,jk,ik->i", Y, indefinite.A, Y), rtol=1e-12)
 
 
 def test_key_side_replicates_are_exact():
