@@ -319,7 +319,7 @@ def model_shifts_full_cov(Xq: np.ndarray, design: PositionDesign, fit: PositionF
     with np.errstate(invalid="ignore", divide="ignore"):
         dm0 = fits0.rbar[:, 0] + fits0.dbeta[:, 0] * (tau + dtau - design.mean - fits0.pbar) + beta0 * dtau
         dmu = -np.einsum("jgd,jd->jg", S, g[:, 1:]) / n_left
-        sgs = np.einsum("jgd,jde,jge->jg", S, G_ss, S)
+        sgs = np.einsum("jge,jge->jg", S @ G_ss, S)  # S_jg^T G_ss S_jg
         dcov = (Q - quad - sgs / n_left) / (n_left - 1.0) - Q / (nj[:, None] - 1.0)
         return stats, g0 * dm0 + G00 * fits0.dresid_var[:, 0] + dmu + dcov + r_sem @ du_sem.T
 
