@@ -176,8 +176,8 @@ def test_quadratic_forms_of_rows(rank):
 
 def test_key_side_replicates_are_exact():
     """With no model shift, a replicate is exactly the estimate from the pairs of the other groups."""
-    cell_ap = np.array([[0.2, 0.4, 0.0], [1.0, 0.0, 0.5], [0.3, 0.3, 0.3], [0.0, 0.0, 0.9]])
-    cell_pairs = np.array([[1, 2, 0], [2, 0, 1], [1, 1, 1], [0, 0, 2]])
+    cell_ap = np.array([[0.2, 0.4, 0.0], [1.0, 0.0, 0.5], [0.3, 0.3, 0.3], [0.1, 0.0, 0.9]])
+    cell_pairs = np.array([[1, 2, 0], [2, 0, 1], [1, 1, 1], [1, 0, 2]])
     table = CellTable("bucket_full_cov", np.array([1, 2, 2, 3]), np.array([0, 0, 1, 2]),
                       cell_ap.sum(1) / cell_pairs.sum(1), cell_pairs.sum(1), np.full(4, 9), np.zeros(4),
                       np.array([4, 6, 6, 2]),
@@ -188,16 +188,17 @@ def test_key_side_replicates_are_exact():
     jk = combine_replicates(table, buckets, stats, np.zeros((3, 3)), n_examples=3)
     # by hand: without group 0 bucket 1 keeps 0.4/2, bucket 2 keeps (0.5/1, 0.6/2), bucket 3 (0.9/2) with 2 queries
     by_hand = [(3 * 0.2 + 4 * (0.5 + 0.3) / 2 + 2 * 0.45) / 9,
-               # without group 1: bucket 1 (0.2/1, 2 queries), bucket 2 ((1.5/3), 0.6/2), bucket 3 (0.45)
-               (2 * 0.2 + 4 * (0.5 + 0.3) / 2 + 2 * 0.45) / 8,
-               # without group 2: bucket 1 (0.6/3), bucket 2 (1.0/2, 0.6/2); bucket 3 loses its queries
+               # without group 1: bucket 1 (0.2/1, 2 queries), bucket 2 ((1.5/3), 0.6/2), bucket 3 (1.0/3)
+               (2 * 0.2 + 4 * (0.5 + 0.3) / 2 + 2 * (1.0 / 3)) / 8,
+               # without group 2: bucket 1 (0.6/3), bucket 2 (1.0/2, 0.6/2); bucket 3 keeps a pair but
+               # loses its queries, so it drops out
                (3 * 0.2 + 4 * (0.5 + 0.3) / 2) / 7]
     np.testing.assert_allclose(jk.ap_replicates, by_hand, rtol=1e-14)
     assert jk.ap_se == pytest.approx(np.sqrt(2 / 3 * np.sum((np.array(by_hand) - np.mean(by_hand)) ** 2)), rel=1e-14)
     assert np.isnan(jk.bucket_se[2]) and np.all(np.isfinite(jk.bucket_se[:2]))  # bucket 3 vanishes without group 2
     lin = dataclasses.replace(table, estimator="linear_diag")
     jl = combine_replicates(lin, buckets, stats, np.zeros((3, 3)), n_examples=3)
-    np.testing.assert_allclose(jl.ap_replicates, [(0.2 + 0.5 + 0.3 + 0.45) / 4, (0.2 + 0.5 + 0.3 + 0.45) / 4,
+    np.testing.assert_allclose(jl.ap_replicates, [(0.2 + 0.5 + 0.3 + 0.45) / 4, (0.2 + 0.5 + 0.3 + 1 / 3) / 4,
                                                   (0.2 + 0.5 + 0.3) / 3], rtol=1e-14)
 
 
@@ -290,3 +291,95 @@ def test_pull_is_the_transpose_of_map():
     for i in range(3):
         assert np.vdot(Graw[i], basis.map_cov(C)) == pytest.approx(np.vdot(pulled[i], C), rel=1e-12)
     np.testing.assert_allclose(basis.pull_mean(np.stack([g, 2 * g])), [basis.pull_mean(g), 2 * basis.pull_mean(g)])
+
+
+def _query_side_case(seed, constant_positions=False):
+    """Canonical queries of 3 buckets x 5 examples, their fits and the structures the query side takes."""
+    from plasticity.query_influence import RowRuns
+    from plasticity.regression import PositionDesign, fit_rows
+
+    rng = np.random.default_rng(seed)
+    d, G = 4, 5
+    qb = np.repeat([1, 2, 3], 50)
+    ex = np.tile(np.repeat(np.arange(G), 10), 3)
+    pos = np.full(150, 7.0) if constant_positions else qb * 100.0 + rng.integers(0, 100, 150)
+    order = np.lexsort((pos, ex, qb))
+    qb, ex, pos = qb[order], ex[order], pos[order]
+    X = rng.standard_normal((150, d)) * np.array([1.0, 0.5, 2.0, 0.3]) + 0.01 * pos[:, None] * np.array([1.0, 0.2, 0, 0])
+    X[ex == 2] += 0.7  # an example that differs, so replicates move
+    design = PositionDesign.build(pos)
+    fit = fit_rows(design, X)
+    buckets = QueryBuckets.build(qb, pos)
+    runs = RowRuns.build(qb, ex, ex)
+    return X, pos, qb, ex, design, fit, buckets, runs, G
+
+
+def test_full_cov_sigma_shift_is_the_exact_downdate():
+    """With only dAP/dSigma non-zero (and no positional direction), Delta_jg = <Gamma, Sigma_j(without g) - Sigma_j>."""
+    from plasticity.query_influence import model_shifts_full_cov
+
+    X, pos, qb, ex, design, fit, buckets, runs, G = _query_side_case(10, constant_positions=True)
+    d = X.shape[1]
+    assert fit.beta_norm == 0.0
+    rng = np.random.default_rng(11)
+    B = rng.standard_normal((d - 1, d - 1))
+    grad_cov = np.zeros((3, d, d))
+    grad_cov[:, 1:, 1:] = B @ B.T
+    mu = np.stack([X[qb == j, 1:].mean(0) for j in (1, 2, 3)])
+    Sigma = np.stack([np.cov(X[qb == j, 1:].T) for j in (1, 2, 3)])
+    _, shifts = model_shifts_full_cov(X, design, fit, fit, X[:, 0].copy(), None, buckets, mu, Sigma, runs, G,
+                                      np.zeros((3, d)), grad_cov)
+    for jj, j in enumerate((1, 2, 3)):
+        for g in range(G):
+            rows = X[(qb == j) & (ex != g), 1:]
+            want = np.vdot(B @ B.T, np.cov(rows.T) - Sigma[jj])
+            assert shifts[jj, g] == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("component", [0, 2])
+def test_linear_diag_mean_and_variance_shifts_are_exact_refits(component):
+    """dAP/dmean = e_c (or dAP/dresid_var = e_c) makes Delta_jg the exact change of the refit mean (variance)."""
+    from plasticity.query_influence import model_shifts_linear_diag
+
+    X, pos, qb, ex, design, fit, buckets, runs, G = _query_side_case(12)
+    d = X.shape[1]
+    e = np.zeros((3, d))
+    e[:, component] = 1.0
+    _, mean_shift = model_shifts_linear_diag(X, design, fit, fit, None, buckets, runs, G, e, np.zeros((3, d)))
+    _, var_shift = model_shifts_linear_diag(X, design, fit, fit, None, buckets, runs, G, np.zeros((3, d)), e)
+    for g in range(G):
+        keep = ex != g
+        ref = fit_position_regression(pos[keep], X[keep])
+        for jj, j in enumerate((1, 2, 3)):
+            tau_g = pos[keep & (qb == j)].mean()
+            want = (ref.alpha + ref.beta * tau_g - fit.alpha - fit.beta * buckets.tau[jj])[component]
+            assert mean_shift[jj, g] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(var_shift[:, g], (ref.resid_var - fit.resid_var)[component], rtol=1e-9)
+
+
+def test_full_cov_component_zero_shift_is_the_exact_refit():
+    """dAP/dm0 = 1 alone (rotation off: no positional direction in the data) gives the exact change of
+    m0_j = alpha0 + beta0 tau_j; dAP/dsigma2 = 1 alone the exact change of resid_var[0]."""
+    from plasticity.query_influence import model_shifts_full_cov
+
+    X, pos, qb, ex, design, fit, buckets, runs, G = _query_side_case(13)
+    d = X.shape[1]
+    mu = np.stack([X[qb == j, 1:].mean(0) for j in (1, 2, 3)])
+    Sigma = np.stack([np.cov(X[qb == j, 1:].T) for j in (1, 2, 3)])
+    g = np.zeros((3, d))
+    g[:, 0] = 1.0
+    fixed = dataclasses.replace(fit, beta_norm=0.0)  # no rotation term: only the data effect on component 0
+    _, m0_shift = model_shifts_full_cov(X, design, fixed, fit, X[:, 0].copy(), None, buckets, mu, Sigma, runs, G, g,
+                                        np.zeros((3, d, d)))
+    C = np.zeros((3, d, d))
+    C[:, 0, 0] = 1.0
+    _, s2_shift = model_shifts_full_cov(X, design, fixed, fit, X[:, 0].copy(), None, buckets, mu, Sigma, runs, G,
+                                        np.zeros((3, d)), C)
+    for gr in range(G):
+        keep = ex != gr
+        ref = fit_position_regression(pos[keep], X[keep, :1])
+        for jj, j in enumerate((1, 2, 3)):
+            tau_g = pos[keep & (qb == j)].mean()
+            want = ref.alpha[0] + ref.beta[0] * tau_g - fit.alpha[0] - fit.beta[0] * buckets.tau[jj]
+            assert m0_shift[jj, gr] == pytest.approx(want, rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(s2_shift[:, gr], ref.resid_var[0] - fit.resid_var[0], rtol=1e-9)

@@ -49,7 +49,8 @@ def test_standard_errors_are_calibrated(checks, estimator):
 def test_population_truth_is_the_spec_formula_over_all_token_pairs():
     """population_plasticity against a plain loop over token pairs with the true parameters."""
     spec = SyntheticSpec(num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=6, num_examples=4, seq_len=64,
-                         bucket_size=16, vocab_size=9, token_keys=True, noise_scales=(0.3, 0.3), noise_condition=4.0)
+                         bucket_size=16, vocab_size=9, token_keys=True, noise_scales=(0.3, 0.3), noise_condition=4.0,
+                         position_noise=0.1)
     k = make_key_shard(spec, 0, 0)
     np.testing.assert_array_equal(k.vectors, key_vocabulary(spec, 0, 0)[token_ids(spec, k.example_id, k.position.astype(int))])
     s = np.where(np.arange(6) % 2 == 0, 1.0, -1.0)
