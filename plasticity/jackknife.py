@@ -11,15 +11,16 @@ without group g, with its jackknife standard error
 
 A replicate removes the group's queries from everything the query model is estimated from, and the
 group's key pairs from their cells. It holds fixed what is chosen once per head: the orientation
-signs, the rotation basis, which cells are eligible, and the pair draws (the pairs of the other
-examples stay as drawn). Per query bucket j and group g:
+signs, which cells are eligible, the pair draws (the pairs of the other examples stay as drawn), and
+for linear_diag the rotation basis. Per query bucket j and group g:
 
-* exactly, from additive per-group sums: the query counts ``n_j``, mean positions ``tau_j``, the
-  linear fit of the rotated queries on position (``alpha_rot``, ``beta_rot``, ``resid_var``), the
-  semantic bucket means ``mu_j`` and the change of ``Sigma_j`` (through rank-one downdates), and each
-  cell's mean AP over its remaining pairs at the full-data model;
+* exactly, from additive per-group sums (`plasticity.query_influence`): the query counts ``n_j``,
+  mean positions ``tau_j``, the position fit of the rotated queries (``alpha_rot``, ``beta_rot``,
+  ``resid_var``), the semantic bucket means ``mu_j``, the change of ``Sigma_j`` (rank-one downdates),
+  for bucket_full_cov the positional direction ``u``; and each cell's mean AP over its remaining
+  pairs at the full-data model (`plasticity.pair_influence`);
 * to first order: the move of the cell APs caused by the move of the query model, through the
-  gradients of `plasticity.influence` (``dAP_j/dmean . dmean + <dAP_j/dC, dC>``).
+  gradients ``dAP_j/dmean`` and ``dAP_j/dC`` of each bucket's AP.
 
 So ``AP_j^(g) = mean over the cells still holding pairs of their exact key-side means + Delta_jg``;
 a bucket left with fewer than 2 queries or without pairs drops out of that replicate, exactly as
