@@ -23,6 +23,7 @@ RESULT_ASSETS = {
     "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
                     "ap_overall and its standard error.",
     "head_bucket_plasticity": "Plasticity of every (q_bucket, k_bucket) cell of every head, with its pair count.",
+    "head_bucket_summary": "AP_j of every (head, q_bucket) with its example-jackknife standard error and 95% interval.",
     "head_component_weights": "Per-component positional R2 and the normalised weights (sum 1 per head).",
     "head_errors": "Heads that could not be analysed, with the file and the problem.",
     "token_attention": "SPEC 4: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
@@ -34,6 +35,7 @@ RESULT_ASSETS = {
 RESULT_CHECKS = {
     "head_metrics": ("ap_overall_in_unit_interval", "no_duplicate_rows_head_metrics"),
     "head_bucket_plasticity": ("plasticity_in_unit_interval", "no_duplicate_rows_head_bucket_plasticity"),
+    "head_bucket_summary": ("no_duplicate_rows_head_bucket_summary",),
     "head_component_weights": ("weights_sum_to_one", "no_duplicate_rows_head_component_weights"),
     "head_errors": ("no_duplicate_rows_head_errors",),
     "token_attention": ("no_duplicate_rows_token_attention",),

@@ -13,6 +13,16 @@ tables) and stores every result table row by row. `compare` demands that
 every value is identical (NaN equals NaN), not merely close; with ``--rtol`` it accepts
 floats within that relative difference (for changes that only reorder rounding) and
 reports the largest difference it saw.
+
+Columns are matched by name. A change that redefines a column or adds columns and tables says so:
+
+    python benchmarks/compare_results.py compare before after --rename ap_overall_se=ap_overall_se_pairs \
+        --ignore-run-id
+
+compares every column bit for bit, the renamed one with its new name, lists columns and tables
+present on one side only (without failing), and accepts a different run id (which a new
+``plasticity.ANALYSIS_VERSION`` makes); ``--ignore COLUMN`` leaves a column out. Snapshots written before column names were stored take them from the warehouse files
+saved beside ``snapshot.pkl``.
 """
 
 from __future__ import annotations
@@ -54,8 +64,9 @@ SCENARIOS = [
      {"max_workers": 2, "attention": False}),
 ]
 
-TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors",
+TABLES = ("head_metrics", "head_bucket_plasticity", "head_bucket_summary", "head_component_weights", "head_errors",
           "token_attention", "head_attention_summary", "query_scale_sweep")
+EXCLUDED = {"head_errors": ("model", "run_id", "recorded_at")}
 
 
 def snapshot(out: Path, data_dir: Path) -> dict:
@@ -88,12 +99,14 @@ def snapshot(out: Path, data_dir: Path) -> dict:
         t0 = time.perf_counter()
         s = analyze_dataset(cfg, root, progress=False)
         dt = time.perf_counter() - t0
-        tables = {}
+        tables, columns = {}, {}
         with db.reader(wh) as con:
             for t in TABLES:
-                cols = "* EXCLUDE (model, run_id, recorded_at)" if t == "head_errors" else "* EXCLUDE (model, run_id)"
-                tables[t] = con.execute(f"SELECT {cols} FROM {t} ORDER BY ALL").fetchall()
-        snap[name] = {"run_id": s.run_id, "tables": tables}
+                excluded = ", ".join(EXCLUDED.get(t, ("model", "run_id")))
+                cur = con.execute(f"SELECT * EXCLUDE ({excluded}) FROM {t} ORDER BY ALL")
+                columns[t] = [c[0] for c in cur.description]
+                tables[t] = cur.fetchall()
+        snap[name] = {"run_id": s.run_id, "tables": tables, "columns": columns}
         print(f"{name}: {s.n_done} heads, {s.n_errors} errors, {dt:.2f}s, "
               + ", ".join(f"{t}={len(r)}" for t, r in tables.items() if r))
     with open(out / "snapshot.pkl", "wb") as fh:
@@ -112,33 +125,85 @@ def _rel_diff(x, y) -> float:
     return 0.0 if (type(x) is type(y) and x == y) else math.inf
 
 
-def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> int:
-    """Every value identical (``rtol`` 0), or floats within ``rtol`` relative to each other."""
+def _columns(snap_dir: Path, scenario: dict, name: str) -> dict[str, list[str]]:
+    """Column names of every table of a scenario: stored in the snapshot, or (older snapshots) read
+    from the scenario's warehouse file beside it, in the order the snapshot selected them."""
+    if "columns" in scenario:
+        return scenario["columns"]
+    import duckdb
+
+    out = {}
+    con = duckdb.connect(str(snap_dir / f"{name}.duckdb"), read_only=True)
+    try:
+        for t in scenario["tables"]:
+            excluded = set(EXCLUDED.get(t, ("model", "run_id")))
+            cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = $t "
+                                              "ORDER BY column_index", {"t": t}).fetchall()]
+            out[t] = [c for c in cols if c not in excluded]
+    finally:
+        con.close()
+    return out
+
+
+def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0, ignore: tuple[str, ...] = (), ignore_run_id: bool = False,
+            rename: dict[str, str] | None = None) -> int:
+    """Every value of the columns both sides have identical (``rtol`` 0), or floats within ``rtol``
+    relative to each other; columns named in ``ignore`` are skipped, a column ``c`` before is compared
+    with ``rename[c]`` after."""
+    rename = rename or {}
     a = pickle.loads((a_dir / "snapshot.pkl").read_bytes())
     b = pickle.loads((b_dir / "snapshot.pkl").read_bytes())
     bad = 0
     n_values = 0
     n_changed = 0
     worst = 0.0
+    notes = set()
     for name in a:
         if a[name]["run_id"] != b[name]["run_id"]:
-            print(f"{name}: run_id differs {a[name]['run_id']} != {b[name]['run_id']}")
-            bad += 1
+            if ignore_run_id:
+                notes.add("run ids differ (accepted)")
+            else:
+                print(f"{name}: run_id differs {a[name]['run_id']} != {b[name]['run_id']}")
+                bad += 1
+        cols_a, cols_b = _columns(a_dir, a[name], name), _columns(b_dir, b[name], name)
+        for t in sorted(set(b[name]["tables"]) - set(a[name]["tables"])):
+            notes.add(f"table {t} only after ({len(b[name]['tables'][t])} rows in {name})" if b[name]["tables"][t]
+                      else f"table {t} only after")
         for t, rows in a[name]["tables"].items():
+            if t not in b[name]["tables"]:
+                print(f"{name}.{t}: table missing after")
+                bad += 1
+                continue
             other = b[name]["tables"][t]
             if len(rows) != len(other):
                 print(f"{name}.{t}: {len(rows)} rows before, {len(other)} after")
                 bad += 1
                 continue
+            after_of = {c: rename.get(c, c) for c in cols_a[t]}
+            for c in sorted(set(cols_a[t]) - {c for c in cols_a[t] if after_of[c] in cols_b[t]}):
+                notes.add(f"{t}.{c} only before")
+            for c in sorted(set(cols_b[t]) - set(after_of.values())):
+                notes.add(f"{t}.{c} only after")
+            shared = [c for c in cols_a[t] if after_of[c] in cols_b[t] and c not in ignore]
+            ia = [cols_a[t].index(c) for c in shared]
+            ib = [cols_b[t].index(after_of[c]) for c in shared]
+            # rows are sorted by all columns; the key columns come first, so both sides align
             for ra, rb in zip(rows, other):
-                n_values += len(ra)
-                diffs = [_rel_diff(x, y) for x, y in zip(ra, rb)] if len(ra) == len(rb) else [math.inf]
+                diffs = [_rel_diff(ra[i], rb[j]) for i, j in zip(ia, ib)]
+                n_values += len(diffs)
                 n_changed += sum(1 for x in diffs if x > 0)
                 worst = max([worst, *diffs])
                 if max(diffs, default=0.0) > rtol:
-                    print(f"{name}.{t}: row differs\n  before {ra}\n  after  {rb}")
+                    print(f"{name}.{t}: row differs in {[c for c, x in zip(shared, diffs) if x > rtol]}\n"
+                          f"  before {ra}\n  after  {rb}")
                     bad += 1
                     break
+    for note in sorted(notes):
+        print(f"note: {note}")
+    if ignore:
+        print(f"not compared: {', '.join(ignore)}")
+    for old, new in rename.items():
+        print(f"compared {old} before with {new} after")
     verdict = "IDENTICAL" if not n_changed else (f"{n_changed} value(s) differ, largest relative difference "
                                                   f"{worst:.2e} (rtol {rtol:g})")
     print(f"compared {n_values} values in {len(a)} scenarios: {verdict}" + (f"; {bad} FAILED" if bad else ""))
@@ -156,11 +221,18 @@ def main(argv=None) -> int:
     c.add_argument("after", type=Path)
     c.add_argument("--rtol", type=float, default=0.0,
                    help="accept floats within this relative difference (default 0: bit for bit)")
+    c.add_argument("--ignore", nargs="*", default=[], metavar="COLUMN",
+                   help="columns not to compare (e.g. a column whose definition the change altered)")
+    c.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW",
+                   help="compare column OLD before with column NEW after")
+    c.add_argument("--ignore-run-id", action="store_true",
+                   help="accept different run ids (a new plasticity.ANALYSIS_VERSION changes them)")
     args = ap.parse_args(argv)
     if args.cmd == "snapshot":
         snapshot(args.out, args.data)
         return 0
-    return compare(args.before, args.after, args.rtol)
+    rename = dict(r.split("=", 1) for r in args.rename)
+    return compare(args.before, args.after, args.rtol, tuple(args.ignore), args.ignore_run_id, rename)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,19 @@ STAGES = (
     ("plasticity.head", "scalar_predictability_from_projection", "scalar predictability (2.4)", None),
     ("plasticity.head", "first_component_residual_stats", "first-component normality (2.6)", None),
     ("plasticity.head", "noise_summary", "semantic normality + KS (2.6)", None),
+    ("plasticity.head", "example_groups", "example groups (jackknife)", None),
     ("plasticity.head", "plasticity_cells", "pair plasticity (2.8)", None),
     ("plasticity.pairs.KeyPairIndex", "draw", "pair draws", "pair plasticity (2.8)"),
-    ("plasticity.estimators", "ap_from_moments", "AP from moments", "pair plasticity (2.8)"),
+    ("plasticity.estimators", "ap_with_slopes", "AP and its slopes (with the jackknife)", "pair plasticity (2.8)"),
+    ("plasticity.pair_influence.PairInfluenceBuilder", "add_bucket", "pair side of the jackknife (syrk)",
+     "pair plasticity (2.8)"),
     ("plasticity.head", "aggregate_cells", "aggregation", None),
+    ("plasticity.head", "example_jackknife", "example jackknife: query side and replicates", None),
+    ("plasticity.query_influence.QuadraticForm", "rows", "query quadratic forms (trmm)",
+     "example jackknife: query side and replicates"),
+    ("plasticity.query_influence", "query_run_sums", "per-run sums of the queries",
+     "example jackknife: query side and replicates"),
+    ("plasticity.head", "bucket_summary_rows", "bucket summary", None),
 )
 
 

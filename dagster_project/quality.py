@@ -20,6 +20,7 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 RESULT_KEYS = {
     "head_metrics": "layer, q_head",
     "head_bucket_plasticity": "layer, q_head, q_bucket, k_bucket",
+    "head_bucket_summary": "layer, q_head, q_bucket",
     "head_component_weights": "layer, q_head, component",
     "head_errors": "layer, q_head",
     "token_attention": "layer, q_head, example_id, position",

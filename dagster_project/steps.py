@@ -191,6 +191,8 @@ RESULT_PREVIEWS = {
                      "ap_overall_se", "layer, q_head"),
     "head_bucket_plasticity": ("q_bucket, count(*) AS n_cells, avg(plasticity) FILTER (WHERE NOT isnan(plasticity)) "
                                "AS mean_plasticity, sum(n_pairs) AS n_pairs", None),
+    "head_bucket_summary": ("q_bucket, avg(ap) AS mean_ap, avg(ap_se) FILTER (WHERE NOT isnan(ap_se)) AS mean_ap_se, "
+                            "count(*) AS n_heads", None),
     "head_component_weights": ("component, avg(weight) AS mean_weight, avg(component_r2) AS mean_r2, "
                                "count(*) AS n_heads", None),
     "head_errors": ("layer, q_head, k_head, problem, message", "layer, q_head"),

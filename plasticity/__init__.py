@@ -5,4 +5,6 @@
 #: results computed under the old definition. Bump it with every such change.
 # 3: heads whose shards fail the SPEC 1 value checks (buckets vs positions, windows, too few query rows,
 #    integer ranges) get an error instead of numbers, so which heads hold numbers changed
-ANALYSIS_VERSION = 3
+# 4: ap_overall_se is an example-resampling (delete-a-group jackknife) standard error; the former
+#    pair-only value is ap_overall_se_pairs
+ANALYSIS_VERSION = 4

@@ -16,26 +16,15 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 import numpy as np
-from scipy.special import ndtr
 
+from .pair_influence import PairInfluence, PairInfluenceBuilder
+from .pair_ap import VAR_FLOOR, ap_from_moments, ap_with_slopes  # noqa: F401 (re-exported)
 from .pairs import KeyPairIndex, eligibility_mask
 
 #: Ridge added to each bucket covariance ``Sigma_j`` (SPEC 2.8).
 SIGMA_RIDGE = 1e-12
-#: Floor replacing non-positive pair variances ``v`` (SPEC 2.8).
-VAR_FLOOR = 1e-12
 
 KeyDiff = Union[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]
-
-
-def ap_from_moments(m: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Attention plasticity of a pair: ``AP = 4 p (1 - p)``, ``p = Phi(m / sqrt(v))`` (scipy.special.ndtr),
-    where ``v <= 0`` is replaced by 1e-12. AP lies in [0, 1]; it is 1 when m = 0."""
-    m = np.asarray(m, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    v = np.where(v <= 0.0, VAR_FLOOR, v)
-    p = ndtr(m / np.sqrt(v))
-    return 4.0 * p * (1.0 - p)
 
 
 @dataclass(frozen=True)
@@ -88,7 +77,8 @@ class CellTable:
     ``plasticity`` = mean AP over the cell's pairs (NaN when ``n_pairs == 0``);
     ``ap_var`` = sample variance (ddof=1) of the pair APs (0 when n_pairs < 2, NaN when 0);
     ``total_pairs`` = number of same-example pairs the cell could draw from;
-    ``q_count`` = number of queries of the cell's query bucket.
+    ``q_count`` = number of queries of the cell's query bucket;
+    ``influence``: the pair side of the example jackknife, when the pass was asked for it.
     """
 
     estimator: str
@@ -99,6 +89,7 @@ class CellTable:
     total_pairs: np.ndarray
     ap_var: np.ndarray
     q_count: np.ndarray
+    influence: PairInfluence | None = None
 
     @property
     def mean_var(self) -> np.ndarray:
@@ -199,16 +190,40 @@ class KeyBasis:
 
     def map_cov(self, C: np.ndarray) -> np.ndarray:
         """``M`` with ``D_raw^T M D_raw = D_rot^T C D_rot``: ``M = (s s^T) * (H C H)`` in O(d^2)."""
-        M = np.array(C, dtype=np.float64)
+        return reflect_both_sides(C, self.w) * np.outer(self.s, self.s)
+
+    def pull_mean(self, g: np.ndarray) -> np.ndarray:
+        """Gradients in the rotated basis from gradients in the raw basis (the transpose of `map_mean`):
+        ``H (s * g)`` for every row of ``g`` (..., d)."""
+        r = np.asarray(g, dtype=np.float64) * self.s
         if self.w is not None:
-            w = self.w
-            a = M @ w
+            r -= 2.0 * (r @ self.w)[..., None] * self.w
+        return r
+
+    def pull_cov(self, G: np.ndarray) -> np.ndarray:
+        """Gradients in the rotated basis from gradients in the raw basis (the transpose of `map_cov`):
+        ``H ((s s^T) * G) H`` for every matrix of ``G`` (..., d, d), by rank-one updates in O(d^2) each."""
+        M = np.asarray(G, dtype=np.float64) * np.outer(self.s, self.s)
+        w = self.w
+        if w is not None:
+            a = M @ w  # (..., d)
             b = w @ M
-            g = float(w @ a)
-            M -= 2.0 * np.outer(w, b)
-            M -= 2.0 * np.outer(a, w)
-            M += 4.0 * g * np.outer(w, w)
-        return M * np.outer(self.s, self.s)
+            g = a @ w
+            M = M - 2.0 * (w[:, None] * b[..., None, :] + a[..., :, None] * w) + 4.0 * g[..., None, None] * np.outer(w, w)
+        return M
+
+
+def reflect_both_sides(M: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    """``H M H`` for ``H = I - 2 w w^T`` (a copy of M when ``w`` is None), by rank-one updates in O(d^2)."""
+    M = np.array(M, dtype=np.float64)
+    if w is not None:
+        a = M @ w
+        b = w @ M
+        g = float(w @ a)
+        M -= 2.0 * np.outer(w, b)
+        M -= 2.0 * np.outer(a, w)
+        M += 4.0 * g * np.outer(w, w)
+    return M
 
 
 def _key_diff(keys: KeyDiff, i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
@@ -244,18 +259,26 @@ def plasticity_cells(
     num_pairs_per_bucket: int,
     rng: np.random.Generator,
     basis: KeyBasis | None = None,
+    key_group: np.ndarray | None = None,
+    n_groups: int = 0,
 ) -> CellTable:
     """Core of SPEC 2.8: cells, pair sampling and pair APs for a query model.
 
     ``key_diff(i1, i2)`` (or an array, differenced by row) gives key differences for canonical key
     rows: rotated differences when ``basis`` is None, raw differences otherwise (the model is then
     mapped into the raw basis, or the differences rotated, whichever is cheaper).
+    ``key_group`` (the example group of every canonical key row, in ``range(n_groups)``) asks for
+    the pair side of the example jackknife as well (`CellTable.influence`); the APs, the cells and
+    the random stream are the same with or without it.
     """
     if int(num_pairs_per_bucket) < 1:
         raise ValueError("num_pairs_per_bucket must be >= 1")
     qb = model.buckets
     d = model.mean.shape[1] if model.mean.ndim == 2 else 0
     elig = eligibility_mask(qb.bucket, qb.minpos, keys.buckets, keys.maxpos, sliding_window)
+    full = model.cov is not None
+    builder = None if key_group is None else PairInfluenceBuilder(key_group, n_groups, qb.bucket.shape[0], d, full,
+                                                                  basis if full else None)
     out = {k: [] for k in ("q", "k", "pl", "np", "tot", "var", "qn")}
     for jj in range(qb.bucket.shape[0]):
         cells = np.flatnonzero(elig[jj])
@@ -263,11 +286,12 @@ def plasticity_cells(
             continue
         i1, i2, sizes = keys.draw(cells, num_pairs_per_bucket, rng)
         ap = np.zeros(0)
+        nc = cells.shape[0]
         if i1.shape[0]:
             D = _key_diff(keys=key_diff, i1=i1, i2=i2)
             if D.shape != (i1.shape[0], d):
                 raise ValueError(f"key differences have shape {D.shape}, expected ({i1.shape[0]}, {d})")
-            if model.cov is not None:
+            if full:
                 mean, cov = model.mean[jj], model.cov[jj]
                 if basis is not None:
                     mean, cov = basis.map_mean(mean), basis.map_cov(cov)
@@ -278,9 +302,14 @@ def plasticity_cells(
                     D = basis.rotate(D)
                 m = D @ model.mean[jj]
                 v = (D * D) @ model.diag
-            ap = ap_from_moments(m, v)
+            if builder is None:
+                ap = ap_from_moments(m, v)
+            else:
+                ap, dap_dm, dap_dv = ap_with_slopes(m, v)
+                builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv, D)
+        elif builder is not None:
+            builder.add_empty(nc)
         mean_c, var_c = _cell_stats(ap, sizes)
-        nc = cells.shape[0]
         out["q"].append(np.full(nc, qb.bucket[jj], np.int64))
         out["k"].append(keys.buckets[cells])
         out["pl"].append(mean_c)
@@ -301,6 +330,7 @@ def plasticity_cells(
         total_pairs=cat("tot", np.int64),
         ap_var=cat("var", np.float64),
         q_count=cat("qn", np.int64),
+        influence=None if builder is None else builder.build(),
     )
 
 

@@ -12,7 +12,9 @@ from .estimators import (
     full_cov_model,
     linear_diag_model,
     plasticity_cells,
+    summarize_buckets,
 )
+from .jackknife import ExampleJackknife, example_groups, example_jackknife, t_interval
 from .normality import first_component_residual_stats, ks_columns, noise_summary
 from .pairs import KeyPairIndex
 from .query_pass import rotated_query_pass
@@ -30,6 +32,7 @@ METRIC_KEYS = (
     "q_mae_baseline", "q_mae_proj", "q_mae_ratio", "q_resid0_skew", "q_resid0_kurt",
     "q_resid0_ks_p", "q_noise_med_abs_skew", "q_noise_med_abs_kurt", "q_noise_med_ks_p",
     "q_noise_frac_ks_p_lt_alpha", "ap_overall", "ap_overall_se", "estimator",
+    "ap_overall_se_pairs", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples",
 )
 
 
@@ -155,9 +158,10 @@ def analyze_head(
         model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
     else:
         model = linear_diag_model(buckets, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
-    kindex = KeyPairIndex.build(
-        np.asarray(k.bucket)[ok], np.asarray(k.example_id)[ok], np.asarray(k.position, dtype=np.float64)[ok]
-    )
+    k_example = np.asarray(k.example_id)[ok]
+    kindex = KeyPairIndex.build(np.asarray(k.bucket)[ok], k_example, np.asarray(k.position, dtype=np.float64)[ok])
+    q_example = np.asarray(q.example_id)[oq]
+    groups = example_groups(q_example, k_example)
     Kv = stored_vectors(k.vectors)
     key_rows = None if np.array_equal(ok, np.arange(k.n)) else ok  # loaded shards come in canonical order
 
@@ -177,8 +181,13 @@ def analyze_head(
         num_pairs_per_bucket=params.num_pairs_per_bucket,
         rng=np.random.default_rng(pair_rng_seed(params.seed, layer, q_head)),
         basis=KeyBasis(s=s, w=rq.w),
+        key_group=groups.k_group,
+        n_groups=groups.n_groups,
     )
-    ap, se = aggregate_cells(table)
+    ap, se_pairs = aggregate_cells(table)
+    jk = example_jackknife(table, buckets, Xq, design, q_bucket, q_example, groups, fit, fit_rot, rq.x0, rq.w,
+                           rq.mu, rq.Sigma)
+    ci_low, ci_high = t_interval(ap, jk.ap_se, jk.df)
 
     metrics = {
         "n_q_tokens": int(q.n),
@@ -192,16 +201,47 @@ def analyze_head(
         "q_resid0_ks_p": float(ks0),
         **{key: float(val) for key, val in noise.items()},
         "ap_overall": float(ap),
-        "ap_overall_se": float(se),
+        "ap_overall_se": float(jk.ap_se),
         "estimator": params.estimator,
+        "ap_overall_se_pairs": float(se_pairs),
+        "ap_overall_ci_low": float(ci_low),
+        "ap_overall_ci_high": float(ci_high),
+        "ap_se_df": int(jk.df),
+        "n_examples": int(jk.n_examples),
     }
     metrics = {key: metrics[key] for key in METRIC_KEYS}
     return HeadResult(
         metrics=metrics,
         bucket_rows=table.rows(),
+        bucket_summary_rows=bucket_summary_rows(table, buckets, jk),
         component_rows={
             "component": np.arange(d, dtype=np.int64),
             "component_r2": fit.r2.astype(np.float64),
             "weight": weights,
         },
     )
+
+
+def bucket_summary_rows(table, buckets: QueryBuckets, jk: ExampleJackknife) -> dict[str, np.ndarray]:
+    """One row per query bucket with a non-NaN AP_j: its query count and mean position, cells and pairs,
+    AP_j with its example-jackknife standard error and 95% interval, and the pair-only standard error."""
+    summary = summarize_buckets(table)
+    if not np.array_equal(summary.bucket, jk.bucket):
+        raise AssertionError("jackknife buckets differ from the bucket summary")
+    jj = np.searchsorted(buckets.bucket, summary.bucket)
+    ok = ~np.isnan(table.plasticity)
+    n_pairs = np.bincount(np.searchsorted(summary.bucket, table.q_bucket[ok]), weights=table.n_pairs[ok],
+                          minlength=summary.bucket.shape[0])
+    low, high = t_interval(summary.ap, jk.bucket_se, jk.df)
+    return {
+        "q_bucket": summary.bucket.astype(np.int64),
+        "n_queries": summary.n.astype(np.int64),
+        "mean_position": buckets.tau[jj].astype(np.float64),
+        "n_cells": summary.n_cells.astype(np.int64),
+        "n_pairs": n_pairs.astype(np.int64),
+        "ap": summary.ap.astype(np.float64),
+        "ap_se": jk.bucket_se.astype(np.float64),
+        "ap_ci_low": low.astype(np.float64),
+        "ap_ci_high": high.astype(np.float64),
+        "ap_se_pairs": np.sqrt(summary.var).astype(np.float64),
+    }

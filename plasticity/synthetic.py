@@ -47,6 +47,10 @@ class SyntheticSpec:
     capture_fraction: float = 1.0  # 1.0 = dense capture of every position (sampler "all")
     sliding_windows: dict[int, int] = field(default_factory=lambda: {3: 128})  # layer -> window
     noise_scales: tuple[float, ...] | None = None  # per q head index within a layer, cycled
+    mixing_scale: float = 0.3  # M = I + mixing_scale * N(0, 1/(d-1)); 0 gives isotropic semantic noise
+    noise_condition: float = 1.0  # ratio of the largest to the smallest semantic noise scale (M's columns)
+    position_noise: float | None = None  # sigma0 of the positional axis; None: the head's noise scale
+    token_keys: bool = False  # keys are a function of the token (see key_vocabulary) instead of i.i.d. noise
     vocab_size: int = 50
     seed: int = 0
 
@@ -102,10 +106,14 @@ def head_truth(spec: SyntheticSpec, layer: int, q_head: int) -> HeadTruth:
     sigma, pure = head_noise_scale(spec, layer, q_head)
     mu = rng.standard_normal(d - 1)
     mu /= max(np.linalg.norm(mu), 1e-12)
-    mixing = np.eye(d - 1) + 0.3 * rng.standard_normal((d - 1, d - 1)) / np.sqrt(max(d - 1, 1))
+    mixing = np.eye(d - 1) + spec.mixing_scale * rng.standard_normal((d - 1, d - 1)) / np.sqrt(max(d - 1, 1))
+    if spec.noise_condition != 1.0:
+        cond = float(spec.noise_condition)
+        mixing = mixing * np.geomspace(1.0 / np.sqrt(cond), np.sqrt(cond), d - 1)[None, :]
+    sigma0 = sigma if spec.position_noise is None else float(spec.position_noise)
     if pure:
-        return HeadTruth(layer, q_head, basis, 0.0, 0.0, sigma, sigma, np.zeros(d - 1), mixing, True)
-    return HeadTruth(layer, q_head, basis, 1.0, 2.0, sigma, sigma, mu, mixing, False)
+        return HeadTruth(layer, q_head, basis, 0.0, 0.0, sigma0, sigma, np.zeros(d - 1), mixing, True)
+    return HeadTruth(layer, q_head, basis, 1.0, 2.0, sigma0, sigma, mu, mixing, False)
 
 
 def bucket_scale(bucket: np.ndarray) -> np.ndarray:
@@ -126,12 +134,16 @@ def example_layout(spec: SyntheticSpec, kind_key: int, layer: int, head: int) ->
     return ex, pos
 
 
-def token_strings(spec: SyntheticSpec, example_id: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Token text per (example, position), shared by every head of the model."""
+def token_ids(spec: SyntheticSpec, example_id: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Token id per (example, position), i.i.d. uniform over ``vocab_size``, shared by every head."""
     rng = _rng(spec, 3)
     table = rng.integers(0, spec.vocab_size, size=(spec.num_examples, spec.seq_len))
-    ids = table[example_id, position]
-    return np.array([f"tok{i}" for i in range(spec.vocab_size)], dtype=object)[ids]
+    return table[example_id, position]
+
+
+def token_strings(spec: SyntheticSpec, example_id: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Token text per (example, position), shared by every head of the model."""
+    return np.array([f"tok{i}" for i in range(spec.vocab_size)], dtype=object)[token_ids(spec, example_id, position)]
 
 
 def make_query_shard(spec: SyntheticSpec, layer: int, q_head: int) -> TokenArrays:
@@ -154,13 +166,23 @@ def make_query_shard(spec: SyntheticSpec, layer: int, q_head: int) -> TokenArray
     )
 
 
+def key_vocabulary(spec: SyntheticSpec, layer: int, k_head: int) -> np.ndarray:
+    """(vocab_size, d) key vector of every token for `SyntheticSpec.token_keys`: ``N(key_mean, I)`` each,
+    with ``key_mean`` in {-0.5, 0.5}^d."""
+    rng = _rng(spec, 7, layer, k_head)
+    key_mean = rng.choice([-0.5, 0.5], size=spec.head_dim)
+    return key_mean + rng.standard_normal((spec.vocab_size, spec.head_dim))
+
+
 def make_key_shard(spec: SyntheticSpec, layer: int, k_head: int) -> TokenArrays:
     ex, pos = example_layout(spec, 1, layer, k_head)
     bucket = pos // spec.bucket_size
-    rng = _rng(spec, 5, layer, k_head)
-    n, d = ex.size, spec.head_dim
-    key_mean = rng.choice([-0.5, 0.5], size=d)
-    vectors = key_mean + rng.standard_normal((n, d))
+    if spec.token_keys:
+        vectors = key_vocabulary(spec, layer, k_head)[token_ids(spec, ex, pos)]
+    else:
+        rng = _rng(spec, 5, layer, k_head)
+        key_mean = rng.choice([-0.5, 0.5], size=spec.head_dim)
+        vectors = key_mean + rng.standard_normal((ex.size, spec.head_dim))
     return TokenArrays(
         bucket=bucket.astype(np.int64),
         example_id=ex.astype(np.int64),
@@ -235,3 +257,69 @@ def true_head_plasticity(
             num += n_j * float(np.mean(cell_values))
             den += n_j
     return num / den if den else float("nan")
+
+
+def population_plasticity(
+    spec: SyntheticSpec,
+    layer: int,
+    q_head: int,
+    orientation: np.ndarray,
+    estimator: str,
+    q_bucket: np.ndarray,
+    mean_position: np.ndarray,
+    weight: np.ndarray,
+) -> tuple[float, np.ndarray]:
+    """The value ``estimator`` estimates on this head's data, exactly: SPEC 2.8 with the generating
+    parameters and the key population in place of samples (`SyntheticSpec.token_keys` only).
+    Returns (ap_overall, AP_j per bucket).
+
+    Every key is the vector of its token, tokens i.i.d. uniform over V = ``vocab_size``, so a
+    same-example key difference is ``k_t - k_u`` for a uniform pair of tokens (t, u), and every cell
+    of bucket j has the same value ``AP_j = V^-2 sum_{t,u} AP(k_t - k_u)`` (``t = u`` gives D = 0 and
+    AP = 1, as SPEC 2.8's variance floor says). With ``q = B y`` (generating basis B), at the bucket's
+    mean position ``tau_j``:
+
+    * bucket_full_cov: the true model, ``mean_j = B (a + b tau_j / L, mu)``,
+      ``C_j = B blockdiag(sigma0^2, sigma^2 c_j^2 M M^T) B^T``;
+    * linear_diag: its own model's population parameters in the true rotated basis (orientation s,
+      then the reflection taking the positional axis ``u = s * B e0`` to e1, `plasticity.rotation`):
+      the same mean, and the diagonal of the pooled residual covariance
+      ``blockdiag(sigma0^2, sigma^2 mean_p(c^2) M M^T)`` (every position equally likely).
+
+    ``ap_overall`` weights the buckets by ``weight`` (query counts for bucket_full_cov, numbers of
+    cells for linear_diag).
+    """
+    from plasticity.pair_ap import ap_from_moments
+    from plasticity.rotation import householder_matrix
+
+    if not spec.token_keys:
+        raise ValueError("population_plasticity needs SyntheticSpec(token_keys=True): its key population is finite")
+    truth = head_truth(spec, layer, q_head)
+    d, L = spec.head_dim, spec.seq_len
+    vocab = key_vocabulary(spec, layer, q_head // spec.group)
+    D = (vocab[:, None, :] - vocab[None, :, :]).reshape(-1, d)  # every ordered token pair, raw basis
+    mixing_gram = truth.mixing @ truth.mixing.T
+    bucket = np.asarray(q_bucket, dtype=np.int64)
+    means_y = np.zeros((bucket.shape[0], d))
+    means_y[:, 0] = truth.a + truth.b * np.asarray(mean_position, dtype=np.float64) / L
+    means_y[:, 1:] = truth.mu
+    if estimator == "bucket_full_cov":
+        Dy = D @ truth.basis  # generating coordinates
+        m = Dy @ means_y.T
+        sem = np.einsum("ij,jk,ik->i", Dy[:, 1:], mixing_gram, Dy[:, 1:])
+        v = truth.sigma0**2 * Dy[:, :1] ** 2 + sem[:, None] * (truth.sigma**2 * bucket_scale(bucket) ** 2)[None, :]
+    elif estimator == "linear_diag":
+        s = np.asarray(orientation, dtype=np.float64)
+        u = s * truth.basis[:, 0] * (np.sign(truth.b) if truth.b else 1.0)
+        T = householder_matrix(u) @ (s[:, None] * truth.basis)  # y -> rotated oriented coordinates
+        resid_cov = np.zeros((d, d))
+        resid_cov[0, 0] = truth.sigma0**2
+        resid_cov[1:, 1:] = truth.sigma**2 * np.mean(bucket_scale(np.arange(L) // spec.bucket_size) ** 2) * mixing_gram
+        Drot = (D * s) @ householder_matrix(u)
+        m = Drot @ (means_y @ T.T).T
+        v = (Drot**2 @ np.diag(T @ resid_cov @ T.T))[:, None]
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}")
+    ap_j = ap_from_moments(m, np.broadcast_to(v, m.shape)).mean(axis=0)
+    w = np.asarray(weight, dtype=np.float64)
+    return float(np.sum(w * ap_j) / np.sum(w)), ap_j

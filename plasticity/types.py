@@ -115,8 +115,11 @@ class HeadResult:
     `metrics`: the head_metrics columns from `n_q_tokens` to `estimator`.
     `bucket_rows`: columns q_bucket, k_bucket (int64), plasticity (float64, NaN allowed), n_pairs (int64).
     `component_rows`: columns component (int64), component_r2, weight (float64).
+    `bucket_summary_rows`: per query bucket with a non-NaN AP_j: q_bucket, n_queries, mean_position,
+    n_cells, n_pairs, ap, ap_se, ap_ci_low, ap_ci_high, ap_se_pairs (`head_bucket_summary`).
     """
 
     metrics: dict
     bucket_rows: dict[str, np.ndarray] = field(default_factory=dict)
     component_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    bucket_summary_rows: dict[str, np.ndarray] = field(default_factory=dict)

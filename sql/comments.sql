@@ -113,7 +113,6 @@ COMMENT ON COLUMN head_metrics.q_noise_med_abs_kurt IS 'Median over semantic com
 COMMENT ON COLUMN head_metrics.q_noise_med_ks_p IS 'Median KS p-value against N(0, 1) over the tested semantic components';
 COMMENT ON COLUMN head_metrics.q_noise_frac_ks_p_lt_alpha IS 'Share of tested semantic components whose KS p-value is below p_alpha';
 COMMENT ON COLUMN head_metrics.ap_overall IS 'Head attention plasticity: mean of the bucket plasticities AP_j weighted by query count (linear_diag: mean of cells)';
-COMMENT ON COLUMN head_metrics.ap_overall_se IS 'Standard error of ap_overall from the key-pair draws only';
 COMMENT ON COLUMN head_metrics.estimator IS 'Query model used for plasticity (bucket_full_cov or linear_diag)';
 
 COMMENT ON TABLE head_bucket_plasticity IS 'Attention plasticity per (query bucket, eligible key bucket) cell of every head and run';
@@ -251,7 +250,6 @@ COMMENT ON COLUMN latest_head_metrics.q_noise_med_abs_kurt IS 'Median over seman
 COMMENT ON COLUMN latest_head_metrics.q_noise_med_ks_p IS 'Median KS p-value against N(0, 1) over the tested semantic components';
 COMMENT ON COLUMN latest_head_metrics.q_noise_frac_ks_p_lt_alpha IS 'Share of tested semantic components whose KS p-value is below p_alpha';
 COMMENT ON COLUMN latest_head_metrics.ap_overall IS 'Head attention plasticity: mean of the bucket plasticities AP_j weighted by query count (linear_diag: mean of cells)';
-COMMENT ON COLUMN latest_head_metrics.ap_overall_se IS 'Standard error of ap_overall from the key-pair draws only';
 COMMENT ON COLUMN latest_head_metrics.estimator IS 'Query model used for plasticity (bucket_full_cov or linear_diag)';
 
 COMMENT ON VIEW latest_head_bucket_plasticity IS 'head_bucket_plasticity of the latest run of every model';
@@ -311,3 +309,53 @@ COMMENT ON COLUMN latest_runs.status IS 'running, succeeded (no head failed), pa
 COMMENT ON COLUMN latest_runs.n_done IS 'Heads with a head_metrics row when the run finished or stopped';
 COMMENT ON COLUMN latest_runs.n_errors IS 'Heads with a head_errors row when the run finished or stopped';
 COMMENT ON COLUMN latest_runs.error IS 'Why the run stopped early, as ExceptionType: message (e.g. KeyboardInterrupt: signal 15); NULL when it ran to the end';
+
+-- standard errors (example jackknife)
+COMMENT ON COLUMN head_metrics.ap_overall_se IS 'Standard error of ap_overall over the sampling of examples (queries, keys and pairs together): delete-a-group jackknife over example groups';
+COMMENT ON COLUMN head_metrics.ap_overall_se_pairs IS 'Standard error of ap_overall from the key-pair draws only (queries and keys held fixed)';
+COMMENT ON COLUMN head_metrics.ap_overall_ci_low IS 'Lower end of the 95% interval ap_overall - t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
+COMMENT ON COLUMN head_metrics.ap_overall_ci_high IS 'Upper end of the 95% interval ap_overall + t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
+COMMENT ON COLUMN head_metrics.ap_se_df IS 'Degrees of freedom of the jackknife standard errors: number of example groups - 1';
+COMMENT ON COLUMN head_metrics.n_examples IS 'Distinct examples among the analysed query and key rows of the head';
+COMMENT ON TABLE head_bucket_summary IS 'Bucket plasticity AP_j of every (head, query bucket) and run, with its example-jackknife standard error and 95% interval';
+COMMENT ON COLUMN head_bucket_summary.model IS 'Model';
+COMMENT ON COLUMN head_bucket_summary.run_id IS 'Run that produced the row';
+COMMENT ON COLUMN head_bucket_summary.layer IS 'Layer index';
+COMMENT ON COLUMN head_bucket_summary.q_head IS 'Query head index';
+COMMENT ON COLUMN head_bucket_summary.k_head IS 'Key head index';
+COMMENT ON COLUMN head_bucket_summary.q_bucket IS 'Query position bucket j (those with a non-NaN AP_j)';
+COMMENT ON COLUMN head_bucket_summary.n_queries IS 'Queries of the bucket: n_j, its weight in ap_overall';
+COMMENT ON COLUMN head_bucket_summary.mean_position IS 'Mean query position tau_j of the bucket';
+COMMENT ON COLUMN head_bucket_summary.n_cells IS 'Cells of the bucket with key pairs: the cells AP_j averages';
+COMMENT ON COLUMN head_bucket_summary.n_pairs IS 'Key pairs drawn over those cells';
+COMMENT ON COLUMN head_bucket_summary.ap IS 'Bucket plasticity AP_j: mean of the plasticity of the cells with pairs';
+COMMENT ON COLUMN head_bucket_summary.ap_se IS 'Standard error of AP_j over the sampling of examples (delete-a-group jackknife); NaN when a group holds all of the bucket';
+COMMENT ON COLUMN head_bucket_summary.ap_ci_low IS 'Lower end of the 95% interval ap - t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
+COMMENT ON COLUMN head_bucket_summary.ap_ci_high IS 'Upper end of the 95% interval ap + t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
+COMMENT ON COLUMN head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';
+COMMENT ON COLUMN bucket_plasticity.ap_se IS 'Standard error of AP_j over the sampling of examples, from head_bucket_summary';
+COMMENT ON COLUMN bucket_plasticity.ap_ci_low IS 'Lower end of the 95% interval of AP_j, from head_bucket_summary';
+COMMENT ON COLUMN bucket_plasticity.ap_ci_high IS 'Upper end of the 95% interval of AP_j, from head_bucket_summary';
+COMMENT ON COLUMN bucket_plasticity.n_queries IS 'Queries of the bucket, from head_bucket_summary';
+COMMENT ON VIEW latest_head_bucket_summary IS 'head_bucket_summary of the latest run of every model';
+COMMENT ON COLUMN latest_head_metrics.ap_overall_se IS 'Standard error of ap_overall over the sampling of examples (queries, keys and pairs together): delete-a-group jackknife over example groups';
+COMMENT ON COLUMN latest_head_metrics.ap_overall_se_pairs IS 'Standard error of ap_overall from the key-pair draws only (queries and keys held fixed)';
+COMMENT ON COLUMN latest_head_metrics.ap_overall_ci_low IS 'Lower end of the 95% interval ap_overall - t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
+COMMENT ON COLUMN latest_head_metrics.ap_overall_ci_high IS 'Upper end of the 95% interval ap_overall + t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
+COMMENT ON COLUMN latest_head_metrics.ap_se_df IS 'Degrees of freedom of the jackknife standard errors: number of example groups - 1';
+COMMENT ON COLUMN latest_head_metrics.n_examples IS 'Distinct examples among the analysed query and key rows of the head';
+COMMENT ON COLUMN latest_head_bucket_summary.model IS 'Model';
+COMMENT ON COLUMN latest_head_bucket_summary.run_id IS 'Run that produced the row';
+COMMENT ON COLUMN latest_head_bucket_summary.layer IS 'Layer index';
+COMMENT ON COLUMN latest_head_bucket_summary.q_head IS 'Query head index';
+COMMENT ON COLUMN latest_head_bucket_summary.k_head IS 'Key head index';
+COMMENT ON COLUMN latest_head_bucket_summary.q_bucket IS 'Query position bucket j (those with a non-NaN AP_j)';
+COMMENT ON COLUMN latest_head_bucket_summary.n_queries IS 'Queries of the bucket: n_j, its weight in ap_overall';
+COMMENT ON COLUMN latest_head_bucket_summary.mean_position IS 'Mean query position tau_j of the bucket';
+COMMENT ON COLUMN latest_head_bucket_summary.n_cells IS 'Cells of the bucket with key pairs: the cells AP_j averages';
+COMMENT ON COLUMN latest_head_bucket_summary.n_pairs IS 'Key pairs drawn over those cells';
+COMMENT ON COLUMN latest_head_bucket_summary.ap IS 'Bucket plasticity AP_j: mean of the plasticity of the cells with pairs';
+COMMENT ON COLUMN latest_head_bucket_summary.ap_se IS 'Standard error of AP_j over the sampling of examples (delete-a-group jackknife); NaN when a group holds all of the bucket';
+COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_low IS 'Lower end of the 95% interval ap - t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
+COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_high IS 'Upper end of the 95% interval ap + t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
+COMMENT ON COLUMN latest_head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';

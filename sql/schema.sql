@@ -98,8 +98,13 @@ CREATE TABLE IF NOT EXISTS head_metrics (
     q_noise_med_ks_p DOUBLE,
     q_noise_frac_ks_p_lt_alpha DOUBLE,
     ap_overall DOUBLE,
-    ap_overall_se DOUBLE,
-    estimator VARCHAR
+    ap_overall_se DOUBLE,               -- example-jackknife standard error (SPEC 2.8)
+    estimator VARCHAR,
+    ap_overall_se_pairs DOUBLE,         -- pair-sampling part only (the former ap_overall_se)
+    ap_overall_ci_low DOUBLE,           -- 95% t-interval of ap_overall, clipped to [0, 1]
+    ap_overall_ci_high DOUBLE,
+    ap_se_df INTEGER,                   -- degrees of freedom of the SEs: example groups - 1
+    n_examples INTEGER                  -- examples among the head's analysed rows
 );
 CREATE TABLE IF NOT EXISTS head_bucket_plasticity (
     model VARCHAR NOT NULL,
@@ -111,6 +116,24 @@ CREATE TABLE IF NOT EXISTS head_bucket_plasticity (
     k_bucket INTEGER NOT NULL,
     plasticity DOUBLE,
     n_pairs INTEGER
+);
+-- AP_j per (head, q_bucket) with its example-jackknife standard error and 95% interval.
+CREATE TABLE IF NOT EXISTS head_bucket_summary (
+    model VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    layer INTEGER NOT NULL,
+    q_head INTEGER NOT NULL,
+    k_head INTEGER NOT NULL,
+    q_bucket INTEGER NOT NULL,
+    n_queries BIGINT,
+    mean_position DOUBLE,
+    n_cells INTEGER,
+    n_pairs BIGINT,
+    ap DOUBLE,
+    ap_se DOUBLE,
+    ap_ci_low DOUBLE,
+    ap_ci_high DOUBLE,
+    ap_se_pairs DOUBLE
 );
 CREATE TABLE IF NOT EXISTS head_component_weights (
     model VARCHAR NOT NULL,

@@ -9,17 +9,26 @@ SELECT m.* FROM head_metrics AS m JOIN latest_runs AS r USING (model, run_id);
 CREATE OR REPLACE VIEW latest_head_bucket_plasticity AS
 SELECT b.* FROM head_bucket_plasticity AS b JOIN latest_runs AS r USING (model, run_id);
 
+CREATE OR REPLACE VIEW latest_head_bucket_summary AS
+SELECT b.* FROM head_bucket_summary AS b JOIN latest_runs AS r USING (model, run_id);
+
 CREATE OR REPLACE VIEW latest_head_component_weights AS
 SELECT c.* FROM head_component_weights AS c JOIN latest_runs AS r USING (model, run_id);
 
--- Bucket-level plasticity AP_j per head (mean of its non-NaN cells), as in SPEC 2.8.
+-- Bucket-level plasticity AP_j per head (mean of its non-NaN cells), as in SPEC 2.8, with its
+-- example-jackknife standard error and 95% interval from head_bucket_summary (NULL for buckets
+-- whose cells all lack pairs, and for runs older than that table).
 CREATE OR REPLACE VIEW bucket_plasticity AS
-SELECT model, run_id, layer, q_head, k_head, q_bucket,
-       avg(plasticity) FILTER (WHERE NOT isnan(plasticity)) AS plasticity,
-       count(*) FILTER (WHERE NOT isnan(plasticity))        AS n_cells,
-       sum(n_pairs)                                         AS n_pairs
-FROM head_bucket_plasticity
-GROUP BY ALL;
+SELECT c.*, s.ap_se, s.ap_ci_low, s.ap_ci_high, s.n_queries
+FROM (
+    SELECT model, run_id, layer, q_head, k_head, q_bucket,
+           avg(plasticity) FILTER (WHERE NOT isnan(plasticity)) AS plasticity,
+           count(*) FILTER (WHERE NOT isnan(plasticity))        AS n_cells,
+           sum(n_pairs)                                         AS n_pairs
+    FROM head_bucket_plasticity
+    GROUP BY ALL
+) AS c
+LEFT JOIN head_bucket_summary AS s USING (model, run_id, layer, q_head, k_head, q_bucket);
 
 -- Cross-model comparison: mean head plasticity per layer.
 CREATE OR REPLACE VIEW layer_plasticity AS

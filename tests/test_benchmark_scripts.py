@@ -27,11 +27,16 @@ def test_profile_head_stages_add_up_to_the_head(tmp_path):
     assert sum(rows[k][1] for k in top) == _approx(100.0, 0.2)
     stages = ["canonical order (q and k)", "oriented queries X_q (float64 copy)", "position regression (2.3)",
               "rotated query pass (2.4-2.6, bucket covariances)", "scalar predictability (2.4)",
-              "first-component normality (2.6)", "semantic normality + KS (2.6)", "pair plasticity (2.8)",
-              "aggregation", "other (small steps, result assembly)"]
-    assert sum(rows[k][0] for k in stages) == _approx(rows["analyze_head"][0])
-    assert rows["pair draws"][0] + rows["AP from moments"][0] <= rows["pair plasticity (2.8)"][0] + 0.2
-    assert all(rows[k][0] > 0 for k in ("rotated query pass (2.4-2.6, bucket covariances)", "pair plasticity (2.8)"))
+              "first-component normality (2.6)", "semantic normality + KS (2.6)", "example groups (jackknife)",
+              "pair plasticity (2.8)", "aggregation", "example jackknife: query side and replicates",
+              "bucket summary", "other (small steps, result assembly)"]
+    assert sum(rows[k][0] for k in stages) == _approx(rows["analyze_head"][0], 0.6)
+    pair_parts = ["pair draws", "AP and its slopes (with the jackknife)", "pair side of the jackknife (syrk)"]
+    assert sum(rows[k][0] for k in pair_parts) <= rows["pair plasticity (2.8)"][0] + 0.2
+    jk_parts = ["query quadratic forms (trmm)", "per-run sums of the queries"]
+    assert sum(rows[k][0] for k in jk_parts) <= rows["example jackknife: query side and replicates"][0] + 0.2
+    assert all(rows[k][0] > 0 for k in ("rotated query pass (2.4-2.6, bucket covariances)", "pair plasticity (2.8)",
+                                        "example jackknife: query side and replicates"))
     floors = re.findall(r"^  (Arrow decode|quadratic forms|bucket covariances|KS sort).*?([\d.]+) ms$", out, re.M)
     assert [f[0] for f in floors] == ["Arrow decode", "quadratic forms", "bucket covariances", "KS sort"], out
 
@@ -40,3 +45,34 @@ def _approx(value, abs_tol=0.35):
     import pytest
 
     return pytest.approx(value, abs=abs_tol)  # each printed figure is rounded to 0.1 ms
+
+
+def _snapshot(path: Path, run_id: str, tables: dict, columns: dict) -> Path:
+    import pickle
+
+    path.mkdir()
+    (path / "snapshot.pkl").write_bytes(pickle.dumps({"s": {"run_id": run_id, "tables": tables, "columns": columns}}))
+    return path
+
+
+def test_compare_results_matches_columns_by_name(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import compare_results
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    before = _snapshot(tmp_path / "a", "r1", {"head_metrics": [(0, 0, 0.5, 0.01)]},
+                       {"head_metrics": ["layer", "q_head", "ap_overall", "ap_overall_se"]})
+    after = _snapshot(tmp_path / "b", "r2", {"head_metrics": [(0, 0, 0.5, 0.03, 0.01)], "head_bucket_summary": [(1,)]},
+                      {"head_metrics": ["layer", "q_head", "ap_overall", "ap_overall_se", "ap_overall_se_pairs"],
+                       "head_bucket_summary": ["q_bucket"]})
+    assert compare_results.compare(before, after) == 1  # run id and the redefined column differ
+    assert compare_results.compare(before, after, ignore=("ap_overall_se",), ignore_run_id=True) == 0
+    assert compare_results.compare(before, after, ignore_run_id=True,
+                                   rename={"ap_overall_se": "ap_overall_se_pairs"}) == 0
+    out = capsys.readouterr().out
+    assert "head_metrics.ap_overall_se_pairs only after" in out and "table head_bucket_summary only after" in out
+    changed = _snapshot(tmp_path / "c", "r2", {"head_metrics": [(0, 0, 0.5000001, 0.03, 0.01)]},
+                        {"head_metrics": ["layer", "q_head", "ap_overall", "ap_overall_se", "ap_overall_se_pairs"]})
+    assert compare_results.compare(before, changed, ignore=("ap_overall_se",), ignore_run_id=True) == 1
+    assert compare_results.compare(before, changed, rtol=1e-6, ignore=("ap_overall_se",), ignore_run_id=True) == 0

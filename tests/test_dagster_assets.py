@@ -30,10 +30,11 @@ TINY = SyntheticSpec(model=MODEL, num_layers=2, num_q_heads=2, num_k_heads=1, he
                      seq_len=128, bucket_size=32, sliding_windows={1: 64}, seed=1)
 N_HEADS = TINY.num_layers * TINY.num_q_heads
 ATTENTION_TABLES = ("token_attention", "head_attention_summary", "query_scale_sweep")
-RESULT_TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors", *ATTENTION_TABLES)
+RESULT_TABLES = ("head_metrics", "head_bucket_plasticity", "head_bucket_summary", "head_component_weights",
+                 "head_errors", *ATTENTION_TABLES)
 EXPECTED_ASSETS = {
     "shard_catalog", "bucket_statistics", "head_samples", "head_metrics", "head_bucket_plasticity",
-    "head_component_weights", "head_errors", "csv_exports", "plasticity_curves_plot", "bucket_heatmap_plot",
+    "head_bucket_summary", "head_component_weights", "head_errors", "csv_exports", "plasticity_curves_plot", "bucket_heatmap_plot",
     "component_weights_plot", "model_comparison_plot", *ATTENTION_TABLES,
 }
 EXPECTED_CHECKS = {
@@ -42,6 +43,7 @@ EXPECTED_CHECKS = {
     ("head_metrics", "ap_overall_in_unit_interval"), ("head_metrics", "no_duplicate_rows_head_metrics"),
     ("head_bucket_plasticity", "plasticity_in_unit_interval"),
     ("head_bucket_plasticity", "no_duplicate_rows_head_bucket_plasticity"),
+    ("head_bucket_summary", "no_duplicate_rows_head_bucket_summary"),
     ("head_component_weights", "weights_sum_to_one"),
     ("head_component_weights", "no_duplicate_rows_head_component_weights"),
     ("head_errors", "no_duplicate_rows_head_errors"),

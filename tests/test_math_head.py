@@ -57,7 +57,7 @@ def reference(q, k, s, layer, q_head, params):
                 rng=np.random.default_rng(pair_rng_seed(params.seed, layer, q_head)))
     ap, se = aggregate_cells(table)
     metrics = dict(q_R2_pos=fit.r2_overall, q_beta_norm=fit.beta_norm, **scal, q_resid0_skew=sk, q_resid0_kurt=ku,
-                   q_resid0_ks_p=kp, **noise, ap_overall=ap, ap_overall_se=se)
+                   q_resid0_ks_p=kp, **noise, ap_overall=ap, ap_overall_se_pairs=se)
     return metrics, table, fit
 
 
@@ -88,7 +88,8 @@ def test_metric_keys_and_python_types():
     res = analyze_head(q, k, np.ones(q.d), layer=0, q_head=0, params=AnalysisParams())
     assert tuple(res.metrics) == METRIC_KEYS
     for key, val in res.metrics.items():
-        want = str if key == "estimator" else int if key in ("n_q_tokens", "n_k_tokens", "d_model") else float
+        ints = ("n_q_tokens", "n_k_tokens", "d_model", "ap_se_df", "n_examples")
+        want = str if key == "estimator" else int if key in ints else float
         assert type(val) is want, key
     assert res.bucket_rows["q_bucket"].dtype == np.int64 and res.bucket_rows["n_pairs"].dtype == np.int64
     assert res.bucket_rows["plasticity"].dtype == np.float64
@@ -100,7 +101,7 @@ def _same(a, b):
     for key in METRIC_KEYS:
         x, y = a.metrics[key], b.metrics[key]
         assert x == y or (isinstance(x, float) and np.isnan(x) and np.isnan(y)), key
-    for rows in ("bucket_rows", "component_rows"):
+    for rows in ("bucket_rows", "component_rows", "bucket_summary_rows"):
         ra, rb = getattr(a, rows), getattr(b, rows)
         assert ra.keys() == rb.keys()
         for col in ra:

@@ -36,7 +36,7 @@ def all_results(cfg, summary):
     p = {"m": summary.model, "r": summary.run_id}
     return {
         t: fetch(cfg, f"SELECT * EXCLUDE (model, run_id) FROM {t} WHERE model=$m AND run_id=$r ORDER BY ALL", p)
-        for t in ("head_metrics", "head_bucket_plasticity", "head_component_weights")
+        for t in ("head_metrics", "head_bucket_plasticity", "head_bucket_summary", "head_component_weights")
     }
 
 

@@ -22,6 +22,7 @@ from warehouse.models import ModelInfo, replace_model
 RESULT_TABLES = (
     "head_metrics",
     "head_bucket_plasticity",
+    "head_bucket_summary",
     "head_component_weights",
     "head_errors",
     "token_attention",
@@ -50,7 +51,8 @@ class HeadOutcome:
             return out
         res = self.result
         out["head_metrics"] = {k: np.asarray([v]) for k, v in {**key, **res.metrics}.items()}
-        for name, cols in (("head_bucket_plasticity", res.bucket_rows), ("head_component_weights", res.component_rows)):
+        for name, cols in (("head_bucket_plasticity", res.bucket_rows), ("head_bucket_summary", res.bucket_summary_rows),
+                           ("head_component_weights", res.component_rows)):
             n = len(next(iter(cols.values()))) if cols else 0
             if n:
                 out[name] = {**{k: np.full(n, v) for k, v in key.items()}, **cols}

@@ -1,0 +1,115 @@
+"""The exact delete-a-group jackknife of SPEC 2.8's estimators, written plainly for tests.
+
+Replicate g reruns the estimator without the example group g: the rotated position fit, every
+bucket's count, mean position, mean and covariance are recomputed from the remaining queries, and
+every pair AP is recomputed under that model over the remaining pairs. Held fixed, as in
+`plasticity.jackknife`: orientation signs, rotation (from all queries), eligible cells, the pair
+draws. Slow (one full pass over all pairs per group), independent of the production code except
+for the pair stream, which it replays with the same `KeyPairIndex.draw` calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr
+
+from plasticity.estimators import QueryBuckets
+from plasticity.head import canonicalize, pair_rng_seed
+from plasticity.jackknife import example_groups
+from plasticity.pairs import KeyPairIndex, eligibility_mask
+from plasticity.regression import fit_position_regression
+from plasticity.rotation import householder_apply
+
+
+def _pair_ap(D, mean, cov):
+    m = D @ mean
+    v = np.einsum("ij,jk,ik->i", D, cov, D)
+    v = np.where(v <= 0, 1e-12, v)
+    p = ndtr(m / np.sqrt(v))
+    return 4 * p * (1 - p)
+
+
+def exact_jackknife(q, k, s, *, layer, q_head, params, max_groups=64, refit_rotation=False):
+    """Returns dict: ap (all groups), ap_rep (G,), bucket -> (AP_j, replicates (G,)), n_groups.
+
+    ``refit_rotation``: each replicate also recomputes the rotation from its remaining queries (and
+    rotates queries and keys with it), as the production jackknife does for bucket_full_cov."""
+    q, k = canonicalize(q), canonicalize(k)
+    p = q.position
+    Xq = q.vectors * s
+    beta = fit_position_regression(p, Xq).beta
+    Xr = householder_apply(Xq, beta)
+    Kr = householder_apply(k.vectors * s, beta)
+    groups = example_groups(q.example_id, k.example_id, max_groups)
+    qb = QueryBuckets.build(q.bucket, p)
+    kidx = KeyPairIndex.build(k.bucket, k.example_id, k.position)
+    elig = eligibility_mask(qb.bucket, qb.minpos, kidx.buckets, kidx.maxpos, q.sliding_window)
+    rng = np.random.default_rng(pair_rng_seed(params.seed, layer, q_head))
+    draws = []  # (bucket index, [(i1, i2) per cell])
+    for jj in range(qb.bucket.shape[0]):
+        cells = np.flatnonzero(elig[jj])
+        if cells.shape[0] == 0:
+            continue
+        i1, i2, sizes = kidx.draw(cells, params.num_pairs_per_bucket, rng)
+        edges = np.r_[0, np.cumsum(sizes)]
+        draws.append((jj, [(i1[a:b], i2[a:b]) for a, b in zip(edges[:-1], edges[1:])]))
+    d = Xq.shape[1]
+    full = params.estimator == "bucket_full_cov"
+
+    def estimate(drop):
+        keep_q = groups.q_group != drop
+        Xr_, Kr_ = Xr, Kr
+        if refit_rotation:
+            beta_g = fit_position_regression(p[keep_q], Xq[keep_q]).beta
+            Xr_, Kr_ = householder_apply(Xq, beta_g), householder_apply(k.vectors * s, beta_g)
+        fit = fit_position_regression(p[keep_q], Xr_[keep_q])
+        rv = fit.resid_var
+        num = den = 0.0
+        cell_values = []
+        per_bucket = {}
+        for jj, cells in draws:
+            rows = np.arange(qb.start[jj], qb.stop[jj])
+            rows = rows[keep_q[rows]]
+            if rows.shape[0] < 2:
+                continue
+            tau = p[rows].mean()
+            if full:
+                Y = Xr_[rows, 1:]
+                mean = np.r_[fit.alpha[0] + fit.beta[0] * tau, Y.mean(axis=0)]
+                cov = np.zeros((d, d))
+                cov[0, 0] = rv[0]
+                cov[1:, 1:] = np.cov(Y.T, ddof=1).reshape(d - 1, d - 1) + 1e-12 * np.eye(d - 1)
+            else:
+                mean = fit.alpha + fit.beta * tau
+                cov = np.diag(rv)
+            vals = []
+            for i1, i2 in cells:
+                keep = groups.k_group[i1] != drop
+                if not np.any(keep):
+                    continue
+                vals.append(_pair_ap(Kr_[i1[keep]] - Kr_[i2[keep]], mean, cov).mean())
+            if not vals:
+                continue
+            per_bucket[int(qb.bucket[jj])] = float(np.mean(vals))
+            cell_values += vals
+            num += rows.shape[0] * np.mean(vals)
+            den += rows.shape[0]
+        if full:
+            ap = num / den if den else np.nan
+        else:
+            ap = float(np.mean(cell_values)) if cell_values else np.nan
+        return ap, per_bucket
+
+    ap, buckets = estimate(-1)
+    reps = [estimate(g) for g in range(groups.n_groups)]
+    return {
+        "ap": ap,
+        "ap_rep": np.array([r[0] for r in reps]),
+        "buckets": {b: (v, np.array([r[1].get(b, np.nan) for r in reps])) for b, v in buckets.items()},
+        "n_groups": groups.n_groups,
+    }
+
+
+def jackknife_se(rep):
+    G = rep.shape[0]
+    return float(np.sqrt((G - 1) / G * np.sum((rep - rep.mean()) ** 2)))
