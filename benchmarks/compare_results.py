@@ -52,7 +52,11 @@ SCENARIOS = [
     ("wide", dict(model="snap-c", num_layers=1, num_q_heads=4, num_k_heads=1, head_dim=128,
                   num_examples=4, seq_len=2048, bucket_size=128, capture_fraction=0.8, sliding_windows={}, seed=7),
      {"max_workers": 2, "attention": False}),
+    # the real trained model of tests/fixtures/tiny-llama: dense and sparse (1/8) captures
+    ("tinyllama_dense", "dense/tinyllama", {"max_workers": 1, "attention": True}),
+    ("tinyllama_sparse", "sparse/tinyllama_sparse", {"max_workers": 1, "attention": True}),
 ]
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-llama"
 
 TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors",
           "token_attention", "head_attention_summary", "query_scale_sweep")
@@ -70,8 +74,11 @@ def snapshot(out: Path, data_dir: Path) -> dict:
     for name, spec_kw, overrides in SCENARIOS:
         overrides = dict(overrides)
         shuffle = overrides.pop("_shuffle", False)
-        key = hashlib.sha1(repr((sorted(spec_kw.items()), shuffle)).encode()).hexdigest()[:10]
-        root = data_dir / spec_kw["model"] / key
+        if isinstance(spec_kw, str):  # a dataset of the repository's fixtures
+            root = FIXTURE / spec_kw
+        else:
+            key = hashlib.sha1(repr((sorted(spec_kw.items()), shuffle)).encode()).hexdigest()[:10]
+            root = data_dir / spec_kw["model"] / key
         if not (root / "README.md").exists():
             write_synthetic_dataset(root, SyntheticSpec(**spec_kw), with_truth=False)
             if shuffle:  # rows in no particular order, as a sniffer writing several batches may leave them
@@ -88,12 +95,14 @@ def snapshot(out: Path, data_dir: Path) -> dict:
         t0 = time.perf_counter()
         s = analyze_dataset(cfg, root, progress=False)
         dt = time.perf_counter() - t0
-        tables = {}
+        tables, columns = {}, {}
         with db.reader(wh) as con:
             for t in TABLES:
                 cols = "* EXCLUDE (model, run_id, recorded_at)" if t == "head_errors" else "* EXCLUDE (model, run_id)"
-                tables[t] = con.execute(f"SELECT {cols} FROM {t} ORDER BY ALL").fetchall()
-        snap[name] = {"run_id": s.run_id, "tables": tables}
+                cur = con.execute(f"SELECT {cols} FROM {t} ORDER BY ALL")
+                tables[t] = cur.fetchall()
+                columns[t] = [d[0] for d in cur.description]
+        snap[name] = {"run_id": s.run_id, "tables": tables, "columns": columns}
         print(f"{name}: {s.n_done} heads, {s.n_errors} errors, {dt:.2f}s, "
               + ", ".join(f"{t}={len(r)}" for t, r in tables.items() if r))
     with open(out / "snapshot.pkl", "wb") as fh:
@@ -112,8 +121,32 @@ def _rel_diff(x, y) -> float:
     return 0.0 if (type(x) is type(y) and x == y) else math.inf
 
 
-def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> int:
-    """Every value identical (``rtol`` 0), or floats within ``rtol`` relative to each other."""
+#: Columns that identify a row of each table (rows are matched on them when both snapshots
+#: recorded their column names).
+ROW_KEYS = {
+    "head_metrics": ("layer", "q_head"),
+    "head_bucket_plasticity": ("layer", "q_head", "q_bucket", "k_bucket"),
+    "head_component_weights": ("layer", "q_head", "component"),
+    "head_errors": ("layer", "q_head"),
+    "token_attention": ("layer", "q_head", "example_id", "position"),
+    "head_attention_summary": ("layer", "q_head"),
+    "query_scale_sweep": ("layer", "q_head", "scale"),
+}
+
+
+def _keyed(rows, columns, table):
+    idx = [columns.index(c) for c in ROW_KEYS[table]]
+    return {tuple(r[i] for i in idx): r for r in rows}
+
+
+def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0, *, ignore_run_id: bool = False,
+            ignore_columns: tuple[str, ...] = (), scenarios: tuple[str, ...] = ()) -> int:
+    """Every value identical (``rtol`` 0), or floats within ``rtol`` relative to each other.
+
+    When both snapshots recorded column names, rows are matched on `ROW_KEYS` and only the
+    columns both have are compared (columns added or dropped are listed, as are rows only one
+    side has); ``ignore_columns`` are left out. Otherwise rows are compared in order, whole.
+    """
     a = pickle.loads((a_dir / "snapshot.pkl").read_bytes())
     b = pickle.loads((b_dir / "snapshot.pkl").read_bytes())
     bad = 0
@@ -121,24 +154,52 @@ def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0) -> int:
     n_changed = 0
     worst = 0.0
     for name in a:
-        if a[name]["run_id"] != b[name]["run_id"]:
+        if scenarios and name not in scenarios:
+            continue
+        if name not in b:
+            print(f"{name}: missing from {b_dir}")
+            bad += 1
+            continue
+        if a[name]["run_id"] != b[name]["run_id"] and not ignore_run_id:
             print(f"{name}: run_id differs {a[name]['run_id']} != {b[name]['run_id']}")
             bad += 1
         for t, rows in a[name]["tables"].items():
             other = b[name]["tables"][t]
-            if len(rows) != len(other):
-                print(f"{name}.{t}: {len(rows)} rows before, {len(other)} after")
-                bad += 1
-                continue
-            for ra, rb in zip(rows, other):
+            ca, cb = a[name].get("columns", {}).get(t), b[name].get("columns", {}).get(t)
+            if ca is not None and cb is not None:
+                common = [c for c in ca if c in cb and c not in ignore_columns]
+                added, dropped = [c for c in cb if c not in ca], [c for c in ca if c not in cb]
+                if (added or dropped) and rows:
+                    print(f"{name}.{t}: columns added {added}, dropped {dropped}; comparing {len(common)}")
+                ka, kb = _keyed(rows, ca, t), _keyed(other, cb, t)
+                only_a, only_b = ka.keys() - kb.keys(), kb.keys() - ka.keys()
+                if only_a or only_b:
+                    print(f"{name}.{t}: {len(only_a)} row(s) only before, {len(only_b)} only after "
+                          f"(of {len(ka)} / {len(kb)})")
+                    bad += 1
+                ia, ib = [ca.index(c) for c in common], [cb.index(c) for c in common]
+                pairs = [([ka[k][i] for i in ia], [kb[k][i] for i in ib], k) for k in sorted(ka.keys() & kb.keys())]
+            else:
+                if len(rows) != len(other):
+                    print(f"{name}.{t}: {len(rows)} rows before, {len(other)} after")
+                    bad += 1
+                    continue
+                common = None
+                pairs = [(ra, rb, None) for ra, rb in zip(rows, other)]
+            reported = 0
+            for ra, rb, key in pairs:
                 n_values += len(ra)
                 diffs = [_rel_diff(x, y) for x, y in zip(ra, rb)] if len(ra) == len(rb) else [math.inf]
                 n_changed += sum(1 for x in diffs if x > 0)
                 worst = max([worst, *diffs])
                 if max(diffs, default=0.0) > rtol:
-                    print(f"{name}.{t}: row differs\n  before {ra}\n  after  {rb}")
                     bad += 1
-                    break
+                    if reported < 3:
+                        cols = [c for c, d in zip(common, diffs) if d > rtol] if common else "?"
+                        print(f"{name}.{t}: row {key} differs in {cols}\n  before {ra}\n  after  {rb}")
+                    reported += 1
+            if reported > 3:
+                print(f"{name}.{t}: ... {reported} rows differ in all")
     verdict = "IDENTICAL" if not n_changed else (f"{n_changed} value(s) differ, largest relative difference "
                                                   f"{worst:.2e} (rtol {rtol:g})")
     print(f"compared {n_values} values in {len(a)} scenarios: {verdict}" + (f"; {bad} FAILED" if bad else ""))
@@ -156,11 +217,16 @@ def main(argv=None) -> int:
     c.add_argument("after", type=Path)
     c.add_argument("--rtol", type=float, default=0.0,
                    help="accept floats within this relative difference (default 0: bit for bit)")
+    c.add_argument("--ignore-run-id", action="store_true",
+                   help="do not require equal run ids (a change that bumps plasticity.ANALYSIS_VERSION)")
+    c.add_argument("--ignore-columns", nargs="*", default=(), help="columns left out of the comparison")
+    c.add_argument("--scenarios", nargs="*", default=(), help="compare only these scenarios")
     args = ap.parse_args(argv)
     if args.cmd == "snapshot":
         snapshot(args.out, args.data)
         return 0
-    return compare(args.before, args.after, args.rtol)
+    return compare(args.before, args.after, args.rtol, ignore_run_id=args.ignore_run_id,
+                   ignore_columns=tuple(args.ignore_columns), scenarios=tuple(args.scenarios))
 
 
 if __name__ == "__main__":
