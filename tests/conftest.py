@@ -41,3 +41,30 @@ def small_copy(small_dataset, tmp_path) -> Path:
     dst = tmp_path / "data" / SMALL_SPEC.model
     shutil.copytree(small_dataset, dst)
     return dst
+
+
+#: The tiny-llama fixture: dense and sparse qk-sniffer captures of a trained model, with truth.
+TINY_LLAMA = Path(__file__).resolve().parent / "fixtures" / "tiny-llama"
+
+
+def read_shard(root: Path, layer: int, head: int, kind: str):
+    """One shard read with pyarrow alone (not through the warehouse loader), as TokenArrays."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from plasticity.types import TokenArrays
+
+    t = pq.read_table(Path(root) / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet")
+    vec = t.column("vector").combine_chunks()
+    d = vec.type.list_size
+    windows = set(t.column("sliding_window").to_pylist())
+    assert len(windows) == 1
+    tokens = t.column("token_str").to_pylist() if "token_str" in t.column_names else None
+    return TokenArrays(
+        bucket=t.column("bucket").to_numpy().astype(np.int64),
+        example_id=t.column("example_id").to_numpy().astype(np.int64),
+        position=t.column("position").to_numpy().astype(np.float64),
+        vectors=vec.flatten().to_numpy().astype(np.float64).reshape(-1, d),
+        sliding_window=windows.pop(),
+        token_str=None if tokens is None else np.asarray(tokens, dtype=object),
+    )

@@ -50,12 +50,18 @@ class RunConfig:
     warehouse: str = DEFAULT_WAREHOUSE
     output_dir: str = "results"  # CSVs go to output_dir/<model>/<run_id>/
     layers: list[int] | None = None  # restrict to these layers
-    attention: bool = True  # also compute SPEC 4 attention-pattern metrics
+    # SPEC 4 attention patterns: auto (exact rows of heads with >= attention_min_exact_rows of them;
+    # other heads are skipped with the reason), true (every row, non-exact ones flagged), false (off)
+    attention: str = "auto"
     attention_scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5])
+    attention_min_exact_rows: int = 100  # fewer exact query rows: the head's attention is not estimable
     duckdb_threads: int = 1  # threads of each in-memory DuckDB reader connection
     lock_timeout_s: float = 60.0  # how long a writer waits for the warehouse lock
 
     def __post_init__(self) -> None:
+        self.attention = attention_mode(self.attention)
+        if self.attention_min_exact_rows < 1:
+            raise ValueError("attention_min_exact_rows must be >= 1")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.max_tokens_per_head < 2:
@@ -98,12 +104,30 @@ class RunConfig:
             "params": dataclasses.asdict(self.params),
             "num_q_heads": self.num_q_heads,
             "num_k_heads": self.num_k_heads,
-            # attention tables are part of a run's results: switching them on or
-            # changing the scales must not resume a run that lacks them
-            "attention": [float(s) for s in self.attention_scales] if self.attention else None,
+            # attention tables are part of a run's results: switching them on, changing the mode,
+            # the scales or the exact-row minimum must not resume a run computed otherwise
+            "attention": None if self.attention == "false" else
+            [self.attention, [float(s) for s in self.attention_scales], self.attention_min_exact_rows],
         }
         blob = json.dumps(keyed, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
+
+
+ATTENTION_MODES = ("auto", "true", "false")
+
+
+def attention_mode(value: Any) -> str:
+    """'auto', 'true' or 'false' from a mode name or a YAML/CLI boolean (true/yes/on/1, false/no/off/0)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    low = str(value).strip().lower()
+    if low in ATTENTION_MODES:
+        return low
+    if low in ("1", "yes", "on"):
+        return "true"
+    if low in ("0", "no", "off"):
+        return "false"
+    raise ValueError(f"attention: expected auto, true or false, got {value!r}")
 
 
 _FIELD_TYPES = {f.name: f for f in fields(RunConfig)}
