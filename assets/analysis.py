@@ -48,8 +48,9 @@ class AnalysisConfig(dg.Config):
     max_workers: Optional[int] = Field(
         default=None, description="Worker processes for the per-head loop (default: the dataset config's, "
                                   "else the number of CPUs).")
-    attention: Optional[bool] = Field(
-        default=None, description="Also compute the SPEC 4 attention-pattern tables (default: the dataset config's).")
+    attention: Optional[str] = Field(
+        default=None, description="SPEC 4 attention patterns: auto (exact rows of heads captured densely enough), "
+                                  "true (every row, non-exact ones flagged) or false (default: the dataset config's).")
 
 
 @dg.multi_asset(

@@ -19,6 +19,7 @@ import pytest
 from conftest import TINY_LLAMA, read_shard
 from plasticity.attention import SWEEP_COLUMNS, head_attention_metrics
 from warehouse import db
+from warehouse.attention_plots import class_counts_data, scale_sweep_data
 from warehouse.config import load_config
 from warehouse.pipeline import analyze_dataset
 from warehouse.validation import model_report
@@ -184,3 +185,33 @@ def test_sparse_capture_through_the_warehouse(tmp_path, mode):
     conclusion = report.text[report.text.index("CONCLUSION:"):]
     assert "Attention is not estimable from this capture" in conclusion
     assert "reconstructed correctly" not in report.text and "[PASS] Local bias" not in report.text
+    # the plots: every head in the class plot's "not estimable" bar; no sweep to draw
+    _, counts = class_counts_data(cfg.warehouse, "tinyllama-sparse")
+    assert counts["not estimable"].tolist() == counts["heads"].tolist() == [Q_HEADS] * LAYERS
+    with pytest.raises(LookupError, match="no head .* is estimable from this capture"):
+        scale_sweep_data(cfg.warehouse, "tinyllama-sparse")
+    if mode == "auto":
+        materialized = materialize_attention_assets(cfg.warehouse, "tinyllama-sparse", tmp_path)
+        assert set(materialized) == {"attention_validation_report", "attention_class_plot"}
+        assert materialized["attention_validation_report"]["estimable_heads"].value == 0
+
+
+def materialize_attention_assets(warehouse, model, tmp_path) -> dict:
+    """The attention assets of one partition in a temporary Dagster instance: {asset: metadata}."""
+    import dagster as dg
+
+    from assets import attention as assets_attention
+    from dagster_project.resources import WarehouseResource
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", [model])
+    try:
+        result = dg.materialize(
+            [assets_attention.attention_validation_report, assets_attention.attention_scale_plot,
+             assets_attention.attention_class_plot], partition_key=model, instance=instance,
+            resources={"warehouse": WarehouseResource(path=str(warehouse), exports_dir=str(tmp_path / "results"))})
+        assert result.success
+        return {e.materialization.asset_key.to_user_string(): e.materialization.metadata
+                for e in result.get_asset_materialization_events()}
+    finally:
+        instance.dispose()
