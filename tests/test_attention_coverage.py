@@ -127,3 +127,20 @@ def test_auto_stores_exact_rows_and_skips_heads_without_enough(partial_dataset, 
     flagged = [r for r in true["tokens"] if r[4] and r[:2] in partial_heads]
     assert nan_free(flagged) == nan_free(auto["tokens"])
     assert len(true["tokens"]) > len(auto["tokens"]) and not all(r[4] for r in true["tokens"])
+
+
+def test_attention_mode_config_and_run_ids():
+    assert load_config(None, {}).attention == "auto" and load_config(None, {}).attention_min_exact_rows == 100
+    for given, mode in ((True, "true"), ("yes", "true"), (False, "false"), ("OFF", "false"), ("Auto", "auto")):
+        assert load_config(None, {"attention": given}).attention == mode
+    with pytest.raises(ValueError, match="auto, true or false"):
+        load_config(None, {"attention": "sometimes"})
+    with pytest.raises(ValueError, match="attention_min_exact_rows"):
+        load_config(None, {"attention_min_exact_rows": 0})
+    ids = {load_config(None, over).run_id("m", "r") for over in (
+        {}, {"attention": "true"}, {"attention": "false"}, {"attention_min_exact_rows": 50},
+        {"attention_scales": [1.0, 2.0]})}
+    assert len(ids) == 5  # each changes what is stored, so each is its own run
+    # with attention off, its other settings change nothing
+    assert load_config(None, {"attention": "false"}).run_id("m", "r") == \
+        load_config(None, {"attention": "false", "attention_min_exact_rows": 7}).run_id("m", "r")

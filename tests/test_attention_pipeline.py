@@ -19,7 +19,6 @@ import pytest
 
 from conftest import SMALL_SPEC, read_shard
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS, gain_ratio, head_attention_metrics
-from plasticity.types import TokenArrays
 from warehouse import db
 from warehouse.attention_export import ATTENTION_EXPORTS, export_attention
 from warehouse.attention_plots import (
@@ -100,6 +99,15 @@ def test_summary_rows_equal_direct_computation_with_sql_types(analysed):
     _, nulls = fetch(cfg, "SELECT layer, count(*) FILTER (WHERE sliding_window IS NULL) FROM head_attention_summary "
                           "GROUP BY layer ORDER BY layer")
     assert nulls == [(0, SMALL_SPEC.num_q_heads), (1, 0)]
+
+
+def test_every_attention_column_has_a_comment(analysed):
+    _, rows = fetch(analysed["cfg"], "SELECT table_name, column_name, comment FROM duckdb_columns() WHERE table_name "
+                                      "IN ('token_attention', 'head_attention_summary', 'query_scale_sweep')")
+    keys = {"model", "run_id", "layer", "q_head", "k_head"}
+    columns = {(t, c) for t, c, _ in rows if c not in keys}
+    assert len(columns) == len(TOKEN_COLUMNS) + len(SUMMARY_COLUMNS) + len(SWEEP_COLUMNS)
+    assert [(t, c) for t, c, comment in rows if c not in keys and not comment] == []
 
 
 def test_token_and_sweep_rows_equal_direct_computation(analysed):

@@ -61,6 +61,7 @@ def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> None:
         con.execute(sql.load("schema"))
         con.execute(sql.load("head_samples_schema"))
         con.execute(sql.load("views"))
+        con.execute(sql.load("comments"))
 
 
 @contextlib.contextmanager

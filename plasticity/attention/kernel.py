@@ -216,25 +216,21 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 p = direct
             rest = pa = 0.0  # rest: the mass of every key but the top one (place 0, weight 1)
             for b in range(nb):
-                t0 = t1 = t2 = t3 = u0 = u1 = u2 = u3 = 0.0
+                t0 = t1 = u0 = u1 = 0.0
                 start = 1 if b == 0 else off[b]
                 end = off[b + 1]
-                end4 = end - (end - start) % 4
-                for j in range(start, end4, 4):
+                end2 = end - (end - start) % 2
+                for j in range(start, end2, 2):
                     t0 += p[j]
                     t1 += p[j + 1]
-                    t2 += p[j + 2]
-                    t3 += p[j + 3]
                     u0 += p[j] * sa[j]
                     u1 += p[j + 1] * sa[j + 1]
-                    u2 += p[j + 2] * sa[j + 2]
-                    u3 += p[j + 3] * sa[j + 3]
-                for j in range(end4, end):
-                    t0 += p[j]
-                    u0 += p[j] * sa[j]
-                mass[b] = (t0 + t1) + (t2 + t3)
+                if end2 < end:
+                    t0 += p[end2]
+                    u0 += p[end2] * sa[end2]
+                mass[b] = t0 + t1
                 rest += mass[b]
-                pa += (u0 + u1) + (u2 + u3)
+                pa += u0 + u1
             mass[0] += 1.0
             tot = 1.0 + rest
             inv = 1.0 / tot
@@ -305,7 +301,7 @@ def _k_eff_inside(p, a, idx, m, cum, thr, mass, cnt):
     """How many of the keys ``idx[:m]`` (one bin: weights ``p``, shifted scores ``a``), taken
     largest first, bring ``cum`` to ``thr`` (``m`` if rounding keeps them short).
 
-    Re-bins the candidates by score (N_BINS sub-bins over their own range) and keeps the
+    Re-bins the candidates by score (~4 per sub-bin, over their own range) and keeps the
     sub-bin where the threshold is crossed, until at most SMALL_SET remain (sorted and summed)
     or all scores are equal (equal weights). ``mass``/``cnt`` are scratch; ``idx`` is
     reordered."""
@@ -317,22 +313,23 @@ def _k_eff_inside(p, a, idx, m, cum, thr, mass, cnt):
             amax = max(amax, a[idx[x]])
         if amax <= amin:
             break
-        to_bin = N_BINS / (amax - amin)
-        for b in range(N_BINS):
+        nb = min(N_BINS, max(2, m // 4))  # ~4 keys per sub-bin
+        to_bin = nb / (amax - amin)
+        for b in range(nb):
             mass[b] = 0.0
             cnt[b] = 0
         for x in range(m):
-            c = min(int((amax - a[idx[x]]) * to_bin), N_BINS - 1)
+            c = min(int((amax - a[idx[x]]) * to_bin), nb - 1)
             mass[c] += p[idx[x]]
             cnt[c] += 1
         b = 0
-        while b < N_BINS - 1 and cum + mass[b] < thr:
+        while b < nb - 1 and cum + mass[b] < thr:
             cum += mass[b]
             count += cnt[b]
             b += 1
         keep = 0
         for x in range(m):
-            if min(int((amax - a[idx[x]]) * to_bin), N_BINS - 1) == b:
+            if min(int((amax - a[idx[x]]) * to_bin), nb - 1) == b:
                 idx[keep] = idx[x]
                 keep += 1
         m = keep
@@ -358,13 +355,19 @@ def _local_and_token(p, inv, n, i, r, rows, keys, has_codes, extras):
     same-token / other-token key."""
     lo = rows[1, i]
     split = rows[3, i] - lo
-    near = far = 0.0
-    for j in range(split):
-        far += p[j]
+    f0 = f1 = f2 = f3 = near = 0.0
+    split4 = split - split % 4
+    for j in range(0, split4, 4):
+        f0 += p[j]
+        f1 += p[j + 1]
+        f2 += p[j + 2]
+        f3 += p[j + 3]
+    for j in range(split4, split):
+        f0 += p[j]
     for j in range(split, n):
         near += p[j]
     extras[0, r] = near * inv / (n - split) if n > split else np.nan
-    extras[1, r] = far * inv / split if split > 0 else np.nan
+    extras[1, r] = ((f0 + f1) + (f2 + f3)) * inv / split if split > 0 else np.nan
     if not has_codes:
         return
     qc = rows[7, i]
@@ -374,7 +377,7 @@ def _local_and_token(p, inv, n, i, r, rows, keys, has_codes, extras):
         own = rows[0, i]
         for j in range(n):
             kc = keys[1, lo + j]
-            if kc < 0 or keys[0, lo + j] == own:
+            if kc < 0 or keys[0, lo + j] == own:  # unknown token, or the query's own position
                 continue
             if kc == qc:
                 same += p[j]

@@ -103,7 +103,6 @@ def scan(q: TokenArrays, k: TokenArrays, window: int | None, index: KeyIndex, lo
     qcodes, kcodes = token_codes(q.token_str, k.token_str) if want_extras else (None, None)
     near_lo = first_key_at_or_after(index, qpos - local_window, lo, hi) if want_extras else lo
     inv_sqrt_d = 1.0 / math.sqrt(q.d)
-    no_codes = np.zeros(0, dtype=np.int64)
     key_rank = index.code // index.stride
     q_order = np.lexsort((qpos, index.q_rank))
     for rows in np.split(q_order, np.flatnonzero(np.diff(index.q_rank[q_order])) + 1):

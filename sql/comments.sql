@@ -1,0 +1,60 @@
+-- DuckDB column comments (shown by DESCRIBE / duckdb_columns()); the full reference is docs/metrics.md.
+-- SPEC 4 attention tables: rebuilt attention of each captured query over the captured keys it may see.
+
+COMMENT ON COLUMN token_attention.bucket IS 'the query''s position bucket (as captured)';
+COMMENT ON COLUMN token_attention.example_id IS 'the query''s sequence';
+COMMENT ON COLUMN token_attention.position IS 'the query''s position in its sequence';
+COMMENT ON COLUMN token_attention.entropy IS 'nats, -sum a log a over the query''s captured visible keys; NaN for positions < 2 or no key';
+COMMENT ON COLUMN token_attention.entropy_ratio IS 'entropy / log(n_keys); NaN when n_keys < 2';
+COMMENT ON COLUMN token_attention.max_attn IS 'largest attention weight of the row';
+COMMENT ON COLUMN token_attention.k_eff IS 'fewest keys, largest weight first, holding 90% of the mass (1e-12 tolerance); 0 without keys';
+COMMENT ON COLUMN token_attention.query_norm IS 'L2 norm of the (unscaled) query vector';
+COMMENT ON COLUMN token_attention.n_keys IS 'captured keys the query may see (same example, pos_k <= pos_q, within the sliding window)';
+COMMENT ON COLUMN token_attention.n_visible IS 'positions the query may see: min(pos_q + 1, sliding_window)';
+COMMENT ON COLUMN token_attention.key_coverage IS 'distinct captured visible key positions / n_visible; 1 = exact';
+COMMENT ON COLUMN token_attention.row_std IS 'population std of the row''s weights over its captured visible keys';
+COMMENT ON COLUMN token_attention."exact" IS 'key_coverage = 1: every key the query attends to was captured, the row is the model''s attention (false: an estimate over a subset, never summarised)';
+
+COMMENT ON COLUMN head_attention_summary.n_queries IS 'captured query rows of the head';
+COMMENT ON COLUMN head_attention_summary.n_queries_with_keys IS 'query rows that see at least one captured key';
+COMMENT ON COLUMN head_attention_summary.n_examples IS 'sequences among the query rows';
+COMMENT ON COLUMN head_attention_summary.head_dim IS 'vector width d (scores are q.k / sqrt(d))';
+COMMENT ON COLUMN head_attention_summary.sliding_window IS 'the head''s window w (keys pos_q - w < pos_k <= pos_q); NULL = full causal';
+COMMENT ON COLUMN head_attention_summary.local_window IS 'keys at most this many positions back count as near (local bias)';
+COMMENT ON COLUMN head_attention_summary.mean_entropy IS 'mean entropy over exact rows at positions >= 2; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.mean_entropy_ratio IS 'mean entropy_ratio over exact rows; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.mean_max_attn IS 'mean max_attn over exact rows; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.mean_k_eff IS 'mean k_eff over exact rows; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.mean_query_norm IS 'mean query_norm over every query row (a fact of the capture)';
+COMMENT ON COLUMN head_attention_summary.mean_n_keys IS 'mean n_keys over exact rows; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.mean_key_coverage IS 'mean key_coverage over every query row';
+COMMENT ON COLUMN head_attention_summary.row_std IS 'mean row_std over exact rows; NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.attn_class IS 'sharp (mean_entropy_ratio <= 0.5) | uniform (>= 0.95) | medium | unknown (not estimable)';
+COMMENT ON COLUMN head_attention_summary.local_attn_near IS 'mean weight per key on keys 0..local_window positions back, over exact rows with near and far keys';
+COMMENT ON COLUMN head_attention_summary.local_attn_far IS 'mean weight per key on keys more than local_window positions back, same rows';
+COMMENT ON COLUMN head_attention_summary.local_bias_ratio IS 'local_attn_near / local_attn_far';
+COMMENT ON COLUMN head_attention_summary.same_token_attn IS 'mean weight per key on keys with the query''s token (own position left out), exact rows';
+COMMENT ON COLUMN head_attention_summary.diff_token_attn IS 'mean weight per key on keys with another token, same rows';
+COMMENT ON COLUMN head_attention_summary.same_token_ratio IS 'same_token_attn / diff_token_attn';
+COMMENT ON COLUMN head_attention_summary.qvar_l2_adjacent IS 'mean L2 distance of the rows of exact queries 1 position apart, renormalised over shared keys';
+COMMENT ON COLUMN head_attention_summary.qvar_l2_distant IS 'the same for queries 10 positions apart';
+COMMENT ON COLUMN head_attention_summary.qvar_pairs_adjacent IS 'pairs behind qvar_l2_adjacent (both rows exact, >= 2 shared keys)';
+COMMENT ON COLUMN head_attention_summary.qvar_pairs_distant IS 'pairs behind qvar_l2_distant';
+COMMENT ON COLUMN head_attention_summary.max_row_sum_error IS 'max |sum of a row''s weights - 1| over every computed row and scale; NaN when none was computed';
+COMMENT ON COLUMN head_attention_summary.max_future_weight IS 'largest weight on a key after the query over every computed row and scale (0 when correct)';
+COMMENT ON COLUMN head_attention_summary.max_window_weight IS 'largest weight on a key outside the sliding window (0 when correct)';
+COMMENT ON COLUMN head_attention_summary.gain IS 'OLS slope of the sweep''s mean max_attn against log(scale); NaN when not estimable';
+COMMENT ON COLUMN head_attention_summary.gain_r2 IS 'R2 of that fit';
+COMMENT ON COLUMN head_attention_summary.entropy_monotonic IS 'mean entropy falls strictly with the query scale; NULL when not estimable';
+COMMENT ON COLUMN head_attention_summary.status IS 'exact (every query row exact) | partial (>= min_exact_rows exact rows; summaries use them only) | not_estimable (too few; computed, attention: true) | skipped (too few; not computed, attention: auto)';
+COMMENT ON COLUMN head_attention_summary.status_reason IS 'why the head has its status, in words';
+COMMENT ON COLUMN head_attention_summary.n_exact_rows IS 'query rows that see every key they may attend to';
+COMMENT ON COLUMN head_attention_summary.exact_row_frac IS 'n_exact_rows / n_queries';
+COMMENT ON COLUMN head_attention_summary.min_exact_rows IS 'attention_min_exact_rows of the run: fewer exact rows make the head not estimable';
+
+COMMENT ON COLUMN query_scale_sweep.scale IS 'query scale s: scores s * q.k / sqrt(d)';
+COMMENT ON COLUMN query_scale_sweep.mean_entropy IS 'mean entropy at this scale over the head''s exact rows (positions >= 2); NaN when not estimable';
+COMMENT ON COLUMN query_scale_sweep.mean_entropy_ratio IS 'mean entropy_ratio at this scale, exact rows';
+COMMENT ON COLUMN query_scale_sweep.mean_max_attn IS 'mean max_attn at this scale, exact rows';
+COMMENT ON COLUMN query_scale_sweep.mean_k_eff IS 'mean k_eff at this scale, exact rows';
+COMMENT ON COLUMN query_scale_sweep.mean_row_std IS 'mean row_std at this scale, exact rows';
