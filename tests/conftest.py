@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ import pytest
 # No test may reach the network; the Hub tests use a local server.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The attention kernel's numba cache goes to a temporary directory of this session (compiled once,
+# loaded by every worker the tests spawn), not beside the source in the checkout.
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="numba-cache-"))
+atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], True)
 
 from plasticity.synthetic import SyntheticSpec  # noqa: E402
 from warehouse.demo_data import write_synthetic_dataset  # noqa: E402

@@ -47,7 +47,7 @@ def test_scale_plan_builds_the_documented_powers():
     plan = scale_plan((0.5, 0.75, 1.0, 1.25, 1.5, 0.3, 17.0))
     assert [power_of_scale(s) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 0.3, 17.0, 16.0)] == [2, 3, 4, 5, 6, None, None, 64]
     assert plan.one == 2 and list(plan.scale_slot[-2:]) == [-1, -1]
-    r = np.array([0.3, 0.9, 1.0, 1e-80])
+    r = np.concatenate([[0.3, 0.9, 1.0, 1e-80], np.random.default_rng(1).random(2000)])  # last bits differ by tree
     slots = [r] + [None] * (plan.n_slots - 1)
     for dst, s1, s2 in plan.prog:
         slots[dst] = slots[s1] * slots[s2]
@@ -123,3 +123,27 @@ def test_rows_mode_and_repeats_do_not_change_a_bit():
     again = head_attention_metrics(q, k, rows="exact")
     for col in t_ex:
         np.testing.assert_array_equal(again[0][col], t_ex[col])
+
+
+def test_a_fresh_process_loads_the_compiled_kernel_from_the_cache(tmp_path):
+    """Spawned workers are fresh interpreters: the second one must load the kernel numba cached
+    (``cache=True``) instead of compiling it again."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from plasticity.attention import head_attention_metrics\n"
+            "from plasticity.attention.kernel import block_stats\n"
+            "from plasticity.types import TokenArrays\n"
+            "q = TokenArrays(np.zeros(40, np.int64), np.zeros(40, np.int64), np.arange(40.0),"
+            " np.random.default_rng(0).normal(size=(40, 4)))\n"
+            "head_attention_metrics(q, q)\n"
+            "print(block_stats.stats.cache_hits.total(), block_stats.stats.cache_misses.total())\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            for _ in range(2)]
+    (hits1, misses1), (hits2, misses2) = [tuple(map(int, r.stdout.split())) for r in runs]
+    assert (hits1, misses1) == (0, 1)  # an empty cache: compiled once
+    assert (hits2, misses2) == (1, 0)  # then loaded
+    assert any(p.suffix == ".nbi" for p in (tmp_path / "numba").rglob("*"))

@@ -288,23 +288,27 @@ def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_
         b.check(WARN, warn_msg)
 
 
-def _nothing_estimable(b: _Builder, heads, what: str) -> bool:
-    if heads:
-        return False
-    b.check(SKIP, f"{what}: {NOT_ESTIMABLE} (no head has enough exact query rows)")
-    return True
+def _section(b: _Builder, idx: int, title: str, heads, what: str, keys: tuple[str, ...], none: str):
+    """Open section ``idx``; the heads with every ``keys`` finite, or None after a SKIP line (no
+    estimable head at all, or ``none`` when no head has the values)."""
+    b.start(idx, title)
+    if not heads:
+        b.check(SKIP, f"{what}: {NOT_ESTIMABLE} (no head has enough exact query rows)")
+        return None
+    ok = [h for h in heads if all(_fin(h.get(k)) for k in keys)]
+    if not ok:
+        b.check(SKIP, f"{what}: {none}")
+        return None
+    return ok
 
 
 def _positional(b: _Builder, heads, local_bias_min) -> None:
-    b.start(2, "Positional Patterns")
-    if _nothing_estimable(b, heads, "Local bias"):
+    ok = _section(b, 2, "Positional Patterns", heads, "Local bias", ("local_attn_near", "local_attn_far"),
+                  "no query has both near and far keys")
+    if ok is None:
         return
-    ok = [h for h in heads if _fin(h.get("local_attn_near")) and _fin(h.get("local_attn_far"))]
     lw = sorted({int(_num(h.get("local_window"))) for h in heads if _fin(h.get("local_window"))})
     lw_txt = "/".join(map(str, lw)) if lw else "?"
-    if not ok:
-        b.check(SKIP, "Local bias: no query has both near and far keys")
-        return
     near, far, ratio = _mean_ratio(ok, "local_attn_near", "local_attn_far")
     msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
     _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}")
@@ -313,12 +317,9 @@ def _positional(b: _Builder, heads, local_bias_min) -> None:
 
 
 def _tokens(b: _Builder, heads, same_token_min) -> None:
-    b.start(3, "Token-Level Patterns")
-    if _nothing_estimable(b, heads, "Repeated tokens"):
-        return
-    ok = [h for h in heads if _fin(h.get("same_token_attn")) and _fin(h.get("diff_token_attn"))]
-    if not ok:
-        b.check(SKIP, "Repeated tokens: token_str not captured (or no repeated token seen)")
+    ok = _section(b, 3, "Token-Level Patterns", heads, "Repeated tokens", ("same_token_attn", "diff_token_attn"),
+                  "token_str not captured (or no repeated token seen)")
+    if ok is None:
         return
     same, diff, ratio = _mean_ratio(ok, "same_token_attn", "diff_token_attn")
     msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
@@ -327,12 +328,9 @@ def _tokens(b: _Builder, heads, same_token_min) -> None:
 
 
 def _statistical(b: _Builder, heads, uniform_min) -> None:
-    b.start(4, "Statistical Tests (vs Uniform)")
-    if _nothing_estimable(b, heads, "Entropy"):
-        return
-    ok = [h for h in heads if _fin(h.get("mean_entropy_ratio"))]
-    if not ok:
-        b.check(SKIP, "Entropy: no head has a finite entropy ratio")
+    ok = _section(b, 4, "Statistical Tests (vs Uniform)", heads, "Entropy", ("mean_entropy_ratio",),
+                  "no head has a finite entropy ratio")
+    if ok is None:
         return
     ratio = _mean(h["mean_entropy_ratio"] for h in ok)
     if ratio >= uniform_min:
@@ -385,8 +383,8 @@ def _per_head(b: _Builder, heads, sharp_max, uniform_min) -> None:
 
 
 def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
-    b.start(6, "Query-Side Variation (Do different queries attend differently?)")
-    if _nothing_estimable(b, heads, "Query variation"):
+    if _section(b, 6, "Query-Side Variation (Do different queries attend differently?)", heads, "Query variation",
+                (), "") is None:
         return
     adj = [h for h in heads if _fin(h.get("qvar_l2_adjacent"))]
     far = [h for h in heads if _fin(h.get("qvar_l2_distant"))]
@@ -413,12 +411,9 @@ def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
 
 
 def _sweep(b: _Builder, heads, gain_min) -> None:
-    b.start(7, "Query-Scale Sweep (gain = d mean max_attn / d log scale)")
-    if _nothing_estimable(b, heads, "Query-scale sweep"):
-        return
-    ok = [h for h in heads if _fin(h.get("gain"))]
-    if not ok:
-        b.check(SKIP, "Query-scale sweep: no head has a gain")
+    ok = _section(b, 7, "Query-Scale Sweep (gain = d mean max_attn / d log scale)", heads, "Query-scale sweep",
+                  ("gain",), "no head has a gain")
+    if ok is None:
         return
     for h in ok:
         mono = {True: "yes", False: "NO"}.get(h.get("entropy_monotonic"), "n/a")
