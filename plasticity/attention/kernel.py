@@ -51,6 +51,7 @@ SMALL_SET = 16  # sort the boundary bin once it holds at most this many keys
 TINY_MASS = 1e-250  # query variation: below this, renormalise the shared keys from their scores
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
+_INNER = dict(_JIT, no_cpython_wrapper=True, no_cfunc_wrapper=True)  # called from the kernel only
 
 
 @intrinsic
@@ -76,7 +77,7 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_FACT = tuple(1.0 / math.factorial(i) for i in range(14))
 
 
-@njit("float64(float64)", inline="always", **_JIT)
+@njit(inline="always", **_JIT)
 def exp_nonpositive(x):
     """exp(x) for EXP_FLOOR <= x <= 0 with an error below 1.5 ulp (1.09 measured against a float80
     reference; a correctly rounded exp has 0.5), branch-free so that loops over it vectorise: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite), exp(r) by its Taylor polynomial
@@ -296,7 +297,7 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                     ring[1, slot, lo[i] + j] = a_key[j]
 
 
-@njit("int64(float64[::1], float64[::1], int64[::1], int64, float64, float64, float64[::1], int64[::1])", **_JIT)
+@njit("int64(float64[::1], float64[::1], int64[::1], int64, float64, float64, float64[::1], int64[::1])", **_INNER)
 def _k_eff_inside(p, a, idx, m, cum, thr, mass, cnt):
     """How many of the keys ``idx[:m]`` (one bin: weights ``p``, shifted scores ``a``), taken
     largest first, bring ``cum`` to ``thr`` (``m`` if rounding keeps them short).
@@ -349,7 +350,7 @@ def _k_eff_inside(p, a, idx, m, cum, thr, mass, cnt):
     return count
 
 
-@njit("void(float64[::1], float64, int64, int64, int64, int64[:, ::1], int64[:, ::1], boolean, float64[:, ::1])", **_JIT)
+@njit("void(float64[::1], float64, int64, int64, int64, int64[:, ::1], int64[:, ::1], boolean, float64[:, ::1])", **_INNER)
 def _local_and_token(p, inv, n, i, r, rows, keys, has_codes, extras):
     """Scale-1 extras of row ``i`` (output row ``r``): mean weight per near / far key, and per
     same-token / other-token key."""
@@ -389,7 +390,7 @@ def _local_and_token(p, inv, n, i, r, rows, keys, has_codes, extras):
     extras[3, r] = diff * inv / n_diff if n_diff > 0 else np.nan
 
 
-@njit("float64(float64[::1], float64[::1], float64[::1], float64[::1], int64, int64)", **_JIT)
+@njit("float64(float64[::1], float64[::1], float64[::1], float64[::1], int64, int64)", **_INNER)
 def _pair_distance(e_row, e_a, p, a, sh_lo, sh_hi):
     """L2 distance between the early row (weights ``e_row``, shifted scores ``e_a``, indexed by
     key) and the late row (``p``, ``a``, indexed from its first key ``sh_lo``), each renormalised
