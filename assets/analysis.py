@@ -50,7 +50,7 @@ class AnalysisConfig(dg.Config):
     fresh: bool = Field(default=False, description="Recompute every head instead of resuming the run.")
     # descriptions from the config-key declarations (warehouse/config.py); unset = the dataset config's value
     max_workers: Optional[int] = Field(default=None, description=describe("max_workers", "the dataset config's"))
-    attention: Optional[bool] = Field(default=None, description=describe("attention", "the dataset config's"))
+    attention: Optional[str] = Field(default=None, description=describe("attention", "the dataset config's"))
 
 
 @dg.multi_asset(

@@ -1,11 +1,13 @@
 """SPEC 4 attention patterns: the validation report and two plots of a model's latest run.
 
 The attention tables (token_attention, head_attention_summary, query_scale_sweep) are
-written by the per-head analysis step (`head_analysis`, when the run config has
-``attention: true``), in the same transactions as ``head_metrics``; these assets depend
+written by the per-head analysis step (`head_analysis`, unless the run config has
+``attention: false``), in the same transactions as ``head_metrics``; these assets depend
 on that step through ``head_metrics`` and only read the warehouse (read-only
 connections). A run analysed without attention has no attention rows: the assets then
-log why and materialize nothing, so the rest of the job is unaffected.
+log why and materialize nothing, so the rest of the job is unaffected. When no head's
+attention is estimable from the capture (a sparse capture), the report still says so and the
+class plot shows it; the scale plot has nothing to draw and materializes nothing.
 """
 
 import dagster as dg
@@ -23,19 +25,31 @@ GROUP = "attention"
 
 
 def _row_counts(warehouse: WarehouseResource, model: str, run_id: str) -> dict:
+    from warehouse.attention_plots import ESTIMABLE_SQL
+
+    p = {"m": model, "r": run_id}
     with db.reader(warehouse.path_for(model), warehouse.lock_timeout_s) as con:
-        return {t: con.execute(f"SELECT count(*) FROM {t} WHERE model = $m AND run_id = $r",
-                               {"m": model, "r": run_id}).fetchone()[0] for t in ATTENTION_TABLES}
+        counts = {t: con.execute(f"SELECT count(*) FROM {t} WHERE model = $m AND run_id = $r", p).fetchone()[0]
+                  for t in ATTENTION_TABLES}
+        counts["estimable_heads"] = con.execute(
+            f"SELECT count(*) FROM head_attention_summary h WHERE model = $m AND run_id = $r AND {ESTIMABLE_SQL}",
+            p).fetchone()[0]
+    return counts
 
 
-def _latest_with_attention(context, warehouse: WarehouseResource):
-    """(model, run id, row counts) of the partition's latest run, or None (logged) without attention rows."""
+def _latest_with_attention(context, warehouse: WarehouseResource, *, estimable: bool = False):
+    """(model, run id, row counts) of the partition's latest run, or None (logged) without attention rows
+    (or, with ``estimable``, without a head whose attention the capture gives)."""
     model = context.partition_key
     run_id = steps.latest_run(warehouse.path_for(model), model, warehouse.lock_timeout_s)["run_id"]
     counts = _row_counts(warehouse, model, run_id)
     if counts["head_attention_summary"] == 0:
         context.log.info(f"run {run_id} of {model} has no attention rows (analysed with `attention: false`?); "
                          "nothing to materialize")
+        return None
+    if estimable and counts["estimable_heads"] == 0:
+        context.log.info(f"no head of run {run_id} of {model} is estimable from this capture (too few query rows "
+                         "see every key; see the attention validation report); nothing to plot")
         return None
     return model, run_id, counts
 
@@ -70,7 +84,8 @@ def attention_validation_report(context: dg.AssetExecutionContext, warehouse: Wa
         "heads": res.n_heads,
         **{k: int(v) for k, v in res.counts.items()},
         "dagster/row_count": counts["head_attention_summary"],
-        **{f"rows_{t}": int(n) for t, n in counts.items()},
+        **{f"rows_{t}": int(counts[t]) for t in ATTENTION_TABLES},
+        "estimable_heads": int(counts["estimable_heads"]),
         "file": dg.MetadataValue.path(str(path)),
         "report": dg.MetadataValue.md(f"```\n{res.text}```"),
     })
@@ -81,7 +96,8 @@ def _plot_metadata(model: str, run_id: str, out, preview, counts: dict) -> dict:
         "model": model,
         "run_id": run_id,
         "dagster/row_count": len(out.data),
-        **{f"rows_{t}": int(n) for t, n in counts.items()},
+        **{f"rows_{t}": int(counts[t]) for t in ATTENTION_TABLES},
+        "estimable_heads": int(counts["estimable_heads"]),
         "file": dg.MetadataValue.path(str(out.path)),
         "plot": png_markdown(out.png, out.kind, out.path),
         "preview": md_preview(preview),
@@ -100,7 +116,7 @@ def attention_scale_plot(context: dg.AssetExecutionContext, warehouse: Warehouse
     sweep) for the 3 highest- and 3 lowest-gain heads of the model's latest run."""
     from warehouse.attention_plots import plot_scale_sweep
 
-    found = _latest_with_attention(context, warehouse)
+    found = _latest_with_attention(context, warehouse, estimable=True)
     if found is None:
         return
     model, run_id, counts = found

@@ -62,7 +62,11 @@ SCENARIOS = [
     ("wide", dict(model="snap-c", num_layers=1, num_q_heads=4, num_k_heads=1, head_dim=128,
                   num_examples=4, seq_len=2048, bucket_size=128, capture_fraction=0.8, sliding_windows={}, seed=7),
      {"max_workers": 2, "attention": False}),
+    # the real trained model of tests/fixtures/tiny-llama: dense and sparse (1/8) captures
+    ("tinyllama_dense", "dense/tinyllama", {"max_workers": 1, "attention": True}),
+    ("tinyllama_sparse", "sparse/tinyllama_sparse", {"max_workers": 1, "attention": True}),
 ]
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-llama"
 
 TABLES = ("head_metrics", "head_bucket_plasticity", "head_bucket_summary", "head_component_weights", "head_errors",
           "token_attention", "head_attention_summary", "query_scale_sweep")
@@ -81,8 +85,11 @@ def snapshot(out: Path, data_dir: Path) -> dict:
     for name, spec_kw, overrides in SCENARIOS:
         overrides = dict(overrides)
         shuffle = overrides.pop("_shuffle", False)
-        key = hashlib.sha1(repr((sorted(spec_kw.items()), shuffle)).encode()).hexdigest()[:10]
-        root = data_dir / spec_kw["model"] / key
+        if isinstance(spec_kw, str):  # a dataset of the repository's fixtures
+            root = FIXTURE / spec_kw
+        else:
+            key = hashlib.sha1(repr((sorted(spec_kw.items()), shuffle)).encode()).hexdigest()[:10]
+            root = data_dir / spec_kw["model"] / key
         if not (root / "README.md").exists():
             write_synthetic_dataset(root, SyntheticSpec(**spec_kw), with_truth=False)
             if shuffle:  # rows in no particular order, as a sniffer writing several batches may leave them

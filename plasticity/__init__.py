@@ -7,4 +7,6 @@
 #    integer ranges) get an error instead of numbers, so which heads hold numbers changed
 # 4: ap_overall_se is an example-resampling (delete-a-group jackknife) standard error; the former
 #    pair-only value is ap_overall_se_pairs
-ANALYSIS_VERSION = 4
+# 5: attention (SPEC 4) summaries use exact rows only (coverage), attention: auto by default, and
+#    the entropy of sharp rows is computed to full precision (log1p)
+ANALYSIS_VERSION = 5

@@ -173,8 +173,9 @@ CREATE TABLE IF NOT EXISTS token_attention (
     query_norm DOUBLE,
     n_keys BIGINT,                      -- captured keys the query may see
     n_visible BIGINT,                   -- positions the query may see
-    key_coverage DOUBLE,                -- n_keys / n_visible; 1.0 = dense capture, exact attention
-    row_std DOUBLE
+    key_coverage DOUBLE,                -- distinct captured visible positions / n_visible
+    row_std DOUBLE,
+    exact BOOLEAN                       -- key_coverage = 1: the model's attention, not an estimate
 );
 CREATE TABLE IF NOT EXISTS head_attention_summary (
     model VARCHAR NOT NULL,
@@ -212,7 +213,12 @@ CREATE TABLE IF NOT EXISTS head_attention_summary (
     max_window_weight DOUBLE,
     gain DOUBLE,                        -- slope of mean max_attn vs log(scale)
     gain_r2 DOUBLE,
-    entropy_monotonic BOOLEAN
+    entropy_monotonic BOOLEAN,
+    status VARCHAR,                     -- exact | partial | not_estimable | skipped
+    status_reason VARCHAR,
+    n_exact_rows BIGINT,                -- query rows that see every key they may attend to
+    exact_row_frac DOUBLE,
+    min_exact_rows INTEGER              -- fewer exact rows: not estimable from this capture
 );
 CREATE TABLE IF NOT EXISTS query_scale_sweep (
     model VARCHAR NOT NULL,

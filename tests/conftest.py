@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,10 @@ import pytest
 # No test may reach the network; the Hub tests use a local server.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# The attention kernel's numba cache goes to a temporary directory of this session (compiled once,
+# loaded by every worker the tests spawn), not beside the source in the checkout.
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="numba-cache-"))
+atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], True)
 
 from plasticity.synthetic import SyntheticSpec  # noqa: E402
 from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
@@ -73,3 +79,30 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     if stray:
         print(f"\nERROR: the tests wrote into the checkout {CHECKOUT}: {', '.join(stray[:20])}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+#: The tiny-llama fixture: dense and sparse qk-sniffer captures of a trained model, with truth.
+TINY_LLAMA = Path(__file__).resolve().parent / "fixtures" / "tiny-llama"
+
+
+def read_shard(root: Path, layer: int, head: int, kind: str):
+    """One shard read with pyarrow alone (not through the warehouse loader), as TokenArrays."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from plasticity.types import TokenArrays
+
+    t = pq.read_table(Path(root) / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet")
+    vec = t.column("vector").combine_chunks()
+    d = vec.type.list_size
+    windows = set(t.column("sliding_window").to_pylist())
+    assert len(windows) == 1
+    tokens = t.column("token_str").to_pylist() if "token_str" in t.column_names else None
+    return TokenArrays(
+        bucket=t.column("bucket").to_numpy().astype(np.int64),
+        example_id=t.column("example_id").to_numpy().astype(np.int64),
+        position=t.column("position").to_numpy().astype(np.float64),
+        vectors=vec.flatten().to_numpy().astype(np.float64).reshape(-1, d),
+        sliding_window=windows.pop(),
+        token_str=None if tokens is None else np.asarray(tokens, dtype=object),
+    )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from plasticity import attention as att
+from plasticity.attention import inputs, scan, summary
 from plasticity.attention import (
     DEFAULT_SCALES,
     SUMMARY_COLUMNS,
@@ -200,7 +201,7 @@ def test_causal_and_window_masking_match_brute_force(window):
     kex = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     q = ta(rng.normal(size=(qpos.size, 3)) * 2, qpos, qex, window)
     k = ta(rng.normal(size=(kpos.size, 3)), kpos, kex, window)
-    table = token_attention_metrics(q, k, chunk_size=2)
+    table = token_attention_metrics(q, k, block_rows=2)
     qc = q.canonical()
     ref = brute_metrics(brute_rows(qc, k, window), qc.position)
     assert np.array_equal(table["position"], qc.position.astype(np.int64))
@@ -215,6 +216,9 @@ def test_causal_and_window_masking_match_brute_force(window):
     none = table["n_keys"] == 0
     assert none.any()
     assert np.all(np.isnan(table["max_attn"][none])) and np.all(table["k_eff"][none] == 0)
+    # exact exactly where every visible position was captured
+    np.testing.assert_array_equal(table["exact"], table["key_coverage"] == 1.0)
+    assert table["exact"].any() and not table["exact"].all()
 
 
 def test_attention_weights_matrix_matches_brute_force_with_window():
@@ -249,55 +253,47 @@ def test_entropy_nan_rules():
 
 
 @pytest.mark.parametrize("window", [None, 14])
-def test_chunked_equals_unchunked(window):
+def test_block_size_does_not_change_a_bit(window):
+    """Scores are computed per fixed tile of rows and each row's statistics by itself, so the
+    number of rows per kernel call changes nothing, bit for bit."""
     rng = np.random.default_rng(6)
-    q, k = dense_head(rng, n_ex=3, n_pos=60, d=8, window=window)
-    # drop some keys so blocks are irregular
+    q, k = dense_head(rng, n_ex=3, n_pos=300, d=8, window=window)
+    # drop some keys so blocks are irregular (rows="all": every row is computed)
     keep = rng.random(k.n) > 0.3
     k = TokenArrays(k.bucket[keep], k.example_id[keep], k.position[keep], k.vectors[keep], window)
     t0, s0, w0 = head_attention_metrics(q, k)
-    for cs in (1, 7, 64):
-        t1, s1, w1 = head_attention_metrics(q, k, chunk_size=cs)
+    for block_rows in (1, 64, 128, 100_000):
+        t1, s1, w1 = head_attention_metrics(q, k, block_rows=block_rows)
         for col in TOKEN_COLUMNS:
-            if t0[col].dtype.kind in "iu":
-                assert np.array_equal(t0[col], t1[col]), col
-            else:
-                np.testing.assert_allclose(t1[col], t0[col], rtol=1e-15, atol=1e-15, equal_nan=True)
+            np.testing.assert_array_equal(t1[col], t0[col], err_msg=col)
         for col in SWEEP_COLUMNS:
-            np.testing.assert_allclose(w1[col], w0[col], rtol=1e-15, atol=1e-15)
-        for key in ("qvar_l2_adjacent", "qvar_l2_distant", "local_attn_near", "local_attn_far"):
-            assert s1[key] == pytest.approx(s0[key], rel=1e-14, abs=1e-15)
-        assert s1["qvar_pairs_adjacent"] == s0["qvar_pairs_adjacent"]
+            np.testing.assert_array_equal(w1[col], w0[col], err_msg=col)
+        assert s1 == pytest.approx(s0, nan_ok=True)
 
 
-def test_default_chunk_respects_budget(monkeypatch):
-    seen, blocks = [], []
-    real_chunk, real_scores = att._ScoreBlocks.chunk, att._chunk_scores
+def test_default_block_respects_budget(monkeypatch):
+    """With a small budget the rows go through the kernel in more, smaller blocks (each within
+    the budget when one tile of rows allows it); the numbers stay the same."""
+    blocks = []
+    real = scan.block_stats
 
-    def spy_chunk(self, *args):
-        view = real_chunk(self, *args)
-        seen.append(view.size)  # examples x (chunk rows + partner rows) x keys
-        return view
+    def spy(scores, *args):
+        blocks.append(scores.shape)
+        return real(scores, *args)
 
-    def spy_scores(qpad, kpad, r0, r1, c0, c1, buf=None):
-        block = real_scores(qpad, kpad, r0, r1, c0, c1, buf)
-        blocks.append(block.shape)
-        return block
-
-    monkeypatch.setattr(att, "_BLOCK_BUDGET", 3000)
-    monkeypatch.setattr(att._ScoreBlocks, "chunk", spy_chunk)
-    monkeypatch.setattr(att, "_chunk_scores", spy_scores)
     rng = np.random.default_rng(7)
-    q, k = dense_head(rng, n_ex=2, n_pos=80, d=4)
-    ref = head_attention_metrics(q, k, chunk_size=10_000)
-    assert len(seen) == len(blocks) == 1 and seen[0] > 3000  # the explicit chunk took everything at once
-    seen.clear(), blocks.clear()
+    q, k = dense_head(rng, n_ex=2, n_pos=400, d=4)
+    monkeypatch.setattr(scan, "block_stats", spy)
+    ref = head_attention_metrics(q, k)
+    big = list(blocks)
+    blocks.clear()
+    monkeypatch.setattr(scan, "BLOCK_BUDGET", 64 * 300)
     got = head_attention_metrics(q, k)
-    assert len(seen) > 4 and max(seen) <= 3000
-    # scores are computed a block of tile-aligned rows at a time, each block serving several chunks
-    assert len(blocks) < len(seen)
-    assert all(r % att._TILE == 0 and r <= att._SCORE_BLOCK_ROWS for _, r, _ in blocks)
-    np.testing.assert_allclose(got[0]["entropy"], ref[0]["entropy"], rtol=1e-15, atol=1e-15, equal_nan=True)
+    assert len(blocks) > len(big)
+    assert all(r % scan.TILE == 0 or r == 400 % scan.TILE for r, _ in blocks)
+    assert all(r * w <= 64 * 300 or r == scan.TILE for r, w in blocks)
+    for col in TOKEN_COLUMNS:
+        np.testing.assert_array_equal(got[0][col], ref[0][col], err_msg=col)
     assert got[1]["qvar_pairs_distant"] == ref[1]["qvar_pairs_distant"] > 0
 
 
@@ -307,18 +303,25 @@ def test_rows_sum_to_one_and_no_future_weight():
     w = attention_weights(q.vectors[:50], q.position[:50], k.vectors[:50], k.position[:50],
                           sliding_window=12)
     assert np.max(np.abs(w.sum(axis=1) - 1.0)) < 1e-12
-    _, summ, _ = head_attention_metrics(q, k, chunk_size=5)
+    _, summ, _ = head_attention_metrics(q, k, block_rows=5)
     assert summ["max_row_sum_error"] < 1e-12
     assert summ["max_future_weight"] == 0.0
     assert summ["max_window_weight"] == 0.0
 
 
 def test_future_weight_check_is_computed(monkeypatch):
-    """A broken mask must show up in the checks (they are measured, not assumed)."""
+    """Broken key ranges must show up in the checks: they read the keys' positions, not the
+    ranges the rows were given."""
     rng = np.random.default_rng(9)
     q, k = dense_head(rng, n_ex=1, n_pos=20, d=4, window=4)
-    monkeypatch.setattr(att, "visible_mask", lambda qp, kp, w=None: np.ones((len(qp), len(kp)), bool))
-    _, summ, _ = head_attention_metrics(q, k, chunk_size=3)
+    _, ok, _ = head_attention_metrics(q, k)
+    assert ok["max_future_weight"] == 0.0 and ok["max_window_weight"] == 0.0
+
+    def every_key(index, q_pos, window):
+        return np.zeros(q_pos.size, np.int64), np.full(q_pos.size, index.code.size, np.int64)
+
+    monkeypatch.setattr(summary, "visible_ranges", every_key)
+    _, summ, _ = head_attention_metrics(q, k)
     assert summ["max_future_weight"] > 0.0
     assert summ["max_window_weight"] > 0.0
 
@@ -372,7 +375,7 @@ def test_query_variation_by_hand():
 def test_query_variation_matches_brute_force():
     rng = np.random.default_rng(11)
     q, k = dense_head(rng, n_ex=2, n_pos=30, d=3, window=15)
-    mean, n = query_variation(q, k, 10, chunk_size=4)
+    mean, n = query_variation(q, k, 10, block_rows=4)
     dists = []
     for e in range(2):
         for p in range(30 - 10):
@@ -477,30 +480,6 @@ def test_empty_and_keyless_heads():
 # ----------------------------------------------------------------------------- fast path
 
 
-def test_scale_groups_and_batches_do_not_change_results(monkeypatch):
-    """A tiny budget splits the scales into groups and the examples into batches of one;
-    every number stays the same."""
-    rng = np.random.default_rng(21)
-    q, k = dense_head(rng, n_ex=3, n_pos=60, d=8, window=None)
-    t0, s0, w0 = head_attention_metrics(q, k)
-    plans, real = [], att._batch
-
-    def spy(acc, ch, scores, rows, plan, *args):
-        plans.append((rows.shape[0], len(plan.scales)))
-        return real(acc, ch, scores, rows, plan, *args)
-
-    monkeypatch.setattr(att, "_BLOCK_BUDGET", 1000)
-    monkeypatch.setattr(att, "_batch", spy)
-    t1, s1, w1 = head_attention_metrics(q, k)
-    assert max(b for b, _ in plans) == 1 and min(n for _, n in plans) < len(DEFAULT_SCALES)
-    for col in TOKEN_COLUMNS:
-        np.testing.assert_allclose(t1[col], t0[col], rtol=1e-15, atol=1e-15, equal_nan=True)
-    for col in SWEEP_COLUMNS:
-        np.testing.assert_allclose(w1[col], w0[col], rtol=1e-15, atol=1e-15)
-    for key in ("qvar_l2_adjacent", "qvar_l2_distant", "local_attn_near", "same_token_attn", "gain"):
-        assert s1[key] == pytest.approx(s0[key], rel=1e-14, abs=1e-15, nan_ok=True)
-
-
 def test_example_alone_or_batched_gives_the_same_rows():
     rng = np.random.default_rng(22)
     q, k = dense_head(rng, n_ex=3, n_pos=70, d=5)
@@ -512,7 +491,7 @@ def test_example_alone_or_batched_gives_the_same_rows():
         t_e, _, _ = head_attention_metrics(qe, ke)
         rows = np.flatnonzero(t_all["example_id"] == e)
         for col in ("entropy", "max_attn", "row_std", "k_eff"):
-            np.testing.assert_allclose(t_e[col], t_all[col][rows], rtol=1e-15, atol=0, equal_nan=True)
+            np.testing.assert_array_equal(t_e[col], t_all[col][rows], err_msg=col)
 
 
 @pytest.mark.parametrize("scales", [(0.3, 1.0, 2.7), (1.0, 17.0, 0.125)])
@@ -548,16 +527,19 @@ def test_query_variation_when_shared_keys_are_far_below_the_max():
 
 
 def test_token_codes_treat_missing_tokens_as_unknown():
-    qc, kc = att._token_codes(np.array(["a", None, "b"], dtype=object),
+    qc, kc = inputs.token_codes(np.array(["a", None, "b"], dtype=object),
                               np.array(["b", "a", float("nan"), "c"], dtype=object))
     assert qc.tolist()[1] == -1 and kc.tolist()[2] == -1
     assert qc[0] == kc[1] and qc[2] == kc[0] and kc[3] not in (qc[0], qc[2])
 
 
 def test_query_variation_with_duplicate_positions_matches_brute_force():
-    """Two captured queries at one position both pair with the first query D later."""
+    """Two captured queries at one position both pair with the first query D later; keys
+    captured twice count once for coverage (every position 0..5 is there: rows are exact)."""
     q = ta([[0.3, -1.0], [1.2, 0.4], [-0.7, 0.9], [0.5, 0.5], [2.0, -0.3], [-1.1, 0.2]], [2, 3, 3, 4, 5, 5])
-    k = ta([[0.1, 0.8], [-0.6, 0.3], [1.0, 1.0], [0.2, -0.9], [0.7, 0.1], [-0.4, -0.4]], [0, 0, 3, 3, 3, 5])
+    k = ta([[0.1, 0.8], [-0.6, 0.3], [0.9, -0.2], [-0.5, 0.6], [1.0, 1.0], [0.2, -0.9], [0.7, 0.1], [0.3, 0.3],
+            [-0.4, -0.4]], [0, 0, 1, 2, 3, 3, 3, 4, 5])
+    assert token_attention_metrics(q, k)["exact"].all()
     dists = []
     for i, j in [(0, 1), (1, 3), (2, 3), (3, 4)]:  # late = first query at position + 1
         shared = np.flatnonzero(k.position <= q.position[i])

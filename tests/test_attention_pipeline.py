@@ -1,8 +1,8 @@
 """SPEC 4 in the warehouse: shards -> attention tables -> CSV, report, plots, Dagster assets.
 
 One module-scoped analysis of the small synthetic dataset (dense capture, token_str,
-a sliding window on layer 1) with ``attention: true``; every table is compared with
-`plasticity.attention.head_attention_metrics` called directly on rows read from the
+a sliding window on layer 1) with the default ``attention: auto``; every table is compared
+with `plasticity.attention.head_attention_metrics` called directly on rows read from the
 Parquet shards with pyarrow (not through the warehouse loader).
 """
 
@@ -17,11 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SMALL_SPEC
+from conftest import SMALL_SPEC, read_shard
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS, gain_ratio, head_attention_metrics
-from plasticity.types import TokenArrays
 from warehouse import db
-from warehouse.attention_export import ATTENTION_EXPORTS, export_attention_csvs
+from warehouse.attention_export import ATTENTION_EXPORTS, export_attention
 from warehouse.attention_plots import (
     class_counts_data,
     default_heads,
@@ -39,27 +38,11 @@ N_TOKENS = SMALL_SPEC.num_examples * SMALL_SPEC.seq_len
 WINDOWS = SMALL_SPEC.sliding_windows  # {1: 64}
 
 
-def read_shard(root, layer, head, kind) -> TokenArrays:
-    t = pq.read_table(root / f"l{layer:02d}h{head:02d}{kind}" / "data.parquet")
-    vec = t.column("vector").combine_chunks()
-    d = vec.type.list_size
-    windows = set(t.column("sliding_window").to_pylist())
-    assert len(windows) == 1
-    return TokenArrays(
-        bucket=t.column("bucket").to_numpy().astype(np.int64),
-        example_id=t.column("example_id").to_numpy().astype(np.int64),
-        position=t.column("position").to_numpy().astype(np.float64),
-        vectors=vec.flatten().to_numpy().astype(np.float64).reshape(-1, d),
-        sliding_window=windows.pop(),
-        token_str=np.asarray(t.column("token_str").to_pylist(), dtype=object),
-    )
-
-
 @pytest.fixture(scope="module")
 def analysed(small_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("attn_pipeline")
-    cfg = load_config(None, {"warehouse": str(tmp / "wh.duckdb"), "max_workers": 1, "attention": True,
-                             "model": MODEL})
+    cfg = load_config(None, {"warehouse": str(tmp / "wh.duckdb"), "max_workers": 1, "model": MODEL})
+    assert cfg.attention == "auto"
     summary = analyze_dataset(cfg, small_dataset, progress=False)
     assert summary.n_errors == 0 and summary.n_done == N_HEADS
     direct = {}
@@ -68,7 +51,8 @@ def analysed(small_dataset, tmp_path_factory):
         for q_head in range(SMALL_SPEC.num_q_heads):
             q = read_shard(small_dataset, layer, q_head, "q")
             k = read_shard(small_dataset, layer, q_head // group, "k")
-            direct[(layer, q_head)] = head_attention_metrics(q, k, scales=tuple(cfg.attention_scales))
+            direct[(layer, q_head)] = head_attention_metrics(q, k, scales=tuple(cfg.attention_scales), rows="exact",
+                                                             min_exact_rows=cfg.attention_min_exact_rows)
     return {"cfg": cfg, "summary": summary, "direct": direct, "tmp": tmp, "root": small_dataset}
 
 
@@ -106,6 +90,8 @@ def test_summary_rows_equal_direct_computation_with_sql_types(analysed):
         assert got["attn_class"] in ("sharp", "medium", "uniform")
         assert got["max_future_weight"] == 0.0 and got["max_row_sum_error"] < 1e-12
         assert got["mean_key_coverage"] == 1.0 and got["n_queries"] == N_TOKENS
+        assert got["status"] == "exact" and got["n_exact_rows"] == N_TOKENS and got["exact_row_frac"] == 1.0
+        assert got["min_exact_rows"] == 100
         assert math.isfinite(got["same_token_ratio"])  # token_str reached the computation
     _, types = fetch(cfg, "SELECT DISTINCT typeof(sliding_window), typeof(entropy_monotonic), typeof(attn_class), "
                           "typeof(qvar_pairs_distant) FROM head_attention_summary")
@@ -113,6 +99,15 @@ def test_summary_rows_equal_direct_computation_with_sql_types(analysed):
     _, nulls = fetch(cfg, "SELECT layer, count(*) FILTER (WHERE sliding_window IS NULL) FROM head_attention_summary "
                           "GROUP BY layer ORDER BY layer")
     assert nulls == [(0, SMALL_SPEC.num_q_heads), (1, 0)]
+
+
+def test_every_attention_column_has_a_comment(analysed):
+    _, rows = fetch(analysed["cfg"], "SELECT table_name, column_name, comment FROM duckdb_columns() WHERE table_name "
+                                      "IN ('token_attention', 'head_attention_summary', 'query_scale_sweep')")
+    keys = {"model", "run_id", "layer", "q_head", "k_head"}
+    columns = {(t, c) for t, c, _ in rows if c not in keys}
+    assert len(columns) == len(TOKEN_COLUMNS) + len(SUMMARY_COLUMNS) + len(SWEEP_COLUMNS)
+    assert [(t, c) for t, c, comment in rows if c not in keys and not comment] == []
 
 
 def test_token_and_sweep_rows_equal_direct_computation(analysed):
@@ -140,32 +135,43 @@ def test_token_and_sweep_rows_equal_direct_computation(analysed):
     assert mx == [(0, SMALL_SPEC.seq_len, SMALL_SPEC.seq_len), (1, WINDOWS[1], WINDOWS[1])]
 
 
-def test_attention_csv_export(analysed, tmp_path):
+def test_attention_export(analysed, tmp_path):
     cfg, run_id = analysed["cfg"], analysed["summary"].run_id
-    files = export_attention_csvs(cfg.warehouse, MODEL, None, tmp_path)
+    files = export_attention(cfg.warehouse, MODEL, None, tmp_path)
     assert set(files) == set(ATTENTION_EXPORTS)
+    assert files["token_attention"].name == "token_attention.parquet"
     expected = {
-        "token_attention": ["layer", "q_head", "k_head", *TOKEN_COLUMNS],
         "head_attention_summary": ["layer", "q_head", "k_head", *SUMMARY_COLUMNS],
         "query_scale_sweep": ["layer", "q_head", "k_head", *SWEEP_COLUMNS],
     }
-    n_rows = {"token_attention": N_HEADS * N_TOKENS, "head_attention_summary": N_HEADS,
-              "query_scale_sweep": N_HEADS * 5}
-    for table, path in files.items():
-        with open(path, newline="") as fh:
+    n_rows = {"head_attention_summary": N_HEADS, "query_scale_sweep": N_HEADS * 5}
+    for table in expected:
+        with open(files[table], newline="") as fh:
             rows = list(csv.reader(fh))
         assert rows[0] == expected[table], table
         assert len(rows) - 1 == n_rows[table], table
-    with open(files["token_attention"], newline="") as fh:
-        first = next(csv.DictReader(fh))
-    assert first["position"] == "0" and first["layer"] == "0" and first["q_head"] == "0"
-    assert math.isnan(float(first["entropy"]))  # position < 2: NaN, written so that float() reads it
+    # per-token rows: zstd Parquet, the warehouse's rows in (layer, q_head, example_id, position) order
+    meta = pq.ParquetFile(files["token_attention"]).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    tokens = pq.read_table(files["token_attention"])
+    assert tokens.column_names == ["layer", "q_head", "k_head", *TOKEN_COLUMNS]
+    assert tokens.num_rows == N_HEADS * N_TOKENS
+    assert str(tokens.schema.field("position").type) == "int64" and str(tokens.schema.field("exact").type) == "bool"
+    _, rows = fetch(cfg, f"SELECT layer, q_head, k_head, {', '.join(TOKEN_COLUMNS)} FROM token_attention "
+                         "WHERE model = $m AND run_id = $r ORDER BY layer, q_head, example_id, position, bucket",
+                    {"m": MODEL, "r": run_id})
+    for i, col in enumerate(tokens.column_names):
+        got, want = tokens.column(col).to_pylist(), [r[i] for r in rows]
+        if col == "position":
+            want = [int(v) for v in want]
+        assert all(same(a, b) for a, b in zip(got, want)), col
     with open(files["head_attention_summary"], newline="") as fh:
         summ = list(csv.DictReader(fh))
     direct = analysed["direct"][(1, 2)][1]
     row = next(r for r in summ if (r["layer"], r["q_head"]) == ("1", "2"))
     assert float(row["gain"]) == pytest.approx(direct["gain"], rel=1e-12)
     assert row["sliding_window"] == str(WINDOWS[1]) and row["attn_class"] == direct["attn_class"]
+    assert row["status"] == "exact"
     assert {r["sliding_window"] for r in summ if r["layer"] == "0"} == {""}  # NULL
     # same shape as warehouse.export.EXPORTS; once merged there, the entries must be these
     from warehouse.export import EXPORTS
@@ -182,7 +188,7 @@ def test_validation_report_from_the_warehouse(analysed):
     res = model_report(cfg.warehouse, MODEL, gain_pairs=[((1, 2), (0, 0))])
     text = res.text
     assert res.run_id == run_id and res.n_heads == N_HEADS
-    assert f"model: {MODEL}\nrun: {run_id}\nheads: {N_HEADS}\n" in text
+    assert f"model: {MODEL}\nrun: {run_id}\nheads: {N_HEADS} ({N_HEADS} estimable from this capture)\n" in text
     assert "[PASS] All rows sum to 1 within 1e-06" in text
     assert "[PASS] No future key has weight" in text
     assert "[PASS] No key outside the sliding window has weight in 4 windowed heads" in text

@@ -41,7 +41,7 @@ BAD_VALUES = [
     ("lock_timeout_s", "-1", "must be >= 0"),
     ("lock_timeout_s", "inf", "finite"),
     ("estimator", "median", "must be one of bucket_full_cov|linear_diag"),
-    ("attention", "maybe", "expected true or false"),
+    ("attention", "maybe", "must be one of auto|true|false"),
     ("attention_scales", "0.5,0", "must be > 0"),
     ("attention_scales", "1,1", "twice"),
     ("attention_scales", "1,x", "expected a number"),
@@ -83,7 +83,7 @@ def test_yaml_values_keep_their_types_and_are_never_guessed(tmp_path):
                     "model: '1.10'\nmax_workers: null\n")
     cfg = load_config(good)
     assert (cfg.p_alpha, cfg.seed, cfg.layers, cfg.attention, cfg.attention_scales, cfg.model, cfg.max_workers) == \
-        (0.01, 7, [0, 2], False, [1.0, 2.5], "1.10", None)
+        (0.01, 7, [0, 2], "false", [1.0, 2.5], "1.10", None)
     assert isinstance(cfg.attention_scales[0], float)
     for text, said in [
         ("model: 1.10\n", "model = 1.1 (" + str(tmp_path / "bad.yaml") + "): expected text; quote it in YAML"),
@@ -91,7 +91,7 @@ def test_yaml_values_keep_their_types_and_are_never_guessed(tmp_path):
         ("seed: true\n", "expected an integer"),
         ("seed:\n", "seed = none"),
         ("layers: 3\n", "expected a list"),
-        ("attention: 1\n", "expected true or false"),
+        ("attention: 1\n", "attention = 1 (" + str(tmp_path / "bad.yaml") + "): must be one of auto|true|false"),
         ("p_alpha: .inf\n", "finite"),
         ("max_tokens_per_head: 50000.5\n", "expected an integer"),
     ]:
@@ -201,7 +201,7 @@ def test_help_text_shows_choices_defaults_and_ranges(capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--attention [true|false]" in text
+    assert "--attention auto|true|false" in text
     assert "--estimator bucket_full_cov|linear_diag" in text
     assert "(default: 0.01; accepts number in (0, 1))" in text
     assert "(default: 50000; accepts integer >= 1)" in text

@@ -14,12 +14,12 @@ import pytest
 
 from dagster_project.cli import build_parser
 from warehouse import db
-from warehouse.attention_export import ATTENTION_EXPORTS
+from warehouse.attention_export import ATTENTION_EXPORTS, export_file_name
 from warehouse.export import EXPORTS
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_DOC = REPO / "docs" / "metrics.md"
-SECTION_RE = re.compile(r"^### `([A-Za-z0-9_.]+)` \((table|view|csv)\)\s*$", re.M)
+SECTION_RE = re.compile(r"^### `([A-Za-z0-9_.]+)` \((table|view|csv|parquet)\)\s*$", re.M)
 
 
 def doc_sections(text: str) -> dict[str, tuple[str, str]]:
@@ -97,7 +97,7 @@ def test_metrics_doc_lists_every_column_with_its_type_and_comment(warehouse_cata
             assert doc_type == data_type, f"{name}.{col}: doc says {doc_type}, DuckDB has {data_type}"
             assert comment == meaning.replace("`", ""), \
                 f"{name}.{col}: the comment in sql/comments.sql is not the doc's meaning:\n{comment}\n{meaning}"
-    stale = [n for n, (kind, _) in sections.items() if kind != "csv" and n not in relations]
+    stale = [n for n, (kind, _) in sections.items() if kind not in ("csv", "parquet") and n not in relations]
     assert not stale, f"docs/metrics.md documents tables/views the warehouse does not have: {stale}"
 
 
@@ -105,11 +105,11 @@ def test_metrics_doc_lists_every_exported_csv_column():
     sections = doc_sections(METRICS_DOC.read_text())
     for table, (columns, _) in {**EXPORTS, **ATTENTION_EXPORTS}.items():
         written = [re.split(r"\s+AS\s+", c.strip())[-1] for c in columns.split(",")]
-        kind, body = sections[f"{table}.csv"]
+        kind, body = sections[export_file_name(table)]
         paragraph = body.split("Columns:", 1)[1].split("\n\n", 1)[0]
-        assert re.findall(r"`([A-Za-z0-9_]+)`", paragraph) == written, f"docs/metrics.md: {table}.csv columns"
-    documented = {n for n, (kind, _) in sections.items() if kind == "csv"}
-    assert documented == {f"{t}.csv" for t in {**EXPORTS, **ATTENTION_EXPORTS}}
+        assert re.findall(r"`([A-Za-z0-9_]+)`", paragraph) == written, f"docs/metrics.md: {table} export columns"
+    documented = {n for n, (kind, _) in sections.items() if kind in ("csv", "parquet")}
+    assert documented == {export_file_name(t) for t in {**EXPORTS, **ATTENTION_EXPORTS}}
 
 
 def test_readme_and_help_point_to_the_metric_reference(capsys):

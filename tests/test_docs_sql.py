@@ -169,10 +169,11 @@ def ref_ap_by_query_bucket(t):
 def ref_attention_classes(t):
     s = t["head_attention_summary"]
     rows = []
-    for (model, cls), g in s.groupby(["model", "attn_class"], sort=True):
+    for (model, status, cls), g in s.groupby(["model", "status", "attn_class"], sort=True):
         ratio = g["mean_entropy_ratio"].to_numpy()
-        rows.append({"model": model, "attn_class": cls, "n_heads": len(g),
-                     "mean_entropy_ratio": ratio[~np.isnan(ratio)].mean(),
+        rows.append({"model": model, "status": status, "attn_class": cls, "n_heads": len(g),
+                     # NaN when no head of the group is estimable (every ratio NaN)
+                     "mean_entropy_ratio": ratio[~np.isnan(ratio)].mean() if (~np.isnan(ratio)).any() else np.nan,
                      "mean_key_coverage": _mean_nan(g["mean_key_coverage"])})
     return pd.DataFrame(rows)
 

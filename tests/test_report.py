@@ -1,4 +1,4 @@
-"""plasticity.report: markers, counts and determinism of the validation report."""
+"""warehouse.validation_report: markers, counts and determinism of the validation report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from plasticity.attention import head_attention_metrics
-from plasticity.report import validation_report
+from warehouse.validation_report import gain_ratio_meaning, validation_report
 from plasticity.types import TokenArrays
 
 
@@ -47,6 +47,11 @@ def head(layer, q_head, k_head=None, **over):
         "gain": 0.25,
         "gain_r2": 0.99,
         "entropy_monotonic": True,
+        "status": "exact",
+        "status_reason": "all 1000 query rows see every key they may attend to",
+        "n_exact_rows": 1000,
+        "exact_row_frac": 1.0,
+        "min_exact_rows": 100,
     }
     h.update(over)
     return h
@@ -82,6 +87,8 @@ def test_healthy_heads_pass_everything_but_window():
     assert "Positional structure detected" in section(text, 6)
     assert "[PASS] Entropy falls monotonically" in section(text, 7)
     assert "3/3 sharp (100%)" in text
+    assert "[PASS] Keys captured densely in every head" in text
+    assert "heads: 3 (3 estimable from this capture)" in text
     assert counts(text) == (9, 9, 0, 0, 1)
     assert "[FAIL]" not in text and "[WARN]" not in text
     assert "shows structure" in text
@@ -113,7 +120,7 @@ def test_uniform_heads_fail_and_are_labelled():
                qvar_l2_adjacent=0.012, qvar_l2_distant=0.010)
     text = validation_report("m", [head(0, i, 0, **uni) for i in range(3)] + [head(1, 0, 0, **dict(uni, mean_entropy_ratio=0.94, attn_class="medium"))])
     assert "[FAIL] Nearly uniform" in section(text, 4)
-    assert text.count("[FAIL UNIFORM]") == 3 and text.count("[WARN MEDIUM]") == 1
+    assert text.count("[UNIFORM]") == 3 and text.count("[MEDIUM]") == 1
     assert "0/4 sharp (0%), 1/4 medium (25%), 3/4 uniform (75%)" in text
     assert "[WARN] No local bias" in section(text, 2)
     assert "[WARN] Repeated tokens do not attract" in section(text, 3)
@@ -126,28 +133,85 @@ def test_uniform_heads_fail_and_are_labelled():
 
 def test_windows_tokens_coverage_and_sweep_warnings():
     hs = [
-        head(0, 0, sliding_window=128, max_window_weight=0.0, mean_key_coverage=0.5,
+        head(0, 0, sliding_window=128, max_window_weight=0.0, status="partial", exact_row_frac=0.25, n_exact_rows=250,
+             status_reason="250 of 1000 query rows (25.0%) see every key they may attend to, at positions 0-40",
              same_token_attn=float("nan"), diff_token_attn=float("nan")),
         head(0, 1, sliding_window=128, max_window_weight=0.2, same_token_attn=None, diff_token_attn=None,
              entropy_monotonic=False, gain=0.0),
     ]
     text = validation_report("m", hs, unicode=True)
     assert "[FAIL] \u274c Keys outside the sliding window have weight in 1/2" in text
-    assert "[WARN] \u26a0 Keys captured sparsely in 1/2 heads" in text
+    assert "[WARN] \u26a0 1/2 heads are partial: their summaries use only the query rows that see every key " \
+           "(25.0% of rows on average)" in text
+    assert "L0 H0 (kv 0): 250 of 1000 query rows (25.0%)" in section(text, 1)
     assert "[SKIP] \u2013 Repeated tokens: token_str not captured" in text
     assert "[WARN] \u26a0 Entropy does not fall monotonically with query scale in 1/2 heads" in text
     assert "[WARN] \u26a0 1/2 heads do not sharpen" in text
     assert "sliding windows: 128" in text
     assert "entropy falls monotonically: NO" in text
+    assert "exact rows=250/1000 [SHARP]" in section(text, 5)
 
 
-def test_gain_ratio_interpretation():
+def test_gain_ratio_interpretation_states_its_threshold():
     hs = [head(0, 0, gain=0.1), head(0, 1, gain=0.1), head(0, 2, gain=0.25)]
     text = validation_report("m", hs)
-    assert "Most sensitive: L0 H2 (kv 2) gain=0.2500; median gain=0.1000; ratio 2.50x" in text
-    assert "strong evidence of head-specific exploitation" in text
+    assert ("Most sensitive: L0 H2 (kv 2) gain=0.2500; median gain=0.1000; ratio to the median 2.50x -> "
+            "strong evidence of head-specific exploitation (ratio >= 2x)") in text
+    mid = validation_report("m", [head(0, 0, gain=0.1), head(0, 1, gain=0.1), head(0, 2, gain=0.16)])
+    assert "ratio to the median 1.60x -> higher sensitivity than the typical head (ratio >= 1.5x, < 2x)" in mid
     flat = validation_report("m", [head(0, 0, gain=0.1), head(0, 1, gain=0.11)])
-    assert "no functional distinction" in flat
+    assert "no functional distinction (universal mechanism; ratio < 1.5x)" in flat
+    assert gain_ratio_meaning(1.5).endswith("(ratio >= 1.5x, < 2x)") and "2x" in gain_ratio_meaning(2.0)
+
+
+def test_labels_are_descriptions_and_the_summary_counts_the_marked_checks():
+    """Issue 15.7: per-head lines say what a head is (never PASS/WARN/FAIL), and every
+    [PASS]/[WARN]/[FAIL] marker in the text is one counted check of the SUMMARY."""
+    uni = dict(mean_entropy_ratio=0.983, attn_class="uniform")
+    hs = [head(0, 0), head(0, 1, **uni), head(0, 2, attn_class="medium", mean_entropy_ratio=0.7),
+          head(1, 0, status="not_estimable", mean_entropy_ratio=float("nan"), attn_class="unknown",
+               status_reason="not estimable from this capture: 3 of 900 query rows see every key")]
+    text = validation_report("m", hs)
+    per_head = [ln for ln in section(text, 5).splitlines() if ln.startswith("  L")]
+    assert len(per_head) == 4
+    assert not any(w in ln for ln in per_head for w in ("PASS", "WARN", "FAIL"))
+    assert [ln.rsplit("[", 1)[1] for ln in per_head] == ["SHARP]", "UNIFORM]", "MEDIUM]", "NOT ESTIMABLE]"]
+    body = text[: text.index("SUMMARY")]
+    n_pass, n_total, n_warn, n_fail, _ = counts(text)
+    assert (body.count("[PASS]"), body.count("[WARN]"), body.count("[FAIL]")) == (n_pass, n_warn, n_fail)
+    assert n_pass + n_warn + n_fail == n_total
+
+
+def test_not_estimable_heads_are_left_out_and_said_so():
+    good = [head(0, 0), head(0, 1)]
+    gone = dict(status="not_estimable", mean_key_coverage=0.125, n_exact_rows=2, exact_row_frac=0.001,
+                status_reason="not estimable from this capture: 2 of 2000 query rows see every key they may "
+                              "attend to (min_exact_rows = 100); mean key coverage 0.125",
+                # the numbers of a not-estimable head are NaN; poison them to prove they are not read
+                mean_entropy_ratio=0.99, local_attn_near=1.0, local_attn_far=1e-9, gain=-5.0,
+                qvar_l2_distant=0.0, entropy_monotonic=None)
+    text = validation_report("m", good + [head(1, 0, **gone), head(1, 1, **dict(gone, status="skipped"))])
+    assert "heads: 4 (2 estimable from this capture; 2 not estimable from this capture)" in text
+    assert ("[WARN] Attention is not estimable from this capture in 2/4 heads: too few query rows see every "
+            "key they may attend to (mean key coverage 0.125)") in section(text, 1)
+    assert "2 of 2000 query rows" in section(text, 1)
+    assert "[PASS] Attention departs from uniform" in section(text, 4)  # 0.40 over the estimable heads
+    assert "[PASS] Every head sharpens" in section(text, 7) and "gain=-5" not in text
+    assert "2/2 sharp (100%), 0/2 medium (0%), 0/2 uniform (0%); 2 head(s) not estimable" in text
+    assert "2 of 4 heads are not estimable from this capture and are left out." in text
+    # nothing estimable: every pattern check is skipped and the conclusion says why
+    none = validation_report("m", [head(1, 0, **gone)])
+    assert "reconstructed correctly" not in none
+    assert "CONCLUSION:\n" + "-" * 70 + "\nAttention is not estimable from this capture" in none
+    for idx in (2, 3, 4, 6, 7):
+        assert "not estimable from this capture (no head has enough exact query rows)" in section(none, idx)
+
+
+def test_summaries_without_status_count_by_their_coverage():
+    """Rows written before the status column: dense ones are exact, sparse ones are left out."""
+    old = [head(0, 0, status=None), head(0, 1, status=None, mean_key_coverage=0.5)]
+    text = validation_report("m", old)
+    assert "heads: 2 (1 estimable from this capture; 1 not estimable from this capture)" in text
 
 
 def test_deterministic_and_order_independent():

@@ -266,11 +266,14 @@ def test_migrations_are_numbered_files_applied_in_order(tmp_path, monkeypatch):
         con.execute(V0_SCHEMA.read_text())
         v0 = schema.read_shape(con)
     problems = schema.differences(v0, schema.latest_shape(), missing=False)
-    assert sorted(problems) == ["table head_metrics: missing column(s) ap_overall_ci_high DOUBLE, ap_overall_ci_low "
+    assert sorted(problems) == ["table head_attention_summary: missing column(s) exact_row_frac DOUBLE, "
+                                "min_exact_rows INTEGER, n_exact_rows BIGINT, status VARCHAR, status_reason VARCHAR",
+                                "table head_metrics: missing column(s) ap_overall_ci_high DOUBLE, ap_overall_ci_low "
                                 "DOUBLE, ap_overall_se_pairs DOUBLE, ap_se_df INTEGER, n_examples INTEGER",
                                 "table head_samples: missing column(s) plan_problem VARCHAR",
                                 "table runs: missing column(s) error VARCHAR",
-                                "table shards: missing column(s) problem VARCHAR"]
+                                "table shards: missing column(s) problem VARCHAR",
+                                "table token_attention: missing column(s) exact BOOLEAN"]
     monkeypatch.setattr(schema, "migrations", lambda: ())
     monkeypatch.setattr(schema, "schema_version", lambda: 1)
     with pytest.raises(db.WarehouseError, match="would lack what this version needs after the upgrade: .*table runs: "

@@ -1,10 +1,14 @@
-"""CSV exports of the SPEC 4 attention tables of one model's run.
+"""Exports of the SPEC 4 attention tables of one model's run.
 
 ``ATTENTION_EXPORTS`` has the shape of `warehouse.export.EXPORTS` (table -> (columns,
-order)), so the two can be merged (``EXPORTS.update(ATTENTION_EXPORTS)``);
-`export_attention_csvs` writes them on its own. Columns are the plasticity.attention
-ones after the head key; ``position`` is written as an integer (the attention code only
-accepts integral positions). NaN is written as ``nan``.
+order)), so the two merge (``{**EXPORTS, **ATTENTION_EXPORTS}``); `export_attention`
+writes them on its own. Columns are the plasticity.attention ones after the head key;
+``position`` is written as an integer (the attention code only accepts integral positions).
+
+The per-token table (one row per captured query: ~200x the other tables together) is
+written as Parquet with zstd compression (``token_attention.parquet``, the table's SQL
+types); the per-head summary and the sweep as CSV (NaN written as ``nan``), like the three
+upstream-compatible files.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS
 
-__all__ = ["ATTENTION_EXPORTS", "export_attention_csvs"]
+__all__ = ["ATTENTION_EXPORTS", "PARQUET_EXPORTS", "export_attention", "export_file_name", "copy_options"]
 
 _KEY = "layer, q_head, k_head"
 _TOKEN_COLS = ", ".join("CAST(position AS BIGINT) AS position" if c == "position" else c for c in TOKEN_COLUMNS)
@@ -24,12 +28,24 @@ ATTENTION_EXPORTS = {
     "head_attention_summary": (f"{_KEY}, {', '.join(SUMMARY_COLUMNS)}", "layer, q_head"),
     "query_scale_sweep": (f"{_KEY}, {', '.join(SWEEP_COLUMNS)}", "layer, q_head, scale"),
 }
+#: Tables exported as Parquet (zstd) instead of CSV.
+PARQUET_EXPORTS = ("token_attention",)
 
 
-def export_attention_csvs(warehouse: str | os.PathLike, model: str, run_id: str | None, out_dir: str | os.PathLike,
-                          tables=tuple(ATTENTION_EXPORTS), timeout_s: float = 60.0) -> dict[str, Path]:
-    """Write <table>.csv for each attention table of the run (latest unless ``run_id``) into
-    ``out_dir``; returns {table: path}."""
+def export_file_name(table: str) -> str:
+    """<table>.parquet for the PARQUET_EXPORTS, <table>.csv otherwise."""
+    return f"{table}.parquet" if table in PARQUET_EXPORTS else f"{table}.csv"
+
+
+def copy_options(table: str) -> str:
+    """DuckDB COPY options of a table's export file."""
+    return "(FORMAT parquet, COMPRESSION zstd)" if table in PARQUET_EXPORTS else "(HEADER, DELIMITER ',')"
+
+
+def export_attention(warehouse: str | os.PathLike, model: str, run_id: str | None, out_dir: str | os.PathLike,
+                     tables=tuple(ATTENTION_EXPORTS), timeout_s: float = 60.0) -> dict[str, Path]:
+    """Write each attention table of the run (latest unless ``run_id``) into ``out_dir``
+    (`export_file_name`); returns {table: path}."""
     from warehouse.export import export_csvs
 
     return export_csvs(warehouse, model, run_id, out_dir, timeout_s=timeout_s, tables=tuple(tables))

@@ -62,8 +62,13 @@ METRIC_LABELS = {
     "row_std": "mean row std of weights",
 }
 DEFAULT_METRICS = ("entropy", "max_attn", "k_eff")
-CLASSES = ("sharp", "medium", "uniform", "unknown")
-CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9"}
+NOT_ESTIMABLE = "not estimable"  # the class bar of heads whose attention the capture cannot give
+CLASSES = ("sharp", "medium", "uniform", "unknown", NOT_ESTIMABLE)
+CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9",
+                NOT_ESTIMABLE: "#f2f2f2"}
+#: SQL: the head's attention is estimable from its capture (rows written before `status` existed
+#: count when their mean key coverage is 1, as in `warehouse.validation_report.head_status`)
+ESTIMABLE_SQL = "coalesce(h.status IN ('exact', 'partial'), h.mean_key_coverage = 1.0, false)"
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 N_DEFAULT_EACH = 3  # default heads: this many highest-gain and lowest-gain heads
 #: scale plot: curves closer than this fraction of a panel's value range at every scale look identical
@@ -138,7 +143,7 @@ def scale_sweep_data(
                          f"choose from {', '.join(SCALE_METRICS)}")
     cols = ", ".join(f"s.{SCALE_METRICS[m]}" for m in dict.fromkeys(metrics))
     query = (
-        f"SELECT s.layer, s.q_head, s.k_head, h.gain, s.scale, {cols} "
+        f"SELECT s.layer, s.q_head, s.k_head, h.gain, {ESTIMABLE_SQL} AS estimable, s.scale, {cols} "
         "FROM query_scale_sweep s LEFT JOIN head_attention_summary h "
         "ON h.model = s.model AND h.run_id = s.run_id AND h.layer = s.layer AND h.q_head = s.q_head "
         "WHERE s.model = $m AND s.run_id = $r ORDER BY s.layer, s.q_head, s.scale"
@@ -147,6 +152,16 @@ def scale_sweep_data(
     if wide.empty:
         raise LookupError(f"run {run_id} of model {model!r} has no query-scale sweep (table query_scale_sweep); "
                           "was it analysed with `attention: false`?")
+    out_of_reach = sorted({(int(a), int(b)) for a, b, e in zip(wide["layer"], wide["q_head"], wide["estimable"])
+                           if not e})
+    wide = wide[wide["estimable"].astype(bool)].drop(columns="estimable")
+    if heads is None and wide.empty:
+        raise LookupError(f"no head of run {run_id} of model {model!r} is estimable from this capture "
+                          "(too few query rows see every key; see `plasticity validate`)")
+    if heads is not None:
+        bad = [f"{a}:{b}" for a, b in heads if (int(a), int(b)) in out_of_reach]
+        if bad:
+            raise LookupError(f"head(s) {', '.join(bad)} of run {run_id} are not estimable from this capture")
     available = sorted({(int(a), int(b)) for a, b in zip(wide["layer"], wide["q_head"])})
     if heads is None:
         summary = wide.drop_duplicates(["layer", "q_head"])[["layer", "q_head", "gain"]]
@@ -172,19 +187,22 @@ def scale_sweep_data(
 
 def class_counts_data(warehouse: str | os.PathLike, model: str, run_id: str | None = None,
                       timeout_s: float = 60.0) -> tuple[str, pd.DataFrame]:
-    """(run id, frame: layer, sharp, medium, uniform[, unknown], heads): heads per class and layer."""
+    """(run id, frame: layer, sharp, medium, uniform[, unknown][, not estimable], heads): heads per
+    class and layer; heads whose attention is not estimable from the capture have their own column."""
     import pandas as pd
 
-    query = ("SELECT layer, q_head, attn_class FROM head_attention_summary "
+    query = (f"SELECT layer, q_head, attn_class, {ESTIMABLE_SQL} AS estimable FROM head_attention_summary h "
              "WHERE model = $m AND run_id = $r ORDER BY layer, q_head")
     run_id, df = _run_and_frame(warehouse, model, run_id, query, timeout_s)
     if df.empty:
         raise LookupError(f"run {run_id} of model {model!r} has no attention summaries (table "
                           "head_attention_summary); was it analysed with `attention: false`?")
     cls = df["attn_class"].where(df["attn_class"].isin(CLASSES), "unknown")
+    cls = cls.where(df["estimable"].astype(bool), NOT_ESTIMABLE)
     counts = pd.crosstab(df["layer"].astype(int), cls).reindex(columns=list(CLASSES), fill_value=0)
-    if counts["unknown"].sum() == 0:
-        counts = counts.drop(columns="unknown")
+    for optional in ("unknown", NOT_ESTIMABLE):
+        if counts[optional].sum() == 0:
+            counts = counts.drop(columns=optional)
     counts = counts.astype(int)
     counts["heads"] = counts.sum(axis=1)
     counts.columns.name = None
@@ -325,7 +343,8 @@ def plot_attention_classes(
     dpi: int = 110,
     timeout_s: float = 60.0,
 ) -> AttentionPlot:
-    """Stacked bars per layer: how many heads are sharp / medium / uniform (entropy_ratio classes)."""
+    """Stacked bars per layer: how many heads are sharp / medium / uniform (entropy_ratio classes),
+    and how many are not estimable from the capture."""
     import seaborn as sns
     from matplotlib.ticker import MaxNLocator
 

@@ -41,6 +41,10 @@ def _not_empty(value: str) -> str | None:
     return "must not be empty" if value.strip() == "" or "\x00" in value else None
 
 
+#: SPEC 4 attention modes (config key `attention`); YAML/CLI booleans name true/false.
+ATTENTION_MODES = ("auto", "true", "false")
+
+
 @dataclass
 class RunConfig:
     # --- upstream keys (seed 000/001) ---
@@ -83,9 +87,13 @@ class RunConfig:
     output_dir: str = option("results", check=_not_empty, accepts="a folder",
                              help="CSV exports go to output_dir/<model>/<run_id>/")
     layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
-    attention: bool = option(True, help="also compute the SPEC 4 attention-pattern tables")
+    attention: str = option(
+        "auto", choices=ATTENTION_MODES,
+        help="SPEC 4 attention patterns: auto = exact rows of heads captured densely enough (other heads skipped, with the reason), true = every row (non-exact ones flagged), false = none")
     attention_scales: list[float] = option(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5], gt=0,
                                            help="query scales of the attention sweep (SPEC 4)")
+    attention_min_exact_rows: int = option(
+        100, ge=1, help="exact query rows a head needs for its attention summary; fewer: not estimable from this capture")
     duckdb_threads: int = option(1, ge=1, help="threads of each in-memory DuckDB shard reader")
     lock_timeout_s: float = option(60.0, ge=0, help="seconds to wait for another process's warehouse lock")
 
@@ -154,9 +162,10 @@ class RunConfig:
             "params": dataclasses.asdict(self.params),
             "num_q_heads": self.num_q_heads,
             "num_k_heads": self.num_k_heads,
-            # attention tables are part of a run's results: switching them on or
-            # changing the scales must not resume a run that lacks them
-            "attention": [float(s) for s in self.attention_scales] if self.attention else None,
+            # attention tables are part of a run's results: switching them on, changing the mode,
+            # the scales or the exact-row minimum must not resume a run computed otherwise
+            "attention": None if self.attention == "false" else
+            [self.attention, [float(s) for s in self.attention_scales], self.attention_min_exact_rows],
         }
         if dataset:
             keyed["dataset"] = dataset

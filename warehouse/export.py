@@ -42,13 +42,14 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
     """Write the CSVs of one model+run into out_dir; returns {table: path}.
 
     `tables` defaults to the SPEC 3 tables and head_errors, plus the SPEC 4
-    attention tables when the run computed them. NaN is written as `nan`.
+    attention tables when the run computed them. NaN is written as `nan`; the per-token
+    attention table goes to Parquet (`warehouse.attention_export`).
     """
-    from warehouse.attention_export import ATTENTION_EXPORTS
+    from warehouse.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
 
     specs = {**EXPORTS, **ATTENTION_EXPORTS}
     out_dir = Path(out_dir)
-    names = {t: f"{t}.csv" for t in specs}
+    names = {t: export_file_name(t) for t in specs}
     names.update({t: safe_path_component(n, f"file name of the {t} export") for t, n in (file_names or {}).items()})
     written = {}
     with db.reader(warehouse, timeout_s) as con:
@@ -68,7 +69,7 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
             path = out_dir / names[table]
             con.execute(
                 f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "
-                f"TO '{str(path).replace(chr(39), chr(39) * 2)}' (HEADER, DELIMITER ',')",
+                f"TO '{str(path).replace(chr(39), chr(39) * 2)}' {copy_options(table)}",
                 {"m": model, "r": run_id},
             )
             written[table] = path

@@ -195,10 +195,21 @@ class Option:
             return out
         # text: a YAML boolean may name a choice ("true"/"false"); numbers are refused, since YAML
         # has already changed them (1.10 -> 1.1, 0123 -> 83)
-        if isinstance(v, bool) and self.spec.choices is not None and str(v).lower() in self.spec.choices:
+        choices = self.spec.choices
+        if isinstance(v, bool) and choices is not None and str(v).lower() in choices:
             return str(v).lower()
         if not isinstance(v, str):
+            if choices is not None:
+                raise self.error(whole, f"must be one of {self.type_words()}", where)
             raise self.error(whole, "expected text; quote it in YAML", where)
+        if choices is not None:
+            # choice names are lower-case words: 'Auto' means 'auto'; where the choices include true and
+            # false, the words a boolean option takes (yes/no/on/off/1/0) name them too
+            word = v.strip().lower()
+            if word in choices:
+                return word
+            if "true" in choices and "false" in choices and word in TRUE_WORDS + FALSE_WORDS:
+                return "true" if word in TRUE_WORDS else "false"
         return v
 
     def check(self, value: Any, where: str = "") -> Any:

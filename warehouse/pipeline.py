@@ -62,9 +62,14 @@ class GroupTask:
     queries: list[tuple[int, ShardInfo]]
     params: AnalysisParams
     cap: int
-    attention: bool = False
+    attention: str = "false"  # 'auto' | 'true' | 'false' (RunConfig.attention)
     attention_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    attention_min_exact_rows: int = 100
     duckdb_threads: int = 1
+
+    @property
+    def attention_on(self) -> bool:
+        return self.attention != "false"
 
 
 @dataclass
@@ -226,7 +231,8 @@ def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = froze
             task = groups[(head.layer, head.k_head)] = GroupTask(
                 layer=head.layer, k_head=head.k_head, k_info=by_path.get(head.k_path), queries=[],
                 params=cfg.params, cap=cfg.max_tokens_per_head, attention=cfg.attention,
-                attention_scales=tuple(cfg.attention_scales), duckdb_threads=cfg.duckdb_threads,
+                attention_scales=tuple(cfg.attention_scales), attention_min_exact_rows=cfg.attention_min_exact_rows,
+                duckdb_threads=cfg.duckdb_threads,
             )
         task.queries.append((head.q_head, by_path[head.q_path]))
     return [groups[k] for k in sorted(groups)]
@@ -279,7 +285,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     else:
         try:
             k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
-                                                  with_tokens=task.attention, key_sums=True)
+                                                  with_tokens=task.attention_on, key_sums=True)
             orientation = orientation_from_bucket_sums(sums, counts)
         except ShardError as e:
             k_err = _error(e.path, e.problem, str(e))
@@ -298,7 +304,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                 raise ShardError(q_info.path, "window_mismatch",
                                  f"query sliding_window {q_info.sliding_window} differs from key shard "
                                  f"{task.k_info.path}'s {task.k_info.sliding_window} (None = full causal)")
-            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention)
+            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention_on)
             if q_rows.n < MIN_QUERY_ROWS:  # a cap below the minimum: the shard itself passed the profile
                 raise ShardError(q_info.path, "too_few_rows",
                                  f"max_tokens_per_head = {task.cap} keeps {q_rows.n} query row(s); the position "
@@ -309,8 +315,8 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                     f"query vectors have width {q_rows.d} but key shard {task.k_info.path} has width {k_rows.d}",
                 )
             outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
-            if task.attention:
-                outcome.extra_tables = attention_tables(q_rows, k_rows, task.attention_scales)
+            if task.attention_on:
+                outcome.extra_tables = attention_tables(q_rows, k_rows, task)
         except ShardError as e:
             outcome.error = _error(e.path, e.problem, str(e))
         except Exception as e:  # a bug or degenerate data: still only this head fails
@@ -320,13 +326,21 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     return out
 
 
-def attention_tables(q_rows, k_rows, scales) -> dict:
-    """SPEC 4 attention-pattern tables for one head (filled in by plasticity.attention)."""
-    try:
-        from plasticity.attention import head_attention_metrics
-    except ImportError:
-        return {}
-    tokens, summary, sweep = head_attention_metrics(q_rows, k_rows, scales=tuple(scales))
+def attention_tables(q_rows, k_rows, task: GroupTask) -> dict:
+    """SPEC 4 attention-pattern tables of one head (plasticity.attention).
+
+    ``attention: auto`` computes the exact query rows of a head that has at least
+    ``attention_min_exact_rows`` of them and stores those rows only (otherwise nothing is computed
+    and the summary says why); ``true`` computes and stores every query row, flagging the
+    non-exact ones (``exact`` false). Summaries use exact rows only in both modes."""
+    from plasticity.attention import head_attention_metrics
+
+    auto = task.attention == "auto"
+    tokens, summary, sweep = head_attention_metrics(
+        q_rows, k_rows, scales=tuple(task.attention_scales), rows="exact" if auto else "all",
+        min_exact_rows=task.attention_min_exact_rows)
+    if auto:  # exact rows only (none for a skipped head)
+        tokens = {name: col[tokens["exact"]] for name, col in tokens.items()}
     return {
         "token_attention": tokens,
         "head_attention_summary": {k: [v] for k, v in summary.items()},

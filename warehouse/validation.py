@@ -2,10 +2,12 @@
 
 Reads the per-head attention summaries (table ``head_attention_summary``, SPEC 4)
 of a model's run through a read-only connection -- the latest run unless a run
-id is given -- and renders them with `plasticity.report.validation_report`:
-reconstruction sanity checks, positional and token patterns, uniformity, the
-per-head classes, query-side variation and the query-scale sweep, each check
-marked PASS / WARN / FAIL (or SKIP).
+id is given -- and renders them with `warehouse.validation_report.validation_report`:
+reconstruction sanity checks, key coverage, positional and token patterns, uniformity,
+the per-head classes, query-side variation and the query-scale sweep, each check
+marked PASS / WARN / FAIL (or SKIP). Heads whose attention is not estimable from the
+capture (too few query rows see every key) are left out of every pattern check and
+said so.
 
 On request it adds the gain ratio of pairs of heads (seed 003's target/control
 comparison: gain = slope of mean max_attn against log(query scale)).
@@ -24,10 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plasticity.attention import SUMMARY_COLUMNS, gain_ratio
-from plasticity.report import gain_ratio_meaning, report_counts, validation_report
 from warehouse import db
 from warehouse.config import warehouse_option
 from warehouse.options import add_arguments, option
+from warehouse.validation_report import (
+    GAIN_RATIO_HIGHER, GAIN_RATIO_STRONG, NOT_ESTIMABLE, estimable, gain_ratio_meaning, report_counts,
+    validation_report,
+)
 
 __all__ = [
     "ValidationResult",
@@ -133,13 +138,18 @@ def compare_gains(heads: list[dict], pairs) -> list[GainComparison]:
         g_t = float("nan") if g_t is None else float(g_t)
         g_c = float("nan") if g_c is None else float(g_c)
         r = gain_ratio(g_t, g_c)
-        out.append(GainComparison(target, control, g_t, g_c, r, gain_ratio_meaning(r)))
+        out_of_reach = [f"L{k[0]} H{k[1]}" for k in (target, control) if not estimable(by_key[k])]
+        meaning = (f"undefined: {' and '.join(out_of_reach)} {'is' if len(out_of_reach) == 1 else 'are'} "
+                   f"{NOT_ESTIMABLE}" if out_of_reach
+                   else gain_ratio_meaning(r))
+        out.append(GainComparison(target, control, g_t, g_c, r, meaning))
     return out
 
 
 def _gain_section(gains: list[GainComparison]) -> str:
     rule = "=" * 70
-    lines = [rule, "GAIN RATIOS (target / control; >= 1.5x higher sensitivity, >= 2x head-specific)", rule]
+    lines = [rule, f"GAIN RATIOS (target / control; >= {GAIN_RATIO_HIGHER:g}x higher sensitivity, "
+                   f">= {GAIN_RATIO_STRONG:g}x head-specific)", rule]
     lines += [g.line() for g in gains]
     lines.append(rule)
     return "\n".join(lines) + "\n"
@@ -158,7 +168,7 @@ def model_report(
     """The validation report of ``model`` (latest run unless ``run_id``) from the warehouse.
 
     ``gain_pairs``: ((layer, q_head), (layer, q_head)) pairs whose gain ratio is appended.
-    ``thresholds``: keyword arguments of `plasticity.report.validation_report`.
+    ``thresholds``: keyword arguments of `warehouse.validation_report.validation_report`.
     Raises LookupError when the model, the run or its attention summaries are missing.
     """
     with db.reader(warehouse, timeout_s) as con:

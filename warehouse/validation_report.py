@@ -5,17 +5,26 @@ Pure string building: no I/O, no clock, no randomness. Input dicts carry the key
 keys and ``None`` read as NaN. Heads are sorted by (layer, q_head, k_head), so the text
 does not depend on the order of ``head_summaries``.
 
+Only heads whose attention is estimable from the capture (``status`` 'exact' or 'partial':
+enough query rows see every key they may attend to) enter the pattern checks, the per-head
+classes and the sweep; the others are listed as "not estimable from this capture" with their
+reason, and the conclusion says so. A summary without ``status`` (a warehouse written before
+it existed) counts as exact when its mean key coverage is 1 and as not estimable otherwise.
+The reconstruction checks (rows sum to 1, no future or out-of-window weight) test the
+arithmetic, so they cover every head where rows were computed.
+
 Every counted check ends in exactly one status:
 
     [PASS]  the property holds
-    [WARN]  legal but worth a look (no local bias, sparse key capture, flat gain, ...)
+    [WARN]  legal but worth a look (no local bias, partial or no coverage, flat gain, ...)
     [FAIL]  wrong reconstruction, or attention indistinguishable from uniform/constant
     [SKIP]  not computable from these summaries (no windowed head, no token_str, ...)
 
-``[INFO]`` lines are context and are not counted. The per-head table labels each head
-with its class (``[PASS SHARP]``, ``[WARN MEDIUM]``, ``[FAIL UNIFORM]``, as in seed 004);
-those labels are not counted either. With ``unicode=True`` a symbol follows each marker
-(check mark, warning sign, cross, info sign); the ASCII markers are always present.
+``[INFO]`` lines are context and are not counted. The per-head table labels each head with
+what it is -- its class (``[SHARP]``, ``[MEDIUM]``, ``[UNIFORM]``) or ``[NOT ESTIMABLE]`` --
+never with a PASS/WARN/FAIL word, so the SUMMARY counts are exactly the checks marked above.
+With ``unicode=True`` a symbol follows each marker (check mark, warning sign, cross, info
+sign); the ASCII markers are always present.
 """
 
 from __future__ import annotations
@@ -24,9 +33,17 @@ import math
 from statistics import median
 from typing import Any, Sequence
 
-from .attention import attention_class, gain_ratio
+from plasticity.attention import (
+    ESTIMABLE_STATUSES, STATUS_EXACT, STATUS_NOT_ESTIMABLE, STATUS_PARTIAL, attention_class, gain_ratio,
+)
 
-__all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
+__all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "head_status", "estimable",
+           "GAIN_RATIO_HIGHER", "GAIN_RATIO_STRONG", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
+
+#: Seed 003's reading of a gain ratio: at least this much is higher sensitivity / strong evidence.
+GAIN_RATIO_HIGHER = 1.5
+GAIN_RATIO_STRONG = 2.0
+NOT_ESTIMABLE = "not estimable from this capture"
 
 PASS, WARN, FAIL, SKIP, INFO = "PASS", "WARN", "FAIL", "SKIP", "INFO"
 _SYMBOL = {PASS: "\u2713", WARN: "\u26a0", FAIL: "\u274c", SKIP: "\u2013", INFO: "\u2139"}
@@ -67,6 +84,20 @@ def _label(h: dict) -> str:
 def _int(x: Any) -> str:
     v = _num(x)
     return str(int(v)) if math.isfinite(v) else "?"
+
+
+def head_status(h: dict) -> str:
+    """The head's ``status``; for summaries without one, 'exact' when its mean key coverage is 1
+    and 'not_estimable' otherwise."""
+    status = h.get("status")
+    if status:
+        return str(status)
+    return STATUS_EXACT if _num(h.get("mean_key_coverage")) == 1.0 else STATUS_NOT_ESTIMABLE
+
+
+def estimable(h: dict) -> bool:
+    """Whether the head's attention is estimable from its capture (exact or partial)."""
+    return head_status(h) in ESTIMABLE_STATUSES
 
 
 def _sort_key(h: dict):
@@ -145,6 +176,7 @@ def validation_report(
       gain_min        PASS when every head's gain > gain_min, else WARN
     """
     heads = sorted((dict(h) for h in head_summaries), key=_sort_key)
+    usable = [h for h in heads if estimable(h)]
     b = _Builder(bool(unicode), int(max_listed))
     b.add(_RULE)
     b.add("ATTENTION VALIDATION REPORT")
@@ -152,18 +184,22 @@ def validation_report(
     b.add(f"model: {model}")
     if run_id is not None:
         b.add(f"run: {run_id}")
-    b.add(f"heads: {len(heads)}")
+    n_partial = sum(1 for h in usable if head_status(h) == STATUS_PARTIAL)
+    b.add(f"heads: {len(heads)} ({len(usable)} estimable from this capture"
+          + (f", {n_partial} of them partial" if n_partial else "")
+          + (f"; {len(heads) - len(usable)} {NOT_ESTIMABLE}" if len(usable) < len(heads) else "") + ")")
     windows = sorted({int(_num(h.get('sliding_window'))) for h in heads if _fin(h.get("sliding_window"))})
     b.add(f"sliding windows: {', '.join(map(str, windows)) if windows else 'none (full causal)'}")
 
     _sanity(b, heads, row_sum_tol, future_tol)
-    _positional(b, heads, local_bias_min)
-    _tokens(b, heads, same_token_min)
-    _statistical(b, heads, uniform_min)
+    _coverage(b, heads)
+    _positional(b, usable, local_bias_min)
+    _tokens(b, usable, same_token_min)
+    _statistical(b, usable, uniform_min)
     _per_head(b, heads, sharp_max, uniform_min)
-    _query_variation(b, heads, qvar_pass, qvar_fail)
-    _sweep(b, heads, gain_min)
-    _summary(b)
+    _query_variation(b, usable, qvar_pass, qvar_fail)
+    _sweep(b, usable, gain_min)
+    _summary(b, heads, usable)
     b.add(_RULE)
     return "\n".join(b.lines) + "\n"
 
@@ -189,10 +225,10 @@ def _ceiling_check(b: _Builder, heads, key: str, tol: float, *, none: str, fail,
 
 
 def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
-    b.start(1, "Sanity Checks (Reconstruction)")
+    b.start(1, "Sanity Checks (Reconstruction and Key Coverage)")
     _ceiling_check(
         b, heads, "max_row_sum_error", row_sum_tol,
-        none="Row sums: no head has a query that sees a key",
+        none="Row sums: no attention row was computed",
         fail=lambda nb, n, worst: f"{nb}/{n} heads have rows not summing to 1 within "
                                   f"{row_sum_tol:.0e} (max error: {worst:.2e})",
         ok=lambda n, worst: f"All rows sum to 1 within {row_sum_tol:.0e} (max error: {worst:.2e})",
@@ -200,7 +236,7 @@ def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
     )
     _ceiling_check(
         b, heads, "max_future_weight", future_tol,
-        none="Causality: no future-key weights recorded",
+        none="Causality: no attention row was computed",
         fail=lambda nb, n, worst: f"Non-causal attention in {nb}/{n} heads (max future weight: {worst:.3g})",
         ok=lambda n, worst: f"No future key has weight (max future weight: {worst:.3g})",
         item=lambda h: f"max future weight = {_f(h['max_future_weight'], '.3g')}",
@@ -213,17 +249,28 @@ def _sanity(b: _Builder, heads, row_sum_tol, future_tol) -> None:
         item=lambda h: f"max out-of-window weight = {_f(h['max_window_weight'], '.3g')}",
     )
 
-    cov = [h for h in heads if _fin(h.get("mean_key_coverage"))]
-    if not cov:
-        b.check(SKIP, "Key coverage: not recorded")
-    else:
-        sparse = [h for h in cov if _num(h["mean_key_coverage"]) < 1.0 - 1e-12]
-        mean_cov = _mean(h["mean_key_coverage"] for h in cov)
-        if sparse:
-            b.check(WARN, f"Keys captured sparsely in {len(sparse)}/{len(cov)} heads: attention is "
-                          f"an estimate over the captured keys (mean coverage: {mean_cov:.3f})")
-        else:
-            b.check(PASS, "Keys captured densely in every head: attention is exact (coverage 1.000)")
+
+def _coverage(b: _Builder, heads) -> None:
+    """Whether the capture holds every key the queries attend to (end of section 1)."""
+    if not heads:
+        b.check(SKIP, "Key coverage: no head")
+        return
+    by = {s: [h for h in heads if head_status(h) == s] for s in (STATUS_EXACT, STATUS_PARTIAL)}
+    out = [h for h in heads if not estimable(h)]
+    if len(by[STATUS_EXACT]) == len(heads):
+        b.check(PASS, "Keys captured densely in every head: every query row sees all its keys, attention is exact")
+        return
+    if by[STATUS_PARTIAL]:
+        frac = _mean(h.get("exact_row_frac") for h in by[STATUS_PARTIAL])
+        b.check(WARN, f"{len(by[STATUS_PARTIAL])}/{len(heads)} heads are partial: their summaries use only the "
+                      f"query rows that see every key ({_f(100 * frac, '.1f')}% of rows on average)")
+        b.listing(by[STATUS_PARTIAL], lambda h: str(h.get("status_reason") or ""))
+    if out:
+        cov = _mean(h.get("mean_key_coverage") for h in out)
+        b.check(WARN, f"Attention is {NOT_ESTIMABLE} in {len(out)}/{len(heads)} heads: too few query rows see "
+                      f"every key they may attend to (mean key coverage {_f(cov, '.3f')}); they are left out "
+                      "of every check below")
+        b.listing(out, lambda h: str(h.get("status_reason") or f"status {head_status(h)}"))
 
 
 def _mean_ratio(heads, num_key: str, den_key: str) -> tuple[float, float, float]:
@@ -241,14 +288,27 @@ def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_
         b.check(WARN, warn_msg)
 
 
+def _section(b: _Builder, idx: int, title: str, heads, what: str, keys: tuple[str, ...], none: str):
+    """Open section ``idx``; the heads with every ``keys`` finite, or None after a SKIP line (no
+    estimable head at all, or ``none`` when no head has the values)."""
+    b.start(idx, title)
+    if not heads:
+        b.check(SKIP, f"{what}: {NOT_ESTIMABLE} (no head has enough exact query rows)")
+        return None
+    ok = [h for h in heads if all(_fin(h.get(k)) for k in keys)]
+    if not ok:
+        b.check(SKIP, f"{what}: {none}")
+        return None
+    return ok
+
+
 def _positional(b: _Builder, heads, local_bias_min) -> None:
-    b.start(2, "Positional Patterns")
-    ok = [h for h in heads if _fin(h.get("local_attn_near")) and _fin(h.get("local_attn_far"))]
+    ok = _section(b, 2, "Positional Patterns", heads, "Local bias", ("local_attn_near", "local_attn_far"),
+                  "no query has both near and far keys")
+    if ok is None:
+        return
     lw = sorted({int(_num(h.get("local_window"))) for h in heads if _fin(h.get("local_window"))})
     lw_txt = "/".join(map(str, lw)) if lw else "?"
-    if not ok:
-        b.check(SKIP, "Local bias: no query has both near and far keys")
-        return
     near, far, ratio = _mean_ratio(ok, "local_attn_near", "local_attn_far")
     msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
     _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}")
@@ -257,10 +317,9 @@ def _positional(b: _Builder, heads, local_bias_min) -> None:
 
 
 def _tokens(b: _Builder, heads, same_token_min) -> None:
-    b.start(3, "Token-Level Patterns")
-    ok = [h for h in heads if _fin(h.get("same_token_attn")) and _fin(h.get("diff_token_attn"))]
-    if not ok:
-        b.check(SKIP, "Repeated tokens: token_str not captured (or no repeated token seen)")
+    ok = _section(b, 3, "Token-Level Patterns", heads, "Repeated tokens", ("same_token_attn", "diff_token_attn"),
+                  "token_str not captured (or no repeated token seen)")
+    if ok is None:
         return
     same, diff, ratio = _mean_ratio(ok, "same_token_attn", "diff_token_attn")
     msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
@@ -269,10 +328,9 @@ def _tokens(b: _Builder, heads, same_token_min) -> None:
 
 
 def _statistical(b: _Builder, heads, uniform_min) -> None:
-    b.start(4, "Statistical Tests (vs Uniform)")
-    ok = [h for h in heads if _fin(h.get("mean_entropy_ratio"))]
-    if not ok:
-        b.check(SKIP, "Entropy: no head has a finite entropy ratio")
+    ok = _section(b, 4, "Statistical Tests (vs Uniform)", heads, "Entropy", ("mean_entropy_ratio",),
+                  "no head has a finite entropy ratio")
+    if ok is None:
         return
     ratio = _mean(h["mean_entropy_ratio"] for h in ok)
     if ratio >= uniform_min:
@@ -286,22 +344,27 @@ def _statistical(b: _Builder, heads, uniform_min) -> None:
 
 
 def _per_head(b: _Builder, heads, sharp_max, uniform_min) -> None:
+    """One line per head labelled with what it is (class or not estimable); not a check."""
     b.start(5, "Per-Head Analysis")
     counts = {"sharp": 0, "medium": 0, "uniform": 0, "unknown": 0}
-    tag = {"sharp": f"[{PASS} SHARP]", "medium": f"[{WARN} MEDIUM]",
-           "uniform": f"[{FAIL} UNIFORM]", "unknown": f"[{SKIP} UNKNOWN]"}
-    status = {"sharp": PASS, "medium": WARN, "uniform": FAIL, "unknown": SKIP}
+    n_out = 0
     for h in heads:
+        if not estimable(h):
+            n_out += 1
+            b.add(f"  {_label(h)}: cov={_f(h.get('mean_key_coverage'), '.3f')} "
+                  f"exact rows={_int(h.get('n_exact_rows'))}/{_int(h.get('n_queries'))} [NOT ESTIMABLE]")
+            continue
         cls = h.get("attn_class")
         if cls not in counts:
             cls = attention_class(_num(h.get("mean_entropy_ratio")), sharp_max, uniform_min)
         counts[cls] += 1
-        sym = f" {_SYMBOL[status[cls]]}" if b.use_unicode else ""
+        part = f" exact rows={_int(h.get('n_exact_rows'))}/{_int(h.get('n_queries'))}" \
+            if head_status(h) == STATUS_PARTIAL else ""
         b.add(f"  {_label(h)}: H/Hmax={_f(h.get('mean_entropy_ratio'), '.3f')} "
               f"row_std={_f(h.get('row_std'))} max_attn={_f(h.get('mean_max_attn'), '.3f')} "
-              f"k_eff={_f(h.get('mean_k_eff'), '.1f')} cov={_f(h.get('mean_key_coverage'), '.3f')} "
-              f"{tag[cls]}{sym}")
-    n = len(heads)
+              f"k_eff={_f(h.get('mean_k_eff'), '.1f')} cov={_f(h.get('mean_key_coverage'), '.3f')}{part} "
+              f"[{cls.upper()}]")
+    n = len(heads) - n_out
 
     def pct(c):
         return f"{100.0 * c / n:.0f}%" if n else "n/a"
@@ -311,12 +374,18 @@ def _per_head(b: _Builder, heads, sharp_max, uniform_min) -> None:
             f"{counts['uniform']}/{n} uniform ({pct(counts['uniform'])})")
     if counts["unknown"]:
         line += f", {counts['unknown']}/{n} unknown"
+    if n_out:
+        line += f"; {n_out} head(s) {NOT_ESTIMABLE}"
     b.add("")
     b.add(line)
+    b.info(f"classes by mean entropy ratio: sharp <= {sharp_max:g}, uniform >= {uniform_min:g} "
+           "(labels describe the heads; they are not checks)")
 
 
 def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
-    b.start(6, "Query-Side Variation (Do different queries attend differently?)")
+    if _section(b, 6, "Query-Side Variation (Do different queries attend differently?)", heads, "Query variation",
+                (), "") is None:
+        return
     adj = [h for h in heads if _fin(h.get("qvar_l2_adjacent"))]
     far = [h for h in heads if _fin(h.get("qvar_l2_distant"))]
     adj_m = _mean(h["qvar_l2_adjacent"] for h in adj)
@@ -342,16 +411,15 @@ def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
 
 
 def _sweep(b: _Builder, heads, gain_min) -> None:
-    b.start(7, "Query-Scale Sweep (gain = d mean max_attn / d log scale)")
-    ok = [h for h in heads if _fin(h.get("gain"))]
-    if not ok:
-        b.check(SKIP, "Query-scale sweep: no head has a gain")
+    ok = _section(b, 7, "Query-Scale Sweep (gain = d mean max_attn / d log scale)", heads, "Query-scale sweep",
+                  ("gain",), "no head has a gain")
+    if ok is None:
         return
     for h in ok:
-        mono = "yes" if bool(h.get("entropy_monotonic")) else "NO"
+        mono = {True: "yes", False: "NO"}.get(h.get("entropy_monotonic"), "n/a")
         b.add(f"  {_label(h)}: gain={_f(h['gain'])} (R2={_f(h.get('gain_r2'), '.3f')}) "
               f"entropy falls monotonically: {mono}")
-    not_mono = [h for h in ok if not bool(h.get("entropy_monotonic"))]
+    not_mono = [h for h in ok if h.get("entropy_monotonic") is not True]
     if not_mono:
         b.check(WARN, f"Entropy does not fall monotonically with query scale in "
                       f"{len(not_mono)}/{len(ok)} heads")
@@ -369,22 +437,22 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
     med = median(gains)
     r = gain_ratio(_num(top["gain"]), med)
     if math.isfinite(r):
-        meaning = gain_ratio_meaning(r)
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}; "
-               f"ratio {r:.2f}x -> {meaning}")
+               f"ratio to the median {r:.2f}x -> {gain_ratio_meaning(r)}")
     else:
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}")
 
 
 def gain_ratio_meaning(ratio: float) -> str:
-    """Seed 003's reading of a target/control gain ratio."""
+    """Seed 003's reading of a target/control gain ratio, naming the threshold it applies."""
     if not math.isfinite(ratio):
         return "undefined (a gain is missing or the control's gain is 0)"
-    if ratio >= 2.0:
-        return "strong evidence of head-specific exploitation"
-    if ratio >= 1.5:
-        return "higher sensitivity than the typical head"
-    return "no functional distinction (universal mechanism)"
+    if ratio >= GAIN_RATIO_STRONG:
+        return f"strong evidence of head-specific exploitation (ratio >= {GAIN_RATIO_STRONG:g}x)"
+    if ratio >= GAIN_RATIO_HIGHER:
+        return (f"higher sensitivity than the typical head (ratio >= {GAIN_RATIO_HIGHER:g}x, "
+                f"< {GAIN_RATIO_STRONG:g}x)")
+    return f"no functional distinction (universal mechanism; ratio < {GAIN_RATIO_HIGHER:g}x)"
 
 
 _COUNT_LINES = {"passed": "Passed: ", "warnings": "Warnings: ", "failures": "Failures: ", "skipped": "Skipped: "}
@@ -405,7 +473,7 @@ def report_counts(text: str) -> dict[str, int]:
     return out
 
 
-def _summary(b: _Builder) -> None:
+def _summary(b: _Builder, heads, usable) -> None:
     b.add("")
     b.add(_RULE)
     b.add("SUMMARY")
@@ -430,15 +498,29 @@ def _summary(b: _Builder) -> None:
     b.add("CONCLUSION:")
     b.add(_SUB)
     sanity_fail = any(s == FAIL and sec.startswith("Sanity") for s, sec, _ in counted)
-    if not counted:
+    n_out = len(heads) - len(usable)
+    if not heads:
         b.add("No check could be computed.")
     elif sanity_fail:
         b.add("The attention reconstruction is wrong (row sums or masking); do not trust the")
         b.add("other numbers until it is fixed.")
-    elif n_fail:
-        b.add("Attention is reconstructed correctly but may not carry meaningful patterns")
-        b.add("(see failures above).")
-    elif n_warn:
-        b.add("Attention is reconstructed correctly; see warnings above.")
+    elif not usable:
+        b.add(f"Attention is {NOT_ESTIMABLE}: no head has enough query rows that see every")
+        b.add("key they may attend to, so no pattern, class or gain is reported.")
+        if any(sec.startswith("Sanity") and st == PASS for st, sec, _ in counted):
+            b.add("(The reconstruction checks above cover the arithmetic of the computed rows only.)")
     else:
-        b.add("Attention is reconstructed correctly and shows structure.")
+        others = [r for r in counted if not r[1].startswith("Sanity")]
+        if any(r[0] == FAIL for r in others):
+            b.add("Attention is reconstructed correctly but may not carry meaningful patterns")
+            b.add("(see failures above).")
+        elif any(r[0] == WARN for r in others):
+            b.add("Attention is reconstructed correctly; see warnings above.")
+        else:
+            b.add("Attention is reconstructed correctly and shows structure.")
+        n_partial = sum(1 for h in usable if head_status(h) == STATUS_PARTIAL)
+        if n_partial:
+            b.add(f"{n_partial} of {len(heads)} heads are partial: their numbers come from the query rows")
+            b.add("that see every key only.")
+        if n_out:
+            b.add(f"{n_out} of {len(heads)} heads are {NOT_ESTIMABLE} and are left out.")
