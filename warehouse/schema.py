@@ -85,7 +85,9 @@ def apply(con: duckdb.DuckDBPyConnection, from_version: int) -> int:
     for m in migrations():
         if m.version > from_version:
             con.execute(m.text)
-            con.execute("INSERT INTO schema_migrations VALUES ($v, $n, $t)", {"v": m.version, "n": m.name, "t": now})
+            # by name: the rehearsal (`_rehearse`) recreates tables with their columns in another order
+            con.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($v, $n, $t)",
+                        {"v": m.version, "n": m.name, "t": now})
     for name in FINISH_SCRIPTS:
         con.execute(sql.load(name))
     return max(from_version, schema_version())
