@@ -247,8 +247,9 @@ def model_files(template: str | os.PathLike) -> list[Path]:
 
 
 def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
-    """The warehouse files named by `patterns`, in order, each file once: a file, a glob (``*``, ``?``,
-    ``[...]``: every match, sorted) or a per-model path with ``{model}`` (`model_files`). Expanded here, in
+    """The warehouse files named by `patterns`, in order, each file once: a file (an existing one is taken as
+    it is), a glob (``*``, ``?``, ``[...]``: every match, sorted) or a per-model path with ``{model}``
+    (`model_files`). Expanded here, in
     Python, before any file is opened (the SQL sandbox cannot list folders). FileNotFoundError when a glob
     or a ``{model}`` path matches no file."""
     out: list[Path] = []
@@ -257,7 +258,7 @@ def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
         text = str(pattern)
         if MODEL_PLACEHOLDER in text:
             found = model_files(text)
-        elif glob.has_magic(text):
+        elif glob.has_magic(text) and not Path(text).exists():  # an existing file is itself, brackets or not
             found = sorted(Path(p) for p in glob.glob(text))
         else:
             found = [Path(text)]
