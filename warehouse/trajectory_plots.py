@@ -48,7 +48,7 @@ def _step_axis(ax, steps: np.ndarray, axis: str) -> str:
     if positive.size == 0:
         return "training step"  # only step 0: nothing to put on a log scale
     if (steps == 0).any():
-        ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=0.5)
+        ax.set_xscale("symlog", linthresh=float(positive.min()), linscale=1.0)
         return f"training step (log; linear below {int(positive.min())})"
     ax.set_xscale("log")
     return "training step (log)"
@@ -111,6 +111,6 @@ def plot_trajectory(traj: Trajectory, opts: PlotOptions) -> PlotResult:
     fig.suptitle(f"{title}\nband: 95% t-interval of the mean over the layer's heads", fontsize="medium")
     summary = layers.loc[:, ["stage", "step", "model", "layer", "n_heads", "mean_value", "ci_low", "ci_high",
                              "median_value"]].sort_values(["step", "model", "layer"]).reset_index(drop=True)
-    n_heads = int(traj.heads.groupby(["model", "layer", "q_head"]).ngroups)
+    n_heads = int(traj.heads.groupby(["layer", "q_head"]).ngroups)  # heads of the model, rows = one per checkpoint
     return PlotResult(fig, summary, int(len(traj.heads)), n_heads,
                       {"checkpoints": n_ckpt, "layers": n_layers, "matrix": matrix})
