@@ -108,7 +108,7 @@ def test_three_checkpoints_queued_at_once_run_side_by_side(tmp_path):
     with daemon(env, tmp_path, tmp_path / "daemon.log"):
         submit = [dagster_cli("job", "backfill", "-j", "analyze_model_job", "--partitions", ",".join(MODELS),
                               "--noprompt", env=env, cwd=tmp_path),
-                  dagster_cli("job", "launch", "-j", "analyze_model_job", "--tags",
+                  dagster_cli("job", "launch", "-j", "analyze_model_job", "-o", "shard_catalog", "--tags",
                               json.dumps({"dagster/partition": MODELS[0]}), env=env, cwd=tmp_path)]
         for proc in submit:
             output = proc.communicate(timeout=120)[0]
