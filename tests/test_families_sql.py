@@ -34,6 +34,8 @@ FAMILY = FamilySpec(
     head_scales=(0.2, 0.3, 0.5),
     base=SyntheticSpec(model="tfam", num_layers=2, num_q_heads=3, num_k_heads=1, head_dim=4, num_examples=2,
                        seq_len=64, bucket_size=16, sliding_windows={}, seed=0))
+#: The migration adding models.family/stage/step (its number may change when branches merge).
+FAMILIES_MIGRATION = next(m.version for m in schema.migrations() if m.name.endswith("_model_families.sql"))
 VIEWS = ("family_checkpoints", "family_head_metrics_long", "family_layer_metric_trajectory",
          "family_layer_trajectory", "family_head_trajectory")
 HEAD_METRICS = ("n_q_tokens", "n_k_tokens", "q_R2_pos", "q_beta_norm", "q_R2_scalar", "q_mae_baseline", "q_mae_proj",
@@ -260,7 +262,7 @@ def test_expanding_warehouse_paths(tmp_path):
             db.expand_warehouse_paths([pattern])
 
 
-def test_an_older_warehouse_joins_the_union_and_upgrades_with_migration_003(family_data, tmp_path, monkeypatch):
+def test_an_older_warehouse_joins_the_union_and_upgrades_with_the_families_migration(family_data, tmp_path, monkeypatch):
     old = tmp_path / "old.duckdb"
     (loner,) = [p for p in family_data["per_model"] if p.stem == "loner"]  # a model without a family
     shutil.copy(loner, old)
@@ -269,19 +271,19 @@ def test_an_older_warehouse_joins_the_union_and_upgrades_with_migration_003(fami
             con.execute(f"DROP VIEW {v}")
         for column in ("family", "stage", "step"):
             con.execute(f"ALTER TABLE models DROP COLUMN {column}")
-        con.execute("DELETE FROM schema_migrations WHERE version = 3")
+        con.execute("DELETE FROM schema_migrations WHERE version >= $v", {"v": FAMILIES_MIGRATION})
     others = [p for p in family_data["per_model"] if p.stem != "loner"]
     ckpts = view([*others, old], "family_checkpoints", "step")
     assert list(ckpts["model"]) == [FAMILY.model(s) for s in FAMILY.steps]
     with db.sandbox([*others, old]) as con:
         assert con.execute("SELECT family FROM models WHERE model = 'loner'").fetchall() == [(None,)]
-    before_003 = tuple(m for m in schema.migrations() if m.version < 3)
-    monkeypatch.setattr(schema, "migrations", lambda: before_003)
-    monkeypatch.setattr(schema, "schema_version", lambda: 2)
+    before = tuple(m for m in schema.migrations() if m.version < FAMILIES_MIGRATION)
+    monkeypatch.setattr(schema, "migrations", lambda: before)
+    monkeypatch.setattr(schema, "schema_version", lambda: FAMILIES_MIGRATION - 1)
     with pytest.raises(db.WarehouseError, match="without a migration"):
-        schema.check_existing(old, 5.0)  # schema.sql has the columns; without 003 the upgrade would lack them
+        schema.check_existing(old, 5.0)  # schema.sql has the columns; without the migration the upgrade lacks them
     monkeypatch.undo()
-    assert db.ensure_schema(old) == 3
+    assert db.ensure_schema(old) == schema.schema_version()
     with db.reader(old) as con:
         cols = con.execute("SELECT column_name, data_type, comment FROM duckdb_columns() WHERE table_name = 'models' "
                            "AND column_name IN ('family', 'stage', 'step') ORDER BY column_index").fetchall()
