@@ -81,6 +81,13 @@ def test_a_matching_branch_with_unusable_parts_is_a_problem_never_a_guess(branch
     assert problem in str(err.value) and repr(branch) in str(err.value)
 
 
+def test_the_whole_branch_name_must_match_even_without_anchors():
+    pattern = BranchPattern.compile(r"(?P<family>fam)-step-(?P<step>\d+)", "w")
+    assert pattern.parse("fam-step-12") == Checkpoint("fam", 12)
+    for branch in ("xfam-step-12", "fam-step-12-extra", "fam-step-12/x"):
+        assert pattern.parse(branch) is None, branch
+
+
 def test_an_empty_stage_match_is_a_problem():
     pattern = BranchPattern.compile(r"^(?P<family>f)-(?P<stage>\w*)-(?P<step>\d+)$", "w")
     assert pattern.parse("f-s1-5") == Checkpoint("f", 5, "s1")

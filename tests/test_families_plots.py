@@ -18,14 +18,14 @@ from warehouse.trajectory_plots import layer_by_checkpoint, plot_trajectory
 
 def trajectory(steps=(10, 100, 1000, 10000), stages=("s1", "s1", "s2", "s2"), n_layers=3, metric="ap_overall",
                n_heads=4) -> Trajectory:
-    """Layer means mean = 0.1 + 0.2 * layer + 0.01 * i (i = checkpoint index), intervals of +-0.05."""
+    """Layer means mean = 0.1 + 0.2 * layer + 0.01 * i (i = checkpoint index), intervals of +-0.08 (sd 0.05)."""
     rows, heads = [], []
     for i, (step, stage) in enumerate(zip(steps, stages)):
         for layer in range(n_layers):
             mean = 0.1 + 0.2 * (layer % 4) + 0.01 * i
             rows.append({"family": "f", "stage": stage, "step": step, "model": f"m{step}", "run_id": f"r{i}",
                          "layer": layer, "metric": metric, "n_heads": n_heads, "n_not_finite": 0, "mean_value": mean,
-                         "sd_value": 0.05, "ci_low": mean - 0.05, "ci_high": mean + 0.05, "median_value": mean,
+                         "sd_value": 0.05, "ci_low": mean - 0.08, "ci_high": mean + 0.08, "median_value": mean,
                          "q1_value": mean, "q3_value": mean, "min_value": mean, "max_value": mean})
             heads += [{"model": f"m{step}", "layer": layer, "q_head": h, "value": mean} for h in range(n_heads)]
     layers = pd.DataFrame(rows)
@@ -65,7 +65,7 @@ def test_trajectory_plot_draws_one_line_and_band_per_layer_on_a_log_step_axis():
     for layer, band in enumerate(bands):
         ys = band.get_paths()[0].vertices[:, 1]
         mean = 0.1 + 0.2 * layer + 0.01 * np.arange(4)
-        assert ys.min() == pytest.approx(mean.min() - 0.05) and ys.max() == pytest.approx(mean.max() + 0.05)
+        assert ys.min() == pytest.approx(mean.min() - 0.08) and ys.max() == pytest.approx(mean.max() + 0.08)
     (mesh,) = [c for c in hm.collections if isinstance(c, QuadMesh)]
     np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(3, 4), layer_by_checkpoint(t.layers).to_numpy())
     assert mesh.get_clim() == (0.0, 1.0)
