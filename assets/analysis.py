@@ -5,6 +5,7 @@ GQA groups of heads out to a process pool (`max_workers`); the workers read
 shards through their own in-memory DuckDB connections and only compute; this
 step's process is the only writer, flushing finished heads in short
 transactions, so a crash keeps every committed head and a re-run resumes.
+A model with a family reports `family_checkpoints` for it (assets/families.py).
 """
 
 import time
@@ -13,11 +14,14 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from assets.families import report_checkpoint
 from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
+from warehouse import db
 from warehouse.config import describe
+from warehouse.families import checkpoint_of
 
 RESULT_ASSETS = {
     "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
@@ -67,6 +71,7 @@ def head_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, war
                   hub: HubResource, datasets: DatasetsResource):
     """Analyse every head of the model's dataset (the revision the shard catalog recorded)."""
     key = context.partition_key
+    waits_before = db.LOCK_WAITS.copy()
     wh = warehouse.path_for(key)
     entry = datasets.entry(key, repo_hint=context.run.tags.get(TAG_REPO))
     cfg = entry.run_config(warehouse=wh, max_workers=config.max_workers, attention=config.attention,
@@ -96,12 +101,15 @@ def head_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, war
                         f"(model={key!r}, run_id={summary.run_id!r})",
             metadata={"run_id": summary.run_id, "n_errors": summary.n_errors},
         )
+    if summary.n_done:  # the family's trajectory now has (new) results of this checkpoint
+        report_checkpoint(context, checkpoint_of(cfg), key, summary.run_id)
     tables = steps.result_counts_and_previews(wh, key, summary.run_id,
                                               lock_timeout_s=warehouse.lock_timeout_s)
     common = {
         "model": key, "run_id": summary.run_id, "revision": summary.revision, "status": summary.status,
         "heads": summary.n_heads, "heads_with_results": summary.n_done, "heads_with_errors": summary.n_errors,
         "heads_computed_now": summary.n_computed, "seconds": round(summary.seconds, 2),
+        **db.LOCK_WAITS.since(waits_before),  # waits for another process's lock on this model's warehouse
     }
     for name in RESULT_ASSETS:
         n_rows, preview = tables[name]

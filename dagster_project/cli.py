@@ -20,7 +20,7 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from warehouse.config import MAX_SEED, warehouse_option  # noqa: E402 (after the thread settings)
+from warehouse.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
 from warehouse.names import name_problem  # noqa: E402
 from warehouse.options import option  # noqa: E402
 
@@ -49,12 +49,12 @@ def format_table(names: list[str], rows: list[tuple], max_rows: int | None = Non
     return "\n".join(lines)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     from warehouse.config import RunConfig
     from warehouse.options import add_arguments
 
     group = parser.add_argument_group("config keys (each overrides the same key of --config)")
-    add_arguments(group, RunConfig, typed=False, dest_prefix="cfg_", spelling="underscore")
+    add_arguments(group, RunConfig, typed=False, dest_prefix="cfg_", spelling="underscore", exclude=exclude)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -132,7 +132,76 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0 if summary.n_done else 1
 
 
+FAMILY_HINT = "SELECT family, step, layer, n_heads, mean_ap, ci_low, ci_high FROM family_layer_trajectory ORDER BY ALL"
+
+
+def cmd_demo_family(args: argparse.Namespace) -> int:
+    """`plasticity demo --family`: generate the synthetic family, analyse every checkpoint, print and draw
+    the trajectory next to the generator's truth."""
+    from plasticity.synthetic import FamilySpec
+    from warehouse.db import expand_warehouse_paths
+    from warehouse.demo_data import family_layer_truth, write_synthetic_family
+    from warehouse.export import export_csvs, results_dir
+    from warehouse.families import load_trajectory
+    from warehouse.names import safe_path_component
+    from warehouse.pipeline import analyze_dataset
+    from warehouse.plots import load_plot_options, save_png
+    from warehouse.trajectory_plots import plot_trajectory
+
+    fam = FamilySpec()
+    root = Path(args.data) / fam.family
+    configs = {}
+    for step in fam.steps:  # every config error stops here, before anything is written
+        model = fam.model(step)
+        # the checkpoints are tiny: one process each (a worker pool per checkpoint would cost more than its heads)
+        cfg = _load_config(args, {"dataset_local_root": str(root / model), "model": model, "family": fam.family,
+                                  "stage": fam.stage(step), "step": step, "max_workers": 1})
+        cfg.warehouse = cfg.warehouse.replace("{model}", safe_path_component(model, "model name"))
+        configs[step] = cfg.validate()
+    print(f"family {fam.family}: {len(fam.steps)} checkpoints in {root} (steps {', '.join(map(str, fam.steps))})")
+    folders = write_synthetic_family(root, fam, regenerate=args.regenerate)
+    summaries = []
+    for step, cfg in configs.items():
+        summary = analyze_dataset(cfg, folders[step], model=cfg.model, resume=not args.fresh, progress=not args.quiet)
+        export_csvs(cfg.warehouse, summary.model, summary.run_id, results_dir(cfg.output_dir, summary.model,
+                                                                              summary.run_id))
+        _print_summary(summary)
+        summaries.append(summary)
+    warehouses = list(dict.fromkeys(cfg.warehouse for cfg in configs.values()))
+    traj = load_trajectory(expand_warehouse_paths(warehouses), fam.family)
+    truth = family_layer_truth(folders)
+    rows = []
+    for r in traj.layers.itertuples(index=False):
+        true = truth[(int(r.step), int(r.layer))]
+        rows.append((r.step, r.stage, r.layer, r.n_heads, r.mean_value, r.ci_low, r.ci_high, true,
+                     abs(r.mean_value - true)))
+    print("\nper (step, layer): mean ap_overall over the layer's heads with its 95% t-interval, and the "
+          "generator's true mean (law: sigma = head_scale * (step / first step) ^ layer_rate, "
+          f"layer rates {', '.join(f'{x:+g}' for x in fam.layer_rates)})")
+    print(format_table(["step", "stage", "layer", "n_heads", "mean_ap", "ci_low", "ci_high", "ap_true", "abs_err"],
+                       rows))
+    errors = [r[-1] for r in rows]
+    print(f"mean |mean_ap - ap_true| over {len(errors)} (step, layer) cells: {sum(errors) / len(errors):.4f} "
+          "(the interval is the spread of the layer's heads, not the error of their mean)")
+    opts = load_plot_options("trajectory", None, family=fam.family)
+    out = Path(configs[fam.steps[0]].output_dir) / "plots" / f"{fam.family}-trajectory.png"
+    save_png(plot_trajectory(traj, opts).figure, out, opts.dpi)
+    where = " ".join(f"--warehouse {w}" for w in warehouses)
+    print(f"\nplot: {out}\nwarehouse: {', '.join(warehouses)}")
+    print(f'try: plasticity sql "{FAMILY_HINT}" {where}')
+    print(f"     plasticity plot trajectory --family {fam.family} --metric q_R2_pos --warehouse "
+          f"'{configs[fam.steps[0]].warehouse if len(warehouses) == 1 else _template(args)}'")
+    return 0 if all(s.n_errors == 0 for s in summaries) else 1
+
+
+def _template(args: argparse.Namespace) -> str:
+    """The --warehouse value as given (e.g. with {model})."""
+    return _overrides(args).get("warehouse") or "data/warehouse.duckdb"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.family:
+        return cmd_demo_family(args)
     from plasticity.synthetic import SyntheticSpec
     from warehouse.db import read_only_query
     from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
@@ -171,10 +240,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from warehouse.db import one_line, read_only_query
+    from warehouse.config import default_warehouse
+    from warehouse.db import expand_warehouse_paths, one_line, read_only_query
 
+    paths = expand_warehouse_paths(args.warehouse or [default_warehouse()])  # before the sandbox: it lists no folder
     try:
-        names, rows = read_only_query(args.warehouse, args.query)
+        names, rows = read_only_query(paths, args.query)
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -235,13 +306,20 @@ class RunOptions:
 class DemoOptions:
     data: str = option(str(DEMO_ROOT), help="folder for the demo dataset", accepts="a folder")
     regenerate: bool = option(False, switch=True, help="rewrite the demo dataset")
+    family: bool = option(False, switch=True,
+                          help="a family of synthetic checkpoints instead: analyse each, print the trajectory next "
+                               "to the truth, draw it (--warehouse may contain {model}: one file per checkpoint)")
 
 
 @dataclass
 class SqlOptions:
     query: str = option(None, positional=True, metavar="QUERY",
                         help="SQL: any read-only statements (SELECT, PIVOT, WITH, temp tables, EXPLAIN, DESCRIBE, ...)")
-    warehouse: str = warehouse_option()
+    warehouse: list[str] | None = option(
+        None, check=not_empty, cli_kwargs={"action": "append", "nargs": None}, metavar="FILE",
+        accepts="a file, a glob or a path with {model}",
+        help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
+        default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
     csv: bool = option(False, switch=True, help="print CSV instead of a table")
     max_rows: int = option(200, ge=1, help="rows shown in the table")
 
@@ -289,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     add_arguments(p, DemoOptions)
     add_arguments(p, RunOptions)
-    _add_config_flags(p)
+    _add_config_flags(p, exclude=("family", "stage", "step"))  # the demo's checkpoints name their own
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("analyze", help="analyse one model's dataset into the warehouse and export CSVs",

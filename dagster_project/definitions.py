@@ -14,7 +14,7 @@ import importlib.util
 
 import dagster as dg
 
-from assets import analysis, catalog, exports, plots
+from assets import analysis, catalog, exports, families, plots
 from dagster_project.jobs import analyze_model_job
 from dagster_project.partitions import models_partitions
 from dagster_project.resources import default_resources
@@ -29,6 +29,8 @@ OWN_ASSETS = [
     *plots.per_model_plots,
     plots.model_comparison_plot,
 ]
+# partitioned by family, not by model: in no model's job
+FAMILY_ASSETS = [families.family_checkpoints, families.family_trajectory]
 
 
 def _optional_module(name: str):
@@ -50,7 +52,7 @@ def _extra_assets_and_checks():
 
 
 EXTRA_ASSETS, EXTRA_CHECKS = _extra_assets_and_checks()
-ALL_ASSETS = [*OWN_ASSETS, *EXTRA_ASSETS]
+ALL_ASSETS = [*OWN_ASSETS, *EXTRA_ASSETS, *FAMILY_ASSETS]
 
 
 def _job_selection() -> dg.AssetSelection:
@@ -68,7 +70,7 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=EXTRA_CHECKS,
     jobs=[job],
-    sensors=build_sensors(job),
+    sensors=[*build_sensors(job), families.family_automation_sensor],
     schedules=[build_schedule(job)],
     resources=default_resources(),
     executor=dg.in_process_executor,

@@ -13,6 +13,11 @@ import dagster as dg
 MODELS_PARTITIONS_NAME = "models"
 models_partitions = dg.DynamicPartitionsDefinition(name=MODELS_PARTITIONS_NAME)
 
+# One partition per family of checkpoints (`warehouse.families`), added with its models by the same
+# sensors, by `plasticity ui` and by a model's analysis when its family is new.
+FAMILIES_PARTITIONS_NAME = "families"
+families_partitions = dg.DynamicPartitionsDefinition(name=FAMILIES_PARTITIONS_NAME)
+
 # Run tags set by the sensors; the shard catalog pins the Hub download to TAG_REVISION.
 TAG_REVISION = "plasticity/revision"
 TAG_REPO = "plasticity/repo"

@@ -1,4 +1,5 @@
-"""`plasticity plot {curves,heatmap,components,compare}`: the upstream plotting scripts as one command.
+"""`plasticity plot {curves,heatmap,components,compare,trajectory}`: the upstream plotting scripts as one
+command, plus the trajectory of a family of checkpoints.
 
 Options come from a YAML file (`--config configs/plots/...yaml`) overridden by
 flags, with the upstream names (``--bucket_csv``, ``--bucket_type``, ``--agg``,
@@ -17,7 +18,8 @@ from pathlib import Path
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 
 
-DATA_OPTIONS = ("warehouse", "model", "run_id", "models", "bucket_csv", "component_csv", "head_metrics_csv")
+DATA_OPTIONS = ("warehouse", "model", "run_id", "models", "family", "stages", "bucket_csv", "component_csv",
+                "head_metrics_csv")
 
 
 def add_plot_parser(sub) -> argparse.ArgumentParser:
@@ -25,10 +27,12 @@ def add_plot_parser(sub) -> argparse.ArgumentParser:
     from warehouse.plots import KINDS, PlotOptions
 
     p = sub.add_parser(
-        "plot", help="draw a plot (curves, heatmap, components, compare) of the results to a PNG",
+        "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results to a PNG",
         description="Plot per-bucket plasticity curves, the q-bucket x k-bucket heatmap, component-weight bars, "
-                    "or ap_overall by layer across models. Reads a CSV export or the warehouse. Every option "
-                    "can also be set in the YAML given with --config; the command line wins.",
+                    "ap_overall by layer across models, or a family's trajectory through its checkpoints "
+                    "(trajectory --family F; --warehouse may be a glob or a path with {model} to read one file "
+                    "per model). Reads a CSV export or the warehouse. Every option can also be set in the YAML "
+                    "given with --config; the command line wins.",
     )
     p.add_argument("kind", choices=KINDS, help=f"what to draw: {'|'.join(KINDS)}")
     p.add_argument("--config", default=None, metavar="YAML",
@@ -47,6 +51,10 @@ def default_output(kind: str, opts) -> Path:
     if kind == "compare":
         return DEFAULT_OUTPUT_DIR / "model-comparison.png"
     from warehouse.names import safe_path_component
+
+    if kind == "trajectory":
+        family = safe_path_component(opts.family, "--family") if opts.family else "family"
+        return DEFAULT_OUTPUT_DIR / f"{family}-{CONFIG_SUFFIX[kind]}.png"
 
     name = safe_path_component(opts.model, "--model") if opts.model else (
         safe_path_component(opts.model_name, "--model_name") if opts.model_name else "plot")
@@ -73,7 +81,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     save_png(result.figure, out, opts.dpi)
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source
-        else "models " + ", ".join(f"{m} (run {r})" for m, r in source.get("runs", {}).items()))
+        else (f"family {source['family']}: " if "family" in source else "")
+        + "models " + ", ".join(f"{m} (run {r})" for m, r in source.get("runs", {}).items()))
     print(f"wrote {out}: {result.n_rows} row(s), {result.n_heads} head(s) from {where}")
     return 0
 

@@ -9,15 +9,19 @@ key is the `model` value the warehouse stores. The key is resolved, in order:
    ``revision`` -> that Hub dataset repo and branch;
 2. a branch of a Hub repo listed in the watch file
    (``configs/dagster/hub_repos.yaml``): key = ``key_prefix`` + branch name, run
-   config = the repo entry's ``overrides`` on top of the defaults.
+   config = the repo entry's ``overrides`` on top of the defaults, plus the
+   family, stage and step its ``family_pattern`` parses from the branch name
+   (`warehouse.families.BranchPattern`; a branch that does not match has none).
 
 A watched branch that has its own run config (same ``dataset_name`` and
 ``revision``) uses that config and its ``model`` as the key, so the CLI and
-Dagster write the same `model` into the warehouse.
+Dagster write the same `model` into the warehouse; the repo's pattern gives its
+family only when the config names none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import Any
 import yaml
 
 from warehouse.config import RunConfig, load_config
+from warehouse.families import BranchPattern, Checkpoint, FamilyError, checkpoint_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS_DIR = PROJECT_ROOT / "configs"
@@ -48,6 +53,8 @@ class DatasetEntry:
     repo_id: str | None = None
     branch: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    parsed: Checkpoint | None = None  # what the repo's family_pattern found in the branch name
+    problem: str | None = None  # why the branch name gives no usable family (a match with bad parts)
 
     @property
     def is_hub(self) -> bool:
@@ -59,14 +66,24 @@ class DatasetEntry:
         return f"local folder {self.local_root}"
 
     def run_config(self, **extra: Any) -> RunConfig:
-        """The run config of this model (config file + entry overrides + `extra`, None = keep)."""
+        """The run config of this model (config file + entry overrides + `extra`, None = keep); the family
+        parsed from the branch name fills in when neither the config nor the overrides name one."""
         overrides: dict[str, Any] = {**self.overrides, "model": self.key}
         if self.is_hub:
             overrides.update(dataset_name=self.repo_id, revision=self.branch)
         else:
             overrides["dataset_local_root"] = str(self.local_root)
         overrides.update({k: v for k, v in extra.items() if v is not None})
-        return load_config(self.config_path, overrides)
+        cfg = load_config(self.config_path, overrides)
+        if cfg.family is None and self.problem is not None:
+            raise FamilyError(self.problem)
+        if cfg.family is None and self.parsed is not None:
+            cfg = load_config(self.config_path, {**overrides, **self.parsed.config_keys()})
+        return cfg
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The model's family, stage and step (run config, else the branch name), or None."""
+        return checkpoint_of(self.run_config())
 
 
 @dataclass
@@ -77,9 +94,19 @@ class WatchedRepo:
     branches: list[str] | None = None  # None: every branch
     key_prefix: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    family_pattern: BranchPattern | None = None  # family / stage / step from the branch name
 
     def wants(self, branch: str) -> bool:
         return self.branches is None or branch in self.branches
+
+    def parse_branch(self, branch: str) -> tuple[Checkpoint | None, str | None]:
+        """(the branch's checkpoint or None, a problem when it matches with unusable parts)."""
+        if self.family_pattern is None:
+            return None, None
+        try:
+            return self.family_pattern.parse(branch), None
+        except FamilyError as exc:
+            return None, f"{self.repo_id}: {exc}"
 
 
 class DatasetRegistry:
@@ -143,10 +170,18 @@ class DatasetRegistry:
             if not isinstance(item, dict) or not item.get("dataset_name"):
                 self.problems.append(f"{self.watch_file}: every repo needs a dataset_name, got {item!r}")
                 continue
-            unknown = sorted(set(item) - {"dataset_name", "branches", "key_prefix", "overrides"})
+            unknown = sorted(set(item) - {"dataset_name", "branches", "key_prefix", "overrides", "family_pattern"})
             if unknown:
                 self.problems.append(f"{self.watch_file}: unknown key(s) {', '.join(unknown)} for {item['dataset_name']}")
                 continue
+            pattern = None
+            if item.get("family_pattern") is not None:
+                try:
+                    pattern = BranchPattern.compile(item["family_pattern"],
+                                                    f"{self.watch_file}: {item['dataset_name']}")
+                except FamilyError as exc:
+                    self.problems.append(str(exc))
+                    continue
             overrides = dict(item.get("overrides") or {})
             try:
                 load_config(None, overrides)  # reject unknown run-config keys now, not at run time
@@ -159,6 +194,7 @@ class DatasetRegistry:
                 branches=None if branches is None else [str(b) for b in branches],
                 key_prefix=str(item.get("key_prefix") or ""),
                 overrides=overrides,
+                family_pattern=pattern,
             ))
 
     # ------------------------------------------------------------------ lookups
@@ -175,16 +211,19 @@ class DatasetRegistry:
         """The entry of a watched repo's branch: its own config if any, else the watch defaults."""
         if isinstance(repo, str):
             repo = next((w for w in self.watched if w.repo_id == repo), WatchedRepo(repo))
+        parsed, problem = repo.parse_branch(branch)
         configured = self._config_for_branch(repo.repo_id, branch)
         if configured is not None:
-            return configured
+            return dataclasses.replace(configured, parsed=parsed, problem=problem)
         return DatasetEntry(repo.key_prefix + branch, "hub", repo_id=repo.repo_id, branch=branch,
-                            overrides=dict(repo.overrides))
+                            overrides=dict(repo.overrides), parsed=parsed, problem=problem)
 
     def get(self, key: str, repo_hint: str | None = None) -> DatasetEntry:
         """The dataset of a partition key; `repo_hint` (a run's repo tag) settles ambiguous keys."""
         if key in self.entries:
-            return self.entries[key]
+            entry = self.entries[key]
+            watched = next((w for w in self.watched if entry.is_hub and w.repo_id == entry.repo_id), None)
+            return entry if watched is None else self.entry_for_branch(watched, entry.branch)
         candidates = [w for w in self.watched if key.startswith(w.key_prefix) and len(key) > len(w.key_prefix)]
         if repo_hint is not None:
             hinted = [w for w in candidates if w.repo_id == repo_hint]

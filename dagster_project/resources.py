@@ -7,7 +7,6 @@ config, metadata or logs.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from dagster_project.registry import DEFAULT_CONFIGS_DIR, PROJECT_ROOT, DatasetEntry, DatasetRegistry
 from warehouse import db
+from warehouse.db import MODEL_PLACEHOLDER
 from warehouse.export import results_dir
 from warehouse.names import safe_path_component
 
@@ -26,7 +26,6 @@ DEFAULT_WAREHOUSE = PROJECT_ROOT / "data" / "warehouse.duckdb"
 DEFAULT_EXPORTS_DIR = PROJECT_ROOT / "results"
 DEFAULT_HUB_DIR = PROJECT_ROOT / "data" / "hub"
 SNAPSHOT_MARKER = ".plasticity-snapshot.json"
-MODEL_PLACEHOLDER = "{model}"
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -57,9 +56,7 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def all_paths(self) -> list[str]:
         """Every existing warehouse file (one, or one per model)."""
-        if not self.per_model:
-            return [self.path]
-        return sorted(glob.glob(glob.escape(self.path).replace(glob.escape(MODEL_PLACEHOLDER), "*")))
+        return [str(p) for p in db.model_files(self.path)]
 
     @contextmanager
     def reader(self, model: str | None = None) -> Iterator:

@@ -6,6 +6,9 @@
 * `local_datasets_sensor`: the local folders of configs/*.yaml; a new folder or
   changed shards (size + Parquet footer fingerprint) request a run.
 
+A model with a family (its run config, or the repo's ``family_pattern`` for a Hub
+branch) also adds its family to the `families` partitions.
+
 Both are off by default (turn them on in the UI, Automation tab).
 """
 
@@ -15,7 +18,8 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from dagster_project.partitions import (
-    MODELS_PARTITIONS_NAME, TAG_BRANCH, TAG_REPO, TAG_REVISION, TAG_TRIGGER, models_partitions,
+    FAMILIES_PARTITIONS_NAME, MODELS_PARTITIONS_NAME, TAG_BRANCH, TAG_REPO, TAG_REVISION, TAG_TRIGGER,
+    families_partitions, models_partitions,
 )
 from dagster_project.registry import DatasetRegistry
 from dagster_project.resources import DatasetsResource, HubResource
@@ -26,10 +30,21 @@ class Updates:
     """What one sensor tick found: partitions to add, runs to request, the new cursor."""
 
     new_partitions: list[str] = field(default_factory=list)
+    new_families: list[str] = field(default_factory=list)
     run_requests: list[dg.RunRequest] = field(default_factory=list)
     cursor: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seen: int = 0
+
+    def add_family(self, entry, existing_families: set[str]) -> None:
+        """The entry's family as a new `families` partition, when it has one not registered yet."""
+        try:
+            checkpoint = entry.checkpoint()
+        except (ValueError, LookupError) as exc:  # a bad config or branch name: that model's run says so too
+            self.problems.append(f"{entry.key}: {exc}")
+            return
+        if checkpoint is not None and checkpoint.family not in existing_families | set(self.new_families):
+            self.new_families.append(checkpoint.family)
 
 
 def _load_cursor(raw: str | None) -> dict[str, str]:
@@ -42,7 +57,8 @@ def _load_cursor(raw: str | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str], cursor: dict[str, str]) -> Updates:
+def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str], cursor: dict[str, str],
+                existing_families: frozenset[str] = frozenset()) -> Updates:
     from warehouse.hub import HubError
 
     out = Updates(cursor=dict(cursor))
@@ -60,6 +76,7 @@ def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str],
             key = entry.key
             if key not in existing and key not in out.new_partitions:
                 out.new_partitions.append(key)
+            out.add_family(entry, set(existing_families))
             cursor_key = f"{repo.repo_id}@{ref.name}"
             if cursor.get(cursor_key) == ref.sha:
                 continue
@@ -73,7 +90,8 @@ def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str],
     return out
 
 
-def local_updates(registry: DatasetRegistry, existing: set[str], cursor: dict[str, str]) -> Updates:
+def local_updates(registry: DatasetRegistry, existing: set[str], cursor: dict[str, str],
+                  existing_families: frozenset[str] = frozenset()) -> Updates:
     from warehouse.catalog import scan_shards
     from warehouse.revision import stat_fingerprint
 
@@ -88,6 +106,7 @@ def local_updates(registry: DatasetRegistry, existing: set[str], cursor: dict[st
         out.seen += 1
         if entry.key not in existing:
             out.new_partitions.append(entry.key)
+        out.add_family(entry, set(existing_families))
         # a cheap change detector (sizes and times): it only decides when to start a run; the run
         # hashes every byte for its revision
         fingerprint = stat_fingerprint(scan.base, scan.paths)
@@ -106,14 +125,15 @@ def _result(context, updates: Updates, what: str) -> dg.SensorResult:
     for problem in updates.problems:
         context.log.warning(problem)
     skip = None
-    if not updates.run_requests and not updates.new_partitions:
+    if not updates.run_requests and not updates.new_partitions and not updates.new_families:
         skip = f"no new or moved {what} ({updates.seen} seen)"
         if updates.problems:
             skip += f"; {len(updates.problems)} problem(s): {updates.problems[0]}"
+    requests = [definition.build_add_request(keys) for definition, keys in
+                ((models_partitions, updates.new_partitions), (families_partitions, updates.new_families)) if keys]
     return dg.SensorResult(
         run_requests=updates.run_requests,
-        dynamic_partitions_requests=[models_partitions.build_add_request(updates.new_partitions)]
-        if updates.new_partitions else [],
+        dynamic_partitions_requests=requests,
         cursor=json.dumps(updates.cursor, sort_keys=True),
         skip_reason=skip,
     )
@@ -128,7 +148,8 @@ def build_sensors(job) -> list[dg.SensorDefinition]:
         if not registry.watched:
             return dg.SkipReason(f"no Hub repos to watch in {registry.watch_file}")
         existing = set(context.instance.get_dynamic_partitions(MODELS_PARTITIONS_NAME))
-        updates = hub_updates(registry, hub, existing, _load_cursor(context.cursor))
+        families = frozenset(context.instance.get_dynamic_partitions(FAMILIES_PARTITIONS_NAME))
+        updates = hub_updates(registry, hub, existing, _load_cursor(context.cursor), families)
         return _result(context, updates, "Hub branches")
 
     @dg.sensor(job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED,
@@ -136,7 +157,8 @@ def build_sensors(job) -> list[dg.SensorDefinition]:
     def local_datasets_sensor(context: dg.SensorEvaluationContext, datasets: DatasetsResource):
         registry = datasets.registry()
         existing = set(context.instance.get_dynamic_partitions(MODELS_PARTITIONS_NAME))
-        updates = local_updates(registry, existing, _load_cursor(context.cursor))
+        families = frozenset(context.instance.get_dynamic_partitions(FAMILIES_PARTITIONS_NAME))
+        updates = local_updates(registry, existing, _load_cursor(context.cursor), families)
         return _result(context, updates, "local datasets")
 
     return [hub_branches_sensor, local_datasets_sensor]

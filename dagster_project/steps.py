@@ -96,13 +96,14 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
     """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
     (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does."""
     from warehouse.pipeline import build_catalog, local_revision
+    from warehouse.families import checkpoint_of
     from warehouse.results import replace_catalog
 
     cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
     revision = sha or local_revision(cat)
     db.ensure_schema(warehouse, lock_timeout_s)
     with db.writer(warehouse, lock_timeout_s) as con:
-        replace_catalog(con, entry.key, revision, cat.shards, cat.model_info(entry.key, cfg.dataset_name, revision),
+        replace_catalog(con, entry.key, revision, cat.shards, cat.model_info(entry.key, cfg.dataset_name, revision, checkpoint_of(cfg)),
                         cat.problems)
     rows = pd.DataFrame([s.row() for s in cat.shards])
     return CatalogResult(
@@ -315,9 +316,48 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
         opts.model, opts.run_id = model, None
         result, source = plots.make_plot(kind, opts, timeout_s=lock_timeout_s)
     png = plots.png_bytes(result.figure, opts.dpi)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(out_path)
+    out_path = plots.write_atomically(out_path, png)
     return PlotOutput(kind, out_path, png, result, source, cfg_file)
+
+
+# --------------------------------------------------------------------------- families
+
+
+def safe_family(family: str) -> str:
+    """A family name as one folder name (a partition key is untrusted text)."""
+    from warehouse.names import safe_path_component
+
+    return safe_path_component(family, "family name (partition key)")
+
+
+@dataclass
+class TrajectoryOutput:
+    metric: str
+    path: Path
+    png: bytes
+    csv: Path
+    trajectory: object  # warehouse.families.Trajectory
+    result: object  # warehouse.plots.PlotResult
+
+
+def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_configs_dir: Path,
+                        lock_timeout_s: float = 60.0) -> list[TrajectoryOutput]:
+    """The family's ap_overall trajectory (and the metric of configs/plots/<family>-trajectory.yaml when it
+    names another), each as <out_dir>/trajectory-<metric>.png and the per-layer table as .csv."""
+    from warehouse import plots
+    from warehouse.families import load_trajectory
+    from warehouse.trajectory_plots import plot_trajectory
+
+    cfg_file = plots.config_path_for(plot_configs_dir, "trajectory", family)
+    opts = plots.load_plot_options("trajectory", cfg_file if cfg_file.is_file() else None, family=family)
+    out = []
+    for metric in dict.fromkeys(["ap_overall", opts.metric]):
+        traj = load_trajectory(paths, family, metric, opts.stages, lock_timeout_s)
+        result = plot_trajectory(traj, opts)
+        png = plots.png_bytes(result.figure, opts.dpi)
+        path = plots.write_atomically(out_dir / f"trajectory-{metric}.png", png)
+        csv = plots.write_atomically(out_dir / f"trajectory-{metric}.csv",
+                                     traj.layers.to_csv(index=False, na_rep="nan").encode())
+        out.append(TrajectoryOutput(metric, path, png, csv, traj, result))
+    return out
+

@@ -5,7 +5,7 @@
 2. The demo dataset (``configs/synthetic-demo.yaml`` -> data/demo/synthetic-demo)
    is generated when missing.
 3. Every local dataset of configs/*.yaml whose folder exists gets its partition
-   (the demo's is ``synthetic-demo``).
+   (the demo's is ``synthetic-demo``), and its family (``family`` key) a `families` partition.
 4. Then ``dagster dev`` (webserver + daemon + code server, so sensors, schedules
    and queued runs work) runs on 127.0.0.1, or with ``--webserver-only``
    ``dagster-webserver`` alone (runs launch directly; no sensors/schedules), as a
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,30 @@ from warehouse.processes import alive, descendants, kill_all, set_parent_death_s
 DEFINITIONS_MODULE = "dagster_project.definitions"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
 
+DEFAULT_MAX_CONCURRENT_RUNS = 2
+
 DAGSTER_YAML_DEV = """\
+# Written by `plasticity ui` (edit freely; `plasticity ui --max-concurrent-runs N` rewrites it only
+# while it is unedited). Runs wait in Dagster's run queue; the daemon that `dagster dev` starts
+# launches at most max_concurrent_runs at once and never two runs of one partition (one model, or
+# one family) together, so no two runs write one model's warehouse file at the same time. Each run
+# computes its heads in its own process pool (max_workers): runs x workers is the CPU load.
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: {max_concurrent_runs}
+    dequeue_interval_seconds: 2
+    tag_concurrency_limits:
+      - key: dagster/partition
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+"""
+# What versions before the family work wrote (recognised as unedited, so it can be rewritten).
+_DAGSTER_YAML_DEV_BEFORE = """\
 # Written by `plasticity ui` (edit freely). Runs are queued and launched by the
 # daemon that `dagster dev` starts; one model analysis at a time, since each one
 # already uses every CPU through its own process pool.
@@ -73,6 +97,10 @@ class UiOptions:
                                 help="set up DAGSTER_HOME, the demo dataset and the partitions, then exit")
     stop_timeout_s: float = option(20.0, ge=0, help="on SIGINT/SIGTERM, seconds Dagster gets to shut down "
                                                     "before its processes are killed")
+    max_concurrent_runs: int | None = option(
+        None, ge=1, help="runs the daemon launches at once (one per model or family at a time); written to "
+                         "DAGSTER_HOME/dagster.yaml", default_text=f"{DEFAULT_MAX_CONCURRENT_RUNS}, or what an "
+                                                                   "existing dagster.yaml says")
 
 
 def add_ui_parser(sub) -> argparse.ArgumentParser:
@@ -88,10 +116,33 @@ def dagster_home(flag: str | None) -> Path:
     return home
 
 
-def write_instance_yaml(home: Path, webserver_only: bool) -> Path:
+def dev_instance_yaml(max_concurrent_runs: int = DEFAULT_MAX_CONCURRENT_RUNS) -> str:
+    """The dagster.yaml `plasticity ui` writes: the run queue with its limits."""
+    return DAGSTER_YAML_DEV.format(max_concurrent_runs=int(max_concurrent_runs))
+
+
+def _unedited(text: str) -> bool:
+    """Whether `text` is a dagster.yaml exactly as some version of `plasticity ui` wrote it."""
+    if text == _DAGSTER_YAML_DEV_BEFORE:
+        return True
+    found = re.search(r"^    max_concurrent_runs: (\d+)$", text, re.M)
+    return found is not None and text == dev_instance_yaml(int(found.group(1)))
+
+
+def write_instance_yaml(home: Path, webserver_only: bool, max_concurrent_runs: int | None = None) -> Path:
+    """DAGSTER_HOME/dagster.yaml: written when missing; with `max_concurrent_runs`, rewritten while it is as
+    `plasticity ui` wrote it (an edited file is the user's: ValueError asking to edit it there)."""
     path = home / "dagster.yaml"
     if not path.exists():
-        path.write_text(DAGSTER_YAML_WEBSERVER_ONLY if webserver_only else DAGSTER_YAML_DEV)
+        path.write_text(DAGSTER_YAML_WEBSERVER_ONLY if webserver_only
+                        else dev_instance_yaml(max_concurrent_runs or DEFAULT_MAX_CONCURRENT_RUNS))
+    elif max_concurrent_runs is not None and not webserver_only:
+        text = path.read_text()
+        if text != dev_instance_yaml(max_concurrent_runs):
+            if not _unedited(text):
+                raise ValueError(f"{path} was edited (or not written by plasticity ui): set max_concurrent_runs "
+                                 "under run_coordinator.config there, or remove the file")
+            path.write_text(dev_instance_yaml(max_concurrent_runs))
     elif webserver_only and "DefaultRunCoordinator" not in path.read_text():
         print(f"warning: {path} does not set DefaultRunCoordinator; without the daemon, launched runs stay "
               "queued. Use `plasticity ui` (dagster dev) or another DAGSTER_HOME.", file=sys.stderr)
@@ -102,13 +153,13 @@ def prepare(home: Path, *, demo: bool = True, configs_dir: str | None = None) ->
     """Demo dataset + partitions of the local datasets in the instance at `home`; returns the partition keys."""
     from dagster import DagsterInstance
 
-    from dagster_project.partitions import MODELS_PARTITIONS_NAME
+    from dagster_project.partitions import FAMILIES_PARTITIONS_NAME, MODELS_PARTITIONS_NAME
     from dagster_project.registry import DatasetRegistry
     from dagster_project.steps import ensure_local_dataset, has_shards
 
     registry = DatasetRegistry(configs_dir or os.environ.get("PLASTICITY_CONFIGS_DIR") or PROJECT_ROOT / "configs",
                                os.environ.get("PLASTICITY_WATCH_FILE") or None)
-    keys = []
+    keys, families = [], []
     for entry in registry.local_entries():
         cfg = entry.run_config()
         if demo and entry.key == DEMO_MODEL and not has_shards(Path(entry.local_root), cfg.model_dir):
@@ -116,11 +167,14 @@ def prepare(home: Path, *, demo: bool = True, configs_dir: str | None = None) ->
             ensure_local_dataset(entry, cfg)
         if has_shards(Path(entry.local_root), cfg.model_dir):
             keys.append(entry.key)
+            if cfg.family is not None and cfg.family not in families:
+                families.append(cfg.family)
     with DagsterInstance.from_config(str(home)) as instance:
-        present = set(instance.get_dynamic_partitions(MODELS_PARTITIONS_NAME))
-        new = [k for k in keys if k not in present]
-        if new:
-            instance.add_dynamic_partitions(MODELS_PARTITIONS_NAME, new)
+        for name, wanted in ((MODELS_PARTITIONS_NAME, keys), (FAMILIES_PARTITIONS_NAME, families)):
+            present = set(instance.get_dynamic_partitions(name))
+            new = [k for k in wanted if k not in present]
+            if new:
+                instance.add_dynamic_partitions(name, new)
     return keys
 
 
@@ -134,7 +188,7 @@ def command(args: argparse.Namespace) -> list[str]:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     home = dagster_home(args.dagster_home)
-    write_instance_yaml(home, args.webserver_only)
+    write_instance_yaml(home, args.webserver_only, args.max_concurrent_runs)
     keys = prepare(home, demo=not args.no_demo)
     print(f"DAGSTER_HOME={home}\npartitions: {', '.join(keys) or 'none'}")
     if args.prepare_only:

@@ -51,6 +51,7 @@ class SyntheticSpec:
     noise_condition: float = 1.0  # ratio of the largest to the smallest semantic noise scale (M's columns)
     position_noise: float | None = None  # sigma0 of the positional axis; None: the head's noise scale
     token_keys: bool = False  # keys are a function of the token (see key_vocabulary) instead of i.i.d. noise
+    layer_noise_scales: tuple[tuple[float, ...], ...] | None = None  # per layer, per q head (a family's checkpoint)
     vocab_size: int = 50
     seed: int = 0
 
@@ -89,6 +90,8 @@ def head_noise_scale(spec: SyntheticSpec, layer: int, q_head: int) -> tuple[floa
     """
     n_heads = spec.num_layers * spec.num_q_heads
     idx = layer * spec.num_q_heads + q_head
+    if spec.layer_noise_scales is not None:
+        return float(spec.layer_noise_scales[layer][q_head]), False
     if spec.noise_scales is not None:
         return float(spec.noise_scales[q_head % len(spec.noise_scales)]), False
     if layer == 0 and q_head == spec.num_q_heads - 1:
@@ -323,3 +326,58 @@ def population_plasticity(
     ap_j = ap_from_moments(m, np.broadcast_to(v, m.shape)).mean(axis=0)
     w = np.asarray(weight, dtype=np.float64)
     return float(np.sum(w * ap_j) / np.sum(w)), ap_j
+# --------------------------------------------------------------------------- families of checkpoints
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A family of synthetic checkpoints whose true plasticity drifts with the training step.
+
+    Every checkpoint is `base` (same seed: the same head geometry, keys and sampling) with one change,
+    the noise scale of query head ``h`` of layer ``l`` at step ``s``:
+
+        sigma_{l,h}(s) = head_scales[h] * (s / steps[0]) ** layer_rates[l]
+
+    so each layer's noise grows (rate > 0), stays (0) or shrinks (rate < 0) as a power of the step.
+    A head's plasticity increases with its noise scale (more noise, a less predictable query), so the
+    sign of a layer's rate is the direction its true AP moves in; the true AP of every head at every
+    step is computed exactly by `true_head_plasticity`.
+    """
+
+    family: str = "synthetic-family"
+    steps: tuple[int, ...] = (1000, 3000, 10000, 30000, 100000)
+    stages: tuple[str, ...] | None = ("stage1", "stage1", "stage1", "stage2", "stage2")  # per step
+    layer_rates: tuple[float, ...] = (0.25, 0.0, -0.25)
+    head_scales: tuple[float, ...] = (0.2, 0.25, 0.3, 0.4)
+    base: SyntheticSpec = field(default_factory=lambda: SyntheticSpec(
+        model="synthetic-family", num_layers=3, num_q_heads=4, num_k_heads=2, head_dim=8, num_examples=8,
+        seq_len=256, bucket_size=32, sliding_windows={}, seed=0))
+
+    def __post_init__(self) -> None:
+        if len(self.layer_rates) != self.base.num_layers:
+            raise ValueError(f"layer_rates has {len(self.layer_rates)} values for {self.base.num_layers} layers")
+        if len(self.head_scales) != self.base.num_q_heads:
+            raise ValueError(f"head_scales has {len(self.head_scales)} values for {self.base.num_q_heads} query heads")
+        if not self.steps or min(self.steps) <= 0 or list(self.steps) != sorted(set(self.steps)):
+            raise ValueError("steps must be positive and strictly increasing")
+        if self.stages is not None and len(self.stages) != len(self.steps):
+            raise ValueError(f"stages has {len(self.stages)} values for {len(self.steps)} steps")
+
+    def model(self, step: int) -> str:
+        """The checkpoint's model name: ``<family>-step-<step>``."""
+        return f"{self.family}-step-{int(step)}"
+
+    def stage(self, step: int) -> str | None:
+        return None if self.stages is None else self.stages[self.steps.index(step)]
+
+    def noise_scales(self, step: int) -> tuple[tuple[float, ...], ...]:
+        """sigma_{l,h}(step) of every layer and query head (the law above)."""
+        ratio = float(step) / float(self.steps[0])
+        return tuple(tuple(float(h * ratio**rate) for h in self.head_scales) for rate in self.layer_rates)
+
+    def checkpoint(self, step: int) -> SyntheticSpec:
+        """The synthetic model of one checkpoint."""
+        from dataclasses import replace
+
+        return replace(self.base, model=self.model(step), noise_scales=None, layer_noise_scales=self.noise_scales(step))
+

@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS models (
     q_capture_probability DOUBLE,
     k_capture_probability DOUBLE,
     card_model_name VARCHAR,            -- untrusted text from the card
-    updated_at TIMESTAMP
+    updated_at TIMESTAMP,
+    family VARCHAR,                     -- family of checkpoints (config, or the Hub branch's family_pattern)
+    stage VARCHAR,                      -- training stage within the family, NULL when not given
+    step BIGINT                         -- training step of the checkpoint, NULL without a family
 );
 -- Problems of a model's dataset that belong to no head (replaced with its shard catalog).
 CREATE TABLE IF NOT EXISTS catalog_problems (

@@ -107,7 +107,8 @@ def test_definitions_list_the_whole_flow():
     job = defs.resolve_job_def("analyze_model_job")
     assert job.partitions_def.name == "models"
     assert EXPECTED_ASSETS <= {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()}
-    assert {s.name for s in defs.sensors} == {"hub_branches_sensor", "local_datasets_sensor"}
+    assert {s.name for s in defs.sensors} == {"hub_branches_sensor", "local_datasets_sensor",
+                                              "family_trajectory_automation"}
     assert [s.cron_schedule for s in defs.schedules] == ["0 4 * * 1"]
     # the per-head parallelism lives inside head_analysis; the run executes in one process
     assert job.executor_def.name == "in_process"

@@ -1,7 +1,8 @@
 """The SQL a researcher copies from README.md, docs/ and the demo's hint gives the right numbers.
 
 The warehouse holds two runs of the demo model (different seed and sampling cap, so their numbers
-differ) and one run of the tiny-llama fixture. Every documented query is run through the real
+differ), one run of the tiny-llama fixture and a synthetic family of three checkpoints (one of them
+analysed twice, with different seeds). Every documented query is run through the real
 `plasticity sql` entry point and compared with an independent pandas/numpy/scipy computation over
 the raw tables restricted to each model's latest run (found from `runs` in pandas, not through
 the views).
@@ -20,15 +21,30 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
+from dagster_project.cli import FAMILY_HINT, main
+from plasticity.synthetic import FamilySpec, SyntheticSpec
+from warehouse.demo_data import write_synthetic_family
+
+try:
+    from tests.test_families_sql import reference_layers, reference_long
+except ImportError:  # pragma: no cover
+    from test_families_sql import reference_layers, reference_long
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS_FAMILY = FamilySpec(
+    family="docs-fam", steps=(10, 100, 1000), stages=("s1", "s1", "s2"), layer_rates=(0.5, -0.5),
+    head_scales=(0.2, 0.3, 0.5),
+    base=SyntheticSpec(model="docs-fam", num_layers=2, num_q_heads=3, num_k_heads=1, head_dim=4, num_examples=2,
+                       seq_len=64, bucket_size=16, sliding_windows={}, seed=4))
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TINY_LLAMA = REPO / "tests" / "fixtures" / "tiny-llama" / "dense" / "tinyllama"
 MARKER_RE = re.compile(r"<!-- sql-example: ([a-z0-9-]+) -->\s*```sql\n(.*?)```", re.S)
 SQL_BLOCK_RE = re.compile(r"```sql\n(.*?)```", re.S)
 COMMAND_RE = re.compile(r'plasticity sql "([^"]+)"')
 # tables and views holding several runs or models: a query reading them is a documented example
+# views that read only the latest run of every model (sql/trajectories.sql)
+LATEST_ONLY = {"family_checkpoints", "family_head_metrics_long", "family_layer_metric_trajectory",
+               "family_layer_trajectory", "family_head_trajectory"}
 MULTI_RUN = {"runs", "head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors",
              "token_attention", "head_attention_summary", "query_scale_sweep", "bucket_plasticity",
              "layer_plasticity", "latest_runs", "latest_head_metrics", "latest_head_bucket_plasticity",
@@ -86,6 +102,13 @@ def warehouse(demo_dataset, tmp_path_factory):
         assert main([*demo, "--seed", "1", "--max_tokens_per_head", "4096"]) == 0
     assert main(["analyze", "--dataset_local_root", str(TINY_LLAMA), "--model", "tinyllama", "--num_q_heads", "6",
                  "--num_k_heads", "2", *common]) == 0
+    fam = DOCS_FAMILY
+    for step, folder in write_synthetic_family(tmp / "family", fam, with_truth=False).items():
+        keys = ["--dataset_local_root", str(folder), "--model", fam.model(step), "--family", fam.family,
+                "--stage", fam.stage(step), "--step", str(step), *common]
+        if step == fam.steps[0]:  # an older run, with another seed, that the family views must not read
+            assert main(["analyze", *keys, "--seed", "5"]) == 0
+        assert main(["analyze", *keys]) == 0
     return wh, hint_out.getvalue()
 
 
@@ -95,10 +118,10 @@ def latest(warehouse):
     wh, _ = warehouse
     with duckdb.connect(str(wh), read_only=True) as con:
         raw = {t: con.execute(f"SELECT * FROM {t}").df() for t in
-               ("runs", "head_metrics", "head_bucket_plasticity", "head_attention_summary", "head_errors")}
+               ("runs", "models", "head_metrics", "head_bucket_plasticity", "head_attention_summary", "head_errors")}
     runs = raw["runs"].sort_values(["started_at", "run_id"], ascending=[False, True])
     newest = runs.groupby("model", sort=False).head(1)[["model", "run_id"]]
-    out = {name: df.merge(newest, on=["model", "run_id"]) for name, df in raw.items()}
+    out = {name: df.merge(newest, on=["model", "run_id"]) for name, df in raw.items() if "run_id" in df}
     out["all_runs"] = raw
     return out
 
@@ -184,6 +207,36 @@ def ref_latest_errors(t):
     return pd.DataFrame({"n_heads": g.size(), "first_file": g.min()}).reset_index()
 
 
+def ref_family_layer_trajectory(t):
+    layers = reference_layers(reference_long(t["all_runs"]))
+    ap = layers[layers["metric"] == "ap_overall"].rename(columns={"mean_value": "mean_ap"})
+    return ap.sort_values(["family", "step", "layer"])[["family", "step", "layer", "n_heads", "mean_ap", "ci_low",
+                                                         "ci_high"]]
+
+
+def ref_family_metric_trajectory(t):
+    layers = reference_layers(reference_long(t["all_runs"]))
+    r2 = layers[layers["metric"] == "q_R2_pos"].sort_values(["family", "step", "layer"])
+    return r2[["family", "stage", "step", "layer", "n_heads", "mean_value", "median_value", "q1_value", "q3_value"]]
+
+
+def ref_family_head_change(t):
+    long = reference_long(t["all_runs"])
+    ap = long[(long["metric"] == "ap_overall") & ~np.isnan(long["value"])].sort_values("step")
+    g = ap.groupby(["family", "layer", "q_head"], sort=False)["value"]
+    out = pd.DataFrame({"first_ap": g.first(), "last_ap": g.last()}).reset_index()
+    out["change"] = out["last_ap"] - out["first_ap"]
+    out["size"] = out["change"].abs()
+    out = out.sort_values(["family", "size", "layer", "q_head"], ascending=[True, False, True, True])
+    return out[["family", "layer", "q_head", "first_ap", "last_ap", "change"]]
+
+
+FAMILY_REFERENCES = {
+    "family-layer-trajectory": ref_family_layer_trajectory,
+    "family-metric-trajectory": ref_family_metric_trajectory,
+    "family-head-change": ref_family_head_change,
+}
+
 REFERENCES = {
     "layer-means": ref_layer_means,
     "layer-profile": ref_layer_profile,
@@ -193,6 +246,7 @@ REFERENCES = {
     "ap-by-query-bucket": ref_ap_by_query_bucket,
     "attention-classes": ref_attention_classes,
     "latest-errors": ref_latest_errors,
+    **FAMILY_REFERENCES,
 }
 
 
@@ -222,8 +276,8 @@ def test_every_documented_sql_block_is_a_checked_example():
     for name, query in examples.items():
         read = tables_read(query)
         reads_runs = read & MULTI_RUN
-        assert reads_runs, f"{name} reads no warehouse table"
-        filtered = {t for t in reads_runs if t.startswith("latest_")} or "run_id = " in query
+        assert reads_runs or read & LATEST_ONLY, f"{name} reads no warehouse table"
+        filtered = {t for t in reads_runs if t.startswith("latest_")} or "run_id = " in query or not reads_runs
         assert filtered, f"{name} reads {sorted(reads_runs)} without a latest_* view or a run filter"
 
 
@@ -235,7 +289,7 @@ def test_documented_commands_are_checked_examples(warehouse):
     commands = [q for path in DOC_FILES for q in COMMAND_RE.findall(path.read_text())] + hints
     examples = {normalized(q) for q in documented_examples().values()}
     for query in commands:
-        if query != "..." and tables_read(query) & MULTI_RUN:  # "..." stands for any query in prose
+        if query != "..." and tables_read(query) & (MULTI_RUN | LATEST_ONLY):  # "..." stands for any query
             assert normalized(query) in examples, f"not a checked example: {query}"
 
 
@@ -243,7 +297,7 @@ def test_the_two_demo_runs_differ(latest):
     """Otherwise a query mixing runs would give the same numbers and the checks below prove nothing."""
     hm = latest["all_runs"]["head_metrics"]
     demo = hm[hm["model"] == "synthetic-demo"]
-    assert demo["run_id"].nunique() == 2 and latest["head_metrics"]["model"].nunique() == 2
+    assert demo["run_id"].nunique() == 2 and latest["head_metrics"]["model"].nunique() == 2 + len(DOCS_FAMILY.steps)
     per_run = demo.pivot_table(index=["layer", "q_head"], columns="run_id", values="ap_overall")
     assert (per_run.iloc[:, 0] - per_run.iloc[:, 1]).abs().max() > 1e-4
     att = latest["all_runs"]["head_attention_summary"]
@@ -256,6 +310,22 @@ def test_documented_query_numbers(name, warehouse, latest, capsys):
     query = documented_examples()[name]
     got = run_sql(wh, query, capsys)
     want = REFERENCES[name](latest)
-    if name != "latest-errors":
-        assert len(want) >= 2 and want["model"].nunique() == 2, f"{name}: the reference covers too little"
+    if name in FAMILY_REFERENCES:  # every checkpoint, and the superseded run really differs
+        assert len(want) >= 2 and want["family"].unique().tolist() == [DOCS_FAMILY.family]
+        if "step" in want:
+            assert sorted(set(want["step"])) == list(DOCS_FAMILY.steps)
+    elif name != "latest-errors":
+        assert len(want) >= 2 and want["model"].nunique() >= 2, f"{name}: the reference covers too little"
     assert_same_frame(got, want, name)
+
+
+def test_the_family_demo_hint_is_the_documented_example():
+    assert normalized(FAMILY_HINT) == normalized(documented_examples()["family-layer-trajectory"])
+
+
+def test_the_superseded_family_run_differs(latest):
+    """Otherwise reading it by mistake would give the same trajectory and the checks above prove nothing."""
+    hm = latest["all_runs"]["head_metrics"]
+    first = hm[hm["model"] == DOCS_FAMILY.model(DOCS_FAMILY.steps[0])]
+    per_run = first.pivot_table(index=["layer", "q_head"], columns="run_id", values="ap_overall")
+    assert per_run.shape[1] == 2 and (per_run.iloc[:, 0] - per_run.iloc[:, 1]).abs().max() > 1e-4

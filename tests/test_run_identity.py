@@ -111,7 +111,7 @@ def test_new_columns_have_comments(tmp_path):
     rows = fetch(wh, "SELECT table_name, column_name, comment FROM duckdb_columns() "
                      "WHERE table_name IN ('models', 'catalog_problems') OR (table_name, column_name) IN "
                      "(('shards', 'problem'), ('head_samples', 'plan_problem'))")
-    assert len(rows) == 17 + 6 + 2 and all(c for *_, c in rows), [r for r in rows if not r[2]]
+    assert len(rows) == 20 + 6 + 2 and all(c for *_, c in rows), [r for r in rows if not r[2]]
 
 
 def test_card_bucket_facts_are_part_of_the_run(small_copy, tmp_path):

@@ -264,21 +264,27 @@ def test_query_errors_are_one_line_exit_2(warehouse, capsys, query, kind):
 
 
 def test_sandbox_attaches_more_warehouses_read_only(tmp_path):
+    """Several files: each attached READ_ONLY under its stem, the bare names read the union of all files."""
     a, b = tmp_path / "a.duckdb", tmp_path / "models" / "b.duckdb"
-    for path, n in ((a, 2), (b, 5)):
+    for path, model, n in ((a, "ma", 2), (b, "mb", 5)):
         db.ensure_schema(path)
         with db.writer(path) as con:
-            con.execute("INSERT INTO runs (run_id, model) SELECT 'r' || i, 'm' FROM range($n) t(i)", {"n": n})
-    before = _sha(b)
-    names, rows = db.read_only_query([a, b], "SELECT (SELECT count(*) FROM runs) AS na, "
+            con.execute("INSERT INTO runs (run_id, model) SELECT 'r' || i, $m FROM range($n) t(i)", {"m": model, "n": n})
+    before = (_sha(a), _sha(b))
+    names, rows = db.read_only_query([a, b], "SELECT (SELECT count(*) FROM runs) AS n, (SELECT count(*) FROM a.runs) AS na, "
                                              "(SELECT count(*) FROM b.runs) AS nb")
-    assert (names, rows) == (["na", "nb"], [(2, 5)])
+    assert (names, rows) == (["n", "na", "nb"], [(7, 2, 5)])
     with db.sandbox([a, b]) as con:
-        with pytest.raises(duckdb.Error, match="read-only"):
-            con.execute("DELETE FROM b.runs")
+        for stmt in ("DELETE FROM b.runs", "DELETE FROM a.runs", "INSERT INTO a.runs (run_id, model) VALUES ('x', 'y')"):
+            with pytest.raises(duckdb.Error, match="read-only"):
+                con.execute(stmt)
+        with pytest.raises(duckdb.Error):  # the union is a view
+            con.execute("DELETE FROM runs")
         with pytest.raises(duckdb.Error, match="disabled by configuration"):
             con.execute(f"ATTACH '{tmp_path / 'c.duckdb'}' AS c")
-    assert _sha(b) == before and not (tmp_path / "c.duckdb").exists()
+        with pytest.raises(duckdb.Error, match="locked"):
+            con.execute("SET enable_external_access = true")
+    assert (_sha(a), _sha(b)) == before and not (tmp_path / "c.duckdb").exists()
     with pytest.raises(ValueError, match="named 'a'"):
         db.read_only_query([a, tmp_path / "x" / "a.duckdb"], "SELECT 1")
 

@@ -27,6 +27,8 @@ from warehouse.options import OptionError, check_all, option, options_of, unknow
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 #: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
 MAX_SEED = 2**63 - 1
+#: `models.step` is a BIGINT.
+MAX_STEP = 2**63 - 1
 
 
 def _relative_inside(value: str) -> str | None:
@@ -37,7 +39,7 @@ def _relative_inside(value: str) -> str | None:
     return None
 
 
-def _not_empty(value: str) -> str | None:
+def not_empty(value: str) -> str | None:
     return "must not be empty" if value.strip() == "" or "\x00" in value else None
 
 
@@ -51,7 +53,7 @@ class RunConfig:
     model_dir: str | None = option(
         None, help="sub-folder of the dataset holding the lXXhYY{q,k} shards", check=_relative_inside,
         accepts="a relative folder", default_text="the dataset root")
-    dataset_name: str | None = option(None, help='Hub dataset repo id, e.g. "viktoroo/sniffed-qk"', check=_not_empty)
+    dataset_name: str | None = option(None, help='Hub dataset repo id, e.g. "viktoroo/sniffed-qk"', check=not_empty)
     num_layers: int | None = option(None, ge=1, help="number of layers", default_text="the dataset card's, else a complete shard set's")
     num_q_heads: int | None = option(None, ge=1, help="query heads per layer (with num_k_heads)",
                                      default_text="the dataset card's, else a complete shard set's")
@@ -69,9 +71,9 @@ class RunConfig:
                                 help="file name of the head_component_weights export")
     max_workers: int | None = option(None, ge=1, help="worker processes computing heads",
                                      default_text="number of CPUs")
-    dataset_local_root: str | None = option(None, check=_not_empty, accepts="a folder",
+    dataset_local_root: str | None = option(None, check=not_empty, accepts="a folder",
                                             help="a local dataset folder (instead of the Hub)")
-    dataset_cache_dir: str | None = option(None, check=_not_empty, accepts="a folder",
+    dataset_cache_dir: str | None = option(None, check=not_empty, accepts="a folder",
                                            help="where Hub downloads go", default_text="the huggingface_hub cache")
     download_max_workers: int | None = option(None, ge=1, help="parallel Hub file downloads",
                                               default_text="huggingface_hub's")
@@ -79,12 +81,12 @@ class RunConfig:
     model: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
                                help="model name in the warehouse and the results folder",
                                default_text="the Hub branch, else the folder name (never the card's)")
-    revision: str | None = option(None, check=_not_empty, help="Hub branch of dataset_name (one branch per model)",
+    revision: str | None = option(None, check=not_empty, help="Hub branch of dataset_name (one branch per model)",
                                   default_text="main")
     num_pairs_per_bucket: int = option(256, ge=1, help="key pairs drawn per (query bucket, key bucket) cell")
     estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (SPEC 2.8)")
-    warehouse: str = option(DEFAULT_WAREHOUSE, check=_not_empty, accepts="a file", help="DuckDB warehouse file")
-    output_dir: str = option("results", check=_not_empty, accepts="a folder",
+    warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file", help="DuckDB warehouse file")
+    output_dir: str = option("results", check=not_empty, accepts="a folder",
                              help="CSV exports go to output_dir/<model>/<run_id>/")
     layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
     attention: str = option(
@@ -96,6 +98,14 @@ class RunConfig:
         100, ge=1, help="exact query rows a head needs for its attention summary; fewer: not estimable from this capture")
     duckdb_threads: int = option(1, ge=1, help="threads of each in-memory DuckDB shard reader")
     lock_timeout_s: float = option(60.0, ge=0, help="seconds to wait for another process's warehouse lock")
+    # --- families of checkpoints (table `models`; none of them changes a number) ---
+    family: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
+                                help="family of checkpoints this model belongs to (with step)",
+                                default_text="none, or parsed from the Hub branch (family_pattern)")
+    stage: str | None = option(None, check=not_empty, help="training stage of the checkpoint within its family",
+                               default_text="none, or parsed from the Hub branch")
+    step: int | None = option(None, ge=0, le=MAX_STEP, help="training step of the checkpoint (with family)",
+                              default_text="none, or parsed from the Hub branch")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,6 +121,12 @@ class RunConfig:
         if q is not None and q % k:
             raise OptionError(f"num_q_heads = {q}: must be a multiple of "
                               f"num_k_heads = {k} (GQA)")
+        if (self.family is None) != (self.step is None):
+            given = f"family = {self.family}" if self.family is not None else f"step = {self.step}"
+            raise OptionError(f"{given}: give family and step together (a checkpoint is placed on its family's "
+                              "step axis), or neither")
+        if self.stage is not None and self.family is None:
+            raise OptionError(f"stage = {self.stage}: a stage needs a family and a step")
         if self.layers is not None and self.num_layers is not None:
             beyond = [layer for layer in self.layers if layer >= self.num_layers]
             if beyond:
@@ -254,10 +270,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                                      unknown="unknown config key(s)", overrides_from=overrides_from))
 
 
+def default_warehouse() -> str:
+    """$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb: the warehouse of the commands that read it."""
+    return os.environ.get("PLASTICITY_WAREHOUSE") or DEFAULT_WAREHOUSE
+
+
 def warehouse_option() -> Any:
     """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all)."""
-    return option(default_factory=lambda: os.environ.get("PLASTICITY_WAREHOUSE") or DEFAULT_WAREHOUSE,
-                  check=_not_empty, accepts="a file", help="DuckDB warehouse file",
+    return option(default_factory=default_warehouse,
+                  check=not_empty, accepts="a file", help="DuckDB warehouse file",
                   default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
 
 

@@ -17,13 +17,16 @@ access switched off and the configuration locked.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
@@ -32,6 +35,9 @@ _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 _DAMAGE_MARKERS = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file")
 #: Bytes 8..12 of every DuckDB database file.
 DUCKDB_MAGIC = b"DUCK"
+#: In a warehouse path, stands for the model (one file per model: ``/store/{model}.duckdb``).
+MODEL_PLACEHOLDER = "{model}"
+T = TypeVar("T")
 
 
 class WarehouseError(RuntimeError):
@@ -107,25 +113,60 @@ def _damage(path: Path, exc: Exception) -> WarehouseError | None:
     return None
 
 
-def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
-    check_file(path, for_writing=not read_only)
-    deadline = time.monotonic() + timeout_s
+@dataclass
+class LockWaits:
+    """How often and how long this process waited for another process's warehouse lock (cumulative)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def since(self, before: "LockWaits") -> dict:
+        """What was added after `before` (a copy taken earlier), as materialization metadata."""
+        return {"lock_waits": self.count - before.count, "lock_wait_s": round(self.seconds - before.seconds, 3)}
+
+    def copy(self) -> "LockWaits":
+        return LockWaits(self.count, self.seconds)
+
+
+#: This process's lock waits (Dagster assets report what they add to it).
+LOCK_WAITS = LockWaits()
+
+
+def _waiting_for_lock(path: Path, read_only: bool, timeout_s: float, open_it: Callable[[], T]) -> T:
+    """`open_it()` (a connect or an ATTACH of `path`), retried with back-off while another process holds
+    the file's lock, for up to `timeout_s` (then WarehouseBusy); other failures are WarehouseErrors.
+    Each wait is added to `LOCK_WAITS`."""
+    start = time.monotonic()
+    deadline = start + timeout_s
     delay = 0.02
+    waited = False
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            out = open_it()
+            if waited:
+                LOCK_WAITS.seconds += time.monotonic() - start
+            return out
         except (duckdb.IOException, duckdb.Error) as exc:  # lock errors are IOExceptions
             if not _is_lock_error(exc):
                 raise _damage(path, exc) or WarehouseError(f"warehouse {path} cannot be opened: {one_line(exc)}") \
                     from None
             if time.monotonic() >= deadline:
+                LOCK_WAITS.seconds += time.monotonic() - start
                 mode = "read-only" if read_only else "read-write"
                 raise WarehouseBusy(
                     f"warehouse {path} is locked by another process; gave up opening it {mode} "
                     f"after {timeout_s:g}s. DuckDB said: {exc}"
                 ) from None
+            if not waited:
+                waited = True
+                LOCK_WAITS.count += 1
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+
+def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    check_file(path, for_writing=not read_only)
+    return _waiting_for_lock(path, read_only, timeout_s, lambda: duckdb.connect(str(path), read_only=read_only))
 
 
 def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
@@ -195,33 +236,141 @@ def _quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def model_files(template: str | os.PathLike) -> list[Path]:
+    """The existing files of a per-model warehouse path (``{model}`` standing for any name; every other
+    character literal), sorted; ``[template]`` itself when it has no ``{model}``."""
+    text = str(template)
+    if MODEL_PLACEHOLDER not in text:
+        return [Path(text)]
+    pattern = glob.escape(text).replace(glob.escape(MODEL_PLACEHOLDER), "*")
+    return sorted(Path(p) for p in glob.glob(pattern))
+
+
+def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """The warehouse files named by `patterns`, in order, each file once: a file (an existing one is taken as
+    it is), a glob (``*``, ``?``, ``[...]``: every match, sorted) or a per-model path with ``{model}``
+    (`model_files`). Expanded here, in
+    Python, before any file is opened (the SQL sandbox cannot list folders). FileNotFoundError when a glob
+    or a ``{model}`` path matches no file."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        text = str(pattern)
+        if MODEL_PLACEHOLDER in text:
+            found = model_files(text)
+        elif glob.has_magic(text) and not Path(text).exists():  # an existing file is itself, brackets or not
+            found = sorted(Path(p) for p in glob.glob(text))
+        else:
+            found = [Path(text)]
+        if not found:
+            raise FileNotFoundError(f"no warehouse file matches {text}")
+        for path in found:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out
+
+
+def _attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, timeout_s: float) -> None:
+    check_file(path, for_writing=False)
+    _waiting_for_lock(path, True, timeout_s, lambda: con.execute(
+        f"ATTACH {_quote_literal(str(path))} AS {_quote_identifier(alias)} (READ_ONLY)"))
+
+
+def _aliases(files: list[Path]) -> list[str]:
+    """File stems, the names the files get in SQL; two files with one stem are a ValueError."""
+    aliases = [f.stem for f in files]
+    for alias in set(aliases):
+        if aliases.count(alias) > 1:
+            raise ValueError(f"two warehouse files are named {alias!r}; they would share one name in SQL")
+    return aliases
+
+
+def _check_models_unique(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
+    """WarehouseError when one model is in several of the attached files (the union would mix its runs)."""
+    where: dict[str, list[Path]] = {}
+    for f, alias in zip(files, aliases):
+        have = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = $d AND schema_name = 'main'",
+            {"d": alias}).fetchall()}
+        parts = [f"SELECT model FROM {_quote_identifier(alias)}.main.{t}" for t in ("runs", "models") if t in have]
+        if not parts:
+            continue
+        for (model,) in con.execute(" UNION ".join(parts)).fetchall():
+            where.setdefault(model, []).append(f)
+    shared = {m: fs for m, fs in where.items() if len(fs) > 1}
+    if shared:
+        model, fs = sorted(shared.items())[0]
+        more = f" (and {len(shared) - 1} more model(s))" if len(shared) > 1 else ""
+        raise WarehouseError(
+            f"model {model!r} is in several warehouse files ({', '.join(map(str, fs))}){more}: the union views "
+            "would mix its runs; give each model's file once, or query the files one at a time")
+
+
+def _create_union_views(con: duckdb.DuckDBPyConnection, aliases: list[str]) -> None:
+    """In the in-memory default database: every table of the warehouse schema as a view over the union of
+    the attached files' tables (``UNION ALL BY NAME``, so an older file without a newer column gives NULL
+    there), then the derived views (sql/views.sql, sql/trajectories.sql) over those unions."""
+    import sql
+    from warehouse import schema
+
+    present: dict[str, list[str]] = {}
+    for alias in aliases:
+        for (table,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = $d "
+                                    "AND schema_name = 'main'", {"d": alias}).fetchall():
+            present.setdefault(table, []).append(alias)
+    for table, (kind, _) in sorted(schema.latest_shape().items()):
+        if kind != "table":
+            continue
+        template = "SELECT " + ", ".join(f"CAST(NULL AS {dtype}) AS {_quote_identifier(c)}"
+                                         for c, dtype in schema.latest_columns(table)) + " WHERE false"
+        parts = [template] + [f"SELECT * FROM {_quote_identifier(a)}.main.{_quote_identifier(table)}"
+                              for a in present.get(table, [])]
+        con.execute(f"CREATE VIEW {_quote_identifier(table)} AS " + " UNION ALL BY NAME ".join(parts))
+    for name in schema.DERIVED_VIEW_SCRIPTS:
+        con.execute(sql.load(name))
+
+
+@contextlib.contextmanager
+def _union(files: list[Path], timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory connection with every file attached READ_ONLY under its stem and the union views."""
+    aliases = _aliases(files)
+    con = duckdb.connect(":memory:")
+    try:
+        for f, alias in zip(files, aliases):
+            _attach_read_only(con, f, alias, timeout_s)
+        _check_models_unique(con, files, aliases)
+        _create_union_views(con, aliases)
+        yield con
+    finally:
+        con.close()
+
+
 @contextlib.contextmanager
 def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only connection for untrusted SQL: DuckDB itself enforces what it may do.
 
-    ``paths[0]`` is opened read-only as the default database; every further file is attached
-    READ_ONLY under its file stem (``ATTACH ... AS "<stem>"``) before external access is switched
-    off and the configuration is locked (`SANDBOX_SETTINGS`). Through the connection, any read-only
-    statement works (SELECT, PIVOT, CTEs, temp tables and macros, EXPLAIN [ANALYZE], DESCRIBE,
-    SUMMARIZE, SHOW); writes to the warehouse, reading or writing any other file or URL
-    (COPY, EXPORT DATABASE, read_csv, glob, ...), ATTACH, INSTALL/LOAD and changing a setting are
-    refused by DuckDB. Queries larger than memory spill to a private temporary folder, removed afterwards.
+    One file: it is opened read-only as the default database. Several files (one per model, or any
+    set of warehouses holding different models): an in-memory default database with every file
+    ATTACHed READ_ONLY under its file stem (``"<stem>".head_metrics`` reads one file), and views with
+    the warehouse's table names over the union of all files (``head_metrics`` reads them all), with
+    the warehouse's own views (``latest_runs``, ``latest_head_metrics``, the family trajectories, ...)
+    rebuilt over those unions; a model present in two files is a WarehouseError. Files are attached
+    (waiting for another process's lock like `reader`) before external access is switched off and the
+    configuration is locked (`SANDBOX_SETTINGS`). Through the connection, any read-only statement works
+    (SELECT, PIVOT, CTEs, temp tables and macros, EXPLAIN [ANALYZE], DESCRIBE, SUMMARIZE, SHOW); writes
+    to a warehouse, reading or writing any other file or URL (COPY, EXPORT DATABASE, read_csv, glob,
+    ...), ATTACH, INSTALL/LOAD and changing a setting are refused by DuckDB. Queries larger than memory
+    spill to a private temporary folder, removed afterwards.
     """
     if not paths:
         raise ValueError("sandbox needs at least one warehouse file")
     files = [Path(p) for p in paths]
-    aliases = [f.stem for f in files[1:]]
-    taken = {files[0].stem}
-    for alias in aliases:
-        if alias in taken:
-            raise ValueError(f"two warehouse files are named {alias!r}; they would share one name in SQL")
-        taken.add(alias)
     spill = tempfile.mkdtemp(prefix="plasticity-sql-")
     try:
-        with reader(files[0], timeout_s) as con:
-            for f, alias in zip(files[1:], aliases):
-                check_file(f, for_writing=False)
-                con.execute(f"ATTACH {_quote_literal(str(f))} AS {_quote_identifier(alias)} (READ_ONLY)")
+        opened = reader(files[0], timeout_s) if len(files) == 1 else _union(files, timeout_s)
+        with opened as con:
             # a large sort spills to a private temporary folder, not to <warehouse>.tmp beside the file
             con.execute(f"SET temp_directory = {_quote_literal(spill)}")
             for setting in SANDBOX_SETTINGS:

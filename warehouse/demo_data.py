@@ -2,7 +2,8 @@
 
 Shards are generated and written one at a time, so memory stays at one shard
 whatever the model size. The ground truth of every head (true ap_overall and
-noise scale) goes to `ground_truth.json` beside the dataset card.
+noise scale) goes to `ground_truth.json` beside the dataset card. A family of
+checkpoints (`plasticity.synthetic.FamilySpec`) is one such dataset per checkpoint.
 """
 
 from __future__ import annotations
@@ -90,3 +91,26 @@ def write_synthetic_dataset(root: str | Path, spec: synthetic.SyntheticSpec, wit
 
 def read_ground_truth(root: str | Path) -> list[dict]:
     return json.loads((Path(root) / "ground_truth.json").read_text())["heads"]
+
+
+def write_synthetic_family(root: str | Path, family: synthetic.FamilySpec, with_truth: bool = True,
+                           regenerate: bool = False) -> dict[int, Path]:
+    """Every checkpoint of `family` as a dataset ``root/<model>/`` (written unless it is there already and
+    `regenerate` is off); returns {step: folder}."""
+    folders = {}
+    for step in family.steps:
+        folder = Path(root) / family.model(step)
+        if regenerate or not (folder / "ground_truth.json").exists():
+            write_synthetic_dataset(folder, family.checkpoint(step), with_truth=with_truth)
+        folders[step] = folder
+    return folders
+
+
+def family_layer_truth(folders: dict[int, Path]) -> dict[tuple[int, int], float]:
+    """{(step, layer): mean over the layer's heads of the true ap_overall} of a family's checkpoints."""
+    values: dict[tuple[int, int], list[float]] = {}
+    for step, folder in folders.items():
+        for head in read_ground_truth(folder):
+            values.setdefault((step, head["layer"]), []).append(head["ap_true"])
+    return {key: float(np.mean(v)) for key, v in values.items()}
+

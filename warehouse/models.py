@@ -3,7 +3,9 @@ and the `catalog_problems` of its dataset; both written with the shard catalog.
 
 A row says where the head layout came from (config | card | shards), the bucket scheme and the
 sampling the dataset card states (so plots place buckets and estimators weight captures without
-re-reading the card), and the card's own model name (untrusted text, stored as such).
+re-reading the card), the card's own model name (untrusted text, stored as such), and the family,
+stage and training step of a checkpoint (`warehouse.families`; none of them changes a number, so
+they are not part of the run id).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import duckdb
 
 from warehouse.card import DatasetCard
 from warehouse.catalog import CatalogProblem
+from warehouse.families import Checkpoint
 from warehouse.layout import HeadLayout
 
 MODEL_COLUMNS = (
     "model", "dataset_name", "revision", "num_layers", "num_q_heads", "num_k_heads", "layout_source",
     "head_sampling", "attention_scope", "bucket_scheme", "bucket_size", "sampling_strategy", "sampler_base_rate",
-    "q_capture_probability", "k_capture_probability", "card_model_name", "updated_at",
+    "q_capture_probability", "k_capture_probability", "card_model_name", "updated_at", "family", "stage", "step",
 )
 
 
@@ -34,9 +37,10 @@ class ModelInfo:
     revision: str
     layout: HeadLayout
     card: DatasetCard
+    checkpoint: Checkpoint | None = None  # its family, stage and step (config or Hub branch), if any
 
     def row(self) -> dict:
-        card, layout = self.card, self.layout
+        card, layout, ckpt = self.card, self.layout, self.checkpoint
         # qk-sniffer samples queries and keys with one sampler, so their capture probabilities are equal;
         # NULL when the card does not say, or when it varies by bucket (log sampler: see DatasetCard)
         p = card.constant_capture_probability
@@ -49,6 +53,8 @@ class ModelInfo:
             "sampler_base_rate": card.sampler_base_rate, "q_capture_probability": p, "k_capture_probability": p,
             "card_model_name": card.model_name,
             "updated_at": datetime.now(timezone.utc).replace(tzinfo=None),
+            "family": ckpt.family if ckpt else None, "stage": ckpt.stage if ckpt else None,
+            "step": ckpt.step if ckpt else None,
         }
 
     def run_facts(self) -> dict:

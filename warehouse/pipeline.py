@@ -31,6 +31,7 @@ from warehouse.catalog import (
     MIN_QUERY_ROWS, CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
 )
 from warehouse.config import RunConfig
+from warehouse.families import Checkpoint, checkpoint_of
 from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
 from warehouse.loading import load_rows
 from warehouse.models import ModelInfo
@@ -105,8 +106,9 @@ class Catalog:
         """`profile_shard` with this dataset's bucket scheme."""
         return profile_shard(info, self.card.scheme)
 
-    def model_info(self, model: str, dataset_name: str | None, revision: str) -> ModelInfo:
-        return ModelInfo(model, dataset_name, revision, self.layout, self.card)
+    def model_info(self, model: str, dataset_name: str | None, revision: str,
+                   checkpoint: Checkpoint | None = None) -> ModelInfo:
+        return ModelInfo(model, dataset_name, revision, self.layout, self.card, checkpoint)
 
 
 def local_revision(cat: "Catalog") -> str:
@@ -580,7 +582,7 @@ def analyze_dataset(
     model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
     cfg.check_layers_exist({s.layer for s in cat.shards})
     revision = revision or local_revision(cat)
-    info = cat.model_info(model, cfg.dataset_name, revision)
+    info = cat.model_info(model, cfg.dataset_name, revision, checkpoint_of(cfg))
     cfg = resolved_config(cfg, cat.layout)
     run_id = cfg.run_id(model, revision, info.run_facts())
     wh = cfg.warehouse

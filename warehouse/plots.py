@@ -11,7 +11,10 @@ Four figures, each from a plain DataFrame so that the same code serves the
 * ``components`` mean share of "linear positional information" per query dimension (the
                  head's own basis), after normalising each head's weights to sum to 1, with a
                  95% bootstrap interval of the mean over heads (`bootstrap_mean_interval`);
-* ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each).
+* ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each);
+* ``trajectory`` a family of checkpoints: a metric (default ``ap_overall``) against the training step,
+                 one line per layer with its 95% interval band, beside a layer x checkpoint heatmap
+                 (`warehouse.trajectory_plots`).
 
 Bucket positions follow the upstream convention: the START of each bucket,
 ``bucket * bucket_min_size`` for uniform buckets and ``2**bucket * bucket_min_size``
@@ -36,14 +39,16 @@ import pandas as pd
 
 from warehouse import db
 from warehouse.config import read_settings
-from warehouse.names import safe_path_component
+from warehouse.names import name_problem, safe_path_component
 from warehouse.options import check_all, option
 
-KINDS = ("curves", "heatmap", "components", "compare")
+KINDS = ("curves", "heatmap", "components", "compare", "trajectory")
 BUCKET_TYPES = ("uniform", "log")
 AGGREGATIONS = ("mean", "median")
 # configs/plots/<model>-<suffix>.yaml, as in the upstream toolkit (…-plasticity.yaml, …-heatmap.yaml, …)
-CONFIG_SUFFIX = {"curves": "plasticity", "heatmap": "heatmap", "components": "components", "compare": "comparison"}
+CONFIG_SUFFIX = {"curves": "plasticity", "heatmap": "heatmap", "components": "components", "compare": "comparison",
+                 "trajectory": "trajectory"}
+STEP_AXES = ("log", "linear")
 #: AP_j changes of at most this much (AP is in [0, 1]) are noise to `trend_class`, not a trend.
 TREND_TOL = 0.02
 # colour-blind-safe (Okabe-Ito) colours of the curve shapes, in legend order
@@ -76,6 +81,10 @@ class PlotOptions:
     model: str | None = option(None, help="model in the warehouse", default_text="none (required for the warehouse)")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")
     models: list[str] | None = option(None, help="compare: models to show", default_text="every model")
+    family: str | None = option(None, help="trajectory: the family of checkpoints", check=name_problem,
+                                default_text="none (required for trajectory)")
+    stages: list[str] | None = option(None, help="trajectory: only checkpoints of these stages",
+                                      default_text="every stage")
     # presentation
     model_name: str | None = option(None, help="label in the title", default_text="the model")
     title: str | None = option(None, help="figure title", default_text="one naming the model and the plot")
@@ -89,7 +98,11 @@ class PlotOptions:
     vmax: float | None = option(1.0, help="heatmap: upper end of the colour scale", default_text="1")
     max_components: int | None = option(None, ge=1, help="components: show the first N only",
                                         default_text="all")
-    metric: str = option("ap_overall", help="compare: the head_metrics column plotted")
+    metric: str = option("ap_overall", help="compare: the head_metrics column plotted; trajectory: a metric of "
+                                            "family_head_metrics_long (head_metrics or attention summary column)")
+    step_axis: str = option("log", choices=STEP_AXES,
+                            help="trajectory: training-step axis (log: symmetric-log below the first "
+                                 "positive step when a checkpoint has step 0)")
     normalize_depth: bool = option(False, help="compare: x = layer / last layer")
     output: str | None = option(None, help="output PNG", accepts="a file",
                                 default_text="results/plots/<model>-<kind>.png", metavar="PNG")
@@ -126,7 +139,8 @@ def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None
     """configs/plots/<model>-plasticity.yaml etc.; the comparison is configs/plots/model-comparison.yaml."""
     if kind == "compare":
         return Path(configs_dir) / "model-comparison.yaml"
-    return Path(configs_dir) / f"{safe_path_component(model, 'model name')}-{CONFIG_SUFFIX[kind]}.yaml"
+    what = "family name" if kind == "trajectory" else "model name"
+    return Path(configs_dir) / f"{safe_path_component(model, what)}-{CONFIG_SUFFIX[kind]}.yaml"
 
 
 # --------------------------------------------------------------------------- data
@@ -375,9 +389,9 @@ def _legend_outside(ax, handles=None, title: str | None = None):
     return ax.legend(handles=handles, **kwargs) if handles is not None else ax.legend(**kwargs)
 
 
-def _layer_key(fig, ax, colors: dict[int, tuple], heads_per_layer: dict[int, int], mean_handle) -> None:
+def _layer_key(fig, ax, colors: dict[int, tuple], heads_per_layer: dict[int, int], *extra_handles) -> None:
     """A discrete key of the layer colours: legend entries up to LAYER_LEGEND_MAX layers, else a
-    colour bar with one block per layer and integer ticks."""
+    colour bar with one block per layer and integer ticks; `extra_handles` (e.g. the mean) go in a legend."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.lines import Line2D
@@ -387,14 +401,14 @@ def _layer_key(fig, ax, colors: dict[int, tuple], heads_per_layer: dict[int, int
     if len(layers) <= LAYER_LEGEND_MAX:
         handles = [Line2D([], [], color=colors[la], linewidth=2, label=f"layer {la} ({heads_per_layer[la]})")
                    for la in layers]
-        _legend_outside(ax, handles + [mean_handle], title="layer (heads)")
+        _legend_outside(ax, handles + list(extra_handles), title="layer (heads)")
         return
     bounds = np.r_[np.asarray(layers, dtype=float) - 0.5, layers[-1] + 0.5]
     sm = ScalarMappable(norm=BoundaryNorm(bounds, len(layers)), cmap=ListedColormap([colors[la] for la in layers]))
     bar = fig.colorbar(sm, ax=ax, label="layer", spacing="proportional")
     bar.set_ticks(MaxNLocator(integer=True, nbins=12).tick_values(layers[0], layers[-1]))
     bar.ax.set_ylim(bounds[0], bounds[-1])
-    fig.legend(handles=[mean_handle], loc="outside lower right", fontsize="small", frameon=False)
+    fig.legend(handles=list(extra_handles), loc="outside lower right", fontsize="small", frameon=False)
 
 
 def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
@@ -571,6 +585,17 @@ def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[Pl
             df = load_comparison(_need_warehouse(opts), opts.models, opts.metric, timeout_s)
             source["runs"] = df.groupby("model")["run_id"].first().to_dict() if not df.empty else {}
         return plot_model_comparison(df, opts), source
+    if kind == "trajectory":
+        from warehouse.db import expand_warehouse_paths
+        from warehouse.families import load_trajectory
+        from warehouse.trajectory_plots import plot_trajectory
+
+        if not opts.family:
+            raise ValueError("give family (the family of checkpoints to plot)")
+        paths = expand_warehouse_paths([_need_warehouse(opts)])
+        traj = load_trajectory(paths, opts.family, opts.metric, opts.stages, timeout_s)
+        source.update(family=opts.family, runs=dict(zip(traj.checkpoints["model"], traj.checkpoints["run_id"])))
+        return plot_trajectory(traj, opts), source
     csv = opts.component_csv if kind == "components" else opts.bucket_csv
     if csv:
         df = read_csv(csv, COMPONENT_COLUMNS if kind == "components" else BUCKET_COLUMNS)
@@ -597,12 +622,16 @@ def png_bytes(fig, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file through a temp file and a rename, so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = png_bytes(fig, dpi)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
+
+
+def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
+    return write_atomically(path, png_bytes(fig, dpi))

@@ -30,7 +30,9 @@ from warehouse import db
 
 #: Scripts creating the latest shape (in order), and those rerun after every upgrade.
 CREATE_SCRIPTS = ("schema_migrations", "schema", "head_samples_schema")
-FINISH_SCRIPTS = ("views", "comments")
+#: The views derived from the tables (also rebuilt over the union of several files: `db.sandbox`).
+DERIVED_VIEW_SCRIPTS = ("views", "trajectories")
+FINISH_SCRIPTS = (*DERIVED_VIEW_SCRIPTS, "comments")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -83,7 +85,9 @@ def apply(con: duckdb.DuckDBPyConnection, from_version: int) -> int:
     for m in migrations():
         if m.version > from_version:
             con.execute(m.text)
-            con.execute("INSERT INTO schema_migrations VALUES ($v, $n, $t)", {"v": m.version, "n": m.name, "t": now})
+            # by name: the rehearsal (`_rehearse`) recreates tables with their columns in another order
+            con.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($v, $n, $t)",
+                        {"v": m.version, "n": m.name, "t": now})
     for name in FINISH_SCRIPTS:
         con.execute(sql.load(name))
     return max(from_version, schema_version())
@@ -121,6 +125,26 @@ def _latest_shape_cached() -> tuple:
 def latest_shape() -> Shape:
     """The shape this code writes (`apply` on an empty database)."""
     return dict(_latest_shape_cached())
+
+
+@functools.lru_cache(maxsize=None)
+def _latest_columns_cached() -> tuple:
+    con = duckdb.connect(":memory:")
+    try:
+        apply(con, 0)
+        rows = con.execute("SELECT table_name, column_name, data_type FROM duckdb_columns() "
+                           "WHERE schema_name = 'main' ORDER BY table_name, column_index").fetchall()
+    finally:
+        con.close()
+    out: dict[str, list] = {}
+    for table, column, dtype in rows:
+        out.setdefault(table, []).append((column, dtype))
+    return tuple((t, tuple(cols)) for t, cols in out.items())
+
+
+def latest_columns(table: str) -> list[tuple[str, str]]:
+    """(column, type) of a table or view of the shape this code writes, in declared order ([] if unknown)."""
+    return list(dict(_latest_columns_cached()).get(table, ()))
 
 
 def _rehearse(existing: Shape, version: int) -> Shape:
