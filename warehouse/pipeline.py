@@ -25,7 +25,7 @@ import numpy as np
 
 from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
-from warehouse import db, results
+from warehouse import db, kernel_cache, results
 from warehouse.card import DatasetCard, find_card, read_card
 from warehouse.catalog import (
     MIN_QUERY_ROWS, CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
@@ -558,6 +558,7 @@ def analyze_dataset(
     resume: bool = True,
     progress: bool | None = None,
     on_outcome: Callable[[results.HeadOutcome], None] | None = None,
+    warm_kernels: bool = True,
 ) -> RunSummary:
     """Analyse every head of one model's dataset folder into the warehouse.
 
@@ -574,6 +575,10 @@ def analyze_dataset(
     (`compute_group`) and never open the warehouse; this process alone writes the results, in
     one transaction every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps
     every committed head and the next run with the same config (same run_id) skips them.
+
+    With `warm_kernels`, a machine whose numba cache is empty compiles the kernels once, in a
+    background process, while this process plans and profiles (`warehouse.kernel_cache`); the first
+    group waits for it, so the workers load the kernels instead of each compiling them.
     """
     t0 = time.perf_counter()
     # Everything up to the plan needs only the shard names, so the workers start (and import the
@@ -595,6 +600,8 @@ def analyze_dataset(
     failed = plan_failures(cat, pairs, skip=already)
     n_todo = sum(len(g.queries) for g in groups) + len(failed)
     workers = max(1, min(cfg.workers(), len(groups)))
+    if warm_kernels and groups:
+        kernel_cache.start_kernel_warmup()
     with start_pool(workers) as pool:
         return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
                     resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
@@ -619,6 +626,7 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             profiled.add(id(shard))
 
     def prepare(task: GroupTask) -> None:
+        kernel_cache.wait_for_kernels()  # a no-op once the kernels are cached
         # a task carries its shards' profiles (row counts, window, errors) to the worker
         profile(task.k_info)
         for _, shard in task.queries:

@@ -25,10 +25,23 @@ from .columns import (
     TOKEN_COLUMNS,
 )
 from .gain import entropy_falls_monotonically, gain_fit, gain_ratio
-from .kernel import K_EFF_MASS
 from .reference import attention_weights
-from .summary import head_attention_metrics, query_variation, token_attention_metrics
 from .visibility import visible_mask
+
+# Importing the kernel module compiles its numba functions (or loads them from numba's cache):
+# about a second warm, several on an empty cache. Names that need it are imported on first use,
+# so code that reads only column names or the gain helpers (the CLI, the report) does not pay.
+_NEED_KERNEL = {"K_EFF_MASS": "kernel", "head_attention_metrics": "summary", "query_variation": "summary",
+                "token_attention_metrics": "summary"}
+
+
+def __getattr__(name: str):
+    if name in _NEED_KERNEL:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_NEED_KERNEL[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ADJACENT_DELTA",

@@ -1,0 +1,171 @@
+"""Compile the numba kernels once per machine, in the background, before a run's workers need them.
+
+numba compiles a ``cache=True`` kernel on its first call and stores it on disk; later processes
+load it in a fraction of a second. On a fresh machine (an empty cache) every worker of the first
+run would compile the same kernels at the same time: seconds of CPU per worker, all of it on the
+run's critical path. Instead, the first run starts one background process per kernel family
+(`start_kernel_warmup`; the families compile in parallel) that runs a tiny generated head through
+the workers' own code (Parquet shard, loader, analysis or attention), so numba compiles exactly the
+signatures a run uses and writes them to its cache;
+`plasticity demo` starts it before generating its data, `analyze_dataset` once it knows there is
+work. The run waits for it (`KernelWarmup.wait`) before its first group computes; its workers
+then load the kernels from the cache.
+
+Only speed depends on this module, never a number: numba checks every cached kernel against its
+source and recompiles a stale one. The marker file that says "already warmed" is keyed by the
+kernels' source files, numba's and Python's versions, so a change of any of them warms again. A
+warm-up that fails or times out is ignored (the workers compile as they would without it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import plasticity
+
+#: How long a run waits for the warm-up before its workers compile for themselves.
+WARMUP_TIMEOUT_S = 300.0
+_KERNEL_MARK = b"numba"  # a source file of `plasticity` that mentions numba holds (or calls) a kernel
+
+_started: "KernelWarmup | None" = None
+
+
+def kernel_sources(package_dir: Path | None = None) -> list[Path]:
+    """The source files of `plasticity` that define or call compiled kernels (sorted)."""
+    base = Path(package_dir or Path(plasticity.__file__).parent)
+    return sorted(p for p in base.rglob("*.py") if _KERNEL_MARK in p.read_bytes())
+
+
+def cache_stamp(package_dir: Path | None = None) -> str:
+    """SHA-256 of what numba's cache depends on: the kernels' sources, numba, Python, the machine."""
+    try:
+        numba_version = version("numba")
+    except PackageNotFoundError:
+        numba_version = "none"
+    base = Path(package_dir or Path(plasticity.__file__).parent)
+    h = hashlib.sha256(f"{numba_version}|{sys.version}|{platform.machine()}".encode())
+    for path in kernel_sources(base):
+        h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where numba keeps the kernels: ``NUMBA_CACHE_DIR`` if set, else beside the sources."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(env) if env else Path(plasticity.__file__).parent / "__pycache__"
+
+
+def marker_path(part: str) -> Path:
+    return cache_dir() / f"kernels-warm-{part}-{cache_stamp()[:20]}"
+
+
+#: The kernel families, each warmed by its own process (they compile in parallel, on both cores):
+#: the SPEC 2 analysis of a head, and the SPEC 4 attention metrics.
+PARTS = ("analysis", "attention")
+
+
+class KernelWarmup:
+    """The running warm-up processes (see the module docstring)."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.started_at = time.monotonic()
+
+    def running(self) -> bool:
+        return any(p.poll() is None for p in self.procs)
+
+    def wait(self, timeout_s: float = WARMUP_TIMEOUT_S) -> bool:
+        """Wait until the kernels are compiled and cached; False if a warm-up failed or timed out."""
+        ok = True
+        for proc in self.procs:
+            try:
+                ok &= proc.wait(timeout=max(0.0, timeout_s - (time.monotonic() - self.started_at))) == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+        return ok
+
+
+def start_kernel_warmup() -> KernelWarmup | None:
+    """Start a warm-up process for each kernel family not yet cached (None when all are); one
+    warm-up per process: called again while it runs, returns it; once it has ended, None."""
+    global _started
+    if _started is not None:
+        return _started if _started.running() else None
+    try:
+        todo = [part for part in PARTS if not marker_path(part).exists()]
+    except OSError:
+        todo = list(PARTS)
+    if not todo:
+        return None
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    _started = KernelWarmup([
+        subprocess.Popen([sys.executable, "-m", "warehouse.kernel_cache", part, str(os.getpid())],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         cwd=tempfile.gettempdir())
+        for part in todo])
+    return _started
+
+
+def wait_for_kernels() -> None:
+    """Wait for this process's warm-up, if one is running (see `KernelWarmup.wait`)."""
+    if _started is not None and _started.running():
+        _started.wait()
+
+
+def warm_kernels(part: str) -> None:
+    """Run one kernel family on a tiny generated dataset (dense, a sliding window, token codes) through
+    the workers' own code (`warehouse.pipeline`: shard loading, then `analyze_head` or the attention
+    tables), so its kernels are compiled with a run's argument types and cached; then mark it."""
+    from plasticity.synthetic import SyntheticSpec
+    from warehouse import pipeline
+    from warehouse.config import RunConfig
+    from warehouse.demo_data import write_synthetic_dataset
+
+    if part not in PARTS:
+        raise ValueError(f"unknown kernel family {part!r}: expected one of {', '.join(PARTS)}")
+    spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8,
+                         num_examples=4, seq_len=256, bucket_size=32, sliding_windows={1: 64}, token_keys=True)
+    with tempfile.TemporaryDirectory(prefix="plasticity-kernels-") as tmp:
+        root = write_synthetic_dataset(Path(tmp) / spec.model, spec, with_truth=False)
+        cfg = RunConfig(max_workers=1, attention="true" if part == "attention" else "false",
+                        attention_min_exact_rows=1)
+        cat = pipeline.find_catalog(root, cfg)
+        cfg = pipeline.resolved_config(cfg, cat.layout)
+        for task in pipeline.plan_groups(cat, cfg, skip=set(), pairs=pipeline.head_pairs(cat, cfg)):
+            for shard in (task.k_info, *(q for _, q in task.queries)):
+                cat.profile(shard)
+            if part == "analysis":
+                errors = [o.error for o in pipeline.compute_group(task) if o.error]
+                if errors:
+                    raise RuntimeError(f"kernel warm-up: {errors[0]}")
+                continue
+            k_rows, _ = pipeline.load_rows(None, task.k_info, task.cap, task.params.seed, with_tokens=True,
+                                           key_sums=True)
+            for _, q_info in task.queries:
+                q_rows = pipeline.load_rows(None, q_info, task.cap, task.params.seed, with_tokens=True)
+                pipeline.attention_tables(q_rows, k_rows, task)
+    marker = marker_path(part)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("numba kernels of this source are cached here\n")
+
+
+def main(argv: list[str]) -> int:
+    """``python -m warehouse.kernel_cache PART [PARENT_PID]``."""
+    from warehouse.processes import tie_to_parent
+
+    if len(argv) > 1:
+        tie_to_parent(int(argv[1]))
+    warm_kernels(argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
