@@ -674,7 +674,7 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     ax = fig.add_subplot()
     sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
                  errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
-    caption, bar_mode, bars = "", None, pd.DataFrame()
+    caption, bar_mode, bars = "", None, pd.DataFrame(columns=["model", "x_drawn", "y", "low", "high"])
     has_intervals = opts.metric == "ap_overall" and {"ci_low", "ci_high", "se", "se_df"} <= set(data.columns)
     if opts.ci and opts.metric == "ap_overall":
         n_heads_drawn = int(data.groupby(["model", "layer", "q_head"]).ngroups)
