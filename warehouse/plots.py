@@ -6,14 +6,16 @@ Four figures, each from a plain DataFrame so that the same code serves the
 * ``curves``     per-bucket plasticity ``AP_j`` of every head (faint) and their mean (bold),
                  optionally coloured by layer (``color_by_layer``, a discrete legend) or by the
                  shape of the curve (``color_trend``: rising, falling, flat, dip, peak, mixed;
-                 see `trend_class`);
+                 see `trend_class`); with ``ci``, the stored 95% intervals as bands (each head's up
+                 to ``ci_max_heads`` heads, else the conservative interval of the mean,
+                 `plasticity.mean_interval`), as in ``compare`` (error bars) and ``trajectory``;
 * ``heatmap``    query bucket x key bucket plasticity, aggregated over heads (``agg`` mean|median);
 * ``components`` mean share of "linear positional information" per query dimension (the
                  head's own basis), after normalising each head's weights to sum to 1, with a
                  95% bootstrap interval of the mean over heads (`bootstrap_mean_interval`);
 * ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each);
 * ``trajectory`` a family of checkpoints: a metric (default ``ap_overall``) against the training step,
-                 one line per layer with its 95% interval band, beside a layer x checkpoint heatmap
+                 one line per layer (or head) with its 95% interval band, beside a layer x checkpoint heatmap
                  (`warehouse.trajectory_plots`).
 
 Bucket positions follow the upstream convention: the START of each bucket,
@@ -110,8 +112,8 @@ class PlotOptions:
                             help="trajectory: training-step axis (log: symmetric-log below the first "
                                  "positive step when a checkpoint has step 0)")
     normalize_depth: bool = option(False, help="compare: x = layer / last layer")
-    ci: bool = option(True, help="curves, compare, trajectory: draw the 95% intervals of AP from the stored "
-                                 "standard errors (each head's, or the conservative interval of the mean)")
+    ci: bool = option(True, help="curves, compare, trajectory: draw the stored confidence intervals of AP "
+                                 "(each head's, or the conservative interval of the mean)")
     ci_max_heads: int = option(12, ge=1, help="curves, compare, trajectory: up to this many heads, each head's "
                                               "interval is drawn; more, the interval of the mean over heads")
     output: str | None = option(None, help="output PNG", accepts="a file",
@@ -712,7 +714,7 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     sns.despine(ax=ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
-    return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bars": bar_mode,
+    return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bands": bar_mode,
                                                                 "intervals": bars})
 
 
