@@ -20,7 +20,9 @@ PER_MODEL_PLOTS = {
     # asset name: (plot kind, source table, description)
     "plasticity_curves_plot": ("curves", "head_bucket_plasticity",
                                "Per-bucket plasticity AP_j of every head (faint) and the mean over heads (bold); "
-                               "heads coloured by layer or by curve shape when the plot config asks for it."),
+                               "heads coloured by layer or by curve shape when the plot config asks for it; bands: "
+                               "the stored 95% intervals of each head's AP_j (few heads) or the conservative "
+                               "interval of the mean (metadata `intervals` says which)."),
     "bucket_heatmap_plot": ("heatmap", "head_bucket_plasticity",
                             "Query bucket x key bucket plasticity, aggregated over heads (mean or median)."),
     "component_weights_plot": ("components", "head_component_weights",
@@ -44,6 +46,7 @@ def _metadata(out: steps.PlotOutput, extra: dict) -> dict:
         "plot_config": str(out.config_file) if out.config_file else "defaults",
         "plot": png_markdown(out.png, out.kind, out.path),
         "preview": md_preview(res.summary),
+        **({"intervals": res.extra["bands"] or "none"} if "bands" in res.extra else {}),
     }
 
 
@@ -75,7 +78,8 @@ per_model_plots = [_per_model_plot(name, *spec) for name, spec in PER_MODEL_PLOT
 )
 def model_comparison_plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
                           datasets: DatasetsResource) -> dg.MaterializeResult:
-    """ap_overall by layer, one line per model (latest run of every model in the warehouse)."""
+    """ap_overall by layer, one line per model (latest run of every model in the warehouse), with error bars of
+    the stored 95% intervals (each head's, or the conservative interval of each layer mean)."""
     out_path = Path(warehouse.exports_dir) / "model_comparison.png"
     out = steps.render_plot("compare", warehouse.all_paths(), out_path, datasets.plot_configs_dir, None, None,
                             warehouse.lock_timeout_s)

@@ -432,7 +432,7 @@ COMMENT ON COLUMN family_layer_trajectory.q1_ap IS 'First quartile of ap_overall
 COMMENT ON COLUMN family_layer_trajectory.q3_ap IS 'Third quartile of ap_overall over the layer''s heads';
 COMMENT ON COLUMN family_layer_trajectory.min_ap IS 'Smallest ap_overall of the layer';
 COMMENT ON COLUMN family_layer_trajectory.max_ap IS 'Largest ap_overall of the layer';
-COMMENT ON VIEW family_head_trajectory IS 'ap_overall and its standard error of every head of the latest run of every checkpoint of every family';
+COMMENT ON VIEW family_head_trajectory IS 'ap_overall, its standard error and 95% interval of every head of the latest run of every checkpoint of every family';
 COMMENT ON COLUMN family_head_trajectory.family IS 'Family of checkpoints';
 COMMENT ON COLUMN family_head_trajectory.stage IS 'Training stage of the checkpoint; NULL when not given';
 COMMENT ON COLUMN family_head_trajectory.step IS 'Training step of the checkpoint';
@@ -443,3 +443,6 @@ COMMENT ON COLUMN family_head_trajectory.q_head IS 'Query head index';
 COMMENT ON COLUMN family_head_trajectory.k_head IS 'Key head index (GQA)';
 COMMENT ON COLUMN family_head_trajectory.ap_overall IS 'Attention plasticity of the head (head_metrics.ap_overall)';
 COMMENT ON COLUMN family_head_trajectory.ap_overall_se IS 'Standard error of the head''s ap_overall (head_metrics.ap_overall_se)';
+COMMENT ON COLUMN family_head_trajectory.ap_overall_ci_low IS 'Lower end of the head''s 95% interval of ap_overall (head_metrics.ap_overall_ci_low); NULL for runs without it';
+COMMENT ON COLUMN family_head_trajectory.ap_overall_ci_high IS 'Upper end of the head''s 95% interval of ap_overall (head_metrics.ap_overall_ci_high); NULL for runs without it';
+COMMENT ON COLUMN family_head_trajectory.ap_se_df IS 'Degrees of freedom of the head''s standard error (head_metrics.ap_se_df); NULL for runs without it';

@@ -258,8 +258,10 @@ SELECT family, stage, step, model, run_id, layer, n_heads, n_not_finite,
 FROM family_layer_metric_trajectory
 WHERE metric = 'ap_overall';
 
--- Head-level AP trajectories: every head of every checkpoint's latest run.
+-- Head-level AP trajectories: every head of every checkpoint's latest run, with its stored 95% interval
+-- (NULL for runs made before the example jackknife; the trajectory plot draws them without a band).
 CREATE OR REPLACE VIEW family_head_trajectory AS
-SELECT c.family, c.stage, c.step, c.model, c.run_id, h.layer, h.q_head, h.k_head, h.ap_overall, h.ap_overall_se
+SELECT c.family, c.stage, c.step, c.model, c.run_id, h.layer, h.q_head, h.k_head, h.ap_overall, h.ap_overall_se,
+       h.ap_overall_ci_low, h.ap_overall_ci_high, h.ap_se_df
 FROM family_checkpoints AS c
 JOIN head_metrics AS h USING (model, run_id);

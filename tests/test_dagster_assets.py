@@ -175,6 +175,11 @@ def test_row_counts_previews_and_plots_in_metadata(run):
     n_qb = fetch(wh, "SELECT count(DISTINCT q_bucket) FROM head_bucket_plasticity WHERE model = $m", {"m": MODEL})[0][0]
     assert mats["plasticity_curves_plot"].metadata["dagster/row_count"].value == counts["head_bucket_plasticity"]
     assert mats["plasticity_curves_plot"].metadata["preview"].value.count("\n") == n_qb + 1
+    # the plots draw the stored AP intervals (tests/test_plot_intervals.py checks what is drawn)
+    n_heads = fetch(wh, "SELECT count(*) FROM head_metrics WHERE model = $m", {"m": MODEL})[0][0]
+    mode = "heads" if n_heads <= 12 else "mean"
+    assert mats["plasticity_curves_plot"].metadata["intervals"].value == mode
+    assert mats["model_comparison_plot"].metadata["intervals"].value == mode
     # the demo dataset card's bucket size (32) sets the plot's bucket positions
     assert "| 1 | 32 |" in mats["plasticity_curves_plot"].metadata["preview"].value
 

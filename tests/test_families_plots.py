@@ -51,8 +51,9 @@ def test_layer_by_checkpoint_matrix_in_step_order():
 
 
 def test_trajectory_plot_draws_one_line_and_band_per_layer_on_a_log_step_axis():
-    t = trajectory()
-    res = plot_trajectory(t, opts())
+    """A metric without a standard error (q_R2_pos) gets the heads' t-interval of each layer mean as its band."""
+    t = trajectory(metric="q_R2_pos")
+    res = plot_trajectory(t, opts(metric="q_R2_pos"))
     ax, hm = res.figure.axes[0], res.figure.axes[1]
     assert ax.get_xscale() == "log" and ax.get_ylim() == (-0.02, 1.02)
     lines = data_lines(ax)
@@ -71,9 +72,12 @@ def test_trajectory_plot_draws_one_line_and_band_per_layer_on_a_log_step_axis():
     assert mesh.get_clim() == (0.0, 1.0)
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert labels[:3] == ["layer 0 (4)", "layer 1 (4)", "layer 2 (4)"]
-    assert "stage s1" in labels and "stage s2" in labels and "95% interval of the mean" in labels
+    assert "stage s1" in labels and "stage s2" in labels and "95% t-interval over heads" in labels
     assert list(res.summary.columns[:4]) == ["stage", "step", "model", "layer"] and len(res.summary) == 12
-    assert res.extra["checkpoints"] == 4 and "f: ap_overall through 4 checkpoint(s)" in res.figure._suptitle.get_text()
+    assert res.extra["checkpoints"] == 4 and "f: q_R2_pos through 4 checkpoint(s)" in res.figure._suptitle.get_text()
+    assert "t-interval of the mean over the layer's heads" in res.figure._suptitle.get_text()
+    assert not [c for c in plot_trajectory(t, opts(metric="q_R2_pos", ci=False)).figure.axes[0].collections
+                if isinstance(c, PolyCollection)]  # ci: false draws no band
 
 
 def test_step_zero_gets_a_symmetric_log_axis_and_linear_is_linear():

@@ -107,6 +107,7 @@ class BranchPattern:
 
 LAYER_VIEW = "family_layer_metric_trajectory"
 HEAD_VIEW = "family_head_metrics_long"
+HEAD_INTERVAL_VIEW = "family_head_trajectory"
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Trajectory:
     layers: pd.DataFrame  # family_layer_metric_trajectory rows (one per checkpoint and layer)
     heads: pd.DataFrame  # family_head_metrics_long rows (one per checkpoint and head)
     checkpoints: pd.DataFrame  # family_checkpoints rows of the checkpoints shown, by step
+    #: family_head_trajectory rows (ap_overall with its stored interval) when the metric is ap_overall
+    head_intervals: pd.DataFrame | None = None
 
 
 def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str = "ap_overall",
@@ -130,11 +133,16 @@ def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str
     from warehouse import db
 
     with db.sandbox(list(paths), timeout_s) as con:
-        params: dict = {"f": family, "metric": metric}
-        where = "family = $f AND metric = $metric"
+        params: dict = {"f": family}
+        shown_where = "family = $f"
         if stages:
-            where += " AND list_contains($stages, stage)"
+            shown_where += " AND list_contains($stages, stage)"
             params["stages"] = list(stages)
+        head_intervals = con.execute(
+            f"SELECT * FROM {HEAD_INTERVAL_VIEW} WHERE {shown_where} ORDER BY step, model, layer, q_head", params,
+        ).df() if metric == "ap_overall" else None
+        params["metric"] = metric
+        where = shown_where + " AND metric = $metric"
         layers = con.execute(f"SELECT * FROM {LAYER_VIEW} WHERE {where} ORDER BY step, model, layer",
                              params).df()
         heads = con.execute(f"SELECT * FROM {HEAD_VIEW} WHERE {where} ORDER BY step, model, layer, q_head",
@@ -152,7 +160,7 @@ def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str
         shown = con.execute("SELECT * FROM family_checkpoints WHERE family = $f AND list_contains($m, model) "
                             "ORDER BY step, model", {"f": family, "m": sorted(set(layers["model"]))}).df()
     check_distinct_steps(shown, family)
-    return Trajectory(family, metric, layers, heads, shown)
+    return Trajectory(family, metric, layers, heads, shown, head_intervals)
 
 
 def check_distinct_steps(checkpoints: pd.DataFrame, family: str) -> None:

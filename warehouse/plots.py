@@ -6,14 +6,16 @@ Four figures, each from a plain DataFrame so that the same code serves the
 * ``curves``     per-bucket plasticity ``AP_j`` of every head (faint) and their mean (bold),
                  optionally coloured by layer (``color_by_layer``, a discrete legend) or by the
                  shape of the curve (``color_trend``: rising, falling, flat, dip, peak, mixed;
-                 see `trend_class`);
+                 see `trend_class`); with ``ci``, the stored 95% intervals as bands (each head's up
+                 to ``ci_max_heads`` heads, else the conservative interval of the mean,
+                 `plasticity.mean_interval`), as in ``compare`` (error bars) and ``trajectory``;
 * ``heatmap``    query bucket x key bucket plasticity, aggregated over heads (``agg`` mean|median);
 * ``components`` mean share of "linear positional information" per query dimension (the
                  head's own basis), after normalising each head's weights to sum to 1, with a
                  95% bootstrap interval of the mean over heads (`bootstrap_mean_interval`);
 * ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each);
 * ``trajectory`` a family of checkpoints: a metric (default ``ap_overall``) against the training step,
-                 one line per layer with its 95% interval band, beside a layer x checkpoint heatmap
+                 one line per layer (or head) with its 95% interval band, beside a layer x checkpoint heatmap
                  (`warehouse.trajectory_plots`).
 
 Bucket positions follow the upstream convention: the START of each bucket,
@@ -60,6 +62,12 @@ LAYER_LEGEND_MAX = 12
 CI_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+#: Opacity of the AP interval bands (per head, or of the mean).
+BAND_ALPHA = 0.16
+#: What the AP bands are, for captions and legends (see docs/metrics.md, "Intervals in the plots").
+HEAD_BAND_TEXT = "95% interval of each head's AP (stored example-jackknife interval)"
+MEAN_BAND_TEXT = ("conservative 95% interval of the mean over heads\n(mean ± t · average of the heads' "
+                  "jackknife SEs: valid for any correlation between heads)")
 
 
 @dataclass
@@ -104,6 +112,10 @@ class PlotOptions:
                             help="trajectory: training-step axis (log: symmetric-log below the first "
                                  "positive step when a checkpoint has step 0)")
     normalize_depth: bool = option(False, help="compare: x = layer / last layer")
+    ci: bool = option(True, help="curves, compare, trajectory: draw the stored confidence intervals of AP "
+                                 "(each head's, or the conservative interval of the mean)")
+    ci_max_heads: int = option(12, ge=1, help="curves, compare, trajectory: up to this many heads, each head's "
+                                              "interval is drawn; more, the interval of the mean over heads")
     output: str | None = option(None, help="output PNG", accepts="a file",
                                 default_text="results/plots/<model>-<kind>.png", metavar="PNG")
     dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
@@ -166,15 +178,32 @@ def load_run_table(warehouse: str | os.PathLike, table: str, model: str, run_id:
     return df, run_id
 
 
+def load_bucket_intervals(warehouse: str | os.PathLike, model: str, run_id: str,
+                          timeout_s: float = 60.0) -> pd.DataFrame:
+    """The stored 95% intervals of AP_j of a run (`sql/bucket_intervals.sql`): layer, q_head, k_head,
+    q_bucket, ap, ap_se, ap_ci_low, ap_ci_high, ap_se_df; empty for a run made before they existed."""
+    import sql
+
+    with db.reader(warehouse, timeout_s) as con:
+        return con.execute(sql.load("bucket_intervals"), {"m": model, "r": run_id}).df()
+
+
+#: Stored interval columns of head_metrics that the comparison of ap_overall carries.
+AP_INTERVAL_COLUMNS = {"ap_overall_ci_low": "ci_low", "ap_overall_ci_high": "ci_high", "ap_overall_se": "se",
+                       "ap_se_df": "se_df"}
+
+
 def load_comparison(warehouse: str | os.PathLike, models: list[str] | None = None, metric: str = "ap_overall",
                     timeout_s: float = 60.0) -> pd.DataFrame:
-    """(model, run_id, layer, q_head, value) of the latest run of each model."""
+    """(model, run_id, layer, q_head, value) of the latest run of each model; for ap_overall also its
+    stored interval (ci_low, ci_high, se, se_df; NULL for runs made before they existed)."""
     with db.reader(warehouse, timeout_s) as con:
         cols = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'head_metrics'").fetchall()}
         if metric not in cols or metric in ("model", "run_id", "estimator"):
             raise ValueError(f"unknown head_metrics column {metric!r}")
-        query = f'SELECT model, run_id, layer, q_head, "{metric}" AS value FROM latest_head_metrics'
+        interval = "".join(f", {c} AS {a}" for c, a in AP_INTERVAL_COLUMNS.items()) if metric == "ap_overall" else ""
+        query = f'SELECT model, run_id, layer, q_head, "{metric}" AS value{interval} FROM latest_head_metrics'
         params: dict = {}
         if models:
             query += " WHERE list_contains($models, model)"
@@ -411,10 +440,77 @@ def _layer_key(fig, ax, colors: dict[int, tuple], heads_per_layer: dict[int, int
     fig.legend(handles=list(extra_handles), loc="outside lower right", fontsize="small", frameon=False)
 
 
-def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
-    """Every head's AP_j (faint) and the mean over heads (bold) against the query bucket start."""
+def head_label(layer, q_head) -> str:
+    """Legend name of a head: ``L{layer} H{q_head}``."""
+    return f"L{int(layer)} H{int(q_head)}"
+
+
+def head_colors(keys) -> dict:
+    """One colour per head, for plots that draw a few heads one by one: seaborn's colour-blind palette
+    (10 colours), husl beyond."""
+    import seaborn as sns
+
+    keys = list(keys)
+    return dict(zip(keys, sns.color_palette("colorblind" if len(keys) <= 10 else "husl", len(keys))))
+
+
+def draw_band(ax, x, low, high, color, gid: str) -> bool:
+    """Shade [low, high] over x where both ends are finite (gaps elsewhere); draws nothing and returns
+    False when they are nowhere finite."""
+    low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+    finite = np.isfinite(low) & np.isfinite(high)
+    if not finite.any():
+        return False
+    ax.fill_between(np.asarray(x, dtype=np.float64), low, high, where=finite, color=color, alpha=BAND_ALPHA,
+                    linewidth=0, gid=gid)
+    return True
+
+
+def band_caption(mode: str | None, n_without: int = 0, reason: str | None = None) -> str:
+    """Second title line saying what the bands are: `mode` "heads" or "mean", or none drawn (`reason`);
+    `n_without` heads (or points) that have no interval."""
+    if mode is None:
+        return f"no intervals: {reason}" if reason else ""
+    text = "band: " + (HEAD_BAND_TEXT if mode == "heads" else MEAN_BAND_TEXT)
+    if n_without:
+        text += f"\n{n_without} {'head(s)' if mode == 'heads' else 'point(s)'} without a finite standard error: no band"
+    return text
+
+
+def band_handle(mode: str):
+    """Legend entry of the AP band."""
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor="0.5", alpha=0.35, linewidth=0,
+                 label="95% interval, each head" if mode == "heads" else "95% interval of the mean\n(conservative)")
+
+
+#: Why a plot has no stored intervals to draw.
+NO_INTERVALS_CSV = "a CSV export holds no stored intervals"
+NO_INTERVALS_RUN = "no standard errors stored for this run (analysed before they existed)"
+
+
+def bucket_interval_table(curves: pd.DataFrame, intervals: pd.DataFrame | None) -> pd.DataFrame:
+    """`curves` (one row per head and bucket with a finite AP_j) with the stored interval of that AP_j
+    (ap_se, ap_ci_low, ap_ci_high, ap_se_df; NaN where none is stored), matched on head and bucket."""
+    keys = ["layer", "q_head", "k_head", "q_bucket"]
+    cols = ["ap_se", "ap_ci_low", "ap_ci_high", "ap_se_df"]
+    if intervals is None or intervals.empty:
+        return curves.assign(**{c: np.nan for c in cols})
+    stored = intervals.loc[:, keys + cols].astype({c: "float64" for c in cols})
+    return curves.merge(stored, on=keys, how="left", validate="one_to_one")
+
+
+def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
+                           intervals: pd.DataFrame | None = None) -> PlotResult:
+    """Every head's AP_j (faint) and the mean over heads (bold) against the query bucket start; with
+    `opts.ci`, the stored 95% interval of each head's AP_j (`intervals`: `load_bucket_intervals`) when
+    at most `ci_max_heads` heads are drawn, else the conservative interval of the mean
+    (`plasticity.mean_interval.mean_interval_bound`). `intervals` None: a CSV source, no bands."""
     import seaborn as sns
     from matplotlib.lines import Line2D
+
+    from plasticity.mean_interval import mean_interval_bound
 
     opts.validate("curves")
     curves = bucket_curves(cells)
@@ -422,48 +518,75 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult
         raise ValueError("no bucket plasticity rows to plot")
     curves["position"] = bucket_start(curves["q_bucket"], opts.bucket_type, opts.bucket_min_size)
     heads = curves.groupby(["layer", "q_head", "k_head"], sort=True)
+    n_heads = heads.ngroups
+    drawn = bucket_interval_table(curves.dropna(subset=["plasticity"]), intervals)
+    per_head = opts.ci and n_heads <= opts.ci_max_heads
     fig = _figure(9.0, 5.0)
     ax = fig.add_subplot()
     trends = head_trends(curves) if opts.color_trend else None
     colors = layer_colors(curves["layer"].unique()) if opts.color_by_layer else None
-    for key, g in heads:
-        g = g.dropna(subset=["plasticity"])
-        if g.empty:
-            continue
+    own_colors = head_colors(k for k, _ in heads) if per_head and colors is None and trends is None else None
+    with_band = 0
+    for key, g in drawn.groupby(["layer", "q_head", "k_head"], sort=True):
         if colors is not None:
             color, alpha = colors[int(key[0])], 0.75
         elif trends is not None:
             color, alpha = TREND_COLORS[trends[key]], 0.75
+        elif own_colors is not None:
+            color, alpha = own_colors[key], 0.9
         else:
             color, alpha = "0.45", 0.25
-        ax.plot(g["position"], g["plasticity"], color=color, alpha=alpha, linewidth=0.9)
+        ax.plot(g["position"], g["plasticity"], color=color, alpha=alpha, linewidth=0.9,
+                label=head_label(key[0], key[1]))
+        if per_head:
+            with_band += draw_band(ax, g["position"], g["ap_ci_low"], g["ap_ci_high"], color,
+                                   f"ci {head_label(key[0], key[1])}")
     mean = (curves.groupby("q_bucket", sort=True)
             .agg(position=("position", "first"), mean_plasticity=("plasticity", "mean"),
                  median_plasticity=("plasticity", "median"), n_heads=("plasticity", "count"))
             .reset_index())
+    band_mode, n_without = None, 0
+    if per_head and with_band:
+        band_mode, n_without = "heads", drawn.groupby(["layer", "q_head", "k_head"]).ngroups - with_band
+    elif opts.ci and not per_head:
+        wide = {c: drawn.pivot(index="q_bucket", columns=["layer", "q_head", "k_head"], values=c)
+                .reindex(mean["q_bucket"]) for c in ("plasticity", "ap_se", "ap_se_df")}
+        _, se_bound, low, high = mean_interval_bound(wide["plasticity"], wide["ap_se"], wide["ap_se_df"])
+        mean = mean.assign(mean_se_bound=se_bound, mean_ci_low=low, mean_ci_high=high)
+        if draw_band(ax, mean["position"], low, high, "black", "ci mean"):
+            band_mode, n_without = "mean", int((~np.isfinite(low)).sum())
     sns.lineplot(data=mean, x="position", y="mean_plasticity", ax=ax, color="black", linewidth=2.6,
                  marker="o", markersize=4, errorbar=None, legend=False)
     mean_handle = Line2D([], [], color="black", linewidth=2.6, marker="o", markersize=4, label="mean over heads")
+    extra_handles = [mean_handle] + ([band_handle(band_mode)] if band_mode else [])
     if opts.bucket_type == "log":
         ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(_position_label(opts, "query"))
     ax.set_ylabel("attention plasticity $AP_j$")
-    n_heads = heads.ngroups
-    ax.set_title(opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip())
+    title = opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip()
+    reason = None if band_mode or not opts.ci else (
+        NO_INTERVALS_CSV if intervals is None else
+        NO_INTERVALS_RUN if intervals.empty else "no finite standard error (too few examples)")
+    caption = band_caption(band_mode, n_without, reason)
+    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
     if colors is not None:
         per_layer = {int(la): int(n) for la, n in
                      curves.drop_duplicates(["layer", "q_head", "k_head"]).groupby("layer").size().items()}
-        _layer_key(fig, ax, colors, per_layer, mean_handle)
+        _layer_key(fig, ax, colors, per_layer, *extra_handles)
     elif trends is not None:
         counts = trends.value_counts()
         handles = [Line2D([], [], color=c, linewidth=2, label=f"{t} ({int(counts[t])})")
                    for t, c in TREND_COLORS.items() if t in counts.index]
-        _legend_outside(ax, handles + [mean_handle], title=f"curve shape (heads)\nchanges <= {TREND_TOL:g} ignored")
+        _legend_outside(ax, handles + extra_handles, title=f"curve shape (heads)\nchanges <= {TREND_TOL:g} ignored")
+    elif own_colors is not None:
+        handles = [Line2D([], [], color=c, linewidth=2, label=head_label(k[0], k[1])) for k, c in own_colors.items()]
+        _legend_outside(ax, handles + extra_handles, title="head")
     else:
-        _legend_outside(ax, [mean_handle])
+        _legend_outside(ax, extra_handles)
     sns.despine(ax=ax)
     extra = {"trends": trends.value_counts().to_dict()} if trends is not None else {}
+    extra["bands"] = band_mode
     return PlotResult(fig, mean, int(len(cells)), n_heads, extra)
 
 
@@ -533,7 +656,12 @@ def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResu
 
 
 def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult:
-    """The metric (default ap_overall) by layer, one line per model, interquartile band over heads."""
+    """The metric (default ap_overall) by layer, one line per model, interquartile band over heads.
+
+    For ap_overall with `opts.ci` and stored intervals (columns ci_low, ci_high, se, se_df of
+    `load_comparison`): error bars of each head's stored 95% interval (heads side by side around their
+    layer) when at most `ci_max_heads` heads are drawn, else of the conservative interval of each layer
+    mean (`plasticity.mean_interval.mean_interval_bound`). Other metrics have no standard error: no bars."""
     import seaborn as sns
 
     opts.validate("compare")
@@ -542,10 +670,34 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     data = values.dropna(subset=["value"]).copy()
     depth = data.groupby("model")["layer"].transform("max").replace(0, 1)
     data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
+    models = sorted(data["model"].unique())
+    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
     fig = _figure(8.5, 5.0)
     ax = fig.add_subplot()
     sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
-                 errorbar=("pi", 50), estimator="mean")
+                 errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
+    caption, bar_mode, bars = "", None, pd.DataFrame(columns=["model", "x_drawn", "y", "low", "high"])
+    has_intervals = opts.metric == "ap_overall" and {"ci_low", "ci_high", "se", "se_df"} <= set(data.columns)
+    if opts.ci and opts.metric == "ap_overall":
+        n_heads_drawn = int(data.groupby(["model", "layer", "q_head"]).ngroups)
+        bar_mode = "heads" if n_heads_drawn <= opts.ci_max_heads else "mean"
+        if has_intervals:
+            bars = (head_interval_bars(data) if bar_mode == "heads" else layer_mean_interval_bars(data))
+            bars = bars[np.isfinite(bars["low"]) & np.isfinite(bars["high"])]
+        for model, g in bars.groupby("model", sort=True):
+            y = g["y"].to_numpy()
+            drawn = ax.errorbar(g["x_drawn"], y, yerr=np.vstack([y - g["low"], g["high"] - y]),
+                                fmt="o" if bar_mode == "heads" else "none", markersize=2.5, color=palette[model],
+                                ecolor=palette[model], elinewidth=1.0, capsize=2.5)
+            drawn.lines[2][0].set_gid(f"ci {model}")
+        missing = sorted(set(models) - set(bars["model"]))
+        what = ("each head's stored 95% interval of ap_overall (heads side by side around their layer)"
+                if bar_mode == "heads" else MEAN_BAND_TEXT.replace("over heads", "over the layer's heads"))
+        caption = f"error bars: {what}" if not bars.empty else ""
+        if missing:
+            caption += ("\n" if caption else "") + f"no error bars for {', '.join(missing)}: " + (
+                "no finite stored interval" if has_intervals else "no stored intervals")
+        bar_mode = bar_mode if not bars.empty else None
     ax.set_xlabel("relative depth (layer / last layer)" if opts.normalize_depth else "layer")
     if not opts.normalize_depth:
         from matplotlib.ticker import MaxNLocator
@@ -554,14 +706,44 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     ax.set_ylabel(f"{opts.metric} (mean over heads, band = interquartile range)")
     if opts.metric.startswith("ap_"):
         ax.set_ylim(-0.02, 1.02)
-    n_models = int(data["model"].nunique())
-    ax.set_title(opts.title or f"{opts.metric} by layer across {n_models} model(s)")
+    n_models = len(models)
+    title = opts.title or f"{opts.metric} by layer across {n_models} model(s)"
+    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
     if ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     sns.despine(ax=ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
-    return PlotResult(fig, summary, int(len(values)), n_heads, {"models": sorted(data["model"].unique())})
+    return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bands": bar_mode,
+                                                                "intervals": bars})
+
+
+def head_interval_bars(data: pd.DataFrame) -> pd.DataFrame:
+    """Each head's stored interval (model, layer, q_head, y, low, high), placed side by side around its
+    layer's x: the heads sharing an x spread over 0.6 of the smallest distance between x values."""
+    out = data.sort_values(["x", "model", "q_head"]).reset_index(drop=True)
+    xs = np.unique(out["x"].to_numpy(dtype=np.float64))
+    spacing = float(np.diff(xs).min()) if xs.size > 1 else 1.0
+    rank = out.groupby("x").cumcount().to_numpy()
+    size = out.groupby("x")["x"].transform("size").to_numpy()
+    width = 0.6 * spacing / max(int(size.max()), 1)
+    out["x_drawn"] = out["x"].to_numpy(dtype=np.float64) + (rank - (size - 1) / 2.0) * width
+    return out.assign(y=out["value"], low=out["ci_low"], high=out["ci_high"]).loc[
+        :, ["model", "layer", "q_head", "x", "x_drawn", "y", "low", "high"]]
+
+
+def layer_mean_interval_bars(data: pd.DataFrame) -> pd.DataFrame:
+    """The conservative interval of each (model, layer) mean of the heads' values (`mean_interval_bound`):
+    model, layer, x, x_drawn, y (the mean), se_bound, low, high."""
+    from plasticity.mean_interval import mean_interval_bound
+
+    keys = ["model", "layer", "x"]
+    by_head = data.set_index(keys + ["q_head"])
+    wide = {c: by_head[c].astype("float64").unstack("q_head") for c in ("value", "se", "se_df")}
+    mean, se_bound, low, high = mean_interval_bound(wide["value"], wide["se"], wide["se_df"])
+    out = wide["value"].index.to_frame(index=False)
+    return out.assign(x_drawn=out["x"].astype(np.float64), y=mean, se_bound=se_bound, low=low, high=high)
+
 
 
 # --------------------------------------------------------------------------- one call per kind
@@ -597,6 +779,7 @@ def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[Pl
         source.update(family=opts.family, runs=dict(zip(traj.checkpoints["model"], traj.checkpoints["run_id"])))
         return plot_trajectory(traj, opts), source
     csv = opts.component_csv if kind == "components" else opts.bucket_csv
+    intervals = None  # stored AP_j intervals of the curves (a CSV has none)
     if csv:
         df = read_csv(csv, COMPONENT_COLUMNS if kind == "components" else BUCKET_COLUMNS)
         source["csv"] = csv
@@ -606,7 +789,11 @@ def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[Pl
         table = "head_component_weights" if kind == "components" else "head_bucket_plasticity"
         df, run_id = load_run_table(_need_warehouse(opts), table, opts.model, opts.run_id, timeout_s)
         source.update(model=opts.model, run_id=run_id)
-    draw = {"curves": plot_plasticity_curves, "heatmap": plot_bucket_heatmap, "components": plot_component_weights}
+        if kind == "curves" and opts.ci:
+            intervals = load_bucket_intervals(opts.warehouse, opts.model, run_id, timeout_s)
+    if kind == "curves":
+        return plot_plasticity_curves(df, opts, intervals), source
+    draw = {"heatmap": plot_bucket_heatmap, "components": plot_component_weights}
     return draw[kind](df, opts), source
 
 
