@@ -301,3 +301,20 @@ def test_list_options_take_spaces_or_commas_and_replace_the_default():
     assert pairs.gain_ratio == [["0:1", "0:2"], ["1:1", "1:2"]]
     cfg = load_config(None, {"layers": ["0,2", "3"], "attention_scales": ["0.5 1.0", "2"]}, overrides_from="command line")
     assert (cfg.layers, cfg.attention_scales) == ([0, 2, 3], [0.5, 1.0, 2.0])
+
+
+def test_help_with_a_percent_sign_is_shown_as_written():
+    """argparse formats help with %: a declared "95% interval" must not break `--help`."""
+    from dataclasses import dataclass
+
+    from warehouse.options import add_arguments
+
+    @dataclass
+    class Demo:
+        band: bool = option(True, help="draw the 95% interval")
+        level: float = option(0.95, gt=0, lt=1, help="coverage (95% = 0.95)")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Demo)
+    text = parser.format_help()
+    assert "draw the 95% interval" in text and "coverage (95% = 0.95)" in text

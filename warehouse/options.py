@@ -300,6 +300,12 @@ def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], what: str, 
 # ---------------------------------------------------------------------- command line
 
 
+def _argparse_help(opt: "Option") -> str:
+    """The option's help for argparse, which formats help text with ``%`` (``%(default)s``):
+    a literal percent sign (a "95% interval") is doubled."""
+    return opt.help_text().replace("%", "%%")
+
+
 def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, typed: bool = True, dest_prefix: str = "",
                   spelling: str = "dash", only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> None:
     """Add the declared options of `cls` to an argparse parser (or argument group).
@@ -317,14 +323,14 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, typed: bo
             continue
         dest = dest_prefix + name
         if opt.spec.positional:
-            parser.add_argument(dest, help=opt.help_text(), metavar=opt.spec.metavar or name,
+            parser.add_argument(dest, help=_argparse_help(opt), metavar=opt.spec.metavar or name,
                                 **({"type": _argparse_type(opt, element=False)} if typed else {}))
             continue
         flags = _flag_names(name, spelling)
         if opt.spec.switch:
-            parser.add_argument(*flags, dest=dest, action="store_true", help=opt.help_text())
+            parser.add_argument(*flags, dest=dest, action="store_true", help=_argparse_help(opt))
             continue
-        kwargs: dict[str, Any] = {"dest": dest, "metavar": opt.metavar(), "help": opt.help_text()}
+        kwargs: dict[str, Any] = {"dest": dest, "metavar": opt.metavar(), "help": _argparse_help(opt)}
         custom = dict(opt.spec.cli_kwargs)
         if opt.is_list and "nargs" not in custom:
             kwargs["nargs"] = "+"
