@@ -40,7 +40,7 @@ def test_a_run_on_an_empty_cache_compiles_in_the_warmup_and_its_workers_only_loa
     assert "data saved" not in log and "index saved" not in log, log[-3000:]
     loaded = {line.split("kernel.")[-1].split("-")[0] for line in log.splitlines() if "data loaded" in line}
     assert "block_stats" in loaded, log[-3000:]  # the attention kernel ran, from the cache
-    assert sorted(p.name.split("-")[2] for p in cache.glob("kernels-warm-*")) == sorted(kernel_cache.PARTS)
+    assert sorted(p.name.split("-")[2] for p in cache.glob("kernels-warm-*")) == kernel_cache.parts_with_kernels()
     # warmed: a second run starts no warm-up and still only loads
     log = _run(small_dataset, tmp_path, cache, "second")
     assert "data saved" not in log and "data loaded" in log
@@ -50,10 +50,14 @@ def test_the_stamp_follows_the_kernel_sources_only(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "sub" / "k.py").write_text("from numba import njit\n")
-    (pkg / "plain.py").write_text("x = 1\n")
+    (pkg / "plain.py").write_text("x = 1  # numba is mentioned, no kernel\n")
     assert kernel_cache.kernel_sources(pkg) == [pkg / "sub" / "k.py"]
+    assert kernel_cache.parts_with_kernels(pkg) == ["analysis"]
+    (pkg / "attention").mkdir()
+    (pkg / "attention" / "kernel.py").write_text("from numba import njit\n")
+    assert kernel_cache.parts_with_kernels(pkg) == ["analysis", "attention"]
     stamp = kernel_cache.cache_stamp(pkg)
-    (pkg / "plain.py").write_text("x = 2\n")
+    (pkg / "plain.py").write_text("x = 2  # numba\n")
     assert kernel_cache.cache_stamp(pkg) == stamp
     (pkg / "sub" / "k.py").write_text("from numba import njit  # changed\n")
     assert kernel_cache.cache_stamp(pkg) != stamp
@@ -62,3 +66,4 @@ def test_the_stamp_follows_the_kernel_sources_only(tmp_path):
 def test_the_package_kernels_are_found():
     names = {p.relative_to(REPO).as_posix() for p in kernel_cache.kernel_sources()}
     assert "plasticity/attention/kernel.py" in names
+    assert "attention" in kernel_cache.parts_with_kernels()

@@ -33,13 +33,13 @@ import plasticity
 
 #: How long a run waits for the warm-up before its workers compile for themselves.
 WARMUP_TIMEOUT_S = 300.0
-_KERNEL_MARK = b"numba"  # a source file of `plasticity` that mentions numba holds (or calls) a kernel
+_KERNEL_MARK = b"from numba import"  # how a source file of `plasticity` that defines kernels starts them
 
 _started: "KernelWarmup | None" = None
 
 
 def kernel_sources(package_dir: Path | None = None) -> list[Path]:
-    """The source files of `plasticity` that define or call compiled kernels (sorted)."""
+    """The source files of `plasticity` that define compiled kernels (sorted)."""
     base = Path(package_dir or Path(plasticity.__file__).parent)
     return sorted(p for p in base.rglob("*.py") if _KERNEL_MARK in p.read_bytes())
 
@@ -68,8 +68,20 @@ def marker_path(part: str) -> Path:
 
 
 #: The kernel families, each warmed by its own process (they compile in parallel, on both cores):
-#: the SPEC 2 analysis of a head, and the SPEC 4 attention metrics.
+#: the SPEC 2 analysis of a head, and the SPEC 4 attention metrics (the kernels under attention/).
 PARTS = ("analysis", "attention")
+
+
+def part_of(source: Path, package_dir: Path | None = None) -> str:
+    """The kernel family a kernel source file belongs to."""
+    base = Path(package_dir or Path(plasticity.__file__).parent)
+    return "attention" if source.relative_to(base).parts[0] == "attention" else "analysis"
+
+
+def parts_with_kernels(package_dir: Path | None = None) -> list[str]:
+    """The families that have kernels to compile (a family without any is never warmed)."""
+    found = {part_of(p, package_dir) for p in kernel_sources(package_dir)}
+    return [part for part in PARTS if part in found]
 
 
 class KernelWarmup:
@@ -100,9 +112,9 @@ def start_kernel_warmup() -> KernelWarmup | None:
     if _started is not None:
         return _started if _started.running() else None
     try:
-        todo = [part for part in PARTS if not marker_path(part).exists()]
+        todo = [part for part in parts_with_kernels() if not marker_path(part).exists()]
     except OSError:
-        todo = list(PARTS)
+        todo = parts_with_kernels()
     if not todo:
         return None
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -131,8 +143,9 @@ def warm_kernels(part: str) -> None:
 
     if part not in PARTS:
         raise ValueError(f"unknown kernel family {part!r}: expected one of {', '.join(PARTS)}")
+    # key buckets of 320 rows: large enough for the kernels that only run on large buckets
     spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8,
-                         num_examples=4, seq_len=256, bucket_size=32, sliding_windows={1: 64}, token_keys=True)
+                         num_examples=10, seq_len=256, bucket_size=32, sliding_windows={1: 64}, token_keys=True)
     with tempfile.TemporaryDirectory(prefix="plasticity-kernels-") as tmp:
         root = write_synthetic_dataset(Path(tmp) / spec.model, spec, with_truth=False)
         cfg = RunConfig(max_workers=1, attention="true" if part == "attention" else "false",
