@@ -5,8 +5,8 @@ load it in a fraction of a second. On a fresh machine (an empty cache) every wor
 run would compile the same kernels at the same time: seconds of CPU per worker, all of it on the
 run's critical path. Instead, the first run starts one background process per kernel family
 (`start_kernel_warmup`; the families compile in parallel) that runs a tiny generated head through
-the workers' own code (Parquet shard, loader, analysis or attention), so numba compiles exactly the
-signatures a run uses and writes them to its cache;
+the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
+are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
 `plasticity demo` starts it before generating its data, `analyze_dataset` once it knows there is
 work. The run waits for it (`KernelWarmup.wait`) before its first group computes; its workers
 then load the kernels from the cache.
@@ -133,41 +133,51 @@ def wait_for_kernels() -> None:
 
 
 def warm_kernels(part: str) -> None:
-    """Run one kernel family on a tiny generated dataset (dense, a sliding window, token codes) through
-    the workers' own code (`warehouse.pipeline`: shard loading, then `analyze_head` or the attention
-    tables), so its kernels are compiled with a run's argument types and cached; then mark it."""
+    """Compile and cache one kernel family with a run's argument types, then mark it warmed."""
+    if part not in PARTS:
+        raise ValueError(f"unknown kernel family {part!r}: expected one of {', '.join(PARTS)}")
+    (_warm_attention if part == "attention" else _warm_analysis)()
+    marker = marker_path(part)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("numba kernels of this source are cached here\n")
+
+
+def _warm_analysis() -> None:
+    """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
+    shards, `warehouse.pipeline`'s loader and `compute_group` (SPEC 2 analysis, attention off)."""
     from plasticity.synthetic import SyntheticSpec
     from warehouse import pipeline
     from warehouse.config import RunConfig
     from warehouse.demo_data import write_synthetic_dataset
 
-    if part not in PARTS:
-        raise ValueError(f"unknown kernel family {part!r}: expected one of {', '.join(PARTS)}")
     # key buckets of 320 rows: large enough for the kernels that only run on large buckets
     spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8,
-                         num_examples=10, seq_len=256, bucket_size=32, sliding_windows={1: 64}, token_keys=True)
+                         num_examples=10, seq_len=256, bucket_size=32, sliding_windows={1: 64})
     with tempfile.TemporaryDirectory(prefix="plasticity-kernels-") as tmp:
         root = write_synthetic_dataset(Path(tmp) / spec.model, spec, with_truth=False)
-        cfg = RunConfig(max_workers=1, attention="true" if part == "attention" else "false",
-                        attention_min_exact_rows=1)
+        cfg = RunConfig(max_workers=1, attention="false")
         cat = pipeline.find_catalog(root, cfg)
         cfg = pipeline.resolved_config(cfg, cat.layout)
         for task in pipeline.plan_groups(cat, cfg, skip=set(), pairs=pipeline.head_pairs(cat, cfg)):
             for shard in (task.k_info, *(q for _, q in task.queries)):
                 cat.profile(shard)
-            if part == "analysis":
-                errors = [o.error for o in pipeline.compute_group(task) if o.error]
-                if errors:
-                    raise RuntimeError(f"kernel warm-up: {errors[0]}")
-                continue
-            k_rows, _ = pipeline.load_rows(None, task.k_info, task.cap, task.params.seed, with_tokens=True,
-                                           key_sums=True)
-            for _, q_info in task.queries:
-                q_rows = pipeline.load_rows(None, q_info, task.cap, task.params.seed, with_tokens=True)
-                pipeline.attention_tables(q_rows, k_rows, task)
-    marker = marker_path(part)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("numba kernels of this source are cached here\n")
+            errors = [o.error for o in pipeline.compute_group(task) if o.error]
+            if errors:
+                raise RuntimeError(f"kernel warm-up: {errors[0]}")
+
+
+def _warm_attention() -> None:
+    """The attention kernel's arguments are built inside `plasticity.attention` from any rows, so a
+    tiny generated head in memory compiles what a run uses, without the loader's imports (~1 s)."""
+    from plasticity.attention import head_attention_metrics
+    from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
+
+    spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=1, num_k_heads=1, head_dim=8,
+                         num_examples=2, seq_len=128, bucket_size=32, sliding_windows={1: 32}, token_keys=True)
+    for layer in range(spec.num_layers):  # full causal attention, then a sliding window
+        head_attention_metrics(make_query_shard(spec, layer, 0), make_key_shard(spec, layer, 0), scales=(0.5, 1.0))
+
+
 
 
 def main(argv: list[str]) -> int:
