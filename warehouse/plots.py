@@ -732,18 +732,24 @@ def head_interval_bars(data: pd.DataFrame) -> pd.DataFrame:
         :, ["model", "layer", "q_head", "x", "x_drawn", "y", "low", "high"]]
 
 
-def layer_mean_interval_bars(data: pd.DataFrame) -> pd.DataFrame:
-    """The conservative interval of each (model, layer) mean of the heads' values (`mean_interval_bound`):
-    model, layer, x, x_drawn, y (the mean), se_bound, low, high."""
+def group_mean_intervals(data: pd.DataFrame, keys: list[str], value: str = "value", se: str = "se",
+                         df: str = "se_df") -> pd.DataFrame:
+    """The conservative interval of each group's mean over its heads (`mean_interval_bound` of the
+    heads' `value`, `se`, `df`; one row per group and ``q_head``): the `keys`, mean, se_bound, low, high."""
     from plasticity.mean_interval import mean_interval_bound
 
-    keys = ["model", "layer", "x"]
-    by_head = data.set_index(keys + ["q_head"])
-    wide = {c: by_head[c].astype("float64").unstack("q_head") for c in ("value", "se", "se_df")}
-    mean, se_bound, low, high = mean_interval_bound(wide["value"], wide["se"], wide["se_df"])
-    out = wide["value"].index.to_frame(index=False)
-    return out.assign(x_drawn=out["x"].astype(np.float64), y=mean, se_bound=se_bound, low=low, high=high)
+    by_head = data.set_index(list(keys) + ["q_head"])
+    wide = {c: by_head[c].astype("float64").unstack("q_head") for c in (value, se, df)}
+    mean, se_bound, low, high = mean_interval_bound(wide[value], wide[se], wide[df])
+    return wide[value].index.to_frame(index=False).assign(mean=mean, se_bound=se_bound, low=low, high=high)
 
+
+def layer_mean_interval_bars(data: pd.DataFrame) -> pd.DataFrame:
+    """The conservative interval of each (model, layer) mean of the heads' values (`group_mean_intervals`):
+    model, layer, x, x_drawn, y (the mean), se_bound, low, high."""
+    out = group_mean_intervals(data, ["model", "layer", "x"])
+    return out.assign(x_drawn=out["x"].astype(np.float64), y=out["mean"]).loc[
+        :, ["model", "layer", "x", "x_drawn", "y", "se_bound", "low", "high"]]
 
 
 # --------------------------------------------------------------------------- one call per kind

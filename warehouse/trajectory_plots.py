@@ -19,7 +19,8 @@ import pandas as pd
 
 from warehouse.families import Trajectory
 from warehouse.plots import (NO_INTERVALS_RUN, PlotOptions, PlotResult, _figure, _layer_key, _legend_outside,
-                             band_caption, band_handle, draw_band, head_colors, head_label, layer_colors)
+                             band_caption, band_handle, draw_band, group_mean_intervals, head_colors, head_label,
+                             layer_colors)
 
 #: Marker of each stage, in order of first appearance along the step axis.
 STAGE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -51,13 +52,8 @@ SPREAD_BAND_TEXT = "band: 95% t-interval of the mean over the layer's heads (the
 
 def layer_mean_intervals(head_intervals: pd.DataFrame) -> pd.DataFrame:
     """The conservative interval of every (checkpoint, layer) mean of ap_overall over its heads with a
-    finite value (`mean_interval_bound` of their stored SEs): model, layer, mean, se_bound, low, high."""
-    from plasticity.mean_interval import mean_interval_bound
-
-    by_head = head_intervals.set_index(["model", "layer", "q_head"])
-    wide = {c: by_head[c].astype("float64").unstack("q_head") for c in ("ap_overall", "ap_overall_se", "ap_se_df")}
-    mean, se_bound, low, high = mean_interval_bound(wide["ap_overall"], wide["ap_overall_se"], wide["ap_se_df"])
-    return wide["ap_overall"].index.to_frame(index=False).assign(mean=mean, se_bound=se_bound, low=low, high=high)
+    finite value (`group_mean_intervals` of their stored SEs): model, layer, mean, se_bound, low, high."""
+    return group_mean_intervals(head_intervals, ["model", "layer"], "ap_overall", "ap_overall_se", "ap_se_df")
 
 
 def _step_axis(ax, steps: np.ndarray, axis: str) -> str:
