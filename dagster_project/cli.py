@@ -213,9 +213,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = _load_config(args, {"dataset_local_root": str(root), "model": spec.model})  # before writing anything
     cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
-        from warehouse.kernel_cache import start_kernel_warmup
-
-        start_kernel_warmup()  # a fresh machine compiles the kernels while the data is generated
         print(f"generating synthetic dataset {spec.model} in {root} ...")
         write_synthetic_dataset(root, spec)
     summary = analyze_dataset(cfg, root, model=spec.model, resume=not args.fresh, progress=not args.quiet)

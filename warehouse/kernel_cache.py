@@ -7,8 +7,8 @@ run's critical path. Instead, the first run starts one background process per ke
 (`start_kernel_warmup`; the families compile in parallel) that runs a tiny generated head through
 the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
-`plasticity demo` starts it before generating its data, `analyze_dataset` once it knows there is
-work. The run waits for it (`KernelWarmup.wait`) before its first group computes; its workers
+`plasticity demo` starts it before its imports and data generation (`dagster_project.cli.main`),
+`analyze_dataset` once it knows there is work. The run waits for it (`KernelWarmup.wait`) before its first group computes; its workers
 then load the kernels from the cache.
 
 Only speed depends on this module, never a number: numba checks every cached kernel against its
@@ -30,6 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import plasticity
+from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
 
 #: How long a run waits for the warm-up before its workers compile for themselves.
 WARMUP_TIMEOUT_S = 300.0
@@ -38,9 +39,13 @@ _KERNEL_MARK = b"from numba import"  # how a source file of `plasticity` that de
 _started: "KernelWarmup | None" = None
 
 
+def _package(package_dir: Path | None) -> Path:
+    return Path(package_dir or Path(plasticity.__file__).parent)
+
+
 def kernel_sources(package_dir: Path | None = None) -> list[Path]:
     """The source files of `plasticity` that define compiled kernels (sorted)."""
-    base = Path(package_dir or Path(plasticity.__file__).parent)
+    base = _package(package_dir)
     return sorted(p for p in base.rglob("*.py") if _KERNEL_MARK in p.read_bytes())
 
 
@@ -50,7 +55,7 @@ def cache_stamp(package_dir: Path | None = None) -> str:
         numba_version = version("numba")
     except PackageNotFoundError:
         numba_version = "none"
-    base = Path(package_dir or Path(plasticity.__file__).parent)
+    base = _package(package_dir)
     h = hashlib.sha256(f"{numba_version}|{sys.version}|{platform.machine()}".encode())
     for path in kernel_sources(base):
         h.update(str(path.relative_to(base)).encode() + b"\0" + path.read_bytes() + b"\0")
@@ -63,8 +68,9 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(plasticity.__file__).parent / "__pycache__"
 
 
-def marker_path(part: str) -> Path:
-    return cache_dir() / f"kernels-warm-{part}-{cache_stamp()[:20]}"
+def marker_path(part: str, stamp: str | None = None) -> Path:
+    """The file saying `part`'s kernels are cached (`stamp`: `cache_stamp()`, computed if not given)."""
+    return cache_dir() / f"kernels-warm-{part}-{(stamp or cache_stamp())[:20]}"
 
 
 #: The kernel families, each warmed by its own process (they compile in parallel, on both cores):
@@ -74,8 +80,7 @@ PARTS = ("analysis", "attention")
 
 def part_of(source: Path, package_dir: Path | None = None) -> str:
     """The kernel family a kernel source file belongs to."""
-    base = Path(package_dir or Path(plasticity.__file__).parent)
-    return "attention" if source.relative_to(base).parts[0] == "attention" else "analysis"
+    return "attention" if source.relative_to(_package(package_dir)).parts[0] == "attention" else "analysis"
 
 
 def parts_with_kernels(package_dir: Path | None = None) -> list[str]:
@@ -111,13 +116,15 @@ def start_kernel_warmup() -> KernelWarmup | None:
     global _started
     if _started is not None:
         return _started if _started.running() else None
+    todo = parts_with_kernels()
     try:
-        todo = [part for part in parts_with_kernels() if not marker_path(part).exists()]
+        stamp = cache_stamp()
+        todo = [part for part in todo if not marker_path(part, stamp).exists()]
     except OSError:
-        todo = parts_with_kernels()
+        pass
     if not todo:
         return None
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **{var: "1" for var in ONE_THREAD_ENV})
     _started = KernelWarmup([
         subprocess.Popen([sys.executable, "-m", "warehouse.kernel_cache", part, str(os.getpid())],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -178,12 +185,8 @@ def _warm_attention() -> None:
         head_attention_metrics(make_query_shard(spec, layer, 0), make_key_shard(spec, layer, 0), scales=(0.5, 1.0))
 
 
-
-
 def main(argv: list[str]) -> int:
     """``python -m warehouse.kernel_cache PART [PARENT_PID]``."""
-    from warehouse.processes import tie_to_parent
-
     if len(argv) > 1:
         tie_to_parent(int(argv[1]))
     warm_kernels(argv[0])

@@ -37,7 +37,7 @@ from warehouse.loading import load_rows
 from warehouse.models import ModelInfo
 from warehouse.revision import content_revision
 from warehouse.names import safe_path_component
-from warehouse.processes import tie_to_parent
+from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
 # comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
@@ -350,9 +350,6 @@ def attention_tables(q_rows, k_rows, task: GroupTask) -> dict:
     }
 
 
-_ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
 def _init_worker(parent_pid: int | None = None) -> None:
     # A worker never outlives the coordinating process: if that is killed (even with SIGKILL), the
     # kernel kills the worker (Linux), or the worker's parent watch ends it within half a second.
@@ -363,7 +360,7 @@ def _init_worker(parent_pid: int | None = None) -> None:
     # variables must be in the environment the worker starts with (numpy loads
     # BLAS while the pool unpickles this function), so `start_pool` sets them in
     # the parent; setting them here again only covers pools made elsewhere.
-    for var in _ONE_THREAD_ENV:
+    for var in ONE_THREAD_ENV:
         os.environ[var] = "1"
     _keep_freed_memory()
 
@@ -430,8 +427,8 @@ def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
     if workers <= 1:
         yield None
         return
-    saved = {v: os.environ.get(v) for v in _ONE_THREAD_ENV}
-    for var in _ONE_THREAD_ENV:
+    saved = {v: os.environ.get(v) for v in ONE_THREAD_ENV}
+    for var in ONE_THREAD_ENV:
         os.environ[var] = "1"
     try:
         ctx = mp.get_context("spawn")
@@ -558,7 +555,6 @@ def analyze_dataset(
     resume: bool = True,
     progress: bool | None = None,
     on_outcome: Callable[[results.HeadOutcome], None] | None = None,
-    warm_kernels: bool = True,
 ) -> RunSummary:
     """Analyse every head of one model's dataset folder into the warehouse.
 
@@ -576,7 +572,7 @@ def analyze_dataset(
     one transaction every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps
     every committed head and the next run with the same config (same run_id) skips them.
 
-    With `warm_kernels`, a machine whose numba cache is empty compiles the kernels once, in a
+    A machine whose numba cache is empty compiles the kernels once, in a
     background process, while this process plans and profiles (`warehouse.kernel_cache`); the first
     group waits for it, so the workers load the kernels instead of each compiling them.
     """
@@ -600,7 +596,7 @@ def analyze_dataset(
     failed = plan_failures(cat, pairs, skip=already)
     n_todo = sum(len(g.queries) for g in groups) + len(failed)
     workers = max(1, min(cfg.workers(), len(groups)))
-    if warm_kernels and groups:
+    if groups:
         kernel_cache.start_kernel_warmup()
     with start_pool(workers) as pool:
         return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,

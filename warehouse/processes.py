@@ -18,6 +18,9 @@ import time
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_POLL_S = 0.5
+#: Environment variables that give a child process one BLAS/OpenMP thread: processes carry the
+#: parallelism, and one thread keeps floating-point reductions the same whatever the machine.
+ONE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
