@@ -77,7 +77,9 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_FACT = tuple(1.0 / math.factorial(i) for i in range(14))
 
 
-@njit(inline="always", **_JIT)
+# compiled once and inlined by LLVM where it is called (numba's own inline="always" re-typed it at
+# each call site: ~0.6-1 CPU s more compile, same machine code); the tests call it from Python
+@njit("float64(float64)", **_JIT)
 def exp_nonpositive(x):
     """exp(x) for EXP_FLOOR <= x <= 0 with an error below 1.5 ulp (1.09 measured against a float80
     reference; a correctly rounded exp has 0.5), branch-free so that loops over it vectorise: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite), exp(r) by its Taylor polynomial
@@ -242,17 +244,19 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
             d0 = d1 = d2 = d3 = v0 = v1 = v2 = v3 = 0.0
             n4 = n - n % 4
             for j in range(0, n4, 4):
-                v0 += p[j]
-                v1 += p[j + 1]
-                v2 += p[j + 2]
-                v3 += p[j + 3]
-                d0 += (p[j] - mu) * (p[j] - mu)
-                d1 += (p[j + 1] - mu) * (p[j + 1] - mu)
-                d2 += (p[j + 2] - mu) * (p[j + 2] - mu)
-                d3 += (p[j + 3] - mu) * (p[j + 3] - mu)
+                x0, x1, x2, x3 = p[j], p[j + 1], p[j + 2], p[j + 3]
+                v0 += x0
+                v1 += x1
+                v2 += x2
+                v3 += x3
+                d0 += (x0 - mu) * (x0 - mu)
+                d1 += (x1 - mu) * (x1 - mu)
+                d2 += (x2 - mu) * (x2 - mu)
+                d3 += (x3 - mu) * (x3 - mu)
             for j in range(n4, n):
-                v0 += p[j]
-                d0 += (p[j] - mu) * (p[j] - mu)
+                x0 = p[j]
+                v0 += x0
+                d0 += (x0 - mu) * (x0 - mu)
             out[2, r, k] = math.sqrt(((d0 + d1) + (d2 + d3)) / n) * inv
             err = abs(((v0 + v1) + (v2 + v3)) * inv - 1.0)
             if not err <= checks[0]:
