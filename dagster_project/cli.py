@@ -143,6 +143,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     from warehouse.demo_data import family_layer_truth, write_synthetic_family
     from warehouse.export import export_csvs, results_dir
     from warehouse.families import load_trajectory
+    from warehouse.kernel_cache import sharing_cores
     from warehouse.names import safe_path_component
     from warehouse.pipeline import analyze_dataset
     from warehouse.plots import load_plot_options, save_png
@@ -159,7 +160,8 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
         cfg.warehouse = cfg.warehouse.replace("{model}", safe_path_component(model, "model name"))
         configs[step] = cfg.validate()
     print(f"family {fam.family}: {len(fam.steps)} checkpoints in {root} (steps {', '.join(map(str, fam.steps))})")
-    folders = write_synthetic_family(root, fam, regenerate=args.regenerate)
+    with sharing_cores():
+        folders = write_synthetic_family(root, fam, regenerate=args.regenerate)
     summaries = []
     for step, cfg in configs.items():
         summary = analyze_dataset(cfg, folders[step], model=cfg.model, resume=not args.fresh, progress=not args.quiet)
@@ -206,6 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from warehouse.db import read_only_query
     from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
     from warehouse.export import export_csvs, results_dir
+    from warehouse.kernel_cache import sharing_cores
     from warehouse.pipeline import analyze_dataset
 
     spec = SyntheticSpec()
@@ -214,7 +217,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
         print(f"generating synthetic dataset {spec.model} in {root} ...")
-        write_synthetic_dataset(root, spec)
+        with sharing_cores():
+            write_synthetic_dataset(root, spec)
     summary = analyze_dataset(cfg, root, model=spec.model, resume=not args.fresh, progress=not args.quiet)
     out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     export_csvs(cfg.warehouse, summary.model, summary.run_id, out)

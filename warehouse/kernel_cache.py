@@ -8,8 +8,11 @@ run's critical path. Instead, the first run starts one background process per ke
 the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
 `plasticity demo` starts it before its imports and data generation (`dagster_project.cli.main`),
-`analyze_dataset` once it knows there is work. The run waits for it (`KernelWarmup.wait`) before its first group computes; its workers
-then load the kernels from the cache.
+`analyze_dataset` once it knows there is work (the attention family only when the run computes
+attention). Meanwhile the run does what needs no kernel: every group's SPEC 2 analysis, with one
+worker, leaving the compile a core (`warehouse.pipeline.iter_outcomes`; the demo's data generation
+uses one BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up
+(`KernelWarmup.wait`), and the workers then load the kernels from the cache.
 
 Only speed depends on this module, never a number: numba checks every cached kernel against its
 source and recompiles a stale one. The marker file that says "already warmed" is keyed by the
@@ -27,7 +30,9 @@ import sys
 import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import plasticity
 from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
@@ -90,19 +95,23 @@ def parts_with_kernels(package_dir: Path | None = None) -> list[str]:
 
 
 class KernelWarmup:
-    """The running warm-up processes (see the module docstring)."""
+    """The running warm-up processes, one per kernel family (see the module docstring)."""
 
-    def __init__(self, procs: list[subprocess.Popen]):
+    def __init__(self, procs: dict[str, subprocess.Popen]):
         self.procs = procs
         self.started_at = time.monotonic()
 
-    def running(self) -> bool:
-        return any(p.poll() is None for p in self.procs)
+    def running(self, parts: Iterable[str] | None = None) -> bool:
+        """Whether the warm-up of any of `parts` (default: all) is still compiling."""
+        return any(proc.poll() is None for part, proc in self.procs.items() if parts is None or part in parts)
 
-    def wait(self, timeout_s: float = WARMUP_TIMEOUT_S) -> bool:
-        """Wait until the kernels are compiled and cached; False if a warm-up failed or timed out."""
+    def wait(self, parts: Iterable[str] | None = None, timeout_s: float = WARMUP_TIMEOUT_S) -> bool:
+        """Wait until the kernels of `parts` (default: all) are compiled and cached; False if a
+        warm-up failed or timed out (past the timeout, the workers compile for themselves)."""
         ok = True
-        for proc in self.procs:
+        for part, proc in self.procs.items():
+            if parts is not None and part not in parts:
+                continue
             try:
                 ok &= proc.wait(timeout=max(0.0, timeout_s - (time.monotonic() - self.started_at))) == 0
             except subprocess.TimeoutExpired:
@@ -110,13 +119,15 @@ class KernelWarmup:
         return ok
 
 
-def start_kernel_warmup() -> KernelWarmup | None:
-    """Start a warm-up process for each kernel family not yet cached (None when all are); one
-    warm-up per process: called again while it runs, returns it; once it has ended, None."""
+def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | None:
+    """Start a warm-up process for each kernel family of `parts` (default: every family that has
+    kernels) not yet cached (None when all are); one warm-up per process: called again while it
+    runs, returns it; once it has ended, None."""
     global _started
     if _started is not None:
         return _started if _started.running() else None
-    todo = parts_with_kernels()
+    wanted = set(PARTS if parts is None else parts)
+    todo = [part for part in parts_with_kernels() if part in wanted]
     try:
         stamp = cache_stamp()
         todo = [part for part in todo if not marker_path(part, stamp).exists()]
@@ -125,18 +136,46 @@ def start_kernel_warmup() -> KernelWarmup | None:
     if not todo:
         return None
     env = dict(os.environ, **{var: "1" for var in ONE_THREAD_ENV})
-    _started = KernelWarmup([
-        subprocess.Popen([sys.executable, "-m", "warehouse.kernel_cache", part, str(os.getpid())],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                         cwd=tempfile.gettempdir())
-        for part in todo])
+    _started = KernelWarmup({
+        part: subprocess.Popen([sys.executable, "-m", "warehouse.kernel_cache", part, str(os.getpid())],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=env, cwd=tempfile.gettempdir())
+        for part in todo})
     return _started
 
 
-def wait_for_kernels() -> None:
-    """Wait for this process's warm-up, if one is running (see `KernelWarmup.wait`)."""
-    if _started is not None and _started.running():
-        _started.wait()
+def kernels_cached(part: str) -> bool:
+    """Whether `part`'s kernels are known to be compiled and cached (its marker file exists)."""
+    try:
+        return marker_path(part).exists()
+    except OSError:
+        return False
+
+
+def compiling(part: str) -> bool:
+    """Whether this process's warm-up is still compiling `part`'s kernels (a run defers the work
+    that needs them, and does the rest meanwhile: `warehouse.pipeline.iter_outcomes`)."""
+    return _started is not None and _started.running([part])
+
+
+@contextmanager
+def sharing_cores() -> Iterator[None]:
+    """While this process's warm-up compiles, this process's BLAS uses one thread: the compile is
+    what the run waits for, and a second BLAS thread (mostly spinning, on small products) would
+    take the core it runs on. Otherwise nothing changes."""
+    if _started is None or not _started.running():
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def wait_for_kernels(parts: Iterable[str] | None = None) -> None:
+    """Wait for this process's warm-up of `parts` (default: all), if one is running (see `KernelWarmup.wait`)."""
+    if _started is not None and _started.running(parts):
+        _started.wait(parts)
 
 
 def warm_kernels(part: str) -> None:
@@ -175,14 +214,26 @@ def _warm_analysis() -> None:
 
 def _warm_attention() -> None:
     """The attention kernel's arguments are built inside `plasticity.attention` from any rows, so a
-    tiny generated head in memory compiles what a run uses, without the loader's imports (~1 s)."""
-    from plasticity.attention import head_attention_metrics
-    from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
+    tiny random head in memory (two examples, every position, token strings) compiles what a run
+    uses, without the loader's or the generator's imports."""
+    import numpy as np
 
-    spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=1, num_k_heads=1, head_dim=8,
-                         num_examples=2, seq_len=128, bucket_size=32, sliding_windows={1: 32}, token_keys=True)
-    for layer in range(spec.num_layers):  # full causal attention, then a sliding window
-        head_attention_metrics(make_query_shard(spec, layer, 0), make_key_shard(spec, layer, 0), scales=(0.5, 1.0))
+    from plasticity.attention import head_attention_metrics
+    from plasticity.types import TokenArrays
+
+    rng = np.random.default_rng(0)
+    position = np.tile(np.arange(128, dtype=np.float64), 2)
+    example_id = np.repeat(np.arange(2, dtype=np.int64), 128)
+    bucket = (position // 32).astype(np.int64)
+    order = np.lexsort((position, example_id, bucket))  # canonical order: bucket, example, position
+    tokens = np.array([f"t{i}" for i in rng.integers(0, 20, position.size)], dtype=object)
+
+    def rows(window):
+        return TokenArrays(bucket[order], example_id[order], position[order], rng.standard_normal((position.size, 8)),
+                           sliding_window=window, token_str=tokens[order])
+
+    for window in (None, 32):  # full causal attention, then a sliding window
+        head_attention_metrics(rows(window), rows(window), scales=(0.5, 1.0))
 
 
 def main(argv: list[str]) -> int:

@@ -67,10 +67,17 @@ class GroupTask:
     attention_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     attention_min_exact_rows: int = 100
     duckdb_threads: int = 1
+    # 'all'; or, while the attention kernels are still being compiled, 'analysis' (SPEC 2 only) now
+    # and 'attention' (SPEC 4 only) later, whose outcomes `merge_phases` joins
+    phase: str = "all"
 
     @property
     def attention_on(self) -> bool:
         return self.attention != "false"
+
+    @property
+    def computes_attention(self) -> bool:
+        return self.attention_on and self.phase != "analysis"
 
 
 @dataclass
@@ -282,13 +289,18 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     out: list[results.HeadOutcome] = []
     k_rows = orientation = None
     k_err = None
+    analysis = task.phase != "attention"
+    tokens = task.computes_attention
     if task.k_info is None:
         k_err = _missing_key_error(task.layer, task.k_head)
     else:
         try:
-            k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
-                                                  with_tokens=task.attention_on, key_sums=True)
-            orientation = orientation_from_bucket_sums(sums, counts)
+            if analysis:
+                k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
+                                                      with_tokens=tokens, key_sums=True)
+                orientation = orientation_from_bucket_sums(sums, counts)
+            else:
+                k_rows = load_rows(None, task.k_info, task.cap, task.params.seed, with_tokens=tokens)
         except ShardError as e:
             k_err = _error(e.path, e.problem, str(e))
         except Exception as e:  # a bug or degenerate data: only this group's heads fail
@@ -306,7 +318,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                 raise ShardError(q_info.path, "window_mismatch",
                                  f"query sliding_window {q_info.sliding_window} differs from key shard "
                                  f"{task.k_info.path}'s {task.k_info.sliding_window} (None = full causal)")
-            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=task.attention_on)
+            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=tokens)
             if q_rows.n < MIN_QUERY_ROWS:  # a cap below the minimum: the shard itself passed the profile
                 raise ShardError(q_info.path, "too_few_rows",
                                  f"max_tokens_per_head = {task.cap} keeps {q_rows.n} query row(s); the position "
@@ -316,8 +328,10 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                     q_info.path, "width_mismatch",
                     f"query vectors have width {q_rows.d} but key shard {task.k_info.path} has width {k_rows.d}",
                 )
-            outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
-            if task.attention_on:
+            if analysis:
+                outcome.result = analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head,
+                                              params=task.params)
+            if tokens:
                 outcome.extra_tables = attention_tables(q_rows, k_rows, task)
         except ShardError as e:
             outcome.error = _error(e.path, e.problem, str(e))
@@ -326,6 +340,20 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
         q_rows = None  # free this head's rows before the next one is read
         out.append(outcome)
     return out
+
+
+def merge_phases(analysis: list[results.HeadOutcome], attention: list[results.HeadOutcome]) -> list[results.HeadOutcome]:
+    """The outcomes one 'all' task gives, from its 'analysis' and 'attention' tasks' (same heads,
+    same order): a head whose analysis failed keeps that error (an 'all' task stops there); else it
+    takes the attention tables, and the attention's error if it had one (an 'all' task's head
+    then has its result and that error, and is stored as the error)."""
+    if [o.q_head for o in analysis] != [o.q_head for o in attention]:
+        raise AssertionError("the two phases of a group have different heads")
+    for first, second in zip(analysis, attention):
+        if first.error is None:
+            first.extra_tables = second.extra_tables
+            first.error = second.error
+    return analysis
 
 
 def attention_tables(q_rows, k_rows, task: GroupTask) -> dict:
@@ -388,11 +416,20 @@ def _keep_freed_memory() -> None:
     mallopt(_M_TOP_PAD, 64 << 20)
 
 
-def _warm_up() -> int:
-    """Import everything a compute step needs, so the first group does not pay for it."""
+def _warm_up(kernels: bool = False) -> int:
+    """Import everything a compute step needs, so the first group does not pay for it; with
+    ``kernels`` (the run computes attention) also numba, and the compiled kernels once they are
+    cached (while the background warm-up still compiles them, loading would compile them again)."""
     import plasticity.head  # noqa: F401
     import warehouse.loading  # noqa: F401
 
+    if kernels:
+        from warehouse import kernel_cache
+
+        if kernel_cache.kernels_cached("attention"):
+            import plasticity.attention.kernel  # noqa: F401
+        else:
+            import numba  # noqa: F401
     return os.getpid()
 
 
@@ -420,10 +457,11 @@ def _parent_main_hidden() -> Iterator[None]:
 
 
 @contextmanager
-def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of `workers` spawned processes, already importing the analysis code while the caller
-    does other work (None when workers <= 1: compute runs in this process). The workers do not
-    import the caller's ``__main__`` (see `_parent_main_hidden`): submit functions of this package."""
+def start_pool(workers: int, kernels: bool = False) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` spawned processes, already importing the analysis code (with
+    ``kernels``, also numba: see `_warm_up`) while the caller does other work (None when
+    workers <= 1: compute runs in this process). The workers do not import the caller's
+    ``__main__`` (see `_parent_main_hidden`): submit functions of this package."""
     if workers <= 1:
         yield None
         return
@@ -436,7 +474,7 @@ def start_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
                                  initargs=(os.getpid(),)) as pool:
             with _parent_main_hidden():  # each submit starts one worker while none is idle
                 for _ in range(workers):
-                    pool.submit(_warm_up)
+                    pool.submit(_warm_up, kernels)
             try:
                 yield pool
             except BaseException:
@@ -469,36 +507,85 @@ def _stop_workers(pool: ProcessPoolExecutor, timeout_s: float = 5.0) -> None:
 
 def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecutor | None = None, *,
                   prepare: Callable[[GroupTask], None] | None = None,
-                  started: Callable[[], None] | None = None) -> Iterator[list[results.HeadOutcome]]:
+                  started: Callable[[], None] | None = None,
+                  defer_attention: Callable[[], bool] | None = None,
+                  wait_attention: Callable[[], None] | None = None) -> Iterator[list[results.HeadOutcome]]:
     """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory).
 
     Uses `pool` when given (see `start_pool`), else its own; with workers <= 1 runs in this process.
     `prepare(task)` runs just before a task is submitted; `started()` once the first tasks are in
     flight (before anything is yielded), so this process's own work overlaps the workers'.
+
+    While ``defer_attention()`` is true (the attention kernels are still being compiled), a group
+    with attention runs as two tasks: its SPEC 2 analysis at once, its attention once
+    ``defer_attention()`` is false (``wait_attention()`` blocks until then), and its outcomes are
+    yielded joined (`merge_phases`), the same as one task would give. So a fresh machine's first
+    run computes while numba compiles instead of waiting for it.
     """
     def noop(*_):
         return None
 
     prepare = prepare or noop
     started = started or noop
+    waited: list[bool] = []  # once waited for, attention is never deferred again (even if the wait timed out)
+
+    def defer() -> bool:
+        return defer_attention is not None and not waited and defer_attention()
+
+    def wait_kernels() -> None:
+        if wait_attention is not None:
+            wait_attention()
+        waited.append(True)
+
+    deferred: list[GroupTask] = []  # groups whose attention waits for the kernels
+    held: dict[tuple[int, int], list[results.HeadOutcome]] = {}  # their analysis outcomes
+
+    def next_task() -> GroupTask | None:
+        if deferred and not defer():
+            return dataclasses.replace(deferred.pop(0), phase="attention")
+        if not queue:
+            return None
+        task = queue.pop()
+        prepare(task)
+        if task.attention_on and defer():
+            deferred.append(task)
+            return dataclasses.replace(task, phase="analysis")
+        return task
+
+    def finished(task: GroupTask, outcomes: list[results.HeadOutcome]) -> list[results.HeadOutcome] | None:
+        """What to yield for a task's outcomes (None: held until the group's attention is done)."""
+        key = (task.layer, task.k_head)
+        if task.phase == "analysis":
+            held[key] = outcomes
+            return None
+        return merge_phases(held.pop(key), outcomes) if task.phase == "attention" else outcomes
+
+    queue = list(reversed(tasks))
     if pool is None and (workers <= 1 or len(tasks) <= 1):
         started()
-        for t in tasks:
-            prepare(t)
-            yield compute_group(t)
+        while queue or deferred:
+            task = next_task()
+            if task is None:  # only deferred attention left
+                wait_kernels()
+                continue
+            outcomes = finished(task, compute_group(task))
+            if outcomes is not None:
+                yield outcomes
         return
     if pool is None:
         with start_pool(workers) as own:
-            yield from iter_outcomes(tasks, workers, own, prepare=prepare, started=started)
+            yield from iter_outcomes(tasks, workers, own, prepare=prepare, started=started,
+                                     defer_attention=defer_attention, wait_attention=wait_attention)
         return
-    pending = set()
-    queue = list(reversed(tasks))
+    pending: dict = {}
 
     def fill() -> None:
-        while queue and len(pending) < 2 * workers:
-            task = queue.pop()
-            prepare(task)
-            pending.add(pool.submit(compute_group, task))
+        # while the kernels compile (one process), leave them a core: the deferred analysis has slack
+        while len(pending) < (max(1, workers - 1) if defer() else 2 * workers):
+            task = next_task()
+            if task is None:
+                return
+            pending[pool.submit(compute_group, task)] = task
 
     fill()
     try:
@@ -507,10 +594,17 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
         for fut in pending:  # those not yet running; running ones finish as the pool shuts down
             fut.cancel()
         raise
-    while pending:
-        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+    while pending or deferred:
+        if not pending:  # only deferred attention left
+            wait_kernels()
+            fill()
+            continue
+        # while attention waits, look again at least every 0.2 s: it starts as soon as the kernels are in
+        done, _ = wait(set(pending), timeout=0.2 if deferred else None, return_when=FIRST_COMPLETED)
         for fut in done:
-            yield fut.result()
+            outcomes = finished(pending.pop(fut), fut.result())
+            if outcomes is not None:
+                yield outcomes
         fill()
 
 
@@ -596,9 +690,10 @@ def analyze_dataset(
     failed = plan_failures(cat, pairs, skip=already)
     n_todo = sum(len(g.queries) for g in groups) + len(failed)
     workers = max(1, min(cfg.workers(), len(groups)))
+    kernels = any(g.attention_on for g in groups)  # the attention kernels are compiled only for attention
     if groups:
-        kernel_cache.start_kernel_warmup()
-    with start_pool(workers) as pool:
+        kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
+    with start_pool(workers, kernels) as pool:
         return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
                     resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
 
@@ -622,7 +717,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             profiled.add(id(shard))
 
     def prepare(task: GroupTask) -> None:
-        kernel_cache.wait_for_kernels()  # a no-op once the kernels are cached
+        # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
+        kernel_cache.wait_for_kernels(["analysis"])
         # a task carries its shards' profiles (row counts, window, errors) to the worker
         profile(task.k_info)
         for _, shard in task.queries:
@@ -680,7 +776,9 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
 
     try:
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
-        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run):
+        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run,
+                                      defer_attention=lambda: kernel_cache.compiling("attention"),
+                                      wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"])):
             take(outcomes)
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
