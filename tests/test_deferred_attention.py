@@ -97,3 +97,21 @@ def test_merge_phases_keeps_what_one_task_would_have_stored():
     assert merged[2].error is attention_error  # stored as the head's error, as an 'all' task's would be
     with pytest.raises(AssertionError):
         pipeline.merge_phases([_outcome(0)], [_outcome(1)])
+
+
+def test_the_progress_bar_says_why_heads_wait_while_the_kernels_compile(small_dataset, tmp_path, monkeypatch, capsys):
+    """Heads are counted once their attention is done: while the kernels compile the bar says so,
+    and stops saying it once they are in."""
+    from warehouse import kernel_cache
+
+    calls = []
+    monkeypatch.setattr(kernel_cache, "compiling", lambda part: calls.append(part) or len(calls) <= 6)
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "output_dir": str(tmp_path / "out"),
+                             "max_workers": 1, "attention": "true", "attention_scales": [0.5, 1.0]})
+    summary = pipeline.analyze_dataset(cfg, small_dataset, progress=True)
+    assert summary.n_errors == 0 and summary.n_done == summary.n_heads
+    frames = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    said = [i for i, f in enumerate(frames) if "compiling the attention kernels" in f]
+    assert said, frames
+    last = [f for f in frames if f.strip()][-1]
+    assert f"{summary.n_heads}/{summary.n_heads}" in last and "compiling" not in last, last

@@ -750,6 +750,9 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         from tqdm import tqdm
 
         bar = tqdm(total=n_todo, unit="head", desc=f"{model}", dynamic_ncols=True)
+        if any(g.attention_on for g in groups) and kernel_cache.compiling("attention"):
+            # heads are counted once their attention is done, which waits for the compile
+            bar.set_postfix_str("compiling the attention kernels, once per machine; analysis meanwhile")
     buffer: list[results.HeadOutcome] = []
     n_failed = 0
     last_flush = time.monotonic()
@@ -773,6 +776,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             bar.update(len(outcomes))
             if n_failed:
                 bar.set_postfix(errors=n_failed)
+            elif bar.postfix and not kernel_cache.compiling("attention"):
+                bar.set_postfix_str("")
 
     try:
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
