@@ -130,9 +130,9 @@ def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | No
     todo = [part for part in parts_with_kernels() if part in wanted]
     try:
         stamp = cache_stamp()
-        todo = [part for part in todo if not marker_path(part, stamp).exists()]
     except OSError:
-        pass
+        stamp = None  # unreadable sources: kernels_cached says no, every family is warmed
+    todo = [part for part in todo if not kernels_cached(part, stamp)]
     if not todo:
         return None
     env = dict(os.environ, **{var: "1" for var in ONE_THREAD_ENV})
@@ -144,10 +144,11 @@ def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | No
     return _started
 
 
-def kernels_cached(part: str) -> bool:
-    """Whether `part`'s kernels are known to be compiled and cached (its marker file exists)."""
+def kernels_cached(part: str, stamp: str | None = None) -> bool:
+    """Whether `part`'s kernels are known to be compiled and cached (its marker file exists;
+    `stamp`: `cache_stamp()`, computed if not given)."""
     try:
-        return marker_path(part).exists()
+        return marker_path(part, stamp).exists()
     except OSError:
         return False
 

@@ -424,8 +424,6 @@ def _warm_up(kernels: bool = False) -> int:
     import warehouse.loading  # noqa: F401
 
     if kernels:
-        from warehouse import kernel_cache
-
         if kernel_cache.kernels_cached("attention"):
             import plasticity.attention.kernel  # noqa: F401
         else:
@@ -527,15 +525,16 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
 
     prepare = prepare or noop
     started = started or noop
-    waited: list[bool] = []  # once waited for, attention is never deferred again (even if the wait timed out)
+    waited = False  # once waited for, attention is never deferred again (even if the wait timed out)
 
     def defer() -> bool:
         return defer_attention is not None and not waited and defer_attention()
 
     def wait_kernels() -> None:
+        nonlocal waited
         if wait_attention is not None:
             wait_attention()
-        waited.append(True)
+        waited = True
 
     deferred: list[GroupTask] = []  # groups whose attention waits for the kernels
     held: dict[tuple[int, int], list[results.HeadOutcome]] = {}  # their analysis outcomes
