@@ -579,8 +579,9 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
     pending: dict = {}
 
     def fill() -> None:
-        # while the kernels compile (one process), leave them a core: the deferred analysis has slack
-        while len(pending) < (max(1, workers - 1) if defer() else 2 * workers):
+        # while groups wait for the kernels to compile (one process), leave the compile a core: the
+        # analysis meanwhile has slack (a run without attention never waits, so never holds back)
+        while len(pending) < (max(1, workers - 1) if deferred and defer() else 2 * workers):
             task = next_task()
             if task is None:
                 return
