@@ -147,3 +147,33 @@ def test_a_fresh_process_loads_the_compiled_kernel_from_the_cache(tmp_path):
     assert (hits1, misses1) == (0, 1)  # an empty cache: compiled once
     assert (hits2, misses2) == (1, 0)  # then loaded
     assert any(p.suffix == ".nbi" for p in (tmp_path / "numba").rglob("*"))
+
+
+def test_vector_sums_add_each_lane_in_the_order_of_the_scalar_partial_sums():
+    # the kernel's reductions are explicit vector loops (numba keeps LLVM's SLP vectoriser off);
+    # lane c adds elements c, c + lanes, ... in order, so the sums are the bits of the scalar code
+    from numba import njit
+
+    from plasticity.attention.kernel import _bin_sums, _distance_sums, _shared_sums, _std_sums
+
+    @njit
+    def run(p, a, e, start, stop, n4, mu, e_off, ratio):
+        return (_bin_sums(p, a, start, stop), _std_sums(p, n4, mu), _shared_sums(e, e_off, p, n4),
+                _distance_sums(e, e_off, p, ratio, n4))
+
+    rng = np.random.default_rng(3)
+    p, a, e = rng.random(203) ** 8, -rng.exponential(3.0, 203), rng.random(300) ** 8
+    start, stop, n4, mu, e_off, ratio = 3, 3 + 2 * 97, 200, 0.37, 7, 1.3
+    got = run(p, a, e, start, stop, n4, mu, e_off, ratio)
+
+    def lanes(values, n_lanes):
+        acc = [0.0] * n_lanes
+        for j, v in enumerate(values):
+            acc[j % n_lanes] += v
+        return acc
+
+    pb, ab = p[start:stop], a[start:stop]
+    assert got[0] == tuple(lanes(pb, 2) + lanes([x * y for x, y in zip(pb, ab)], 2))
+    assert got[1] == tuple(lanes(p[:n4], 4) + lanes([(x - mu) * (x - mu) for x in p[:n4]], 4))
+    assert got[2] == tuple(lanes(e[e_off:e_off + n4], 4) + lanes(p[:n4], 4))
+    assert got[3] == tuple(lanes([(x - y * ratio) * (x - y * ratio) for x, y in zip(e[e_off:e_off + n4], p[:n4])], 4))

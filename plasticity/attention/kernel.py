@@ -40,7 +40,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 EXP_FLOOR = -708.0  # exp() arguments are raised to this (exp(-708) ~ 3e-308)
@@ -68,6 +70,166 @@ def _bits_of(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], context.get_value_type(types.int64))
     return types.int64(types.float64), codegen
+
+
+def _element_pointer(context, builder, arrty, arr, idx, idxty):
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(data, [context.cast(builder, idx, idxty, types.intp)], inbounds=True)
+
+
+def _is_vector(arr, idx) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and isinstance(idx, types.Integer)
+
+
+# numba indexes an array with a signed index it cannot prove non-negative through a wraparound
+# select (``i < 0 ? i + n : i``), which costs instructions and keeps LLVM from vectorising the
+# loop; the hot loops below index with offsets that are in range by construction, so they load
+# and store through these two instead
+@intrinsic
+def _ld(typingctx, arr, idx):
+    """``arr[idx]`` of a 1-D C-contiguous array, for ``0 <= idx < len(arr)`` (not checked)."""
+    if not _is_vector(arr, idx):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1]))
+    return arr.dtype(arr, idx), codegen
+
+
+@intrinsic
+def _st(typingctx, arr, idx, value):
+    """``arr[idx] = value`` for a 1-D C-contiguous array and ``0 <= idx < len(arr)`` (not checked)."""
+    if not _is_vector(arr, idx):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arrty, idxty, valty = signature.args
+        ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
+        builder.store(context.cast(builder, args[2], valty, arrty.dtype), ptr)
+        return context.get_dummy_value()
+    return types.none(arr, idx, value), codegen
+
+
+# numba leaves LLVM's SLP vectoriser off (numba#8705), so the interleaved partial sums of the
+# reductions below ran one lane at a time; these intrinsics emit the same sums as explicit vector
+# loops: lane ``c`` of a ``lanes``-wide accumulator adds the elements ``c, c + lanes, ...`` in the
+# same order as the scalar partial sums did, so the results are the same bits
+def _vector_load(context, builder, arrty, arr, idx, lanes):
+    ptr = builder.bitcast(_element_pointer(context, builder, arrty, arr, idx, types.intp),
+                          ir.PointerType(ir.VectorType(ir.DoubleType(), lanes)))
+    return builder.load(ptr, align=8)
+
+
+def _lane_sums(context, builder, lanes, n_acc, start, stop, update):
+    """Run ``accs = update(j, accs)`` for j = start, start + lanes, .. < stop (``stop - start`` a
+    multiple of ``lanes``) over ``n_acc`` zeroed <lanes x double> accumulators; their lanes, in
+    order, as a flat list of doubles."""
+    vec = ir.VectorType(ir.DoubleType(), lanes)
+    slots = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * lanes)) for _ in range(n_acc)]
+    intp = context.get_value_type(types.intp)
+    with cgutils.for_range_slice(builder, start, stop, ir.Constant(intp, lanes), intp) as (j, _):
+        new = update(j, [builder.load(a) for a in slots])
+        for a, v in zip(slots, new):
+            builder.store(v, a)
+    return [builder.extract_element(builder.load(a), ir.Constant(ir.IntType(32), c))
+            for a in slots for c in range(lanes)]
+
+
+def _is_float_vector(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and arr.dtype == types.float64
+
+
+@intrinsic
+def _bin_sums(typingctx, p, a, start, stop):
+    """2-lane sums over ``j = start .. stop-1`` (``stop - start`` even): lanes of ``sum p[j]`` then of
+    ``sum p[j] * a[j]``, as (t0, t1, u0, u1)."""
+    if not (_is_float_vector(p) and _is_float_vector(a)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pty, aty, sty, ety = signature.args
+        intp = types.intp
+
+        def update(j, accs):
+            pv = _vector_load(context, builder, pty, args[0], j, 2)
+            av = _vector_load(context, builder, aty, args[1], j, 2)
+            return [builder.fadd(accs[0], pv), builder.fadd(accs[1], builder.fmul(pv, av))]
+        lanes = _lane_sums(context, builder, 2, 2, context.cast(builder, args[2], sty, intp),
+                           context.cast(builder, args[3], ety, intp), update)
+        return context.make_tuple(builder, signature.return_type, lanes)
+    return types.UniTuple(types.float64, 4)(p, a, start, stop), codegen
+
+
+@intrinsic
+def _std_sums(typingctx, p, stop, mu):
+    """4-lane sums over ``j = 0 .. stop-1`` (``stop`` a multiple of 4): lanes of ``sum p[j]`` then
+    of ``sum (p[j] - mu)**2``, as (v0, .., v3, d0, .., d3)."""
+    if not _is_float_vector(p):
+        return None
+
+    def codegen(context, builder, signature, args):
+        intp = context.get_value_type(types.intp)
+        mu_v = _splat(builder, context.cast(builder, args[2], signature.args[2], types.float64), 4)
+
+        def update(j, accs):
+            x = _vector_load(context, builder, signature.args[0], args[0], j, 4)
+            dev = builder.fsub(x, mu_v)
+            return [builder.fadd(accs[0], x), builder.fadd(accs[1], builder.fmul(dev, dev))]
+        lanes = _lane_sums(context, builder, 4, 2, ir.Constant(intp, 0),
+                           context.cast(builder, args[1], signature.args[1], types.intp), update)
+        return context.make_tuple(builder, signature.return_type, lanes)
+    return types.UniTuple(types.float64, 8)(p, stop, mu), codegen
+
+
+def _splat(builder, value, lanes):
+    vec = ir.Constant(ir.VectorType(ir.DoubleType(), lanes), ir.Undefined)
+    for c in range(lanes):
+        vec = builder.insert_element(vec, value, ir.Constant(ir.IntType(32), c))
+    return vec
+
+
+@intrinsic
+def _shared_sums(typingctx, e, e_off, p, stop):
+    """4-lane sums over ``j = 0 .. stop-1`` (``stop`` a multiple of 4): lanes of ``sum e[e_off + j]``
+    then of ``sum p[j]``, as (e0, .., e3, l0, .., l3)."""
+    if not (_is_float_vector(e) and _is_float_vector(p)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ety, oty, pty, sty = signature.args
+        off = context.cast(builder, args[1], oty, types.intp)
+
+        def update(j, accs):
+            ev = _vector_load(context, builder, ety, args[0], builder.add(off, j), 4)
+            pv = _vector_load(context, builder, pty, args[2], j, 4)
+            return [builder.fadd(accs[0], ev), builder.fadd(accs[1], pv)]
+        lanes = _lane_sums(context, builder, 4, 2, ir.Constant(off.type, 0),
+                           context.cast(builder, args[3], sty, types.intp), update)
+        return context.make_tuple(builder, signature.return_type, lanes)
+    return types.UniTuple(types.float64, 8)(e, e_off, p, stop), codegen
+
+
+@intrinsic
+def _distance_sums(typingctx, e, e_off, p, ratio, stop):
+    """4-lane sums over ``j = 0 .. stop-1`` (``stop`` a multiple of 4) of ``(e[e_off + j] - p[j] *
+    ratio)**2``, as (c0, .., c3)."""
+    if not (_is_float_vector(e) and _is_float_vector(p)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ety, oty, pty, rty, sty = signature.args
+        off = context.cast(builder, args[1], oty, types.intp)
+        ratio_v = _splat(builder, context.cast(builder, args[3], rty, types.float64), 4)
+
+        def update(j, accs):
+            ev = _vector_load(context, builder, ety, args[0], builder.add(off, j), 4)
+            pv = _vector_load(context, builder, pty, args[2], j, 4)
+            x = builder.fsub(ev, builder.fmul(pv, ratio_v))
+            return [builder.fadd(accs[0], builder.fmul(x, x))]
+        lanes = _lane_sums(context, builder, 4, 1, ir.Constant(off.type, 0),
+                           context.cast(builder, args[4], sty, types.intp), update)
+        return context.make_tuple(builder, signature.return_type, lanes)
+    return types.UniTuple(types.float64, 4)(e, e_off, p, ratio, stop), codegen
 
 
 _SHIFTER = 6755399441055744.0  # 1.5 * 2**52: x + _SHIFTER rounds x to an integer kept in the low bits
@@ -166,8 +328,8 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
         j0 = lo[i] - c0
         top = low = row[j0]
         for j in range(j0, j0 + n - n % 2, 2):  # two chains: the compare latency is the cost
-            top = max(top, max(row[j], row[j + 1]))
-            low = min(low, min(row[j], row[j + 1]))
+            top = max(top, max(_ld(row, j), _ld(row, j + 1)))
+            low = min(low, min(_ld(row, j), _ld(row, j + 1)))
         if n % 2:
             top = max(top, row[j0 + n - 1])
             low = min(low, row[j0 + n - 1])
@@ -177,20 +339,21 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
         for b in range(nb):
             cnt[b] = 0
         for j in range(n):
-            b = min(int((top - row[j0 + j]) * to_bin), nb - 1)
-            bins[j] = b
-            cnt[b] += 1
+            b = min(int((top - _ld(row, j0 + j)) * to_bin), nb - 1)
+            _st(bins, j, b)
+            _st(cnt, b, _ld(cnt, b) + 1)
         off[0] = 0
         for b in range(nb):
             off[b + 1] = off[b] + cnt[b]
             fill[b] = off[b]
         for j in range(n):
-            x = row[j0 + j] - top
-            a_key[j] = x
-            place = fill[bins[j]]
-            fill[bins[j]] = place + 1
-            sa[place] = x
-            key_of[place] = j
+            x = _ld(row, j0 + j) - top
+            _st(a_key, j, x)
+            b = _ld(bins, j)
+            place = _ld(fill, b)
+            _st(fill, b, place + 1)
+            _st(sa, place, x)
+            _st(key_of, place, j)
         # the (first) top key goes to place 0: its weight is exactly 1 at every scale, and the
         # others' mass ``rest`` gives log(tot) = log1p(rest) to full precision on sharp rows
         for j in range(off[1]):
@@ -219,18 +382,13 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 p = direct
             rest = pa = 0.0  # rest: the mass of every key but the top one (place 0, weight 1)
             for b in range(nb):
-                t0 = t1 = u0 = u1 = 0.0
                 start = 1 if b == 0 else off[b]
                 end = off[b + 1]
                 end2 = end - (end - start) % 2
-                for j in range(start, end2, 2):
-                    t0 += p[j]
-                    t1 += p[j + 1]
-                    u0 += p[j] * sa[j]
-                    u1 += p[j + 1] * sa[j + 1]
+                t0, t1, u0, u1 = _bin_sums(p, sa, start, end2)
                 if end2 < end:
-                    t0 += p[end2]
-                    u0 += p[end2] * sa[end2]
+                    t0 += _ld(p, end2)
+                    u0 += _ld(p, end2) * _ld(sa, end2)
                 mass[b] = t0 + t1
                 rest += mass[b]
                 pa += u0 + u1
@@ -241,18 +399,8 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
             out[1, r, k] = inv
             # population std (second pass), and the weights re-summed in another order
             mu = tot / n
-            d0 = d1 = d2 = d3 = v0 = v1 = v2 = v3 = 0.0
             n4 = n - n % 4
-            for j in range(0, n4, 4):
-                x0, x1, x2, x3 = p[j], p[j + 1], p[j + 2], p[j + 3]
-                v0 += x0
-                v1 += x1
-                v2 += x2
-                v3 += x3
-                d0 += (x0 - mu) * (x0 - mu)
-                d1 += (x1 - mu) * (x1 - mu)
-                d2 += (x2 - mu) * (x2 - mu)
-                d3 += (x3 - mu) * (x3 - mu)
+            v0, v1, v2, v3, d0, d1, d2, d3 = _std_sums(p, n4, mu)
             for j in range(n4, n):
                 x0 = p[j]
                 v0 += x0
@@ -270,7 +418,7 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 edge += 1
             m = 0
             for j in range(off[edge], off[edge + 1]):
-                idx[m] = j
+                _st(idx, m, j)
                 m += 1
             out_keff[r, k] = min(off[edge] + _k_eff_inside(p, sa, idx, m, cum, thr, sub_mass, sub_cnt), n)
             if misplaced:  # the largest weight on a future / out-of-window key
@@ -284,7 +432,7 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
             if k != one:
                 continue
             for j in range(n):
-                p_key[key_of[j]] = p[j]
+                _st(p_key, _ld(key_of, j), _ld(p, j))
             if want_extras:
                 _local_and_token(p_key, inv, n, i, r, rows, keys, has_codes, extras)
             for q in range(pair_ptr[i], pair_ptr[i + 1]):
@@ -296,9 +444,10 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 slot = rank[i] % ring_size
                 ring_span[0, slot] = lo[i]
                 ring_span[1, slot] = hi[i]
+                ring_w, ring_a = ring[0, slot], ring[1, slot]
                 for j in range(n):
-                    ring[0, slot, lo[i] + j] = p_key[j]
-                    ring[1, slot, lo[i] + j] = a_key[j]
+                    _st(ring_w, lo[i] + j, _ld(p_key, j))
+                    _st(ring_a, lo[i] + j, _ld(a_key, j))
 
 
 @njit("int64(float64[::1], float64[::1], int64[::1], int64, float64, float64, float64[::1], int64[::1])", **_INNER)
@@ -401,16 +550,7 @@ def _pair_distance(e_row, e_a, p, a, sh_lo, sh_hi):
     over the shared keys ``sh_lo .. sh_hi-1``."""
     m = sh_hi - sh_lo
     m4 = m - m % 4
-    e0 = e1 = e2 = e3 = l0 = l1 = l2 = l3 = 0.0
-    for j in range(0, m4, 4):
-        e0 += e_row[sh_lo + j]
-        e1 += e_row[sh_lo + j + 1]
-        e2 += e_row[sh_lo + j + 2]
-        e3 += e_row[sh_lo + j + 3]
-        l0 += p[j]
-        l1 += p[j + 1]
-        l2 += p[j + 2]
-        l3 += p[j + 3]
+    e0, e1, e2, e3, l0, l1, l2, l3 = _shared_sums(e_row, sh_lo, p, m4)
     for j in range(m4, m):
         e0 += e_row[sh_lo + j]
         l0 += p[j]
@@ -418,16 +558,7 @@ def _pair_distance(e_row, e_a, p, a, sh_lo, sh_hi):
     tl = (l0 + l1) + (l2 + l3)
     if te >= TINY_MASS and tl >= TINY_MASS:
         ratio = te / tl
-        c0 = c1 = c2 = c3 = 0.0
-        for j in range(0, m4, 4):
-            x0 = e_row[sh_lo + j] - p[j] * ratio
-            x1 = e_row[sh_lo + j + 1] - p[j + 1] * ratio
-            x2 = e_row[sh_lo + j + 2] - p[j + 2] * ratio
-            x3 = e_row[sh_lo + j + 3] - p[j + 3] * ratio
-            c0 += x0 * x0
-            c1 += x1 * x1
-            c2 += x2 * x2
-            c3 += x3 * x3
+        c0, c1, c2, c3 = _distance_sums(e_row, sh_lo, p, ratio, m4)
         for j in range(m4, m):
             x0 = e_row[sh_lo + j] - p[j] * ratio
             c0 += x0 * x0
