@@ -208,11 +208,17 @@ class TreeMemorySampler(threading.Thread):
         self.join()
 
 
-def run_child(args: list[str]) -> tuple[dict, TreeMemorySampler, float]:
-    """Run this script in child mode; returns (its JSON answer, memory sampler, outer wall seconds)."""
+def child_env() -> dict:
+    """The environment of a child: the measured source tree first on PYTHONPATH."""
     env = dict(os.environ)
     front = [SOURCE_TREE] if SOURCE_TREE else []
     env["PYTHONPATH"] = os.pathsep.join(front + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_child(args: list[str]) -> tuple[dict, TreeMemorySampler, float]:
+    """Run this script in child mode; returns (its JSON answer, memory sampler, outer wall seconds)."""
+    env = child_env()
     import resource
 
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -31,8 +31,13 @@ Checks read from the positions, not from the ranges the rows were given: the lar
 on a key after the query (``future``) or outside its sliding window (``window``), and
 ``|sum of the bin masses / tot - 1|`` (the weights re-summed in another order).
 
-Sums use four interleaved partial sums (fixed order, so results do not depend on the CPU's
-vector width; no fastmath).
+Sums use interleaved partial sums in a fixed order (two lanes for the per-bin sums, four for the
+others; no fastmath), so results do not depend on the CPU's vector width. numba keeps LLVM's SLP
+vectoriser off, so the hot reductions are written as explicit vector loops (`_bin_sums`,
+`_std_sums`, `_shared_sums`, `_distance_sums`: lane ``c`` adds the elements ``c, c + lanes, ..`` in
+order, the bits of the scalar partial sums), and the hot loops index through `_ld` / `_st`, which
+skip numba's wraparound select for negative indices (every index there is in range by
+construction).
 """
 
 from __future__ import annotations
