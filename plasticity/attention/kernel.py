@@ -35,9 +35,7 @@ Sums use interleaved partial sums in a fixed order (two lanes for the per-bin su
 others; no fastmath), so results do not depend on the CPU's vector width. numba keeps LLVM's SLP
 vectoriser off, so the hot reductions are written as explicit vector loops (`_bin_sums`,
 `_std_sums`, `_shared_sums`, `_distance_sums`: lane ``c`` adds the elements ``c, c + lanes, ..`` in
-order, the bits of the scalar partial sums), and the hot loops index through `_ld` / `_st`, which
-skip numba's wraparound select for negative indices (every index there is in range by
-construction).
+order, the bits of the scalar partial sums).
 """
 
 from __future__ import annotations
@@ -77,42 +75,8 @@ def _bits_of(typingctx, x):
     return types.int64(types.float64), codegen
 
 
-def _element_pointer(context, builder, arrty, arr, idx, idxty):
-    data = context.make_array(arrty)(context, builder, arr).data
-    return builder.gep(data, [context.cast(builder, idx, idxty, types.intp)], inbounds=True)
-
-
-def _is_vector(arr, idx) -> bool:
-    return isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C" and isinstance(idx, types.Integer)
-
-
-# numba indexes an array with a signed index it cannot prove non-negative through a wraparound
-# select (``i < 0 ? i + n : i``), which costs instructions and keeps LLVM from vectorising the
-# loop; the hot loops below index with offsets that are in range by construction, so they load
-# and store through these two instead
-@intrinsic
-def _ld(typingctx, arr, idx):
-    """``arr[idx]`` of a 1-D C-contiguous array, for ``0 <= idx < len(arr)`` (not checked)."""
-    if not _is_vector(arr, idx):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.load(_element_pointer(context, builder, signature.args[0], args[0], args[1], signature.args[1]))
-    return arr.dtype(arr, idx), codegen
-
-
-@intrinsic
-def _st(typingctx, arr, idx, value):
-    """``arr[idx] = value`` for a 1-D C-contiguous array and ``0 <= idx < len(arr)`` (not checked)."""
-    if not _is_vector(arr, idx):
-        return None
-
-    def codegen(context, builder, signature, args):
-        arrty, idxty, valty = signature.args
-        ptr = _element_pointer(context, builder, arrty, args[0], args[1], idxty)
-        builder.store(context.cast(builder, args[2], valty, arrty.dtype), ptr)
-        return context.get_dummy_value()
-    return types.none(arr, idx, value), codegen
+def _as_index(context, builder, value, valty):
+    return context.cast(builder, value, valty, types.intp)
 
 
 # numba leaves LLVM's SLP vectoriser off (numba#8705), so the interleaved partial sums of the
@@ -120,9 +84,17 @@ def _st(typingctx, arr, idx, value):
 # loops: lane ``c`` of a ``lanes``-wide accumulator adds the elements ``c, c + lanes, ...`` in the
 # same order as the scalar partial sums did, so the results are the same bits
 def _vector_load(context, builder, arrty, arr, idx, lanes):
-    ptr = builder.bitcast(_element_pointer(context, builder, arrty, arr, idx, types.intp),
-                          ir.PointerType(ir.VectorType(ir.DoubleType(), lanes)))
-    return builder.load(ptr, align=8)
+    """Elements ``idx .. idx + lanes - 1`` of ``arr`` (``idx`` an intp) as a <lanes x double>."""
+    first = builder.gep(context.make_array(arrty)(context, builder, arr).data, [idx], inbounds=True)
+    return builder.load(builder.bitcast(first, ir.PointerType(ir.VectorType(ir.DoubleType(), lanes))), align=8)
+
+
+def _splat(builder, value, lanes):
+    """<lanes x double> with every lane ``value``."""
+    vec = ir.Constant(ir.VectorType(ir.DoubleType(), lanes), ir.Undefined)
+    for c in range(lanes):
+        vec = builder.insert_element(vec, value, ir.Constant(ir.IntType(32), c))
+    return vec
 
 
 def _lane_sums(context, builder, lanes, n_acc, start, stop, update):
@@ -153,14 +125,13 @@ def _bin_sums(typingctx, p, a, start, stop):
 
     def codegen(context, builder, signature, args):
         pty, aty, sty, ety = signature.args
-        intp = types.intp
 
         def update(j, accs):
             pv = _vector_load(context, builder, pty, args[0], j, 2)
             av = _vector_load(context, builder, aty, args[1], j, 2)
             return [builder.fadd(accs[0], pv), builder.fadd(accs[1], builder.fmul(pv, av))]
-        lanes = _lane_sums(context, builder, 2, 2, context.cast(builder, args[2], sty, intp),
-                           context.cast(builder, args[3], ety, intp), update)
+        lanes = _lane_sums(context, builder, 2, 2, _as_index(context, builder, args[2], sty),
+                           _as_index(context, builder, args[3], ety), update)
         return context.make_tuple(builder, signature.return_type, lanes)
     return types.UniTuple(types.float64, 4)(p, a, start, stop), codegen
 
@@ -181,16 +152,9 @@ def _std_sums(typingctx, p, stop, mu):
             dev = builder.fsub(x, mu_v)
             return [builder.fadd(accs[0], x), builder.fadd(accs[1], builder.fmul(dev, dev))]
         lanes = _lane_sums(context, builder, 4, 2, ir.Constant(intp, 0),
-                           context.cast(builder, args[1], signature.args[1], types.intp), update)
+                           _as_index(context, builder, args[1], signature.args[1]), update)
         return context.make_tuple(builder, signature.return_type, lanes)
     return types.UniTuple(types.float64, 8)(p, stop, mu), codegen
-
-
-def _splat(builder, value, lanes):
-    vec = ir.Constant(ir.VectorType(ir.DoubleType(), lanes), ir.Undefined)
-    for c in range(lanes):
-        vec = builder.insert_element(vec, value, ir.Constant(ir.IntType(32), c))
-    return vec
 
 
 @intrinsic
@@ -202,14 +166,14 @@ def _shared_sums(typingctx, e, e_off, p, stop):
 
     def codegen(context, builder, signature, args):
         ety, oty, pty, sty = signature.args
-        off = context.cast(builder, args[1], oty, types.intp)
+        off = _as_index(context, builder, args[1], oty)
 
         def update(j, accs):
             ev = _vector_load(context, builder, ety, args[0], builder.add(off, j), 4)
             pv = _vector_load(context, builder, pty, args[2], j, 4)
             return [builder.fadd(accs[0], ev), builder.fadd(accs[1], pv)]
         lanes = _lane_sums(context, builder, 4, 2, ir.Constant(off.type, 0),
-                           context.cast(builder, args[3], sty, types.intp), update)
+                           _as_index(context, builder, args[3], sty), update)
         return context.make_tuple(builder, signature.return_type, lanes)
     return types.UniTuple(types.float64, 8)(e, e_off, p, stop), codegen
 
@@ -223,7 +187,7 @@ def _distance_sums(typingctx, e, e_off, p, ratio, stop):
 
     def codegen(context, builder, signature, args):
         ety, oty, pty, rty, sty = signature.args
-        off = context.cast(builder, args[1], oty, types.intp)
+        off = _as_index(context, builder, args[1], oty)
         ratio_v = _splat(builder, context.cast(builder, args[3], rty, types.float64), 4)
 
         def update(j, accs):
@@ -232,7 +196,7 @@ def _distance_sums(typingctx, e, e_off, p, ratio, stop):
             x = builder.fsub(ev, builder.fmul(pv, ratio_v))
             return [builder.fadd(accs[0], builder.fmul(x, x))]
         lanes = _lane_sums(context, builder, 4, 1, ir.Constant(off.type, 0),
-                           context.cast(builder, args[4], sty, types.intp), update)
+                           _as_index(context, builder, args[4], sty), update)
         return context.make_tuple(builder, signature.return_type, lanes)
     return types.UniTuple(types.float64, 4)(e, e_off, p, ratio, stop), codegen
 
@@ -333,8 +297,8 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
         j0 = lo[i] - c0
         top = low = row[j0]
         for j in range(j0, j0 + n - n % 2, 2):  # two chains: the compare latency is the cost
-            top = max(top, max(_ld(row, j), _ld(row, j + 1)))
-            low = min(low, min(_ld(row, j), _ld(row, j + 1)))
+            top = max(top, max(row[j], row[j + 1]))
+            low = min(low, min(row[j], row[j + 1]))
         if n % 2:
             top = max(top, row[j0 + n - 1])
             low = min(low, row[j0 + n - 1])
@@ -344,21 +308,20 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
         for b in range(nb):
             cnt[b] = 0
         for j in range(n):
-            b = min(int((top - _ld(row, j0 + j)) * to_bin), nb - 1)
-            _st(bins, j, b)
-            _st(cnt, b, _ld(cnt, b) + 1)
+            b = min(int((top - row[j0 + j]) * to_bin), nb - 1)
+            bins[j] = b
+            cnt[b] += 1
         off[0] = 0
         for b in range(nb):
             off[b + 1] = off[b] + cnt[b]
             fill[b] = off[b]
         for j in range(n):
-            x = _ld(row, j0 + j) - top
-            _st(a_key, j, x)
-            b = _ld(bins, j)
-            place = _ld(fill, b)
-            _st(fill, b, place + 1)
-            _st(sa, place, x)
-            _st(key_of, place, j)
+            x = row[j0 + j] - top
+            a_key[j] = x
+            place = fill[bins[j]]
+            fill[bins[j]] = place + 1
+            sa[place] = x
+            key_of[place] = j
         # the (first) top key goes to place 0: its weight is exactly 1 at every scale, and the
         # others' mass ``rest`` gives log(tot) = log1p(rest) to full precision on sharp rows
         for j in range(off[1]):
@@ -392,8 +355,8 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 end2 = end - (end - start) % 2
                 t0, t1, u0, u1 = _bin_sums(p, sa, start, end2)
                 if end2 < end:
-                    t0 += _ld(p, end2)
-                    u0 += _ld(p, end2) * _ld(sa, end2)
+                    t0 += p[end2]
+                    u0 += p[end2] * sa[end2]
                 mass[b] = t0 + t1
                 rest += mass[b]
                 pa += u0 + u1
@@ -423,7 +386,7 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 edge += 1
             m = 0
             for j in range(off[edge], off[edge + 1]):
-                _st(idx, m, j)
+                idx[m] = j
                 m += 1
             out_keff[r, k] = min(off[edge] + _k_eff_inside(p, sa, idx, m, cum, thr, sub_mass, sub_cnt), n)
             if misplaced:  # the largest weight on a future / out-of-window key
@@ -437,7 +400,7 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
             if k != one:
                 continue
             for j in range(n):
-                _st(p_key, _ld(key_of, j), _ld(p, j))
+                p_key[key_of[j]] = p[j]
             if want_extras:
                 _local_and_token(p_key, inv, n, i, r, rows, keys, has_codes, extras)
             for q in range(pair_ptr[i], pair_ptr[i + 1]):
@@ -449,10 +412,9 @@ def block_stats(scores, c0, rows, pair_ptr, pairs, keys, window, want_extras, ha
                 slot = rank[i] % ring_size
                 ring_span[0, slot] = lo[i]
                 ring_span[1, slot] = hi[i]
-                ring_w, ring_a = ring[0, slot], ring[1, slot]
                 for j in range(n):
-                    _st(ring_w, lo[i] + j, _ld(p_key, j))
-                    _st(ring_a, lo[i] + j, _ld(a_key, j))
+                    ring[0, slot, lo[i] + j] = p_key[j]
+                    ring[1, slot, lo[i] + j] = a_key[j]
 
 
 @njit("int64(float64[::1], float64[::1], int64[::1], int64, float64, float64, float64[::1], int64[::1])", **_INNER)
