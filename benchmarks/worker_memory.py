@@ -1,0 +1,128 @@
+"""Where a worker's resident memory goes: the libraries it imports, one GQA group's data, and what
+numba adds (its import, then loading a cached kernel).
+
+    .venv/bin/python benchmarks/worker_memory.py                 # first shape
+    .venv/bin/python benchmarks/worker_memory.py --shape qwen
+
+One fresh process per run, set up as a worker of `analyze_dataset` (one BLAS thread, the workers'
+malloc settings), on the datasets `run_benchmark.py` generates (cached under ``--out``). After each
+step it reads /proc/self/status: VmRSS (what `run_benchmark.py` sums over the process tree),
+split into RssAnon (the process's own memory) and RssFile (mapped library pages, shared with the
+other workers but counted again in every process's VmRSS), and VmHWM, the peak so far.
+
+Steps, in order: the interpreter; the analysis code (what `warehouse.pipeline._warm_up` imports);
+one GQA group analysed (`load_rows` + `analyze_head` for each of its query heads, attention off,
+as a worker does); a second group (memory a worker keeps, since it never trims its heap); numba
+imported; a cached numba kernel loaded and called (the attention kernel; compiled first if the
+cache is empty, and then reported as such, since compiling holds LLVM's memory too). The numba
+steps come last so that the group figures are those of a worker of a run with attention off,
+which never imports numba.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import run_benchmark  # noqa: E402
+
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+
+
+def _status() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in FIELDS:
+                out[key] = int(rest.split()[0]) / 1024.0  # kB -> MiB
+    return out
+
+
+def child(shape: dict, shape_name: str, out_dir: str) -> list[tuple[str, dict]]:
+    """The steps, in one process that starts as a worker does."""
+    steps = [("interpreter", _status())]
+    from warehouse import pipeline
+
+    pipeline._init_worker()
+    pipeline._warm_up(kernels=False)
+    steps.append(("analysis code imported (a worker's warm-up)", _status()))
+
+    from plasticity.head import analyze_head
+    from plasticity.orientation import orientation_from_bucket_sums
+    from warehouse.config import RunConfig
+    from warehouse.loading import load_rows
+
+    spec = run_benchmark.synthetic_spec(shape, shape_name)
+    root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), 1)
+    cfg = RunConfig()
+    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
+    for i, task in enumerate(pipeline.plan_groups(cat, cfg)[:2]):
+        k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed, key_sums=True)
+        orientation = orientation_from_bucket_sums(sums, counts)
+        for q_head, q_info in task.queries:
+            q_rows = load_rows(None, q_info, task.cap, task.params.seed)
+            analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
+            del q_rows
+        del k_rows
+        steps.append((f"GQA group {i + 1} analysed ({len(task.queries)} heads)", _status()))
+
+    import numba  # noqa: F401
+
+    steps.append(("numba imported", _status()))
+    from warehouse import kernel_cache
+
+    cached = kernel_cache.kernels_cached("attention")
+    from plasticity.attention import kernel  # loads (or compiles) its eagerly typed kernels
+
+    kernel.exp_nonpositive(-1.0)
+    label = "a cached numba kernel loaded and run" if cached else "a numba kernel compiled (cache empty) and run"
+    steps.append((label, _status()))
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(run_benchmark.SHAPES), default="first")
+    for key in run_benchmark.SHAPE_KEYS:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key, help=f"override the shape's {key}")
+    ap.add_argument("--out", default=str(HERE / "out"), help="where run_benchmark.py caches its datasets")
+    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        shape = dict(run_benchmark.SHAPES[args.shape])
+        shape.update({key: getattr(args, key) for key in run_benchmark.SHAPE_KEYS if getattr(args, key) is not None})
+        print(json.dumps(child(shape, args.shape, args.out)))
+        return 0
+    # a fresh interpreter, with the environment a worker starts with
+    from warehouse.processes import ONE_THREAD_ENV
+
+    env = {**run_benchmark.child_env(), **{var: "1" for var in ONE_THREAD_ENV}}
+    overrides = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in run_benchmark.SHAPE_KEYS
+                 if getattr(args, key) is not None]
+    proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--out", args.out, *overrides, "--_child"],
+                          env=env, capture_output=True, text=True, check=True)
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    width = max(len(label) for label, _ in steps)
+    print(f"{args.shape}: one worker's resident memory, MiB (+ change from the step before)")
+    print(f"  {'step':<{width}}  {'VmRSS':>13}  {'RssAnon':>13}  {'RssFile':>13}  {'VmHWM':>7}")
+    prev = None
+    for label, st in steps:
+        cells = []
+        for key in ("VmRSS", "RssAnon", "RssFile"):
+            delta = "" if prev is None else f"{st[key] - prev[key]:+6.1f}"
+            cells.append(f"{st[key]:6.1f} {delta:>6}")
+        print(f"  {label:<{width}}  " + "  ".join(cells) + f"  {st['VmHWM']:7.1f}")
+        prev = st
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
