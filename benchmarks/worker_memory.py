@@ -4,8 +4,9 @@ numba adds (its import, then loading a cached kernel).
     .venv/bin/python benchmarks/worker_memory.py                 # first shape
     .venv/bin/python benchmarks/worker_memory.py --shape qwen
 
-One fresh process per run, set up as a worker of `analyze_dataset` (one BLAS thread, the workers'
-malloc settings), on the datasets `run_benchmark.py` generates (cached under ``--out``). After each
+This script plans the first two GQA groups of a dataset `run_benchmark.py` generates (cached under
+``--out``), as `analyze_dataset` plans them, and hands them to one fresh process set up as a worker
+(one BLAS thread, the workers' malloc settings), which measures itself. After each
 step it reads /proc/self/status: VmRSS (what `run_benchmark.py` sums over the process tree),
 split into RssAnon (the process's own memory) and RssFile (mapped library pages, shared with the
 other workers but counted again in every process's VmRSS), and VmHWM, the peak so far.
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,8 +49,21 @@ def _status() -> dict[str, float]:
     return out
 
 
-def child(shape: dict, shape_name: str, out_dir: str) -> list[tuple[str, dict]]:
-    """The steps, in one process that starts as a worker does."""
+def plan(shape: dict, shape_name: str, out_dir: str) -> list:
+    """The first two GQA groups of the shape's dataset, planned as `analyze_dataset` plans them."""
+    from warehouse import pipeline
+    from warehouse.config import RunConfig
+
+    spec = run_benchmark.synthetic_spec(shape, shape_name)
+    root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), os.cpu_count() or 1)
+    cfg = RunConfig()
+    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
+    return pipeline.plan_groups(cat, cfg)[:2]
+
+
+def child(tasks_file: str) -> list[tuple[str, dict]]:
+    """The steps, in one process that starts as a worker does and gets the groups as a worker does
+    (pickled `GroupTask`s: the catalog is the coordinating process's work, not a worker's)."""
     steps = [("interpreter", _status())]
     from warehouse import pipeline
 
@@ -57,14 +73,11 @@ def child(shape: dict, shape_name: str, out_dir: str) -> list[tuple[str, dict]]:
 
     from plasticity.head import analyze_head
     from plasticity.orientation import orientation_from_bucket_sums
-    from warehouse.config import RunConfig
     from warehouse.loading import load_rows
 
-    spec = run_benchmark.synthetic_spec(shape, shape_name)
-    root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), 1)
-    cfg = RunConfig()
-    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
-    for i, task in enumerate(pipeline.plan_groups(cat, cfg)[:2]):
+    with open(tasks_file, "rb") as fh:
+        tasks = pickle.load(fh)
+    for i, task in enumerate(tasks):
         k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed, key_sums=True)
         orientation = orientation_from_bucket_sums(sums, counts)
         for q_head, q_info in task.queries:
@@ -94,21 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     for key in run_benchmark.SHAPE_KEYS:
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key, help=f"override the shape's {key}")
     ap.add_argument("--out", default=str(HERE / "out"), help="where run_benchmark.py caches its datasets")
-    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_child", metavar="TASKS", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        shape = dict(run_benchmark.SHAPES[args.shape])
-        shape.update({key: getattr(args, key) for key in run_benchmark.SHAPE_KEYS if getattr(args, key) is not None})
-        print(json.dumps(child(shape, args.shape, args.out)))
+        print(json.dumps(child(args._child)))
         return 0
+    shape = dict(run_benchmark.SHAPES[args.shape])
+    shape.update({key: getattr(args, key) for key in run_benchmark.SHAPE_KEYS if getattr(args, key) is not None})
+    tasks = plan(shape, args.shape, args.out)
     # a fresh interpreter, with the environment a worker starts with
     from warehouse.processes import ONE_THREAD_ENV
 
     env = {**run_benchmark.child_env(), **{var: "1" for var in ONE_THREAD_ENV}}
-    overrides = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in run_benchmark.SHAPE_KEYS
-                 if getattr(args, key) is not None]
-    proc = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--out", args.out, *overrides, "--_child"],
-                          env=env, capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks_file = os.path.join(tmp, "tasks.pkl")
+        with open(tasks_file, "wb") as fh:
+            pickle.dump(tasks, fh)
+        proc = subprocess.run([sys.executable, __file__, "--_child", tasks_file],
+                              env=env, capture_output=True, text=True, check=True)
     steps = json.loads(proc.stdout.strip().splitlines()[-1])
     width = max(len(label) for label, _ in steps)
     print(f"{args.shape}: one worker's resident memory, MiB (+ change from the step before)")
