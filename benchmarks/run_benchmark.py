@@ -27,7 +27,9 @@ parent holds is counted:
    ``--workers`` worker processes (attention off: SPEC 4 is a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
-It reports wall time (of ``analyze_dataset``, interpreter start-up excluded), heads/s,
+It reports wall time (of ``analyze_dataset``, interpreter start-up excluded), heads/s, when the
+first head's outcome arrived (the start-up: revision hash, schema, worker pool, first group) and the
+steady rate after it (heads after the 10th over the time from the 10th to the last),
 the peak resident memory of the whole process tree (the child and all its worker
 processes, from /proc: the peak of the summed VmRSS every 50 ms, which counts shared pages
 once per process and so over-states, and the peak of the summed PSS every 0.5 s, which
@@ -327,17 +329,36 @@ def child_analyze(root: str, warehouse: str, workers: int, attention: bool, prof
     for p in (Path(warehouse), Path(warehouse + ".wal")):
         p.unlink(missing_ok=True)
     cfg = load_config(None, {"warehouse": warehouse, "max_workers": workers, "attention": attention})
+    done_at: list[float] = []  # seconds since the start at which each head's outcome arrived
     t0 = time.perf_counter()
+
+    def arrived(_outcome) -> None:
+        done_at.append(time.perf_counter() - t0)
+
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
-        summary = prof.runcall(analyze_dataset, cfg, root, progress=False)
+        summary = prof.runcall(analyze_dataset, cfg, root, progress=False, on_outcome=arrived)
         prof.dump_stats(profile)
     else:
-        summary = analyze_dataset(cfg, root, progress=False)
+        summary = analyze_dataset(cfg, root, progress=False, on_outcome=arrived)
     wall = time.perf_counter() - t0
-    return {"seconds": wall, **{k: v for k, v in dataclasses.asdict(summary).items() if k != "seconds"}}
+    return {"seconds": wall, **outcome_timing(done_at),
+            **{k: v for k, v in dataclasses.asdict(summary).items() if k != "seconds"}}
+
+
+#: Outcomes before the steady rate is taken (the pool's start and its first groups).
+STEADY_AFTER = 10
+
+
+def outcome_timing(done_at: list[float]) -> dict:
+    """When the first head's outcome arrived (start-up: hash, schema, pool, first group) and the
+    steady rate: heads after the STEADY_AFTER-th over the time from it to the last one."""
+    n = len(done_at)
+    steady = (n - STEADY_AFTER) / (done_at[-1] - done_at[STEADY_AFTER - 1]) if n > STEADY_AFTER and \
+        done_at[-1] > done_at[STEADY_AFTER - 1] else float("nan")
+    return {"first_head_s": done_at[0] if n else float("nan"), "steady_heads_per_s": steady}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -370,6 +391,7 @@ def measure(name: str, shape: dict, args) -> list[dict]:
             "dim": spec.head_dim, "rows_per_shard": round(floor["n_rows"] / floor["n_shards"]),
             "buckets": spec.seq_len // spec.bucket_size, "heads": n_heads, "workers": args.workers,
             "wall_s": wall, "outer_wall_s": outer, "heads_per_s": n_heads / wall,
+            "first_head_s": res["first_head_s"], "steady_heads_per_s": res["steady_heads_per_s"],
             "peak_rss_mib": mem.peak_rss_kib / 1024, "peak_pss_mib": mem.peak_pss_kib / 1024,
             "max_processes": mem.max_procs, "memory_samples": mem.samples,
             "io_floor_s": floor["seconds"], "io_floor_per_worker_s": floor["seconds"] / args.workers,
@@ -399,7 +421,8 @@ def measure(name: str, shape: dict, args) -> list[dict]:
                 },
             }
         rows.append(row)
-        print(f"[{name}] {row['shape']}: {wall:.1f}s, {row['heads_per_s']:.1f} heads/s, "
+        print(f"[{name}] {row['shape']}: {wall:.1f}s, {row['heads_per_s']:.1f} heads/s (first head after "
+              f"{row['first_head_s']:.1f}s, then {row['steady_heads_per_s']:.1f} heads/s), "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB, {row['tree_cpu_s']:.1f} CPU s = {row['cores_used']:.2f} cores "
               f"(load average {load_before:.1f} before); revision hash of {row['hash_gib']:.2f} GiB: "
               f"{row['hash_s']:.2f} s ({row['hash_cpu_s']:.2f} CPU s) = {row['hash_pct_of_run']:.1f}% of the run",
@@ -413,6 +436,7 @@ def measure(name: str, shape: dict, args) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     cols = [("shape", "shape", "{}"), ("heads", "heads", "{}"), ("workers", "workers", "{}"),
             ("wall_s", "wall s", "{:.1f}"), ("heads_per_s", "heads/s", "{:.1f}"),
+            ("first_head_s", "1st head s", "{:.1f}"), ("steady_heads_per_s", "steady heads/s", "{:.1f}"),
             ("peak_rss_mib", "peak RSS MiB", "{:.0f}"), ("peak_pss_mib", "peak PSS MiB", "{:.0f}"),
             ("io_floor_s", "I/O floor s", "{:.2f}"), ("io_floor_parallel_s", "floor Np s", "{:.2f}"),
             ("ratio", "ratio", "{:.2f}"), ("ratio_parallel", "ratio Np", "{:.2f}"), ("ratio_1p", "ratio 1p", "{:.2f}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -121,3 +122,18 @@ def test_no_inverse_probability_estimate_earns_its_standard_error():
         g = by[name]
         assert (g.err_ht < g.err_unc).all(), name
         assert (g.z.abs() <= 2).sum() <= 10, name  # a calibrated SE would cover ~17 of 18
+
+
+def test_run_benchmark_times_the_first_head_and_the_steady_rate():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run_benchmark
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    # 4 s of start-up, then the 10th head at 4.9 s and one head every 0.1 s: 10 heads/s
+    done_at = [4.0 + 0.1 * i for i in range(40)]
+    timing = run_benchmark.outcome_timing(done_at)
+    assert timing["first_head_s"] == 4.0
+    assert timing["steady_heads_per_s"] == _approx(10.0, 1e-9)
+    short = run_benchmark.outcome_timing([1.0, 2.0])  # too few heads for a steady rate
+    assert short["first_head_s"] == 1.0 and math.isnan(short["steady_heads_per_s"])
