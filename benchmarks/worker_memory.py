@@ -87,9 +87,10 @@ def child(tasks_file: str) -> list[tuple[str, dict]]:
         del k_rows
         steps.append((f"GQA group {i + 1} analysed ({len(task.queries)} heads)", _status()))
 
+    already = "numba" in sys.modules  # the analysis itself uses numba kernels
     import numba  # noqa: F401
 
-    steps.append(("numba imported", _status()))
+    steps.append(("numba imported (already, by the analysis)" if already else "numba imported", _status()))
     from warehouse import kernel_cache
 
     cached = kernel_cache.kernels_cached("attention")
