@@ -17,7 +17,8 @@ as a worker does); a second group (memory a worker keeps, since it never trims i
 imported; a cached numba kernel loaded and called (the attention kernel; compiled first if the
 cache is empty, and then reported as such, since compiling holds LLVM's memory too). The numba
 steps come last so that the group figures are those of a worker of a run with attention off,
-which never imports numba.
+which never imports numba (in a tree whose SPEC 2 analysis runs numba kernels, numba arrives with
+the first group, and the numba step says it was already imported).
 """
 
 from __future__ import annotations
