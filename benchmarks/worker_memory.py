@@ -12,8 +12,7 @@ split into RssAnon (the process's own memory) and RssFile (mapped library pages,
 other workers but counted again in every process's VmRSS), and VmHWM, the peak so far.
 
 Steps, in order: the interpreter; the analysis code (what `warehouse.pipeline._warm_up` imports);
-one GQA group analysed (`load_rows` + `analyze_head` for each of its query heads, attention off,
-as a worker does); a second group (memory a worker keeps, since it never trims its heap); numba
+one GQA group analysed (`warehouse.pipeline.compute_group`, what a worker runs, attention off); a second group (memory a worker keeps, since it never trims its heap); numba
 imported; a cached numba kernel loaded and called (the attention kernel; compiled first if the
 cache is empty, and then reported as such, since compiling holds LLVM's memory too). The numba
 steps come last so that the group figures are those of a worker of a run with attention off,
@@ -57,7 +56,7 @@ def plan(shape: dict, shape_name: str, out_dir: str) -> list:
 
     spec = run_benchmark.synthetic_spec(shape, shape_name)
     root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), os.cpu_count() or 1)
-    cfg = RunConfig()
+    cfg = RunConfig(attention="false")  # what run_benchmark.py measures: SPEC 2 alone
     cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
     return pipeline.plan_groups(cat, cfg)[:2]
 
@@ -72,20 +71,12 @@ def child(tasks_file: str) -> list[tuple[str, dict]]:
     pipeline._warm_up(kernels=False)
     steps.append(("analysis code imported (a worker's warm-up)", _status()))
 
-    from plasticity.head import analyze_head
-    from plasticity.orientation import orientation_from_bucket_sums
-    from warehouse.loading import load_rows
-
     with open(tasks_file, "rb") as fh:
         tasks = pickle.load(fh)
     for i, task in enumerate(tasks):
-        k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed, key_sums=True)
-        orientation = orientation_from_bucket_sums(sums, counts)
-        for q_head, q_info in task.queries:
-            q_rows = load_rows(None, q_info, task.cap, task.params.seed)
-            analyze_head(q_rows, k_rows, orientation, layer=task.layer, q_head=q_head, params=task.params)
-            del q_rows
-        del k_rows
+        failed = [o.error for o in pipeline.compute_group(task) if o.error]  # what a worker runs for a group
+        if failed:
+            raise RuntimeError(f"group {i + 1} failed: {failed[0]}")
         steps.append((f"GQA group {i + 1} analysed ({len(task.queries)} heads)", _status()))
 
     already = "numba" in sys.modules  # the analysis itself uses numba kernels

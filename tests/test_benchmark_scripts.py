@@ -42,7 +42,6 @@ def test_profile_head_stages_add_up_to_the_head(tmp_path):
     assert [f[0] for f in floors] == ["Arrow decode", "quadratic forms", "bucket covariances", "KS sort"], out
 
 
-
 def test_worker_memory_reports_each_step_of_a_worker(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "worker_memory.py"), "--shape", "first", "--layers", "2",
