@@ -5,6 +5,11 @@ query bucket j with mean ``mu`` and covariance ``S``:
 
     m = D . mu,   v = D^T S D   (v <= 0 -> 1e-12),   p = Phi(m / sqrt(v)),   AP = 4 p (1 - p).
 
+bucket_full_cov estimates ``mu`` from the bucket's own queries, so ``m`` carries their sampling noise
+(variance ``w``, `mean_noise_variance`) and the plain formula reads low near AP = 1 by about
+(2/pi) w / v; it uses `plasticity.pair_ap.debiased_ap`, whose expectation is the formula at the
+true mean, and clips each cell mean to [0, 1]. linear_diag keeps the plain formula (upstream parity).
+
 Random stream: cells are visited in ascending query bucket, then ascending key bucket; each
 cell with ``total > 0`` pairs makes exactly one ``rng.integers(0, total, size=n_pairs)`` call
 (see `plasticity.pairs`). Both estimators therefore use the same pairs for the same seed.
@@ -18,7 +23,10 @@ from typing import Callable, Union
 import numpy as np
 
 from .pair_influence import PairInfluence, PairInfluenceBuilder
-from .pair_ap import VAR_FLOOR, ap_from_moments, ap_with_slopes  # noqa: F401 (re-exported)
+from .pair_ap import (  # noqa: F401 (re-exported)
+    VAR_FLOOR, ap_from_moments, ap_with_slopes, debiased_ap, debiased_ap_with_slopes, fitted_mean_variance,
+    mean_noise_variance,
+)
 from .pairs import KeyPairIndex, eligibility_mask
 
 #: Ridge added to each bucket covariance ``Sigma_j`` (SPEC 2.8).
@@ -111,7 +119,10 @@ class CellTable:
 class QueryModel:
     """Gaussian model of the rotated query at each query bucket of ``buckets``.
 
-    ``mean`` (J, d): model mean. bucket_full_cov: ``cov`` (J, d, d) = blockdiag(sigma2, Sigma_j);
+    ``mean`` (J, d): model mean. bucket_full_cov: ``cov`` (J, d, d) = blockdiag(sigma2, Sigma_j) and
+    ``mean0_lever`` (J,): the sampling variance of the fitted component-0 mean per unit of sigma2
+    (`fitted_mean_variance`), which with ``Sigma_j / n_j`` gives the noise of ``m`` that the debiased
+    pair AP removes (None: the plain pair AP);
     linear_diag: ``diag`` (d,) = resid_var (same for every bucket).
     """
 
@@ -120,6 +131,7 @@ class QueryModel:
     mean: np.ndarray
     cov: np.ndarray | None = None
     diag: np.ndarray | None = None
+    mean0_lever: np.ndarray | None = None
 
 
 def bucket_moments(buckets: QueryBuckets, Xq_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,9 +158,12 @@ def full_cov_model(
     alpha_rot: np.ndarray,
     beta_rot: np.ndarray,
     resid_var: np.ndarray,
+    *,
+    positions: np.ndarray,
 ) -> QueryModel:
     """bucket_full_cov model: mean ``[alpha_rot[0] + beta_rot[0] tau_j, mu_j]``, covariance
-    ``blockdiag(resid_var[0], Sigma_j)`` (``Sigma_j`` already includes the 1e-12 ridge)."""
+    ``blockdiag(resid_var[0], Sigma_j)`` (``Sigma_j`` already includes the 1e-12 ridge); ``positions``:
+    of all the queries the position fit used (for the variance of the fitted component-0 mean)."""
     J = buckets.bucket.shape[0]
     d = np.asarray(alpha_rot).shape[0]
     mean = np.zeros((J, d))
@@ -157,7 +172,8 @@ def full_cov_model(
     cov = np.zeros((J, d, d))
     cov[:, 0, 0] = resid_var[0]
     cov[:, 1:, 1:] = Sigma
-    return QueryModel("bucket_full_cov", buckets, mean, cov=cov)
+    lever = fitted_mean_variance(buckets.tau, 1.0, positions)
+    return QueryModel("bucket_full_cov", buckets, mean, cov=cov, mean0_lever=lever)
 
 
 def linear_diag_model(buckets: QueryBuckets, alpha_rot: np.ndarray, beta_rot: np.ndarray, resid_var: np.ndarray) -> QueryModel:
@@ -277,6 +293,12 @@ def plasticity_cells(
     d = model.mean.shape[1] if model.mean.ndim == 2 else 0
     elig = eligibility_mask(qb.bucket, qb.minpos, keys.buckets, keys.maxpos, sliding_window)
     full = model.cov is not None
+    debias = full and model.mean0_lever is not None
+    axis0 = np.zeros(d)
+    if d:
+        axis0[0] = 1.0
+    if debias and basis is not None:
+        axis0 = basis.map_mean(axis0)  # D_raw . axis0 = rotated component 0 of D
     builder = None if key_group is None else PairInfluenceBuilder(key_group, n_groups, qb.bucket.shape[0], d, full,
                                                                   basis if full else None)
     out = {k: [] for k in ("q", "k", "pl", "np", "tot", "var", "qn")}
@@ -291,25 +313,37 @@ def plasticity_cells(
             D = _key_diff(keys=key_diff, i1=i1, i2=i2)
             if D.shape != (i1.shape[0], d):
                 raise ValueError(f"key differences have shape {D.shape}, expected ({i1.shape[0]}, {d})")
+            w = None
             if full:
                 mean, cov = model.mean[jj], model.cov[jj]
                 if basis is not None:
                     mean, cov = basis.map_mean(mean), basis.map_cov(cov)
                 m = D @ mean
                 v = np.einsum("ij,ij->i", D @ cov, D)
+                if debias:
+                    D0 = D @ axis0
+                    w = mean_noise_variance(v, D0, model.cov[jj, 0, 0], qb.n[jj], model.mean0_lever[jj])
             else:
                 if basis is not None:
                     D = basis.rotate(D)
                 m = D @ model.mean[jj]
                 v = (D * D) @ model.diag
             if builder is None:
-                ap = ap_from_moments(m, v)
-            else:
+                ap = ap_from_moments(m, v) if w is None else debiased_ap(m, v, w)
+            elif w is None:
                 ap, dap_dm, dap_dv = ap_with_slopes(m, v)
                 builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv, D)
+            else:
+                # w moves with the covariance C: dw/dC = (D D^T - D0^2 e0 e0^T) / n_j + D0^2 lever e0 e0^T
+                ap, dap_dm, dap_dv, dap_dw = debiased_ap_with_slopes(m, v, w)
+                inv_n = 1.0 / float(qb.n[jj])
+                builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv + dap_dw * inv_n, D,
+                                   cov00_slope=dap_dw * (D0 * D0) * (model.mean0_lever[jj] - inv_n))
         elif builder is not None:
             builder.add_empty(nc)
         mean_c, var_c = _cell_stats(ap, sizes)
+        if debias:
+            mean_c = np.clip(mean_c, 0.0, 1.0)  # a single debiased AP may pass 1; a cell's AP may not
         out["q"].append(np.full(nc, qb.bucket[jj], np.int64))
         out["k"].append(keys.buckets[cells])
         out["pl"].append(mean_c)
@@ -364,7 +398,10 @@ def bucket_full_cov(
 
     component 0: mean ``m0_j = alpha_rot[0] + beta_rot[0] * tau_j``, variance ``sigma2 = resid_var[0]``;
     components 1..: ``mu_j`` = mean and ``Sigma_j`` = cov (ddof=1) of ``Xq_rot[bucket j, 1:]`` + 1e-12 I.
-    ``m = D0 m0_j + D[1:] . mu_j``, ``v = D0^2 sigma2 + D[1:]^T Sigma_j D[1:]``, ``AP = ap_from_moments(m, v)``.
+    ``m = D0 m0_j + D[1:] . mu_j``, ``v = D0^2 sigma2 + D[1:]^T Sigma_j D[1:]``, and the pair's AP is
+    ``debiased_ap(m, v, w)`` with ``w`` the sampling variance of ``m`` (`mean_noise_variance`): its
+    expectation is ``4 p (1 - p)``, ``p = Phi(m_true / sqrt(v))``, so bucket j's own sampled mean does not
+    pull AP below its value; cell means are clipped to [0, 1].
 
     Queries must be sorted by bucket and keys by (bucket, example_id, position) (canonical order).
     ``keys`` is the rotated key matrix ``Xk_rot`` (n_k, d) in that order, or a callable
@@ -377,7 +414,7 @@ def bucket_full_cov(
         raise ValueError(f"Xq_rot must be (n_q, {d}), got {Xq_rot.shape}")
     qb = QueryBuckets.build(q_bucket, q_position)
     mu, Sigma = bucket_moments(qb, Xq_rot)
-    model = full_cov_model(qb, mu, Sigma, alpha_rot, beta_rot, resid_var)
+    model = full_cov_model(qb, mu, Sigma, alpha_rot, beta_rot, resid_var, positions=q_position)
     return plasticity_cells(
         model, KeyPairIndex.build(k_bucket, k_example_id, k_position), keys,
         sliding_window=sliding_window, num_pairs_per_bucket=num_pairs_per_bucket, rng=rng,

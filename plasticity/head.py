@@ -155,7 +155,7 @@ def analyze_head(
 
     # 2.8 plasticity on raw key differences; the query model is mapped into the raw basis
     if full:
-        model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
+        model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var, positions=p)
     else:
         model = linear_diag_model(buckets, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
     k_example = np.asarray(k.example_id)[ok]

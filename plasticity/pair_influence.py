@@ -50,14 +50,16 @@ class PairInfluenceBuilder:
         self.grad_mean = np.zeros((n_buckets, d))
         self.grad_cov = np.zeros((n_buckets, d, d)) if full_cov else None
         self.grad_diag = None if full_cov else np.zeros((n_buckets, d))
+        self.cov00 = np.zeros(n_buckets)
         self._ap: list[np.ndarray] = []
         self._pairs: list[np.ndarray] = []
 
     def add_bucket(self, jj: int, sizes: np.ndarray, i1: np.ndarray, ap: np.ndarray,
-                   dap_dm: np.ndarray, dap_dv: np.ndarray, D: np.ndarray) -> None:
+                   dap_dm: np.ndarray, dap_dv: np.ndarray, D: np.ndarray, cov00_slope: np.ndarray | None = None) -> None:
         """Record bucket ``jj``: its cells' pair counts ``sizes``, first key row ``i1`` of each pair (the
         pair's example), pair APs and slopes, and the key differences ``D`` the moments were computed
-        from. ``D`` is used as scratch and overwritten."""
+        from. ``D`` is used as scratch and overwritten. ``cov00_slope``: a further slope of each pair's
+        AP in the rotated ``C[0, 0]`` alone (the debiased AP's mean noise depends on it)."""
         nc = sizes.shape[0]
         cell = np.repeat(np.arange(nc), sizes)
         slot = cell * self.G + self.key_group[i1]
@@ -68,9 +70,15 @@ class PairInfluenceBuilder:
             return
         weight = 1.0 / (n_cells * sizes[cell])  # sizes[cell] >= 1 for every pair
         self.grad_mean[jj] = D.T @ (weight * dap_dm)
+        if cov00_slope is not None:
+            self.cov00[jj] = float(weight @ cov00_slope)
         if self.grad_cov is not None:
-            D *= np.sqrt(weight * dap_dv)[:, None]
-            self.grad_cov[jj] = D.T @ D  # one syrk: the weights are non-negative
+            cw = weight * dap_dv
+            if np.all(cw >= 0.0):
+                D *= np.sqrt(cw)[:, None]
+                self.grad_cov[jj] = D.T @ D  # one syrk: the weights are non-negative
+            else:
+                self.grad_cov[jj] = (D * cw[:, None]).T @ D
         else:
             np.multiply(D, D, out=D)
             self.grad_diag[jj] = D.T @ (weight * dap_dv)
@@ -88,6 +96,9 @@ class PairInfluenceBuilder:
         if self.basis is not None:
             grad_mean = self.basis.pull_mean(grad_mean)
             grad_cov = None if grad_cov is None else self.basis.pull_cov(grad_cov)
+        if grad_cov is not None and np.any(self.cov00):
+            grad_cov = grad_cov.copy() if grad_cov is self.grad_cov else grad_cov
+            grad_cov[:, 0, 0] += self.cov00  # already a rotated-basis slope
         return PairInfluence(
             n_groups=self.G,
             cell_group_ap=cat(self._ap, np.float64),

@@ -93,7 +93,7 @@ def test_pair_gradients_equal_finite_differences(estimator):
     if estimator == "bucket_full_cov":
         mu = np.stack([Xq[qb == j, 1:].mean(0) for j in (1, 2, 3)])
         Sigma = np.stack([np.cov(Xq[qb == j, 1:].T) for j in (1, 2, 3)])
-        model = full_cov_model(buckets, mu, Sigma, alpha, beta, rv)
+        model = full_cov_model(buckets, mu, Sigma, alpha, beta, rv, positions=qpos)
     else:
         model = linear_diag_model(buckets, alpha, beta, rv)
 
