@@ -5,10 +5,12 @@ query bucket j with mean ``mu`` and covariance ``S``:
 
     m = D . mu,   v = D^T S D   (v <= 0 -> 1e-12),   p = Phi(m / sqrt(v)),   AP = 4 p (1 - p).
 
-bucket_full_cov estimates ``mu`` from the bucket's own queries, so ``m`` carries their sampling noise
-(variance ``w``, `mean_noise_variance`) and the plain formula reads low near AP = 1 by about
-(2/pi) w / v; it uses `plasticity.pair_ap.debiased_ap`, whose expectation is the formula at the
-true mean, and clips each cell mean to [0, 1]. linear_diag keeps the plain formula (upstream parity).
+Both estimators plug an estimated mean into ``m``, so ``m`` carries its sampling noise (variance
+``w``) and the plain formula reads low near AP = 1 by about (2/pi) w / v: bucket_full_cov's semantic
+mean is bucket j's own sample (``w ~ v / n_j``, `mean_noise_variance`), linear_diag's mean a line
+fitted to all queries (``w = v * lever_j ~ v / N``). Pair APs are therefore
+`plasticity.pair_ap.debiased_ap`, whose expectation is the formula at the true mean, and each cell
+mean is clipped to [0, 1].
 
 Random stream: cells are visited in ascending query bucket, then ascending key bucket; each
 cell with ``total > 0`` pairs makes exactly one ``rng.integers(0, total, size=n_pairs)`` call
@@ -119,11 +121,11 @@ class CellTable:
 class QueryModel:
     """Gaussian model of the rotated query at each query bucket of ``buckets``.
 
-    ``mean`` (J, d): model mean. bucket_full_cov: ``cov`` (J, d, d) = blockdiag(sigma2, Sigma_j) and
-    ``mean0_lever`` (J,): the sampling variance of the fitted component-0 mean per unit of sigma2
-    (`fitted_mean_variance`), which with ``Sigma_j / n_j`` gives the noise of ``m`` that the debiased
-    pair AP removes (None: the plain pair AP);
-    linear_diag: ``diag`` (d,) = resid_var (same for every bucket).
+    ``mean`` (J, d): model mean. bucket_full_cov: ``cov`` (J, d, d) = blockdiag(sigma2, Sigma_j);
+    linear_diag: ``diag`` (d,) = resid_var (same for every bucket). ``mean_lever`` (J,): the sampling
+    variance of a fitted line's value at ``tau_j`` per unit of residual variance (`fitted_mean_variance`),
+    which gives the noise of ``m`` that the debiased pair AP removes (with ``Sigma_j / n_j`` for
+    bucket_full_cov's sampled semantic mean); None: the plain pair AP.
     """
 
     estimator: str
@@ -131,7 +133,7 @@ class QueryModel:
     mean: np.ndarray
     cov: np.ndarray | None = None
     diag: np.ndarray | None = None
-    mean0_lever: np.ndarray | None = None
+    mean_lever: np.ndarray | None = None
 
 
 def bucket_moments(buckets: QueryBuckets, Xq_rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,13 +175,17 @@ def full_cov_model(
     cov[:, 0, 0] = resid_var[0]
     cov[:, 1:, 1:] = Sigma
     lever = fitted_mean_variance(buckets.tau, 1.0, positions)
-    return QueryModel("bucket_full_cov", buckets, mean, cov=cov, mean0_lever=lever)
+    return QueryModel("bucket_full_cov", buckets, mean, cov=cov, mean_lever=lever)
 
 
-def linear_diag_model(buckets: QueryBuckets, alpha_rot: np.ndarray, beta_rot: np.ndarray, resid_var: np.ndarray) -> QueryModel:
-    """linear_diag model: mean ``alpha_rot + beta_rot tau_j``, covariance ``diag(resid_var)``."""
+def linear_diag_model(buckets: QueryBuckets, alpha_rot: np.ndarray, beta_rot: np.ndarray, resid_var: np.ndarray,
+                      *, positions: np.ndarray) -> QueryModel:
+    """linear_diag model: mean ``alpha_rot + beta_rot tau_j``, covariance ``diag(resid_var)``; ``positions``:
+    of all the queries of the position fit (the fitted mean's sampling variance is
+    ``resid_var * fitted_mean_variance(tau_j, 1, positions)`` per component)."""
     mean = alpha_rot[None, :] + beta_rot[None, :] * buckets.tau[:, None]
-    return QueryModel("linear_diag", buckets, mean, diag=np.asarray(resid_var, dtype=np.float64).copy())
+    return QueryModel("linear_diag", buckets, mean, diag=np.asarray(resid_var, dtype=np.float64).copy(),
+                      mean_lever=fitted_mean_variance(buckets.tau, 1.0, positions))
 
 
 @dataclass(frozen=True)
@@ -293,11 +299,11 @@ def plasticity_cells(
     d = model.mean.shape[1] if model.mean.ndim == 2 else 0
     elig = eligibility_mask(qb.bucket, qb.minpos, keys.buckets, keys.maxpos, sliding_window)
     full = model.cov is not None
-    debias = full and model.mean0_lever is not None
+    debias = model.mean_lever is not None
     axis0 = np.zeros(d)
     if d:
         axis0[0] = 1.0
-    if debias and basis is not None:
+    if full and debias and basis is not None:
         axis0 = basis.map_mean(axis0)  # D_raw . axis0 = rotated component 0 of D
     builder = None if key_group is None else PairInfluenceBuilder(key_group, n_groups, qb.bucket.shape[0], d, full,
                                                                   basis if full else None)
@@ -320,25 +326,30 @@ def plasticity_cells(
                     mean, cov = basis.map_mean(mean), basis.map_cov(cov)
                 m = D @ mean
                 v = np.einsum("ij,ij->i", D @ cov, D)
-                if debias:
+                if debias:  # sampled bucket mean and fitted component-0 line
                     D0 = D @ axis0
-                    w = mean_noise_variance(v, D0, model.cov[jj, 0, 0], qb.n[jj], model.mean0_lever[jj])
+                    w = mean_noise_variance(v, D0, model.cov[jj, 0, 0], qb.n[jj], model.mean_lever[jj])
             else:
                 if basis is not None:
                     D = basis.rotate(D)
                 m = D @ model.mean[jj]
                 v = (D * D) @ model.diag
+                if debias:  # fitted line of every component: w = lever_j sum_c D_c^2 resid_var_c
+                    w = model.mean_lever[jj] * v
             if builder is None:
                 ap = ap_from_moments(m, v) if w is None else debiased_ap(m, v, w)
             elif w is None:
                 ap, dap_dm, dap_dv = ap_with_slopes(m, v)
                 builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv, D)
+            elif not full:  # w = lever v moves with the diagonal variances
+                ap, dap_dm, dap_dv, dap_dw = debiased_ap_with_slopes(m, v, w)
+                builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv + model.mean_lever[jj] * dap_dw, D)
             else:
                 # w moves with the covariance C: dw/dC = (D D^T - D0^2 e0 e0^T) / n_j + D0^2 lever e0 e0^T
                 ap, dap_dm, dap_dv, dap_dw = debiased_ap_with_slopes(m, v, w)
                 inv_n = 1.0 / float(qb.n[jj])
                 builder.add_bucket(jj, sizes, i1, ap, dap_dm, dap_dv + dap_dw * inv_n, D,
-                                   cov00_slope=dap_dw * (D0 * D0) * (model.mean0_lever[jj] - inv_n))
+                                   cov00_slope=dap_dw * (D0 * D0) * (model.mean_lever[jj] - inv_n))
         elif builder is not None:
             builder.add_empty(nc)
         mean_c, var_c = _cell_stats(ap, sizes)
@@ -439,11 +450,13 @@ def linear_diag(
 ) -> CellTable:
     """Upstream-parity estimator (SPEC 2.8): query mean ``alpha_rot + beta_rot * tau_j`` for every
     component and covariance ``diag(resid_var)``: ``m = D . (alpha_rot + beta_rot tau_j)``,
-    ``v = sum_c D_c^2 resid_var_c``. Same buckets, cells and pairs as `bucket_full_cov`
-    (``Xq_rot`` is not used and may be None)."""
+    ``v = sum_c D_c^2 resid_var_c``, and the pair's AP is ``debiased_ap(m, v, lever_j v)`` with
+    ``lever_j = fitted_mean_variance(tau_j, 1, q_position)`` (the fitted line's noise, of order 1/N: the
+    values move from the plain formula's by about (2/pi) lever_j, a few 1e-5 for tens of thousands of
+    queries). Same buckets, cells and pairs as `bucket_full_cov` (``Xq_rot`` is not used and may be None)."""
     alpha_rot, beta_rot, resid_var = _check_params(alpha_rot, beta_rot, resid_var)
     qb = QueryBuckets.build(q_bucket, q_position)
-    model = linear_diag_model(qb, alpha_rot, beta_rot, resid_var)
+    model = linear_diag_model(qb, alpha_rot, beta_rot, resid_var, positions=q_position)
     return plasticity_cells(
         model, KeyPairIndex.build(k_bucket, k_example_id, k_position), keys,
         sliding_window=sliding_window, num_pairs_per_bucket=num_pairs_per_bucket, rng=rng,

@@ -157,7 +157,7 @@ def analyze_head(
     if full:
         model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var, positions=p)
     else:
-        model = linear_diag_model(buckets, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
+        model = linear_diag_model(buckets, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var, positions=p)
     k_example = np.asarray(k.example_id)[ok]
     kindex = KeyPairIndex.build(np.asarray(k.bucket)[ok], k_example, np.asarray(k.position, dtype=np.float64)[ok])
     q_example = np.asarray(q.example_id)[oq]

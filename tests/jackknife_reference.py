@@ -22,16 +22,20 @@ from plasticity.rotation import householder_apply
 
 
 def _pair_ap(D, mean, cov, noise=None):
-    """Pair AP; ``noise`` = (n_j, lever): bucket_full_cov's debiased AP, in Owen's T form
-    ``8 T(m / sqrt(v - w), 1 / sqrt(1 - 2 w / v))`` with ``w`` the variance of ``m`` (bucket mean of n_j
-    queries, the fitted component-0 line with variance sigma2 * lever)."""
+    """Pair AP; ``noise`` = (n_j, lever): the debiased AP, in Owen's T form
+    ``8 T(m / sqrt(v - w), 1 / sqrt(1 - 2 w / v))`` with ``w`` the variance of ``m``: bucket_full_cov,
+    a bucket mean of n_j queries and the fitted component-0 line (variance sigma2 * lever);
+    linear_diag (n_j None), fitted lines of every component (lever * v)."""
     m = D @ mean
     v = np.einsum("ij,jk,ik->i", D, cov, D)
     v = np.where(v <= 0, 1e-12, v)
     if noise is not None:
         n_j, lever = noise
-        sem = np.einsum("ij,jk,ik->i", D[:, 1:], cov[1:, 1:], D[:, 1:])
-        w = np.minimum(sem / n_j + D[:, 0] ** 2 * cov[0, 0] * lever, v / 4)
+        if n_j is None:  # linear_diag: every component's mean is a fitted line
+            w = lever * v
+        else:
+            sem = np.einsum("ij,jk,ik->i", D[:, 1:], cov[1:, 1:], D[:, 1:])
+            w = np.minimum(sem / n_j + D[:, 0] ** 2 * cov[0, 0] * lever, v / 4)
         return 8 * owens_t(m / np.sqrt(v - w), 1 / np.sqrt(1 - 2 * w / v))
     p = ndtr(m / np.sqrt(v))
     return 4 * p * (1 - p)
@@ -95,12 +99,10 @@ def exact_jackknife(q, k, s, *, layer, q_head, params, max_groups=64, refit_rota
                 keep = groups.k_group[i1] != drop
                 if not np.any(keep):
                     continue
-                if full:
-                    pk = p[keep_q]
-                    lever = 1 / pk.size + (tau - pk.mean()) ** 2 / np.sum((pk - pk.mean()) ** 2)
-                    vals.append(min(_pair_ap(Kr_[i1[keep]] - Kr_[i2[keep]], mean, cov, (rows.shape[0], lever)).mean(), 1.0))
-                else:
-                    vals.append(_pair_ap(Kr_[i1[keep]] - Kr_[i2[keep]], mean, cov).mean())
+                pk = p[keep_q]
+                lever = 1 / pk.size + (tau - pk.mean()) ** 2 / np.sum((pk - pk.mean()) ** 2)
+                noise = (rows.shape[0] if full else None, lever)
+                vals.append(min(_pair_ap(Kr_[i1[keep]] - Kr_[i2[keep]], mean, cov, noise).mean(), 1.0))
             if not vals:
                 continue
             per_bucket[int(qb.bucket[jj])] = float(np.mean(vals))

@@ -95,7 +95,7 @@ def test_pair_gradients_equal_finite_differences(estimator):
         Sigma = np.stack([np.cov(Xq[qb == j, 1:].T) for j in (1, 2, 3)])
         model = full_cov_model(buckets, mu, Sigma, alpha, beta, rv, positions=qpos)
     else:
-        model = linear_diag_model(buckets, alpha, beta, rv)
+        model = linear_diag_model(buckets, alpha, beta, rv, positions=qpos)
 
     def run(model, groups=None):
         return plasticity_cells(model, keys, Xk, sliding_window=None, num_pairs_per_bucket=40,
