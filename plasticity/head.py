@@ -14,7 +14,7 @@ from .estimators import (
     plasticity_cells,
     summarize_buckets,
 )
-from .jackknife import ExampleJackknife, example_groups, example_jackknife, t_interval
+from .jackknife import ExampleJackknife, calibrated_intervals, example_groups, example_jackknife, t_interval
 from .normality import first_component_residual_stats, ks_columns, noise_summary
 from .pairs import KeyPairIndex
 from .query_pass import rotated_query_pass
@@ -32,7 +32,7 @@ METRIC_KEYS = (
     "q_mae_baseline", "q_mae_proj", "q_mae_ratio", "q_resid0_skew", "q_resid0_kurt",
     "q_resid0_ks_p", "q_noise_med_abs_skew", "q_noise_med_abs_kurt", "q_noise_med_ks_p",
     "q_noise_frac_ks_p_lt_alpha", "ap_overall", "ap_overall_se", "estimator",
-    "ap_overall_se_pairs", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples",
+    "ap_overall_se_pairs", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples", "ap_ci_calibrated",
 )
 
 
@@ -188,6 +188,11 @@ def analyze_head(
     jk = example_jackknife(table, buckets, Xq, design, q_bucket, q_example, groups, fit, fit_rot, rq.x0, rq.w,
                            rq.mu, rq.Sigma)
     ci_low, ci_high = t_interval(ap, jk.ap_se, jk.df)
+    summary_rows = bucket_summary_rows(table, buckets, jk)
+    weight = summary_rows["n_cells"] if params.estimator == "linear_diag" else summary_rows["n_queries"]
+    head_calibrated, bucket_calibrated = calibrated_intervals(summary_rows["n_queries"], weight, jk.df, jk.ap_se,
+                                                              summary_rows["ap_se"])
+    summary_rows["ap_ci_calibrated"] = bucket_calibrated
 
     metrics = {
         "n_q_tokens": int(q.n),
@@ -208,12 +213,13 @@ def analyze_head(
         "ap_overall_ci_high": float(ci_high),
         "ap_se_df": int(jk.df),
         "n_examples": int(jk.n_examples),
+        "ap_ci_calibrated": head_calibrated,
     }
     metrics = {key: metrics[key] for key in METRIC_KEYS}
     return HeadResult(
         metrics=metrics,
         bucket_rows=table.rows(),
-        bucket_summary_rows=bucket_summary_rows(table, buckets, jk),
+        bucket_summary_rows=summary_rows,
         component_rows={
             "component": np.arange(d, dtype=np.int64),
             "component_r2": fit.r2.astype(np.float64),

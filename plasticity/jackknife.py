@@ -42,6 +42,15 @@ from .regression import PositionDesign, PositionFit
 MAX_EXAMPLE_GROUPS = 64
 #: Coverage of the stored confidence intervals.
 CI_LEVEL = 0.95
+#: Where the intervals were checked against known truth (benchmarks/calibrate_regimes.py): buckets of
+#: at least this many queries (fewer leave a bias of about one standard error near AP = 1) ...
+MIN_CALIBRATED_QUERIES = 100
+#: ... and at least this many degrees of freedom (8 example groups; fewer make the linearised
+#: jackknife itself uncertain by 25% or more).
+MIN_CALIBRATED_DF = 7
+#: A head's interval stays calibrated while buckets below MIN_CALIBRATED_QUERIES carry at most this
+#: share of its weight (a small first bucket of a logarithmic scheme moves ap_overall little).
+MAX_SMALL_BUCKET_WEIGHT = 0.1
 
 
 # ----------------------------------------------------------------------------- example groups
@@ -218,3 +227,21 @@ def example_jackknife(table: CellTable, buckets: QueryBuckets, Xq: np.ndarray, d
         stats, shifts = model_shifts_linear_diag(Xq, design, fit, fit_rot, w, buckets, runs, inf.n_groups,
                                                  inf.grad_mean, inf.grad_diag)
     return combine_replicates(table, buckets, stats, shifts, groups.n_examples)
+
+
+def calibrated_intervals(n_queries: np.ndarray, weight: np.ndarray, df: int, ap_se: float,
+                         bucket_se: np.ndarray) -> tuple[bool, np.ndarray]:
+    """Whether each stored 95% interval is in the regime where its coverage was checked, ``(head, per
+    bucket)``: a bucket's when ``n_queries >= MIN_CALIBRATED_QUERIES``, ``df >= MIN_CALIBRATED_DF`` and
+    its se is finite; the head's when ``df >= MIN_CALIBRATED_DF``, ``ap_se`` is finite and the buckets
+    below MIN_CALIBRATED_QUERIES hold at most MAX_SMALL_BUCKET_WEIGHT of ``weight`` (the buckets'
+    weights in ap_overall: query counts, or numbers of cells for linear_diag)."""
+    n = np.asarray(n_queries, dtype=np.int64)
+    w = np.asarray(weight, dtype=np.float64)
+    enough_df = int(df) >= MIN_CALIBRATED_DF
+    big = n >= MIN_CALIBRATED_QUERIES
+    buckets = big & enough_df & np.isfinite(np.asarray(bucket_se, dtype=np.float64))
+    total = float(w.sum())
+    small_share = float(w[~big].sum()) / total if total > 0 else 1.0
+    head = bool(enough_df and np.isfinite(ap_se) and small_share <= MAX_SMALL_BUCKET_WEIGHT)
+    return head, buckets

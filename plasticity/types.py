@@ -116,7 +116,7 @@ class HeadResult:
     `bucket_rows`: columns q_bucket, k_bucket (int64), plasticity (float64, NaN allowed), n_pairs (int64).
     `component_rows`: columns component (int64), component_r2, weight (float64).
     `bucket_summary_rows`: per query bucket with a non-NaN AP_j: q_bucket, n_queries, mean_position,
-    n_cells, n_pairs, ap, ap_se, ap_ci_low, ap_ci_high, ap_se_pairs (`head_bucket_summary`).
+    n_cells, n_pairs, ap, ap_se, ap_ci_low, ap_ci_high, ap_se_pairs, ap_ci_calibrated (`head_bucket_summary`).
     """
 
     metrics: dict

@@ -123,7 +123,7 @@ COMMENT ON COLUMN head_bucket_plasticity.q_head IS 'Query head index';
 COMMENT ON COLUMN head_bucket_plasticity.k_head IS 'Key head index';
 COMMENT ON COLUMN head_bucket_plasticity.q_bucket IS 'Query position bucket j (buckets above 0 with at least 2 queries)';
 COMMENT ON COLUMN head_bucket_plasticity.k_bucket IS 'Key position bucket c eligible for q_bucket (earlier, and within the sliding window)';
-COMMENT ON COLUMN head_bucket_plasticity.plasticity IS 'Mean AP = 4 p (1 - p) over the key pairs drawn in this cell; NaN without pairs';
+COMMENT ON COLUMN head_bucket_plasticity.plasticity IS 'Mean over the key pairs drawn in this cell of their AP = 4 p (1 - p), debiased for the sampling noise of the mean of the query model, clipped to [0, 1]; NaN without pairs';
 COMMENT ON COLUMN head_bucket_plasticity.n_pairs IS 'Key pairs drawn: min(num_pairs_per_bucket, same-example pairs available)';
 
 COMMENT ON TABLE head_component_weights IS 'Per head and query dimension: R2 on position and share of linear positional information';
@@ -211,7 +211,7 @@ COMMENT ON COLUMN latest_head_bucket_plasticity.q_head IS 'Query head index';
 COMMENT ON COLUMN latest_head_bucket_plasticity.k_head IS 'Key head index';
 COMMENT ON COLUMN latest_head_bucket_plasticity.q_bucket IS 'Query position bucket j (buckets above 0 with at least 2 queries)';
 COMMENT ON COLUMN latest_head_bucket_plasticity.k_bucket IS 'Key position bucket c eligible for q_bucket (earlier, and within the sliding window)';
-COMMENT ON COLUMN latest_head_bucket_plasticity.plasticity IS 'Mean AP = 4 p (1 - p) over the key pairs drawn in this cell; NaN without pairs';
+COMMENT ON COLUMN latest_head_bucket_plasticity.plasticity IS 'Mean over the key pairs drawn in this cell of their AP = 4 p (1 - p), debiased for the sampling noise of the mean of the query model, clipped to [0, 1]; NaN without pairs';
 COMMENT ON COLUMN latest_head_bucket_plasticity.n_pairs IS 'Key pairs drawn: min(num_pairs_per_bucket, same-example pairs available)';
 
 COMMENT ON VIEW latest_head_component_weights IS 'head_component_weights of the latest run of every model';
@@ -268,6 +268,7 @@ COMMENT ON COLUMN head_metrics.ap_overall_ci_low IS 'Lower end of the 95% interv
 COMMENT ON COLUMN head_metrics.ap_overall_ci_high IS 'Upper end of the 95% interval ap_overall + t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
 COMMENT ON COLUMN head_metrics.ap_se_df IS 'Degrees of freedom of the jackknife standard errors: number of example groups - 1';
 COMMENT ON COLUMN head_metrics.n_examples IS 'Distinct examples among the analysed query and key rows of the head';
+COMMENT ON COLUMN head_metrics.ap_ci_calibrated IS 'True when the 95% interval of ap_overall is in the regime where its coverage was checked: at least 7 degrees of freedom and at most 10% of the weight in buckets of fewer than 100 queries; NULL for runs before the flag';
 COMMENT ON TABLE head_bucket_summary IS 'Bucket plasticity AP_j of every (head, query bucket) and run, with its example-jackknife standard error and 95% interval';
 COMMENT ON COLUMN head_bucket_summary.model IS 'Model';
 COMMENT ON COLUMN head_bucket_summary.run_id IS 'Run that produced the row';
@@ -284,6 +285,7 @@ COMMENT ON COLUMN head_bucket_summary.ap_se IS 'Standard error of AP_j over the 
 COMMENT ON COLUMN head_bucket_summary.ap_ci_low IS 'Lower end of the 95% interval ap - t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
 COMMENT ON COLUMN head_bucket_summary.ap_ci_high IS 'Upper end of the 95% interval ap + t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
 COMMENT ON COLUMN head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';
+COMMENT ON COLUMN head_bucket_summary.ap_ci_calibrated IS 'True when the 95% interval of AP_j is in the regime where its coverage was checked: at least 100 queries and 7 degrees of freedom; NULL for runs before the flag';
 COMMENT ON COLUMN bucket_plasticity.ap_se IS 'Standard error of AP_j over the sampling of examples, from head_bucket_summary';
 COMMENT ON COLUMN bucket_plasticity.ap_ci_low IS 'Lower end of the 95% interval of AP_j, from head_bucket_summary';
 COMMENT ON COLUMN bucket_plasticity.ap_ci_high IS 'Upper end of the 95% interval of AP_j, from head_bucket_summary';
@@ -295,6 +297,7 @@ COMMENT ON COLUMN latest_head_metrics.ap_overall_ci_low IS 'Lower end of the 95%
 COMMENT ON COLUMN latest_head_metrics.ap_overall_ci_high IS 'Upper end of the 95% interval ap_overall + t(0.975, ap_se_df) ap_overall_se, clipped to [0, 1]';
 COMMENT ON COLUMN latest_head_metrics.ap_se_df IS 'Degrees of freedom of the jackknife standard errors: number of example groups - 1';
 COMMENT ON COLUMN latest_head_metrics.n_examples IS 'Distinct examples among the analysed query and key rows of the head';
+COMMENT ON COLUMN latest_head_metrics.ap_ci_calibrated IS 'True when the 95% interval of ap_overall is in the regime where its coverage was checked: at least 7 degrees of freedom and at most 10% of the weight in buckets of fewer than 100 queries; NULL for runs before the flag';
 COMMENT ON COLUMN latest_head_bucket_summary.model IS 'Model';
 COMMENT ON COLUMN latest_head_bucket_summary.run_id IS 'Run that produced the row';
 COMMENT ON COLUMN latest_head_bucket_summary.layer IS 'Layer index';
@@ -310,6 +313,7 @@ COMMENT ON COLUMN latest_head_bucket_summary.ap_se IS 'Standard error of AP_j ov
 COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_low IS 'Lower end of the 95% interval ap - t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
 COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_high IS 'Upper end of the 95% interval ap + t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
 COMMENT ON COLUMN latest_head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';
+COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_calibrated IS 'True when the 95% interval of AP_j is in the regime where its coverage was checked: at least 100 queries and 7 degrees of freedom; NULL for runs before the flag';
 
 -- attention coverage (issue 14)
 COMMENT ON COLUMN token_attention.bucket IS 'The query''s position bucket (as captured)';

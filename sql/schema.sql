@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS head_metrics (
     ap_overall_ci_low DOUBLE,           -- 95% t-interval of ap_overall, clipped to [0, 1]
     ap_overall_ci_high DOUBLE,
     ap_se_df INTEGER,                   -- degrees of freedom of the SEs: example groups - 1
-    n_examples INTEGER                  -- examples among the head's analysed rows
+    n_examples INTEGER,                 -- examples among the head's analysed rows
+    ap_ci_calibrated BOOLEAN            -- the interval is in the regime where its coverage was checked
 );
 CREATE TABLE IF NOT EXISTS head_bucket_plasticity (
     model VARCHAR NOT NULL,
@@ -136,7 +137,8 @@ CREATE TABLE IF NOT EXISTS head_bucket_summary (
     ap_se DOUBLE,
     ap_ci_low DOUBLE,
     ap_ci_high DOUBLE,
-    ap_se_pairs DOUBLE
+    ap_se_pairs DOUBLE,
+    ap_ci_calibrated BOOLEAN
 );
 CREATE TABLE IF NOT EXISTS head_component_weights (
     model VARCHAR NOT NULL,

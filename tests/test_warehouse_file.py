@@ -89,7 +89,7 @@ BAD_FILES = {
     "empty": (_empty, "is an empty file"),
     "folder": (_folder, "is a folder, not a DuckDB file"),
     "foreign_head_metrics": (_foreign_head_metrics, "table head_metrics: unexpected column(s) score DOUBLE; "
-                                                    "missing column(s) ap_overall DOUBLE"),
+                                                    "missing column(s) ap_ci_calibrated BOOLEAN, ap_overall DOUBLE"),
     "foreign_runs": (_foreign_runs, "table runs: unexpected column(s) id INTEGER, name VARCHAR, started TIMESTAMP"),
     "runs_as_a_view": (_runs_as_a_view, "runs is a view, not a table"),
 }
@@ -201,7 +201,7 @@ def _contents(path: Path) -> dict:
             "runs": con.execute("SELECT * EXCLUDE (error) FROM runs ORDER BY run_id").fetchall(),
             # the columns a v0 warehouse had (later migrations add columns, NULL in old rows)
             "head_metrics": con.execute("SELECT * EXCLUDE (ap_overall_se_pairs, ap_overall_ci_low, ap_overall_ci_high, "
-                                        "ap_se_df, n_examples) FROM head_metrics ORDER BY ALL").fetchall(),
+                                        "ap_se_df, n_examples, ap_ci_calibrated) FROM head_metrics ORDER BY ALL").fetchall(),
             "latest": con.execute("SELECT run_id FROM latest_runs").fetchall(),
         }
 
@@ -268,7 +268,7 @@ def test_migrations_are_numbered_files_applied_in_order(tmp_path, monkeypatch):
     problems = schema.differences(v0, schema.latest_shape(), missing=False)
     assert sorted(problems) == ["table head_attention_summary: missing column(s) exact_row_frac DOUBLE, "
                                 "min_exact_rows INTEGER, n_exact_rows BIGINT, status VARCHAR, status_reason VARCHAR",
-                                "table head_metrics: missing column(s) ap_overall_ci_high DOUBLE, ap_overall_ci_low "
+                                "table head_metrics: missing column(s) ap_ci_calibrated BOOLEAN, ap_overall_ci_high DOUBLE, ap_overall_ci_low "
                                 "DOUBLE, ap_overall_se_pairs DOUBLE, ap_se_df INTEGER, n_examples INTEGER",
                                 "table head_samples: missing column(s) plan_problem VARCHAR",
                                 "table runs: missing column(s) error VARCHAR",
