@@ -225,15 +225,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     truth = {(t["layer"], t["q_head"]): t.get("ap_true") for t in read_ground_truth(root)}
     names, rows = read_only_query(
         cfg.warehouse,
-        "SELECT layer, q_head, k_head, q_R2_pos, q_R2_scalar, ap_overall, ap_overall_se FROM head_metrics "
-        "WHERE model = $m AND run_id = $r ORDER BY layer, q_head",
+        "SELECT layer, q_head, k_head, q_R2_pos, q_R2_scalar, ap_overall, ap_overall_se, ap_overall_ci_low, "
+        "ap_overall_ci_high FROM head_metrics WHERE model = $m AND run_id = $r ORDER BY layer, q_head",
         {"m": summary.model, "r": summary.run_id},
     )
-    table = [r + (truth.get((r[0], r[1])), abs(r[5] - truth[(r[0], r[1])]) if truth.get((r[0], r[1])) is not None else None) for r in rows]
-    print(format_table(names + ["ap_true", "abs_err"], table))
-    errs = [t[-1] for t in table if t[-1] is not None]
+    table = []
+    for r in rows:
+        true = truth.get((r[0], r[1]))
+        known = true is not None and r[7] is not None and r[8] is not None
+        table.append(r + (true, None if true is None else abs(r[5] - true),
+                          None if not known else ("yes" if r[7] <= true <= r[8] else "no")))
+    print(format_table(names + ["ap_true", "abs_err", "ci_holds_truth"], table))
+    errs = [t[-2] for t in table if t[-2] is not None]
     if errs:
         print(f"\nmean |ap_overall - ap_true| over {len(errs)} heads: {sum(errs) / len(errs):.4f}")
+    held = [t[-1] == "yes" for t in table if t[-1] is not None]
+    if held:
+        print(f"95% intervals holding ap_true: {sum(held)} of {len(held)} heads ({100.0 * sum(held) / len(held):.0f}%; "
+              f"the truth uses a sample of key pairs, so it is itself known to about 1e-3)")
     _print_summary(summary)
     print(f"warehouse: {cfg.warehouse}\ncsv: {out}/")
     print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')

@@ -18,7 +18,7 @@ from warehouse.pipeline import analyze_dataset, compute_group, find_catalog, pla
 SUMMARY_COLUMNS = ("q_bucket", "n_queries", "mean_position", "n_cells", "n_pairs", "ap", "ap_se", "ap_ci_low",
                    "ap_ci_high", "ap_se_pairs")
 SE_COLUMNS = ("ap_overall_se", "ap_overall_se_pairs", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df",
-              "n_examples")
+              "n_examples", "ap_ci_calibrated")
 
 
 @pytest.fixture(scope="module", params=["bucket_full_cov", "linear_diag"])
@@ -98,7 +98,7 @@ def test_comments_cover_the_new_columns(tmp_path):
         comments = dict(((t, c), x) for t, c, x in con.execute(
             "SELECT table_name, column_name, comment FROM duckdb_columns()").fetchall())
     summary_cols = [c for (t, c) in comments if t == "head_bucket_summary"]
-    assert len(summary_cols) == 15
+    assert len(summary_cols) == 16  # with ap_ci_calibrated
     for key in [("head_bucket_summary", c) for c in summary_cols] + [("head_metrics", c) for c in SE_COLUMNS] + [
             ("bucket_plasticity", c) for c in ("ap_se", "ap_ci_low", "ap_ci_high", "n_queries")]:
         assert comments[key], key
