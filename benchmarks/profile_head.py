@@ -44,7 +44,7 @@ STAGES = (
     ("plasticity.head", "example_groups", "example groups (jackknife)", None),
     ("plasticity.head", "plasticity_cells", "pair plasticity (2.8)", None),
     ("plasticity.pairs.KeyPairIndex", "draw", "pair draws", "pair plasticity (2.8)"),
-    ("plasticity.estimators", "ap_with_slopes", "AP and its slopes (with the jackknife)", "pair plasticity (2.8)"),
+    ("plasticity.estimators", "debiased_ap_with_slopes", "AP and its slopes (with the jackknife)", "pair plasticity (2.8)"),
     ("plasticity.pair_influence.PairInfluenceBuilder", "add_bucket", "pair side of the jackknife (syrk)",
      "pair plasticity (2.8)"),
     ("plasticity.head", "aggregate_cells", "aggregation", None),
