@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     held = [t[-1] == "yes" for t in table if t[-1] is not None]
     if held:
         print(f"95% intervals holding ap_true: {sum(held)} of {len(held)} heads ({100.0 * sum(held) / len(held):.0f}%; "
-              f"the truth uses a sample of key pairs, so it is itself known to about 1e-3)")
+              f"ap_true averages a sample of the dataset's own key pairs, so it has a little noise of its own)")
     _print_summary(summary)
     print(f"warehouse: {cfg.warehouse}\ncsv: {out}/")
     print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 
@@ -88,6 +89,8 @@ def test_cli_demo_small(tmp_path, capsys, monkeypatch):
     assert "mean |ap_overall - ap_true| over 4 heads" in out
     mae = float(out.split("mean |ap_overall - ap_true| over 4 heads: ")[1].split()[0])
     assert mae <= 0.01
+    held = re.search(r"95% intervals holding ap_true: (\d+) of 4 heads", out)  # the demo's own coverage
+    assert held and int(held[1]) >= 3, out
     assert (tmp_path / "data" / "warehouse.duckdb").exists()
     assert list((tmp_path / "results" / "synthetic-demo").glob("*/head_metrics.csv"))
 
