@@ -89,7 +89,7 @@ def test_metric_keys_and_python_types():
     assert tuple(res.metrics) == METRIC_KEYS
     for key, val in res.metrics.items():
         ints = ("n_q_tokens", "n_k_tokens", "d_model", "ap_se_df", "n_examples")
-        want = str if key == "estimator" else int if key in ints else float
+        want = str if key == "estimator" else int if key in ints else bool if key == "ap_ci_calibrated" else float
         assert type(val) is want, key
     assert res.bucket_rows["q_bucket"].dtype == np.int64 and res.bucket_rows["n_pairs"].dtype == np.int64
     assert res.bucket_rows["plasticity"].dtype == np.float64
