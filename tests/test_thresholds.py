@@ -97,7 +97,9 @@ def test_ks_statistic_on_both_sides_of_its_block_sizes(n):
     maximum, with a last partial block or none: scipy's statistic to the bit either way."""
     rng = np.random.default_rng(n)
     rows = [rng.standard_normal(n), rng.standard_t(3, n), rng.standard_normal(n) * 0.7 + 0.2]
-    rows.append(np.concatenate([rng.standard_normal(n - 1), [9.0]]))  # the maximum at the last order statistic
+    # exact normal quantiles with the top 10 values moved far out: the largest gap is near the top,
+    # in the last (partial) block when there is one
+    rows.append(np.concatenate([stats.norm.ppf((np.arange(n - 10) + 0.5) / (n - 10)), 9.0 + np.arange(10.0)]))
     S = np.sort(np.vstack(rows), axis=1)
     np.testing.assert_array_equal(ks_statistic_sorted(S), [stats.ks_1samp(s, stats.norm.cdf).statistic for s in S])
 
