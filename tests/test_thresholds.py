@@ -166,3 +166,32 @@ def test_key_sums_of_a_capped_shard_on_both_sides_of_a_read_batch(tmp_path, n):
     np.testing.assert_array_equal(buckets, want_buckets)
     np.testing.assert_array_equal(counts, [(b == x).sum() for x in want_buckets])
     np.testing.assert_allclose(sums, [v[b == x].sum(axis=0) for x in want_buckets], rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- batches of committed heads
+
+@pytest.mark.parametrize("every, seen", [
+    (4, [0, 0, 0, 0, 4, 4, 4, 4]),  # a batch of exactly the threshold is committed at once
+    (5, [0, 0, 0, 0, 0, 0, 6, 6]),  # one head short of it waits for the next group (groups of 2)
+])
+def test_heads_are_committed_in_batches_of_the_threshold(small_dataset, tmp_path, monkeypatch, every, seen):
+    """Each finished head reports before its batch is written: reading the warehouse at each report
+    shows how many heads were committed, on both sides of the batch threshold; the run then holds
+    every head once."""
+    from warehouse import pipeline
+
+    monkeypatch.setattr(pipeline, "FLUSH_EVERY_HEADS", every)
+    monkeypatch.setattr(pipeline, "FLUSH_EVERY_SECONDS", 1e9)
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False,
+                             "model": "m"})
+    committed = []
+
+    def count(_outcome):
+        with db.reader(cfg.warehouse) as con:
+            committed.append(con.execute("SELECT count(*) FROM head_metrics").fetchone()[0])
+
+    summary = analyze_dataset(cfg, small_dataset, progress=False, on_outcome=count)
+    assert summary.n_done == 8
+    assert committed == seen
+    with db.reader(cfg.warehouse) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT (layer, q_head)) FROM head_metrics").fetchone() == (8, 8)
