@@ -262,3 +262,25 @@ def test_trajectory_of_runs_without_intervals_draws_lines_without_bands(old_runs
         lines = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "none")]
         assert len(lines) == (8 if not kw else 2)  # each head, or each layer's mean
         assert "no standard errors stored for these runs" in res.figure._suptitle.get_text()
+
+
+# --------------------------------------------------------------------------- the head-count limit
+
+@pytest.mark.parametrize("kind, kw, n_heads", [
+    ("curves", {"model": "c-1"}, 8),
+    ("trajectory", {"family": "f"}, 8),
+    ("compare", {}, 16),
+])
+def test_per_head_intervals_up_to_exactly_ci_max_heads_heads(warehouse, kind, kw, n_heads):
+    """With as many heads as ci_max_heads each head keeps its own interval; one head more and the
+    plot shows the interval of the mean instead."""
+    at = draw(kind, warehouse, ci_max_heads=n_heads, **kw)
+    past = draw(kind, warehouse, ci_max_heads=n_heads - 1, **kw)
+    assert at.extra["bands"] == "heads" and past.extra["bands"] == "mean"
+    if kind == "compare":
+        at_bars = sum(len(c.get_segments()) for c in ci_artists(at.figure.axes[0], LineCollection).values())
+        past_bars = sum(len(c.get_segments()) for c in ci_artists(past.figure.axes[0], LineCollection).values())
+        assert at_bars == n_heads and past_bars == 4  # two models x two layer means
+    else:
+        assert len(ci_artists(at.figure.axes[0])) == n_heads
+        assert set(ci_artists(past.figure.axes[0])) == ({"ci mean"} if kind == "curves" else {"ci layer 0", "ci layer 1"})
