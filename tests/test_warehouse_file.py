@@ -309,6 +309,12 @@ def test_a_run_that_fails_midway_is_marked_failed_and_keeps_its_heads(small_data
         assert con.execute("SELECT status, error FROM runs").fetchall() == [("succeeded", None)]
 
 
+def default_signal_handlers() -> None:
+    """In the child before exec: SIGINT and SIGTERM back to their default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     """A real `plasticity analyze` with 2 workers, stopped by a signal once its run is recorded."""
@@ -322,9 +328,13 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     argv = analyze_argv(data, wh, tmp_path / "results")
     argv[argv.index("--max_workers") + 1] = "2"
     argv[argv.index("--attention") + 1] = "true"  # slow enough to stop midway
+    # The child gets its own session and the default disposition of both signals, whoever started
+    # pytest: a shell starts a background job with SIGINT ignored, and an ignored SIGINT stays
+    # ignored across exec (Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", *argv], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            preexec_fn=default_signal_handlers)
     try:
         deadline = time.monotonic() + 120
         status = None
