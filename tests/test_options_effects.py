@@ -43,9 +43,7 @@ class Run:
         self.warehouse = str(tmp / "wh.duckdb")
         self.output_dir = tmp / "results"
         argv = ["analyze", "--dataset_local_root", str(dataset), "--warehouse", self.warehouse,
-                "--output_dir", str(self.output_dir), "--quiet"]
-        if "--max_workers" not in flags:
-            argv += ["--max_workers", "1"]
+                "--output_dir", str(self.output_dir), "--max_workers", "1", "--quiet"]
         if "--attention" not in flags:
             argv += ["--attention", "false"]
         assert main(argv + flags) == 0
@@ -169,10 +167,6 @@ def names(base, got):
     assert (folder / "m.csv").read_text().splitlines()[0].startswith("layer,q_head,k_head,n_q_tokens")
 
 
-def two_workers(base, got):
-    unchanged(base, got, METRICS)  # the same bits from two processes
-
-
 OPTIONS = [
     (["--p_alpha", "0.75"], p_alpha_mid),
     (["--p_alpha", "0.999999"], p_alpha_large),
@@ -184,7 +178,6 @@ OPTIONS = [
     (["--layers", "1"], layers),
     (["--num_q_heads", "4", "--num_k_heads", "1"], one_key_head),
     (["--model", "renamed", "--output_csv", "m.csv", "--bucket_csv", "b.csv", "--component_csv", "c.csv"], names),
-    (["--max_workers", "2"], two_workers),
 ]
 
 
