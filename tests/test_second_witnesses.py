@@ -8,7 +8,8 @@ function, the command line instead of the library, a file lock instead of an err
 - the CSV row order of `plasticity export` on twelve query heads (numeric, not text order);
 - several warehouse files attached read-only (another process can open one while it is attached);
 - Python variables never scanned as tables in the multi-file sandbox;
-- one model in two warehouse files refused by `plasticity sql`."""
+- one model in two warehouse files refused by `plasticity sql`;
+- every error category of a damaged shard, several per dataset, in the exported head_errors.csv."""
 
 from __future__ import annotations
 
@@ -175,3 +176,48 @@ def test_one_model_in_two_files_is_refused_by_the_sql_command(tmp_path, capsys):
     c, d = two_warehouses(tmp_path / "ok", models=("one", "two"))
     assert main(["sql", "SELECT count(*) AS n FROM runs", "--warehouse", str(c), "--warehouse", str(d), "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "2"]
+
+
+# --------------------------------------------------------------------------- error categories
+
+def _disjoint_runs(cases) -> list[list]:
+    """The damage cases of test_bad_input dealt into as few runs as possible: within a run no two
+    cases touch the same shard or fail the same head (a damaged key shard fails all its heads)."""
+    runs: list[list] = []
+    for case in cases:
+        _, target, _, _, failing = case
+        for run in runs:
+            failed = set().union(*(c[4] for c in run))
+            if not (failing & failed) and target not in {c[1] for c in run}:
+                run.append(case)
+                break
+        else:
+            runs.append([case])
+    return runs
+
+
+def _error_runs():
+    from test_bad_input import CASES
+
+    # every case but the one that removes the dataset card (it changes every head's buckets)
+    return _disjoint_runs([c for c in CASES if c[0] != "buckets_out_of_order"])
+
+
+@pytest.mark.parametrize("cases", _error_runs(), ids=lambda cases: "+".join(c[0] for c in cases))
+def test_each_error_category_reaches_the_exported_head_errors(cases, small_copy, tmp_path):
+    """Several damaged shards in one dataset, analysed by the command line: head_errors.csv names
+    each failing head's category (the other witness runs one damage per dataset, in the library)."""
+    from test_bad_input import shard
+
+    expected = {}
+    for _, target, damage, problem, failing in cases:
+        damage(shard(small_copy, *target))
+        expected.update({head: problem for head in failing})
+    out = tmp_path / "results"
+    assert main(["analyze", "--dataset_local_root", str(small_copy), "--warehouse", str(tmp_path / "wh.duckdb"),
+                 "--model", "m", "--max_workers", "1", "--attention", "false", "--output_dir", str(out),
+                 "--quiet"]) in (0, 1)
+    (errors_csv,) = out.glob("m/*/head_errors.csv")
+    with open(errors_csv) as fh:
+        got = {(int(r["layer"]), int(r["q_head"])): r["problem"] for r in csv.DictReader(fh)}
+    assert got == expected
