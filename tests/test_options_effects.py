@@ -18,10 +18,10 @@ from plasticity.synthetic import SyntheticSpec
 from warehouse import db
 from warehouse.demo_data import write_synthetic_dataset
 
-SPEC = SyntheticSpec(model="opts", num_layers=2, num_q_heads=4, num_k_heads=2, head_dim=8, num_examples=4,
+DATA = SyntheticSpec(model="opts", num_layers=2, num_q_heads=4, num_k_heads=2, head_dim=8, num_examples=4,
                      seq_len=128, bucket_size=32, sliding_windows={1: 48}, seed=5)
-HEADS = {(layer, h) for layer in range(SPEC.num_layers) for h in range(SPEC.num_q_heads)}
-ROWS = SPEC.num_examples * SPEC.seq_len  # rows of every shard (dense capture)
+HEADS = {(layer, h) for layer in range(DATA.num_layers) for h in range(DATA.num_q_heads)}
+ROWS = DATA.num_examples * DATA.seq_len  # rows of every shard (dense capture)
 
 NOISE = ("q_noise_med_abs_skew", "q_noise_med_abs_kurt", "q_noise_med_ks_p", "q_noise_frac_ks_p_lt_alpha")
 POSITION = ("q_R2_pos", "q_beta_norm", "q_R2_scalar", "q_mae_baseline", "q_mae_proj", "q_mae_ratio",
@@ -33,7 +33,7 @@ METRICS = ("k_head", "n_q_tokens", "n_k_tokens", "d_model", *POSITION, *NOISE, *
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_synthetic_dataset(tmp_path_factory.mktemp("opts") / SPEC.model, SPEC, with_truth=False)
+    return write_synthetic_dataset(tmp_path_factory.mktemp("opts") / DATA.model, DATA, with_truth=False)
 
 
 class Run:
@@ -151,14 +151,14 @@ def one_key_head(base, got):
     assert {r["k_head"] for r in got.metrics.values()} == {0}
     assert {r["k_head"] for r in base.metrics.values()} == {0, 1}
     unchanged(base, got, METRICS, heads=[h for h in HEADS if h[1] < 2])
-    for layer in range(SPEC.num_layers):
+    for layer in range(DATA.num_layers):
         assert got.metrics[(layer, 2)]["ap_overall"] != base.metrics[(layer, 2)]["ap_overall"]
     for head in HEADS:  # another key head orients the queries otherwise: the fit is the same up to rounding
         assert got.metrics[head]["q_R2_pos"] == pytest.approx(base.metrics[head]["q_R2_pos"], rel=1e-12)
 
 
 def names(base, got):
-    assert got.model == "renamed" and base.model == SPEC.model
+    assert got.model == "renamed" and base.model == DATA.model
     unchanged(base, got, METRICS)
     folder = got.output_dir / got.model / got.run_id
     assert sorted(p.name for p in folder.iterdir()) == ["b.csv", "c.csv", "head_errors.csv", "m.csv"]

@@ -32,7 +32,7 @@ from warehouse.demo_data import write_shard, write_synthetic_dataset
 from warehouse.pipeline import analyze_dataset
 from wiring_reference import brute_force_orientation, read_rows, shard_path
 
-SPEC = SyntheticSpec(model="witness", num_layers=1, num_q_heads=12, num_k_heads=2, head_dim=8, num_examples=3,
+DATA = SyntheticSpec(model="witness", num_layers=1, num_q_heads=12, num_k_heads=2, head_dim=8, num_examples=3,
                      seq_len=96, bucket_size=32, sliding_windows={}, seed=21)
 
 
@@ -40,11 +40,11 @@ SPEC = SyntheticSpec(model="witness", num_layers=1, num_q_heads=12, num_k_heads=
 def analysed(tmp_path_factory):
     """The dataset analysed and exported through the command line (every row used: no cap)."""
     tmp = tmp_path_factory.mktemp("witness")
-    root = write_synthetic_dataset(tmp / SPEC.model, SPEC, with_truth=False)
+    root = write_synthetic_dataset(tmp / DATA.model, DATA, with_truth=False)
     wh = tmp / "wh.duckdb"
     assert main(["analyze", "--dataset_local_root", str(root), "--warehouse", str(wh), "--max_workers", "1",
                  "--attention", "false", "--output_dir", str(tmp / "results"), "--quiet"]) == 0
-    assert main(["export", "--model", SPEC.model, "--warehouse", str(wh), "--out", str(tmp / "csv")]) == 0
+    assert main(["export", "--model", DATA.model, "--warehouse", str(wh), "--out", str(tmp / "csv")]) == 0
     with db.reader(wh) as con:
         cur = con.execute("SELECT * FROM head_metrics")
         names = [c[0] for c in cur.description]
@@ -61,7 +61,7 @@ def test_stored_ks_p_values_are_scipys_on_rows_standardised_with_n_minus_1(analy
     sample standard deviation (n - 1), then scipy's KS test: the stored p-values to 1e-9. With n
     in the denominator every p-value moves by far more than that."""
     root, _, _, metrics = analysed
-    group = SPEC.num_q_heads // SPEC.num_k_heads
+    group = DATA.num_q_heads // DATA.num_k_heads
     moved = 0.0
     for q_head in (0, 7):
         q = read_rows(shard_path(root, 0, q_head, "q"))
@@ -76,7 +76,7 @@ def test_stored_ks_p_values_are_scipys_on_rows_standardised_with_n_minus_1(analy
         r = x0 - fit.intercept - fit.slope * p
         semantic = (X @ householder_matrix(beta))[:, 1:]
         stored = metrics[(0, q_head)]
-        assert stored["n_q_tokens"] == q.n and semantic.shape[1] == SPEC.head_dim - 1 <= 64  # all tested
+        assert stored["n_q_tokens"] == q.n and semantic.shape[1] == DATA.head_dim - 1 <= 64  # all tested
         assert stored["q_resid0_ks_p"] == pytest.approx(stats.kstest(standardised(r), "norm").pvalue, rel=1e-9)
         med = np.median([stats.kstest(standardised(c), "norm").pvalue for c in semantic.T])
         assert stored["q_noise_med_ks_p"] == pytest.approx(med, rel=1e-9)
@@ -121,7 +121,7 @@ def test_export_orders_rows_by_layer_and_head_as_numbers(analysed):
     assert cells == sorted(cells) and len(set(cells)) == len(cells) and {c[1] for c in cells} == set(range(12))
     with open(out / "head_component_weights.csv") as fh:
         comps = [(int(r["layer"]), int(r["q_head"]), int(r["component"])) for r in csv.DictReader(fh)]
-    assert comps == sorted(comps) and len(comps) == 12 * SPEC.head_dim
+    assert comps == sorted(comps) and len(comps) == 12 * DATA.head_dim
 
 
 # --------------------------------------------------------------------------- several warehouse files
