@@ -19,6 +19,7 @@ from plasticity.attention import token_attention_metrics
 from plasticity.attention.scan import BLOCK_ROWS, TILE
 from plasticity.normality import KS_BLOCK, ks_statistic_sorted
 from plasticity.regression import block_rows, fit_position_regression
+from plasticity.rotation import householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
 from warehouse import db
@@ -27,7 +28,7 @@ from warehouse.config import load_config
 from warehouse.demo_data import write_shard, write_synthetic_dataset
 from warehouse.loading import STREAM_BATCH_ROWS, load_rows
 from warehouse.pipeline import analyze_dataset
-from wiring_reference import position_metrics, read_rows, shard_path
+from wiring_reference import brute_force_orientation, position_metrics, read_rows, shard_path
 
 
 # --------------------------------------------------------------------------- regression blocks
@@ -64,29 +65,48 @@ def test_position_fit_on_both_sides_of_the_streaming_block(d, extra):
     assert fit.r2_overall == pytest.approx(float(np.mean(r2)), rel=1e-9)
 
 
-LONG = SyntheticSpec(model="long-head", num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=64,
-                     num_examples=3, seq_len=512, bucket_size=64, sliding_windows={}, seed=11)
+LONG = SyntheticSpec(model="long-head", num_layers=1, num_q_heads=1, num_k_heads=1, head_dim=64,
+                     num_examples=5, seq_len=1024, bucket_size=256, sliding_windows={}, seed=11)
 
 
 def test_a_head_longer_than_one_block_is_fitted_like_least_squares(tmp_path):
-    """Real heads have up to 50,000 rows; here 1,536 query rows of width 64, one and a half
-    streaming blocks, go through the pipeline and the stored position metrics are compared with
-    numpy's least squares and scipy's linregress on the rows read back with pyarrow (every row is
-    used: the cap is above the row count; the sign orientation leaves these metrics unchanged)."""
+    """Real heads have up to 50,000 rows; here 5,120 query rows of width 64 (five streaming blocks
+    of 1,024 rows, and position buckets of 1,280 rows, each longer than a block) go through the
+    pipeline, and what it stores is compared with numpy's least squares, scipy's linregress and
+    scipy's KS test on the rows read back with pyarrow (every row is used: the cap is above the row
+    count; the position metrics do not depend on the sign orientation)."""
     root = write_synthetic_dataset(tmp_path / LONG.model, LONG, with_truth=False)
     cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False})
     summary = analyze_dataset(cfg, root, progress=False)
-    assert summary.n_errors == 0 and summary.n_done == 2
+    assert summary.n_errors == 0 and summary.n_done == 1
     with db.reader(cfg.warehouse) as con:
         cur = con.execute("SELECT * FROM head_metrics WHERE run_id = $r ORDER BY q_head", {"r": summary.run_id})
         names = [c[0] for c in cur.description]
         stored = [dict(zip(names, row)) for row in cur.fetchall()]
+        components = con.execute("SELECT q_head, component, component_r2, weight FROM head_component_weights "
+                                 "WHERE run_id = $r ORDER BY q_head, component", {"r": summary.run_id}).fetchall()
+    k = read_rows(shard_path(root, 0, 0, "k"))
+    orientation = brute_force_orientation(k.bucket, k.vectors)
     for row in stored:
         q = read_rows(shard_path(root, 0, row["q_head"], "q"))
         assert q.n == row["n_q_tokens"] > block_rows(q.d)  # precondition: longer than one block
+        assert np.bincount(q.bucket).min() > block_rows(q.d)  # and so is every bucket
         want = position_metrics(q, np.ones(q.d))
         for col, value in want.items():
             assert row[col] == pytest.approx(value, rel=1e-9, abs=1e-12), col
+        # each dimension's R2 by least squares and the weights as their shares; the KS p-values of
+        # the standardised semantic components (rotated by another streaming pass) by scipy
+        X = q.vectors.astype(np.float64) * orientation
+        beta, r2, _, _ = lstsq_fit(q.position, X)
+        rotated = X @ householder_matrix(beta)
+        got = [(c, r, w) for h, c, r, w in components if h == row["q_head"]]
+        assert [c for c, _, _ in got] == list(range(q.d))
+        np.testing.assert_allclose([r for _, r, _ in got], r2, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose([w for _, _, w in got], np.maximum(r2, 0) / np.maximum(r2, 0).sum(),
+                                   rtol=1e-9, atol=1e-12)
+        sem = rotated[:, 1:]
+        med = np.median([stats.kstest((c - c.mean()) / c.std(ddof=1), "norm").pvalue for c in sem.T])
+        assert row["q_noise_med_ks_p"] == pytest.approx(med, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- KS search blocks
