@@ -1,6 +1,7 @@
 """Every analysis option, given a non-default value on the `plasticity analyze` command line,
 changes what it should and nothing else: a table of options x expected effect, each row one real
-run against the same small dataset, compared with a run on the defaults.
+run against the same small dataset, compared with a run on the defaults. Then plot options, each
+drawn from that warehouse and checked on the matplotlib objects against the stored rows.
 
 An option that never reaches the computation passes every test that uses default values; here
 each row checks its own effect, chosen so that a constant in its place would show (e.g. a KS
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dagster_project.cli import main
@@ -235,3 +237,81 @@ ATTENTION_OPTIONS = [
 def test_an_attention_option_changes_what_it_should(dataset, attention_base, tmp_path, flags, effect):
     attention = [] if "--attention" in flags else ["--attention", "true"]
     effect(attention_base, Run(dataset, tmp_path, flags + attention + ["--layers", "0"]))
+
+
+# ----------------------------------------------------------------------------- plot options
+
+def draw(base: Run, kind: str, **kw):
+    from warehouse import plots
+
+    where = {"warehouse": base.warehouse} if kind == "compare" else {"warehouse": base.warehouse, "model": base.model}
+    return plots.make_plot(kind, plots.load_plot_options(kind, None, **where, **kw))[0]
+
+
+def mean_line(res):
+    """x and y of the curves plot's mean over heads (its widest line)."""
+    line = max(res.figure.axes[0].get_lines(), key=lambda ln: ln.get_linewidth())
+    return np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+
+
+def heatmap_values(res) -> np.ndarray:
+    mesh = res.figure.axes[0].collections[0]
+    values = np.ma.filled(mesh.get_array().astype(float), np.nan).ravel()
+    return np.sort(values[np.isfinite(values)])
+
+
+def cell_aggregate(base: Run, agg: str) -> np.ndarray:
+    with db.reader(base.warehouse) as con:
+        cells = con.execute("SELECT q_bucket, k_bucket, plasticity FROM head_bucket_plasticity").df()
+    values = cells.groupby(["q_bucket", "k_bucket"])["plasticity"].agg(agg).to_numpy()
+    return np.sort(values[np.isfinite(values)])
+
+
+def bucket_size(base, res):
+    x_default, y_default = mean_line(draw(base, "curves"))
+    x, y = mean_line(res)
+    assert x_default.max() > 0 and np.array_equal(x, x_default * 32) and np.array_equal(y, y_default)
+
+
+def median_over_heads(base, res):
+    np.testing.assert_allclose(heatmap_values(res), cell_aggregate(base, "median"), rtol=1e-12)
+    assert not np.allclose(cell_aggregate(base, "median"), cell_aggregate(base, "mean"))  # precondition
+
+
+def colour_range(base, res):
+    assert res.figure.axes[0].collections[0].get_clim() == (0.2, 0.4)
+
+
+def first_components(base, res):
+    assert len(res.figure.axes[0].patches) == 3
+    assert len(draw(base, "components").figure.axes[0].patches) == DATA.head_dim
+
+
+def layer_lines(res):
+    return [ln for ln in res.figure.axes[0].get_lines() if len(ln.get_xdata()) > 1]
+
+
+def compared_metric(base, res):
+    (line,) = layer_lines(res)
+    want = [np.mean([r["q_R2_pos"] for h, r in base.metrics.items() if h[0] == layer]) for layer in (0, 1)]
+    np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+
+
+def titled(base, res):
+    assert res.figure.axes[0].get_title().splitlines()[0] == "T"
+
+
+PLOT_OPTIONS = [
+    ("curves", {"bucket_min_size": 32.0}, bucket_size),
+    ("heatmap", {"agg": "median"}, median_over_heads),
+    ("heatmap", {"vmin": 0.2, "vmax": 0.4}, colour_range),
+    ("components", {"max_components": 3}, first_components),
+    ("compare", {"metric": "q_R2_pos"}, compared_metric),
+    ("curves", {"title": "T"}, titled),
+]
+
+
+@pytest.mark.parametrize("kind, options, effect", PLOT_OPTIONS,
+                         ids=[f"{k}-{'-'.join(o)}" for k, o, _ in PLOT_OPTIONS])
+def test_a_plot_option_changes_what_it_should(base, kind, options, effect):
+    effect(base, draw(base, kind, **options))
