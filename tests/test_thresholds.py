@@ -16,10 +16,10 @@ import pytest
 from scipy import stats
 
 from plasticity.attention import token_attention_metrics
-from plasticity.attention.scan import BLOCK_ROWS, TILE
-from plasticity.normality import KS_BLOCK, ks_statistic_sorted
+from plasticity.attention.scan import BLOCK_BUDGET, BLOCK_ROWS, TILE, block_rows_for
+from plasticity.normality import KS_BLOCK, column_moments, ks_statistic_sorted
 from plasticity.regression import block_rows, fit_position_regression
-from plasticity.rotation import householder_matrix
+from plasticity.rotation import householder_apply, householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
 from warehouse import db
@@ -109,6 +109,23 @@ def test_a_head_longer_than_one_block_is_fitted_like_least_squares(tmp_path):
         assert row["q_noise_med_ks_p"] == pytest.approx(med, rel=1e-9)
 
 
+@pytest.mark.parametrize("extra", [-1, 0, 1, 300])
+def test_moments_and_reflection_on_both_sides_of_the_streaming_block(extra):
+    """Column moments and the Householder reflection stream over the same row blocks: against
+    numpy's moments over all rows and the explicit reflection matrix."""
+    d = 256
+    n = block_rows(d) + extra
+    rng = np.random.default_rng(n)
+    X = rng.gamma(2.0, size=(n, d)) + np.linspace(0.0, 5.0, n)[:, None]  # later blocks differ from the first
+    mean, m2, m3, m4 = column_moments(X)
+    c = X - X.mean(axis=0)
+    np.testing.assert_allclose(mean, X.mean(axis=0), rtol=1e-13)
+    for k, got in ((2, m2), (3, m3), (4, m4)):
+        np.testing.assert_allclose(got, (c**k).mean(axis=0), rtol=1e-10, err_msg=f"m{k}")
+    beta = rng.normal(size=d)
+    np.testing.assert_allclose(householder_apply(X, beta), X @ householder_matrix(beta), rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- KS search blocks
 
 @pytest.mark.parametrize("n", [8 * KS_BLOCK, 8 * KS_BLOCK + 1, 9 * KS_BLOCK, 9 * KS_BLOCK + 1, 9 * KS_BLOCK + 2])
@@ -160,6 +177,28 @@ def test_attention_rows_on_both_sides_of_tiles_and_blocks(n):
         again = token_attention_metrics(q, k, block_rows=forced)
         for col in ("entropy", "max_attn", "row_std", "k_eff"):
             np.testing.assert_array_equal(again[col], got[col], err_msg=f"{col} with blocks of {forced}")
+
+
+@pytest.mark.parametrize("n_keys, block", [(BLOCK_BUDGET // BLOCK_ROWS - 2 * TILE, BLOCK_ROWS),
+                                           (BLOCK_BUDGET // BLOCK_ROWS + TILE, TILE)])
+def test_attention_rows_seeing_more_keys_than_a_full_block_allows(n_keys, block):
+    """Rows that see many keys get smaller blocks (a block holds at most BLOCK_BUDGET scores): the
+    last 130 queries of an example with n_keys keys, on either side of that switch, equal a softmax
+    written out per query, and full blocks forced on them change no bit."""
+    assert block_rows_for(n_keys + TILE, None) == block  # precondition: each side of the switch
+    rng = np.random.default_rng(n_keys)
+    pos = np.arange(n_keys, dtype=np.float64)
+    zeros = np.zeros(n_keys, np.int64)
+    k = TokenArrays(zeros, zeros, pos, rng.normal(size=(n_keys, 8)))
+    qpos = pos[-130:]
+    q = TokenArrays(zeros[:130], zeros[:130], qpos, rng.normal(size=(130, 8)) * 1.5)
+    got = token_attention_metrics(q, k)
+    want = softmax_rows(q, k)
+    for col in ("entropy", "max_attn", "row_std"):
+        np.testing.assert_allclose(got[col], want[col], rtol=1e-11, err_msg=col)
+    forced = token_attention_metrics(q, k, block_rows=BLOCK_ROWS)
+    for col in ("entropy", "max_attn", "row_std", "k_eff"):
+        np.testing.assert_array_equal(forced[col], got[col], err_msg=col)
 
 
 # --------------------------------------------------------------------------- 64k-row batches of the key sums
