@@ -390,9 +390,9 @@ def test_replicates_weight_each_bucket_by_the_queries_left_in_it():
     without it those buckets weigh far less in ap_overall, and the standard error follows the
     exact delete-a-group jackknife only if each replicate weights buckets by their remaining
     queries (with the full-data counts it comes out about three times too small)."""
-    spec = SyntheticSpec(num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=8, seq_len=256,
+    data = SyntheticSpec(num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=8, seq_len=256,
                          bucket_size=32, sliding_windows={}, noise_scales=(0.3,), seed=2)
-    q, k = make_query_shard(spec, 0, 0), make_key_shard(spec, 0, 0)
+    q, k = make_query_shard(data, 0, 0), make_key_shard(data, 0, 0)
     s = orientation_from_keys(k.bucket, k.vectors)
     keep = (q.bucket < 4) | (q.example_id == 0) | ((q.position % 32) < 3)
     q = TokenArrays(q.bucket[keep], q.example_id[keep], q.position[keep], q.vectors[keep])
