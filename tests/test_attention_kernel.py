@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from plasticity.attention import head_attention_metrics, token_attention_metrics
-from plasticity.attention.kernel import EXP_FLOOR, exp_nonpositive
+from plasticity.attention.kernel import EXP_FLOOR, N_BINS, exp_nonpositive
 from plasticity.attention.scale_plan import power_of_scale, scale_plan
 from plasticity.types import TokenArrays
 
@@ -177,3 +177,59 @@ def test_vector_sums_add_each_lane_in_the_order_of_the_scalar_partial_sums():
     assert got[1] == tuple(lanes(p[:n4], 4) + lanes([(x - mu) * (x - mu) for x in p[:n4]], 4))
     assert got[2] == tuple(lanes(e[e_off:e_off + n4], 4) + lanes(p[:n4], 4))
     assert got[3] == tuple(lanes([(x - y * ratio) * (x - y * ratio) for x, y in zip(e[e_off:e_off + n4], p[:n4])], 4))
+
+
+def _lane_sums(values, n_lanes):
+    acc = [0.0] * n_lanes
+    for j, v in enumerate(values):
+        acc[j % n_lanes] += v
+    return acc
+
+
+def _row_std_in_the_documented_order(scores: np.ndarray) -> float:
+    """row_std of one row at scale 1, written out in plain Python in the order the kernel documents:
+    R = exp(a / 4) by the kernel's exp, P = R**4 by the scale plan, the bin masses by 2-lane sums
+    (the top key, weight 1, left out), then the squared deviations by 4-lane sums combined as
+    ``(d0 + d1) + (d2 + d3)``. Scores must be strictly decreasing, so each key's place in its bin
+    is its own index."""
+    n = scores.size
+    top = float(scores.max())
+    a = scores - top
+    plan = scale_plan((1.0,))
+    slots = [np.array([exp_nonpositive(max(x * 0.25, EXP_FLOOR)) for x in a])] + [None] * (plan.n_slots - 1)
+    for dst, s1, s2 in plan.prog:
+        slots[dst] = slots[s1] * slots[s2]
+    p = slots[plan.scale_slot[0]]
+    nb = min(N_BINS, max(1, int(math.sqrt(n))))
+    to_bin = nb / (top - float(scores.min()))
+    bins = [min(int((top - s) * to_bin), nb - 1) for s in scores]
+    assert bins == sorted(bins)  # precondition: the bins keep the keys in their order
+    off = np.searchsorted(bins, np.arange(nb + 1))
+    rest = 0.0
+    for b in range(nb):
+        start, end = (1 if b == 0 else int(off[b])), int(off[b + 1])
+        end2 = end - (end - start) % 2
+        t = _lane_sums(p[start:end2], 2)
+        if end2 < end:
+            t[0] += p[end2]
+        rest += t[0] + t[1]
+    tot = 1.0 + rest
+    mu = tot / n
+    n4 = n - n % 4
+    d = _lane_sums([(x - mu) * (x - mu) for x in p[:n4]], 4)
+    for x in p[n4:]:
+        d[0] += (x - mu) * (x - mu)
+    return math.sqrt(((d[0] + d[1]) + (d[2] + d[3])) / n) * (1.0 / tot)
+
+
+def test_row_std_has_the_bits_of_the_documented_summation_order():
+    """The kernel promises fixed-order sums (so the same bits on every CPU); row_std written out
+    in that order in plain Python must give the kernel's bits on every row, not just close values.
+    Another way of combining the four lanes changes the last bit on about one row in ten."""
+    rng = np.random.default_rng(29)
+    for _ in range(120):
+        n = int(rng.integers(20, 400))
+        scores = -np.sort(-rng.normal(size=n) * 3.0)
+        q, k = one_row_head(scores)
+        got = token_attention_metrics(q, k)["row_std"][0]
+        assert got == _row_std_in_the_documented_order(scores), n

@@ -383,3 +383,22 @@ def test_full_cov_component_zero_shift_is_the_exact_refit():
             want = ref.alpha[0] + ref.beta[0] * tau_g - fit.alpha[0] - fit.beta[0] * buckets.tau[jj]
             assert m0_shift[jj, gr] == pytest.approx(want, rel=1e-9, abs=1e-12)
         np.testing.assert_allclose(s2_shift[:, gr], ref.resid_var[0] - fit.resid_var[0], rtol=1e-9)
+
+
+def test_replicates_weight_each_bucket_by_the_queries_left_in_it():
+    """One example holds nearly all queries of the late buckets (the others keep 3 per bucket):
+    without it those buckets weigh far less in ap_overall, and the standard error follows the
+    exact delete-a-group jackknife only if each replicate weights buckets by their remaining
+    queries (with the full-data counts it comes out about three times too small)."""
+    data = SyntheticSpec(num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=8, seq_len=256,
+                         bucket_size=32, sliding_windows={}, noise_scales=(0.3,), seed=2)
+    q, k = make_query_shard(data, 0, 0), make_key_shard(data, 0, 0)
+    s = orientation_from_keys(k.bucket, k.vectors)
+    keep = (q.bucket < 4) | (q.example_id == 0) | ((q.position % 32) < 3)
+    q = TokenArrays(q.bucket[keep], q.example_id[keep], q.position[keep], q.vectors[keep])
+    late = q.bucket >= 4
+    assert (q.example_id[late] == 0).mean() > 0.5  # precondition: one example dominates the late buckets
+    params = AnalysisParams(normality_max_dims=0)
+    res = analyze_head(q, k, s, layer=0, q_head=0, params=params)
+    ref = exact_jackknife(q, k, s, layer=0, q_head=0, params=params, refit_rotation=True)
+    assert res.metrics["ap_overall_se"] == pytest.approx(reference_se(ref["ap_rep"]), rel=0.05)

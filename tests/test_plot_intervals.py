@@ -262,3 +262,57 @@ def test_trajectory_of_runs_without_intervals_draws_lines_without_bands(old_runs
         lines = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "none")]
         assert len(lines) == (8 if not kw else 2)  # each head, or each layer's mean
         assert "no standard errors stored for these runs" in res.figure._suptitle.get_text()
+
+
+# --------------------------------------------------------------------------- the head-count limit
+
+@pytest.mark.parametrize("kind, kw, n_heads", [
+    ("curves", {"model": "c-1"}, 8),
+    ("trajectory", {"family": "f"}, 8),
+    ("compare", {}, 16),
+])
+def test_per_head_intervals_up_to_exactly_ci_max_heads_heads(warehouse, kind, kw, n_heads):
+    """With as many heads as ci_max_heads each head keeps its own interval; one head more and the
+    plot shows the interval of the mean instead."""
+    at = draw(kind, warehouse, ci_max_heads=n_heads, **kw)
+    past = draw(kind, warehouse, ci_max_heads=n_heads - 1, **kw)
+    assert at.extra["bands"] == "heads" and past.extra["bands"] == "mean"
+    if kind == "compare":
+        at_bars = sum(len(c.get_segments()) for c in ci_artists(at.figure.axes[0], LineCollection).values())
+        past_bars = sum(len(c.get_segments()) for c in ci_artists(past.figure.axes[0], LineCollection).values())
+        assert at_bars == n_heads and past_bars == 4  # two models x two layer means
+    else:
+        assert len(ci_artists(at.figure.axes[0])) == n_heads
+        assert set(ci_artists(past.figure.axes[0])) == ({"ci mean"} if kind == "curves" else {"ci layer 0", "ci layer 1"})
+
+
+def test_the_mean_band_of_heads_with_unequal_degrees_of_freedom_uses_the_smallest(small_copy, tmp_path):
+    """Two heads see half of the examples (fewer jackknife groups, fewer degrees of freedom): the
+    band of the mean over all heads takes the t quantile of the smallest, the widest."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from warehouse.config import load_config
+    from warehouse.pipeline import analyze_dataset
+
+    for name in ("l00h00k", "l00h00q", "l00h01q"):
+        path = small_copy / name / "data.parquet"
+        table = pq.read_table(path)
+        pq.write_table(table.filter(pc.less(table.column("example_id"), 4)), path)
+    wh = tmp_path / "wh.duckdb"
+    cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "u"})
+    assert analyze_dataset(cfg, small_copy, progress=False).n_done == 8
+    dfs = query(wh, "SELECT layer, q_head, ap_se_df FROM head_metrics ORDER BY ALL")
+    assert sorted(set(dfs["ap_se_df"])) == [3, 7]  # precondition: unequal degrees of freedom
+    res = draw("curves", wh, model="u", ci_max_heads=1)
+    want = query(wh, """
+        SELECT s.q_bucket, avg(s.ap) AS mean, avg(s.ap_se) AS se, min(h.ap_se_df) AS df_min,
+               max(h.ap_se_df) AS df_max
+        FROM latest_head_bucket_summary AS s JOIN head_metrics AS h USING (model, run_id, layer, q_head)
+        GROUP BY s.q_bucket ORDER BY s.q_bucket""")
+    edges = band_edges(ci_artists(res.figure.axes[0])["ci mean"])
+    got = np.array([edges[round(float(b), 9)] for b in want["q_bucket"]])
+    for df, matches in (("df_min", True), ("df_max", False)):
+        half = t975(want[df]) * want["se"]
+        expect = np.c_[np.clip(want["mean"] - half, 0, 1), np.clip(want["mean"] + half, 0, 1)]
+        assert np.allclose(got, expect, rtol=1e-12, atol=1e-15) == matches, df

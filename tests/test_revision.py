@@ -71,3 +71,24 @@ def test_edit_before_the_last_64k_starts_a_new_run(small_copy, tmp_path):
     assert stat_fingerprint(small_copy, [str(path)]) != fingerprint  # the sensor notices too (ctime)
     with db.reader(cfg.warehouse) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
+
+
+def test_a_renamed_shard_changes_the_revision_even_where_the_order_of_the_paths_stays(small_copy, tmp_path):
+    """The paths are hashed, not only their order: the last query shard renamed to the next head
+    number keeps every byte and the sorted order of the files, yet is other data. Analysed again,
+    the dataset starts a new run instead of keeping the vanished head's results."""
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False,
+                             "model": "m", "num_layers": 2, "num_q_heads": 6, "num_k_heads": 2,
+                             "layers": [1]})
+    first = analyze_dataset(cfg, small_copy, progress=False)
+    order = [os.path.relpath(p, small_copy) for p in sorted(scan_shards(small_copy).paths)]
+    (small_copy / "l01h03q").rename(small_copy / "l01h04q")
+    renamed = [os.path.relpath(p, small_copy) for p in sorted(scan_shards(small_copy).paths)]
+    assert [p.replace("l01h04q", "l01h03q") for p in renamed] == order  # precondition: the same order
+    assert revision_of(small_copy) != first.revision
+    second = analyze_dataset(cfg, small_copy, progress=False)
+    assert second.revision != first.revision and second.run_id != first.run_id and second.n_skipped == 0
+    with db.reader(cfg.warehouse) as con:
+        heads = {h for h, in con.execute("SELECT q_head FROM head_metrics WHERE layer = 1 AND run_id = $r",
+                                          {"r": second.run_id}).fetchall()}
+    assert 4 in heads and 3 not in heads

@@ -253,6 +253,38 @@ def test_the_upgraded_old_warehouse_takes_new_runs(small_dataset, tmp_path):
         assert con.execute("SELECT status, error FROM runs WHERE model = 'small'").fetchall() == [("succeeded", None)]
 
 
+def _v4_warehouse(path: Path) -> None:
+    """A warehouse as the version before families of checkpoints wrote it: models without family,
+    stage and step, four migrations recorded."""
+    db.ensure_schema(path)
+    con = duckdb.connect(str(path))
+    for column in ("family", "stage", "step"):
+        con.execute(f"ALTER TABLE models DROP COLUMN {column}")
+    con.execute("DELETE FROM schema_migrations WHERE version >= 5")
+    con.close()
+
+
+@pytest.mark.parametrize("old", [_v0_warehouse, _v4_warehouse], ids=["before-versioning", "version-4"])
+def test_the_upgraded_old_warehouse_takes_attention_and_a_checkpoint_of_a_family(small_dataset, tmp_path, old):
+    """The columns later migrations added, used by a real run on an upgraded file: the attention
+    status and exact rows, and a family, stage and a step beyond the 32-bit range."""
+    wh = tmp_path / "old.duckdb"
+    old(wh)
+    with db.reader(wh) as con:
+        assert schema.stored_version(con) < 5  # precondition: the families' migration is still to come
+    cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": "true", "model": "small",
+                             "layers": [0], "family": "fam", "stage": "pre", "step": 2**40})
+    summary = analyze_dataset(cfg, small_dataset, progress=False)
+    assert summary.status == "succeeded" and summary.n_done == 4
+    with db.reader(wh) as con:
+        assert con.execute("SELECT family, stage, step FROM models WHERE model = 'small'").fetchall() == \
+            [("fam", "pre", 2**40)]
+        assert con.execute("SELECT DISTINCT status, n_exact_rows > 0, min_exact_rows FROM head_attention_summary"
+                           ).fetchall() == [("exact", True, 100)]
+        assert con.execute("SELECT bool_and(exact), count(*) > 0 FROM token_attention").fetchone() == (True, True)
+        assert con.execute("SELECT count(*) FROM family_head_trajectory WHERE family = 'fam'").fetchone() == (4,)
+
+
 def test_migrations_are_numbered_files_applied_in_order(tmp_path, monkeypatch):
     """A later schema change is one more numbered file; the rehearsal refuses an upgrade that would not
     end in the latest shape."""
@@ -309,6 +341,12 @@ def test_a_run_that_fails_midway_is_marked_failed_and_keeps_its_heads(small_data
         assert con.execute("SELECT status, error FROM runs").fetchall() == [("succeeded", None)]
 
 
+def default_signal_handlers() -> None:
+    """In the child before exec: SIGINT and SIGTERM back to their default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     """A real `plasticity analyze` with 2 workers, stopped by a signal once its run is recorded."""
@@ -322,9 +360,13 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     argv = analyze_argv(data, wh, tmp_path / "results")
     argv[argv.index("--max_workers") + 1] = "2"
     argv[argv.index("--attention") + 1] = "true"  # slow enough to stop midway
+    # The child gets its own session and the default disposition of both signals, whoever started
+    # pytest: a shell starts a background job with SIGINT ignored, and an ignored SIGINT stays
+    # ignored across exec (Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", *argv], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            preexec_fn=default_signal_handlers)
     try:
         deadline = time.monotonic() + 120
         status = None
