@@ -81,6 +81,13 @@ def unsort_buckets_without_card(path):
     os.remove(path.parents[1] / "README.md")
 
 
+def half_position(table, row):
+    """Positions as float64 with one row's position moved by half a step (3 -> 3.5)."""
+    pos = table.column("position").to_numpy().astype(np.float64)
+    pos[row] += 0.5
+    return set_column(table, "position", pa.array(pos, pa.float64()))
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -133,6 +140,8 @@ CASES = [
     ("two_row_query_shard", (0, 1, "q"), lambda p: rewrite(p, lambda t: t.slice(0, 2)), "too_few_rows", {(0, 1)}),
     ("position_beyond_int32", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_value(t, "position", 0, 2**31, pa.int64())),
      "position_overflow", {(1, 3)}),
+    # accepted silently before: a float position column must hold whole numbers
+    ("fractional_position", (0, 2, "q"), lambda p: rewrite(p, lambda t: half_position(t, 10)), "fractional_positions", {(0, 2)}),
 ]
 
 

@@ -339,6 +339,11 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
         raise ShardError(path, "nonfinite_values", f"{prof['n_nonfinite_positions']} position(s) are NaN or infinite")
     if prof["n_negative_positions"]:
         raise ShardError(path, "negative_positions", f"{prof['n_negative_positions']} row(s) have a negative position (min {prof['min_position']:g})")
+    if prof["n_fractional_positions"]:
+        raise ShardError(path, "fractional_positions",
+                         f"{prof['n_fractional_positions']} position(s) have a fractional part (e.g. "
+                         f"{prof['first_fractional_position']:g}); token positions are whole numbers (a float column "
+                         "is accepted only when it holds whole numbers)")
     if prof["max_position"] > MAX_POSITION:
         raise ShardError(path, "position_overflow",
                          f"position {prof['max_position']:g} is beyond {MAX_POSITION} (SPEC 1's int32 positions); "
@@ -396,7 +401,8 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
     window = table.column("sliding_window") if "sliding_window" in table.column_names else None
     prof = {
         "n_rows": n, "n_examples": 0, "n_null_keys": 0,
-        "n_duplicate_rows": 0, "n_negative_positions": 0, "n_nonfinite_positions": 0,
+        "n_duplicate_rows": 0, "n_negative_positions": 0, "n_nonfinite_positions": 0, "n_fractional_positions": 0,
+        "first_fractional_position": None,
         "min_position": None, "max_position": None,
         "n_windows": 0, "n_null_windows": n if window is None else window.null_count, "sliding_window": None,
         "min_bucket": None, "max_bucket": None, "min_example_id": None, "max_example_id": None,
@@ -442,6 +448,11 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
     finite = np.isfinite(pos)
     prof["n_nonfinite_positions"] = int(n - np.count_nonzero(finite))
     prof["n_negative_positions"] = int(np.count_nonzero(pos < 0))
+    if raw_pos.dtype.kind == "f":  # integer columns are whole by type
+        fractional = finite & (pos != np.floor(pos))
+        prof["n_fractional_positions"] = int(np.count_nonzero(fractional))
+        if prof["n_fractional_positions"]:
+            prof["first_fractional_position"] = float(pos[fractional].min())
     # duplicates of (example_id, position) and distinct examples: sort (cheap when the file is
     # already in that order)
     ex = example.astype(np.int64)
