@@ -242,6 +242,24 @@ def test_stray_key_shard_is_marked_and_pairs_with_nothing(small_copy, tmp_path, 
     assert_results_equal_clean(cfg, clean)
     stray = str(small_copy / "l00h02k" / "data.parquet")
     assert fetch(cfg, f"SELECT problem FROM shards WHERE path = '{stray}'") == [("layout_mismatch",)]
+    (row,) = fetch(cfg, "SELECT file, problem, message FROM catalog_problems")  # told, not just marked
+    assert row[:2] == (stray, "layout_mismatch") and stray in row[2] and "key head 2 of layer 0" in row[2]
+
+
+def test_config_head_counts_contradicting_the_card_stop_before_any_work(small_copy, tmp_path, clean):
+    """The card says 4 query / 2 key heads; a config saying 8 / 2 would pair query head 2 with key head 0
+    (group 4) instead of 1: the run stops before any work, naming both values and the card."""
+    from warehouse.layout import LayoutError
+
+    card = str(small_copy / "README.md")
+    with pytest.raises(LayoutError, match=r"num_q_heads = 8 in the config but 4 on the dataset card \(" + card):
+        analyse(small_copy, tmp_path, num_q_heads=8, num_k_heads=2)
+    with pytest.raises(LayoutError, match=r"num_layers = 3 in the config but 2 on the dataset card"):
+        analyse(small_copy, tmp_path, num_layers=3)
+    assert not (tmp_path / "wh.duckdb").exists()  # nothing written
+    cfg, summary = analyse(small_copy, tmp_path / "agree", num_q_heads=4, num_k_heads=2, num_layers=2)
+    assert summary.status == "succeeded"
+    assert_results_equal_clean(cfg, clean)
 
 
 def with_front_matter(copy, extra: str) -> None:
@@ -301,6 +319,7 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
 DATASET_CASES = [
     test_folder_name_beyond_the_integer_range_is_a_catalog_problem,
     test_stray_key_shard_is_marked_and_pairs_with_nothing,
+    test_config_head_counts_contradicting_the_card_stop_before_any_work,
     test_head_sampled_capture_is_not_missing_heads,
     test_unknown_layout_and_sparse_shards_stop_before_any_work,
     test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,

@@ -123,14 +123,23 @@ def local_revision(cat: "Catalog") -> str:
     return content_revision(cat.base, cat.paths)
 
 
-def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> None:
-    """Shards whose layer or head the layout does not have: a `layout_mismatch` error (never re-paired)."""
+def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> list[CatalogProblem]:
+    """Shards whose layer or head the layout does not have: a `layout_mismatch` error (never re-paired).
+
+    A query shard outside the layout is a planned head, so its error lands in `head_errors`; a key
+    shard outside it belongs to no head, so it is also returned as a problem of the dataset (the
+    `catalog_problems` row), or nobody would hear of it."""
     limit = {"q": layout.num_q_heads, "k": layout.num_k_heads}
+    problems = []
     for s in shards:
         if s.error is None and (s.layer >= layout.num_layers or s.head >= limit[s.kind]):
             what = "query" if s.kind == "q" else "key"
             s.error = ShardError(s.path, "layout_mismatch",
                                  f"{what} head {s.head} of layer {s.layer} is outside the layout: {layout.describe()}")
+            if s.kind == "k":
+                problems.append(CatalogProblem(s.path, "layout_mismatch",
+                                               f"{s.error} (no query head pairs with it; it is not used)"))
+    return problems
 
 
 def _dataset_problems(card: DatasetCard, shards: list[ShardInfo]) -> list[CatalogProblem]:
@@ -156,15 +165,15 @@ def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
     layout = resolve_layout(
         [(s.layer, s.head, s.kind) for s in scan.shards],
         config=(cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads),
-        card=(card.num_layers, card.num_q_heads, card.num_k_heads), where=str(scan.base),
+        card=(card.num_layers, card.num_q_heads, card.num_k_heads), where=str(scan.base), card_path=card.path,
     )
-    _mark_outside_layout(scan.shards, layout)
+    stray_keys = _mark_outside_layout(scan.shards, layout)
     expected = expected_query_layers(
         layout, (s.layer for s in scan.shards), head_sampling=card.head_sampling is not None,
         full_attention_only=card.attention_scope == "full_only", layers=cfg.layers,
     )
     return Catalog(Path(root), scan.base, scan.shards, layout, card,
-                   scan.problems + _dataset_problems(card, scan.shards), scan.paths, expected)
+                   scan.problems + stray_keys + _dataset_problems(card, scan.shards), scan.paths, expected)
 
 
 def profile_catalog(cat: Catalog) -> Catalog:
