@@ -88,6 +88,16 @@ def half_position(table, row):
     return set_column(table, "position", pa.array(pos, pa.float64()))
 
 
+def constant_vectors(table, value=None):
+    """Every vector replaced by `value` (a scalar for every element), or by the first row's vector."""
+    vec = table.column("vector").combine_chunks()
+    d = vec.type.list_size
+    flat = vec.flatten().to_numpy().reshape(-1, d)
+    rows = np.broadcast_to(flat[0] if value is None else np.float32(value), flat.shape).astype(np.float32)
+    new = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel(), pa.float32()), d)
+    return table.set_column(table.schema.get_field_index("vector"), "vector", new)
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -141,6 +151,9 @@ CASES = [
     ("position_beyond_int32", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_value(t, "position", 0, 2**31, pa.int64())),
      "position_overflow", {(1, 3)}),
     # accepted silently before: a float position column must hold whole numbers
+    # degenerate heads: no spread, so the metrics are undefined (they used to store AP 1 with SE 0)
+    ("zero_queries", (0, 1, "q"), lambda p: rewrite(p, lambda t: constant_vectors(t, 0.0)), "degenerate_head", {(0, 1)}),
+    ("identical_keys", (1, 1, "k"), lambda p: rewrite(p, constant_vectors), "degenerate_head", {(1, 2), (1, 3)}),
     ("fractional_position", (0, 2, "q"), lambda p: rewrite(p, lambda t: half_position(t, 10)), "fractional_positions", {(0, 2)}),
 ]
 

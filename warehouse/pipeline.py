@@ -293,7 +293,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     The key shard is read once for the group (its rows and the SPEC 2.2 orientation sums in one
     pass); each query shard once for its head.
     """
-    from plasticity.head import analyze_head
+    from plasticity.head import DegenerateHead, analyze_head
 
     out: list[results.HeadOutcome] = []
     k_rows = orientation = None
@@ -344,6 +344,9 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                 outcome.extra_tables = attention_tables(q_rows, k_rows, task)
         except ShardError as e:
             outcome.error = _error(e.path, e.problem, str(e))
+        except DegenerateHead as e:  # rows that leave every metric undefined: said, never scored
+            file = q_info.path if e.side == "q" else task.k_info.path
+            outcome.error = _error(file, "degenerate_head", f"{file}: {e}")
         except Exception as e:  # a bug or degenerate data: still only this head fails
             outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
         q_rows = None  # free this head's rows before the next one is read
