@@ -13,7 +13,8 @@ and identical keys (a degenerate head)), analyses it, and checks that exactly th
 heads carry the expected problem in head_errors, naming the file, and that every other head's
 results are bit-for-bit those of the undamaged dataset. The dataset-level cases check a folder
 name beyond the integer range and a stray key shard (catalog problems, no head affected), config head
-counts that contradict the card (the run stops before any work), a
+counts that contradict the card (the run stops before any work), a shard replaced during a run (an error,
+then the right result once restored), a
 head-sampled capture (no missing heads), an unknown layout over sparse shards (the run stops
 before any work) and an unexpected exception while cataloguing (that shard's heads only). One more
 case checks that the accepted variants (a plain list<float> vector column, float positions)

@@ -328,6 +328,33 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
     assert all(same(got[h], clean[h]) for h in clean if h[0] != 1 or h[1] > 1)
 
 
+def test_a_shard_replaced_during_a_run_is_an_error_never_a_result_of_that_run(small_copy, tmp_path, clean):
+    """The revision is hashed before any head is computed. A shard replaced afterwards (here: once the
+    first group's results are in, before the last group is read) must not be analysed under that
+    revision: its head is a changed_during_run error naming the file, and once the file is back, the
+    same run (same revision, same run id) computes it from the bytes the revision describes."""
+    path = shard(small_copy, 1, 2, "q")  # in the last GQA group (layer 1, key head 1)
+    original = path.read_bytes()
+
+    def replace_once(outcome):
+        if not replace_once.done:
+            rewrite(path, lambda t: set_vector_value(t, 7, 2, 123.0))
+            replace_once.done = True
+    replace_once.done = False
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+    first = analyze_dataset(cfg, small_copy, progress=False, on_outcome=replace_once)
+    got, errors = results_by_head(cfg)
+    assert [(l, q, f, p) for l, q, f, p, _ in errors] == [(1, 2, str(path), "changed_during_run")]
+    assert str(path) in errors[0][4] and "changed after the run hashed it" in errors[0][4]
+    assert (1, 2) not in got and all(same(got[h], clean[h]) for h in got)
+    assert first.status == "partial"
+    path.write_bytes(original)  # restored: the revision describes these bytes again
+    again = analyze_dataset(cfg, small_copy, progress=False)
+    assert (again.run_id, again.n_computed, again.status) == (first.run_id, 1, "succeeded")
+    got, errors = results_by_head(cfg)
+    assert errors == [] and all(same(got[h], clean[h]) for h in clean)
+
+
 #: checks of problems that belong to the dataset rather than one head (benchmarks/fault_suite.py runs them too)
 DATASET_CASES = [
     test_folder_name_beyond_the_integer_range_is_a_catalog_problem,
@@ -336,6 +363,7 @@ DATASET_CASES = [
     test_head_sampled_capture_is_not_missing_heads,
     test_unknown_layout_and_sparse_shards_stop_before_any_work,
     test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,
+    test_a_shard_replaced_during_a_run_is_an_error_never_a_result_of_that_run,
 ]
 
 

@@ -79,6 +79,9 @@ class ShardInfo:
     has_token_str: bool = False
     buckets: list[BucketRange] = field(default_factory=list)
     error: ShardError | None = None
+    # SHA-256 of the content the run's revision was made from (None: not known, not verified); the
+    # worker that reads the shard checks its bytes against it (warehouse.revision.verified_bytes)
+    sha256: str | None = None
 
     @property
     def min_bucket(self) -> int | None:

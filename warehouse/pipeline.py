@@ -35,7 +35,7 @@ from warehouse.families import Checkpoint, checkpoint_of
 from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
 from warehouse.loading import load_rows
 from warehouse.models import ModelInfo
-from warehouse.revision import content_revision
+from warehouse.revision import content_digests, hub_blob_sha256, revision_of_digests
 from warehouse.names import safe_path_component
 from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
 
@@ -119,8 +119,19 @@ class Catalog:
 
 
 def local_revision(cat: "Catalog") -> str:
-    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`)."""
-    return content_revision(cat.base, cat.paths)
+    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`).
+    Each shard keeps its own digest (`ShardInfo.sha256`): the worker reading it verifies its bytes."""
+    digests = content_digests(cat.base, cat.paths)
+    for shard in cat.shards:
+        shard.sha256 = digests.get(shard.path)
+    return revision_of_digests(cat.base, digests)
+
+
+def snapshot_digests(cat: "Catalog") -> None:
+    """Each shard's SHA-256 as its Hub snapshot names it (`hub_blob_sha256`; None where unknown), for
+    a run whose revision is a Hub commit: workers verify what they read against it, as for a local run."""
+    for shard in cat.shards:
+        shard.sha256 = hub_blob_sha256(shard.path)
 
 
 def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> list[CatalogProblem]:
@@ -688,7 +699,10 @@ def analyze_dataset(
     cat = find_catalog(root, cfg)
     model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
     cfg.check_layers_exist({s.layer for s in cat.shards})
-    revision = revision or local_revision(cat)
+    if revision:
+        snapshot_digests(cat)
+    else:
+        revision = local_revision(cat)
     info = cat.model_info(model, cfg.dataset_name, revision, checkpoint_of(cfg))
     cfg = resolved_config(cfg, cat.layout)
     run_id = cfg.run_id(model, revision, info.run_facts())
