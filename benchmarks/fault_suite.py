@@ -9,7 +9,7 @@ bad key shard, two folders naming one head, a stray or a missing query shard, in
 int32, duplicate columns, negative buckets, buckets that disagree with positions (the card's
 scheme, or their order when the scheme is unknown), a zero window, q/k windows that differ, a
 two-row query shard, a position beyond int32, a fractional position, all-zero queries
-and identical keys (a degenerate head)), analyses it, and checks that exactly the affected
+and identical keys (a degenerate head), a flipped byte in a page with a checksum), analyses it, and checks that exactly the affected
 heads carry the expected problem in head_errors, naming the file, and that every other head's
 results are bit-for-bit those of the undamaged dataset. The dataset-level cases check a folder
 name beyond the integer range and a stray key shard (catalog problems, no head affected), config head

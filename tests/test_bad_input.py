@@ -98,6 +98,17 @@ def constant_vectors(table, value=None):
     return table.set_column(table.schema.get_field_index("vector"), "vector", new)
 
 
+def flip_vector_byte_under_checksums(path):
+    """Rewrite the shard with page checksums (plain, uncompressed pages), then flip one bit of the
+    vector column's last stored value: the file still parses, and the value stays finite."""
+    pq.write_table(pq.read_table(path), path, write_page_checksum=True, compression="NONE", use_dictionary=False)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("vector"))
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x01  # a mantissa bit of the last float
+    path.write_bytes(bytes(data))
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -154,6 +165,8 @@ CASES = [
     # degenerate heads: no spread, so the metrics are undefined (they used to store AP 1 with SE 0)
     ("zero_queries", (0, 1, "q"), lambda p: rewrite(p, lambda t: constant_vectors(t, 0.0)), "degenerate_head", {(0, 1)}),
     ("identical_keys", (1, 1, "k"), lambda p: rewrite(p, constant_vectors), "degenerate_head", {(1, 2), (1, 3)}),
+    # a page whose checksum does not match (read before as finite garbage that changed the metrics)
+    ("flipped_page_byte", (1, 0, "q"), flip_vector_byte_under_checksums, "corrupt_page", {(1, 0)}),
     ("fractional_position", (0, 2, "q"), lambda p: rewrite(p, lambda t: half_position(t, 10)), "fractional_positions", {(0, 2)}),
 ]
 

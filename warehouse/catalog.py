@@ -382,9 +382,24 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
                          f"{MIN_QUERY_ROWS} (through 2 points it fits exactly: R2 = 1 whatever the data)")
 
 
+def open_parquet(source) -> pq.ParquetFile:
+    """A ParquetFile that checks the CRC of every page whose writer stored one (Parquet's optional
+    page checksums; pages without one are read as they are)."""
+    return pq.ParquetFile(source, page_checksum_verification=True)
+
+
+def read_failure(path: str, exc: BaseException, what: str) -> ShardError:
+    """The ShardError for an exception raised while reading a shard: `corrupt_page` when a page's
+    stored checksum does not match its bytes, else `unreadable`."""
+    if "CRC checksum verification failed" in str(exc):
+        return ShardError(path, "corrupt_page", f"a data page's bytes do not match its stored checksum, so its values "
+                                                f"are not those written ({type(exc).__name__}: {exc})")
+    return ShardError(path, "unreadable", f"{what} ({type(exc).__name__}: {exc})")
+
+
 def _read_schema(path: str) -> tuple[pq.ParquetFile, pa.Schema]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         return pf, pf.schema_arrow
     except Exception as exc:  # truncated footer, not Parquet at all, permission...
         raise ShardError(path, "unreadable", f"cannot read Parquet file ({type(exc).__name__}: {exc})") from None
@@ -519,7 +534,7 @@ def _profile_into(info: ShardInfo, scheme: BucketScheme | None) -> None:
     try:
         table = pf.read(columns=columns, use_threads=False)
     except Exception as exc:
-        raise ShardError(path, "unreadable", f"cannot read Parquet data ({type(exc).__name__}: {exc})") from None
+        raise read_failure(path, exc, "cannot read Parquet data") from None
     try:
         prof, ranges = table_profile(table, scheme)
     except Exception as exc:  # a column pyarrow can read but not convert
