@@ -359,6 +359,8 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
             file = q_info.path if e.side == "q" else task.k_info.path
             outcome.error = _error(file, "degenerate_head", f"{file}: {e}")
         except Exception as e:  # a bug or degenerate data: still only this head fails
+            if kernel_cache.raised_by_numba_cache(e):  # the machine's cache, not this head: stop the run
+                raise kernel_cache.cache_failure(e) from None
             outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
         q_rows = None  # free this head's rows before the next one is read
         out.append(outcome)
