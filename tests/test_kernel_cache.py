@@ -18,16 +18,17 @@ RUN = textwrap.dedent("""
     from warehouse.config import RunConfig
     from warehouse.pipeline import analyze_dataset
     root, wh, attention = sys.argv[1], sys.argv[2], sys.argv[3]
-    cfg = RunConfig(warehouse=wh, output_dir=wh + ".results", max_workers=2, attention=attention,
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    cfg = RunConfig(warehouse=wh, output_dir=wh + ".results", max_workers=workers, attention=attention,
                     attention_scales=[0.5, 1.0])
     s = analyze_dataset(cfg, root, progress=False)
     assert s.n_errors == 0 and s.n_computed > 0, s
 """)
 
 
-def _run(root: Path, tmp: Path, cache: Path, name: str, attention: str = "true") -> str:
+def _run(root: Path, tmp: Path, cache: Path, name: str, attention: str = "true", workers: int = 2) -> str:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_DEBUG_CACHE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", RUN, str(root), str(tmp / f"{name}.duckdb"), attention], env=env,
+    proc = subprocess.run([sys.executable, "-c", RUN, str(root), str(tmp / f"{name}.duckdb"), attention, str(workers)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -126,7 +127,8 @@ def test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     assert "pickle" in kernel_cache.cache_file_problem(index) and kernel_cache.cache_file_problem(data)
 
-    log = _run(small_dataset, tmp_path, cache, "damaged")  # fails unless every head is computed
+    # one process computes (the workers' code, in the run's own process: no pool to start)
+    log = _run(small_dataset, tmp_path, cache, "damaged", workers=1)  # fails unless every head is computed
     assert f"numba's kernel cache {folder} was damaged" in log, log[-3000:]
     (aside,) = folder.glob("damaged-*")
     moved = sorted(p.name for p in aside.iterdir())
@@ -144,7 +146,8 @@ def test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_
     index.write_bytes(pickle.dumps(numba_version) + pickle.dumps(42))
     assert kernel_cache.cache_file_problem(index) is None
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", RUN, str(small_dataset), str(tmp_path / "stopped.duckdb"), "true"],
+    # two workers: the error crosses from the worker that raised it to the run
+    proc = subprocess.run([sys.executable, "-c", RUN, str(small_dataset), str(tmp_path / "stopped.duckdb"), "true", "2"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode != 0 and f"numba could not load a cached kernel from {folder}" in proc.stderr, proc.stderr[-3000:]
     with db.reader(str(tmp_path / "stopped.duckdb")) as con:
