@@ -2,21 +2,25 @@
 
     .venv/bin/python benchmarks/fault_suite.py
 
-Each case damages one shard of a fresh copy of a small synthetic dataset (truncated Parquet,
-not Parquet, a missing column, wrong types, ragged / NaN / Inf vectors, negative positions, an
-empty shard, mixed sliding windows, duplicated rows, a missing key shard, mismatched q/k widths, a
-bad key shard, two folders naming one head, a stray or a missing query shard, integers beyond
-int32, duplicate columns, negative buckets, buckets that disagree with positions (the card's
-scheme, or their order when the scheme is unknown), a zero window, q/k windows that differ, a
-two-row query shard, a position beyond int32), analyses it, and checks that exactly the affected
-heads carry the expected problem in head_errors, naming the file, and that every other head's
-results are bit-for-bit those of the undamaged dataset. The dataset-level cases check a folder
-name beyond the integer range and a stray key shard (catalog problems, no head affected), a
-head-sampled capture (no missing heads), an unknown layout over sparse shards (the run stops
-before any work) and an unexpected exception while cataloguing (that shard's heads only). One more
-case checks that the accepted variants (a plain list<float> vector column, float positions)
-change nothing. The checks are the test module's own functions, so this script and
-`pytest tests/test_bad_input.py` cannot drift apart.
+Each case damages one shard of a fresh copy of a small synthetic dataset (truncated Parquet, not
+Parquet, a missing column, wrong types, ragged / NaN / Inf vectors, negative positions, an empty
+shard, mixed sliding windows, duplicated rows, a missing key shard, mismatched q/k widths, a bad
+key shard, two folders naming one head, a stray or a missing query shard, integers beyond int32,
+duplicate columns, negative buckets, buckets that disagree with positions (the card's scheme, or
+their order when the scheme is unknown), a zero window, q/k windows that differ, a two-row query
+shard, a position beyond int32, a fractional position, all-zero queries and identical keys (a
+degenerate head), a flipped byte in a page with a checksum), analyses it, and checks that exactly
+the affected heads carry the expected problem in head_errors, naming the file, and that every other
+head's results are bit-for-bit those of the undamaged dataset. The dataset-level cases check a
+folder name beyond the integer range and a stray key shard (catalog problems, no head affected),
+config head counts that contradict the card (the run stops before any work), a shard replaced
+during a run (an error, then the right result once restored), a head-sampled capture (no missing
+heads), an unknown layout over sparse shards (the run stops before any work) and an unexpected
+exception while cataloguing (that shard's heads only). One more case checks that the accepted
+variants (a plain list<float> vector column, float positions) change nothing, and one that a
+damaged numba kernel cache is set aside and compiled again (or stops the run naming it), never
+charged to a head. The checks are the test modules' own functions, so this script and `pytest
+tests/test_bad_input.py` cannot drift apart.
 """
 
 from __future__ import annotations
@@ -39,6 +43,17 @@ from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
 from warehouse.pipeline import analyze_dataset  # noqa: E402
 
 
+def damaged_kernel_cache(copy: Path, work: Path) -> None:
+    """A damaged numba cache (garbage index, truncated data, then a well-formed wrong index): set aside
+    and compiled again, or the run stops naming the cache; never a head error (tests/test_kernel_cache.py)."""
+    import pytest
+    import test_kernel_cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        test_kernel_cache.test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_data(
+            copy, work, mp)
+
+
 def main() -> int:
     tried = passed = 0
     failures = []
@@ -54,6 +69,7 @@ def main() -> int:
         cases += [(fn.__name__.removeprefix("test_"), "dataset", lambda copy, work, fn=fn: fn(copy, work, clean))
                   for fn in suite.DATASET_CASES]
         cases.append(("accepted_variants", "no error", lambda copy, work: suite.test_accepted_variants_give_identical_results(copy, work, clean)))
+        cases.append(("damaged_kernel_cache", "machine", damaged_kernel_cache))
         width = max(len(name) for name, _, _ in cases)
         kind_width = max(len(kind) for _, kind, _ in cases)
         for i, (name, kind, check) in enumerate(cases):

@@ -423,9 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["demo"] and not {"-h", "--help"} & set(words):
         # a fresh machine's first demo: the kernels compile while this process imports and generates
-        from warehouse.kernel_cache import start_kernel_warmup
+        from warehouse.kernel_cache import DamagedKernelCache, start_kernel_warmup
 
-        start_kernel_warmup()
+        try:
+            start_kernel_warmup()
+        except DamagedKernelCache as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     from warehouse.db import WarehouseError
     from warehouse.hub import HubError
 

@@ -36,6 +36,42 @@ METRIC_KEYS = (
 )
 
 
+class DegenerateHead(ValueError):
+    """The head's rows leave its metrics undefined (``side``: 'q' or 'k', whose rows are the cause)."""
+
+    def __init__(self, side: str, message: str):
+        self.side = side
+        super().__init__(message)
+
+
+def all_rows_identical(V: np.ndarray) -> bool:
+    """True when ``V`` (n, d) has at least 2 rows and every row equals the first:
+    ``max_c (max_i V_ic - min_i V_ic) = 0``. (A single row has no spread to measure; callers refuse
+    heads with too few rows on their own terms.)"""
+    V = np.asarray(V)
+    if V.shape[0] < 2 or np.any(V[1] != V[0]):  # the usual answer, in O(d)
+        return False
+    return bool(np.all(V.max(axis=0) == V.min(axis=0)))
+
+
+def degenerate_reason(q_vectors: np.ndarray, k_vectors: np.ndarray) -> tuple[str, str] | None:
+    """Why a head's metrics are undefined, as (side, reason), or None when they are defined.
+
+    Every query identical: each component's position fit is ``1 - SS_res / max(SS_tot, 1e-12)``
+    with ``SS_res = SS_tot = 0`` (R2 = 1 by the floor, not by the data), and for a zero query every
+    pair has ``m = 0`` and ``v = 0`` (AP = 4 Phi(0)(1 - Phi(0)) = 1 by the variance floor, with a
+    zero standard error). Every key identical: every key difference ``D`` is 0, so every pair is
+    ``0 / 0`` again. Reporting those as a perfect score would be a number the data never gave."""
+    if all_rows_identical(q_vectors):
+        what = "zero" if not np.any(np.asarray(q_vectors)[0]) else "the same vector"
+        return "q", (f"every query vector is {what} ({q_vectors.shape[0]} rows): no spread, so the position fit's "
+                     "R2 and the attention plasticity are 0/0, undefined")
+    if all_rows_identical(k_vectors):
+        return "k", (f"every key vector is the same ({k_vectors.shape[0]} rows): every key difference is 0, so the "
+                     "attention plasticity of every pair is 0/0, undefined")
+    return None
+
+
 def pair_rng_seed(seed: int, layer: int, q_head: int) -> int:
     """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (SPEC 2.8)."""
     return int(seed) + 10007 * int(layer) + 379 * int(q_head)
@@ -119,6 +155,9 @@ def analyze_head(
     d = q.d
     if d == 0:
         raise ValueError("vectors have width 0")
+    degenerate = degenerate_reason(q.vectors, k.vectors)
+    if degenerate is not None:
+        raise DegenerateHead(*degenerate)
     s = np.asarray(orientation, dtype=np.float64).reshape(-1)
     if s.shape != (d,):
         raise ValueError(f"orientation has length {s.shape[0]}, expected {d}")

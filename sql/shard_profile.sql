@@ -31,6 +31,8 @@ SELECT
     max(position)::DOUBLE                                       AS max_position,
     count(*) FILTER (WHERE position < 0)                        AS n_negative_positions,
     count(*) FILTER (WHERE NOT isfinite(position::DOUBLE))      AS n_nonfinite_positions,
+    count(*) FILTER (WHERE isfinite(p) AND p <> floor(p))       AS n_fractional_positions,
+    min(p) FILTER (WHERE isfinite(p) AND p <> floor(p))         AS first_fractional_position,
     count(*) FILTER (WHERE bucket IS NULL OR example_id IS NULL OR position IS NULL) AS n_null_keys,
     count(DISTINCT sliding_window)                              AS n_windows,
     count(*) FILTER (WHERE sliding_window IS NULL)              AS n_null_windows,

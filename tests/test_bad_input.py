@@ -81,6 +81,34 @@ def unsort_buckets_without_card(path):
     os.remove(path.parents[1] / "README.md")
 
 
+def half_position(table, row):
+    """Positions as float64 with one row's position moved by half a step (3 -> 3.5)."""
+    pos = table.column("position").to_numpy().astype(np.float64)
+    pos[row] += 0.5
+    return set_column(table, "position", pa.array(pos, pa.float64()))
+
+
+def constant_vectors(table, value=None):
+    """Every vector replaced by `value` (a scalar for every element), or by the first row's vector."""
+    vec = table.column("vector").combine_chunks()
+    d = vec.type.list_size
+    flat = vec.flatten().to_numpy().reshape(-1, d)
+    rows = np.broadcast_to(flat[0] if value is None else np.float32(value), flat.shape).astype(np.float32)
+    new = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel(), pa.float32()), d)
+    return table.set_column(table.schema.get_field_index("vector"), "vector", new)
+
+
+def flip_vector_byte_under_checksums(path):
+    """Rewrite the shard with page checksums (plain, uncompressed pages), then flip one bit of the
+    vector column's last stored value: the file still parses, and the value stays finite."""
+    pq.write_table(pq.read_table(path), path, write_page_checksum=True, compression="NONE", use_dictionary=False)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith("vector"))
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 3] ^= 0x01  # a mantissa bit of the last float
+    path.write_bytes(bytes(data))
+
+
 def truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -133,6 +161,13 @@ CASES = [
     ("two_row_query_shard", (0, 1, "q"), lambda p: rewrite(p, lambda t: t.slice(0, 2)), "too_few_rows", {(0, 1)}),
     ("position_beyond_int32", (1, 3, "q"), lambda p: rewrite(p, lambda t: set_value(t, "position", 0, 2**31, pa.int64())),
      "position_overflow", {(1, 3)}),
+    # accepted silently before: a float position column must hold whole numbers
+    # degenerate heads: no spread, so the metrics are undefined (they used to store AP 1 with SE 0)
+    ("zero_queries", (0, 1, "q"), lambda p: rewrite(p, lambda t: constant_vectors(t, 0.0)), "degenerate_head", {(0, 1)}),
+    ("identical_keys", (1, 1, "k"), lambda p: rewrite(p, constant_vectors), "degenerate_head", {(1, 2), (1, 3)}),
+    # a page whose checksum does not match (read before as finite garbage that changed the metrics)
+    ("flipped_page_byte", (1, 0, "q"), flip_vector_byte_under_checksums, "corrupt_page", {(1, 0)}),
+    ("fractional_position", (0, 2, "q"), lambda p: rewrite(p, lambda t: half_position(t, 10)), "fractional_positions", {(0, 2)}),
 ]
 
 
@@ -233,6 +268,24 @@ def test_stray_key_shard_is_marked_and_pairs_with_nothing(small_copy, tmp_path, 
     assert_results_equal_clean(cfg, clean)
     stray = str(small_copy / "l00h02k" / "data.parquet")
     assert fetch(cfg, f"SELECT problem FROM shards WHERE path = '{stray}'") == [("layout_mismatch",)]
+    (row,) = fetch(cfg, "SELECT file, problem, message FROM catalog_problems")  # told, not just marked
+    assert row[:2] == (stray, "layout_mismatch") and stray in row[2] and "key head 2 of layer 0" in row[2]
+
+
+def test_config_head_counts_contradicting_the_card_stop_before_any_work(small_copy, tmp_path, clean):
+    """The card says 4 query / 2 key heads; a config saying 8 / 2 would pair query head 2 with key head 0
+    (group 4) instead of 1: the run stops before any work, naming both values and the card."""
+    from warehouse.layout import LayoutError
+
+    card = str(small_copy / "README.md")
+    with pytest.raises(LayoutError, match=r"num_q_heads = 8 in the config but 4 on the dataset card \(" + card):
+        analyse(small_copy, tmp_path, num_q_heads=8, num_k_heads=2)
+    with pytest.raises(LayoutError, match=r"num_layers = 3 in the config but 2 on the dataset card"):
+        analyse(small_copy, tmp_path, num_layers=3)
+    assert not (tmp_path / "wh.duckdb").exists()  # nothing written
+    cfg, summary = analyse(small_copy, tmp_path / "agree", num_q_heads=4, num_k_heads=2, num_layers=2)
+    assert summary.status == "succeeded"
+    assert_results_equal_clean(cfg, clean)
 
 
 def with_front_matter(copy, extra: str) -> None:
@@ -288,13 +341,42 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
     assert all(same(got[h], clean[h]) for h in clean if h[0] != 1 or h[1] > 1)
 
 
+def test_a_shard_replaced_during_a_run_is_an_error_never_a_result_of_that_run(small_copy, tmp_path, clean):
+    """The revision is hashed before any head is computed. A shard replaced afterwards (here: once the
+    first group's results are in, before the last group is read) must not be analysed under that
+    revision: its head is a changed_during_run error naming the file, and once the file is back, the
+    same run (same revision, same run id) computes it from the bytes the revision describes."""
+    path = shard(small_copy, 1, 2, "q")  # in the last GQA group (layer 1, key head 1)
+    original = path.read_bytes()
+
+    def replace_once(outcome):
+        if not replace_once.done:
+            rewrite(path, lambda t: set_vector_value(t, 7, 2, 123.0))
+            replace_once.done = True
+    replace_once.done = False
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+    first = analyze_dataset(cfg, small_copy, progress=False, on_outcome=replace_once)
+    got, errors = results_by_head(cfg)
+    assert [(l, q, f, p) for l, q, f, p, _ in errors] == [(1, 2, str(path), "changed_during_run")]
+    assert str(path) in errors[0][4] and "changed after the run hashed it" in errors[0][4]
+    assert (1, 2) not in got and all(same(got[h], clean[h]) for h in got)
+    assert first.status == "partial"
+    path.write_bytes(original)  # restored: the revision describes these bytes again
+    again = analyze_dataset(cfg, small_copy, progress=False)
+    assert (again.run_id, again.n_computed, again.status) == (first.run_id, 1, "succeeded")
+    got, errors = results_by_head(cfg)
+    assert errors == [] and all(same(got[h], clean[h]) for h in clean)
+
+
 #: checks of problems that belong to the dataset rather than one head (benchmarks/fault_suite.py runs them too)
 DATASET_CASES = [
     test_folder_name_beyond_the_integer_range_is_a_catalog_problem,
     test_stray_key_shard_is_marked_and_pairs_with_nothing,
+    test_config_head_counts_contradicting_the_card_stop_before_any_work,
     test_head_sampled_capture_is_not_missing_heads,
     test_unknown_layout_and_sparse_shards_stop_before_any_work,
     test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads,
+    test_a_shard_replaced_during_a_run_is_an_error_never_a_result_of_that_run,
 ]
 
 

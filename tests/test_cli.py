@@ -80,6 +80,15 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["export", "--model", "ghost", "--warehouse", str(tmp_path / "w.duckdb")]) == 2
 
 
+def test_cli_head_counts_contradicting_the_card_are_one_line_before_any_work(small_dataset, tmp_path, capsys):
+    wh = tmp_path / "w.duckdb"
+    assert main(["analyze", "--dataset_local_root", str(small_dataset), "--num_q_heads", "8", "--num_k_heads", "2",
+                 "--warehouse", str(wh), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "num_q_heads = 8 in the config but 4 on the dataset card" in err
+    assert not wh.exists()
+
+
 def test_cli_demo_small(tmp_path, capsys, monkeypatch):
     """The demo command end to end (smaller heads count via layers filter to stay quick)."""
     monkeypatch.chdir(tmp_path)

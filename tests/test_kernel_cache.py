@@ -18,16 +18,17 @@ RUN = textwrap.dedent("""
     from warehouse.config import RunConfig
     from warehouse.pipeline import analyze_dataset
     root, wh, attention = sys.argv[1], sys.argv[2], sys.argv[3]
-    cfg = RunConfig(warehouse=wh, output_dir=wh + ".results", max_workers=2, attention=attention,
+    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    cfg = RunConfig(warehouse=wh, output_dir=wh + ".results", max_workers=workers, attention=attention,
                     attention_scales=[0.5, 1.0])
     s = analyze_dataset(cfg, root, progress=False)
     assert s.n_errors == 0 and s.n_computed > 0, s
 """)
 
 
-def _run(root: Path, tmp: Path, cache: Path, name: str, attention: str = "true") -> str:
+def _run(root: Path, tmp: Path, cache: Path, name: str, attention: str = "true", workers: int = 2) -> str:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), NUMBA_DEBUG_CACHE="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", RUN, str(root), str(tmp / f"{name}.duckdb"), attention], env=env,
+    proc = subprocess.run([sys.executable, "-c", RUN, str(root), str(tmp / f"{name}.duckdb"), attention, str(workers)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -105,3 +106,51 @@ def test_demo_data_does_not_depend_on_the_blas_thread_count(tmp_path):
     assert files
     for rel in files:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "default" / rel).read_bytes(), rel
+
+
+def test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_data(small_dataset, tmp_path,
+                                                                                       monkeypatch):
+    """A garbage index (.nbi) and a truncated data file (.nbc) made numba raise UnpicklingError in every
+    worker, so every head of an attention run failed against its shard files. The run finds them first,
+    moves each affected kernel's files aside, says so in one line, and the warm-up compiles them again."""
+    cache = tmp_path / "numba-cache"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
+    warm = subprocess.run([sys.executable, "-m", "warehouse.kernel_cache", "attention"], cwd=tmp_path, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    folder = kernel_cache.kernel_cache_folder(REPO / "plasticity" / "attention" / "kernel.py")
+    files = sorted(p.name for p in folder.glob("kernel.*"))
+    assert all(kernel_cache.cache_file_problem(folder / name) is None for name in files), files
+    index = next(folder.glob("kernel.block_stats-*.nbi"))
+    index.write_bytes(b"\x80\x04garbage, not numba's index")
+    data = next(folder.glob("kernel._k_eff_inside-*.nbc"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    assert "pickle" in kernel_cache.cache_file_problem(index) and kernel_cache.cache_file_problem(data)
+
+    # one process computes (the workers' code, in the run's own process: no pool to start)
+    log = _run(small_dataset, tmp_path, cache, "damaged", workers=1)  # fails unless every head is computed
+    assert f"numba's kernel cache {folder} was damaged" in log, log[-3000:]
+    (aside,) = folder.glob("damaged-*")
+    moved = sorted(p.name for p in aside.iterdir())
+    assert moved == sorted(n for n in files if n.startswith(("kernel.block_stats-", "kernel._k_eff_inside-")))
+    assert sorted(p.name for p in folder.glob("kernel.*")) == files  # compiled again, beside the others
+    assert all(kernel_cache.cache_file_problem(folder / name) is None for name in files)
+    assert kernel_cache.kernels_cached("attention")
+
+    # damage the structural check cannot see (well-formed pickles, not numba's index): numba raises in
+    # the workers, and the run stops with one line naming the cache; no head is charged with it
+    import pickle
+
+    with open(index, "rb") as fh:
+        numba_version = pickle.load(fh)
+    index.write_bytes(pickle.dumps(numba_version) + pickle.dumps(42))
+    assert kernel_cache.cache_file_problem(index) is None
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
+    # two workers: the error crosses from the worker that raised it to the run
+    proc = subprocess.run([sys.executable, "-c", RUN, str(small_dataset), str(tmp_path / "stopped.duckdb"), "true", "2"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0 and f"numba could not load a cached kernel from {folder}" in proc.stderr, proc.stderr[-3000:]
+    with db.reader(str(tmp_path / "stopped.duckdb")) as con:
+        assert con.execute("SELECT count(*) FROM head_errors").fetchone() == (0,)
+        (status, error), = con.execute("SELECT status, error FROM runs").fetchall()
+    assert status == "failed" and "numba could not load a cached kernel" in error

@@ -3,6 +3,8 @@ sparse or inconsistent set; expected query heads follow what the card says about
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from warehouse.layout import HeadLayout, LayoutError, expected_query_layers, infer_from_shards, resolve_layout
@@ -14,11 +16,23 @@ def full_set(layers: int, q: int, k: int) -> list[tuple[int, int, str]]:
 
 def test_precedence_config_then_card_then_shards():
     ids = full_set(3, 6, 2)
-    assert resolve_layout(ids, config=(None, 12, 4), card=(3, 6, 2)) == HeadLayout(3, 12, 4, "config")
+    assert resolve_layout(ids, config=(None, 12, 4), card=(3, None, None)) == HeadLayout(3, 12, 4, "config")
+    assert resolve_layout(ids, config=(3, 6, 2), card=(3, 6, 2)) == HeadLayout(3, 6, 2, "config")
     assert resolve_layout(ids, config=(None, None, None), card=(5, 6, 2)) == HeadLayout(5, 6, 2, "card")
     assert resolve_layout(ids, config=(4, None, None), card=(None, 6, 3)) == HeadLayout(4, 6, 3, "card")
     assert resolve_layout(ids, config=(None, None, None)) == HeadLayout(3, 6, 2, "shards")
     assert resolve_layout(ids, config=(None, None, None)).group_size == 3
+
+
+@pytest.mark.parametrize("config,card,clash", [
+    ((None, 12, 4), (3, 6, 2), "num_q_heads = 12 in the config but 6 on the dataset card; "
+                               "num_k_heads = 4 in the config but 2 on the dataset card"),
+    ((None, 12, None), (3, 6, 2), "num_q_heads = 12 in the config but 6"),  # a half-given config is no exception
+    ((4, None, None), (3, 6, 2), "num_layers = 4 in the config but 3"),
+])
+def test_config_counts_that_contradict_the_card_are_refused(config, card, clash):
+    with pytest.raises(LayoutError, match=re.escape(clash) + r".*\(/data/m/README.md\).*pairing"):
+        resolve_layout(full_set(3, 6, 2), config=config, card=card, card_path="/data/m/README.md")
 
 
 @pytest.mark.parametrize("change,detail", [

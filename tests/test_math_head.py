@@ -240,3 +240,23 @@ def test_constant_query_positions():
     m = analyze_head(qc, k, np.ones(q.d), layer=0, q_head=0, params=AnalysisParams()).metrics
     assert (m["q_R2_pos"], m["q_beta_norm"], m["q_R2_scalar"], m["q_mae_baseline"], m["q_mae_ratio"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
     assert 0.0 < m["ap_overall"] < 1.0
+
+
+@pytest.mark.parametrize("side,fill,reason", [
+    ("q", 0.0, "every query vector is zero"),
+    ("q", 0.7, "every query vector is the same vector"),
+    ("k", 0.7, "every key vector is the same"),
+])
+def test_rows_without_spread_are_a_degenerate_head_not_a_perfect_score(side, fill, reason):
+    """Constant queries make every component's R2 = 1 - 0/1e-12 = 1, and zero queries every pair's
+    m = v = 0, AP = 4 Phi(0)(1 - Phi(0)) = 1 with SE 0: numbers of the floors, not of the data."""
+    from plasticity.head import DegenerateHead, degenerate_reason
+
+    q, k = make_head(seed=3)
+    const = q if side == "q" else k
+    const.vectors[:] = fill
+    with pytest.raises(DegenerateHead, match=reason) as err:
+        analyze_head(q, k, np.ones(q.d), layer=0, q_head=0, params=AnalysisParams())
+    assert err.value.side == side
+    const.vectors[5, 2] += 1e-6  # one row that differs: a head with (tiny) spread is analysed
+    assert degenerate_reason(q.vectors, k.vectors) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 from warehouse import db
 from warehouse.catalog import scan_shards
@@ -92,3 +93,35 @@ def test_a_renamed_shard_changes_the_revision_even_where_the_order_of_the_paths_
         heads = {h for h, in con.execute("SELECT q_head FROM head_metrics WHERE layer = 1 AND run_id = $r",
                                           {"r": second.run_id}).fetchall()}
     assert 4 in heads and 3 not in heads
+
+
+def as_hub_snapshot(src, cache):
+    """`src` laid out as huggingface_hub caches an LFS dataset: snapshots/<sha>/<file> are symlinks to
+    blobs/<SHA-256 of the content>."""
+    blobs, snap = cache / "blobs", cache / "snapshots" / ("c" * 40)
+    blobs.mkdir(parents=True)
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blobs / digest)
+        link = snap / path.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blobs / digest, link.parent))
+    return snap
+
+
+def test_a_hub_snapshot_is_verified_against_its_blob_names(small_dataset, tmp_path):
+    """A Hub run's revision is the commit; each shard's bytes are checked against the SHA-256 its
+    cached blob is named by, so a blob whose bytes changed is an error on its heads, not a result."""
+    from warehouse.revision import hub_blob_sha256
+
+    snap = as_hub_snapshot(small_dataset, tmp_path / "cache")
+    target = snap / "l00h01q" / "data.parquet"
+    assert hub_blob_sha256(target) == file_sha256(target)
+    assert hub_blob_sha256(small_dataset / "l00h01q" / "data.parquet") is None  # not a cache link
+    blob = Path(os.path.realpath(target))
+    blob.write_bytes((small_dataset / "l00h00q" / "data.parquet").read_bytes())  # valid Parquet, other bytes
+    cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": False, "model": "m"})
+    summary = analyze_dataset(cfg, snap, revision="c" * 40)
+    with db.reader(cfg.warehouse) as con:
+        errors = con.execute("SELECT layer, q_head, file, problem FROM head_errors").fetchall()
+    assert errors == [(0, 1, str(target), "changed_during_run")] and summary.n_done == 7

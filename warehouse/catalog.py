@@ -79,6 +79,9 @@ class ShardInfo:
     has_token_str: bool = False
     buckets: list[BucketRange] = field(default_factory=list)
     error: ShardError | None = None
+    # SHA-256 of the content the run's revision was made from (None: not known, not verified); the
+    # worker that reads the shard checks its bytes against it (warehouse.revision.verified_bytes)
+    sha256: str | None = None
 
     @property
     def min_bucket(self) -> int | None:
@@ -339,6 +342,11 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
         raise ShardError(path, "nonfinite_values", f"{prof['n_nonfinite_positions']} position(s) are NaN or infinite")
     if prof["n_negative_positions"]:
         raise ShardError(path, "negative_positions", f"{prof['n_negative_positions']} row(s) have a negative position (min {prof['min_position']:g})")
+    if prof["n_fractional_positions"]:
+        raise ShardError(path, "fractional_positions",
+                         f"{prof['n_fractional_positions']} position(s) have a fractional part (e.g. "
+                         f"{prof['first_fractional_position']:g}); token positions are whole numbers (a float column "
+                         "is accepted only when it holds whole numbers)")
     if prof["max_position"] > MAX_POSITION:
         raise ShardError(path, "position_overflow",
                          f"position {prof['max_position']:g} is beyond {MAX_POSITION} (SPEC 1's int32 positions); "
@@ -374,9 +382,24 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
                          f"{MIN_QUERY_ROWS} (through 2 points it fits exactly: R2 = 1 whatever the data)")
 
 
+def open_parquet(source) -> pq.ParquetFile:
+    """A ParquetFile that checks the CRC of every page whose writer stored one (Parquet's optional
+    page checksums; pages without one are read as they are)."""
+    return pq.ParquetFile(source, page_checksum_verification=True)
+
+
+def read_failure(path: str, exc: BaseException, what: str) -> ShardError:
+    """The ShardError for an exception raised while reading a shard: `corrupt_page` when a page's
+    stored checksum does not match its bytes, else `unreadable`."""
+    if "CRC checksum verification failed" in str(exc):
+        return ShardError(path, "corrupt_page", f"a data page's bytes do not match its stored checksum, so its values "
+                                                f"are not those written ({type(exc).__name__}: {exc})")
+    return ShardError(path, "unreadable", f"{what} ({type(exc).__name__}: {exc})")
+
+
 def _read_schema(path: str) -> tuple[pq.ParquetFile, pa.Schema]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         return pf, pf.schema_arrow
     except Exception as exc:  # truncated footer, not Parquet at all, permission...
         raise ShardError(path, "unreadable", f"cannot read Parquet file ({type(exc).__name__}: {exc})") from None
@@ -396,7 +419,8 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
     window = table.column("sliding_window") if "sliding_window" in table.column_names else None
     prof = {
         "n_rows": n, "n_examples": 0, "n_null_keys": 0,
-        "n_duplicate_rows": 0, "n_negative_positions": 0, "n_nonfinite_positions": 0,
+        "n_duplicate_rows": 0, "n_negative_positions": 0, "n_nonfinite_positions": 0, "n_fractional_positions": 0,
+        "first_fractional_position": None,
         "min_position": None, "max_position": None,
         "n_windows": 0, "n_null_windows": n if window is None else window.null_count, "sliding_window": None,
         "min_bucket": None, "max_bucket": None, "min_example_id": None, "max_example_id": None,
@@ -442,6 +466,11 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
     finite = np.isfinite(pos)
     prof["n_nonfinite_positions"] = int(n - np.count_nonzero(finite))
     prof["n_negative_positions"] = int(np.count_nonzero(pos < 0))
+    if raw_pos.dtype.kind == "f":  # integer columns are whole by type
+        fractional = finite & (pos != np.floor(pos))
+        prof["n_fractional_positions"] = int(np.count_nonzero(fractional))
+        if prof["n_fractional_positions"]:
+            prof["first_fractional_position"] = float(pos[fractional].min())
     # duplicates of (example_id, position) and distinct examples: sort (cheap when the file is
     # already in that order)
     ex = example.astype(np.int64)
@@ -505,7 +534,7 @@ def _profile_into(info: ShardInfo, scheme: BucketScheme | None) -> None:
     try:
         table = pf.read(columns=columns, use_threads=False)
     except Exception as exc:
-        raise ShardError(path, "unreadable", f"cannot read Parquet data ({type(exc).__name__}: {exc})") from None
+        raise read_failure(path, exc, "cannot read Parquet data") from None
     try:
         prof, ranges = table_profile(table, scheme)
     except Exception as exc:  # a column pyarrow can read but not convert

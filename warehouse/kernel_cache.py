@@ -119,11 +119,126 @@ class KernelWarmup:
         return ok
 
 
+class DamagedKernelCache(ValueError):
+    """numba's cache of our kernels is damaged and could not be set aside: the run stops, naming it."""
+
+
+def kernel_cache_folder(source: Path) -> Path:
+    """Where numba keeps the compiled kernels of one source file: with ``NUMBA_CACHE_DIR``, its
+    ``<parent folder>_<SHA-1 of the source's folder>`` sub-folder (numba's UserProvidedCacheLocator),
+    else ``__pycache__`` beside the source (InTreeCacheLocator)."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    folder = os.path.dirname(os.path.abspath(source))
+    if env:
+        return Path(env) / f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"
+    return Path(folder) / "__pycache__"
+
+
+def cache_file_problem(path: Path) -> str | None:
+    """Why numba could not load a cache file (``.nbi`` index: two pickles, a version then the index;
+    ``.nbc`` data: one pickle), or None when each pickle is complete and well formed. The pickles are
+    walked opcode by opcode (`pickletools.genops`), never unpickled, so the check runs no code and
+    imports nothing. A truncated or garbled file is found; a flipped bit inside the compiled code is
+    not (numba stores no checksum)."""
+    import io
+    import pickletools
+
+    try:
+        stream = io.BytesIO(path.read_bytes())
+    except OSError as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    n_pickles = 2 if path.suffix == ".nbi" else 1
+    try:
+        for _ in range(n_pickles):
+            if stream.tell() == len(stream.getbuffer()):
+                return "truncated (a pickle is missing)"
+            for _op in pickletools.genops(stream):
+                pass
+    except Exception as exc:  # noqa: BLE001 -- what genops raises on bad input is not one type
+        return f"not a complete pickle ({type(exc).__name__}: {exc})"
+    if stream.tell() != len(stream.getbuffer()):
+        return "trailing bytes after its data"
+    return None
+
+
+def set_aside_damaged_cache(parts: Iterable[str] | None = None) -> list[tuple[Path, str]]:
+    """Find damaged cache files of the kernels of `parts` (default: all) and move every file of each
+    affected kernel (its index and its data) into a ``damaged-<UTC time>`` folder beside them, and
+    drop the families' "warmed" markers, so the warm-up compiles those kernels again; returns the
+    damaged files and why. `DamagedKernelCache` (one line naming the cache) if they cannot be moved.
+
+    Without this, numba raises on the damaged file in every worker, and every head of the run would
+    fail with an error that has nothing to do with its data."""
+    wanted = set(PARTS if parts is None else parts)
+    damaged: list[tuple[Path, str]] = []
+    for source in kernel_sources():
+        part = part_of(source)
+        if part not in wanted:
+            continue
+        folder = kernel_cache_folder(source)
+        if not folder.is_dir():
+            continue
+        bad_bases = set()
+        for path in sorted(folder.glob(f"{source.stem}.*.nb[ic]")):
+            why = cache_file_problem(path)
+            if why is not None:
+                damaged.append((path, why))
+                bad_bases.add(_kernel_base(path))
+        if not bad_bases:
+            continue
+        aside = folder / time.strftime("damaged-%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            aside.mkdir(exist_ok=True)
+            for path in sorted(folder.glob(f"{source.stem}.*.nb[ic]")):
+                if _kernel_base(path) in bad_bases:
+                    os.replace(path, aside / path.name)
+            for marker in cache_dir().glob(f"kernels-warm-{part}-*"):
+                marker.unlink()
+            first, why = next((p, w) for p, w in damaged if p.parent == folder)
+            print(f"note: numba's kernel cache {folder} was damaged ({first.name}: {why}); its files of the "
+                  f"affected kernels were moved to {aside.name}/ and the kernels are compiled again", file=sys.stderr)
+        except OSError as exc:
+            first, why = next((p, w) for p, w in damaged if p.parent == folder)
+            raise DamagedKernelCache(
+                f"numba's kernel cache {folder} is damaged ({first.name}: {why}) and could not be set aside "
+                f"({type(exc).__name__}: {exc}): delete that folder, or set NUMBA_CACHE_DIR to another one") from None
+    return damaged
+
+
+def raised_by_numba_cache(exc: BaseException) -> bool:
+    """Whether `exc` was raised while numba loaded a cached kernel (its traceback passes through
+    numba's caching module): a problem of this machine's cache, not of the data being analysed."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("numba/core/caching.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def cache_failure(exc: BaseException) -> DamagedKernelCache:
+    """The one-line error that stops a run whose worker could not load a cached kernel (damage the
+    structural check of `set_aside_damaged_cache` cannot see), instead of failing every head."""
+    folders = sorted({str(kernel_cache_folder(s)) for s in kernel_sources()})
+    return DamagedKernelCache(f"numba could not load a cached kernel from {', '.join(folders)} "
+                              f"({type(exc).__name__}: {exc}); this is the machine's kernel cache, not the data: "
+                              "delete that folder and run again")
+
+
+def _kernel_base(path: Path) -> str:
+    """The file name numba gives all cache files of one kernel: ``<module>.<function>-<line>.py<version>``
+    (``.nbi``) or the same plus ``.<n>`` (``.nbc``)."""
+    stem = path.name[: -len(".nbi")]
+    return stem.rsplit(".", 1)[0] if path.suffix == ".nbc" else stem
+
+
 def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | None:
     """Start a warm-up process for each kernel family of `parts` (default: every family that has
     kernels) not yet cached (None when all are); one warm-up per process: called again while it
     runs, returns it; once it has ended, None."""
     global _started
+    if set_aside_damaged_cache(parts) and _started is not None and not _started.running():
+        _started = None  # the kernels this process warmed were damaged since: warm them again
     if _started is not None:
         return _started if _started.running() else None
     wanted = set(PARTS if parts is None else parts)

@@ -68,15 +68,36 @@ def infer_from_shards(ids: Iterable[ShardId]) -> tuple[int, int, int]:
     return num_layers, num_q, num_k
 
 
+LAYOUT_KEYS = ("num_layers", "num_q_heads", "num_k_heads")
+
+
+def check_config_agrees_with_card(config: tuple[int | None, int | None, int | None],
+                                  card: tuple[int | None, int | None, int | None], card_path: str | None) -> None:
+    """LayoutError when the config and the dataset card both give a count and the two differ.
+
+    The pairing of every query head with its key head (``q_head // group``) follows from the counts,
+    so a contradiction would pair every head of the run wrongly while no single head could be blamed:
+    the run stops before any work and names both values instead of choosing one."""
+    clashes = [f"{key} = {mine} in the config but {theirs} on the dataset card"
+               for key, mine, theirs in zip(LAYOUT_KEYS, config, card)
+               if mine is not None and theirs is not None and int(mine) != int(theirs)]
+    if clashes:
+        raise LayoutError(f"{'; '.join(clashes)} ({card_path or 'the dataset card'}): the query/key head pairing "
+                          "depends on these counts, so the run does not choose between them. Remove the key from "
+                          "the config to use the card's count, or correct the card.")
+
+
 def resolve_layout(ids: Iterable[ShardId], *, config: tuple[int | None, int | None, int | None],
                    card: tuple[int | None, int | None, int | None] = (None, None, None),
-                   where: str = "the dataset") -> HeadLayout:
+                   where: str = "the dataset", card_path: str | None = None) -> HeadLayout:
     """The layout of a dataset from (num_layers, num_q_heads, num_k_heads) of the config and of the card
     (None = not given), else from the shard identities (`infer_from_shards`).
 
     Head counts: config, else card, else shards. Layers: config, else card, else the shards'
-    (largest layer + 1). Raises LayoutError when the head counts cannot be known.
+    (largest layer + 1). Raises LayoutError when the head counts cannot be known, or when the config
+    and the card give different counts (`check_config_agrees_with_card`).
     """
+    check_config_agrees_with_card(config, card, card_path)
     ids = list(ids)
     cfg_layers, cfg_q, cfg_k = config
     card_layers, card_q, card_k = card

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import sql
 from plasticity.orientation import bucket_sums, merge_bucket_sums
 from plasticity.types import TokenArrays, canonical_sort_order
-from warehouse.catalog import ShardError, ShardInfo, to_numpy
+from warehouse.catalog import ShardError, ShardInfo, open_parquet, read_failure, to_numpy
+from warehouse.revision import ChangedFile, verified_bytes
 
 STREAM_BATCH_ROWS = 65536
 ROW_COLUMNS = ("bucket", "example_id", "position", "vector")
@@ -66,12 +67,30 @@ def vector_values(column: pa.ChunkedArray | pa.Array, path: str, expected_dim: i
     return values
 
 
+def open_verified(info: ShardInfo) -> pq.ParquetFile:
+    """The shard as a ParquetFile. When the run knows the shard's SHA-256 (`ShardInfo.sha256`), the
+    file is read once into memory, hashed, and parsed from those same bytes: a file that changed
+    since the run's revision was made is a `changed_during_run` error, never analysed. (A row count
+    other than the profile's is the same error: the profile was made from other bytes.)"""
+    if info.sha256 is None:
+        return open_parquet(info.path)
+    try:
+        data = verified_bytes(info.path, info.sha256)
+    except ChangedFile as exc:
+        raise ShardError(info.path, "changed_during_run", str(exc)) from None
+    pf = open_parquet(pa.BufferReader(data))
+    if info.n_rows is not None and pf.metadata.num_rows != info.n_rows:
+        raise ShardError(info.path, "changed_during_run",
+                         f"it holds {pf.metadata.num_rows} rows where the run's profile of it counted {info.n_rows}")
+    return pf
+
+
 def read_shard(info: ShardInfo, columns: tuple[str, ...], batch_sums: bool = False):
     """The named columns of a whole shard as an Arrow table, plus, with `batch_sums`, the per-bucket
     vector sums of every 64k-row batch in file order (for the key orientation of SPEC 2.2) and the
     validated vector values (n, d) in file order; otherwise (table, None, None)."""
     try:
-        pf = pq.ParquetFile(info.path)
+        pf = open_verified(info)
         if not batch_sums:
             return pf.read(columns=list(columns), use_threads=False), None, None
         batches, parts, values = [], [], []
@@ -86,7 +105,7 @@ def read_shard(info: ShardInfo, columns: tuple[str, ...], batch_sums: bool = Fal
     except ShardError:
         raise
     except Exception as exc:
-        raise ShardError(info.path, "unreadable", f"cannot read rows ({type(exc).__name__}: {exc})") from None
+        raise read_failure(info.path, exc, "cannot read rows") from None
 
 
 def is_canonical(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarray) -> bool:

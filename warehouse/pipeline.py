@@ -35,7 +35,7 @@ from warehouse.families import Checkpoint, checkpoint_of
 from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
 from warehouse.loading import load_rows
 from warehouse.models import ModelInfo
-from warehouse.revision import content_revision
+from warehouse.revision import content_digests, hub_blob_sha256, revision_of_digests
 from warehouse.names import safe_path_component
 from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
 
@@ -119,18 +119,38 @@ class Catalog:
 
 
 def local_revision(cat: "Catalog") -> str:
-    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`)."""
-    return content_revision(cat.base, cat.paths)
+    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`).
+    Each shard keeps its own digest (`ShardInfo.sha256`): the worker reading it verifies its bytes."""
+    digests = content_digests(cat.base, cat.paths)
+    for shard in cat.shards:
+        shard.sha256 = digests.get(shard.path)
+    return revision_of_digests(cat.base, digests)
 
 
-def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> None:
-    """Shards whose layer or head the layout does not have: a `layout_mismatch` error (never re-paired)."""
+def snapshot_digests(cat: "Catalog") -> None:
+    """Each shard's SHA-256 as its Hub snapshot names it (`hub_blob_sha256`; None where unknown), for
+    a run whose revision is a Hub commit: workers verify what they read against it, as for a local run."""
+    for shard in cat.shards:
+        shard.sha256 = hub_blob_sha256(shard.path)
+
+
+def _mark_outside_layout(shards: list[ShardInfo], layout: HeadLayout) -> list[CatalogProblem]:
+    """Shards whose layer or head the layout does not have: a `layout_mismatch` error (never re-paired).
+
+    A query shard outside the layout is a planned head, so its error lands in `head_errors`; a key
+    shard outside it belongs to no head, so it is also returned as a problem of the dataset (the
+    `catalog_problems` row), or nobody would hear of it."""
     limit = {"q": layout.num_q_heads, "k": layout.num_k_heads}
+    problems = []
     for s in shards:
         if s.error is None and (s.layer >= layout.num_layers or s.head >= limit[s.kind]):
             what = "query" if s.kind == "q" else "key"
             s.error = ShardError(s.path, "layout_mismatch",
                                  f"{what} head {s.head} of layer {s.layer} is outside the layout: {layout.describe()}")
+            if s.kind == "k":
+                problems.append(CatalogProblem(s.path, "layout_mismatch",
+                                               f"{s.error} (no query head pairs with it; it is not used)"))
+    return problems
 
 
 def _dataset_problems(card: DatasetCard, shards: list[ShardInfo]) -> list[CatalogProblem]:
@@ -156,15 +176,15 @@ def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
     layout = resolve_layout(
         [(s.layer, s.head, s.kind) for s in scan.shards],
         config=(cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads),
-        card=(card.num_layers, card.num_q_heads, card.num_k_heads), where=str(scan.base),
+        card=(card.num_layers, card.num_q_heads, card.num_k_heads), where=str(scan.base), card_path=card.path,
     )
-    _mark_outside_layout(scan.shards, layout)
+    stray_keys = _mark_outside_layout(scan.shards, layout)
     expected = expected_query_layers(
         layout, (s.layer for s in scan.shards), head_sampling=card.head_sampling is not None,
         full_attention_only=card.attention_scope == "full_only", layers=cfg.layers,
     )
     return Catalog(Path(root), scan.base, scan.shards, layout, card,
-                   scan.problems + _dataset_problems(card, scan.shards), scan.paths, expected)
+                   scan.problems + stray_keys + _dataset_problems(card, scan.shards), scan.paths, expected)
 
 
 def profile_catalog(cat: Catalog) -> Catalog:
@@ -284,7 +304,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     The key shard is read once for the group (its rows and the SPEC 2.2 orientation sums in one
     pass); each query shard once for its head.
     """
-    from plasticity.head import analyze_head
+    from plasticity.head import DegenerateHead, analyze_head
 
     out: list[results.HeadOutcome] = []
     k_rows = orientation = None
@@ -335,7 +355,12 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                 outcome.extra_tables = attention_tables(q_rows, k_rows, task)
         except ShardError as e:
             outcome.error = _error(e.path, e.problem, str(e))
+        except DegenerateHead as e:  # rows that leave every metric undefined: said, never scored
+            file = q_info.path if e.side == "q" else task.k_info.path
+            outcome.error = _error(file, "degenerate_head", f"{file}: {e}")
         except Exception as e:  # a bug or degenerate data: still only this head fails
+            if kernel_cache.raised_by_numba_cache(e):  # the machine's cache, not this head: stop the run
+                raise kernel_cache.cache_failure(e) from None
             outcome.error = _error(q_info.path, "analysis_failed", f"{q_info.path}: {type(e).__name__}: {e}")
         q_rows = None  # free this head's rows before the next one is read
         out.append(outcome)
@@ -676,7 +701,10 @@ def analyze_dataset(
     cat = find_catalog(root, cfg)
     model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
     cfg.check_layers_exist({s.layer for s in cat.shards})
-    revision = revision or local_revision(cat)
+    if revision:
+        snapshot_digests(cat)
+    else:
+        revision = local_revision(cat)
     info = cat.model_info(model, cfg.dataset_name, revision, checkpoint_of(cfg))
     cfg = resolved_config(cfg, cat.layout)
     run_id = cfg.run_id(model, revision, info.run_facts())
