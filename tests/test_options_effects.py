@@ -10,6 +10,7 @@ threshold so small that no p-value lies below it)."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def layers(base, got):
 
 
 def one_key_head(base, got):
-    # the configured layout wins over the card's two key heads: all four query heads share key head 0
+    # the configured layout applies where the card is silent: all four query heads share key head 0
     assert {r["k_head"] for r in got.metrics.values()} == {0}
     assert {r["k_head"] for r in base.metrics.values()} == {0, 1}
     unchanged(base, got, METRICS, heads=[h for h in HEADS if h[1] < 2])
@@ -178,7 +179,6 @@ OPTIONS = [
     (["--num_pairs_per_bucket", "3"], num_pairs),
     (["--estimator", "linear_diag"], estimator),
     (["--layers", "1"], layers),
-    (["--num_q_heads", "4", "--num_k_heads", "1"], one_key_head),
     (["--model", "renamed", "--output_csv", "m.csv", "--bucket_csv", "b.csv", "--component_csv", "c.csv"], names),
 ]
 
@@ -187,6 +187,15 @@ OPTIONS = [
                                                         for f, _ in OPTIONS])
 def test_an_option_changes_what_it_should(dataset, base, tmp_path, flags, effect):
     effect(base, Run(dataset, tmp_path, flags))
+
+
+def test_configured_head_counts_pair_heads_where_the_card_is_silent(dataset, base, tmp_path):
+    """The config's head counts reach the pairing. The dataset's card is removed first: a card that
+    gives other counts is a contradiction, refused before any work (tested in test_bad_input)."""
+    copy = tmp_path / DATA.model
+    shutil.copytree(dataset, copy)
+    (copy / "README.md").unlink()
+    one_key_head(base, Run(copy, tmp_path, ["--num_q_heads", "4", "--num_k_heads", "1"]))
 
 
 # ----------------------------------------------------------------------------- attention options
