@@ -40,7 +40,7 @@ from plasticity.attention import (
 __all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "head_status", "estimable",
            "GAIN_RATIO_HIGHER", "GAIN_RATIO_STRONG", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
 
-#: Seed 003's reading of a gain ratio: at least this much is higher sensitivity / strong evidence.
+#: Fixed reading of a target/control gain ratio: at least this much is higher sensitivity / head-specific.
 GAIN_RATIO_HIGHER = 1.5
 GAIN_RATIO_STRONG = 2.0
 NOT_ESTIMABLE = "not estimable from this capture"
@@ -403,11 +403,41 @@ def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
         b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f})")
     else:
         b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f})")
-    if math.isfinite(adj_m):
-        if far_m > adj_m:
-            b.info("Positional structure detected (distant > adjacent)")
-        else:
-            b.info("No positional structure (distant <= adjacent)")
+    _positional_structure(b, heads)
+
+
+def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-head differences and its two-sided t-interval,
+    ``mean -/+ t_{(1+level)/2, n-1} * sd / sqrt(n)`` (sd with n - 1 degrees of freedom); needs n >= 2."""
+    from scipy.stats import t as student_t
+
+    d = [float(x) for x in differences]
+    n = len(d)
+    m = sum(d) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def _positional_structure(b: _Builder, heads) -> None:
+    """Whether queries 10 positions apart differ more than adjacent ones: per head the difference of
+    the two mean L2 distances, and the 95% t-interval of its mean over heads. Evidence only when
+    the interval excludes 0; otherwise the line says there is no evidence."""
+    both = [h for h in heads if _fin(h.get("qvar_l2_adjacent")) and _fin(h.get("qvar_l2_distant"))]
+    if len(both) < 2:
+        b.info("Positional structure: not applicable (needs both distances in at least 2 heads)")
+        return
+    m, lo, hi = paired_t_interval([_num(h["qvar_l2_distant"]) - _num(h["qvar_l2_adjacent"]) for h in both])
+    stats = (f"mean per-head difference distant - adjacent {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] "
+             f"over {len(both)} heads")
+    if lo > 0:
+        b.info(f"Positional structure detected: distant queries differ more than adjacent ones ({stats}, "
+               "excludes 0)")
+    elif hi < 0:
+        b.info(f"No evidence of positional structure: adjacent queries differ more than distant ones ({stats}, "
+               "below 0)")
+    else:
+        b.info(f"No evidence of positional structure ({stats}, includes 0)")
 
 
 def _sweep(b: _Builder, heads, gain_min) -> None:
@@ -419,13 +449,21 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
         mono = {True: "yes", False: "NO"}.get(h.get("entropy_monotonic"), "n/a")
         b.add(f"  {_label(h)}: gain={_f(h['gain'])} (R2={_f(h.get('gain_r2'), '.3f')}) "
               f"entropy falls monotonically: {mono}")
-    not_mono = [h for h in ok if h.get("entropy_monotonic") is not True]
-    if not_mono:
+    # monotonicity is a property of the mean entropies; a head whose mean entropy is undefined (no
+    # exact row at position >= 2) has none, and is not counted either way
+    judged = [h for h in ok if h.get("entropy_monotonic") in (True, False)]
+    if not judged:
+        b.check(SKIP, f"Entropy monotonicity: not applicable (mean entropy undefined in all {len(ok)} heads)")
+    elif any(h.get("entropy_monotonic") is False for h in judged):
+        not_mono = [h for h in judged if h.get("entropy_monotonic") is False]
         b.check(WARN, f"Entropy does not fall monotonically with query scale in "
-                      f"{len(not_mono)}/{len(ok)} heads")
+                      f"{len(not_mono)}/{len(judged)} heads")
         b.listing(not_mono, lambda h: f"gain={_f(h['gain'])}")
     else:
-        b.check(PASS, f"Entropy falls monotonically with query scale in all {len(ok)} heads")
+        b.check(PASS, f"Entropy falls monotonically with query scale in all {len(judged)} heads")
+    if judged and len(judged) < len(ok):
+        b.info(f"Entropy monotonicity not applicable in {len(ok) - len(judged)}/{len(ok)} heads "
+               "(mean entropy undefined)")
     flat = [h for h in ok if _num(h["gain"]) <= gain_min]
     if flat:
         b.check(WARN, f"{len(flat)}/{len(ok)} heads do not sharpen with query scale (gain <= {gain_min:g})")
@@ -437,22 +475,27 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
     med = median(gains)
     r = gain_ratio(_num(top["gain"]), med)
     if math.isfinite(r):
+        # the top head is picked after seeing every gain, so its ratio to the median is a description,
+        # not a test: the largest of n values always stands above their median
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}; "
-               f"ratio to the median {r:.2f}x -> {gain_ratio_meaning(r)}")
+               f"ratio to the median {r:.2f}x (the largest of {len(ok)} gains, chosen after seeing them: "
+               "a description, no evidence of head-specific exploitation either way)")
     else:
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}")
 
 
 def gain_ratio_meaning(ratio: float) -> str:
-    """Seed 003's reading of a target/control gain ratio, naming the threshold it applies."""
+    """The fixed reading of a target/control gain ratio, naming the threshold it applies."""
     if not math.isfinite(ratio):
         return "undefined (a gain is missing or the control's gain is 0)"
+    # a gain carries no standard error here, so a ratio is read against fixed thresholds only
+    caveat = "; no standard error of a gain is computed, so this is a reading, not statistical evidence"
     if ratio >= GAIN_RATIO_STRONG:
-        return f"strong evidence of head-specific exploitation (ratio >= {GAIN_RATIO_STRONG:g}x)"
+        return f"head-specific by the fixed reading (ratio >= {GAIN_RATIO_STRONG:g}x{caveat})"
     if ratio >= GAIN_RATIO_HIGHER:
-        return (f"higher sensitivity than the typical head (ratio >= {GAIN_RATIO_HIGHER:g}x, "
-                f"< {GAIN_RATIO_STRONG:g}x)")
-    return f"no functional distinction (universal mechanism; ratio < {GAIN_RATIO_HIGHER:g}x)"
+        return (f"higher sensitivity than the control by the fixed reading (ratio >= {GAIN_RATIO_HIGHER:g}x, "
+                f"< {GAIN_RATIO_STRONG:g}x{caveat})")
+    return f"no distinction by the fixed reading (ratio < {GAIN_RATIO_HIGHER:g}x{caveat})"
 
 
 _COUNT_LINES = {"passed": "Passed: ", "warnings": "Warnings: ", "failures": "Failures: ", "skipped": "Skipped: "}
