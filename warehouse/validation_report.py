@@ -419,25 +419,31 @@ def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tupl
     return m, m - half, m + half
 
 
+#: Smallest difference (distant - adjacent, relative to the adjacent distance) read as positional structure.
+POSITIONAL_MIN_REL = 0.05
+
+
 def _positional_structure(b: _Builder, heads) -> None:
     """Whether queries 10 positions apart differ more than adjacent ones: per head the difference of
-    the two mean L2 distances, and the 95% t-interval of its mean over heads. Evidence only when
-    the interval excludes 0; otherwise the line says there is no evidence."""
+    the two mean L2 distances, and the 95% t-interval of its mean over heads. Structure is reported
+    only when the whole interval lies above POSITIONAL_MIN_REL of the mean adjacent distance (a
+    difference that is there, and not negligible); otherwise the line says there is no evidence."""
     both = [h for h in heads if _fin(h.get("qvar_l2_adjacent")) and _fin(h.get("qvar_l2_distant"))]
     if len(both) < 2:
         b.info("Positional structure: not applicable (needs both distances in at least 2 heads)")
         return
     m, lo, hi = paired_t_interval([_num(h["qvar_l2_distant"]) - _num(h["qvar_l2_adjacent"]) for h in both])
+    floor = POSITIONAL_MIN_REL * _mean(h["qvar_l2_adjacent"] for h in both)
     stats = (f"mean per-head difference distant - adjacent {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] "
-             f"over {len(both)} heads")
-    if lo > 0:
-        b.info(f"Positional structure detected: distant queries differ more than adjacent ones ({stats}, "
-               "excludes 0)")
-    elif hi < 0:
-        b.info(f"No evidence of positional structure: adjacent queries differ more than distant ones ({stats}, "
-               "below 0)")
+             f"over {len(both)} heads; threshold {POSITIONAL_MIN_REL:.0%} of the adjacent distance = {floor:.4f}")
+    if lo > floor:
+        b.info(f"Positional structure detected: distant queries differ more than adjacent ones ({stats}; "
+               "the interval lies above it)")
+    elif hi < -floor:
+        b.info(f"No evidence of positional structure: adjacent queries differ more than distant ones ({stats}; "
+               "the interval lies below minus it)")
     else:
-        b.info(f"No evidence of positional structure ({stats}, includes 0)")
+        b.info(f"No evidence of positional structure ({stats}; the interval reaches below it)")
 
 
 def _sweep(b: _Builder, heads, gain_min) -> None:
