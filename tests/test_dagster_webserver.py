@@ -41,11 +41,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, env: dict):
+    def __init__(self, tmp: Path, env: dict, demo: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = tmp / "ui.out", tmp / "ui.err"
-        cmd = [sys.executable, "-m", "dagster_project.cli", "ui", "--webserver-only", "--no-demo",
+        cmd = [sys.executable, "-m", "dagster_project.cli", "ui", "--webserver-only", *([] if demo else ["--no-demo"]),
                "--port", str(self.port), "--dagster-home", str(tmp / "dagster_home")]
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=err,

@@ -222,7 +222,9 @@ def test_dagster_job_through_the_webserver_on_the_shipped_demo(tmp_path, demo_da
     env.update(PLASTICITY_CONFIGS_DIR=str(configs), PLASTICITY_WAREHOUSE=str(warehouse),
                PLASTICITY_EXPORTS_DIR=str(tmp_path / "results"), PLASTICITY_HUB_DIR=str(tmp_path / "hub"),
                HF_HUB_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    server = Server(tmp_path, env)
+    # `plasticity ui` as a user starts it (the demo step finds the dataset there and keeps it); the
+    # webserver alone (no daemon), so the launched run starts without a run queue
+    server = Server(tmp_path, env, demo=True)
     try:
         server.wait_ready()
         (node,) = server.gql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
