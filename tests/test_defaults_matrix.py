@@ -10,8 +10,9 @@ between runs of one dataset.
 Entry points: the CLI commands (`demo`, `analyze`, `export`, `sql`, `plot` kinds,
 `attention-plot` kinds, `validate`) run in this process on (a), (b), (c); the whole Dagster job
 with the shipped `configs/*.yaml` copied unmodified: launched through the webserver's GraphQL
-as the UI's "Materialize all" launches it on (a), and one run requested by the local-datasets
-sensor (b) and one by the weekly schedule (c), executed with the request's partition and tags.
+as the UI's "Materialize all" launches it on (a) (tests/test_dagster_webserver.py, one webserver
+start for the suite), and one run requested by the local-datasets sensor (b) and one by the
+weekly schedule (c), executed with the request's partition and tags.
 Every run must succeed and its stored rows must satisfy their definitions (`check_stored_rows`).
 """
 
@@ -20,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,10 +42,8 @@ from warehouse.demo_data import write_sparse_capture
 
 try:
     from tests.test_dagster_assets import EXPECTED_ASSETS
-    from tests.test_dagster_webserver import LAUNCH, MATERIALIZATIONS, RUN_TIMEOUT_S, Server
 except ImportError:  # pragma: no cover
     from test_dagster_assets import EXPECTED_ASSETS
-    from test_dagster_webserver import LAUNCH, MATERIALIZATIONS, RUN_TIMEOUT_S, Server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DENSE = TINY_LLAMA / "dense" / "tinyllama"
@@ -211,50 +208,6 @@ def shipped_configs(folder: Path, extra: dict[str, Path]) -> Path:
     for model, root in extra.items():
         (folder / f"{model}.yaml").write_text(f"model: {model}\ndataset_local_root: {root}\n")
     return folder
-
-
-def test_dagster_job_through_the_webserver_on_the_shipped_demo(tmp_path, demo_dataset):
-    configs = shipped_configs(tmp_path / "configs", {})
-    # the shipped config names data/demo/synthetic-demo below the project: here, below tmp_path
-    shutil.copytree(demo_dataset, tmp_path / "data" / "demo" / DEMO)
-    warehouse = tmp_path / "warehouse.duckdb"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "PLASTICITY_"))}
-    env.update(PLASTICITY_CONFIGS_DIR=str(configs), PLASTICITY_WAREHOUSE=str(warehouse),
-               PLASTICITY_EXPORTS_DIR=str(tmp_path / "results"), PLASTICITY_HUB_DIR=str(tmp_path / "hub"),
-               HF_HUB_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
-    # `plasticity ui` as a user starts it (the demo step finds the dataset there and keeps it); the
-    # webserver alone (no daemon), so the launched run starts without a run queue
-    server = Server(tmp_path, env, demo=True)
-    try:
-        server.wait_ready()
-        (node,) = server.gql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
-                             )["repositoriesOrError"]["nodes"]
-        params = {"selector": {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"],
-                               "jobName": "analyze_model_job"},
-                  "runConfigData": {}, "executionMetadata": {"tags": [{"key": "dagster/partition", "value": DEMO}]}}
-        launched = server.gql(LAUNCH, {"p": params})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        run_id = launched["run"]["runId"]
-        deadline, status = time.monotonic() + RUN_TIMEOUT_S, None
-        while time.monotonic() < deadline:
-            status = server.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }",
-                                {"id": run_id})["runOrError"]["status"]
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(1)
-        assert status == "SUCCESS", f"run {run_id} ended {status}\n{server.logs()}"
-        steps = server.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { stepStats { stepKey status } } } }",
-                           {"id": run_id})["runOrError"]["stepStats"]
-        assert steps and all(s["status"] == "SUCCESS" for s in steps), steps
-        mats = server.gql(MATERIALIZATIONS, {"key": ["csv_exports"], "part": DEMO})
-        (mat,) = mats["assetOrError"]["assetMaterializations"]
-        counts = {e["label"]: e.get("intValue") for e in mat["metadataEntries"]}
-    finally:
-        server.stop()
-    got = check_stored_rows(warehouse, DEMO, tmp_path / "data" / "demo" / DEMO)
-    assert got["statuses"] == ["exact"] and counts["rows_token_attention"] == got["tokens"] > 0
-    folder = tmp_path / "results" / DEMO / got["run_id"]
-    check_exports(folder, warehouse, DEMO, got["run_id"])
 
 
 @pytest.fixture(scope="module")
