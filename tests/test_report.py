@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 from plasticity.attention import head_attention_metrics
 from warehouse.validation_report import gain_ratio_meaning, validation_report
@@ -119,7 +120,9 @@ def test_uniform_heads_fail_and_are_labelled():
                same_token_attn=0.0078, diff_token_attn=0.0078, same_token_ratio=1.0,
                qvar_l2_adjacent=0.012, qvar_l2_distant=0.010)
     text = validation_report("m", [head(0, i, 0, **uni) for i in range(3)] + [head(1, 0, 0, **dict(uni, mean_entropy_ratio=0.94, attn_class="medium"))])
-    assert "[FAIL] Nearly uniform" in section(text, 4)
+    # three uniform heads and a medium one: the interval of the mean over heads reaches across 0.95
+    assert "[WARN] Uniformity not decided by these heads (H/H_max: 0.972, threshold 0.95" in section(text, 4)
+    assert "[FAIL] Nearly uniform" in section(validation_report("m", [head(0, i, 0, **uni) for i in range(3)]), 4)
     assert text.count("[UNIFORM]") == 3 and text.count("[MEDIUM]") == 1
     assert "0/4 sharp (0%), 1/4 medium (25%), 3/4 uniform (75%)" in text
     assert "[WARN] No local bias" in section(text, 2)
@@ -127,7 +130,7 @@ def test_uniform_heads_fail_and_are_labelled():
     assert "[FAIL] Queries attend alike" in section(text, 6)
     assert "No evidence of positional structure: adjacent queries differ more" in section(text, 6)
     n_pass, n_total, n_warn, n_fail, _ = counts(text)
-    assert (n_warn, n_fail) == (2, 2) and n_pass + n_warn + n_fail == n_total
+    assert (n_warn, n_fail) == (3, 1) and n_pass + n_warn + n_fail == n_total
     assert "correctly but may not carry meaningful patterns" in text
 
 
@@ -178,6 +181,35 @@ def test_monotonicity_is_not_applicable_where_entropy_is_undefined():
     mixed = validation_report("m", undefined[:1] + [head(0, 5), head(0, 6, entropy_monotonic=False)])
     assert "[WARN] Entropy does not fall monotonically with query scale in 1/2 heads" in mixed
     assert "[INFO] Entropy monotonicity not applicable in 1/3 heads (mean entropy undefined)" in mixed
+
+
+def test_t_interval_of_mean_against_scipy():
+    from scipy import stats
+
+    from plasticity.mean_interval import t_interval_of_mean
+
+    x = [0.31, 0.27, 0.44, 0.18, 0.35]
+    m, lo, hi = t_interval_of_mean(x)
+    ref = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert m == pytest.approx(np.mean(x), rel=1e-15)
+    assert (lo, hi) == pytest.approx(ref, rel=1e-12)
+    assert t_interval_of_mean([2.0, 2.0]) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError):
+        t_interval_of_mean([1.0])
+
+
+def test_a_check_whose_interval_reaches_across_its_threshold_is_not_decided():
+    from scipy import stats
+
+    ratios = [0.2, 0.4, 1.3, 1.6]  # mean 0.875 below 0.95, but the heads disagree widely
+    hs = [head(0, i, mean_entropy_ratio=r) for i, r in enumerate(ratios)]
+    lo, hi = stats.t.interval(0.95, 3, loc=np.mean(ratios), scale=stats.sem(ratios))
+    assert lo < 0.95 < hi
+    text = section(validation_report("m", hs), 4)
+    assert (f"[WARN] Uniformity not decided by these heads (H/H_max: 0.875, threshold 0.95; per-head mean 0.8750, "
+            f"95% t-interval [{lo:.4f}, {hi:.4f}] over 4 heads; the interval includes 0.95)") in text
+    decided = section(validation_report("m", [head(0, i, mean_entropy_ratio=r) for i, r in enumerate([0.3, 0.35])]), 4)
+    assert "[PASS] Attention departs from uniform (H/H_max: 0.325 < 0.95; per-head mean 0.3250" in decided
 
 
 def test_positional_structure_rests_on_a_t_interval_over_heads():

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 from plasticity.attention import (
     ESTIMABLE_STATUSES, STATUS_EXACT, STATUS_NOT_ESTIMABLE, STATUS_PARTIAL, attention_class, gain_ratio,
 )
+from plasticity.mean_interval import t_interval_of_mean
 
 __all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "head_status", "estimable",
            "GAIN_RATIO_HIGHER", "GAIN_RATIO_STRONG", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
@@ -280,12 +281,28 @@ def _mean_ratio(heads, num_key: str, den_key: str) -> tuple[float, float, float]
     return num, den, (num / den if den > 0 else float("nan"))
 
 
-def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_msg: str) -> None:
-    """PASS when ``ratio`` is finite and at least ``minimum``, WARN otherwise."""
-    if math.isfinite(ratio) and ratio >= minimum:
+def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_msg: str,
+                 undecided_msg: str | None = None) -> None:
+    """PASS when ``ratio`` is finite and at least ``minimum``, WARN otherwise; WARN with
+    ``undecided_msg`` when the heads' interval reaches across ``minimum``."""
+    if undecided_msg is not None:
+        b.check(WARN, undecided_msg)
+    elif math.isfinite(ratio) and ratio >= minimum:
         b.check(PASS, pass_msg)
     else:
         b.check(WARN, warn_msg)
+
+
+def _spread(values, thresholds: Sequence[float]) -> tuple[str, bool]:
+    """The uncertainty of a mean over heads: (text with its 95% t-interval (`t_interval_of_mean`),
+    whether the interval reaches across one of the thresholds: then these heads do not decide)."""
+    vals = [_num(v) for v in values if _fin(v)]
+    if len(vals) < 2:
+        return "; uncertainty not applicable (one head)", False
+    m, lo, hi = t_interval_of_mean(vals)
+    across = [t for t in thresholds if lo < t < hi]
+    tail = f"; the interval includes {', '.join(f'{t:g}' for t in across)}" if across else ""
+    return f"; per-head mean {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] over {len(vals)} heads{tail}", bool(across)
 
 
 def _section(b: _Builder, idx: int, title: str, heads, what: str, keys: tuple[str, ...], none: str):
@@ -310,8 +327,11 @@ def _positional(b: _Builder, heads, local_bias_min) -> None:
     lw = sorted({int(_num(h.get("local_window"))) for h in heads if _fin(h.get("local_window"))})
     lw_txt = "/".join(map(str, lw)) if lw else "?"
     near, far, ratio = _mean_ratio(ok, "local_attn_near", "local_attn_far")
-    msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}")
+    spread, undecided = _spread([h.get("local_bias_ratio") for h in ok], [local_bias_min])
+    msg = (f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x, threshold "
+           f"{local_bias_min:g}x{spread})")
+    _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}",
+                 f"Local bias not decided by these heads {msg}" if undecided else None)
     n_local = sum(1 for h in ok if _num(h.get("local_bias_ratio")) >= local_bias_min)
     b.info(f"{n_local}/{len(ok)} heads have a local bias ratio >= {local_bias_min:.2f}x")
 
@@ -322,8 +342,10 @@ def _tokens(b: _Builder, heads, same_token_min) -> None:
     if ok is None:
         return
     same, diff, ratio = _mean_ratio(ok, "same_token_attn", "diff_token_attn")
-    msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    _ratio_check(b, ratio, same_token_min, f"Repeated tokens attract {msg}", f"Repeated tokens do not attract {msg}")
+    spread, undecided = _spread([h.get("same_token_ratio") for h in ok], [same_token_min])
+    msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x, threshold {same_token_min:g}x{spread})"
+    _ratio_check(b, ratio, same_token_min, f"Repeated tokens attract {msg}", f"Repeated tokens do not attract {msg}",
+                 f"Repeated-token attraction not decided by these heads {msg}" if undecided else None)
     b.info(f"computed over {len(ok)}/{len(heads)} heads")
 
 
@@ -333,10 +355,14 @@ def _statistical(b: _Builder, heads, uniform_min) -> None:
     if ok is None:
         return
     ratio = _mean(h["mean_entropy_ratio"] for h in ok)
-    if ratio >= uniform_min:
-        b.check(FAIL, f"Nearly uniform (H/H_max: {ratio:.3f} >= {uniform_min:.2f})")
+    spread, undecided = _spread([h["mean_entropy_ratio"] for h in ok], [uniform_min])
+    if undecided:
+        b.check(WARN, f"Uniformity not decided by these heads (H/H_max: {ratio:.3f}, threshold {uniform_min:.2f}"
+                      f"{spread})")
+    elif ratio >= uniform_min:
+        b.check(FAIL, f"Nearly uniform (H/H_max: {ratio:.3f} >= {uniform_min:.2f}{spread})")
     else:
-        b.check(PASS, f"Attention departs from uniform (H/H_max: {ratio:.3f} < {uniform_min:.2f})")
+        b.check(PASS, f"Attention departs from uniform (H/H_max: {ratio:.3f} < {uniform_min:.2f}{spread})")
     b.info(f"mean row_std: {_f(_mean(h.get('row_std') for h in heads))}, "
            f"mean max_attn: {_f(_mean(h.get('mean_max_attn') for h in heads))}, "
            f"mean k_eff: {_f(_mean(h.get('mean_k_eff') for h in heads), '.2f')} of "
@@ -397,26 +423,17 @@ def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
     if not far:
         b.check(SKIP, "Query variation: no query pair 10 positions apart with >= 2 shared keys")
         return
-    if far_m >= qvar_pass:
-        b.check(PASS, f"Different queries attend differently (L2={far_m:.4f} >= {qvar_pass:.2f})")
+    spread, undecided = _spread([h["qvar_l2_distant"] for h in far], [qvar_fail, qvar_pass])
+    if undecided:
+        b.check(WARN, f"Query variation not decided by these heads (L2={far_m:.4f}, thresholds {qvar_fail:.2f} "
+                      f"and {qvar_pass:.2f}{spread})")
+    elif far_m >= qvar_pass:
+        b.check(PASS, f"Different queries attend differently (L2={far_m:.4f} >= {qvar_pass:.2f}{spread})")
     elif far_m < qvar_fail:
-        b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f})")
+        b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f}{spread})")
     else:
-        b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f})")
+        b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f}{spread})")
     _positional_structure(b, heads)
-
-
-def paired_t_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of per-head differences and its two-sided t-interval,
-    ``mean -/+ t_{(1+level)/2, n-1} * sd / sqrt(n)`` (sd with n - 1 degrees of freedom); needs n >= 2."""
-    from scipy.stats import t as student_t
-
-    d = [float(x) for x in differences]
-    n = len(d)
-    m = sum(d) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
-    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return m, m - half, m + half
 
 
 #: Smallest difference (distant - adjacent, relative to the adjacent distance) read as positional structure.
@@ -432,7 +449,7 @@ def _positional_structure(b: _Builder, heads) -> None:
     if len(both) < 2:
         b.info("Positional structure: not applicable (needs both distances in at least 2 heads)")
         return
-    m, lo, hi = paired_t_interval([_num(h["qvar_l2_distant"]) - _num(h["qvar_l2_adjacent"]) for h in both])
+    m, lo, hi = t_interval_of_mean([_num(h["qvar_l2_distant"]) - _num(h["qvar_l2_adjacent"]) for h in both])
     floor = POSITIONAL_MIN_REL * _mean(h["qvar_l2_adjacent"] for h in both)
     stats = (f"mean per-head difference distant - adjacent {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] "
              f"over {len(both)} heads; threshold {POSITIONAL_MIN_REL:.0%} of the adjacent distance = {floor:.4f}")
