@@ -250,18 +250,17 @@ class ExportResult:
 def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, lock_timeout_s: float = 60.0
                ) -> ExportResult:
     """The SPEC section 3 CSVs of the model's latest run into <exports_dir>/<model>/<run_id>/."""
-    from warehouse.export import export_csvs, latest_run_id, results_dir
+    from warehouse.export import export_files, latest_run_id, results_dir
 
     with db.reader(warehouse, lock_timeout_s) as con:
         run_id = latest_run_id(con, model)
     out_dir = results_dir(exports_dir, model, run_id)
-    files = export_csvs(warehouse, model, run_id, out_dir,
-                        {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
-                         "head_component_weights": cfg.component_csv}, timeout_s=lock_timeout_s)
-    rows = {}
-    for table, path in files.items():
-        with open(path) as fh:
-            rows[table] = max(0, sum(1 for _ in fh) - 1)
+    exported = export_files(warehouse, model, run_id, out_dir,
+                            {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
+                             "head_component_weights": cfg.component_csv}, timeout_s=lock_timeout_s)
+    # row counts from the warehouse's own COPY, never by reading the files back: the per-token
+    # attention export is Parquet (binary), and a count from a file could disagree with the table
+    files, rows = exported.files, exported.rows
     preview = pd.read_csv(files["head_metrics"], nrows=20) if rows.get("head_metrics") else None
     return ExportResult(model, run_id, out_dir, files, rows, preview)
 

@@ -44,3 +44,17 @@ def mean_interval_bound(estimate, se, df, level: float = CI_LEVEL):
         half = stdtrit(np.where(known, min_df, 1.0), 0.5 + 0.5 * level) * se_bound
     mean = np.where(n > 0, mean, np.nan)
     return mean, se_bound, np.clip(mean - half, 0.0, 1.0), np.clip(mean + half, 0.0, 1.0)
+
+
+def t_interval_of_mean(values, level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """Mean of n values (n >= 2) and its two-sided t-interval, the values taken as a sample:
+
+        mean -/+ t_{(1+level)/2, n-1} * sd / sqrt(n),   sd with n - 1 degrees of freedom.
+
+    Returns ``(mean, low, high)`` as floats."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        raise ValueError("a t-interval needs at least 2 values")
+    mean = float(x.mean())
+    half = float(stdtrit(x.size - 1, 0.5 + 0.5 * level)) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    return mean, mean - half, mean + half

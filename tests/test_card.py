@@ -133,3 +133,48 @@ def test_parse_sampler():
     assert parse_sampler("AllSampler(bucket_kind='all')") == ("all", {"bucket_kind": "all"})
     assert parse_sampler("log_uniform") == ("log", {})
     assert parse_sampler("os.system('x')") is None and parse_sampler("Uniform(1)") is None
+
+
+# --------------------------------------------------------------------------- where the card is found
+# A local copy of one model's capture usually keeps the card beside the shards, one folder below the
+# dataset root given with model_dir; the Hub layout has it at the root. Both are read; two different
+# cards stop the run naming both.
+
+def _run_with_model_dir(tmp_path, root, model_dir):
+    from warehouse.config import load_config
+    from warehouse.models import bucket_plot_defaults
+    from warehouse.pipeline import analyze_dataset
+
+    wh = tmp_path / f"wh-{model_dir or 'root'}.duckdb"
+    cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "model": "m", "attention": "false",
+                             "model_dir": model_dir})
+    summary = analyze_dataset(cfg, root, progress=False)
+    assert summary.n_errors == 0
+    return bucket_plot_defaults(str(wh), "m")
+
+
+def test_card_beside_the_shards_is_read_with_model_dir(small_dataset, tmp_path):
+    import shutil
+
+    root = tmp_path / "dataset"
+    shutil.copytree(small_dataset, root / "Org_Model")  # shards and card one folder below the root
+    assert not (root / "README.md").exists() and (root / "Org_Model" / "README.md").is_file()
+    below = _run_with_model_dir(tmp_path, root, "Org_Model")
+    deeper = _run_with_model_dir(tmp_path, root / "Org_Model", None)
+    assert below == deeper == {"bucket_type": "uniform", "bucket_min_size": 32.0}  # the small spec's buckets
+
+
+def test_two_different_cards_stop_the_run_naming_both(small_dataset, tmp_path):
+    import shutil
+
+    from warehouse.card import CardConflict, find_card
+
+    root = tmp_path / "dataset"
+    shutil.copytree(small_dataset, root / "Org_Model")
+    (root / "README.md").write_text((root / "Org_Model" / "README.md").read_text())
+    assert find_card(root, root / "Org_Model") == root / "README.md"  # identical copies: no conflict
+    (root / "README.md").write_text("---\nbucket_size: 64\n---\n")
+    with pytest.raises(CardConflict, match=r"dataset/README\.md and .*Org_Model/README\.md"):
+        find_card(root, root / "Org_Model")
+    with pytest.raises(CardConflict):
+        _run_with_model_dir(tmp_path, root, "Org_Model")

@@ -1,8 +1,9 @@
 """`plasticity ui` serves the project: a real dagster-webserver on 127.0.0.1, driven through GraphQL.
 
 The server is started by the `ui` command itself (`--webserver-only`, so no
-daemon is needed for the run to launch), lists the assets and the demo
-partition, and materialises the demo partition through `analyze_model_job`.
+daemon is needed for the run to launch) with the shipped configs, lists the assets and the demo
+partition, and materialises the demo partition through `analyze_model_job` as the UI's button
+does, with every setting at its default (part of the defaults matrix, tests/test_defaults_matrix.py).
 The whole process group is always killed at the end.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from warehouse import db
-from warehouse.demo_data import write_synthetic_dataset
-
 try:
-    from tests.test_dagster_assets import EXPECTED_ASSETS, MODEL, N_HEADS, TINY, write_config
+    from tests.test_dagster_assets import EXPECTED_ASSETS
 except ImportError:  # pragma: no cover
-    from test_dagster_assets import EXPECTED_ASSETS, MODEL, N_HEADS, TINY, write_config
+    from test_dagster_assets import EXPECTED_ASSETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 90
@@ -41,11 +40,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, env: dict):
+    def __init__(self, tmp: Path, env: dict, demo: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = tmp / "ui.out", tmp / "ui.err"
-        cmd = [sys.executable, "-m", "dagster_project.cli", "ui", "--webserver-only", "--no-demo",
+        cmd = [sys.executable, "-m", "dagster_project.cli", "ui", "--webserver-only", *([] if demo else ["--no-demo"]),
                "--port", str(self.port), "--dagster-home", str(tmp / "dagster_home")]
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
@@ -117,10 +116,17 @@ query($key: [String!]!, $part: String!) {
 }"""
 
 
-def test_ui_lists_assets_and_materializes_the_demo_partition(tmp_path):
-    root = write_synthetic_dataset(tmp_path / "data" / MODEL, TINY, with_truth=False)
-    configs = tmp_path / "configs"
-    write_config(configs, MODEL, root)
+def test_ui_lists_assets_and_materializes_the_demo_partition(tmp_path, demo_dataset):
+    """The UI's "Materialize all" on the shipped demo with the shipped configs (unmodified, so
+    `attention: auto`): every step succeeds and the stored rows satisfy their definitions."""
+    try:
+        from tests.test_defaults_matrix import DEMO, check_exports, check_stored_rows, shipped_configs
+    except ImportError:  # pragma: no cover
+        from test_defaults_matrix import DEMO, check_exports, check_stored_rows, shipped_configs
+
+    configs = shipped_configs(tmp_path / "configs", {})
+    # the shipped config names data/demo/synthetic-demo below the project: here, below tmp_path
+    shutil.copytree(demo_dataset, tmp_path / "data" / "demo" / DEMO)
     warehouse = tmp_path / "warehouse.duckdb"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "PLASTICITY_"))}
     env.update(
@@ -128,7 +134,9 @@ def test_ui_lists_assets_and_materializes_the_demo_partition(tmp_path):
         PLASTICITY_EXPORTS_DIR=str(tmp_path / "results"), PLASTICITY_HUB_DIR=str(tmp_path / "hub"),
         HF_HUB_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1",
     )
-    server = Server(tmp_path, env)
+    # `plasticity ui` as a user starts it (its demo step finds the dataset and keeps it); the
+    # webserver alone (no daemon), so the launched run starts without a run queue
+    server = Server(tmp_path, env, demo=True)
     try:
         server.wait_ready()
         repo = server.gql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }")
@@ -136,14 +144,14 @@ def test_ui_lists_assets_and_materializes_the_demo_partition(tmp_path):
         nodes = server.gql("{ assetNodes { assetKey { path } partitionKeys } }")["assetNodes"]
         listed = {"/".join(n["assetKey"]["path"]): n["partitionKeys"] for n in nodes}
         assert EXPECTED_ASSETS <= set(listed), server.logs()
-        assert listed["shard_catalog"] == [MODEL]  # registered by `plasticity ui`
+        assert listed["shard_catalog"] == [DEMO]  # registered by `plasticity ui`
         assert listed["model_comparison_plot"] == []
 
         params = {
             "selector": {"repositoryLocationName": node["location"]["name"], "repositoryName": node["name"],
                          "jobName": "analyze_model_job"},
             "runConfigData": {},
-            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": MODEL}]},
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": DEMO}]},
         }
         launched = server.gql(LAUNCH, {"p": params})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", launched
@@ -156,17 +164,24 @@ def test_ui_lists_assets_and_materializes_the_demo_partition(tmp_path):
                 break
             time.sleep(1)
         assert status == "SUCCESS", f"run {run_id} ended {status}\n{server.logs()}"
+        steps = server.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { stepStats { stepKey status } } } }",
+                           {"id": run_id})["runOrError"]["stepStats"]
+        assert steps and all(s["status"] == "SUCCESS" for s in steps), steps
 
-        mats = server.gql(MATERIALIZATIONS, {"key": ["head_metrics"], "part": MODEL})
+        mats = server.gql(MATERIALIZATIONS, {"key": ["head_metrics"], "part": DEMO})
         (mat,) = mats["assetOrError"]["assetMaterializations"]
-        assert mat["runId"] == run_id and mat["partition"] == MODEL
+        assert mat["runId"] == run_id and mat["partition"] == DEMO
         entries = {e["label"]: e for e in mat["metadataEntries"]}
-        assert entries["dagster/row_count"]["intValue"] == N_HEADS
+        assert entries["dagster/row_count"]["intValue"] == 16
         assert entries["preview"]["mdStr"].startswith("| layer | q_head")
-        plot = server.gql(MATERIALIZATIONS, {"key": ["bucket_heatmap_plot"], "part": MODEL})
+        plot = server.gql(MATERIALIZATIONS, {"key": ["bucket_heatmap_plot"], "part": DEMO})
         (pmat,) = plot["assetOrError"]["assetMaterializations"]
         assert any(e.get("mdStr", "").startswith("![heatmap](data:image/png;base64,") for e in pmat["metadataEntries"])
+        exports = server.gql(MATERIALIZATIONS, {"key": ["csv_exports"], "part": DEMO})
+        (emat,) = exports["assetOrError"]["assetMaterializations"]
+        counts = {e["label"]: e.get("intValue") for e in emat["metadataEntries"]}
     finally:
         server.stop()
-    with db.reader(warehouse) as con:
-        assert con.execute("SELECT count(*) FROM head_metrics WHERE model = $m", {"m": MODEL}).fetchone()[0] == N_HEADS
+    got = check_stored_rows(warehouse, DEMO, tmp_path / "data" / "demo" / DEMO)
+    assert got["statuses"] == ["exact"] and counts["rows_token_attention"] == got["tokens"] > 0
+    check_exports(tmp_path / "results" / DEMO / got["run_id"], warehouse, DEMO, got["run_id"])

@@ -140,11 +140,24 @@ class DatasetCard:
         return None
 
 
-def find_card(root: str | Path) -> Path | None:
-    """The dataset card: ``README.md`` at the dataset root (a Hub branch's top level, the one card the Hub
-    download fetches; with ``model_dir`` the shards are below it), or None."""
-    path = Path(root) / CARD_FILE
-    return path if path.is_file() else None
+class CardConflict(ValueError):
+    """Two different dataset cards could describe the same shards: the run stops, naming both."""
+
+
+def find_card(root: str | Path, base: str | Path | None = None) -> Path | None:
+    """The dataset card: ``README.md`` at the dataset root (a Hub branch's top level, the one card the
+    Hub download fetches), or beside the shards (``base`` = root / model_dir, the folder a local copy
+    of one model's capture usually is), or None. When both exist and differ, neither is guessed
+    between: `CardConflict` names the two files."""
+    found = []
+    for folder in (Path(root), None if base is None else Path(base)):
+        path = None if folder is None else folder / CARD_FILE
+        if path is not None and path.is_file() and all(path.resolve() != f.resolve() for f in found):
+            found.append(path)
+    if len(found) == 2 and found[0].read_bytes() != found[1].read_bytes():
+        raise CardConflict(f"two different dataset cards describe the shards in {base}: {found[0]} and "
+                           f"{found[1]}; keep one of them (or make them identical)")
+    return found[0] if found else None
 
 
 def read_card(path: str | Path | None) -> DatasetCard:

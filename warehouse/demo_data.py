@@ -114,3 +114,48 @@ def family_layer_truth(folders: dict[int, Path]) -> dict[tuple[int, int], float]
             values.setdefault((step, head["layer"]), []).append(head["ap_true"])
     return {key: float(np.mean(v)) for key, v in values.items()}
 
+
+
+def write_sparse_capture(dense_root: str | Path, root: str | Path, keep: float, seed: int = 0) -> Path:
+    """A sparse capture made from a dense one, as a uniform position sampler records it.
+
+    Per example, layer and kind (query or key) one set of positions is kept, each with
+    probability ``keep`` independently: the query heads of a layer share one mask, the key heads
+    another, so a query rarely sees all of its keys. Rows keep their values and order; the
+    dataset card is copied with its row counts and ``sampling_strategy`` updated. Positions are
+    drawn from ``numpy.random.default_rng([seed, layer, kind, example_id])``, so the same
+    arguments give the same files."""
+    dense_root, root = Path(dense_root), Path(root)
+    kept_rows, kept_buckets = 0, {}
+    for path in sorted(dense_root.glob("l[0-9][0-9]h[0-9][0-9][qk]/data.parquet")):
+        name = path.parent.name
+        layer, kind = int(name[1:3]), name[-1]
+        table = pq.read_table(path)
+        example_id = table.column("example_id").to_numpy().astype(np.int64)
+        position = table.column("position").to_numpy().astype(np.int64)
+        keep_row = np.zeros(table.num_rows, dtype=bool)
+        for ex in np.unique(example_id):
+            rows = np.flatnonzero(example_id == ex)
+            rng = np.random.default_rng([seed, layer, 0 if kind == "q" else 1, int(ex)])
+            kept_positions = np.flatnonzero(rng.random(int(position[rows].max()) + 1) < keep)
+            keep_row[rows] = np.isin(position[rows], kept_positions)
+        sparse = table.filter(pa.array(keep_row))
+        out = root / name / "data.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(sparse, out)
+        kept_rows += sparse.num_rows
+        for b in sparse.column("bucket").to_numpy():
+            kept_buckets[int(b)] = kept_buckets.get(int(b), 0) + 1
+    card = dense_root / "README.md"
+    if card.is_file():
+        lines = []
+        for line in card.read_text().splitlines():
+            if line.startswith("- `sampling_strategy`:"):
+                line = "- `sampling_strategy`: `uniform`"
+            elif line.startswith("- `captured_rows`:"):
+                line = f"- `captured_rows`: `{kept_rows}`"
+            elif line.startswith("- `bucket_counts`:"):
+                line = "- `bucket_counts`: " + ", ".join(f"`{b}`: {n}" for b, n in sorted(kept_buckets.items()))
+            lines.append(line)
+        (root / "README.md").write_text("\n".join(lines) + "\n")
+    return root

@@ -1,7 +1,8 @@
-"""CSV exports with the SPEC's column names, one file set per model and run."""
+"""CSV exports with the documented column names, one file set per model and run."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from warehouse import db
@@ -36,10 +37,27 @@ def latest_run_id(con, model: str) -> str:
     return row[0]
 
 
+@dataclass
+class ExportedFiles:
+    """The files one export wrote and the rows in each, as the warehouse counted them while writing
+    (COPY's own count), so no caller has to re-read a file, text or binary, to learn its size."""
+    run_id: str
+    files: dict[str, Path]
+    rows: dict[str, int]
+
+
 def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: str | Path,
                 file_names: dict[str, str] | None = None, timeout_s: float = 60.0,
                 tables: tuple[str, ...] | None = None) -> dict[str, Path]:
-    """Write the CSVs of one model+run into out_dir; returns {table: path}.
+    """Write the CSVs of one model+run into out_dir; returns {table: path} (`export_files` also
+    returns the row counts)."""
+    return export_files(warehouse, model, run_id, out_dir, file_names, timeout_s, tables).files
+
+
+def export_files(warehouse: str | Path, model: str, run_id: str | None, out_dir: str | Path,
+                 file_names: dict[str, str] | None = None, timeout_s: float = 60.0,
+                 tables: tuple[str, ...] | None = None) -> ExportedFiles:
+    """Write the export files of one model+run into out_dir, with the rows each holds.
 
     `tables` defaults to the SPEC 3 tables and head_errors, plus the SPEC 4
     attention tables when the run computed them. NaN is written as `nan`; the per-token
@@ -51,7 +69,7 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
     out_dir = Path(out_dir)
     names = {t: export_file_name(t) for t in specs}
     names.update({t: safe_path_component(n, f"file name of the {t} export") for t, n in (file_names or {}).items()})
-    written = {}
+    written, rows = {}, {}
     with db.reader(warehouse, timeout_s) as con:
         run_id = run_id or latest_run_id(con, model)
         (known,) = con.execute("SELECT count(*) FROM runs WHERE model = $m AND run_id = $r",
@@ -67,10 +85,10 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
         for table in tables:
             columns, order = specs[table]
             path = out_dir / names[table]
-            con.execute(
+            (rows[table],) = con.execute(
                 f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "
                 f"TO '{str(path).replace(chr(39), chr(39) * 2)}' {copy_options(table)}",
                 {"m": model, "r": run_id},
-            )
+            ).fetchone()
             written[table] = path
-    return written
+    return ExportedFiles(run_id, written, rows)

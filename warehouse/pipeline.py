@@ -70,10 +70,18 @@ class GroupTask:
     # 'all'; or, while the attention kernels are still being compiled, 'analysis' (SPEC 2 only) now
     # and 'attention' (SPEC 4 only) later, whose outcomes `merge_phases` joins
     phase: str = "all"
+    # query heads whose attention `attention: auto` does not compute: too few exact rows, decided
+    # from positions before the run (warehouse.attention_plan)
+    attention_skipped: frozenset[int] = frozenset()
 
     @property
     def attention_on(self) -> bool:
         return self.attention != "false"
+
+    @property
+    def needs_attention_kernels(self) -> bool:
+        """Some query head of the group has its attention computed (not only a skipped summary)."""
+        return self.attention_on and any(q not in self.attention_skipped for q, _ in self.queries)
 
     @property
     def computes_attention(self) -> bool:
@@ -172,7 +180,7 @@ def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
     `LayoutError` (before any work) when it cannot be known. Cheap: a directory listing and the card.
     """
     scan = scan_shards(root, cfg.model_dir)
-    card = read_card(find_card(root))
+    card = read_card(find_card(root, scan.base))
     layout = resolve_layout(
         [(s.layer, s.head, s.kind) for s in scan.shards],
         config=(cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads),
@@ -311,16 +319,18 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     k_err = None
     analysis = task.phase != "attention"
     tokens = task.computes_attention
+    # token text serves only computed attention (same-token attraction); skipped heads need none
+    with_text = tokens and task.needs_attention_kernels
     if task.k_info is None:
         k_err = _missing_key_error(task.layer, task.k_head)
     else:
         try:
             if analysis:
                 k_rows, (_, sums, counts) = load_rows(None, task.k_info, task.cap, task.params.seed,
-                                                      with_tokens=tokens, key_sums=True)
+                                                      with_tokens=with_text, key_sums=True)
                 orientation = orientation_from_bucket_sums(sums, counts)
             else:
-                k_rows = load_rows(None, task.k_info, task.cap, task.params.seed, with_tokens=tokens)
+                k_rows = load_rows(None, task.k_info, task.cap, task.params.seed, with_tokens=with_text)
         except ShardError as e:
             k_err = _error(e.path, e.problem, str(e))
         except Exception as e:  # a bug or degenerate data: only this group's heads fail
@@ -338,7 +348,7 @@ def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
                 raise ShardError(q_info.path, "window_mismatch",
                                  f"query sliding_window {q_info.sliding_window} differs from key shard "
                                  f"{task.k_info.path}'s {task.k_info.sliding_window} (None = full causal)")
-            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=tokens)
+            q_rows = load_rows(None, q_info, task.cap, task.params.seed, with_tokens=with_text)
             if q_rows.n < MIN_QUERY_ROWS:  # a cap below the minimum: the shard itself passed the profile
                 raise ShardError(q_info.path, "too_few_rows",
                                  f"max_tokens_per_head = {task.cap} keeps {q_rows.n} query row(s); the position "
@@ -385,17 +395,19 @@ def attention_tables(q_rows, k_rows, task: GroupTask) -> dict:
     """SPEC 4 attention-pattern tables of one head (plasticity.attention).
 
     ``attention: auto`` computes the exact query rows of a head that has at least
-    ``attention_min_exact_rows`` of them and stores those rows only (otherwise nothing is computed
-    and the summary says why); ``true`` computes and stores every query row, flagging the
+    ``attention_min_exact_rows`` of them and stores those rows only; a head with fewer gets a
+    summary saying why and no per-token row at all (its few exact rows were never computed, so
+    storing them would present NaN as exact); ``true`` computes and stores every query row, flagging the
     non-exact ones (``exact`` false). Summaries use exact rows only in both modes."""
-    from plasticity.attention import head_attention_metrics
+    from plasticity.attention import STATUS_SKIPPED, head_attention_metrics
 
     auto = task.attention == "auto"
     tokens, summary, sweep = head_attention_metrics(
         q_rows, k_rows, scales=tuple(task.attention_scales), rows="exact" if auto else "all",
         min_exact_rows=task.attention_min_exact_rows)
-    if auto:  # exact rows only (none for a skipped head)
-        tokens = {name: col[tokens["exact"]] for name, col in tokens.items()}
+    if auto:  # the computed rows: exact ones, none for a skipped head
+        stored = tokens["exact"] & (summary["status"] != STATUS_SKIPPED)
+        tokens = {name: col[stored] for name, col in tokens.items()}
     return {
         "token_attention": tokens,
         "head_attention_summary": {k: [v] for k, v in summary.items()},
@@ -571,7 +583,7 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
             return None
         task = queue.pop()
         prepare(task)
-        if task.attention_on and defer():
+        if task.needs_attention_kernels and defer():
             deferred.append(task)
             return dataclasses.replace(task, phase="analysis")
         return task
@@ -718,7 +730,12 @@ def analyze_dataset(
     failed = plan_failures(cat, pairs, skip=already)
     n_todo = sum(len(g.queries) for g in groups) + len(failed)
     workers = max(1, min(cfg.workers(), len(groups)))
-    kernels = any(g.attention_on for g in groups)  # the attention kernels are compiled only for attention
+    if cfg.attention == "auto":
+        from warehouse.attention_plan import plan_attention_coverage
+
+        plan_attention_coverage(groups)
+    # the attention kernels are compiled and loaded only when some head's attention is computed
+    kernels = any(g.needs_attention_kernels for g in groups)
     if groups:
         kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
     with start_pool(workers, kernels) as pool:
@@ -778,7 +795,7 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         from tqdm import tqdm
 
         bar = tqdm(total=n_todo, unit="head", desc=f"{model}", dynamic_ncols=True)
-        if any(g.attention_on for g in groups) and kernel_cache.compiling("attention"):
+        if any(g.needs_attention_kernels for g in groups) and kernel_cache.compiling("attention"):
             # heads are counted once their attention is done, which waits for the compile
             bar.set_postfix_str("compiling the attention kernels, once per machine; analysis meanwhile")
     buffer: list[results.HeadOutcome] = []

@@ -36,11 +36,12 @@ from typing import Any, Sequence
 from plasticity.attention import (
     ESTIMABLE_STATUSES, STATUS_EXACT, STATUS_NOT_ESTIMABLE, STATUS_PARTIAL, attention_class, gain_ratio,
 )
+from plasticity.mean_interval import t_interval_of_mean
 
 __all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "head_status", "estimable",
            "GAIN_RATIO_HIGHER", "GAIN_RATIO_STRONG", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
 
-#: Seed 003's reading of a gain ratio: at least this much is higher sensitivity / strong evidence.
+#: Fixed reading of a target/control gain ratio: at least this much is higher sensitivity / head-specific.
 GAIN_RATIO_HIGHER = 1.5
 GAIN_RATIO_STRONG = 2.0
 NOT_ESTIMABLE = "not estimable from this capture"
@@ -280,12 +281,28 @@ def _mean_ratio(heads, num_key: str, den_key: str) -> tuple[float, float, float]
     return num, den, (num / den if den > 0 else float("nan"))
 
 
-def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_msg: str) -> None:
-    """PASS when ``ratio`` is finite and at least ``minimum``, WARN otherwise."""
-    if math.isfinite(ratio) and ratio >= minimum:
+def _ratio_check(b: _Builder, ratio: float, minimum: float, pass_msg: str, warn_msg: str,
+                 undecided_msg: str | None = None) -> None:
+    """PASS when ``ratio`` is finite and at least ``minimum``, WARN otherwise; WARN with
+    ``undecided_msg`` when the heads' interval reaches across ``minimum``."""
+    if undecided_msg is not None:
+        b.check(WARN, undecided_msg)
+    elif math.isfinite(ratio) and ratio >= minimum:
         b.check(PASS, pass_msg)
     else:
         b.check(WARN, warn_msg)
+
+
+def _spread(values, thresholds: Sequence[float]) -> tuple[str, bool]:
+    """The uncertainty of a mean over heads: (text with its 95% t-interval (`t_interval_of_mean`),
+    whether the interval reaches across one of the thresholds: then these heads do not decide)."""
+    vals = [_num(v) for v in values if _fin(v)]
+    if len(vals) < 2:
+        return "; uncertainty not applicable (one head)", False
+    m, lo, hi = t_interval_of_mean(vals)
+    across = [t for t in thresholds if lo < t < hi]
+    tail = f"; the interval includes {', '.join(f'{t:g}' for t in across)}" if across else ""
+    return f"; per-head mean {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] over {len(vals)} heads{tail}", bool(across)
 
 
 def _section(b: _Builder, idx: int, title: str, heads, what: str, keys: tuple[str, ...], none: str):
@@ -310,8 +327,11 @@ def _positional(b: _Builder, heads, local_bias_min) -> None:
     lw = sorted({int(_num(h.get("local_window"))) for h in heads if _fin(h.get("local_window"))})
     lw_txt = "/".join(map(str, lw)) if lw else "?"
     near, far, ratio = _mean_ratio(ok, "local_attn_near", "local_attn_far")
-    msg = f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}")
+    spread, undecided = _spread([h.get("local_bias_ratio") for h in ok], [local_bias_min])
+    msg = (f"(nearby <= {lw_txt} positions: {near:.4f}, far: {far:.4f}, ratio: {_f(ratio, '.2f')}x, threshold "
+           f"{local_bias_min:g}x{spread})")
+    _ratio_check(b, ratio, local_bias_min, f"Local bias {msg}", f"No local bias {msg}",
+                 f"Local bias not decided by these heads {msg}" if undecided else None)
     n_local = sum(1 for h in ok if _num(h.get("local_bias_ratio")) >= local_bias_min)
     b.info(f"{n_local}/{len(ok)} heads have a local bias ratio >= {local_bias_min:.2f}x")
 
@@ -322,8 +342,10 @@ def _tokens(b: _Builder, heads, same_token_min) -> None:
     if ok is None:
         return
     same, diff, ratio = _mean_ratio(ok, "same_token_attn", "diff_token_attn")
-    msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x)"
-    _ratio_check(b, ratio, same_token_min, f"Repeated tokens attract {msg}", f"Repeated tokens do not attract {msg}")
+    spread, undecided = _spread([h.get("same_token_ratio") for h in ok], [same_token_min])
+    msg = f"(same: {same:.4f}, diff: {diff:.4f}, ratio: {_f(ratio, '.2f')}x, threshold {same_token_min:g}x{spread})"
+    _ratio_check(b, ratio, same_token_min, f"Repeated tokens attract {msg}", f"Repeated tokens do not attract {msg}",
+                 f"Repeated-token attraction not decided by these heads {msg}" if undecided else None)
     b.info(f"computed over {len(ok)}/{len(heads)} heads")
 
 
@@ -333,10 +355,14 @@ def _statistical(b: _Builder, heads, uniform_min) -> None:
     if ok is None:
         return
     ratio = _mean(h["mean_entropy_ratio"] for h in ok)
-    if ratio >= uniform_min:
-        b.check(FAIL, f"Nearly uniform (H/H_max: {ratio:.3f} >= {uniform_min:.2f})")
+    spread, undecided = _spread([h["mean_entropy_ratio"] for h in ok], [uniform_min])
+    if undecided:
+        b.check(WARN, f"Uniformity not decided by these heads (H/H_max: {ratio:.3f}, threshold {uniform_min:.2f}"
+                      f"{spread})")
+    elif ratio >= uniform_min:
+        b.check(FAIL, f"Nearly uniform (H/H_max: {ratio:.3f} >= {uniform_min:.2f}{spread})")
     else:
-        b.check(PASS, f"Attention departs from uniform (H/H_max: {ratio:.3f} < {uniform_min:.2f})")
+        b.check(PASS, f"Attention departs from uniform (H/H_max: {ratio:.3f} < {uniform_min:.2f}{spread})")
     b.info(f"mean row_std: {_f(_mean(h.get('row_std') for h in heads))}, "
            f"mean max_attn: {_f(_mean(h.get('mean_max_attn') for h in heads))}, "
            f"mean k_eff: {_f(_mean(h.get('mean_k_eff') for h in heads), '.2f')} of "
@@ -397,17 +423,44 @@ def _query_variation(b: _Builder, heads, qvar_pass, qvar_fail) -> None:
     if not far:
         b.check(SKIP, "Query variation: no query pair 10 positions apart with >= 2 shared keys")
         return
-    if far_m >= qvar_pass:
-        b.check(PASS, f"Different queries attend differently (L2={far_m:.4f} >= {qvar_pass:.2f})")
+    spread, undecided = _spread([h["qvar_l2_distant"] for h in far], [qvar_fail, qvar_pass])
+    if undecided:
+        b.check(WARN, f"Query variation not decided by these heads (L2={far_m:.4f}, thresholds {qvar_fail:.2f} "
+                      f"and {qvar_pass:.2f}{spread})")
+    elif far_m >= qvar_pass:
+        b.check(PASS, f"Different queries attend differently (L2={far_m:.4f} >= {qvar_pass:.2f}{spread})")
     elif far_m < qvar_fail:
-        b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f})")
+        b.check(FAIL, f"Queries attend alike (L2={far_m:.4f} < {qvar_fail:.2f}{spread})")
     else:
-        b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f})")
-    if math.isfinite(adj_m):
-        if far_m > adj_m:
-            b.info("Positional structure detected (distant > adjacent)")
-        else:
-            b.info("No positional structure (distant <= adjacent)")
+        b.check(WARN, f"Weak query variation (L2={far_m:.4f}, between {qvar_fail:.2f} and {qvar_pass:.2f}{spread})")
+    _positional_structure(b, heads)
+
+
+#: Smallest difference (distant - adjacent, relative to the adjacent distance) read as positional structure.
+POSITIONAL_MIN_REL = 0.05
+
+
+def _positional_structure(b: _Builder, heads) -> None:
+    """Whether queries 10 positions apart differ more than adjacent ones: per head the difference of
+    the two mean L2 distances, and the 95% t-interval of its mean over heads. Structure is reported
+    only when the whole interval lies above POSITIONAL_MIN_REL of the mean adjacent distance (a
+    difference that is there, and not negligible); otherwise the line says there is no evidence."""
+    both = [h for h in heads if _fin(h.get("qvar_l2_adjacent")) and _fin(h.get("qvar_l2_distant"))]
+    if len(both) < 2:
+        b.info("Positional structure: not applicable (needs both distances in at least 2 heads)")
+        return
+    m, lo, hi = t_interval_of_mean([_num(h["qvar_l2_distant"]) - _num(h["qvar_l2_adjacent"]) for h in both])
+    floor = POSITIONAL_MIN_REL * _mean(h["qvar_l2_adjacent"] for h in both)
+    stats = (f"mean per-head difference distant - adjacent {m:.4f}, 95% t-interval [{lo:.4f}, {hi:.4f}] "
+             f"over {len(both)} heads; threshold {POSITIONAL_MIN_REL:.0%} of the adjacent distance = {floor:.4f}")
+    if lo > floor:
+        b.info(f"Positional structure detected: distant queries differ more than adjacent ones ({stats}; "
+               "the interval lies above it)")
+    elif hi < -floor:
+        b.info(f"No evidence of positional structure: adjacent queries differ more than distant ones ({stats}; "
+               "the interval lies below minus it)")
+    else:
+        b.info(f"No evidence of positional structure ({stats}; the interval reaches below it)")
 
 
 def _sweep(b: _Builder, heads, gain_min) -> None:
@@ -419,13 +472,21 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
         mono = {True: "yes", False: "NO"}.get(h.get("entropy_monotonic"), "n/a")
         b.add(f"  {_label(h)}: gain={_f(h['gain'])} (R2={_f(h.get('gain_r2'), '.3f')}) "
               f"entropy falls monotonically: {mono}")
-    not_mono = [h for h in ok if h.get("entropy_monotonic") is not True]
-    if not_mono:
+    # monotonicity is a property of the mean entropies; a head whose mean entropy is undefined (no
+    # exact row at position >= 2) has none, and is not counted either way
+    judged = [h for h in ok if h.get("entropy_monotonic") in (True, False)]
+    if not judged:
+        b.check(SKIP, f"Entropy monotonicity: not applicable (mean entropy undefined in all {len(ok)} heads)")
+    elif any(h.get("entropy_monotonic") is False for h in judged):
+        not_mono = [h for h in judged if h.get("entropy_monotonic") is False]
         b.check(WARN, f"Entropy does not fall monotonically with query scale in "
-                      f"{len(not_mono)}/{len(ok)} heads")
+                      f"{len(not_mono)}/{len(judged)} heads")
         b.listing(not_mono, lambda h: f"gain={_f(h['gain'])}")
     else:
-        b.check(PASS, f"Entropy falls monotonically with query scale in all {len(ok)} heads")
+        b.check(PASS, f"Entropy falls monotonically with query scale in all {len(judged)} heads")
+    if judged and len(judged) < len(ok):
+        b.info(f"Entropy monotonicity not applicable in {len(ok) - len(judged)}/{len(ok)} heads "
+               "(mean entropy undefined)")
     flat = [h for h in ok if _num(h["gain"]) <= gain_min]
     if flat:
         b.check(WARN, f"{len(flat)}/{len(ok)} heads do not sharpen with query scale (gain <= {gain_min:g})")
@@ -437,22 +498,27 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
     med = median(gains)
     r = gain_ratio(_num(top["gain"]), med)
     if math.isfinite(r):
+        # the top head is picked after seeing every gain, so its ratio to the median is a description,
+        # not a test: the largest of n values always stands above their median
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}; "
-               f"ratio to the median {r:.2f}x -> {gain_ratio_meaning(r)}")
+               f"ratio to the median {r:.2f}x (the largest of {len(ok)} gains, chosen after seeing them: "
+               "a description, no evidence of head-specific exploitation either way)")
     else:
         b.info(f"Most sensitive: {_label(top)} gain={_f(top['gain'])}; median gain={med:.4f}")
 
 
 def gain_ratio_meaning(ratio: float) -> str:
-    """Seed 003's reading of a target/control gain ratio, naming the threshold it applies."""
+    """The fixed reading of a target/control gain ratio, naming the threshold it applies."""
     if not math.isfinite(ratio):
         return "undefined (a gain is missing or the control's gain is 0)"
+    # a gain carries no standard error here, so a ratio is read against fixed thresholds only
+    caveat = "; no standard error of a gain is computed, so this is a reading, not statistical evidence"
     if ratio >= GAIN_RATIO_STRONG:
-        return f"strong evidence of head-specific exploitation (ratio >= {GAIN_RATIO_STRONG:g}x)"
+        return f"head-specific by the fixed reading (ratio >= {GAIN_RATIO_STRONG:g}x{caveat})"
     if ratio >= GAIN_RATIO_HIGHER:
-        return (f"higher sensitivity than the typical head (ratio >= {GAIN_RATIO_HIGHER:g}x, "
-                f"< {GAIN_RATIO_STRONG:g}x)")
-    return f"no functional distinction (universal mechanism; ratio < {GAIN_RATIO_HIGHER:g}x)"
+        return (f"higher sensitivity than the control by the fixed reading (ratio >= {GAIN_RATIO_HIGHER:g}x, "
+                f"< {GAIN_RATIO_STRONG:g}x{caveat})")
+    return f"no distinction by the fixed reading (ratio < {GAIN_RATIO_HIGHER:g}x{caveat})"
 
 
 _COUNT_LINES = {"passed": "Passed: ", "warnings": "Warnings: ", "failures": "Failures: ", "skipped": "Skipped: "}

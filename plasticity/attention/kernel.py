@@ -48,10 +48,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .kernel_layout import EXTRA_FIELDS, N_BINS, OUT_FIELDS, ROW_FIELDS  # noqa: F401 (the layout block_stats uses)
+
 EXP_FLOOR = -708.0  # exp() arguments are raised to this (exp(-708) ~ 3e-308)
 K_EFF_MASS = 0.9
 K_EFF_TOL = 1e-12  # ten weights of 0.1 reach 0.9 despite summation rounding
-N_BINS = 64  # bins per level of the k_eff selection
 SMALL_SET = 16  # sort the boundary bin once it holds at most this many keys
 TINY_MASS = 1e-250  # query variation: below this, renormalise the shared keys from their scores
 
@@ -236,12 +237,6 @@ def exp_nonpositive(x):
     p = p * r + 1.0
     return p * _float_from_bits((_bits_of(t) - _bits_of(_SHIFTER) + 1023) << 52)
 
-#: Rows of the ``rows`` argument of `block_stats`, one column per query row of the block.
-ROW_FIELDS = ("pq", "lo", "hi", "near_lo", "out_row", "rank", "is_early", "qcode")
-#: Rows of the float ``out`` argument: per (row, scale) statistics.
-OUT_FIELDS = ("entropy", "max_attn", "row_std")
-#: Rows of the ``extras`` argument: per-row scale-1 statistics.
-EXTRA_FIELDS = ("near", "far", "same", "diff")
 
 
 @njit(**_JIT)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..types import TokenArrays
 from .inputs import int_positions, token_codes
-from .kernel import EXTRA_FIELDS, N_BINS, OUT_FIELDS, ROW_FIELDS, block_stats
+from .kernel_layout import EXTRA_FIELDS, N_BINS, OUT_FIELDS, ROW_FIELDS
 from .scale_plan import scale_plan
 from .visibility import KeyIndex, first_key_at_or_after
 
@@ -201,6 +201,10 @@ def _tile_scores(ex: _Example, r0: int, r1: int, c0: int, c1: int, todo: np.ndar
 def _block(ex: _Example, pairs: _ExamplePairs, r0: int, r1: int, sel: np.ndarray, todo: np.ndarray,
            window: int | None, want_extras: bool, has_codes: bool, plan, stats: RowStats) -> None:
     """Rows ``sel`` (example ranks, inside [r0, r1)) through the kernel."""
+    # imported here, not at the top: a head with no row to compute (too few exact rows) must not
+    # pay for importing numba and loading the compiled kernels
+    from .kernel import block_stats
+
     c0, c1 = int(ex.lo[r0:r1].min()), int(ex.hi[r0:r1].max())
     scores = _tile_scores(ex, r0, r1, c0, c1, todo)
     if sel.size < r1 - r0:

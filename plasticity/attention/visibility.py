@@ -99,3 +99,23 @@ def coverage(index: KeyIndex, q_pos: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     n_visible = q_pos + 1 if sliding_window is None else np.minimum(q_pos + 1, sliding_window)
     return Coverage(n_keys.astype(np.int64), n_captured.astype(np.int64), n_visible.astype(np.int64),
                     n_captured / n_visible, n_captured == n_visible)
+
+
+def count_exact_rows(q_example: np.ndarray, q_pos: np.ndarray, k_example: np.ndarray, k_pos: np.ndarray,
+                     sliding_window: int | None) -> int:
+    """Number of exact query rows of a head, from positions alone (no vectors):
+    ``sum over queries of [n_captured == n_visible]``, with ``n_visible = min(pq + 1, w)`` and
+    ``n_captured`` the distinct captured key positions of the query's example in its visible range.
+
+    Used to decide, before any vector is read, whether a head has enough exact rows for its
+    attention to be computed. Taking rows away (a row cap) can only lower the count, so a count
+    below the threshold on all captured rows means the head stays below it after any cap."""
+    q_example = np.asarray(q_example, dtype=np.int64)
+    q_pos = np.asarray(q_pos, dtype=np.int64)
+    k_example = np.asarray(k_example, dtype=np.int64)
+    k_pos = np.asarray(k_pos, dtype=np.int64)
+    if q_pos.size == 0:
+        return 0
+    index = key_index(q_example, q_pos, k_example, k_pos)
+    lo, hi = visible_ranges(index, q_pos, sliding_window)
+    return int(coverage(index, q_pos, lo, hi, sliding_window).exact.sum())
