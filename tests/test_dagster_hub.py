@@ -132,8 +132,8 @@ def test_requested_run_downloads_the_pinned_sha_and_matches_analyze_dataset(setu
     assert revision == pinned
     # same numbers as the plain pipeline on a local copy of the same files
     cfg = load_config(s["configs"] / "tiny-b.yaml", {"warehouse": str(tmp_path / "ref.duckdb")})
-    local = tmp_path / "local-copy"
-    shutil.copytree(s["dataset"], local / MODEL_DIR)
+    local = tmp_path / "local-copy"  # the downloaded files as plain files: root card, model_dir's shards
+    shutil.copytree(snapshot, local)
     ref = analyze_dataset(cfg, local, model="tiny-b-model", revision=pinned, progress=False)
     assert ref.run_id == run_id
     for table in ("head_metrics", "head_bucket_plasticity", "head_component_weights"):
