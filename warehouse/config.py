@@ -22,7 +22,7 @@ import yaml
 from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
 from warehouse.names import name_problem
-from warehouse.options import OptionError, check_all, option, options_of, unknown_keys_error
+from warehouse.options import OptionError, check_all, close_key, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 #: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
@@ -189,8 +189,20 @@ class RunConfig:
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
+#: Largest config or options file read (real ones are a few hundred bytes).
+CONFIG_MAX_BYTES = 64 * 1024
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently) and
+    any alias: a few nested anchors can expand into gigabytes, and no config key needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor[:40]}) are not allowed in a config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -209,12 +221,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml_mapping(path: str | os.PathLike, mapping_of: str) -> dict[str, Any]:
     """A YAML file holding one mapping; OptionError in one line, with the line number, otherwise."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+        with open(path, "rb") as fh:
+            raw = fh.read(CONFIG_MAX_BYTES + 1)
+        if len(raw) > CONFIG_MAX_BYTES:
+            raise OptionError(f"{path}: larger than {CONFIG_MAX_BYTES // 1024} KiB, not a config file")
+        loaded = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except FileNotFoundError:
         raise OptionError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise OptionError(f"{path}: is a folder, not a YAML config file") from None
+    except PermissionError:
+        raise OptionError(f"{path}: cannot be read (permission denied)") from None
     except UnicodeDecodeError as exc:
         raise OptionError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -248,6 +265,10 @@ def read_settings(cls: type, path: str | os.PathLike | None, overrides: dict[str
     if path is not None:
         loaded = read_yaml_mapping(path, mapping_of)
         if set(loaded) - set(declared):
+            if not set(loaded) & set(declared) and not any(close_key(k, declared) for k in loaded):
+                # another kind of file that happens to parse as a mapping: its text is not echoed back
+                raise OptionError(f"{path}: not a file of {mapping_of} (none of its {len(loaded)} key(s) is one; "
+                                  "see --help for the keys)")
             raise unknown_keys_error(set(loaded) - set(declared), declared, unknown, str(path))
         layers.append((str(path), loaded))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
