@@ -20,7 +20,8 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from warehouse.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
+from warehouse.config import (  # noqa: E402 (after the thread settings)
+    DEFAULT_WAREHOUSE, MAX_SEED, WAREHOUSE_ENV, not_empty, reading_warehouse, say_warehouse, warehouse_option)
 from warehouse.names import name_problem  # noqa: E402
 from warehouse.options import option  # noqa: E402
 
@@ -62,9 +63,17 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _load_config(args: argparse.Namespace, extra: dict | None = None):
-    from warehouse.config import load_config
+    """The run config of `analyze` / `demo`; the warehouse by `choose_warehouse`'s rule (its source is
+    left in ``args.warehouse_source`` for `_say_warehouse`)."""
+    from warehouse.config import choose_warehouse, load_config
 
-    return load_config(args.config, {**(extra or {}), **_overrides(args)}, overrides_from="command line")
+    overrides = {**(extra or {}), **_overrides(args)}
+    cfg = load_config(args.config, overrides, overrides_from="command line")  # every config error first
+    chosen, args.warehouse_source = choose_warehouse(overrides.get("warehouse"), args.config)
+    if chosen is not None and chosen != cfg.warehouse:
+        cfg.warehouse = chosen
+        cfg.validate()
+    return cfg
 
 
 def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
@@ -119,15 +128,19 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from warehouse.export import export_csvs, results_dir
     from warehouse.pipeline import analyze_dataset
 
+    from warehouse.db import warehouse_for_model
+
     cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
     root, model, sha = resolve_dataset(cfg)
+    cfg.warehouse = warehouse_for_model(cfg.warehouse, model)  # {model}: this model's own file
     summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet)
     _print_summary(summary)
     out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     files = export_csvs(cfg.warehouse, summary.model, summary.run_id, out,
                         {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
                          "head_component_weights": cfg.component_csv})
-    print(f"warehouse: {cfg.warehouse}\ncsv: " + ", ".join(str(p) for p in files.values()))
+    say_warehouse(cfg.warehouse, args.warehouse_source)
+    print("csv: " + ", ".join(str(p) for p in files.values()))
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_done else 1
 
@@ -139,12 +152,11 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     """`plasticity demo --family`: generate the synthetic family, analyse every checkpoint, print and draw
     the trajectory next to the generator's truth."""
     from plasticity.synthetic import FamilySpec
-    from warehouse.db import expand_warehouse_paths
+    from warehouse.db import expand_warehouse_paths, warehouse_for_model
     from warehouse.demo_data import family_layer_truth, write_synthetic_family
     from warehouse.export import export_csvs, results_dir
     from warehouse.families import load_trajectory
     from warehouse.kernel_cache import sharing_cores
-    from warehouse.names import safe_path_component
     from warehouse.pipeline import analyze_dataset
     from warehouse.plots import load_plot_options, save_png
     from warehouse.trajectory_plots import plot_trajectory
@@ -157,7 +169,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
         # the checkpoints are tiny: one process each (a worker pool per checkpoint would cost more than its heads)
         cfg = _load_config(args, {"dataset_local_root": str(root / model), "model": model, "family": fam.family,
                                   "stage": fam.stage(step), "step": step, "max_workers": 1})
-        cfg.warehouse = cfg.warehouse.replace("{model}", safe_path_component(model, "model name"))
+        cfg.warehouse = warehouse_for_model(cfg.warehouse, model)
         configs[step] = cfg.validate()
     print(f"family {fam.family}: {len(fam.steps)} checkpoints in {root} (steps {', '.join(map(str, fam.steps))})")
     with sharing_cores():
@@ -189,7 +201,8 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     out = Path(configs[fam.steps[0]].output_dir) / "plots" / f"{fam.family}-trajectory.png"
     save_png(plot_trajectory(traj, opts).figure, out, opts.dpi)
     where = " ".join(f"--warehouse {w}" for w in warehouses)
-    print(f"\nplot: {out}\nwarehouse: {', '.join(warehouses)}")
+    print(f"\nplot: {out}")
+    say_warehouse(warehouses, args.warehouse_source)
     print(f'try: plasticity sql "{FAMILY_HINT}" {where}')
     print(f"     plasticity plot trajectory --family {fam.family} --metric q_R2_pos --warehouse "
           f"'{configs[fam.steps[0]].warehouse if len(warehouses) == 1 else _template(args)}'")
@@ -198,7 +211,9 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
 
 def _template(args: argparse.Namespace) -> str:
     """The --warehouse value as given (e.g. with {model})."""
-    return _overrides(args).get("warehouse") or "data/warehouse.duckdb"
+    from warehouse.config import choose_warehouse
+
+    return choose_warehouse(_overrides(args).get("warehouse"))[0] or "data/warehouse.duckdb"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,7 +228,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     spec = SyntheticSpec()
     root = Path(args.data) / spec.model
+    from warehouse.db import warehouse_for_model
+
     cfg = _load_config(args, {"dataset_local_root": str(root), "model": spec.model})  # before writing anything
+    cfg.warehouse = warehouse_for_model(cfg.warehouse, spec.model)
     cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
         print(f"generating synthetic dataset {spec.model} in {root} ...")
@@ -235,7 +253,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if errs:
         print(f"\nmean |ap_overall - ap_true| over {len(errs)} heads: {sum(errs) / len(errs):.4f}")
     _print_summary(summary)
-    print(f"warehouse: {cfg.warehouse}\ncsv: {out}/")
+    say_warehouse(cfg.warehouse, args.warehouse_source)
+    print(f"csv: {out}/")
     print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_errors == 0 else 1
@@ -244,10 +263,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from warehouse.config import default_warehouse
     from warehouse.db import expand_warehouse_paths, one_line, read_only_query
 
-    paths = expand_warehouse_paths(args.warehouse or [default_warehouse()])  # before the sandbox: it lists no folder
+    from warehouse.config import choose_warehouse
+
+    source = "--warehouse"
+    if not args.warehouse:
+        chosen, source = choose_warehouse(None)
+    paths = expand_warehouse_paths(args.warehouse or [chosen])  # before the sandbox: it lists no folder
+    say_warehouse(paths, source, sys.stderr)
     try:
         names, rows = read_only_query(paths, args.query)
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
@@ -269,7 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from warehouse.names import safe_path_component
 
     out = Path(args.out) if args.out else Path("results") / safe_path_component(args.model, "--model")
-    files = export_csvs(args.warehouse, args.model, args.run_id, out)
+    warehouse = reading_warehouse(args.warehouse, args.model)
+    files = export_csvs(warehouse, args.model, args.run_id, out)
     for table, path in files.items():
         print(f"{table}: {path}")
     return 0
@@ -323,7 +348,7 @@ class SqlOptions:
         None, check=not_empty, cli_kwargs={"action": "append", "nargs": None}, metavar="FILE",
         accepts="a file, a glob or a path with {model}",
         help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
-        default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+        default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
     csv: bool = option(False, switch=True, help="print CSV instead of a table")
     max_rows: int = option(200, ge=1, help="rows shown in the table")
 
@@ -333,7 +358,7 @@ class ExportOptions:
     model: str = option(None, required=True, help="model in the warehouse")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")
     out: str | None = option(None, help="folder for the CSVs", accepts="a folder", default_text="results/<model>")
-    warehouse: str = warehouse_option()
+    warehouse: str | None = warehouse_option()
 
 
 @dataclass

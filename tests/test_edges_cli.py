@@ -1,14 +1,15 @@
 """The command line and the warehouse file at their edges: hostile configs and patterns, odd paths,
 old or empty warehouse files, interrupted commands and untrusted text on the terminal.
 
-Every case is a plain function of a temp folder (`EDGE_CASES`), so that benchmarks/fault_suite.py runs
-exactly these checks too.
+Every case is a plain function of a temp folder and the small synthetic dataset (`EDGE_CASES`), so that
+benchmarks/fault_suite.py runs exactly these checks too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import time
 from pathlib import Path
 
@@ -26,10 +27,28 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """os.environ with `values` set (None: unset) for the body, then as it was."""
+    before = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def analyze_argv(dataset: Path, tmp: Path, *more: str) -> list[str]:
+    return ["analyze", "--dataset_local_root", str(dataset), "--model", "m", "--max_workers", "1",
+            "--attention", "false", "--quiet", "--output_dir", str(tmp / "results"), *more]
+
+
 HOSTILE_PATTERN = r"(?P<family>(a+)+)-step-(?P<step>\d+)"
 
 
-def check_family_pattern_is_linear_time(tmp: Path) -> None:
+def check_family_pattern_is_linear_time(tmp: Path, dataset: Path) -> None:
     """A pattern with a nested quantifier against a hostile 40-character branch name returns at once
     (Python's backtracking engine needs minutes for this), and still parses a good branch."""
     pattern = BranchPattern.compile(HOSTILE_PATTERN, "hub_repos.yaml: org/repo")
@@ -40,7 +59,7 @@ def check_family_pattern_is_linear_time(tmp: Path) -> None:
     assert pattern.parse("aaa-step-12") == Checkpoint("aaa", 12)
 
 
-def check_family_pattern_refuses_backreferences(tmp: Path) -> None:
+def check_family_pattern_refuses_backreferences(tmp: Path, dataset: Path) -> None:
     for text in (r"(?P<family>(a)\2)-(?P<step>\d+)", r"(?P<family>a(?=b)\w+)-(?P<step>\d+)"):
         with pytest.raises(FamilyError, match="cannot be matched in linear time") as err:
             BranchPattern.compile(text, "hub_repos.yaml: org/repo")
@@ -54,7 +73,7 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
 
 
-def check_config_alias_bomb_is_refused_in_one_line(tmp: Path) -> None:
+def check_config_alias_bomb_is_refused_in_one_line(tmp: Path, dataset: Path) -> None:
     bomb = tmp / "bomb.yaml"
     bomb.write_text(ALIAS_BOMB)  # 9^9 = 387 million strings once expanded
     assert bomb.stat().st_size < 1024
@@ -66,14 +85,14 @@ def check_config_alias_bomb_is_refused_in_one_line(tmp: Path) -> None:
     assert not (tmp / "w.duckdb").exists()
 
 
-def check_config_too_large_is_refused(tmp: Path) -> None:
+def check_config_too_large_is_refused(tmp: Path, dataset: Path) -> None:
     big = tmp / "big.yaml"
     big.write_text("seed: 1\n" + "# padding\n" * 10_000)
     code, out, err = run_cli(["analyze", "--config", str(big)])
     assert code == 2 and "larger than 64 KiB" in err and len(err) < 300, err
 
 
-def check_config_of_another_file_is_not_echoed(tmp: Path) -> None:
+def check_config_of_another_file_is_not_echoed(tmp: Path, dataset: Path) -> None:
     secret = tmp / "shadow"
     secret.write_text("root: $6$s3cr3tHash$abc:19000:0:99999:7::x\ndaemon: '*:19000:0:99999:7:::'\n"
                       "PASSWORD=hunter2 remembered: 1\n")
@@ -90,15 +109,61 @@ def check_config_of_another_file_is_not_echoed(tmp: Path) -> None:
     assert "1 key(s) that are not key names" in err
 
 
+# --------------------------------------------------------------------------- which warehouse file
+
+
+def check_one_warehouse_rule_for_every_command(tmp: Path, dataset: Path) -> None:
+    """--warehouse, else $PLASTICITY_WAREHOUSE, else the config file's key, else the default: analyze
+    writes where export, sql and validate then read, and each says which file and why. A {model} in
+    the path is the model's own file, never a file literally named {model}."""
+    cfg = tmp / "run.yaml"
+    cfg.write_text(f"warehouse: {tmp / 'from-config.duckdb'}\n")  # like the shipped configs
+    template = str(tmp / "per-model" / "{model}.duckdb")
+    with environment(PLASTICITY_WAREHOUSE=template):
+        code, out, err = run_cli(analyze_argv(dataset, tmp, "--config", str(cfg)))
+        assert code == 0, err
+        used = tmp / "per-model" / "m.duckdb"
+        assert f"warehouse: {used} (from $PLASTICITY_WAREHOUSE)" in out
+        assert used.is_file() and not (tmp / "from-config.duckdb").exists()
+        assert not list((tmp / "per-model").glob("{*")), "a file literally named {model}"
+        code, out, err = run_cli(["export", "--model", "m", "--out", str(tmp / "csv")])
+        assert code == 0 and f"warehouse: {used} (from $PLASTICITY_WAREHOUSE)" in err
+        code, out, err = run_cli(["sql", "SELECT count(*) FROM head_metrics", "--csv"])
+        assert code == 0 and out.splitlines() == ["count_star()", "8"]
+        assert f"warehouse: {used} (from $PLASTICITY_WAREHOUSE)" in err
+        # the flag wins over the variable
+        code, out, err = run_cli(["sql", "SELECT 1", "--warehouse", str(tmp / "none.duckdb")])
+        assert code == 2 and f"warehouse: {tmp / 'none.duckdb'} (from --warehouse)" in err
+    with environment(PLASTICITY_WAREHOUSE=None):
+        code, out, err = run_cli(["validate", "--model", "m", "--warehouse", template])
+        assert f"warehouse: {used} (from --warehouse)" in err
+        from warehouse.config import choose_warehouse
+
+        assert choose_warehouse(None, cfg) == (None, f"warehouse key of {cfg}")
+        assert choose_warehouse(None) == ("data/warehouse.duckdb", "default")
+
+
+def check_dagster_resource_follows_the_same_rule(tmp: Path, dataset: Path) -> None:
+    from dagster_project.resources import DEFAULT_WAREHOUSE, default_resources
+
+    with environment(PLASTICITY_WAREHOUSE=str(tmp / "x.duckdb")):
+        assert default_resources()["warehouse"].path == str(tmp / "x.duckdb")
+    with environment(PLASTICITY_WAREHOUSE=None):
+        assert default_resources()["warehouse"].path == str(DEFAULT_WAREHOUSE)
+        assert str(DEFAULT_WAREHOUSE).endswith("data/warehouse.duckdb")
+
+
 EDGE_CASES = [
     ("family_pattern_linear_time", check_family_pattern_is_linear_time),
     ("family_pattern_refuses_backreferences", check_family_pattern_refuses_backreferences),
     ("config_alias_bomb", check_config_alias_bomb_is_refused_in_one_line),
     ("config_too_large", check_config_too_large_is_refused),
     ("config_of_another_file", check_config_of_another_file_is_not_echoed),
+    ("one_warehouse_rule", check_one_warehouse_rule_for_every_command),
+    ("dagster_warehouse_rule", check_dagster_resource_follows_the_same_rule),
 ]
 
 
 @pytest.mark.parametrize("name,check", EDGE_CASES, ids=[n for n, _ in EDGE_CASES])
-def test_edge_case(name, check, tmp_path):
-    check(tmp_path)
+def test_edge_case(name, check, tmp_path, small_dataset):
+    check(tmp_path, small_dataset)

@@ -25,6 +25,8 @@ from warehouse.names import name_problem
 from warehouse.options import OptionError, check_all, close_key, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
+#: The environment variable naming the warehouse of every command and of Dagster (`choose_warehouse`).
+WAREHOUSE_ENV = "PLASTICITY_WAREHOUSE"
 #: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
 MAX_SEED = 2**63 - 1
 #: `models.step` is a BIGINT.
@@ -85,7 +87,9 @@ class RunConfig:
                                   default_text="main")
     num_pairs_per_bucket: int = option(256, ge=1, help="key pairs drawn per (query bucket, key bucket) cell")
     estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (SPEC 2.8)")
-    warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file", help="DuckDB warehouse file")
+    warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file or a path with {model}",
+                            help="DuckDB warehouse file ({model}: one file per model)",
+                            default_text=f"${WAREHOUSE_ENV} (it overrides this key), else {DEFAULT_WAREHOUSE}")
     output_dir: str = option("results", check=not_empty, accepts="a folder",
                              help="CSV exports go to output_dir/<model>/<run_id>/")
     layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
@@ -291,16 +295,55 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                                      unknown="unknown config key(s)", overrides_from=overrides_from))
 
 
+def choose_warehouse(given: str | None, config_file: str | os.PathLike | None = None,
+                     mapping_of: str = "config keys") -> tuple[str | None, str]:
+    """The warehouse a command uses, by one rule for every command and for Dagster's resource:
+    the `--warehouse` given, else $PLASTICITY_WAREHOUSE, else the `warehouse` key of the config file,
+    else data/warehouse.duckdb. Returns (the path, or None when the config file's key decides, and
+    where the choice came from, for the command to print)."""
+    if given:
+        return given, "--warehouse"
+    env = os.environ.get(WAREHOUSE_ENV)
+    if env:
+        return env, f"${WAREHOUSE_ENV}"
+    if config_file is not None and "warehouse" in read_yaml_mapping(config_file, mapping_of):
+        return None, f"warehouse key of {config_file}"
+    return None if config_file is not None else DEFAULT_WAREHOUSE, "default"
+
+
 def default_warehouse() -> str:
-    """$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb: the warehouse of the commands that read it."""
-    return os.environ.get("PLASTICITY_WAREHOUSE") or DEFAULT_WAREHOUSE
+    """The warehouse of a command given no --warehouse and no config file: $PLASTICITY_WAREHOUSE, else
+    data/warehouse.duckdb."""
+    return choose_warehouse(None)[0]
+
+
+def say_warehouse(paths: Any, source: str, stream: Any = None) -> None:
+    """``warehouse: FILE (from --warehouse)``: every command says which file it used, and why."""
+    import sys
+
+    shown = ", ".join(str(p) for p in paths) if isinstance(paths, (list, tuple)) else str(paths)
+    print(f"warehouse: {shown} (from {source})", file=stream or sys.stdout)
+
+
+def reading_warehouse(given: str | None, model: str | None = None) -> str:
+    """The warehouse a read-only command uses (`choose_warehouse`; with ``{model}``, that model's file),
+    said on stderr so that the command's own output stays clean."""
+    import sys
+
+    from warehouse.db import warehouse_for_model
+
+    path, source = choose_warehouse(given)
+    if model is not None:
+        path = warehouse_for_model(path, model)
+    say_warehouse(path, source, sys.stderr)
+    return path
 
 
 def warehouse_option() -> Any:
-    """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all)."""
-    return option(default_factory=default_warehouse,
-                  check=not_empty, accepts="a file", help="DuckDB warehouse file",
-                  default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+    """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all);
+    None = not given: `choose_warehouse` decides."""
+    return option(None, check=not_empty, accepts="a file", help="DuckDB warehouse file",
+                  default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
 
 
 def config_markdown() -> str:

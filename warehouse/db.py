@@ -246,6 +246,17 @@ def model_files(template: str | os.PathLike) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(pattern))
 
 
+def warehouse_for_model(path: str | os.PathLike, model: str) -> str:
+    """The file of `model` when `path` has ``{model}`` (one file per model), else `path` itself; the model
+    name must be safe as a file name (`warehouse.names.safe_path_component`)."""
+    from warehouse.names import safe_path_component
+
+    text = str(path)
+    if MODEL_PLACEHOLDER not in text:
+        return text
+    return text.replace(MODEL_PLACEHOLDER, safe_path_component(model, "model name"))
+
+
 def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
     """The warehouse files named by `patterns`, in order, each file once: a file (an existing one is taken as
     it is), a glob (``*``, ``?``, ``[...]``: every match, sorted) or a per-model path with ``{model}``
