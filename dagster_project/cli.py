@@ -22,7 +22,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from warehouse.config import (  # noqa: E402 (after the thread settings)
     DEFAULT_WAREHOUSE, MAX_SEED, WAREHOUSE_ENV, not_empty, reading_warehouse, say_warehouse, warehouse_option)
-from warehouse.names import name_problem  # noqa: E402
+from warehouse.names import name_problem, terminal_safe  # noqa: E402
 from warehouse.options import option  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
@@ -35,12 +35,13 @@ def _format_value(v) -> str:
         if math.isnan(v):
             return "NaN"
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
+    return terminal_safe(str(v))  # text from cards and shards is shown, never obeyed by the terminal
 
 
 def format_table(names: list[str], rows: list[tuple], max_rows: int | None = None) -> str:
     """A plain fixed-width text table."""
     shown = rows if max_rows is None else rows[:max_rows]
+    names = [terminal_safe(str(n)) for n in names]
     cells = [[_format_value(v) for v in r] for r in shown]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
     lines = ["  ".join(n.rjust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
@@ -263,26 +264,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
+    from warehouse.config import choose_warehouse
     from warehouse.db import expand_warehouse_paths, one_line, read_only_query
 
-    from warehouse.config import choose_warehouse
-
-    source = "--warehouse"
-    if not args.warehouse:
-        chosen, source = choose_warehouse(None)
-    paths = expand_warehouse_paths(args.warehouse or [chosen])  # before the sandbox: it lists no folder
-    say_warehouse(paths, source, sys.stderr)
+    given, source = (args.warehouse, "--warehouse") if args.warehouse else choose_warehouse(None)
+    given = given if isinstance(given, list) else [given]
+    paths = given
     try:
+        paths = expand_warehouse_paths(given)  # before the sandbox: it lists no folder
         names, rows = read_only_query(paths, args.query)
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
         return 2
+    finally:  # a file the user did not name is said on stderr (the output stays the query's; errors one line)
+        if not args.warehouse:
+            say_warehouse(paths, source, sys.stderr)
     if args.csv:
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(names)
-        w.writerows(rows)
+        w.writerow([terminal_safe(n, keep_lines=True) for n in names])
+        # control characters escaped as in the table (newlines and tabs are quoted by CSV)
+        w.writerows([terminal_safe(v, keep_lines=True) if isinstance(v, str) else v for v in r] for r in rows)
     else:
         print(format_table(names, rows, max_rows=args.max_rows))
     return 0
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, LookupError, ValueError, HubError, WarehouseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(exc), keep_lines=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -133,7 +133,7 @@ def check_one_warehouse_rule_for_every_command(tmp: Path, dataset: Path) -> None
         assert f"warehouse: {used} (from $PLASTICITY_WAREHOUSE)" in err
         # the flag wins over the variable
         code, out, err = run_cli(["sql", "SELECT 1", "--warehouse", str(tmp / "none.duckdb")])
-        assert code == 2 and f"warehouse: {tmp / 'none.duckdb'} (from --warehouse)" in err
+        assert code == 2 and f"warehouse {tmp / 'none.duckdb'} does not exist" in err and err.count("\n") == 1
     with environment(PLASTICITY_WAREHOUSE=None):
         code, out, err = run_cli(["validate", "--model", "m", "--warehouse", template])
         assert f"warehouse: {used} (from --warehouse)" in err
@@ -153,6 +153,50 @@ def check_dagster_resource_follows_the_same_rule(tmp: Path, dataset: Path) -> No
         assert str(DEFAULT_WAREHOUSE).endswith("data/warehouse.duckdb")
 
 
+# --------------------------------------------------------------------------- untrusted text on the terminal
+
+ESC = "\x1b]0;owned\x07\x1b[2J"  # set the window title, clear the screen
+
+
+def check_card_text_is_escaped_by_sql(tmp: Path, dataset: Path) -> None:
+    from warehouse import db
+
+    wh = tmp / "w.duckdb"
+    db.ensure_schema(wh)
+    with db.writer(wh) as con:
+        con.execute("INSERT INTO models (model, card_model_name) VALUES ('m', $n)", {"n": f"evil{ESC}\u202emodel"})
+    for extra in ([], ["--csv"]):
+        code, out, err = run_cli(["sql", "SELECT model, card_model_name FROM models", "--warehouse", str(wh), *extra])
+        assert code == 0 and "\x1b" not in out and "\u202e" not in out, out
+        assert "evil\\x1b]0;owned\\x07\\x1b[2J\\u202emodel" in out, out
+
+
+def check_shard_column_names_are_escaped_in_the_error_table(tmp: Path, dataset: Path) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    copy = tmp / "data"
+    shutil.copytree(dataset, copy)
+    shard = copy / "l00h01q" / "data.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.rename_columns([f"{n}{ESC}" if n == "vector" else n for n in table.column_names]), shard)
+    code, out, err = run_cli(analyze_argv(copy, tmp, "--warehouse", str(tmp / "w.duckdb"), "--layers", "0"))
+    assert "missing_columns" in out and "\\x1b]0;owned" in out, out
+    assert "\x1b" not in out + err
+
+
+def check_stage_refuses_control_characters(tmp: Path, dataset: Path) -> None:
+    for stage in ("stage\n1", f"s{ESC}"):
+        code, out, err = run_cli(analyze_argv(dataset, tmp, "--family", "f", "--step", "1", "--stage", stage,
+                                              "--warehouse", str(tmp / "w.duckdb")))
+        assert code == 2 and "stage" in err and "control character" in err and "\x1b" not in err, err
+    assert not (tmp / "w.duckdb").exists()
+    pattern = BranchPattern.compile(r"(?P<family>f)-(?P<stage>[^-]+)-(?P<step>\d+)", "w")
+    with pytest.raises(FamilyError, match="control character"):
+        pattern.parse("f-s\x1bx-5")
+
+
 EDGE_CASES = [
     ("family_pattern_linear_time", check_family_pattern_is_linear_time),
     ("family_pattern_refuses_backreferences", check_family_pattern_refuses_backreferences),
@@ -161,6 +205,9 @@ EDGE_CASES = [
     ("config_of_another_file", check_config_of_another_file_is_not_echoed),
     ("one_warehouse_rule", check_one_warehouse_rule_for_every_command),
     ("dagster_warehouse_rule", check_dagster_resource_follows_the_same_rule),
+    ("card_text_escaped_by_sql", check_card_text_is_escaped_by_sql),
+    ("shard_column_names_escaped", check_shard_column_names_are_escaped_in_the_error_table),
+    ("stage_refuses_control_characters", check_stage_refuses_control_characters),
 ]
 
 

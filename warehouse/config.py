@@ -21,7 +21,7 @@ import yaml
 
 from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
-from warehouse.names import name_problem
+from warehouse.names import label_problem, name_problem
 from warehouse.options import OptionError, check_all, close_key, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
@@ -106,7 +106,8 @@ class RunConfig:
     family: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
                                 help="family of checkpoints this model belongs to (with step)",
                                 default_text="none, or parsed from the Hub branch (family_pattern)")
-    stage: str | None = option(None, check=not_empty, help="training stage of the checkpoint within its family",
+    stage: str | None = option(None, check=label_problem, accepts="text without control characters",
+                               help="training stage of the checkpoint within its family",
                                default_text="none, or parsed from the Hub branch")
     step: int | None = option(None, ge=0, le=MAX_STEP, help="training step of the checkpoint (with family)",
                               default_text="none, or parsed from the Hub branch")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pandas only in annotations here; importing it costs every C
     import pandas as pd
 
 from warehouse.config import MAX_STEP
-from warehouse.names import name_problem
+from warehouse.names import label_problem, name_problem
 
 #: Named groups a family pattern may have; `family` and `step` are required.
 PATTERN_GROUPS = ("family", "stage", "step")
@@ -106,6 +106,8 @@ class BranchPattern:
                               f"between 0 and {MAX_STEP}")
         if stage is not None and not stage.strip():
             raise FamilyError(f"branch {branch!r}: the stage group matched an empty string")
+        if stage is not None and label_problem(stage) is not None:
+            raise FamilyError(f"branch {branch!r}: stage {stage!r} {label_problem(stage)}")
         return Checkpoint(family, int(step_text), stage)
 
 
