@@ -197,6 +197,162 @@ def check_stage_refuses_control_characters(tmp: Path, dataset: Path) -> None:
         pattern.parse("f-s\x1bx-5")
 
 
+# --------------------------------------------------------------------------- empty, old and foreign warehouse files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(code: int, out: str, err: str, *said: str) -> None:
+    errors = [line for line in err.splitlines() if not line.startswith("warehouse: ")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: "), (code, out, err)
+    assert "Traceback" not in err and "Catalog Error" not in err and "Binder Error" not in err, err
+    for text in said:
+        assert text in errors[0], (text, errors[0])
+
+
+def check_creation_killed_leaves_no_empty_file(tmp: Path, dataset: Path) -> None:
+    """A process killed while creating the warehouse (here: it exits at once in the middle of the schema
+    script, as SIGKILL would) leaves no DuckDB file under the warehouse's name; the next run creates it."""
+    import subprocess
+    import sys
+
+    wh = tmp / "w.duckdb"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; sys.path.insert(0, sys.argv[2])\n"
+        "from warehouse import db, schema\n"
+        "def dying(con, v): con.execute('CREATE TABLE runs (x INTEGER)'); os._exit(9)\n"
+        "schema.apply = dying\n"
+        "db.ensure_schema(sys.argv[1])"), str(wh), str(REPO)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    assert not wh.exists()
+    code, out, err = run_cli(["sql", "SELECT 1", "--warehouse", str(wh)])
+    one_line_error(code, out, err, "does not exist yet")
+    from warehouse import db, schema
+
+    assert db.ensure_schema(wh) == schema.schema_version()
+    assert sorted(p.name for p in tmp.iterdir()) == ["w.duckdb"]  # the dead process's temporary file is gone
+
+
+def check_empty_duckdb_file_is_one_line(tmp: Path, dataset: Path) -> None:
+    import duckdb
+
+    wh = tmp / "empty.duckdb"
+    duckdb.connect(str(wh)).close()  # what a run killed in its first second used to leave
+    code, out, err = run_cli(["sql", "SELECT * FROM runs", "--warehouse", str(wh)])
+    one_line_error(code, out, err, "empty DuckDB file", str(wh))
+    code, out, err = run_cli(["export", "--model", "m", "--warehouse", str(wh), "--out", str(tmp / "csv")])
+    one_line_error(code, out, err, "empty DuckDB file")
+    assert not (tmp / "csv").exists()
+
+
+def _old_warehouse(path: Path, version: int) -> None:
+    """A warehouse as an older version left it: the unversioned schema, then migrations 1..version."""
+    import duckdb
+
+    from warehouse import schema
+
+    con = duckdb.connect(str(path))
+    con.execute((REPO / "tests" / "fixtures" / "warehouse-v0" / "schema.sql").read_text())
+    con.execute("INSERT INTO runs VALUES ('r1', 'm', NULL, 'rev', '{}', '0.1.0', TIMESTAMP '2026-11-01 10:00:00', "
+                "TIMESTAMP '2026-11-01 10:05:00', 'succeeded', 2, 2, 0)")
+    if version:
+        con.execute("CREATE TABLE schema_migrations (version INTEGER NOT NULL, name VARCHAR NOT NULL, "
+                    "applied_at TIMESTAMP NOT NULL)")
+    for m in schema.migrations()[:version]:
+        con.execute(m.text)
+        con.execute("INSERT INTO schema_migrations VALUES ($v, $n, now()::TIMESTAMP)", {"v": m.version, "n": m.name})
+    con.close()
+
+
+def check_old_warehouses_are_one_line_with_the_upgrade(tmp: Path, dataset: Path) -> None:
+    from warehouse import schema
+
+    for version in (0, 2):
+        wh = tmp / f"v{version}.duckdb"
+        _old_warehouse(wh, version)
+        commands = [["export", "--model", "m", "--out", str(tmp / "csv")], ["validate", "--model", "m"],
+                    ["plot", "compare", "--output", str(tmp / "c.png")],
+                    ["plot", "curves", "--model", "m", "--output", str(tmp / "p.png")]]
+        for argv in commands:
+            code, out, err = run_cli([*argv, "--warehouse", str(wh)])
+            one_line_error(code, out, err, f"schema version {version}, older", f"plasticity upgrade --warehouse {wh}")
+        code, out, err = run_cli(["sql", "SELECT count(*) AS n FROM runs", "--warehouse", str(wh), "--csv"])
+        assert code == 0 and out.splitlines() == ["n", "1"]  # sql reads it as it is
+        code, out, err = run_cli(["upgrade", "--warehouse", str(wh)])
+        assert code == 0 and f"schema version {version} -> {schema.schema_version()}" in out, err
+        code, out, err = run_cli(["export", "--model", "m", "--out", str(tmp / f"csv{version}"), "--warehouse", str(wh)])
+        assert code == 0, err
+
+
+def check_foreign_migration_tables_are_one_line(tmp: Path, dataset: Path) -> None:
+    import duckdb
+
+    from warehouse import db, schema
+
+    dev = tmp / "dev.duckdb"
+    db.ensure_schema(dev)
+    con = duckdb.connect(str(dev))
+    con.execute("UPDATE schema_migrations SET name = '003_dev_experiment.sql' WHERE version = 3")
+    con.close()
+    for argv in (["export", "--model", "m"], ["upgrade"]):
+        code, out, err = run_cli([*argv, "--warehouse", str(dev)])
+        one_line_error(code, out, err, "development version", "003_dev_experiment.sql", schema.migrations()[2].name)
+    code, out, err = run_cli(analyze_argv(dataset, tmp, "--warehouse", str(dev)))
+    one_line_error(code, out, err, "development version")
+
+    text = tmp / "text.duckdb"
+    db.ensure_schema(text)
+    con = duckdb.connect(str(text))
+    con.execute("ALTER TABLE schema_migrations ALTER version TYPE VARCHAR")
+    con.close()
+    code, out, err = run_cli(["validate", "--model", "m", "--warehouse", str(text)])
+    assert "Traceback" not in err and "no run" in err, err  # numbers as text: read, and the model has no run
+    con = duckdb.connect(str(text))
+    con.execute("INSERT INTO schema_migrations VALUES ('v1', 'x', now()::TIMESTAMP)")
+    con.close()
+    code, out, err = run_cli(["export", "--model", "m", "--warehouse", str(text)])
+    one_line_error(code, out, err, "schema_migrations.version holds 'v1'")
+    code, out, err = run_cli(analyze_argv(dataset, tmp, "--warehouse", str(text)))
+    one_line_error(code, out, err, str(text))
+
+
+# --------------------------------------------------------------------------- several warehouses in sql
+
+
+def check_reserved_file_stems_are_refused_by_sql(tmp: Path, dataset: Path) -> None:
+    from warehouse import db
+
+    other = tmp / "a.duckdb"
+    db.ensure_schema(other)
+    for stem in ("main", "temp", "system", "memory", "pg_catalog", "MAIN"):
+        wh = tmp / f"{stem}.duckdb"
+        db.ensure_schema(wh)
+        code, out, err = run_cli(["sql", "SELECT count(*) FROM runs", "--warehouse", str(wh), "--warehouse", str(other)])
+        one_line_error(code, out, err, str(wh), "reserved")
+        wh.unlink()
+    twin = tmp / "sub" / "A.duckdb"
+    db.ensure_schema(twin)
+    code, out, err = run_cli(["sql", "SELECT 1", "--warehouse", str(other), "--warehouse", str(twin)])
+    one_line_error(code, out, err, str(twin), "ignore case")
+
+
+def check_a_column_of_another_type_names_its_file(tmp: Path, dataset: Path) -> None:
+    import duckdb
+
+    from warehouse import db
+
+    good, odd = tmp / "good.duckdb", tmp / "odd.duckdb"
+    db.ensure_schema(good)
+    db.ensure_schema(odd)
+    con = duckdb.connect(str(odd))
+    con.execute("ALTER TABLE head_metrics ALTER ap_overall TYPE VARCHAR")
+    con.close()
+    code, out, err = run_cli(["sql", "SELECT count(*) FROM runs", "--warehouse", str(good), "--warehouse", str(odd)])
+    one_line_error(code, out, err, str(odd), "head_metrics.ap_overall is VARCHAR", "DOUBLE")
+    code, out, err = run_cli(["sql", "SELECT count(*) AS n FROM runs", "--warehouse", str(odd), "--csv"])
+    assert code == 0 and out.splitlines() == ["n", "0"]  # alone, it is still readable
+
+
 EDGE_CASES = [
     ("family_pattern_linear_time", check_family_pattern_is_linear_time),
     ("family_pattern_refuses_backreferences", check_family_pattern_refuses_backreferences),
@@ -208,6 +364,12 @@ EDGE_CASES = [
     ("card_text_escaped_by_sql", check_card_text_is_escaped_by_sql),
     ("shard_column_names_escaped", check_shard_column_names_are_escaped_in_the_error_table),
     ("stage_refuses_control_characters", check_stage_refuses_control_characters),
+    ("creation_killed_leaves_no_file", check_creation_killed_leaves_no_empty_file),
+    ("empty_duckdb_file", check_empty_duckdb_file_is_one_line),
+    ("old_warehouses", check_old_warehouses_are_one_line_with_the_upgrade),
+    ("foreign_migration_tables", check_foreign_migration_tables_are_one_line),
+    ("reserved_file_stems", check_reserved_file_stems_are_refused_by_sql),
+    ("column_of_another_type", check_a_column_of_another_type_names_its_file),
 ]
 
 

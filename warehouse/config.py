@@ -328,15 +328,19 @@ def say_warehouse(paths: Any, source: str, stream: Any = None) -> None:
 
 def reading_warehouse(given: str | None, model: str | None = None) -> str:
     """The warehouse a read-only command uses (`choose_warehouse`; with ``{model}``, that model's file),
-    said on stderr so that the command's own output stays clean."""
+    said on stderr so that the command's own output stays clean, and checked readable by this version
+    (`warehouse.db.check_readable`)."""
     import sys
 
     from warehouse.db import warehouse_for_model
+
+    from warehouse.db import check_readable
 
     path, source = choose_warehouse(given)
     if model is not None:
         path = warehouse_for_model(path, model)
     say_warehouse(path, source, sys.stderr)
+    check_readable(path)  # an empty, older or foreign file: one line saying what to do, not a Catalog error
     return path
 
 

@@ -289,13 +289,43 @@ def _attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, ti
         f"ATTACH {_quote_literal(str(path))} AS {_quote_identifier(alias)} (READ_ONLY)"))
 
 
+#: Catalog and schema names DuckDB resolves before any attached file: a file with such a stem would be
+#: shadowed (``"main".runs`` is the in-memory database's) or clash with the catalog.
+RESERVED_ALIASES = ("main", "temp", "system", "memory", "pg_catalog", "information_schema")
+
+
 def _aliases(files: list[Path]) -> list[str]:
-    """File stems, the names the files get in SQL; two files with one stem are a ValueError."""
+    """File stems, the names the files get in SQL. ValueError naming the file when a stem is a name DuckDB
+    reserves, or when two stems differ only in case (SQL names ignore case)."""
     aliases = [f.stem for f in files]
-    for alias in set(aliases):
-        if aliases.count(alias) > 1:
-            raise ValueError(f"two warehouse files are named {alias!r}; they would share one name in SQL")
+    for f, alias in zip(files, aliases):
+        if alias.lower() in RESERVED_ALIASES:
+            raise ValueError(f"warehouse file {f}: its name {alias!r} is reserved in SQL "
+                             f"({', '.join(RESERVED_ALIASES)}); rename the file or link it under another name")
+    folded = [a.lower() for a in aliases]
+    for f, alias in zip(files, folded):
+        if folded.count(alias) > 1:
+            twins = [str(g) for g, a in zip(files, folded) if a == alias]
+            raise ValueError(f"warehouse files {', '.join(twins)} would be named {alias!r} in SQL alike "
+                             "(names ignore case); rename one")
     return aliases
+
+
+def _check_column_types(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
+    """WarehouseError naming the file, table and column when a file's column has another type than this
+    version's (the union of that table could not be read, and DuckDB's error would not say which file)."""
+    from warehouse import schema
+
+    for f, alias in zip(files, aliases):
+        for table, column, dtype in con.execute(
+                "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = $d "
+                "AND schema_name = 'main'", {"d": alias}).fetchall():
+            expected = dict(schema.latest_columns(table)).get(column) if schema.latest_shape().get(
+                table, ("",))[0] == "table" else None
+            if expected is not None and dtype != expected:
+                raise WarehouseError(f"warehouse file {f}: column {table}.{column} is {dtype}, this version's is "
+                                     f"{expected}; it cannot be read together with the other files (query it "
+                                     "alone, or rebuild it)")
 
 
 def _check_models_unique(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
@@ -351,6 +381,8 @@ def _union(files: list[Path], timeout_s: float) -> Iterator[duckdb.DuckDBPyConne
     try:
         for f, alias in zip(files, aliases):
             _attach_read_only(con, f, alias, timeout_s)
+        _refuse_empty(con, files, aliases)
+        _check_column_types(con, files, aliases)
         _check_models_unique(con, files, aliases)
         _create_union_views(con, aliases)
         yield con
@@ -382,6 +414,8 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
     try:
         opened = reader(files[0], timeout_s) if len(files) == 1 else _union(files, timeout_s)
         with opened as con:
+            if len(files) == 1:
+                _refuse_empty(con, files, None)
             # a large sort spills to a private temporary folder, not to <warehouse>.tmp beside the file
             con.execute(f"SET temp_directory = {_quote_literal(spill)}")
             for setting in SANDBOX_SETTINGS:
@@ -404,6 +438,25 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
             return [], []
         names = [d[0] for d in rel.description]
         return names, rel.fetchall()
+
+
+def check_readable(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
+    """Before a read-only command reads `path` by table name: its schema version, which must be this
+    code's; otherwise a WarehouseError in one line saying what to do (an empty DuckDB file, an older
+    or newer version, schema_migrations of another tool or of a development version)."""
+    from warehouse import schema
+
+    with reader(path, timeout_s) as con:
+        return schema.readable_version(con, path)
+
+
+def _refuse_empty(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str] | None) -> None:
+    """WarehouseError naming the first file that is an empty DuckDB database (no table at all)."""
+    with_tables = {r[0] for r in con.execute("SELECT DISTINCT database_name FROM duckdb_tables()").fetchall()}
+    for f, name in zip(files, aliases or [con.execute("SELECT current_database()").fetchone()[0]]):
+        if name not in with_tables:
+            raise WarehouseError(f"warehouse {f} is an empty DuckDB file (no tables: a run stopped before "
+                                 "creating them?); remove it, or run `plasticity analyze` with it")
 
 
 def memory_connection(threads: int = 1) -> duckdb.DuckDBPyConnection:
