@@ -126,12 +126,13 @@ def _print_errors(warehouse: str, model: str, run_id: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.pipeline import analyze_dataset
 
     from warehouse.db import warehouse_for_model
 
     cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
+    check_output_folder(cfg.output_dir, "output_dir")  # a file or /dev/null: before the run, not after it
     root, model, sha = resolve_dataset(cfg)
     cfg.warehouse = warehouse_for_model(cfg.warehouse, model)  # {model}: this model's own file
     summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet)
@@ -155,7 +156,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     from plasticity.synthetic import FamilySpec
     from warehouse.db import expand_warehouse_paths, warehouse_for_model
     from warehouse.demo_data import family_layer_truth, write_synthetic_family
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.families import load_trajectory
     from warehouse.kernel_cache import sharing_cores
     from warehouse.pipeline import analyze_dataset
@@ -172,6 +173,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
                                   "stage": fam.stage(step), "step": step, "max_workers": 1})
         cfg.warehouse = warehouse_for_model(cfg.warehouse, model)
         configs[step] = cfg.validate()
+        check_output_folder(cfg.output_dir, "output_dir")
     print(f"family {fam.family}: {len(fam.steps)} checkpoints in {root} (steps {', '.join(map(str, fam.steps))})")
     with sharing_cores():
         folders = write_synthetic_family(root, fam, regenerate=args.regenerate)
@@ -223,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
     from warehouse.db import read_only_query
     from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.kernel_cache import sharing_cores
     from warehouse.pipeline import analyze_dataset
 
@@ -232,6 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from warehouse.db import warehouse_for_model
 
     cfg = _load_config(args, {"dataset_local_root": str(root), "model": spec.model})  # before writing anything
+    check_output_folder(cfg.output_dir, "output_dir")
     cfg.warehouse = warehouse_for_model(cfg.warehouse, spec.model)
     cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
@@ -295,7 +298,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from warehouse.export import export_csvs
     from warehouse.names import safe_path_component
 
+    from warehouse.export import check_output_folder
+
     out = Path(args.out) if args.out else Path("results") / safe_path_component(args.model, "--model")
+    check_output_folder(out, "--out")
     warehouse = reading_warehouse(args.warehouse, args.model)
     files = export_csvs(warehouse, args.model, args.run_id, out)
     for table, path in files.items():
@@ -474,14 +480,30 @@ def main(argv: list[str] | None = None) -> int:
     from warehouse.db import WarehouseError
     from warehouse.hub import HubError
 
+    import duckdb
+
     args = build_parser().parse_args(argv)
-    if args.command in ("analyze", "demo") and threading.current_thread() is threading.main_thread():
-        # a run stopped with SIGTERM unwinds like Ctrl-C: the run is marked interrupted, workers stop
+    if args.command in ("analyze", "demo", "sql") and threading.current_thread() is threading.main_thread():
+        # a run stopped with SIGTERM, or by closing its terminal (SIGHUP), unwinds like Ctrl-C: the run is
+        # marked interrupted, workers stop, sql removes its spill folder
         signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, _interrupt_on_sigterm)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `plasticity ... | head`: the reader has what it wanted; nothing more to say, and no traceback when
+        # Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a command stopped by SIGPIPE
     except (FileNotFoundError, LookupError, ValueError, HubError, WarehouseError) as exc:
         print(f"error: {terminal_safe(str(exc), keep_lines=True)}", file=sys.stderr)
+        return 2
+    except (OSError, duckdb.IOException) as exc:  # a full disk, a vanished folder: one line, not a traceback
+        from warehouse.db import one_line
+
+        print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -353,6 +353,116 @@ def check_a_column_of_another_type_names_its_file(tmp: Path, dataset: Path) -> N
     assert code == 0 and out.splitlines() == ["n", "0"]  # alone, it is still readable
 
 
+# --------------------------------------------------------------------------- full disks, pipes, signals
+
+
+def _cli_process(argv: list[str], **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "dagster_project.cli", *argv], cwd=kw.pop("cwd", None),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
+
+
+def check_output_folder_that_is_a_file_stops_before_work(tmp: Path, dataset: Path) -> None:
+    a_file = tmp / "results.txt"
+    a_file.write_text("x")
+    for folder, said in ((a_file, "is not a folder"), (Path("/dev/null"), "is not a folder"),
+                         (a_file / "sub", "is not a folder")):
+        code, out, err = run_cli(analyze_argv(dataset, tmp, "--warehouse", str(tmp / "w.duckdb"))[:-2]
+                                 + ["--output_dir", str(folder)])
+        one_line_error(code, out, err, str(folder), said)
+        assert not (tmp / "w.duckdb").exists()  # before any work
+    code, out, err = run_cli(["export", "--model", "m", "--warehouse", str(tmp / "w.duckdb"), "--out", str(a_file)])
+    one_line_error(code, out, err, str(a_file), "is not a folder")
+
+
+def check_export_on_a_full_disk_leaves_nothing_half_written(tmp: Path, dataset: Path) -> None:
+    """The export's files go to a staging folder renamed into place: when the disk fills (here: a file
+    size limit the kernel enforces, as it would a full disk) there is no half-written results folder."""
+    wh = tmp / "w.duckdb"
+    code, out, err = run_cli(analyze_argv(dataset, tmp, "--warehouse", str(wh)))
+    assert code == 0, err
+    import subprocess
+    import sys
+
+    out_dir = tmp / "export"
+    limited = subprocess.run([sys.executable, "-c", (
+        "import resource, signal, sys; sys.path.insert(0, sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
+        "from dagster_project.cli import main\n"
+        "sys.exit(main(sys.argv[2:]))"), str(REPO), "export", "--model", "m", "--warehouse", str(wh),
+        "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
+    one_line_error(limited.returncode, limited.stdout, limited.stderr, f"export to {out_dir} failed")
+    assert not out_dir.exists() and not list(tmp.glob(".export.exporting-*"))
+    code, out, err = run_cli(["export", "--model", "m", "--warehouse", str(wh), "--out", str(out_dir)])
+    assert code == 0 and (out_dir / "head_metrics.csv").is_file() and not list(tmp.glob(".export.exporting-*"))
+
+
+def check_closed_pipe_is_quiet(tmp: Path, dataset: Path) -> None:
+    from warehouse import db
+
+    wh = tmp / "w.duckdb"
+    db.ensure_schema(wh)
+    proc = _cli_process(["sql", "SELECT range AS i FROM range(200000)", "--warehouse", str(wh), "--csv"])
+    first = proc.stdout.readline()
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert first == "i\n" and proc.returncode == 141 and err == "", (proc.returncode, err)
+
+
+def _spill_folders(pid: int) -> list[Path]:
+    import tempfile
+
+    return list(Path(tempfile.gettempdir()).glob(f"plasticity-sql-{pid}-*"))
+
+
+def check_sql_interrupted_or_killed_leaves_no_spill_folder(tmp: Path, dataset: Path) -> None:
+    """Ctrl-C during `sql`: one line, status 130, spill folder removed. SIGKILL cannot clean up: the next
+    `sql` removes the folder of the dead process."""
+    import signal
+
+    from warehouse import db
+
+    wh = tmp / "w.duckdb"
+    db.ensure_schema(wh)
+    slow = "SELECT count(*) FROM (SELECT a.range * b.range AS x FROM range(100000) a, range(100000) b ORDER BY x DESC)"
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        proc = _cli_process(["sql", slow, "--warehouse", str(wh)])
+        try:
+            deadline = time.monotonic() + 60
+            while not _spill_folders(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.1)
+            assert _spill_folders(proc.pid), proc.communicate()
+            time.sleep(1.0)  # the query is running
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
+            assert not _spill_folders(proc.pid)
+        else:
+            left = _spill_folders(proc.pid)
+            assert left
+            code, out, err = run_cli(["sql", "SELECT 1 AS x", "--warehouse", str(wh), "--csv"])
+            assert code == 0 and not any(p.exists() for p in left)
+
+
+def check_sighup_marks_the_run_interrupted(tmp: Path, dataset: Path) -> None:
+    """Closing the terminal of a run (SIGHUP) stops it like Ctrl-C: marked interrupted, no leaked semaphore."""
+    import signal
+
+    import test_warehouse_file
+
+    test_warehouse_file.test_an_interrupted_run_is_marked_interrupted(signal.SIGHUP, tmp)
+
+
 EDGE_CASES = [
     ("family_pattern_linear_time", check_family_pattern_is_linear_time),
     ("family_pattern_refuses_backreferences", check_family_pattern_refuses_backreferences),
@@ -370,6 +480,11 @@ EDGE_CASES = [
     ("foreign_migration_tables", check_foreign_migration_tables_are_one_line),
     ("reserved_file_stems", check_reserved_file_stems_are_refused_by_sql),
     ("column_of_another_type", check_a_column_of_another_type_names_its_file),
+    ("output_folder_is_a_file", check_output_folder_that_is_a_file_stops_before_work),
+    ("export_on_a_full_disk", check_export_on_a_full_disk_leaves_nothing_half_written),
+    ("closed_pipe", check_closed_pipe_is_quiet),
+    ("sql_interrupted_or_killed", check_sql_interrupted_or_killed_leaves_no_spill_folder),
+    ("sighup_during_a_run", check_sighup_marks_the_run_interrupted),
 ]
 
 

@@ -410,7 +410,8 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
     if not paths:
         raise ValueError("sandbox needs at least one warehouse file")
     files = [Path(p) for p in paths]
-    spill = tempfile.mkdtemp(prefix="plasticity-sql-")
+    remove_stale_spill_folders()
+    spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
     try:
         opened = reader(files[0], timeout_s) if len(files) == 1 else _union(files, timeout_s)
         with opened as con:
@@ -425,6 +426,36 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
         shutil.rmtree(spill, ignore_errors=True)
 
 
+#: Spill folders of sandboxed queries: <tmp>/plasticity-sql-<pid>-<random>.
+SPILL_PREFIX = "plasticity-sql-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_spill_folders(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the spill folders whose process is gone (a `plasticity sql` killed with SIGKILL cannot remove
+    its own); returns them. Folders of running processes and of other users are left alone."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        pid = path.name[len(SPILL_PREFIX):].split("-", 1)[0]
+        try:
+            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
                     timeout_s: float = 60.0):
     """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement.
@@ -432,12 +463,18 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
     DuckDB's errors (parser, binder, catalog, permission: "read-only mode", "file system operations
     are disabled") are raised as they are, as duckdb.Error."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    with sandbox(paths, timeout_s) as con:
-        rel = con.execute(query, params) if params else con.execute(query)
-        if rel.description is None:
-            return [], []
-        names = [d[0] for d in rel.description]
-        return names, rel.fetchall()
+    try:
+        with sandbox(paths, timeout_s) as con:
+            rel = con.execute(query, params) if params else con.execute(query)
+            if rel.description is None:
+                return [], []
+            return [d[0] for d in rel.description], rel.fetchall()
+    except (RuntimeError, duckdb.InterruptException) as exc:
+        # DuckDB stopped for a signal (Ctrl-C, or SIGTERM / SIGHUP that the command line turns into
+        # KeyboardInterrupt; it sees one when it polls during a statement): raised as Python would
+        if "interrupt" not in str(exc).lower():
+            raise
+        raise KeyboardInterrupt("query interrupted") from None
 
 
 def check_readable(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
