@@ -309,23 +309,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_upgrade(args: argparse.Namespace) -> int:
-    """`plasticity upgrade`: bring an existing warehouse to this version's schema (what `analyze` does first)."""
-    from warehouse import db, schema
-    from warehouse.config import choose_warehouse
-
-    path, source = choose_warehouse(args.warehouse)
-    say_warehouse(path, source)
-    db.check_file(path, for_writing=True)
-    if not Path(path).exists():
-        raise FileNotFoundError(f"warehouse {path} does not exist: nothing to upgrade")
-    with db.reader(path) as con:
-        before = schema.stored_version(con, path)
-    after = db.ensure_schema(path)
-    print(f"schema version {before} -> {after}" if after != before else f"schema version {after}: up to date")
-    return 0
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
     from warehouse.demo_data import write_synthetic_dataset
@@ -388,11 +371,6 @@ class ExportOptions:
 
 
 @dataclass
-class UpgradeOptions:
-    warehouse: str | None = warehouse_option()
-
-
-@dataclass
 class GenerateOptions:
     out: str = option(None, required=True, help="dataset folder to write", accepts="a folder")
     model: str = option("synthetic", check=name_problem, help="model name in the dataset card",
@@ -444,18 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, ExportOptions)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("upgrade", help="bring a warehouse written by an older version to this version's schema")
-    add_arguments(p, UpgradeOptions)
-    p.set_defaults(func=cmd_upgrade)
-
     p = sub.add_parser("generate", help="write a synthetic sniffer dataset")
     add_arguments(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
     from dagster_project.plot_cli import add_plot_parser  # no Dagster import
+    from dagster_project.upgrade_cli import add_upgrade_parser
     from dagster_project.ui import add_ui_parser  # imports Dagster only when `ui` runs
 
     add_plot_parser(sub)
+    add_upgrade_parser(sub)
     add_ui_parser(sub)
 
     from warehouse.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs

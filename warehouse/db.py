@@ -410,6 +410,8 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
     if not paths:
         raise ValueError("sandbox needs at least one warehouse file")
     files = [Path(p) for p in paths]
+    from warehouse.spill import SPILL_PREFIX, remove_stale_spill_folders
+
     remove_stale_spill_folders()
     spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
     try:
@@ -426,36 +428,6 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
         shutil.rmtree(spill, ignore_errors=True)
 
 
-#: Spill folders of sandboxed queries: <tmp>/plasticity-sql-<pid>-<random>.
-SPILL_PREFIX = "plasticity-sql-"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_spill_folders(folder: str | os.PathLike | None = None) -> list[Path]:
-    """Remove the spill folders whose process is gone (a `plasticity sql` killed with SIGKILL cannot remove
-    its own); returns them. Folders of running processes and of other users are left alone."""
-    removed = []
-    for path in Path(folder or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
-        pid = path.name[len(SPILL_PREFIX):].split("-", 1)[0]
-        try:
-            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
-        except OSError:
-            continue
-        if mine and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
 def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
                     timeout_s: float = 60.0):
     """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement.
@@ -464,7 +436,7 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
     are disabled") are raised as they are, as duckdb.Error."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     try:
-        with sandbox(paths, timeout_s) as con:
+        with sandbox(paths, timeout_s) as con, _interrupted_by_signals(con):
             rel = con.execute(query, params) if params else con.execute(query)
             if rel.description is None:
                 return [], []
@@ -475,6 +447,51 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
         if "interrupt" not in str(exc).lower():
             raise
         raise KeyboardInterrupt("query interrupted") from None
+
+
+@contextlib.contextmanager
+def _interrupted_by_signals(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """While the body runs, a signal with a Python handler (Ctrl-C; SIGTERM, SIGHUP when the command line
+    handles them) interrupts DuckDB at once: Python's C-level handler writes the signal number to a
+    wake-up socket even while this thread is inside DuckDB, and a watcher thread reading it calls
+    `con.interrupt()`. (Without it the signal waits until DuckDB polls, which some phases of a large
+    query do not.) The Python handler then runs as usual when DuckDB returns."""
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        wake_r.close()
+        wake_w.close()
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while True:
+            data = wake_r.recv(64)
+            if done.is_set() or not data:
+                return
+            con.interrupt()
+
+    watcher = threading.Thread(target=watch, name="plasticity-sql-signals", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        done.set()
+        wake_w.send(b"\0")  # wakes the watcher, which sees `done`
+        watcher.join()
+        wake_r.close()
+        wake_w.close()
 
 
 def check_readable(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
