@@ -21,6 +21,11 @@ variants (a plain list<float> vector column, float positions) change nothing, an
 damaged numba kernel cache is set aside and compiled again (or stops the run naming it), never
 charged to a head. The checks are the test modules' own functions, so this script and `pytest
 tests/test_bad_input.py` cannot drift apart.
+
+Then the command-line and warehouse-file cases of tests/test_edges_cli.py (`EDGE_CASES`, kind
+"edge"): hostile configs and family patterns, the one warehouse rule, empty / old / foreign
+warehouse files, several files in sql, untrusted text on the terminal, output folders that are
+files, a full disk during export, a closed pipe, signals during sql and during a run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import conftest  # noqa: E402
 import test_bad_input as suite  # noqa: E402
+import test_edges_cli as edges  # noqa: E402
 
 from warehouse.config import load_config  # noqa: E402
 from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
@@ -70,12 +76,14 @@ def main() -> int:
                   for fn in suite.DATASET_CASES]
         cases.append(("accepted_variants", "no error", lambda copy, work: suite.test_accepted_variants_give_identical_results(copy, work, clean)))
         cases.append(("damaged_kernel_cache", "machine", damaged_kernel_cache))
+        cases += [(name, "edge", lambda copy, work, fn=fn: fn(work / "edge", copy)) for name, fn in edges.EDGE_CASES]
         width = max(len(name) for name, _, _ in cases)
         kind_width = max(len(kind) for _, kind, _ in cases)
         for i, (name, kind, check) in enumerate(cases):
             work = tmp / f"case{i}"
             copy = work / "data" / conftest.SMALL_SPEC.model
             shutil.copytree(dataset, copy)
+            (work / "edge").mkdir()
             tried += 1
             t0 = time.perf_counter()
             try:

@@ -20,8 +20,9 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from warehouse.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
-from warehouse.names import name_problem  # noqa: E402
+from warehouse.config import (  # noqa: E402 (after the thread settings)
+    DEFAULT_WAREHOUSE, MAX_SEED, WAREHOUSE_ENV, not_empty, reading_warehouse, say_warehouse, warehouse_option)
+from warehouse.names import name_problem, terminal_safe  # noqa: E402
 from warehouse.options import option  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
@@ -34,12 +35,13 @@ def _format_value(v) -> str:
         if math.isnan(v):
             return "NaN"
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
+    return terminal_safe(str(v))  # text from cards and shards is shown, never obeyed by the terminal
 
 
 def format_table(names: list[str], rows: list[tuple], max_rows: int | None = None) -> str:
     """A plain fixed-width text table."""
     shown = rows if max_rows is None else rows[:max_rows]
+    names = [terminal_safe(str(n)) for n in names]
     cells = [[_format_value(v) for v in r] for r in shown]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
     lines = ["  ".join(n.rjust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
@@ -62,9 +64,17 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _load_config(args: argparse.Namespace, extra: dict | None = None):
-    from warehouse.config import load_config
+    """The run config of `analyze` / `demo`; the warehouse by `choose_warehouse`'s rule (its source is
+    left in ``args.warehouse_source`` for `_say_warehouse`)."""
+    from warehouse.config import choose_warehouse, load_config
 
-    return load_config(args.config, {**(extra or {}), **_overrides(args)}, overrides_from="command line")
+    overrides = {**(extra or {}), **_overrides(args)}
+    cfg = load_config(args.config, overrides, overrides_from="command line")  # every config error first
+    chosen, args.warehouse_source = choose_warehouse(overrides.get("warehouse"), args.config)
+    if chosen is not None and chosen != cfg.warehouse:
+        cfg.warehouse = chosen
+        cfg.validate()
+    return cfg
 
 
 def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
@@ -116,18 +126,23 @@ def _print_errors(warehouse: str, model: str, run_id: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.pipeline import analyze_dataset
 
+    from warehouse.db import warehouse_for_model
+
     cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
+    check_output_folder(cfg.output_dir, "output_dir")  # a file or /dev/null: before the run, not after it
     root, model, sha = resolve_dataset(cfg)
+    cfg.warehouse = warehouse_for_model(cfg.warehouse, model)  # {model}: this model's own file
     summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet)
     _print_summary(summary)
     out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     files = export_csvs(cfg.warehouse, summary.model, summary.run_id, out,
                         {"head_metrics": cfg.output_csv, "head_bucket_plasticity": cfg.bucket_csv,
                          "head_component_weights": cfg.component_csv})
-    print(f"warehouse: {cfg.warehouse}\ncsv: " + ", ".join(str(p) for p in files.values()))
+    say_warehouse(cfg.warehouse, args.warehouse_source)
+    print("csv: " + ", ".join(str(p) for p in files.values()))
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_done else 1
 
@@ -139,12 +154,11 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     """`plasticity demo --family`: generate the synthetic family, analyse every checkpoint, print and draw
     the trajectory next to the generator's truth."""
     from plasticity.synthetic import FamilySpec
-    from warehouse.db import expand_warehouse_paths
+    from warehouse.db import expand_warehouse_paths, warehouse_for_model
     from warehouse.demo_data import family_layer_truth, write_synthetic_family
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.families import load_trajectory
     from warehouse.kernel_cache import sharing_cores
-    from warehouse.names import safe_path_component
     from warehouse.pipeline import analyze_dataset
     from warehouse.plots import load_plot_options, save_png
     from warehouse.trajectory_plots import plot_trajectory
@@ -157,8 +171,9 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
         # the checkpoints are tiny: one process each (a worker pool per checkpoint would cost more than its heads)
         cfg = _load_config(args, {"dataset_local_root": str(root / model), "model": model, "family": fam.family,
                                   "stage": fam.stage(step), "step": step, "max_workers": 1})
-        cfg.warehouse = cfg.warehouse.replace("{model}", safe_path_component(model, "model name"))
+        cfg.warehouse = warehouse_for_model(cfg.warehouse, model)
         configs[step] = cfg.validate()
+        check_output_folder(cfg.output_dir, "output_dir")
     print(f"family {fam.family}: {len(fam.steps)} checkpoints in {root} (steps {', '.join(map(str, fam.steps))})")
     with sharing_cores():
         folders = write_synthetic_family(root, fam, regenerate=args.regenerate)
@@ -189,7 +204,8 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     out = Path(configs[fam.steps[0]].output_dir) / "plots" / f"{fam.family}-trajectory.png"
     save_png(plot_trajectory(traj, opts).figure, out, opts.dpi)
     where = " ".join(f"--warehouse {w}" for w in warehouses)
-    print(f"\nplot: {out}\nwarehouse: {', '.join(warehouses)}")
+    print(f"\nplot: {out}")
+    say_warehouse(warehouses, args.warehouse_source)
     print(f'try: plasticity sql "{FAMILY_HINT}" {where}')
     print(f"     plasticity plot trajectory --family {fam.family} --metric q_R2_pos --warehouse "
           f"'{configs[fam.steps[0]].warehouse if len(warehouses) == 1 else _template(args)}'")
@@ -198,7 +214,9 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
 
 def _template(args: argparse.Namespace) -> str:
     """The --warehouse value as given (e.g. with {model})."""
-    return _overrides(args).get("warehouse") or "data/warehouse.duckdb"
+    from warehouse.config import choose_warehouse
+
+    return choose_warehouse(_overrides(args).get("warehouse"))[0] or "data/warehouse.duckdb"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -207,13 +225,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
     from warehouse.db import read_only_query
     from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.export import check_output_folder, export_csvs, results_dir
     from warehouse.kernel_cache import sharing_cores
     from warehouse.pipeline import analyze_dataset
 
     spec = SyntheticSpec()
     root = Path(args.data) / spec.model
+    from warehouse.db import warehouse_for_model
+
     cfg = _load_config(args, {"dataset_local_root": str(root), "model": spec.model})  # before writing anything
+    check_output_folder(cfg.output_dir, "output_dir")
+    cfg.warehouse = warehouse_for_model(cfg.warehouse, spec.model)
     cfg.check_layers_exist(set(range(spec.num_layers)))
     if args.regenerate or not (root / "ground_truth.json").exists():
         print(f"generating synthetic dataset {spec.model} in {root} ...")
@@ -244,7 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"95% intervals holding ap_true: {sum(held)} of {len(held)} heads ({100.0 * sum(held) / len(held):.0f}%; "
               f"ap_true averages a sample of the dataset's own key pairs, so it has a little noise of its own)")
     _print_summary(summary)
-    print(f"warehouse: {cfg.warehouse}\ncsv: {out}/")
+    say_warehouse(cfg.warehouse, args.warehouse_source)
+    print(f"csv: {out}/")
     print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_errors == 0 else 1
@@ -253,21 +276,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from warehouse.config import default_warehouse
+    from warehouse.config import choose_warehouse
     from warehouse.db import expand_warehouse_paths, one_line, read_only_query
 
-    paths = expand_warehouse_paths(args.warehouse or [default_warehouse()])  # before the sandbox: it lists no folder
+    given, source = (args.warehouse, "--warehouse") if args.warehouse else choose_warehouse(None)
+    given = given if isinstance(given, list) else [given]
+    paths = given
     try:
+        paths = expand_warehouse_paths(given)  # before the sandbox: it lists no folder
         names, rows = read_only_query(paths, args.query)
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
         return 2
+    finally:  # a file the user did not name is said on stderr (the output stays the query's; errors one line)
+        if not args.warehouse:
+            say_warehouse(paths, source, sys.stderr)
     if args.csv:
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(names)
-        w.writerows(rows)
+        w.writerow([terminal_safe(n, keep_lines=True) for n in names])
+        # control characters escaped as in the table (newlines and tabs are quoted by CSV)
+        w.writerows([terminal_safe(v, keep_lines=True) if isinstance(v, str) else v for v in r] for r in rows)
     else:
         print(format_table(names, rows, max_rows=args.max_rows))
     return 0
@@ -277,8 +307,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from warehouse.export import export_csvs
     from warehouse.names import safe_path_component
 
+    from warehouse.export import check_output_folder
+
     out = Path(args.out) if args.out else Path("results") / safe_path_component(args.model, "--model")
-    files = export_csvs(args.warehouse, args.model, args.run_id, out)
+    check_output_folder(out, "--out")
+    warehouse = reading_warehouse(args.warehouse, args.model)
+    files = export_csvs(warehouse, args.model, args.run_id, out)
     for table, path in files.items():
         print(f"{table}: {path}")
     return 0
@@ -332,7 +366,7 @@ class SqlOptions:
         None, check=not_empty, cli_kwargs={"action": "append", "nargs": None}, metavar="FILE",
         accepts="a file, a glob or a path with {model}",
         help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
-        default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+        default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
     csv: bool = option(False, switch=True, help="print CSV instead of a table")
     max_rows: int = option(200, ge=1, help="rows shown in the table")
 
@@ -342,7 +376,7 @@ class ExportOptions:
     model: str = option(None, required=True, help="model in the warehouse")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")
     out: str | None = option(None, help="folder for the CSVs", accepts="a folder", default_text="results/<model>")
-    warehouse: str = warehouse_option()
+    warehouse: str | None = warehouse_option()
 
 
 @dataclass
@@ -402,9 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from dagster_project.plot_cli import add_plot_parser  # no Dagster import
+    from dagster_project.upgrade_cli import add_upgrade_parser
     from dagster_project.ui import add_ui_parser  # imports Dagster only when `ui` runs
 
     add_plot_parser(sub)
+    add_upgrade_parser(sub)
     add_ui_parser(sub)
 
     from warehouse.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs
@@ -433,14 +469,30 @@ def main(argv: list[str] | None = None) -> int:
     from warehouse.db import WarehouseError
     from warehouse.hub import HubError
 
+    import duckdb
+
     args = build_parser().parse_args(argv)
-    if args.command in ("analyze", "demo") and threading.current_thread() is threading.main_thread():
-        # a run stopped with SIGTERM unwinds like Ctrl-C: the run is marked interrupted, workers stop
+    if args.command in ("analyze", "demo", "sql") and threading.current_thread() is threading.main_thread():
+        # a run stopped with SIGTERM, or by closing its terminal (SIGHUP), unwinds like Ctrl-C: the run is
+        # marked interrupted, workers stop, sql removes its spill folder
         signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, _interrupt_on_sigterm)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `plasticity ... | head`: the reader has what it wanted; nothing more to say, and no traceback when
+        # Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a command stopped by SIGPIPE
     except (FileNotFoundError, LookupError, ValueError, HubError, WarehouseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_safe(str(exc), keep_lines=True)}", file=sys.stderr)
+        return 2
+    except (OSError, duckdb.IOException) as exc:  # a full disk, a vanished folder: one line, not a traceback
+        from warehouse.db import one_line
+
+        print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,7 +11,6 @@ No Dagster import.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -62,7 +61,8 @@ def default_output(kind: str, opts) -> Path:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from warehouse.config import DEFAULT_WAREHOUSE
+    from warehouse.config import DEFAULT_WAREHOUSE, choose_warehouse, say_warehouse
+    from warehouse.db import check_readable, expand_warehouse_paths
     from warehouse.models import bucket_plot_defaults
     from warehouse.plots import load_plot_options, make_plot, save_png
 
@@ -70,9 +70,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.plots import PlotOptions
 
     overrides = {k: getattr(args, k) for k, o in options_of(PlotOptions).items() if o.spec.cli}
-    defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
+    # the one rule of every command: --warehouse, else $PLASTICITY_WAREHOUSE, else the options file's key
+    chosen, source = choose_warehouse(overrides.get("warehouse"), args.config, mapping_of="plot options")
+    overrides["warehouse"] = chosen
+    defaults = {"warehouse": DEFAULT_WAREHOUSE}
     opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     out = Path(opts.output) if opts.output else default_output(args.kind, opts)  # a bad name stops before reading
+    if not (opts.bucket_csv or opts.component_csv or opts.head_metrics_csv):
+        say_warehouse(opts.warehouse, source, sys.stderr)
+        for path in expand_warehouse_paths([opts.warehouse]):  # an old or empty file: one line, not a traceback
+            check_readable(path)
     if opts.model and opts.warehouse and not (opts.bucket_csv or opts.component_csv):
         # the model's bucket scheme and size, as its dataset card gave them (table `models`), unless set
         defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from warehouse.config import RunConfig, load_config
+from warehouse.config import RunConfig, load_config, read_yaml_mapping
 from warehouse.families import BranchPattern, Checkpoint, FamilyError, checkpoint_of
+from warehouse.options import OptionError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS_DIR = PROJECT_ROOT / "configs"
@@ -155,10 +154,10 @@ class DatasetRegistry:
     def _load_watch_file(self) -> None:
         if not self.watch_file.is_file():
             return
-        try:
-            data = yaml.safe_load(self.watch_file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            self.problems.append(f"{self.watch_file}: {exc}")
+        try:  # the limits of a config: no aliases, no duplicate keys, at most CONFIG_MAX_BYTES
+            data = read_yaml_mapping(self.watch_file, "watched Hub repos")
+        except OptionError as exc:
+            self.problems.append(str(exc))
             return
         repos = data.get("repos", []) if isinstance(data, dict) else None
         if not isinstance(repos, list):

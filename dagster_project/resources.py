@@ -18,11 +18,13 @@ from pydantic import Field
 
 from dagster_project.registry import DEFAULT_CONFIGS_DIR, PROJECT_ROOT, DatasetEntry, DatasetRegistry
 from warehouse import db
+from warehouse.config import DEFAULT_WAREHOUSE as DEFAULT_WAREHOUSE_NAME
+from warehouse.config import WAREHOUSE_ENV, choose_warehouse
 from warehouse.db import MODEL_PLACEHOLDER
 from warehouse.export import results_dir
 from warehouse.names import safe_path_component
 
-DEFAULT_WAREHOUSE = PROJECT_ROOT / "data" / "warehouse.duckdb"
+DEFAULT_WAREHOUSE = PROJECT_ROOT / DEFAULT_WAREHOUSE_NAME
 DEFAULT_EXPORTS_DIR = PROJECT_ROOT / "results"
 DEFAULT_HUB_DIR = PROJECT_ROOT / "data" / "hub"
 SNAPSHOT_MARKER = ".plasticity-snapshot.json"
@@ -146,7 +148,9 @@ def default_resources() -> dict:
     env = os.environ
     return {
         "warehouse": WarehouseResource(
-            path=env.get("PLASTICITY_WAREHOUSE") or str(DEFAULT_WAREHOUSE),
+            # the rule of every command (`choose_warehouse`): $PLASTICITY_WAREHOUSE, else data/warehouse.duckdb
+            # (here under the project, as Dagster's working folder may be anywhere)
+            path=choose_warehouse(None)[0] if os.environ.get(WAREHOUSE_ENV) else str(DEFAULT_WAREHOUSE),
             exports_dir=env.get("PLASTICITY_EXPORTS_DIR") or str(DEFAULT_EXPORTS_DIR),
         ),
         "hub": HubResource(download_dir=env.get("PLASTICITY_HUB_DIR") or str(DEFAULT_HUB_DIR)),

@@ -185,7 +185,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_option_of_every_command_has_help_default_and_accepted_values():
     subs = _subparsers(build_parser())
-    assert set(subs) == {"demo", "analyze", "sql", "export", "generate", "plot", "ui", "validate", "attention-plot"}
+    assert set(subs) == {"demo", "analyze", "sql", "export", "generate", "plot", "ui", "validate", "attention-plot",
+                         "upgrade"}
     for name, sub in subs.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):

@@ -391,7 +391,7 @@ class AttentionPlotOptions:
                        help="scale: metrics against the query scale; classes: head classes per layer")
     model: str = option(None, required=True, help="model in the warehouse")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")
-    warehouse: str = warehouse_option()
+    warehouse: str | None = warehouse_option()
     heads: list[str] | None = option(None, metavar="L:Q", help="scale: heads to draw, LAYER:QHEAD",
                                      default_text="the 3 highest- and 3 lowest-gain heads")
     metrics: list[str] = option(default_factory=lambda: list(DEFAULT_METRICS), choices=tuple(SCALE_METRICS),
@@ -415,14 +415,17 @@ def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_attention_plot(args: argparse.Namespace) -> int:
+    from warehouse.config import reading_warehouse
+
     out = args.output or DEFAULT_OUTPUT_DIR / f"{safe_path_component(args.model, '--model')}-attention-{args.kind}.png"
+    warehouse = reading_warehouse(args.warehouse, args.model)
     if args.kind == "scale":
-        res = plot_scale_sweep(args.warehouse, args.model, args.run_id, out, heads=_heads_arg(args.heads),
+        res = plot_scale_sweep(warehouse, args.model, args.run_id, out, heads=_heads_arg(args.heads),
                                metrics=args.metrics, dpi=args.dpi)
         shown = sorted(set(res.data["head"]), key=lambda h: tuple(int(x[1:]) for x in h.split()))
         print(f"run {res.run_id}: {len(shown)} head(s): {', '.join(shown)}")
     else:
-        res = plot_attention_classes(args.warehouse, args.model, args.run_id, out, dpi=args.dpi)
+        res = plot_attention_classes(warehouse, args.model, args.run_id, out, dpi=args.dpi)
         print(f"run {res.run_id}:")
         print(res.data.to_string(index=False))
     print(f"wrote {res.path}")

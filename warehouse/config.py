@@ -21,10 +21,12 @@ import yaml
 
 from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
-from warehouse.names import name_problem
-from warehouse.options import OptionError, check_all, option, options_of, unknown_keys_error
+from warehouse.names import label_problem, name_problem
+from warehouse.options import OptionError, check_all, close_key, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
+#: The environment variable naming the warehouse of every command and of Dagster (`choose_warehouse`).
+WAREHOUSE_ENV = "PLASTICITY_WAREHOUSE"
 #: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
 MAX_SEED = 2**63 - 1
 #: `models.step` is a BIGINT.
@@ -85,7 +87,9 @@ class RunConfig:
                                   default_text="main")
     num_pairs_per_bucket: int = option(256, ge=1, help="key pairs drawn per (query bucket, key bucket) cell")
     estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (SPEC 2.8)")
-    warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file", help="DuckDB warehouse file")
+    warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file or a path with {model}",
+                            help="DuckDB warehouse file ({model}: one file per model)",
+                            default_text=f"${WAREHOUSE_ENV} (it overrides this key), else {DEFAULT_WAREHOUSE}")
     output_dir: str = option("results", check=not_empty, accepts="a folder",
                              help="CSV exports go to output_dir/<model>/<run_id>/")
     layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
@@ -102,7 +106,8 @@ class RunConfig:
     family: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
                                 help="family of checkpoints this model belongs to (with step)",
                                 default_text="none, or parsed from the Hub branch (family_pattern)")
-    stage: str | None = option(None, check=not_empty, help="training stage of the checkpoint within its family",
+    stage: str | None = option(None, check=label_problem, accepts="text without control characters",
+                               help="training stage of the checkpoint within its family",
                                default_text="none, or parsed from the Hub branch")
     step: int | None = option(None, ge=0, le=MAX_STEP, help="training step of the checkpoint (with family)",
                               default_text="none, or parsed from the Hub branch")
@@ -189,8 +194,20 @@ class RunConfig:
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
+#: Largest config or options file read (real ones are a few hundred bytes).
+CONFIG_MAX_BYTES = 64 * 1024
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently) and
+    any alias: a few nested anchors can expand into gigabytes, and no config key needs one."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor[:40]}) are not allowed in a config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -209,12 +226,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml_mapping(path: str | os.PathLike, mapping_of: str) -> dict[str, Any]:
     """A YAML file holding one mapping; OptionError in one line, with the line number, otherwise."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+        with open(path, "rb") as fh:
+            raw = fh.read(CONFIG_MAX_BYTES + 1)
+        if len(raw) > CONFIG_MAX_BYTES:
+            raise OptionError(f"{path}: larger than {CONFIG_MAX_BYTES // 1024} KiB, not a config file")
+        loaded = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except FileNotFoundError:
         raise OptionError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise OptionError(f"{path}: is a folder, not a YAML config file") from None
+    except PermissionError:
+        raise OptionError(f"{path}: cannot be read (permission denied)") from None
     except UnicodeDecodeError as exc:
         raise OptionError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -248,6 +270,10 @@ def read_settings(cls: type, path: str | os.PathLike | None, overrides: dict[str
     if path is not None:
         loaded = read_yaml_mapping(path, mapping_of)
         if set(loaded) - set(declared):
+            if not set(loaded) & set(declared) and not any(close_key(k, declared) for k in loaded):
+                # another kind of file that happens to parse as a mapping: its text is not echoed back
+                raise OptionError(f"{path}: not a file of {mapping_of} (none of its {len(loaded)} key(s) is one; "
+                                  "see --help for the keys)")
             raise unknown_keys_error(set(loaded) - set(declared), declared, unknown, str(path))
         layers.append((str(path), loaded))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -270,16 +296,59 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
                                      unknown="unknown config key(s)", overrides_from=overrides_from))
 
 
+def choose_warehouse(given: str | None, config_file: str | os.PathLike | None = None,
+                     mapping_of: str = "config keys") -> tuple[str | None, str]:
+    """The warehouse a command uses, by one rule for every command and for Dagster's resource:
+    the `--warehouse` given, else $PLASTICITY_WAREHOUSE, else the `warehouse` key of the config file,
+    else data/warehouse.duckdb. Returns (the path, or None when the config file's key decides, and
+    where the choice came from, for the command to print)."""
+    if given:
+        return given, "--warehouse"
+    env = os.environ.get(WAREHOUSE_ENV)
+    if env:
+        return env, f"${WAREHOUSE_ENV}"
+    if config_file is not None and "warehouse" in read_yaml_mapping(config_file, mapping_of):
+        return None, f"warehouse key of {config_file}"
+    return None if config_file is not None else DEFAULT_WAREHOUSE, "default"
+
+
 def default_warehouse() -> str:
-    """$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb: the warehouse of the commands that read it."""
-    return os.environ.get("PLASTICITY_WAREHOUSE") or DEFAULT_WAREHOUSE
+    """The warehouse of a command given no --warehouse and no config file: $PLASTICITY_WAREHOUSE, else
+    data/warehouse.duckdb."""
+    return choose_warehouse(None)[0]
+
+
+def say_warehouse(paths: Any, source: str, stream: Any = None) -> None:
+    """``warehouse: FILE (from --warehouse)``: every command says which file it used, and why."""
+    import sys
+
+    shown = ", ".join(str(p) for p in paths) if isinstance(paths, (list, tuple)) else str(paths)
+    print(f"warehouse: {shown} (from {source})", file=stream or sys.stdout)
+
+
+def reading_warehouse(given: str | None, model: str | None = None) -> str:
+    """The warehouse a read-only command uses (`choose_warehouse`; with ``{model}``, that model's file),
+    said on stderr so that the command's own output stays clean, and checked readable by this version
+    (`warehouse.db.check_readable`)."""
+    import sys
+
+    from warehouse.db import warehouse_for_model
+
+    from warehouse.db import check_readable
+
+    path, source = choose_warehouse(given)
+    if model is not None:
+        path = warehouse_for_model(path, model)
+    say_warehouse(path, source, sys.stderr)
+    check_readable(path)  # an empty, older or foreign file: one line saying what to do, not a Catalog error
+    return path
 
 
 def warehouse_option() -> Any:
-    """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all)."""
-    return option(default_factory=default_warehouse,
-                  check=not_empty, accepts="a file", help="DuckDB warehouse file",
-                  default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
+    """The ``--warehouse`` option of the commands that read the warehouse (one declaration for all);
+    None = not given: `choose_warehouse` decides."""
+    return option(None, check=not_empty, accepts="a file", help="DuckDB warehouse file",
+                  default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
 
 
 def config_markdown() -> str:

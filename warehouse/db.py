@@ -246,6 +246,17 @@ def model_files(template: str | os.PathLike) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(pattern))
 
 
+def warehouse_for_model(path: str | os.PathLike, model: str) -> str:
+    """The file of `model` when `path` has ``{model}`` (one file per model), else `path` itself; the model
+    name must be safe as a file name (`warehouse.names.safe_path_component`)."""
+    from warehouse.names import safe_path_component
+
+    text = str(path)
+    if MODEL_PLACEHOLDER not in text:
+        return text
+    return text.replace(MODEL_PLACEHOLDER, safe_path_component(model, "model name"))
+
+
 def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
     """The warehouse files named by `patterns`, in order, each file once: a file (an existing one is taken as
     it is), a glob (``*``, ``?``, ``[...]``: every match, sorted) or a per-model path with ``{model}``
@@ -278,13 +289,43 @@ def _attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, ti
         f"ATTACH {_quote_literal(str(path))} AS {_quote_identifier(alias)} (READ_ONLY)"))
 
 
+#: Catalog and schema names DuckDB resolves before any attached file: a file with such a stem would be
+#: shadowed (``"main".runs`` is the in-memory database's) or clash with the catalog.
+RESERVED_ALIASES = ("main", "temp", "system", "memory", "pg_catalog", "information_schema")
+
+
 def _aliases(files: list[Path]) -> list[str]:
-    """File stems, the names the files get in SQL; two files with one stem are a ValueError."""
+    """File stems, the names the files get in SQL. ValueError naming the file when a stem is a name DuckDB
+    reserves, or when two stems differ only in case (SQL names ignore case)."""
     aliases = [f.stem for f in files]
-    for alias in set(aliases):
-        if aliases.count(alias) > 1:
-            raise ValueError(f"two warehouse files are named {alias!r}; they would share one name in SQL")
+    for f, alias in zip(files, aliases):
+        if alias.lower() in RESERVED_ALIASES:
+            raise ValueError(f"warehouse file {f}: its name {alias!r} is reserved in SQL "
+                             f"({', '.join(RESERVED_ALIASES)}); rename the file or link it under another name")
+    folded = [a.lower() for a in aliases]
+    for f, alias in zip(files, folded):
+        if folded.count(alias) > 1:
+            twins = [str(g) for g, a in zip(files, folded) if a == alias]
+            raise ValueError(f"warehouse files {', '.join(twins)} would be named {alias!r} in SQL alike "
+                             "(names ignore case); rename one")
     return aliases
+
+
+def _check_column_types(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
+    """WarehouseError naming the file, table and column when a file's column has another type than this
+    version's (the union of that table could not be read, and DuckDB's error would not say which file)."""
+    from warehouse import schema
+
+    for f, alias in zip(files, aliases):
+        for table, column, dtype in con.execute(
+                "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = $d "
+                "AND schema_name = 'main'", {"d": alias}).fetchall():
+            expected = dict(schema.latest_columns(table)).get(column) if schema.latest_shape().get(
+                table, ("",))[0] == "table" else None
+            if expected is not None and dtype != expected:
+                raise WarehouseError(f"warehouse file {f}: column {table}.{column} is {dtype}, this version's is "
+                                     f"{expected}; it cannot be read together with the other files (query it "
+                                     "alone, or rebuild it)")
 
 
 def _check_models_unique(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
@@ -340,6 +381,8 @@ def _union(files: list[Path], timeout_s: float) -> Iterator[duckdb.DuckDBPyConne
     try:
         for f, alias in zip(files, aliases):
             _attach_read_only(con, f, alias, timeout_s)
+        _refuse_empty(con, files, aliases)
+        _check_column_types(con, files, aliases)
         _check_models_unique(con, files, aliases)
         _create_union_views(con, aliases)
         yield con
@@ -367,10 +410,15 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
     if not paths:
         raise ValueError("sandbox needs at least one warehouse file")
     files = [Path(p) for p in paths]
-    spill = tempfile.mkdtemp(prefix="plasticity-sql-")
+    from warehouse.spill import SPILL_PREFIX, remove_stale_spill_folders
+
+    remove_stale_spill_folders()
+    spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
     try:
         opened = reader(files[0], timeout_s) if len(files) == 1 else _union(files, timeout_s)
         with opened as con:
+            if len(files) == 1:
+                _refuse_empty(con, files, None)
             # a large sort spills to a private temporary folder, not to <warehouse>.tmp beside the file
             con.execute(f"SET temp_directory = {_quote_literal(spill)}")
             for setting in SANDBOX_SETTINGS:
@@ -387,12 +435,82 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
     DuckDB's errors (parser, binder, catalog, permission: "read-only mode", "file system operations
     are disabled") are raised as they are, as duckdb.Error."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    with sandbox(paths, timeout_s) as con:
-        rel = con.execute(query, params) if params else con.execute(query)
-        if rel.description is None:
-            return [], []
-        names = [d[0] for d in rel.description]
-        return names, rel.fetchall()
+    try:
+        with sandbox(paths, timeout_s) as con, _interrupted_by_signals(con):
+            rel = con.execute(query, params) if params else con.execute(query)
+            if rel.description is None:
+                return [], []
+            return [d[0] for d in rel.description], rel.fetchall()
+    except (RuntimeError, duckdb.InterruptException) as exc:
+        # DuckDB stopped for a signal (Ctrl-C, or SIGTERM / SIGHUP that the command line turns into
+        # KeyboardInterrupt; it sees one when it polls during a statement): raised as Python would
+        if "interrupt" not in str(exc).lower():
+            raise
+        raise KeyboardInterrupt("query interrupted") from None
+
+
+@contextlib.contextmanager
+def _interrupted_by_signals(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """While the body runs, a signal with a Python handler (Ctrl-C; SIGTERM, SIGHUP when the command line
+    handles them) interrupts DuckDB at once: Python's C-level handler writes the signal number to a
+    wake-up socket even while this thread is inside DuckDB, and a watcher thread reading it calls
+    `con.interrupt()`. (Without it the signal waits until DuckDB polls, which some phases of a large
+    query do not.) The Python handler then runs as usual when DuckDB returns."""
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        wake_r.close()
+        wake_w.close()
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while True:
+            data = wake_r.recv(64)
+            if done.is_set() or not data:
+                return
+            con.interrupt()
+
+    watcher = threading.Thread(target=watch, name="plasticity-sql-signals", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        done.set()
+        wake_w.send(b"\0")  # wakes the watcher, which sees `done`
+        watcher.join()
+        wake_r.close()
+        wake_w.close()
+
+
+def check_readable(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
+    """Before a read-only command reads `path` by table name: its schema version, which must be this
+    code's; otherwise a WarehouseError in one line saying what to do (an empty DuckDB file, an older
+    or newer version, schema_migrations of another tool or of a development version)."""
+    from warehouse import schema
+
+    with reader(path, timeout_s) as con:
+        return schema.readable_version(con, path)
+
+
+def _refuse_empty(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str] | None) -> None:
+    """WarehouseError naming the first file that is an empty DuckDB database (no table at all)."""
+    with_tables = {r[0] for r in con.execute("SELECT DISTINCT database_name FROM duckdb_tables()").fetchall()}
+    for f, name in zip(files, aliases or [con.execute("SELECT current_database()").fetchone()[0]]):
+        if name not in with_tables:
+            raise WarehouseError(f"warehouse {f} is an empty DuckDB file (no tables: a run stopped before "
+                                 "creating them?); remove it, or run `plasticity analyze` with it")
 
 
 def memory_connection(threads: int = 1) -> duckdb.DuckDBPyConnection:

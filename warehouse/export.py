@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import duckdb
 
 from warehouse import db
 from warehouse.names import safe_path_component
@@ -76,19 +81,73 @@ def export_files(warehouse: str | Path, model: str, run_id: str | None, out_dir:
                                {"m": model, "r": run_id}).fetchone()
         if not known:
             raise LookupError(f"no run {run_id!r} of model {model!r} in {warehouse}")
-        out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
+        check_output_folder(out_dir, "export folder")
+        staging = _staging_folder(out_dir)  # only once there is something to write
         if tables is None:
             (n_attention,) = con.execute(
                 "SELECT count(*) FROM head_attention_summary WHERE model = $m AND run_id = $r", {"m": model, "r": run_id}
             ).fetchone()
             tables = tuple(EXPORTS) + (tuple(ATTENTION_EXPORTS) if n_attention else ())
-        for table in tables:
-            columns, order = specs[table]
-            path = out_dir / names[table]
-            (rows[table],) = con.execute(
-                f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "
-                f"TO '{str(path).replace(chr(39), chr(39) * 2)}' {copy_options(table)}",
-                {"m": model, "r": run_id},
-            ).fetchone()
-            written[table] = path
+        try:
+            for table in tables:
+                columns, order = specs[table]
+                path = staging / names[table]
+                (rows[table],) = con.execute(
+                    f"COPY (SELECT {columns} FROM {table} WHERE model = $m AND run_id = $r ORDER BY {order}) "
+                    f"TO '{str(path).replace(chr(39), chr(39) * 2)}' {copy_options(table)}",
+                    {"m": model, "r": run_id},
+                ).fetchone()
+                written[table] = out_dir / names[table]
+            _publish(staging, out_dir)
+        except (OSError, duckdb.Error) as exc:  # e.g. the disk filled up: no half-written folder is left
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(f"export to {out_dir} failed, nothing was written there: {db.one_line(exc)}") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return ExportedFiles(run_id, written, rows)
+
+
+class ExportError(OSError):
+    """An export that could not be written (the folder is left as it was)."""
+
+
+def check_output_folder(folder: str | os.PathLike, what: str) -> Path:
+    """`folder`, which must be a folder or creatable as one (checked before any work: a file, /dev/null or
+    an unwritable place is a ValueError naming it)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} is not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder}: {existing} is not writable")
+    return folder
+
+
+def _staging_folder(out_dir: Path) -> Path:
+    """A fresh folder beside `out_dir` (same file system, so that publishing is a rename)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        staging = out_dir.parent / f".{out_dir.name}.exporting-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()  # with the umask's permissions, which the published folder keeps
+            return staging
+        except FileExistsError:
+            continue
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged files into `out_dir`: the whole folder in one rename when it is new, else file by
+    file (each replaced whole: a reader never sees half a file)."""
+    try:
+        os.rename(staging, out_dir)  # fails if out_dir exists (and is not empty)
+        return
+    except OSError:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        os.replace(f, out_dir / f.name)
+    staging.rmdir()

@@ -4,7 +4,10 @@ A model may be one checkpoint of a family (``smollm3-3b`` at ``stage1`` step 400
 `Checkpoint` comes from its run config (keys ``family``, ``stage``, ``step``) or, for a branch of a
 Hub repo watched by Dagster, from that repo's ``family_pattern`` in ``configs/dagster/hub_repos.yaml``
 (`BranchPattern`): a regular expression with the named groups ``family`` and ``step`` (and optionally
-``stage``) that the whole branch name must match. A branch that does not match has no family; that is
+``stage``) that the whole branch name must match. Branch names come from the Hub, so patterns run on
+RE2 (google-re2), whose matching time grows linearly with the name whatever the pattern: a pattern
+such as ``(a+)+`` cannot stall a sensor tick, and constructs RE2 cannot run in linear time
+(backreferences, lookaround) are refused when the pattern is read. A branch that does not match has no family; that is
 not an error. Branch names are untrusted: a family parsed from one must be a safe name
 (`warehouse.names`), the step a plain decimal integer, or the branch is a problem, never guessed.
 
@@ -25,7 +28,7 @@ if TYPE_CHECKING:  # pandas only in annotations here; importing it costs every C
     import pandas as pd
 
 from warehouse.config import MAX_STEP
-from warehouse.names import name_problem
+from warehouse.names import label_problem, name_problem
 
 #: Named groups a family pattern may have; `family` and `step` are required.
 PATTERN_GROUPS = ("family", "stage", "step")
@@ -61,7 +64,7 @@ def checkpoint_of(cfg) -> Checkpoint | None:
 class BranchPattern:
     """A watched repo's ``family_pattern``: a branch name -> its `Checkpoint` (or None: no family)."""
 
-    regex: re.Pattern
+    regex: object  # a compiled google-re2 pattern (fullmatch, groupindex like re.Pattern)
 
     @classmethod
     def compile(cls, text: object, where: str) -> "BranchPattern":
@@ -71,9 +74,10 @@ class BranchPattern:
         if len(text) > MAX_PATTERN_CHARS:
             raise FamilyError(f"{where}: family_pattern is longer than {MAX_PATTERN_CHARS} characters")
         try:
-            regex = re.compile(text)
+            re.compile(text)  # Python's parser first: its messages say where the syntax is wrong
         except re.error as exc:
             raise FamilyError(f"{where}: family_pattern {text!r} is not a regular expression: {exc}") from None
+        regex = _linear_time_regex(text, where)
         groups = set(regex.groupindex)
         missing = [g for g in ("family", "step") if g not in groups]
         if missing:
@@ -102,7 +106,23 @@ class BranchPattern:
                               f"between 0 and {MAX_STEP}")
         if stage is not None and not stage.strip():
             raise FamilyError(f"branch {branch!r}: the stage group matched an empty string")
+        if stage is not None and label_problem(stage) is not None:
+            raise FamilyError(f"branch {branch!r}: stage {stage!r} {label_problem(stage)}")
         return Checkpoint(family, int(step_text), stage)
+
+
+def _linear_time_regex(text: str, where: str):
+    """`text` compiled by RE2 (matching time linear in the input); FamilyError for what RE2 cannot run."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would also print its refusal on stderr
+    try:
+        return re2.compile(text, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise FamilyError(f"{where}: family_pattern {text!r} cannot be matched in linear time ({reason}); "
+                          "backreferences and lookaround are not supported") from None
 
 
 # --------------------------------------------------------------------------- trajectories

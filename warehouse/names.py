@@ -50,3 +50,37 @@ def safe_path_component(name: object, what: str) -> str:
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
         raise UnsafeName(f"{what} {shown} {problem}: it cannot be used as a file or folder name")
     return name  # type: ignore[return-value]
+
+
+def label_problem(label: object) -> str | None:
+    """Why `label` (a free-text label such as a training stage) cannot be stored and shown, or None:
+    it must be non-empty text of at most MAX_NAME_BYTES UTF-8 bytes, without control characters
+    (a newline or an escape sequence would rewrite the terminal of whoever lists it)."""
+    if not isinstance(label, str):
+        return f"is a {type(label).__name__}, not text"
+    if label.strip() == "":
+        return "must not be empty"
+    bad = sorted({c for c in label if c in _ESCAPED})
+    if bad:
+        return f"contains {', '.join(repr(c) for c in bad)} (a control character)"
+    if len(label.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+#: Characters a terminal would act on instead of showing: C0 and C1 controls, DEL, and the bidi
+#: overrides and isolates (which reorder what follows them on the line).
+_ESCAPED = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F),
+                      *range(0x2066, 0x206A)]}
+_ESCAPED.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+_TRANSLATE = dict(_ESCAPED)
+_ESCAPED_KEEP_LINES = {c: e for c, e in _ESCAPED.items() if c not in (ord("\n"), ord("\t"))}
+_ESCAPED = {chr(c) for c in _ESCAPED}
+
+
+def terminal_safe(text: str, keep_lines: bool = False) -> str:
+    """`text` with every character a terminal would act on written out as an escape (``\\x1b``, ``\\n``,
+    ``\\u202e``), so untrusted text (a model name from a card, a shard's column name) is shown, never
+    obeyed. `keep_lines`: newlines and tabs stay (CSV quotes them)."""
+    return text.translate(_ESCAPED_KEEP_LINES if keep_lines else _TRANSLATE)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass
@@ -287,13 +288,30 @@ def check_all(obj: Any, where: dict[str, str] | None = None) -> None:
         opt.check(getattr(obj, name), where.get(name, ""))
 
 
+#: A key echoed back in an error looks like a key name; anything else is counted, never printed.
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+def close_key(key: object, known: Iterable[str]) -> str | None:
+    """The declared key `key` is probably a misspelling of, or None."""
+    close = difflib.get_close_matches(str(key)[:100], list(known), n=1)
+    return close[0] if close else None
+
+
 def unknown_keys_error(unknown: Iterable[str], known: Iterable[str], what: str, where: str) -> OptionError:
-    """``unknown config key(s) in x.yaml: num_layer (did you mean num_layers?)``."""
-    known = list(known)
+    """``unknown config key(s) in x.yaml: num_layer (did you mean num_layers?)``. Keys that do not look
+    like key names (control characters, long lines of some other file) are counted, not shown."""
+    known, unknown = list(known), list(unknown)
+    names = sorted(str(k) for k in unknown if _KEY_NAME.fullmatch(str(k)))
+    others = len(unknown) - len(names)
     parts = []
-    for key in sorted(unknown):
-        close = difflib.get_close_matches(str(key), known, n=1)
-        parts.append(f"{key} (did you mean {close[0]}?)" if close else str(key))
+    for key in names[:10]:
+        close = close_key(key, known)
+        parts.append(f"{key} (did you mean {close}?)" if close else key)
+    if len(names) > 10:
+        parts.append(f"... ({len(names)} in all)")
+    if others:
+        parts.append(f"{others} key(s) that are not key names (not shown)")
     return OptionError(f"{what}{f' in {where}' if where else ''}: {', '.join(parts)}")
 
 

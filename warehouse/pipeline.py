@@ -653,9 +653,13 @@ def _stop_run(wh: str, timeout_s: float, run_id: str, model: str, exc: BaseExcep
     interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)) or not isinstance(exc, Exception)
     status = "interrupted" if interrupted else "failed"
     reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    try:
-        if flush is not None:
+    if flush is not None:
+        try:
             flush()
+        except Exception as cleanup:  # noqa: BLE001 -- e.g. the disk is full: the one-row update below may still fit
+            print(f"warning: could not write the last heads of run {run_id} of {model} to {wh}: {cleanup}",
+                  file=sys.stderr)
+    try:
         with db.writer(wh, timeout_s) as con:
             results.stop_run(con, run_id, model, status, reason)
     except Exception as cleanup:  # noqa: BLE001 -- the original exception is the one to raise

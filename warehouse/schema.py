@@ -17,6 +17,7 @@ the file, and stays byte-identical. The upgrade itself is one transaction.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,15 +66,55 @@ def schema_version() -> int:
     return migrations()[-1].version if migrations() else 0
 
 
-def stored_version(con: duckdb.DuckDBPyConnection) -> int:
-    """The version of an open warehouse (0: written before versioning, or empty)."""
+def stored_version(con: duckdb.DuckDBPyConnection, path: object = "") -> int:
+    """The version of an open warehouse (0: written before versioning, or empty). WarehouseError when
+    its schema_migrations is not ours: a version that is not a whole number, or a migration whose
+    name differs from this code's migration of that number (a development version's numbering)."""
     (present,) = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
         "AND table_name = 'schema_migrations'").fetchone()
     if not present:
         return 0
-    (version,) = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
-    return int(version)
+    try:  # by text, then checked: a VARCHAR column of another tool must not be a traceback
+        rows = con.execute("SELECT CAST(version AS VARCHAR), CAST(name AS VARCHAR) FROM schema_migrations").fetchall()
+    except duckdb.Error as exc:
+        raise db.WarehouseError(f"warehouse {path}: its schema_migrations table is not this tool's "
+                                f"({db.one_line(exc)}); choose another --warehouse") from None
+    ours = {m.version: m.name for m in migrations()}
+    versions = []
+    for text, name in rows:
+        if text is None or not text.strip().isdigit():
+            raise db.WarehouseError(f"warehouse {path}: schema_migrations.version holds {text!r}, not a migration "
+                                    "number, so this is not this tool's warehouse; choose another --warehouse")
+        version = int(text)
+        if version in ours and name != ours[version]:
+            raise db.WarehouseError(
+                f"warehouse {path} was written by a development version of this tool: its migration {version} is "
+                f"{name}, this version's is {ours[version]}. Read it with the version that wrote it, or rebuild "
+                "it with `plasticity analyze --fresh` into a new --warehouse. Nothing was changed.")
+        versions.append(version)
+    return max(versions, default=0)
+
+
+def readable_version(con: duckdb.DuckDBPyConnection, path: object) -> int:
+    """The version of a warehouse a read-only command is about to read, which must be this code's:
+    WarehouseError in one line for a DuckDB file without tables (a run stopped before creating them)
+    and for an older or newer version, saying what to do."""
+    (tables,) = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                            "AND schema_name = 'main'").fetchone()
+    if not tables:
+        raise db.WarehouseError(f"warehouse {path} is an empty DuckDB file (no tables: a run stopped before "
+                                "creating them?); remove it, or run `plasticity analyze` with it")
+    version = stored_version(con, path)
+    if version < schema_version():
+        raise db.WarehouseError(
+            f"warehouse {path} has schema version {version}, older than this version's {schema_version()}: "
+            f"`plasticity upgrade --warehouse {path}` brings it up to date (`plasticity sql` reads it as it is)")
+    if version > schema_version():
+        raise db.WarehouseError(
+            f"warehouse {path} has schema version {version}, newer than this version of the tool "
+            f"({schema_version()}); upgrade attention-plasticity-warehouse")
+    return version
 
 
 def apply(con: duckdb.DuckDBPyConnection, from_version: int) -> int:
@@ -196,7 +237,7 @@ def check_existing(path: Path, timeout_s: float) -> int:
     written) if it is newer than this code or its tables with our names would not upgrade to ours."""
     expected = latest_shape()
     with db.reader(path, timeout_s) as con:
-        version = stored_version(con)
+        version = stored_version(con, path)
         existing = read_shape(con, set(expected))
     if version > schema_version():
         raise db.WarehouseError(
@@ -227,13 +268,60 @@ def _foreign(actual: Shape, expected: Shape) -> bool:
                for name, (kind, cols) in expected.items())
 
 
+def _create(path: Path) -> bool:
+    """A new warehouse with the latest schema, built under a temporary name beside `path` and linked into
+    place complete: a process killed while creating it leaves no empty DuckDB file at `path` (only a
+    ``.<name>.creating-<pid>`` file, removed by the next creation). If another process created `path`
+    meanwhile, theirs is kept (False: it still has to be checked and upgraded)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute("BEGIN TRANSACTION")
+            apply(con, 0)
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")  # everything in the file itself, no WAL beside it
+        finally:
+            con.close()
+        try:
+            os.link(tmp, path)  # fails if the name exists: never replaces another process's warehouse
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a rename (replacing only if none appeared)
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def upgrade(path: Path, timeout_s: float = 60.0) -> int:
     """Create or upgrade the warehouse at `path` after `check_existing` passed; one transaction."""
     db.check_file(path, for_writing=True)
     if path.exists():
         check_existing(path, timeout_s)
+    elif _create(path):
+        return schema_version()
     with db.writer(path, timeout_s) as con:
-        version = apply(con, stored_version(con))  # read again under the lock: another process may have upgraded
+        version = apply(con, stored_version(con, path))  # read again under the lock: another process may have upgraded
         problems = differences(read_shape(con, set(latest_shape())), latest_shape())
         if problems:  # the rehearsal makes this unreachable; never commit a half-known shape
             raise db.WarehouseError(f"warehouse {path}: upgrade left {'; '.join(problems)}; rolled back")

@@ -195,7 +195,7 @@ class ValidateOptions:
 
     model: str = option(None, required=True, help="model in the warehouse")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")
-    warehouse: str = warehouse_option()
+    warehouse: str | None = warehouse_option()
     gain_ratio: list[str] | None = option(
         None, help="also print gain(TARGET) / gain(CONTROL) for two heads given as LAYER:QHEAD "
                    "(e.g. --gain-ratio 12:0 12:15); repeatable", accepts="two LAYER:QHEAD heads",
@@ -220,7 +220,10 @@ def add_validate_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     pairs = [(parse_head(a), parse_head(b)) for a, b in (args.gain_ratio or [])]
-    res = model_report(args.warehouse, args.model, args.run_id, gain_pairs=pairs, unicode=args.unicode)
+    from warehouse.config import reading_warehouse
+
+    warehouse = reading_warehouse(args.warehouse, args.model)
+    res = model_report(warehouse, args.model, args.run_id, gain_pairs=pairs, unicode=args.unicode)
     out = sys.stdout
     try:
         out.write(res.text)
