@@ -1,6 +1,6 @@
 """Per-head analysis of one model: head metrics, bucket plasticity, component weights (and errors).
 
-One step per model. Inside it, `warehouse.pipeline.analyze_dataset` fans the
+One step per model. Inside it, `warehouse.run.pipeline.analyze_dataset` fans the
 GQA groups of heads out to a process pool (`max_workers`); the workers read
 shards through their own in-memory DuckDB connections and only compute; this
 step's process is the only writer, flushing finished heads in short
@@ -19,9 +19,9 @@ from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse import db
-from warehouse.config import describe
-from warehouse.families import checkpoint_of
+from warehouse.store import db
+from warehouse.settings.config import describe
+from warehouse.store.families import checkpoint_of
 
 RESULT_ASSETS = {
     "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
@@ -52,7 +52,7 @@ class AnalysisConfig(dg.Config):
     """Run config of the per-head analysis step (none of these change a number)."""
 
     fresh: bool = Field(default=False, description="Recompute every head instead of resuming the run.")
-    # descriptions from the config-key declarations (warehouse/config.py); unset = the dataset config's value
+    # descriptions from the config-key declarations (warehouse/settings/config.py); unset = the dataset config's value
     max_workers: Optional[int] = Field(default=None, description=describe("max_workers", "the dataset config's"))
     attention: Optional[str] = Field(default=None, description=describe("attention", "the dataset config's"))
 

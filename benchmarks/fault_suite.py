@@ -34,9 +34,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import conftest  # noqa: E402
 import test_bad_input as suite  # noqa: E402
 
-from warehouse.config import load_config  # noqa: E402
-from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
-from warehouse.pipeline import analyze_dataset  # noqa: E402
+from warehouse.settings.config import load_config  # noqa: E402
+from warehouse.sources.demo_data import write_synthetic_dataset  # noqa: E402
+from warehouse.run.pipeline import analyze_dataset  # noqa: E402
 
 
 def main() -> int:

@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     from plasticity.head import analyze_head
     from plasticity.normality import ks_columns
     from plasticity.orientation import orientation_from_bucket_sums
-    from warehouse import pipeline
-    from warehouse.config import RunConfig
-    from warehouse.loading import load_rows
+    from warehouse.run import pipeline
+    from warehouse.settings.config import RunConfig
+    from warehouse.run.loading import load_rows
 
     pipeline._keep_freed_memory()  # as in the workers
     shape = dict(run_benchmark.SHAPES[args.shape])

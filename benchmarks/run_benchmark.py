@@ -20,10 +20,10 @@ parent holds is counted:
    ``pyarrow.parquet.ParquetFile.read`` (one thread) and turn it into float64 numpy arrays,
    page cache warm: once in one process, and once split over ``--workers`` processes (started
    before the clock), which is what the same number of processes can really read on this machine;
-2. the **revision hash**: `warehouse.revision.content_revision` over every shard (what every local run
+2. the **revision hash**: `warehouse.sources.revision.content_revision` over every shard (what every local run
    does before its run id; SHA-256 of every byte, threads), page cache warm: wall and CPU seconds,
    also as a share of the analysis wall time;
-3. the **analysis**: ``warehouse.pipeline.analyze_dataset`` into a fresh warehouse with
+3. the **analysis**: ``warehouse.run.pipeline.analyze_dataset`` into a fresh warehouse with
    ``--workers`` worker processes (attention off: SPEC 4 is a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
@@ -92,7 +92,7 @@ def synthetic_spec(shape: dict, name: str):
 
 def _write_layer(args) -> None:
     from plasticity import synthetic
-    from warehouse.demo_data import write_shard
+    from warehouse.sources.demo_data import write_shard
 
     spec, root, layer = args
     root = Path(root)
@@ -106,7 +106,7 @@ def ensure_dataset(spec, out: Path, workers: int) -> tuple[Path, float]:
     """Generate the dataset once (layers in parallel); returns (root, seconds spent generating)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from warehouse.demo_data import dataset_card
+    from warehouse.sources.demo_data import dataset_card
 
     key = hashlib.sha1(repr(dataclasses.asdict(spec)).encode()).hexdigest()[:10]
     root = out / "data" / f"{spec.model}-{key}"
@@ -304,8 +304,8 @@ def child_hash(root: str) -> dict:
     CPU seconds of every thread of this process."""
     import resource
 
-    from warehouse.catalog import scan_shards
-    from warehouse.revision import content_revision
+    from warehouse.sources.catalog import scan_shards
+    from warehouse.sources.revision import content_revision
 
     scan = scan_shards(root)
     for p in scan.paths:  # warm the page cache the same way the analysis will find it
@@ -323,8 +323,8 @@ def child_hash(root: str) -> dict:
 
 
 def child_analyze(root: str, warehouse: str, workers: int, attention: bool, profile: str | None) -> dict:
-    from warehouse.config import load_config
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.run.pipeline import analyze_dataset
 
     for p in (Path(warehouse), Path(warehouse + ".wal")):
         p.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ independently of `plasticity.estimators` (plain per-cell enumeration) so that
 the estimator can be tested against it.
 
 Everything here is pure: arrays in, arrays out. Writing Parquet lives in
-`warehouse.demo_data`.
+`warehouse.sources.demo_data`.
 """
 
 from __future__ import annotations

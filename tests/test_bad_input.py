@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 
 def shard(root, layer, head, kind):
@@ -255,7 +255,7 @@ def test_head_sampled_capture_is_not_missing_heads(small_copy, tmp_path, clean):
 
 
 def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_path, clean):
-    from warehouse.layout import LayoutError
+    from warehouse.sources.layout import LayoutError
 
     os.remove(small_copy / "README.md")
     shutil.rmtree(small_copy / "l01h03q")
@@ -269,7 +269,7 @@ def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_p
 
 
 def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(small_copy, tmp_path, clean):
-    import warehouse.catalog as catalog
+    import warehouse.sources.catalog as catalog
 
     target = str(shard(small_copy, 1, 0, "k"))
     real = catalog.check_schema

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from plasticity.synthetic import SyntheticSpec
-from warehouse.card import CARD_MAX_BYTES, BucketScheme, DatasetCard, parse_card, parse_sampler, read_card
-from warehouse.demo_data import dataset_card
+from warehouse.sources.card import CARD_MAX_BYTES, BucketScheme, DatasetCard, parse_card, parse_sampler, read_card
+from warehouse.sources.demo_data import dataset_card
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny-llama"
 

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from dagster_project.cli import main
-from warehouse.config import load_config
+from cli.main import main
+from warehouse.settings.config import load_config
 
 
 def test_config_yaml_and_overrides(tmp_path):

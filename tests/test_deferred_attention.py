@@ -1,5 +1,5 @@
 """While the attention kernels compile (a fresh machine's first run), groups run their SPEC 2 analysis at
-once and their attention later (warehouse.pipeline.iter_outcomes): the joined outcomes must be exactly
+once and their attention later (warehouse.run.pipeline.iter_outcomes): the joined outcomes must be exactly
 those of one task per group, in the process and through the worker pool."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from warehouse import pipeline, results
-from warehouse.config import load_config
+from warehouse.run import pipeline
+
+from warehouse.store import results
+from warehouse.settings.config import load_config
 
 
 def _tasks(root, tmp_path):
@@ -102,7 +104,7 @@ def test_merge_phases_keeps_what_one_task_would_have_stored():
 def test_the_progress_bar_says_why_heads_wait_while_the_kernels_compile(small_dataset, tmp_path, monkeypatch, capsys):
     """Heads are counted once their attention is done: while the kernels compile the bar says so,
     and stops saying it once they are in."""
-    from warehouse import kernel_cache
+    from warehouse.run import kernel_cache
 
     calls = []
     monkeypatch.setattr(kernel_cache, "compiling", lambda part: calls.append(part) or len(calls) <= 6)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dagster_project.cli import build_parser
-from warehouse import db
-from warehouse.attention_export import ATTENTION_EXPORTS, export_file_name
-from warehouse.export import EXPORTS
+from cli.main import build_parser
+from warehouse.store import db
+from warehouse.store.attention_export import ATTENTION_EXPORTS, export_file_name
+from warehouse.store.export import EXPORTS
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_DOC = REPO / "docs" / "metrics.md"

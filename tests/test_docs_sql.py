@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import FAMILY_HINT, main
+from cli.main import FAMILY_HINT, main
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse.demo_data import write_synthetic_family
+from warehouse.sources.demo_data import write_synthetic_family
 
 try:
     from tests.test_families_sql import reference_layers, reference_long

@@ -12,10 +12,10 @@ import pytest
 
 from plasticity.synthetic import SyntheticSpec
 from wiring_reference import read_rows, shard_path
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 SPEC = SyntheticSpec(model="wiring-attn", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=2,
                      seq_len=96, bucket_size=16, sliding_windows={1: 17}, seed=5)

@@ -29,9 +29,9 @@ from wiring_reference import (
     count_weighted_orientation, expected_cells, position_metrics, query_counts, reference_head,
     unweighted_bucket_mean, write_wiring_dataset,
 )
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 TINY_LLAMA = Path(__file__).parent / "fixtures" / "tiny-llama" / "dense" / "tinyllama"
 COMPARED_METRICS = (  # every head_metrics column of SPEC 3 but ap_overall_se

@@ -17,9 +17,9 @@ import pytest
 import plasticity.head
 from test_bad_input import rewrite, same as same_rows, set_vector_value
 from wiring_reference import SEED, reference_head, shard_path, write_wiring_dataset
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 HEADS = {(layer, q_head) for layer in range(2) for q_head in range(4)}
 FLAKY_HEAD = (1, 2)

@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
+from cli.main import main
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse import db, schema
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_family
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db, schema
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_family
+from warehouse.run.pipeline import analyze_dataset
 
 FAMILY = FamilySpec(
     family="tfam", steps=(10, 100, 1000), stages=("a", "a", "b"), layer_rates=(0.25, -0.25),

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_bad_input import rewrite, set_column, shard
-from warehouse.catalog import ShardInfo, profile_shard
-from warehouse.loading import load_rows
+from warehouse.sources.catalog import ShardInfo, profile_shard
+from warehouse.run.loading import load_rows
 
 
 def shuffled(table):

@@ -12,15 +12,16 @@ from matplotlib.collections import LineCollection, PolyCollection
 from scipy import stats
 
 from plasticity.mean_interval import mean_interval_bound
-from warehouse import db, plots
+from warehouse.store import db
+from warehouse.present import plots
 
 STEPS = {"c-1": 1, "c-2": 2}
 
 
 @pytest.fixture(scope="module")
 def warehouse(small_dataset, tmp_path_factory):
-    from warehouse.config import load_config
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.run.pipeline import analyze_dataset
 
     wh = tmp_path_factory.mktemp("plot_intervals") / "wh.duckdb"
     for model, step in STEPS.items():

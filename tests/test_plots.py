@@ -1,4 +1,4 @@
-"""warehouse.plots and `plasticity plot`: the numbers drawn, checked on hand-made tables."""
+"""warehouse.present.plots and `plasticity plot`: the numbers drawn, checked on hand-made tables."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
-from warehouse import plots
+from cli.main import main
+from warehouse.present import plots
 
 PLOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "plots"
 NAN = float("nan")
@@ -318,7 +318,7 @@ SHARP = {"entropy": [3.0, 2.0, 1.5, 1.0, 0.8], "max_attn": [0.3, 0.5, 0.6, 0.7, 
 
 
 def test_coinciding_heads_groups_curves_drawn_on_top_of_each_other():
-    from warehouse.attention_plots import COINCIDE_REL_TOL, coinciding_heads
+    from warehouse.present.attention_plots import COINCIDE_REL_TOL, coinciding_heads
 
     nudge = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 0.9 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
     apart = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 3 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
@@ -340,7 +340,7 @@ def test_coinciding_heads_groups_curves_drawn_on_top_of_each_other():
 
 
 def test_scale_drawing_keeps_identical_heads_distinguishable():
-    from warehouse.attention_plots import draw_scale_sweep
+    from warehouse.present.attention_plots import draw_scale_sweep
 
     data = sweep_frame({(0, 0): FLAT, (0, 1): FLAT, (0, 2): FLAT, (1, 0): SHARP},
                        {(0, 0): 0.024, (0, 1): 0.024, (0, 2): 0.024, (1, 0): 0.4})
@@ -366,9 +366,9 @@ def test_scale_drawing_keeps_identical_heads_distinguishable():
 def test_plot_command_takes_bucket_scheme_from_the_warehouse(small_dataset, tmp_path, monkeypatch, capsys):
     """`plot curves --model` places buckets by the dataset card's scheme, as the catalog recorded it
     (table `models`), unless the options say otherwise."""
-    from warehouse.config import load_config
-    from warehouse.models import plot_bucket_options
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.store.models import plot_bucket_options
+    from warehouse.run.pipeline import analyze_dataset
 
     wh = tmp_path / "wh.duckdb"
     cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "m"})

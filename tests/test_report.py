@@ -1,4 +1,4 @@
-"""warehouse.validation_report: markers, counts and determinism of the validation report."""
+"""warehouse.present.validation_report: markers, counts and determinism of the validation report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from plasticity.attention import head_attention_metrics
-from warehouse.validation_report import gain_ratio_meaning, validation_report
+from warehouse.present.validation_report import gain_ratio_meaning, validation_report
 from plasticity.types import TokenArrays
 
 

@@ -7,11 +7,11 @@ import hashlib
 import os
 import shutil
 
-from warehouse import db
-from warehouse.catalog import scan_shards
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
-from warehouse.revision import content_revision, file_sha256, stat_fingerprint
+from warehouse.store import db
+from warehouse.sources.catalog import scan_shards
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.sources.revision import content_revision, file_sha256, stat_fingerprint
 
 
 def revision_of(root):

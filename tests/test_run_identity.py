@@ -9,12 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.cli import main
+from cli.main import main
 from dagster_project.definitions import OWN_ASSETS
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "synthetic-demo"

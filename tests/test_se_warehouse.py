@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.export import export_csvs
-from warehouse.pipeline import analyze_dataset, compute_group, find_catalog, plan_groups, profile_catalog
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.store.export import export_csvs
+from warehouse.run.pipeline import analyze_dataset, compute_group, find_catalog, plan_groups, profile_catalog
 
 SUMMARY_COLUMNS = ("q_bucket", "n_queries", "mean_position", "n_cells", "n_pairs", "ap", "ap_se", "ap_ci_low",
                    "ap_ci_high", "ap_se_pairs")
@@ -91,7 +91,7 @@ def test_csv_exports_keep_spec_columns(analysed, tmp_path):
 
 
 def test_comments_cover_the_new_columns(tmp_path):
-    from warehouse import db
+    from warehouse.store import db
 
     db.ensure_schema(tmp_path / "wh.duckdb")
     with db.reader(tmp_path / "wh.duckdb") as con:

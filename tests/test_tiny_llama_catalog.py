@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-llama"
 DENSE = FIXTURE / "dense" / "tinyllama"

@@ -1,7 +1,7 @@
 """Independent reference for the end-to-end wiring tests (test_e2e_*.py).
 
 What the warehouse stores is recomputed here from the Parquet files without any of the
-pipeline's plumbing: shards are read with pyarrow (not `warehouse.loading`), SPEC 2.1's
+pipeline's plumbing: shards are read with pyarrow (not `warehouse.run.loading`), SPEC 2.1's
 subsample is taken by its documented rule written out below, SPEC 2.2's orientation is a
 brute-force loop over every key row, and only then are the pure `plasticity` functions
 called. Facts the pure functions would share with the pipeline (which cells are eligible,
@@ -27,7 +27,7 @@ from scipy import stats
 from plasticity.head import analyze_head
 from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
 from plasticity.types import AnalysisParams, HeadResult, TokenArrays
-from warehouse.demo_data import dataset_card, write_shard
+from warehouse.sources.demo_data import dataset_card, write_shard
 
 # --------------------------------------------------------------------------- reading
 

@@ -23,8 +23,8 @@ DATA_OPTIONS = ("warehouse", "model", "run_id", "models", "family", "stages", "b
 
 
 def add_plot_parser(sub) -> argparse.ArgumentParser:
-    from warehouse.options import add_arguments
-    from warehouse.plots import KINDS, PlotOptions
+    from warehouse.settings.options import add_arguments
+    from warehouse.present.plots import KINDS, PlotOptions
 
     p = sub.add_parser(
         "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results to a PNG",
@@ -46,11 +46,11 @@ def add_plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def default_output(kind: str, opts) -> Path:
-    from warehouse.plots import CONFIG_SUFFIX
+    from warehouse.present.plots import CONFIG_SUFFIX
 
     if kind == "compare":
         return DEFAULT_OUTPUT_DIR / "model-comparison.png"
-    from warehouse.names import safe_path_component
+    from warehouse.sources.names import safe_path_component
 
     if kind == "trajectory":
         family = safe_path_component(opts.family, "--family") if opts.family else "family"
@@ -62,12 +62,12 @@ def default_output(kind: str, opts) -> Path:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from warehouse.config import DEFAULT_WAREHOUSE
-    from warehouse.models import bucket_plot_defaults
-    from warehouse.plots import load_plot_options, make_plot, save_png
+    from warehouse.settings.config import DEFAULT_WAREHOUSE
+    from warehouse.store.models import bucket_plot_defaults
+    from warehouse.present.plots import load_plot_options, make_plot, save_png
 
-    from warehouse.options import options_of
-    from warehouse.plots import PlotOptions
+    from warehouse.settings.options import options_of
+    from warehouse.present.plots import PlotOptions
 
     overrides = {k: getattr(args, k) for k, o in options_of(PlotOptions).items() if o.spec.cli}
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
@@ -87,7 +87,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # `python -m dagster_project.plot_cli curves ...`
+def main(argv: list[str] | None = None) -> int:  # `python -m cli.plot curves ...`
     parser = argparse.ArgumentParser(prog="plasticity")
     add_plot_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["plot", *(argv if argv is not None else sys.argv[1:])])

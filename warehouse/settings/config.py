@@ -21,8 +21,8 @@ import yaml
 
 from plasticity import ANALYSIS_VERSION
 from plasticity.types import ESTIMATORS, AnalysisParams
-from warehouse.names import name_problem
-from warehouse.options import OptionError, check_all, option, options_of, unknown_keys_error
+from warehouse.sources.names import name_problem
+from warehouse.settings.options import OptionError, check_all, option, options_of, unknown_keys_error
 
 DEFAULT_WAREHOUSE = "data/warehouse.duckdb"
 #: DuckDB binds the seed as BIGINT (sql/sample_rows.sql).
@@ -164,7 +164,7 @@ class RunConfig:
         """Stable id of (model, dataset revision, everything that changes a number).
 
         `dataset`: what the dataset card states that changes a number or a check (bucket scheme,
-        capture sampling; `warehouse.models.ModelInfo.run_facts`).
+        capture sampling; `warehouse.store.models.ModelInfo.run_facts`).
 
         Output paths, worker counts and layer filters are left out on purpose:
         they do not change any result, so a run with more workers or more
@@ -239,7 +239,7 @@ def read_settings(cls: type, path: str | os.PathLike | None, overrides: dict[str
                   defaults: dict[str, Any] | None = None, mapping_of: str, unknown: str,
                   overrides_from: str = "override") -> dict[str, Any]:
     """defaults < the YAML mapping at ``path`` (optional) < overrides, each value coerced to its declared
-    type and checked (`warehouse.options`); None means "not given" in defaults and overrides. Unknown keys
+    type and checked (`warehouse.settings.options`); None means "not given" in defaults and overrides. Unknown keys
     ("<unknown> in <path>: a (did you mean b?)"), a file that is not a mapping, invalid YAML and bad
     values raise OptionError naming the key, the value and where it came from. Shared by run configs
     and plot options; the rules between keys are the dataclass's own."""
@@ -284,7 +284,7 @@ def warehouse_option() -> Any:
 
 def config_markdown() -> str:
     """The README's table of config keys (generated; tests/test_options.py keeps the README in sync)."""
-    from warehouse.options import markdown_table
+    from warehouse.settings.options import markdown_table
 
     return markdown_table(RunConfig)
 

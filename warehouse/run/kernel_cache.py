@@ -7,10 +7,10 @@ run's critical path. Instead, the first run starts one background process per ke
 (`start_kernel_warmup`; the families compile in parallel) that runs a tiny generated head through
 the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
-`plasticity demo` starts it before its imports and data generation (`dagster_project.cli.main`),
+`plasticity demo` starts it before its imports and data generation (`cli.main.main`),
 `analyze_dataset` once it knows there is work (the attention family only when the run computes
 attention). Meanwhile the run does what needs no kernel: every group's SPEC 2 analysis, with one
-worker, leaving the compile a core (`warehouse.pipeline.iter_outcomes`; the demo's data generation
+worker, leaving the compile a core (`warehouse.run.pipeline.iter_outcomes`; the demo's data generation
 uses one BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up
 (`KernelWarmup.wait`), and the workers then load the kernels from the cache.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import plasticity
-from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
+from warehouse.run.processes import ONE_THREAD_ENV, tie_to_parent
 
 #: How long a run waits for the warm-up before its workers compile for themselves.
 WARMUP_TIMEOUT_S = 300.0
@@ -137,7 +137,7 @@ def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | No
         return None
     env = dict(os.environ, **{var: "1" for var in ONE_THREAD_ENV})
     _started = KernelWarmup({
-        part: subprocess.Popen([sys.executable, "-m", "warehouse.kernel_cache", part, str(os.getpid())],
+        part: subprocess.Popen([sys.executable, "-m", "warehouse.run.kernel_cache", part, str(os.getpid())],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=env, cwd=tempfile.gettempdir())
         for part in todo})
@@ -155,7 +155,7 @@ def kernels_cached(part: str, stamp: str | None = None) -> bool:
 
 def compiling(part: str) -> bool:
     """Whether this process's warm-up is still compiling `part`'s kernels (a run defers the work
-    that needs them, and does the rest meanwhile: `warehouse.pipeline.iter_outcomes`)."""
+    that needs them, and does the rest meanwhile: `warehouse.run.pipeline.iter_outcomes`)."""
     return _started is not None and _started.running([part])
 
 
@@ -191,11 +191,11 @@ def warm_kernels(part: str) -> None:
 
 def _warm_analysis() -> None:
     """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
-    shards, `warehouse.pipeline`'s loader and `compute_group` (SPEC 2 analysis, attention off)."""
+    shards, `warehouse.run.pipeline`'s loader and `compute_group` (SPEC 2 analysis, attention off)."""
     from plasticity.synthetic import SyntheticSpec
-    from warehouse import pipeline
-    from warehouse.config import RunConfig
-    from warehouse.demo_data import write_synthetic_dataset
+    from warehouse.run import pipeline
+    from warehouse.settings.config import RunConfig
+    from warehouse.sources.demo_data import write_synthetic_dataset
 
     # key buckets of 320 rows: large enough for the kernels that only run on large buckets
     spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8,
@@ -238,7 +238,7 @@ def _warm_attention() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m warehouse.kernel_cache PART [PARENT_PID]``."""
+    """``python -m warehouse.run.kernel_cache PART [PARENT_PID]``."""
     if len(argv) > 1:
         tie_to_parent(int(argv[1]))
     warm_kernels(argv[0])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from warehouse import db
-from warehouse.names import safe_path_component
+from warehouse.store import db
+from warehouse.sources.names import safe_path_component
 
 HEAD_METRICS_COLUMNS = (
     "layer, q_head, k_head, n_q_tokens, n_k_tokens, d_model, q_R2_pos, q_beta_norm, q_R2_scalar, "
@@ -43,9 +43,9 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
 
     `tables` defaults to the SPEC 3 tables and head_errors, plus the SPEC 4
     attention tables when the run computed them. NaN is written as `nan`; the per-token
-    attention table goes to Parquet (`warehouse.attention_export`).
+    attention table goes to Parquet (`warehouse.store.attention_export`).
     """
-    from warehouse.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
+    from warehouse.store.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
 
     specs = {**EXPORTS, **ATTENTION_EXPORTS}
     out_dir = Path(out_dir)

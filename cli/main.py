@@ -20,9 +20,9 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from warehouse.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
-from warehouse.names import name_problem  # noqa: E402
-from warehouse.options import option  # noqa: E402
+from warehouse.settings.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
+from warehouse.sources.names import name_problem  # noqa: E402
+from warehouse.settings.options import option  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
 
@@ -50,8 +50,8 @@ def format_table(names: list[str], rows: list[tuple], max_rows: int | None = Non
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    from warehouse.config import RunConfig
-    from warehouse.options import add_arguments
+    from warehouse.settings.config import RunConfig
+    from warehouse.settings.options import add_arguments
 
     group = parser.add_argument_group("config keys (each overrides the same key of --config)")
     add_arguments(group, RunConfig, typed=False, dest_prefix="cfg_", spelling="underscore", exclude=exclude)
@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _load_config(args: argparse.Namespace, extra: dict | None = None):
-    from warehouse.config import load_config
+    from warehouse.settings.config import load_config
 
     return load_config(args.config, {**(extra or {}), **_overrides(args)}, overrides_from="command line")
 
@@ -76,11 +76,11 @@ def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
         return Path(cfg.dataset_local_root), cfg.model, None
     if not cfg.dataset_name:
         raise ValueError("config needs dataset_local_root (a local folder) or dataset_name (+ revision) on the Hub")
-    from warehouse import hub
+    from warehouse.sources import hub
 
     ref = hub.get_branch(cfg.dataset_name, cfg.revision or "main")
     if cfg.model is None:  # the branch name becomes the model name, and a folder name: check it before downloading
-        from warehouse.names import safe_path_component
+        from warehouse.sources.names import safe_path_component
 
         safe_path_component(ref.name, f"model name from the Hub branch of {cfg.dataset_name} (set --model)")
     shards_dir = hub.download_branch(
@@ -103,7 +103,7 @@ def _print_summary(summary) -> None:
 
 
 def _print_errors(warehouse: str, model: str, run_id: str) -> None:
-    from warehouse.db import read_only_query
+    from warehouse.store.db import read_only_query
 
     names, rows = read_only_query(
         warehouse,
@@ -116,8 +116,8 @@ def _print_errors(warehouse: str, model: str, run_id: str) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from warehouse.export import export_csvs, results_dir
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.store.export import export_csvs, results_dir
+    from warehouse.run.pipeline import analyze_dataset
 
     cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
     root, model, sha = resolve_dataset(cfg)
@@ -139,15 +139,15 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     """`plasticity demo --family`: generate the synthetic family, analyse every checkpoint, print and draw
     the trajectory next to the generator's truth."""
     from plasticity.synthetic import FamilySpec
-    from warehouse.db import expand_warehouse_paths
-    from warehouse.demo_data import family_layer_truth, write_synthetic_family
-    from warehouse.export import export_csvs, results_dir
-    from warehouse.families import load_trajectory
-    from warehouse.kernel_cache import sharing_cores
-    from warehouse.names import safe_path_component
-    from warehouse.pipeline import analyze_dataset
-    from warehouse.plots import load_plot_options, save_png
-    from warehouse.trajectory_plots import plot_trajectory
+    from warehouse.store.db import expand_warehouse_paths
+    from warehouse.sources.demo_data import family_layer_truth, write_synthetic_family
+    from warehouse.store.export import export_csvs, results_dir
+    from warehouse.store.families import load_trajectory
+    from warehouse.run.kernel_cache import sharing_cores
+    from warehouse.sources.names import safe_path_component
+    from warehouse.run.pipeline import analyze_dataset
+    from warehouse.present.plots import load_plot_options, save_png
+    from warehouse.present.trajectory_plots import plot_trajectory
 
     fam = FamilySpec()
     root = Path(args.data) / fam.family
@@ -205,11 +205,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.family:
         return cmd_demo_family(args)
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.db import read_only_query
-    from warehouse.demo_data import read_ground_truth, write_synthetic_dataset
-    from warehouse.export import export_csvs, results_dir
-    from warehouse.kernel_cache import sharing_cores
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.store.db import read_only_query
+    from warehouse.sources.demo_data import read_ground_truth, write_synthetic_dataset
+    from warehouse.store.export import export_csvs, results_dir
+    from warehouse.run.kernel_cache import sharing_cores
+    from warehouse.run.pipeline import analyze_dataset
 
     spec = SyntheticSpec()
     root = Path(args.data) / spec.model
@@ -244,8 +244,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from warehouse.config import default_warehouse
-    from warehouse.db import expand_warehouse_paths, one_line, read_only_query
+    from warehouse.settings.config import default_warehouse
+    from warehouse.store.db import expand_warehouse_paths, one_line, read_only_query
 
     paths = expand_warehouse_paths(args.warehouse or [default_warehouse()])  # before the sandbox: it lists no folder
     try:
@@ -265,8 +265,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from warehouse.export import export_csvs
-    from warehouse.names import safe_path_component
+    from warehouse.store.export import export_csvs
+    from warehouse.sources.names import safe_path_component
 
     out = Path(args.out) if args.out else Path("results") / safe_path_component(args.model, "--model")
     files = export_csvs(args.warehouse, args.model, args.run_id, out)
@@ -277,8 +277,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.demo_data import write_synthetic_dataset
-    from warehouse.options import OptionError
+    from warehouse.sources.demo_data import write_synthetic_dataset
+    from warehouse.settings.options import OptionError
 
     if args.q_heads % args.k_heads:
         raise OptionError(f"q_heads = {args.q_heads}: must be a multiple of k_heads = {args.k_heads} (GQA)")
@@ -293,7 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- options of the commands
-# Declared once each (warehouse.options): type, default, accepted values and the one-line help.
+# Declared once each (warehouse.settings.options): type, default, accepted values and the one-line help.
 
 
 @dataclass
@@ -362,7 +362,7 @@ EPILOG = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from warehouse.options import add_arguments
+    from warehouse.settings.options import add_arguments
 
     parser = argparse.ArgumentParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -392,14 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, GenerateOptions)
     p.set_defaults(func=cmd_generate)
 
-    from dagster_project.plot_cli import add_plot_parser  # no Dagster import
-    from dagster_project.ui import add_ui_parser  # imports Dagster only when `ui` runs
+    from cli.plot import add_plot_parser  # no Dagster import
+    from cli.ui import add_ui_parser  # imports Dagster only when `ui` runs
 
     add_plot_parser(sub)
     add_ui_parser(sub)
 
-    from warehouse.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs
-    from warehouse.validation import add_validate_parser  # SPEC 4 validation report
+    from warehouse.present.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs
+    from warehouse.present.validation import add_validate_parser  # SPEC 4 validation report
 
     add_validate_parser(sub)
     add_attention_plot_parser(sub)
@@ -414,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     if words[:1] == ["demo"] and not {"-h", "--help"} & set(words):
         # a fresh machine's first demo: the kernels compile while this process imports and generates
-        from warehouse.kernel_cache import start_kernel_warmup
+        from warehouse.run.kernel_cache import start_kernel_warmup
 
         start_kernel_warmup()
-    from warehouse.db import WarehouseError
-    from warehouse.hub import HubError
+    from warehouse.store.db import WarehouseError
+    from warehouse.sources.hub import HubError
 
     args = build_parser().parse_args(argv)
     if args.command in ("analyze", "demo") and threading.current_thread() is threading.main_thread():

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import sql
 from plasticity.orientation import bucket_sums, merge_bucket_sums
 from plasticity.types import TokenArrays, canonical_sort_order
-from warehouse.catalog import ShardError, ShardInfo, to_numpy
+from warehouse.sources.catalog import ShardError, ShardInfo, to_numpy
 
 STREAM_BATCH_ROWS = 65536
 ROW_COLUMNS = ("bucket", "example_id", "position", "vector")
@@ -28,7 +28,7 @@ def rank_connection():
     """This process's in-memory DuckDB connection for ranking rows (one thread: same order everywhere)."""
     global _RANK_CON
     if _RANK_CON is None:
-        from warehouse import db
+        from warehouse.store import db
 
         _RANK_CON = db.memory_connection(1)
     return _RANK_CON

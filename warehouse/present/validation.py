@@ -2,7 +2,7 @@
 
 Reads the per-head attention summaries (table ``head_attention_summary``, SPEC 4)
 of a model's run through a read-only connection -- the latest run unless a run
-id is given -- and renders them with `warehouse.validation_report.validation_report`:
+id is given -- and renders them with `warehouse.present.validation_report.validation_report`:
 reconstruction sanity checks, key coverage, positional and token patterns, uniformity,
 the per-head classes, query-side variation and the query-scale sweep, each check
 marked PASS / WARN / FAIL (or SKIP). Heads whose attention is not estimable from the
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from plasticity.attention import SUMMARY_COLUMNS, gain_ratio
-from warehouse import db
-from warehouse.config import warehouse_option
-from warehouse.options import add_arguments, option
-from warehouse.validation_report import (
+from warehouse.store import db
+from warehouse.settings.config import warehouse_option
+from warehouse.settings.options import add_arguments, option
+from warehouse.present.validation_report import (
     GAIN_RATIO_HIGHER, GAIN_RATIO_STRONG, NOT_ESTIMABLE, estimable, gain_ratio_meaning, report_counts,
     validation_report,
 )
@@ -90,7 +90,7 @@ def _fmt(x: float, fmt: str = ".4f") -> str:
 
 def resolve_run_id(con, model: str, run_id: str | None = None) -> str:
     """``run_id`` if the model has that run, else the model's latest run; LookupError otherwise."""
-    from warehouse.export import latest_run_id
+    from warehouse.store.export import latest_run_id
 
     if run_id is None:
         return latest_run_id(con, model)
@@ -168,7 +168,7 @@ def model_report(
     """The validation report of ``model`` (latest run unless ``run_id``) from the warehouse.
 
     ``gain_pairs``: ((layer, q_head), (layer, q_head)) pairs whose gain ratio is appended.
-    ``thresholds``: keyword arguments of `warehouse.validation_report.validation_report`.
+    ``thresholds``: keyword arguments of `warehouse.present.validation_report.validation_report`.
     Raises LookupError when the model, the run or its attention summaries are missing.
     """
     with db.reader(warehouse, timeout_s) as con:
@@ -191,7 +191,7 @@ def model_report(
 
 @dataclass
 class ValidateOptions:
-    """Options of `plasticity validate` (declared once: `warehouse.options`)."""
+    """Options of `plasticity validate` (declared once: `warehouse.settings.options`)."""
 
     model: str = option(None, required=True, help="model in the warehouse")
     run_id: str | None = option(None, help="run of the model", default_text="its latest run")

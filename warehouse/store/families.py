@@ -6,11 +6,11 @@ Hub repo watched by Dagster, from that repo's ``family_pattern`` in ``configs/da
 (`BranchPattern`): a regular expression with the named groups ``family`` and ``step`` (and optionally
 ``stage``) that the whole branch name must match. A branch that does not match has no family; that is
 not an error. Branch names are untrusted: a family parsed from one must be a safe name
-(`warehouse.names`), the step a plain decimal integer, or the branch is a problem, never guessed.
+(`warehouse.sources.names`), the step a plain decimal integer, or the branch is a problem, never guessed.
 
 The trajectory views (sql/trajectories.sql) read the latest run of every checkpoint; `load_trajectory`
 reads them from one warehouse file or several (one per model), through the read-only union of
-`warehouse.db.sandbox`.
+`warehouse.store.db.sandbox`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pandas only in annotations here; importing it costs every CLI command 0.4 s
     import pandas as pd
 
-from warehouse.config import MAX_STEP
-from warehouse.names import name_problem
+from warehouse.settings.config import MAX_STEP
+from warehouse.sources.names import name_problem
 
 #: Named groups a family pattern may have; `family` and `step` are required.
 PATTERN_GROUPS = ("family", "stage", "step")
@@ -132,7 +132,7 @@ def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str
     LookupError when the family has no analysed checkpoint (naming the families there are),
     FamilyError for an unknown metric, or when two checkpoints shown share a step (a step axis
     cannot place them: choose stages)."""
-    from warehouse import db
+    from warehouse.store import db
 
     with db.sandbox(list(paths), timeout_s) as con:
         params: dict = {"f": family}

@@ -9,7 +9,7 @@ with a message naming the file and the holder.
 Before a file is used it is checked (`check_file`): a folder, a file that is not
 a DuckDB database, an unwritable file or folder is a `WarehouseError` naming the
 file, and nothing is written. `ensure_schema` also checks that the tables with
-our names are ours (`warehouse.schema`) before creating or upgrading anything.
+our names are ours (`warehouse.store.schema`) before creating or upgrading anything.
 User SQL runs in `sandbox()`: read-only, with DuckDB's own file and extension
 access switched off and the configuration locked.
 """
@@ -172,8 +172,8 @@ def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyCo
 def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
     """Create the warehouse, or check and upgrade an existing one; returns its schema version.
 
-    Nothing is written unless every check passes (see `warehouse.schema.upgrade`)."""
-    from warehouse import schema
+    Nothing is written unless every check passes (see `warehouse.store.schema.upgrade`)."""
+    from warehouse.store import schema
 
     return schema.upgrade(Path(path), timeout_s)
 
@@ -313,7 +313,7 @@ def _create_union_views(con: duckdb.DuckDBPyConnection, aliases: list[str]) -> N
     the attached files' tables (``UNION ALL BY NAME``, so an older file without a newer column gives NULL
     there), then the derived views (sql/views.sql, sql/trajectories.sql) over those unions."""
     import sql
-    from warehouse import schema
+    from warehouse.store import schema
 
     present: dict[str, list[str]] = {}
     for alias in aliases:

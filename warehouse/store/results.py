@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from plasticity.types import HeadResult
-from warehouse.catalog import CatalogProblem, bucket_columns, catalog_columns
-from warehouse.models import ModelInfo, replace_model
+from warehouse.sources.catalog import CatalogProblem, bucket_columns, catalog_columns
+from warehouse.store.models import ModelInfo, replace_model
 
 # Tables holding per-head results; all carry model, run_id, layer, q_head, k_head.
 RESULT_TABLES = (

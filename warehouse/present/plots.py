@@ -16,7 +16,7 @@ Four figures, each from a plain DataFrame so that the same code serves the
 * ``compare``    ``ap_overall`` by layer, one line per model (the latest run of each);
 * ``trajectory`` a family of checkpoints: a metric (default ``ap_overall``) against the training step,
                  one line per layer (or head) with its 95% interval band, beside a layer x checkpoint heatmap
-                 (`warehouse.trajectory_plots`).
+                 (`warehouse.present.trajectory_plots`).
 
 Bucket positions follow the upstream convention: the START of each bucket,
 ``bucket * bucket_min_size`` for uniform buckets and ``2**bucket * bucket_min_size``
@@ -24,7 +24,7 @@ for log buckets.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
 through pyplot, so nothing here touches a GUI backend or global figure state.
-Data is read through `warehouse.db.reader` (read-only connections). No Dagster.
+Data is read through `warehouse.store.db.reader` (read-only connections). No Dagster.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from warehouse import db
-from warehouse.config import read_settings
-from warehouse.names import name_problem, safe_path_component
-from warehouse.options import check_all, option
+from warehouse.store import db
+from warehouse.settings.config import read_settings
+from warehouse.sources.names import name_problem, safe_path_component
+from warehouse.settings.options import check_all, option
 
 KINDS = ("curves", "heatmap", "components", "compare", "trajectory")
 BUCKET_TYPES = ("uniform", "log")
@@ -74,7 +74,7 @@ MEAN_BAND_TEXT = ("conservative 95% interval of the mean over heads\n(mean ± t 
 class PlotOptions:
     """Every option of every plot kind (upstream names). Unused ones are ignored by a kind.
 
-    Each is declared once (`warehouse.options.option`): `plasticity plot --help`, the YAML checks and
+    Each is declared once (`warehouse.settings.options.option`): `plasticity plot --help`, the YAML checks and
     the errors all come from here."""
 
     # data source: a CSV (upstream) or the warehouse
@@ -159,7 +159,7 @@ def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None
 
 
 def _latest_run_id(con, model: str) -> str:
-    from warehouse.export import latest_run_id
+    from warehouse.store.export import latest_run_id
 
     return latest_run_id(con, model)
 
@@ -774,9 +774,9 @@ def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[Pl
             source["runs"] = df.groupby("model")["run_id"].first().to_dict() if not df.empty else {}
         return plot_model_comparison(df, opts), source
     if kind == "trajectory":
-        from warehouse.db import expand_warehouse_paths
-        from warehouse.families import load_trajectory
-        from warehouse.trajectory_plots import plot_trajectory
+        from warehouse.store.db import expand_warehouse_paths
+        from warehouse.store.families import load_trajectory
+        from warehouse.present.trajectory_plots import plot_trajectory
 
         if not opts.family:
             raise ValueError("give family (the family of checkpoints to plot)")

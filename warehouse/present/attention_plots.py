@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from warehouse import db
-from warehouse.config import warehouse_option
-from warehouse.names import safe_path_component
-from warehouse.options import add_arguments, option
+from warehouse.store import db
+from warehouse.settings.config import warehouse_option
+from warehouse.sources.names import safe_path_component
+from warehouse.settings.options import add_arguments, option
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,7 +67,7 @@ CLASSES = ("sharp", "medium", "uniform", "unknown", NOT_ESTIMABLE)
 CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9",
                 NOT_ESTIMABLE: "#f2f2f2"}
 #: SQL: the head's attention is estimable from its capture (rows written before `status` existed
-#: count when their mean key coverage is 1, as in `warehouse.validation_report.head_status`)
+#: count when their mean key coverage is 1, as in `warehouse.present.validation_report.head_status`)
 ESTIMABLE_SQL = "coalesce(h.status IN ('exact', 'partial'), h.mean_key_coverage = 1.0, false)"
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 N_DEFAULT_EACH = 3  # default heads: this many highest-gain and lowest-gain heads
@@ -98,7 +98,7 @@ class AttentionPlot:
 
 
 def _run_and_frame(warehouse, model: str, run_id: str | None, query: str, timeout_s: float):
-    from warehouse.validation import resolve_run_id
+    from warehouse.present.validation import resolve_run_id
 
     with db.reader(warehouse, timeout_s) as con:
         run_id = resolve_run_id(con, model, run_id)
@@ -378,14 +378,14 @@ def plot_attention_classes(
 def _heads_arg(values: Iterable[str] | None):
     if not values:
         return None
-    from warehouse.validation import parse_head
+    from warehouse.present.validation import parse_head
 
     return [parse_head(v) for v in values]
 
 
 @dataclass
 class AttentionPlotOptions:
-    """Options of `plasticity attention-plot` (declared once: `warehouse.options`)."""
+    """Options of `plasticity attention-plot` (declared once: `warehouse.settings.options`)."""
 
     kind: str = option(None, positional=True, choices=("scale", "classes"), metavar="{scale,classes}",
                        help="scale: metrics against the query scale; classes: head classes per layer")

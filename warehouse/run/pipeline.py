@@ -25,19 +25,20 @@ import numpy as np
 
 from plasticity.orientation import orientation_from_bucket_sums
 from plasticity.types import AnalysisParams
-from warehouse import db, kernel_cache, results
-from warehouse.card import DatasetCard, find_card, read_card
-from warehouse.catalog import (
+from warehouse.store import db, results
+from warehouse.run import kernel_cache
+from warehouse.sources.card import DatasetCard, find_card, read_card
+from warehouse.sources.catalog import (
     MIN_QUERY_ROWS, CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
 )
-from warehouse.config import RunConfig
-from warehouse.families import Checkpoint, checkpoint_of
-from warehouse.layout import HeadLayout, expected_query_layers, resolve_layout
-from warehouse.loading import load_rows
-from warehouse.models import ModelInfo
-from warehouse.revision import content_revision
-from warehouse.names import safe_path_component
-from warehouse.processes import ONE_THREAD_ENV, tie_to_parent
+from warehouse.settings.config import RunConfig
+from warehouse.store.families import Checkpoint, checkpoint_of
+from warehouse.sources.layout import HeadLayout, expected_query_layers, resolve_layout
+from warehouse.run.loading import load_rows
+from warehouse.store.models import ModelInfo
+from warehouse.sources.revision import content_revision
+from warehouse.sources.names import safe_path_component
+from warehouse.run.processes import ONE_THREAD_ENV, tie_to_parent
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
 # comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
@@ -119,7 +120,7 @@ class Catalog:
 
 
 def local_revision(cat: "Catalog") -> str:
-    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.revision`)."""
+    """The revision of a local dataset: a hash of every byte of every shard (`warehouse.sources.revision`)."""
     return content_revision(cat.base, cat.paths)
 
 
@@ -148,7 +149,7 @@ def _dataset_problems(card: DatasetCard, shards: list[ShardInfo]) -> list[Catalo
 def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
     """Every shard of the dataset by name (not yet profiled), the dataset card and the head layout.
 
-    Layout: config, else card, else a complete shard set (`warehouse.layout.resolve_layout`); raises
+    Layout: config, else card, else a complete shard set (`warehouse.sources.layout.resolve_layout`); raises
     `LayoutError` (before any work) when it cannot be known. Cheap: a directory listing and the card.
     """
     scan = scan_shards(root, cfg.model_dir)
@@ -421,7 +422,7 @@ def _warm_up(kernels: bool = False) -> int:
     ``kernels`` (the run computes attention) also numba, and the compiled kernels once they are
     cached (while the background warm-up still compiles them, loading would compile them again)."""
     import plasticity.head  # noqa: F401
-    import warehouse.loading  # noqa: F401
+    import warehouse.run.loading  # noqa: F401
 
     if kernels:
         if kernel_cache.kernels_cached("attention"):
@@ -667,7 +668,7 @@ def analyze_dataset(
     every committed head and the next run with the same config (same run_id) skips them.
 
     A machine whose numba cache is empty compiles the kernels once, in a
-    background process, while this process plans and profiles (`warehouse.kernel_cache`); the first
+    background process, while this process plans and profiles (`warehouse.run.kernel_cache`); the first
     group waits for it, so the workers load the kernels instead of each compiling them.
     """
     t0 = time.perf_counter()

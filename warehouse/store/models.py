@@ -4,7 +4,7 @@ and the `catalog_problems` of its dataset; both written with the shard catalog.
 A row says where the head layout came from (config | card | shards), the bucket scheme and the
 sampling the dataset card states (so plots place buckets and estimators weight captures without
 re-reading the card), the card's own model name (untrusted text, stored as such), and the family,
-stage and training step of a checkpoint (`warehouse.families`; none of them changes a number, so
+stage and training step of a checkpoint (`warehouse.store.families`; none of them changes a number, so
 they are not part of the run id).
 """
 
@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 import duckdb
 
-from warehouse.card import DatasetCard
-from warehouse.catalog import CatalogProblem
-from warehouse.families import Checkpoint
-from warehouse.layout import HeadLayout
+from warehouse.sources.card import DatasetCard
+from warehouse.sources.catalog import CatalogProblem
+from warehouse.store.families import Checkpoint
+from warehouse.sources.layout import HeadLayout
 
 MODEL_COLUMNS = (
     "model", "dataset_name", "revision", "num_layers", "num_q_heads", "num_k_heads", "layout_source",
@@ -102,7 +102,7 @@ def plot_bucket_options(row: dict | None) -> dict:
 def bucket_plot_defaults(warehouse: str | os.PathLike, model: str | None, timeout_s: float = 60.0) -> dict:
     """`plot_bucket_options` of `model` read from the warehouse ({} when the model, the table or the
     file is not there)."""
-    from warehouse import db
+    from warehouse.store import db
 
     if not model or not os.path.exists(warehouse):
         return {}

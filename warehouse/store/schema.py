@@ -26,7 +26,7 @@ from pathlib import Path
 import duckdb
 
 import sql
-from warehouse import db
+from warehouse.store import db
 
 #: Scripts creating the latest shape (in order), and those rerun after every upgrade.
 CREATE_SCRIPTS = ("schema_migrations", "schema", "head_samples_schema")

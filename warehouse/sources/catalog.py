@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import sql
-from warehouse.card import BucketScheme
+from warehouse.sources.card import BucketScheme
 
 SHARD_RE = re.compile(r"^l([0-9]+)h([0-9]+)([qk])$")  # ASCII digits only
 REQUIRED_COLUMNS = ("bucket", "example_id", "position", "vector")

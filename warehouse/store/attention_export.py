@@ -1,6 +1,6 @@
 """Exports of the SPEC 4 attention tables of one model's run.
 
-``ATTENTION_EXPORTS`` has the shape of `warehouse.export.EXPORTS` (table -> (columns,
+``ATTENTION_EXPORTS`` has the shape of `warehouse.store.export.EXPORTS` (table -> (columns,
 order)), so the two merge (``{**EXPORTS, **ATTENTION_EXPORTS}``); `export_attention`
 writes them on its own. Columns are the plasticity.attention ones after the head key;
 ``position`` is written as an integer (the attention code only accepts integral positions).
@@ -46,6 +46,6 @@ def export_attention(warehouse: str | os.PathLike, model: str, run_id: str | Non
                      tables=tuple(ATTENTION_EXPORTS), timeout_s: float = 60.0) -> dict[str, Path]:
     """Write each attention table of the run (latest unless ``run_id``) into ``out_dir``
     (`export_file_name`); returns {table: path}."""
-    from warehouse.export import export_csvs
+    from warehouse.store.export import export_csvs
 
     return export_csvs(warehouse, model, run_id, out_dir, timeout_s=timeout_s, tables=tuple(tables))

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dagster_project.registry import DEMO_MODEL, PROJECT_ROOT
-from warehouse.options import add_arguments, option
-from warehouse.processes import alive, descendants, kill_all, set_parent_death_signal
+from warehouse.settings.options import add_arguments, option
+from warehouse.run.processes import alive, descendants, kill_all, set_parent_death_signal
 
 DEFINITIONS_MODULE = "dagster_project.definitions"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
