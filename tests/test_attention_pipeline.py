@@ -20,7 +20,8 @@ import pytest
 from conftest import SMALL_SPEC, read_shard
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS, gain_ratio, head_attention_metrics
 from warehouse.store import db
-from warehouse.store.attention_export import ATTENTION_EXPORTS, export_attention
+from warehouse.store.attention_export import ATTENTION_EXPORTS
+from warehouse.store.export import export_attention
 from warehouse.present.attention_plots import (
     class_counts_data,
     default_heads,

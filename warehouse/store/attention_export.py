@@ -1,8 +1,8 @@
 """Exports of the SPEC 4 attention tables of one model's run.
 
 ``ATTENTION_EXPORTS`` has the shape of `warehouse.store.export.EXPORTS` (table -> (columns,
-order)), so the two merge (``{**EXPORTS, **ATTENTION_EXPORTS}``); `export_attention`
-writes them on its own. Columns are the plasticity.attention ones after the head key;
+order)), so the two merge (``{**EXPORTS, **ATTENTION_EXPORTS}``); `warehouse.store.export.export_attention`
+writes them on their own. Columns are the plasticity.attention ones after the head key;
 ``position`` is written as an integer (the attention code only accepts integral positions).
 
 The per-token table (one row per captured query: ~200x the other tables together) is
@@ -13,12 +13,9 @@ upstream-compatible files.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS
 
-__all__ = ["ATTENTION_EXPORTS", "PARQUET_EXPORTS", "export_attention", "export_file_name", "copy_options"]
+__all__ = ["ATTENTION_EXPORTS", "PARQUET_EXPORTS", "export_file_name", "copy_options"]
 
 _KEY = "layer, q_head, k_head"
 _TOKEN_COLS = ", ".join("CAST(position AS BIGINT) AS position" if c == "position" else c for c in TOKEN_COLUMNS)
@@ -41,11 +38,3 @@ def copy_options(table: str) -> str:
     """DuckDB COPY options of a table's export file."""
     return "(FORMAT parquet, COMPRESSION zstd)" if table in PARQUET_EXPORTS else "(HEADER, DELIMITER ',')"
 
-
-def export_attention(warehouse: str | os.PathLike, model: str, run_id: str | None, out_dir: str | os.PathLike,
-                     tables=tuple(ATTENTION_EXPORTS), timeout_s: float = 60.0) -> dict[str, Path]:
-    """Write each attention table of the run (latest unless ``run_id``) into ``out_dir``
-    (`export_file_name`); returns {table: path}."""
-    from warehouse.store.export import export_csvs
-
-    return export_csvs(warehouse, model, run_id, out_dir, timeout_s=timeout_s, tables=tuple(tables))

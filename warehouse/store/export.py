@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from warehouse.store import db
+from warehouse.store.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
 from warehouse.sources.names import safe_path_component
 
 HEAD_METRICS_COLUMNS = (
@@ -45,8 +47,6 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
     attention tables when the run computed them. NaN is written as `nan`; the per-token
     attention table goes to Parquet (`warehouse.store.attention_export`).
     """
-    from warehouse.store.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
-
     specs = {**EXPORTS, **ATTENTION_EXPORTS}
     out_dir = Path(out_dir)
     names = {t: export_file_name(t) for t in specs}
@@ -74,3 +74,10 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
             )
             written[table] = path
     return written
+
+
+def export_attention(warehouse: str | os.PathLike, model: str, run_id: str | None, out_dir: str | os.PathLike,
+                     tables=tuple(ATTENTION_EXPORTS), timeout_s: float = 60.0) -> dict[str, Path]:
+    """Write each attention table of the run (latest unless ``run_id``) into ``out_dir``
+    (`export_file_name`); returns {table: path}."""
+    return export_csvs(warehouse, model, run_id, out_dir, timeout_s=timeout_s, tables=tuple(tables))
