@@ -74,7 +74,7 @@ def measure(name: str, args) -> dict:
         rows["on (cold numba cache)"] = [run(root, wh, args.workers, True, cold)]
     # the warm runs use the measured tree's own numba cache: fill it first (a tree never run before
     # would otherwise compile inside the first "warm" run)
-    subprocess.run([sys.executable, "-m", "warehouse.run.kernel_cache", "attention"], check=True,
+    subprocess.run([sys.executable, "-m", "warehouse.run.kernel_warmup", "attention"], check=True,
                    env=run_benchmark.child_env())
     for _ in range(args.repeats):
         for label, attention in (("off", False), ("on", True)):

@@ -4,7 +4,7 @@ numba compiles a ``cache=True`` kernel on its first call and stores it on disk; 
 load it in a fraction of a second. On a fresh machine (an empty cache) every worker of the first
 run would compile the same kernels at the same time: seconds of CPU per worker, all of it on the
 run's critical path. Instead, the first run starts one background process per kernel family
-(`start_kernel_warmup`; the families compile in parallel) that runs a tiny generated head through
+(`start_kernel_warmup`; the families compile in parallel, `warehouse.run.kernel_warmup`) that runs a tiny generated head through
 the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
 `plasticity demo` starts it before its imports and data generation (`cli.main.main`),
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import plasticity
-from warehouse.run.processes import ONE_THREAD_ENV, tie_to_parent
+from warehouse.run.processes import ONE_THREAD_ENV
 
 #: How long a run waits for the warm-up before its workers compile for themselves.
 WARMUP_TIMEOUT_S = 300.0
@@ -137,7 +137,7 @@ def start_kernel_warmup(parts: Iterable[str] | None = None) -> KernelWarmup | No
         return None
     env = dict(os.environ, **{var: "1" for var in ONE_THREAD_ENV})
     _started = KernelWarmup({
-        part: subprocess.Popen([sys.executable, "-m", "warehouse.run.kernel_cache", part, str(os.getpid())],
+        part: subprocess.Popen([sys.executable, "-m", "warehouse.run.kernel_warmup", part, str(os.getpid())],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=env, cwd=tempfile.gettempdir())
         for part in todo})
@@ -178,72 +178,3 @@ def wait_for_kernels(parts: Iterable[str] | None = None) -> None:
     if _started is not None and _started.running(parts):
         _started.wait(parts)
 
-
-def warm_kernels(part: str) -> None:
-    """Compile and cache one kernel family with a run's argument types, then mark it warmed."""
-    if part not in PARTS:
-        raise ValueError(f"unknown kernel family {part!r}: expected one of {', '.join(PARTS)}")
-    (_warm_attention if part == "attention" else _warm_analysis)()
-    marker = marker_path(part)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("numba kernels of this source are cached here\n")
-
-
-def _warm_analysis() -> None:
-    """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
-    shards, `warehouse.run.pipeline`'s loader and `compute_group` (SPEC 2 analysis, attention off)."""
-    from plasticity.synthetic import SyntheticSpec
-    from warehouse.run import pipeline
-    from warehouse.settings.config import RunConfig
-    from warehouse.sources.demo_data import write_synthetic_dataset
-
-    # key buckets of 320 rows: large enough for the kernels that only run on large buckets
-    spec = SyntheticSpec(model="kernel-warmup", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8,
-                         num_examples=10, seq_len=256, bucket_size=32, sliding_windows={1: 64})
-    with tempfile.TemporaryDirectory(prefix="plasticity-kernels-") as tmp:
-        root = write_synthetic_dataset(Path(tmp) / spec.model, spec, with_truth=False)
-        cfg = RunConfig(max_workers=1, attention="false")
-        cat = pipeline.find_catalog(root, cfg)
-        cfg = pipeline.resolved_config(cfg, cat.layout)
-        for task in pipeline.plan_groups(cat, cfg, skip=set(), pairs=pipeline.head_pairs(cat, cfg)):
-            for shard in (task.k_info, *(q for _, q in task.queries)):
-                cat.profile(shard)
-            errors = [o.error for o in pipeline.compute_group(task) if o.error]
-            if errors:
-                raise RuntimeError(f"kernel warm-up: {errors[0]}")
-
-
-def _warm_attention() -> None:
-    """The attention kernel's arguments are built inside `plasticity.attention` from any rows, so a
-    tiny random head in memory (two examples, every position, token strings) compiles what a run
-    uses, without the loader's or the generator's imports."""
-    import numpy as np
-
-    from plasticity.attention import head_attention_metrics
-    from plasticity.types import TokenArrays
-
-    rng = np.random.default_rng(0)
-    position = np.tile(np.arange(128, dtype=np.float64), 2)
-    example_id = np.repeat(np.arange(2, dtype=np.int64), 128)
-    bucket = (position // 32).astype(np.int64)
-    order = np.lexsort((position, example_id, bucket))  # canonical order: bucket, example, position
-    tokens = np.array([f"t{i}" for i in rng.integers(0, 20, position.size)], dtype=object)
-
-    def rows(window):
-        return TokenArrays(bucket[order], example_id[order], position[order], rng.standard_normal((position.size, 8)),
-                           sliding_window=window, token_str=tokens[order])
-
-    for window in (None, 32):  # full causal attention, then a sliding window
-        head_attention_metrics(rows(window), rows(window), scales=(0.5, 1.0))
-
-
-def main(argv: list[str]) -> int:
-    """``python -m warehouse.run.kernel_cache PART [PARENT_PID]``."""
-    if len(argv) > 1:
-        tie_to_parent(int(argv[1]))
-    warm_kernels(argv[0])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
