@@ -281,7 +281,7 @@ def test_an_older_warehouse_joins_the_union_and_upgrades_with_the_families_migra
     monkeypatch.setattr(schema, "migrations", lambda: before)
     monkeypatch.setattr(schema, "schema_version", lambda: FAMILIES_MIGRATION - 1)
     with pytest.raises(db.WarehouseError, match="without a migration"):
-        schema.check_existing(old, 5.0)  # schema.sql has the columns; without the migration the upgrade lacks them
+        db.check_existing_schema(old, 5.0)  # schema.sql has the columns; without the migration the upgrade lacks them
     monkeypatch.undo()
     assert db.ensure_schema(old) == schema.schema_version()
     with db.reader(old) as con:

@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import duckdb
 
+from warehouse.store import schema
+
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 #: DuckDB errors that mean the file itself is damaged (as opposed to a bad query).
 _DAMAGE_MARKERS = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file")
@@ -172,10 +174,58 @@ def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyCo
 def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
     """Create the warehouse, or check and upgrade an existing one; returns its schema version.
 
-    Nothing is written unless every check passes (see `warehouse.store.schema.upgrade`)."""
-    from warehouse.store import schema
+    Nothing is written unless every check passes (see `upgrade_schema`)."""
+    return upgrade_schema(Path(path), timeout_s)
 
-    return schema.upgrade(Path(path), timeout_s)
+
+def check_existing_schema(path: Path, timeout_s: float) -> int:
+    """Read-only checks of an existing warehouse; returns its stored version. WarehouseError (nothing
+    written) if it is newer than this code or its tables with our names would not upgrade to ours."""
+    expected = schema.latest_shape()
+    with reader(path, timeout_s) as con:
+        version = schema.stored_version(con)
+        existing = schema.read_shape(con, set(expected))
+    if version > schema.schema_version():
+        raise WarehouseError(
+            f"warehouse {path} has schema version {version}, newer than this version of the tool "
+            f"({schema.schema_version()}); upgrade attention-plasticity-warehouse. Nothing was changed.")
+    try:
+        after, failure = schema.rehearse(existing, version), []
+        problems = schema.differences(after, expected)
+    except duckdb.Error as exc:
+        after, failure = existing, [f"upgrading fails: {one_line(exc)}"]
+        problems = schema.differences(existing, expected, missing=False)
+    if not problems and not failure:
+        return version
+    detail = "; ".join(problems + failure)
+    if not _foreign_shape(after, expected):  # only less than the code expects
+        raise WarehouseError(
+            f"warehouse {path} (schema version {version}) would lack what this version needs after the upgrade: "
+            f"{detail}. Either it is not this tool's warehouse, or sql/schema.sql gained it without a migration "
+            "in sql/migrations. Nothing was changed.")
+    raise WarehouseError(
+        f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
+        f"longer) this tool's warehouse: {detail}. Nothing was changed; choose another --warehouse.")
+
+
+def _foreign_shape(actual: schema.Shape, expected: schema.Shape) -> bool:
+    """Whether `actual` has one of our names as another kind of object, or a column we do not know."""
+    return any(name in actual and (actual[name][0] != kind or (kind == "table" and actual[name][1] - cols))
+               for name, (kind, cols) in expected.items())
+
+
+def upgrade_schema(path: Path, timeout_s: float = 60.0) -> int:
+    """Create or upgrade the warehouse at `path` after `check_existing_schema` passed; one transaction."""
+    check_file(path, for_writing=True)
+    if path.exists():
+        check_existing_schema(path, timeout_s)
+    with writer(path, timeout_s) as con:
+        # the version read again under the lock: another process may have upgraded
+        version = schema.apply(con, schema.stored_version(con))
+        problems = schema.differences(schema.read_shape(con, set(schema.latest_shape())), schema.latest_shape())
+        if problems:  # the rehearsal makes this unreachable; never commit a half-known shape
+            raise WarehouseError(f"warehouse {path}: upgrade left {'; '.join(problems)}; rolled back")
+    return version
 
 
 @contextlib.contextmanager
@@ -313,7 +363,6 @@ def _create_union_views(con: duckdb.DuckDBPyConnection, aliases: list[str]) -> N
     the attached files' tables (``UNION ALL BY NAME``, so an older file without a newer column gives NULL
     there), then the derived views (sql/views.sql, sql/trajectories.sql) over those unions."""
     import sql
-    from warehouse.store import schema
 
     present: dict[str, list[str]] = {}
     for alias in aliases:

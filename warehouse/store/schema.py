@@ -1,4 +1,6 @@
-"""The warehouse schema: its version, the check of an existing file, and idempotent upgrades.
+"""The warehouse schema: its version, its latest shape, the differences of a file's shape from it, and
+idempotent upgrades (the file operations that use them, `check_existing_schema` and `upgrade_schema`,
+are in `warehouse.store.db`).
 
 A new warehouse gets the tables of ``sql/schema.sql`` (the latest shape, ``CREATE ... IF NOT EXISTS``).
 An existing one is brought up to date by the numbered migrations ``sql/migrations/NNN_name.sql``
@@ -26,7 +28,6 @@ from pathlib import Path
 import duckdb
 
 import sql
-from warehouse.store import db
 
 #: Scripts creating the latest shape (in order), and those rerun after every upgrade.
 CREATE_SCRIPTS = ("schema_migrations", "schema", "head_samples_schema")
@@ -85,7 +86,7 @@ def apply(con: duckdb.DuckDBPyConnection, from_version: int) -> int:
     for m in migrations():
         if m.version > from_version:
             con.execute(m.text)
-            # by name: the rehearsal (`_rehearse`) recreates tables with their columns in another order
+            # by name: the rehearsal (`rehearse`) recreates tables with their columns in another order
             con.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($v, $n, $t)",
                         {"v": m.version, "n": m.name, "t": now})
     for name in FINISH_SCRIPTS:
@@ -147,7 +148,7 @@ def latest_columns(table: str) -> list[tuple[str, str]]:
     return list(dict(_latest_columns_cached()).get(table, ()))
 
 
-def _rehearse(existing: Shape, version: int) -> Shape:
+def rehearse(existing: Shape, version: int) -> Shape:
     """The shape `apply` would leave, run on an in-memory database holding `existing`'s tables and views."""
     con = duckdb.connect(":memory:")
     try:
@@ -190,51 +191,3 @@ def differences(actual: Shape, expected: Shape, *, missing: bool = True) -> list
             out.append(f"table {name}: {'; '.join(parts)}")
     return out
 
-
-def check_existing(path: Path, timeout_s: float) -> int:
-    """Read-only checks of an existing warehouse; returns its stored version. WarehouseError (nothing
-    written) if it is newer than this code or its tables with our names would not upgrade to ours."""
-    expected = latest_shape()
-    with db.reader(path, timeout_s) as con:
-        version = stored_version(con)
-        existing = read_shape(con, set(expected))
-    if version > schema_version():
-        raise db.WarehouseError(
-            f"warehouse {path} has schema version {version}, newer than this version of the tool "
-            f"({schema_version()}); upgrade attention-plasticity-warehouse. Nothing was changed.")
-    try:
-        after, failure = _rehearse(existing, version), []
-        problems = differences(after, expected)
-    except duckdb.Error as exc:
-        after, failure = existing, [f"upgrading fails: {db.one_line(exc)}"]
-        problems = differences(existing, expected, missing=False)
-    if not problems and not failure:
-        return version
-    detail = "; ".join(problems + failure)
-    if not _foreign(after, expected):  # only less than the code expects
-        raise db.WarehouseError(
-            f"warehouse {path} (schema version {version}) would lack what this version needs after the upgrade: "
-            f"{detail}. Either it is not this tool's warehouse, or sql/schema.sql gained it without a migration "
-            "in sql/migrations. Nothing was changed.")
-    raise db.WarehouseError(
-        f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
-        f"longer) this tool's warehouse: {detail}. Nothing was changed; choose another --warehouse.")
-
-
-def _foreign(actual: Shape, expected: Shape) -> bool:
-    """Whether `actual` has one of our names as another kind of object, or a column we do not know."""
-    return any(name in actual and (actual[name][0] != kind or (kind == "table" and actual[name][1] - cols))
-               for name, (kind, cols) in expected.items())
-
-
-def upgrade(path: Path, timeout_s: float = 60.0) -> int:
-    """Create or upgrade the warehouse at `path` after `check_existing` passed; one transaction."""
-    db.check_file(path, for_writing=True)
-    if path.exists():
-        check_existing(path, timeout_s)
-    with db.writer(path, timeout_s) as con:
-        version = apply(con, stored_version(con))  # read again under the lock: another process may have upgraded
-        problems = differences(read_shape(con, set(latest_shape())), latest_shape())
-        if problems:  # the rehearsal makes this unreachable; never commit a half-known shape
-            raise db.WarehouseError(f"warehouse {path}: upgrade left {'; '.join(problems)}; rolled back")
-    return version
