@@ -146,7 +146,8 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     from warehouse.run.kernel_cache import sharing_cores
     from warehouse.sources.names import safe_path_component
     from warehouse.run.pipeline import analyze_dataset
-    from warehouse.present.plots import load_plot_options, save_png
+    from warehouse.present.plot_data import load_plot_options
+    from warehouse.present.figure_parts import save_png
     from warehouse.present.trajectory_plots import plot_trajectory
 
     fam = FamilySpec()

@@ -24,7 +24,7 @@ DATA_OPTIONS = ("warehouse", "model", "run_id", "models", "family", "stages", "b
 
 def add_plot_parser(sub) -> argparse.ArgumentParser:
     from warehouse.settings.options import add_arguments
-    from warehouse.present.plots import KINDS, PlotOptions
+    from warehouse.present.plot_data import KINDS, PlotOptions
 
     p = sub.add_parser(
         "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results to a PNG",
@@ -46,7 +46,7 @@ def add_plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def default_output(kind: str, opts) -> Path:
-    from warehouse.present.plots import CONFIG_SUFFIX
+    from warehouse.present.plot_data import CONFIG_SUFFIX
 
     if kind == "compare":
         return DEFAULT_OUTPUT_DIR / "model-comparison.png"
@@ -64,10 +64,12 @@ def default_output(kind: str, opts) -> Path:
 def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.settings.config import DEFAULT_WAREHOUSE
     from warehouse.store.models import bucket_plot_defaults
-    from warehouse.present.plots import load_plot_options, make_plot, save_png
+    from warehouse.present.plot_data import load_plot_options
+    from warehouse.present.plots import make_plot
+    from warehouse.present.figure_parts import save_png
 
     from warehouse.settings.options import options_of
-    from warehouse.present.plots import PlotOptions
+    from warehouse.present.plot_data import PlotOptions
 
     overrides = {k: getattr(args, k) for k, o in options_of(PlotOptions).items() if o.spec.cli}
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}

@@ -281,7 +281,7 @@ class PlotOutput:
     kind: str
     path: Path
     png: bytes
-    result: object  # warehouse.present.plots.PlotResult
+    result: object  # warehouse.present.figure_parts.PlotResult
     source: dict
     config_file: Path | None
 
@@ -293,16 +293,19 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
     For the comparison, `warehouse` may be several files (one per model); their latest runs are combined.
     """
     from warehouse.present import plots
+    from warehouse.present import figure_parts
+    from warehouse.present import plot_data
 
-    cfg_file = plots.config_path_for(plot_configs_dir, kind, model)
+    cfg_file = plot_data.config_path_for(plot_configs_dir, kind, model)
     cfg_file = cfg_file if cfg_file.is_file() else None
-    opts = plots.load_plot_options(kind, cfg_file, defaults=defaults)
+    opts = plot_data.load_plot_options(kind, cfg_file, defaults=defaults)
     # the asset always plots the warehouse's latest run, whatever data source the YAML names
     paths = [warehouse] if isinstance(warehouse, (str, os.PathLike)) else list(warehouse)
     opts.warehouse, opts.bucket_csv, opts.component_csv, opts.head_metrics_csv = str(paths[0]) if paths else None, \
         None, None, None
     if kind == "compare":
-        frames = [plots.load_comparison(p, opts.models, opts.metric, lock_timeout_s) for p in paths if Path(p).exists()]
+        frames = [plot_data.load_comparison(p, opts.models, opts.metric, lock_timeout_s)
+                  for p in paths if Path(p).exists()]
         frames = [f for f in frames if not f.empty]
         values = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["model", "run_id", "layer", "q_head", "value"])
@@ -315,8 +318,8 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
     else:
         opts.model, opts.run_id = model, None
         result, source = plots.make_plot(kind, opts, timeout_s=lock_timeout_s)
-    png = plots.png_bytes(result.figure, opts.dpi)
-    out_path = plots.write_atomically(out_path, png)
+    png = figure_parts.png_bytes(result.figure, opts.dpi)
+    out_path = figure_parts.write_atomically(out_path, png)
     return PlotOutput(kind, out_path, png, result, source, cfg_file)
 
 
@@ -337,7 +340,7 @@ class TrajectoryOutput:
     png: bytes
     csv: Path
     trajectory: object  # warehouse.store.families.Trajectory
-    result: object  # warehouse.present.plots.PlotResult
+    result: object  # warehouse.present.figure_parts.PlotResult
 
 
 def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_configs_dir: Path,
@@ -345,18 +348,20 @@ def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_confi
     """The family's ap_overall trajectory (and the metric of configs/plots/<family>-trajectory.yaml when it
     names another), each as <out_dir>/trajectory-<metric>.png and the per-layer table as .csv."""
     from warehouse.present import plots
+    from warehouse.present import figure_parts
+    from warehouse.present import plot_data
     from warehouse.store.families import load_trajectory
     from warehouse.present.trajectory_plots import plot_trajectory
 
-    cfg_file = plots.config_path_for(plot_configs_dir, "trajectory", family)
-    opts = plots.load_plot_options("trajectory", cfg_file if cfg_file.is_file() else None, family=family)
+    cfg_file = plot_data.config_path_for(plot_configs_dir, "trajectory", family)
+    opts = plot_data.load_plot_options("trajectory", cfg_file if cfg_file.is_file() else None, family=family)
     out = []
     for metric in dict.fromkeys(["ap_overall", opts.metric]):
         traj = load_trajectory(paths, family, metric, opts.stages, lock_timeout_s)
         result = plot_trajectory(traj, opts)
-        png = plots.png_bytes(result.figure, opts.dpi)
-        path = plots.write_atomically(out_dir / f"trajectory-{metric}.png", png)
-        csv = plots.write_atomically(out_dir / f"trajectory-{metric}.csv",
+        png = figure_parts.png_bytes(result.figure, opts.dpi)
+        path = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.png", png)
+        csv = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.csv",
                                      traj.layers.to_csv(index=False, na_rep="nan").encode())
         out.append(TrajectoryOutput(metric, path, png, csv, traj, result))
     return out

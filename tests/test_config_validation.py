@@ -274,7 +274,7 @@ def test_dagster_run_config_descriptions_come_from_the_declaration():
 
 
 def test_plot_options_are_validated_with_their_source(tmp_path):
-    from warehouse.present.plots import load_plot_options
+    from warehouse.present.plot_data import load_plot_options
 
     cfg = tmp_path / "p.yaml"
     cfg.write_text("agg: mode\n")

@@ -12,7 +12,7 @@ from matplotlib.collections import PolyCollection, QuadMesh
 from cli.main import main
 from warehouse.store import db
 from warehouse.store.families import FamilyError, Trajectory, check_distinct_steps
-from warehouse.present.plots import load_plot_options
+from warehouse.present.plot_data import load_plot_options
 from warehouse.present.trajectory_plots import layer_by_checkpoint, plot_trajectory
 
 

@@ -14,6 +14,7 @@ from scipy import stats
 from plasticity.mean_interval import mean_interval_bound
 from warehouse.store import db
 from warehouse.present import plots
+from warehouse.present import plot_data
 
 STEPS = {"c-1": 1, "c-2": 2}
 
@@ -54,7 +55,7 @@ def query(wh, sql, params=None):
 
 
 def draw(kind, wh, **kw):
-    opts = plots.load_plot_options(kind, None, warehouse=str(wh), **kw)
+    opts = plot_data.load_plot_options(kind, None, warehouse=str(wh), **kw)
     return plots.make_plot(kind, opts)[0]
 
 
@@ -163,11 +164,11 @@ def test_curves_without_stored_intervals_or_with_ci_off_draw_no_band(old_runs, w
     bands = ci_artists(res.figure.axes[0])
     assert "ci L0 H1" not in bands and len(bands) == 7
     assert "1 head(s) without a finite standard error" in res.figure.axes[0].get_title()
-    cells, run_id = plots.load_run_table(warehouse, "head_bucket_plasticity", "c-1")
-    stored = plots.load_bucket_intervals(warehouse, "c-1", run_id)
+    cells, run_id = plot_data.load_run_table(warehouse, "head_bucket_plasticity", "c-1")
+    stored = plot_data.load_bucket_intervals(warehouse, "c-1", run_id)
     assert len(stored) > 0
     for max_heads in (12, 1):  # intervals at hand, but ci: false
-        opts = plots.load_plot_options("curves", None, ci=False, ci_max_heads=max_heads)
+        opts = plot_data.load_plot_options("curves", None, ci=False, ci_max_heads=max_heads)
         ax = plots.plot_plasticity_curves(cells, opts, stored).figure.axes[0]
         assert not ci_artists(ax) and "interval" not in ax.get_title()
         assert not ci_artists(draw("curves", warehouse, model="c-1", ci=False, ci_max_heads=max_heads).figure.axes[0])

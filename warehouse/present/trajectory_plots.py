@@ -8,7 +8,7 @@ stored standard errors (``family_head_trajectory``): each head's own line and 95
 standard error) the 95% t-interval of the layer mean over its heads (``family_layer_metric_trajectory``:
 the heads' spread). Checkpoints of
 different stages get different markers. Right panel: the same means as a layer x checkpoint heatmap,
-checkpoints in step order. Same conventions as `warehouse.present.plots`: legends outside the axes, a discrete
+checkpoints in step order. Same conventions as `warehouse.present.plots` (`warehouse.present.figure_parts`): legends outside the axes, a discrete
 layer key, Okabe-Ito / viridis colours, an Agg figure (no pyplot).
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from warehouse.store.families import Trajectory
-from warehouse.present.plots import (NO_INTERVALS_RUN, PlotOptions, PlotResult, _figure, _layer_key, _legend_outside,
-                             band_caption, band_handle, draw_band, group_mean_intervals, head_colors, head_label,
-                             layer_colors)
+from warehouse.present.plot_data import NO_INTERVALS_RUN, PlotOptions, group_mean_intervals
+from warehouse.present.figure_parts import (PlotResult, _figure, _layer_key, _legend_outside, band_caption, band_handle,
+                                            draw_band, head_colors, head_label, layer_colors)
 
 #: Marker of each stage, in order of first appearance along the step axis.
 STAGE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
