@@ -449,7 +449,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The figures as the README shows them."""
+    """The figures as docs/performance.md shows them."""
     head = ("| shape | heads | wall s | heads/s | peak RSS MiB (PSS) | I/O floor s (1 process / N processes) "
             "| ratio (floor / N) | ratio (measured N-process floor) | CPU s per head |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|")

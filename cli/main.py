@@ -355,8 +355,8 @@ class GenerateOptions:
 
 
 EPILOG = (
-    "Every number is defined in docs/metrics.md (the metric reference); setup, commands and design "
-    "decisions are in README.md. `plasticity COMMAND --help` lists each command's options with their "
+    "Every number is defined in docs/metrics.md (the metric reference) and computed as docs/method.md "
+    "describes; setup and recipes are in README.md, the rest in docs/. `plasticity COMMAND --help` lists each command's options with their "
     "defaults and accepted values. Exit status: 0 done, 1 some heads or checks failed, 2 bad input "
     "(config, query, file)."
 )

@@ -255,12 +255,12 @@ def test_typed_command_options_are_checked_by_argparse(capsys):
         assert said in capsys.readouterr().err, argv
 
 
-def test_readme_lists_every_config_key_from_the_declaration():
-    readme = (REPO / "README.md").read_text()
+def test_configuration_doc_lists_every_config_key_from_the_declaration():
+    readme = (REPO / "docs" / "configuration.md").read_text()
     start, end = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
     assert start in readme and end in readme
     table = readme.split(start, 1)[1].split(end, 1)[0].strip()
-    assert table == config_markdown(), "README.md is out of date: paste warehouse.settings.config.config_markdown()"
+    assert table == config_markdown(), "docs/configuration.md is out of date: paste warehouse.settings.config.config_markdown()"
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == list(options_of(RunConfig))
 
 

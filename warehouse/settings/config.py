@@ -2,7 +2,7 @@
 
 A config is a YAML mapping; every key can be overridden on the command line
 (`--max_tokens_per_head 2000`). Every key is declared once below (`option`): its type, default,
-accepted values and description, from which validation, `plasticity analyze --help`, the README's
+accepted values and description, from which validation, `plasticity analyze --help`, docs/configuration.md's
 key table and the Dagster run-config descriptions are all derived. Unknown keys, values of the wrong
 type or out of range, and invalid YAML are errors naming the key (or line) before any work starts.
 """
@@ -283,7 +283,7 @@ def warehouse_option() -> Any:
 
 
 def config_markdown() -> str:
-    """The README's table of config keys (generated; tests/test_options.py keeps the README in sync)."""
+    """The table of config keys in docs/configuration.md (generated; tests/test_config_validation.py keeps it in sync)."""
     from warehouse.settings.options import markdown_table
 
     return markdown_table(RunConfig)
