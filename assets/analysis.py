@@ -24,17 +24,17 @@ from warehouse.settings.config import describe
 from warehouse.store.families import checkpoint_of
 
 RESULT_ASSETS = {
-    "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
+    "head_metrics": "Per-head metrics (head_metrics.csv; docs/method.md#tables): positional R2, MAE ratios, normality, "
                     "ap_overall and its standard error.",
     "head_bucket_plasticity": "Plasticity of every (q_bucket, k_bucket) cell of every head, with its pair count.",
     "head_bucket_summary": "AP_j of every (head, q_bucket) with its example-jackknife standard error and 95% interval.",
     "head_component_weights": "Per-component positional R2 and the normalised weights (sum 1 per head).",
     "head_errors": "Heads that could not be analysed, with the file and the problem.",
-    "token_attention": "SPEC 4: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
+    "token_attention": "Attention patterns: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
                        "of its rebuilt attention (empty when the run has attention off).",
-    "head_attention_summary": "SPEC 4: per-head attention summary, sharp/medium/uniform class, local bias, "
+    "head_attention_summary": "Attention patterns: per-head attention summary, sharp/medium/uniform class, local bias, "
                               "query-side variation, reconstruction checks, query-scale gain.",
-    "query_scale_sweep": "SPEC 4: per-head means of the attention metrics with q scaled by each sweep scale.",
+    "query_scale_sweep": "Attention patterns: per-head means of the attention metrics with q scaled by each sweep scale.",
 }
 RESULT_CHECKS = {
     "head_metrics": ("ap_overall_in_unit_interval", "no_duplicate_rows_head_metrics"),

@@ -1,4 +1,4 @@
-"""SPEC 4 attention patterns: the validation report and two plots of a model's latest run.
+"""Attention patterns: the validation report and two plots of a model's latest run.
 
 The attention tables (token_attention, head_attention_summary, query_scale_sweep) are
 written by the per-head analysis step (`head_analysis`, unless the run config has
@@ -62,7 +62,7 @@ def _latest_with_attention(context, warehouse: WarehouseResource, *, estimable: 
     output_required=False,
 )
 def attention_validation_report(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    """The attention validation report (seed 004) of the model's latest run: reconstruction
+    """The attention validation report of the model's latest run: reconstruction
     checks, positional / token patterns, uniformity, per-head classes, query-side variation
     and the query-scale sweep, each marked PASS / WARN / FAIL. Also written to
     <exports_dir>/<model>/<run_id>/attention_validation.txt."""
@@ -112,7 +112,7 @@ def _plot_metadata(model: str, run_id: str, out, preview, counts: dict) -> dict:
     output_required=False,
 )
 def attention_scale_plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    """Mean entropy, max_attn and k_eff against the query scale (seed 003's intervention
+    """Mean entropy, max_attn and k_eff against the query scale (the query-scale intervention
     sweep) for the 3 highest- and 3 lowest-gain heads of the model's latest run."""
     from warehouse.present.attention_plots import plot_scale_sweep
 

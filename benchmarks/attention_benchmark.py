@@ -1,4 +1,4 @@
-"""CPU cost and memory of SPEC 4 attention: the same analysis with attention off and on.
+"""CPU cost and memory of the attention patterns: the same analysis with attention off and on.
 
     .venv/bin/python benchmarks/attention_benchmark.py                      # both shapes, 2 repeats
     .venv/bin/python benchmarks/attention_benchmark.py --shape qwen --repeats 1

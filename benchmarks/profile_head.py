@@ -8,7 +8,7 @@ One process, one BLAS thread and the workers' malloc settings, i.e. what one wor
 `analyze_dataset` does per head, on the datasets `run_benchmark.py` generates (cached under
 ``--out``). Each stage is timed by wrapping the function `plasticity.head.analyze_head` calls,
 so nested stages are shown indented under their parent and the top-level stages add up to the
-head. The floors time the bare operation on the same sizes: what no implementation of SPEC 2
+head. The floors time the bare operation on the same sizes: what no implementation of the per-head analysis
 can avoid on this machine (the sort and the products are needed for exact statistics).
 """
 

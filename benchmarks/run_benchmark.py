@@ -24,7 +24,7 @@ parent holds is counted:
    does before its run id; SHA-256 of every byte, threads), page cache warm: wall and CPU seconds,
    also as a share of the analysis wall time;
 3. the **analysis**: ``warehouse.run.pipeline.analyze_dataset`` into a fresh warehouse with
-   ``--workers`` worker processes (attention off: SPEC 4 is a separate feature; with
+   ``--workers`` worker processes (attention off: the attention patterns are a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
 It reports wall time (of ``analyze_dataset``, interpreter start-up excluded), heads/s, when the
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buckets", type=int, help="position buckets per sequence")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(HERE / "out"), help="datasets, warehouses and results (gitignored)")
-    ap.add_argument("--attention", action="store_true", help="also time a run with SPEC 4 attention on")
+    ap.add_argument("--attention", action="store_true", help="also time a run with attention on")
     ap.add_argument("--profile", action="store_true", help="cProfile the coordinating process to OUT/<shape>.prof")
     ap.add_argument("--source", help="run the analysis with the packages of this source tree (before/after comparisons)")
     args = ap.parse_args(argv)

@@ -16,7 +16,7 @@ one GQA group analysed (`warehouse.run.pipeline.compute_group`, what a worker ru
 imported; a cached numba kernel loaded and called (the attention kernel; compiled first if the
 cache is empty, and then reported as such, since compiling holds LLVM's memory too). The numba
 steps come last so that the group figures are those of a worker of a run with attention off,
-which never imports numba (in a tree whose SPEC 2 analysis runs numba kernels, numba arrives with
+which never imports numba (in a tree whose per-head analysis runs numba kernels, numba arrives with
 the first group, and the numba step says it was already imported).
 """
 
@@ -56,7 +56,7 @@ def plan(shape: dict, shape_name: str, out_dir: str) -> list:
 
     spec = run_benchmark.synthetic_spec(shape, shape_name)
     root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), os.cpu_count() or 1)
-    cfg = RunConfig(attention="false")  # what run_benchmark.py measures: SPEC 2 alone
+    cfg = RunConfig(attention="false")  # what run_benchmark.py measures: the per-head analysis alone
     cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
     return pipeline.plan_groups(cat, cfg)[:2]
 

@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot_parser(sub)
     add_ui_parser(sub)
 
-    from warehouse.present.attention_plots import add_attention_plot_parser  # SPEC 4; seaborn only when it runs
-    from warehouse.present.validation import add_validate_parser  # SPEC 4 validation report
+    from warehouse.present.attention_plots import add_attention_plot_parser  # seaborn only when it runs
+    from warehouse.present.validation import add_validate_parser  # the attention validation report
 
     add_validate_parser(sub)
     add_attention_plot_parser(sub)

@@ -34,7 +34,7 @@ FAMILY_ASSETS = [families.family_checkpoints, families.family_trajectory]
 
 
 def _optional_module(name: str):
-    """assets.attention (SPEC 4 attention patterns) when that module exists."""
+    """assets.attention (attention patterns; docs/method.md#attention-patterns) when that module exists."""
     if importlib.util.find_spec(name) is None:
         return None
     return importlib.import_module(name)

@@ -249,7 +249,7 @@ class ExportResult:
 
 def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, lock_timeout_s: float = 60.0
                ) -> ExportResult:
-    """The SPEC section 3 CSVs of the model's latest run into <exports_dir>/<model>/<run_id>/."""
+    """The CSVs (docs/method.md#tables) of the model's latest run into <exports_dir>/<model>/<run_id>/."""
     from warehouse.store.export import export_csvs, latest_run_id, results_dir
 
     with db.reader(warehouse, lock_timeout_s) as con:

@@ -1,4 +1,4 @@
-"""Per-head pipeline (SPEC 2.2-2.8): orientation -> regression -> predictability -> rotation ->
+"""Per-head pipeline (docs/method.md#the-per-head-analysis): orientation -> regression -> predictability -> rotation ->
 normality -> weights -> attention plasticity."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ METRIC_KEYS = (
 
 
 def pair_rng_seed(seed: int, layer: int, q_head: int) -> int:
-    """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (SPEC 2.8)."""
+    """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (docs/method.md#attention-plasticity)."""
     return int(seed) + 10007 * int(layer) + 379 * int(q_head)
 
 
@@ -103,9 +103,9 @@ def analyze_head(
     q_head: int,
     params: AnalysisParams,
 ) -> HeadResult:
-    """Run SPEC 2.2-2.8 on one head's (sub)sampled queries ``q`` and keys ``k``.
+    """Run the per-head analysis (orientation to attention plasticity) on one head's (sub)sampled queries ``q`` and keys ``k``.
 
-    ``orientation`` is the sign vector s of SPEC 2.2 (computed from ALL key rows, see
+    ``orientation`` is the orientation's sign vector s (computed from ALL key rows, see
     `plasticity.orientation`); Q and K are multiplied by it. Rows are put in canonical order
     (`canonical_order`) first, so results depend only on the sets of rows. The query shard's
     ``sliding_window`` drives key-bucket eligibility.

@@ -311,7 +311,7 @@ COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_low IS 'Lower end of the 95% 
 COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_high IS 'Upper end of the 95% interval ap + t(0.975, ap_se_df) ap_se, clipped to [0, 1]';
 COMMENT ON COLUMN latest_head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';
 
--- attention coverage (issue 14)
+-- attention coverage
 COMMENT ON COLUMN token_attention.bucket IS 'The query''s position bucket (as captured)';
 COMMENT ON COLUMN token_attention.example_id IS 'The query''s sequence';
 COMMENT ON COLUMN token_attention.position IS 'The query''s position in its sequence';

@@ -1,4 +1,4 @@
--- Trajectories of families of checkpoints (issue 17): the latest run of every model that has a
+-- Trajectories of families of checkpoints: the latest run of every model that has a
 -- family (table models: family, stage, step), per checkpoint and layer or head. Rerun after every
 -- upgrade (warehouse/store/schema.py), and over the union of several warehouse files by
 -- `plasticity sql --warehouse a --warehouse b` (warehouse/store/db.py), so one query serves both.

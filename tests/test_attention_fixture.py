@@ -1,4 +1,4 @@
-"""SPEC 4 on a real trained model: the tiny-llama fixture (tests/fixtures/tiny-llama).
+"""Attention patterns on a real trained model: the tiny-llama fixture (tests/fixtures/tiny-llama).
 
 The dense capture holds every position of 4 sequences of 512 bytes, so every query row is
 exact and the rebuilt attention is the model's: per-head means, sweep cells and per-token

@@ -1,4 +1,4 @@
-"""SPEC 4 in the warehouse: shards -> attention tables -> CSV, report, plots, Dagster assets.
+"""Attention patterns in the warehouse: shards -> attention tables -> CSV, report, plots, Dagster assets.
 
 One module-scoped analysis of the small synthetic dataset (dense capture, token_str,
 a sliding window on layer 1) with the default ``attention: auto``; every table is compared

@@ -1,4 +1,4 @@
-"""SPEC 1 bad input: each damaged shard gives its own clear error in head_errors,
+"""Bad input: each damaged shard gives its own clear error in head_errors,
 naming the file; every other head's results are unchanged, to the bit. Problems that belong to no
 head (an unusable folder name, a stray key shard) are recorded in the catalog, and a layout that
 cannot be known stops the run before any work."""
@@ -106,14 +106,14 @@ CASES = [
     ("missing_key_shard", (1, 1, "k"), lambda p: os.remove(p), "missing_key_shard", {(1, 2), (1, 3)}),
     ("width_mismatch", (0, 1, "q"), lambda p: rewrite(p, widen), "width_mismatch", {(0, 1)}),
     ("bad_key_shard", (0, 0, "k"), lambda p: rewrite(p, lambda t: set_vector_value(t, 0, 0, np.nan)), "nonfinite_values", {(0, 0), (0, 1)}),
-    # shard identity (issue 13.2)
+    # shard identity
     ("duplicate_query_shard", (0, 0, "q"), lambda p: copy_folder(p, "l0h0q"), "duplicate_shard", {(0, 0)}),
     ("duplicate_key_shard", (1, 1, "k"), lambda p: copy_folder(p, "l1h001k"), "duplicate_shard", {(1, 2), (1, 3)}),
-    # layout (issue 13.3): the card says 4 query heads; a stray one fails alone, a missing one is reported
+    # layout: the card says 4 query heads; a stray one fails alone, a missing one is reported
     ("stray_query_shard", (0, 4, "q"), lambda p: copy_folder(p.parents[1] / "l00h03q" / "data.parquet", "l00h04q"),
      "layout_mismatch", {(0, 4)}),
     ("missing_query_shard", (1, 2, "q"), lambda p: shutil.rmtree(p.parent), "missing_query_shard", {(1, 2)}),
-    # out-of-range integers, duplicate columns (issue 13.5)
+    # out-of-range integers, duplicate columns
     ("bucket_2_pow_40", (0, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 5, 2**40, pa.int64())),
      "integer_out_of_range", {(0, 2)}),
     ("example_id_2_pow_40", (1, 0, "k"), lambda p: rewrite(p, lambda t: set_value(t, "example_id", 0, 2**40, pa.int64())),
@@ -121,7 +121,7 @@ CASES = [
     ("window_2_pow_40", (1, 1, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([2**40] * t.num_rows, pa.int64()))),
      "integer_out_of_range", {(1, 1)}),
     ("duplicate_columns", (0, 1, "q"), lambda p: rewrite(p, lambda t: duplicate_column(t, "position")), "duplicate_columns", {(0, 1)}),
-    # values checked per SPEC 1 (issue 13.6)
+    # values checked by the input rules
     ("negative_bucket", (0, 1, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 3, -1)), "negative_buckets", {(0, 1)}),
     ("bucket_disagrees_with_card", (1, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 10, t.column("bucket")[10].as_py() + 1)),
      "bucket_position_mismatch", {(1, 2)}),

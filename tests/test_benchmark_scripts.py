@@ -53,7 +53,7 @@ def test_worker_memory_reports_each_step_of_a_worker(tmp_path):
                       r"\s+([\d.]+)(?: +([+-][\d.]+))?\s+([\d.]+)$", out, re.M)
     labels = [r[0] for r in rows]
     assert labels == ["interpreter", "analysis code imported (a worker's warm-up)", "GQA group 1 analysed (2 heads)",
-                      "GQA group 2 analysed (2 heads)", "numba imported", labels[-1]], out  # main: no kernel in SPEC 2
+                      "GQA group 2 analysed (2 heads)", "numba imported", labels[-1]], out  # main: no kernel in the per-head analysis
     assert labels[-1].startswith("a ") and "numba kernel" in labels[-1]
     vm, anon, file_, hwm = ([float(r[i]) for r in rows] for i in (1, 3, 5, 7))
     for i in range(len(rows)):
@@ -101,7 +101,7 @@ def test_compare_results_matches_columns_by_name(tmp_path, capsys):
 
 
 def test_no_inverse_probability_estimate_earns_its_standard_error():
-    """Issue 14.2: on the sparse tiny-llama capture, inverse-probability (HT) weights make entropy
+    """On the sparse tiny-llama capture, inverse-probability (HT) weights make entropy
     worse, cannot change the near-key mass (1/pi cancels in the ratio), and where they bring a sum
     closer to the truth the result is still many standard errors off in most heads -- so none is
     offered as an estimate with a standard error (README, Attention)."""

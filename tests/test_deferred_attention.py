@@ -1,4 +1,4 @@
-"""While the attention kernels compile (a fresh machine's first run), groups run their SPEC 2 analysis at
+"""While the attention kernels compile (a fresh machine's first run), groups run their per-head analysis at
 once and their attention later (warehouse.run.pipeline.iter_outcomes): the joined outcomes must be exactly
 those of one task per group, in the process and through the worker pool."""
 

@@ -1,4 +1,4 @@
-"""CSV exports (SPEC 3, README "CSV"): the files of a model's latest run, sorted by layer, q_head
+"""CSV exports (docs/method.md#tables): the files of a model's latest run, sorted by layer, q_head
 (then buckets or component), each value equal to the warehouse's, NaN written as `nan`.
 
 The warehouse is filled so that the order rows were inserted in differs from the sorted order: an

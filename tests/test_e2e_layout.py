@@ -1,4 +1,4 @@
-"""Configured head counts plan a sampled subset of query heads (SPEC 1: qk-sniffer often captures
+"""Configured head counts plan a sampled subset of query heads (qk-sniffer often captures
 only some query heads, so the shard names cannot give the counts; the config must be enough)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Head layout resolution (SPEC 1 GQA): config > card > a complete shard set; never guessed from a
+"""Head layout resolution (GQA; docs/method.md#inputs): config > card > a complete shard set; never guessed from a
 sparse or inconsistent set; expected query heads follow what the card says about head sampling."""
 
 from __future__ import annotations

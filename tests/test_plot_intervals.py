@@ -1,4 +1,4 @@
-"""AP intervals in the plots (issue 18): the bands and error bars drawn are the warehouse's stored
+"""AP intervals in the plots: the bands and error bars drawn are the warehouse's stored
 intervals, or the documented conservative interval of a mean, checked on the matplotlib objects of
 plots drawn from a warehouse built by the real pipeline (two checkpoints of a family f)."""
 

@@ -165,7 +165,7 @@ def test_gain_ratio_interpretation_states_its_threshold():
 
 
 def test_labels_are_descriptions_and_the_summary_counts_the_marked_checks():
-    """Issue 15.7: per-head lines say what a head is (never PASS/WARN/FAIL), and every
+    """Per-head lines say what a head is (never PASS/WARN/FAIL), and every
     [PASS]/[WARN]/[FAIL] marker in the text is one counted check of the SUMMARY."""
     uni = dict(mean_entropy_ratio=0.983, attn_class="uniform")
     hs = [head(0, 0), head(0, 1, **uni), head(0, 2, attn_class="medium", mean_entropy_ratio=0.7),

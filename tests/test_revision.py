@@ -1,4 +1,4 @@
-"""The local dataset revision is a hash of every byte of every shard (SPEC 1): any edit starts a new
+"""The local dataset revision is a hash of every byte of every shard (docs/method.md#inputs): any edit starts a new
 run instead of resuming stale results."""
 
 from __future__ import annotations

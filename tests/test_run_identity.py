@@ -1,4 +1,4 @@
-"""One dataset, one run (issue 15.3): the head layout is resolved (config, card or shards) before the run
+"""One dataset, one run: the head layout is resolved (config, card or shards) before the run
 id, so the same data and settings give the same run id whichever command or asset launches the run,
 and wherever the layout came from; the `models` table records what was resolved."""
 

@@ -1,6 +1,6 @@
 """The example-jackknife standard errors end to end: what the warehouse stores (head_metrics SE
 columns, head_bucket_summary, the bucket_plasticity view) equals what the analysis computed, the
-intervals are the t-intervals of those numbers, and the CSVs keep SPEC 3's columns."""
+intervals are the t-intervals of those numbers, and the CSVs keep the upstream columns."""
 
 from __future__ import annotations
 

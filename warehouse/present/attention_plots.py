@@ -1,7 +1,7 @@
-"""Seaborn plots of the SPEC 4 attention tables of one model's run.
+"""Seaborn plots of the attention tables of one model's run.
 
 * ``scale``    mean entropy / max_attn / k_eff (any ``query_scale_sweep`` metric) against
-               the query scale, one line per chosen head (seed 003's intervention plots);
+               the query scale, one line per chosen head (the query-scale intervention plots);
                by default the three heads with the highest gain and the three with the
                lowest (target vs control), or every head when there are at most six.
 * ``classes``  per layer, how many heads are sharp / medium / uniform (stacked bars).
@@ -404,7 +404,7 @@ class AttentionPlotOptions:
 def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
     """`plasticity attention-plot {scale,classes} --model M [--run-id R] [--heads L:Q ...] [--output PNG]`."""
     p = sub.add_parser(
-        "attention-plot", help="plot attention metrics vs query scale, or attention classes per layer (SPEC 4)",
+        "attention-plot", help="plot attention metrics vs query scale, or attention classes per layer (docs/method.md#attention-patterns)",
         description="scale: mean entropy / max_attn / k_eff against the query scale for chosen heads (default: "
                     "the 3 highest- and 3 lowest-gain heads). classes: per layer, how many heads are sharp, "
                     "medium or uniform. Reads the warehouse (the model's latest run unless --run-id).",

@@ -204,7 +204,7 @@ def bucket_start(bucket, bucket_type: str = "uniform", bucket_min_size: float = 
 
 
 def bucket_curves(cells: pd.DataFrame) -> pd.DataFrame:
-    """AP_j per head and query bucket: the mean of its non-NaN cells (SPEC 2.8); NaN when none."""
+    """AP_j per head and query bucket: the mean of its non-NaN cells (docs/method.md#attention-plasticity); NaN when none."""
     df = cells.loc[:, ["layer", "q_head", "k_head", "q_bucket", "plasticity"]]
     out = (df.groupby(["layer", "q_head", "k_head", "q_bucket"], sort=True)["plasticity"]
            .mean()  # pandas skips NaN

@@ -1,6 +1,6 @@
-"""`plasticity validate`: the attention validation report (seed 004) of one model's run.
+"""`plasticity validate`: the attention validation report of one model's run.
 
-Reads the per-head attention summaries (table ``head_attention_summary``, SPEC 4)
+Reads the per-head attention summaries (table ``head_attention_summary``)
 of a model's run through a read-only connection -- the latest run unless a run
 id is given -- and renders them with `warehouse.present.validation_report.validation_report`:
 reconstruction sanity checks, key coverage, positional and token patterns, uniformity,
@@ -9,7 +9,7 @@ marked PASS / WARN / FAIL (or SKIP). Heads whose attention is not estimable from
 capture (too few query rows see every key) are left out of every pattern check and
 said so.
 
-On request it adds the gain ratio of pairs of heads (seed 003's target/control
+On request it adds the gain ratio of pairs of heads (a target/control
 comparison: gain = slope of mean max_attn against log(query scale)).
 
 No Dagster, no plotting; the command-line glue is `add_validate_parser`.
@@ -51,7 +51,7 @@ KEY_COLUMNS = ("layer", "q_head", "k_head")
 
 @dataclass(frozen=True)
 class GainComparison:
-    """gain(target) / gain(control) for two heads, and seed 003's reading of it."""
+    """gain(target) / gain(control) for two heads, and the reading of it (`validation_report.gain_ratio_reading`)."""
 
     target: tuple[int, int]
     control: tuple[int, int]
@@ -207,7 +207,7 @@ class ValidateOptions:
 def add_validate_parser(sub) -> argparse.ArgumentParser:
     """`plasticity validate --model M [--run-id R] [--warehouse W] [--gain-ratio L:Q L:Q]... [--unicode]`."""
     p = sub.add_parser(
-        "validate", help="print the attention validation report (SPEC 4, seed 004) of a model's run",
+        "validate", help="print the attention validation report of a model's run",
         description="Sanity checks of the rebuilt attention (rows sum to 1, no future or out-of-window weight), "
                     "positional and token patterns, uniformity, per-head classes, query-side variation and the "
                     "query-scale sweep of one model's run, each marked PASS/WARN/FAIL. Exit status 0 when no "

@@ -1,4 +1,4 @@
-"""Plain-text attention validation report (seed 004), built from per-head summaries.
+"""Plain-text attention validation report, built from per-head summaries.
 
 Pure string building: no I/O, no clock, no randomness. Input dicts carry the keys of
 ``plasticity.attention.SUMMARY_COLUMNS`` plus ``layer``, ``q_head``, ``k_head``; missing
@@ -40,7 +40,7 @@ from plasticity.attention import (
 __all__ = ["validation_report", "report_counts", "gain_ratio_meaning", "head_status", "estimable",
            "GAIN_RATIO_HIGHER", "GAIN_RATIO_STRONG", "PASS", "WARN", "FAIL", "SKIP", "INFO"]
 
-#: Seed 003's reading of a gain ratio: at least this much is higher sensitivity / strong evidence.
+#: The reading of a gain ratio: at least this much is higher sensitivity / strong evidence.
 GAIN_RATIO_HIGHER = 1.5
 GAIN_RATIO_STRONG = 2.0
 NOT_ESTIMABLE = "not estimable from this capture"
@@ -163,7 +163,7 @@ def validation_report(
     """The validation report of one model as text (ends with a newline).
 
     Thresholds:
-      row_sum_tol     FAIL when any row sum differs from 1 by more (SPEC: 1e-6)
+      row_sum_tol     FAIL when any row sum differs from 1 by more (default 1e-6)
       future_tol      FAIL when any future / out-of-window key weighs more (default 0)
       local_bias_min  PASS when mean near/far attention ratio >= this, else WARN
       same_token_min  PASS when same/different-token attention ratio >= this, else WARN
@@ -172,7 +172,7 @@ def validation_report(
                       when the mean entropy_ratio over heads >= uniform_min
       qvar_pass, qvar_fail
                       distant-query (dpos=10) L2 variation: PASS >= qvar_pass,
-                      FAIL < qvar_fail, WARN in between (seed 004: 0.05 / 0.02)
+                      FAIL < qvar_fail, WARN in between (defaults 0.05 / 0.02)
       gain_min        PASS when every head's gain > gain_min, else WARN
     """
     heads = sorted((dict(h) for h in head_summaries), key=_sort_key)
@@ -444,7 +444,7 @@ def _sweep(b: _Builder, heads, gain_min) -> None:
 
 
 def gain_ratio_meaning(ratio: float) -> str:
-    """Seed 003's reading of a target/control gain ratio, naming the threshold it applies."""
+    """The reading of a target/control gain ratio, naming the threshold it applies."""
     if not math.isfinite(ratio):
         return "undefined (a gain is missing or the control's gain is 0)"
     if ratio >= GAIN_RATIO_STRONG:

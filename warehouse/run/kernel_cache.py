@@ -9,7 +9,7 @@ the code the workers run (the loader and the analysis; the attention metrics, wh
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
 `plasticity demo` starts it before its imports and data generation (`cli.main.main`),
 `analyze_dataset` once it knows there is work (the attention family only when the run computes
-attention). Meanwhile the run does what needs no kernel: every group's SPEC 2 analysis, with one
+attention). Meanwhile the run does what needs no kernel: every group's per-head analysis, with one
 worker, leaving the compile a core (`warehouse.run.pipeline.iter_outcomes`; the demo's data generation
 uses one BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up
 (`KernelWarmup.wait`), and the workers then load the kernels from the cache.
@@ -79,7 +79,7 @@ def marker_path(part: str, stamp: str | None = None) -> Path:
 
 
 #: The kernel families, each warmed by its own process (they compile in parallel, on both cores):
-#: the SPEC 2 analysis of a head, and the SPEC 4 attention metrics (the kernels under attention/).
+#: the per-head analysis, and the attention metrics (the kernels under attention/).
 PARTS = ("analysis", "attention")
 
 

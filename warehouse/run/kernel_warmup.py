@@ -27,7 +27,7 @@ def warm_kernels(part: str) -> None:
 
 def _warm_analysis() -> None:
     """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
-    shards, `warehouse.run.pipeline`'s loader and `compute_group` (SPEC 2 analysis, attention off)."""
+    shards, `warehouse.run.pipeline`'s loader and `compute_group` (analysis, attention off; docs/method.md#the-per-head-analysis)."""
     from plasticity.synthetic import SyntheticSpec
     from warehouse.run import pipeline
     from warehouse.settings.config import RunConfig

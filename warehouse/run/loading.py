@@ -2,7 +2,7 @@
 
 A shard is read once, with `pyarrow.parquet` (the vector column dominates and
 pyarrow decodes it fastest), straight into numpy. DuckDB is used only to rank
-the rows of a shard larger than the cap (SPEC 2.1, `sql/sample_rows.sql`),
+the rows of a shard larger than the cap (docs/method.md#sampling, `sql/sample_rows.sql`),
 over the scalar columns already in memory; the connection is made once per
 process (`rank_connection`). Compute steps never open the warehouse file.
 """
@@ -68,7 +68,7 @@ def vector_values(column: pa.ChunkedArray | pa.Array, path: str, expected_dim: i
 
 def read_shard(info: ShardInfo, columns: tuple[str, ...], batch_sums: bool = False):
     """The named columns of a whole shard as an Arrow table, plus, with `batch_sums`, the per-bucket
-    vector sums of every 64k-row batch in file order (for the key orientation of SPEC 2.2) and the
+    vector sums of every 64k-row batch in file order (for the key orientation) and the
     validated vector values (n, d) in file order; otherwise (table, None, None)."""
     try:
         pf = pq.ParquetFile(info.path)
@@ -98,7 +98,7 @@ def is_canonical(bucket: np.ndarray, example_id: np.ndarray, position: np.ndarra
 
 
 def sample_indices(example_id: np.ndarray, position: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """Row numbers of the `cap` rows SPEC 2.1 keeps (sql/sample_rows.sql), in no particular order.
+    """Row numbers of the `cap` rows the subsample keeps (sql/sample_rows.sql), in no particular order.
 
     `example_id` and `position` are the shard's columns as stored (numpy, their Parquet types);
     DuckDB scans them in place (a dict of numpy arrays: no copy, and no pandas import).
@@ -115,10 +115,10 @@ def sample_indices(example_id: np.ndarray, position: np.ndarray, cap: int, seed:
 
 def load_rows(con, info: ShardInfo, cap: int, seed: int, with_tokens: bool = False,
               *, key_sums: bool = False):
-    """At most `cap` rows of a shard (SPEC 2.1), canonical order (bucket, example_id, position).
+    """At most `cap` rows of a shard (docs/method.md#sampling), canonical order (bucket, example_id, position).
 
     `con` is accepted for compatibility and unused (ranking uses `rank_connection`). With
-    `key_sums`, returns (rows, (buckets, sums, counts)) where the sums are SPEC 2.2's per-bucket
+    `key_sums`, returns (rows, (buckets, sums, counts)) where the sums are the orientation's per-bucket
     vector sums over ALL rows of the shard, read in the same pass.
     """
     if info.error is not None:

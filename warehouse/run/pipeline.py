@@ -68,8 +68,8 @@ class GroupTask:
     attention_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     attention_min_exact_rows: int = 100
     duckdb_threads: int = 1
-    # 'all'; or, while the attention kernels are still being compiled, 'analysis' (SPEC 2 only) now
-    # and 'attention' (SPEC 4 only) later, whose outcomes `merge_phases` joins
+    # 'all'; or, while the attention kernels are still being compiled, 'analysis' (the per-head analysis only) now
+    # and 'attention' (the attention patterns only) later, whose outcomes `merge_phases` joins
     phase: str = "all"
 
     @property
@@ -282,7 +282,7 @@ def _missing_key_error(layer: int, k_head: int) -> dict:
 def compute_group(task: GroupTask) -> list[results.HeadOutcome]:
     """Analyse every query head of one GQA group. Never raises: failures become per-head errors.
 
-    The key shard is read once for the group (its rows and the SPEC 2.2 orientation sums in one
+    The key shard is read once for the group (its rows and the orientation sums in one
     pass); each query shard once for its head.
     """
     from plasticity.head import analyze_head
@@ -358,7 +358,7 @@ def merge_phases(analysis: list[results.HeadOutcome], attention: list[results.He
 
 
 def attention_tables(q_rows, k_rows, task: GroupTask) -> dict:
-    """SPEC 4 attention-pattern tables of one head (plasticity.attention).
+    """Attention-pattern tables of one head (plasticity.attention).
 
     ``attention: auto`` computes the exact query rows of a head that has at least
     ``attention_min_exact_rows`` of them and stores those rows only (otherwise nothing is computed
@@ -516,7 +516,7 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
     flight (before anything is yielded), so this process's own work overlaps the workers'.
 
     While ``defer_attention()`` is true (the attention kernels are still being compiled), a group
-    with attention runs as two tasks: its SPEC 2 analysis at once, its attention once
+    with attention runs as two tasks: its per-head analysis at once, its attention once
     ``defer_attention()`` is false (``wait_attention()`` blocks until then), and its outcomes are
     yielded joined (`merge_phases`), the same as one task would give. So a fresh machine's first
     run computes while numba compiles instead of waiting for it.

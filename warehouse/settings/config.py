@@ -43,13 +43,13 @@ def not_empty(value: str) -> str | None:
     return "must not be empty" if value.strip() == "" or "\x00" in value else None
 
 
-#: SPEC 4 attention modes (config key `attention`); YAML/CLI booleans name true/false.
+#: Attention modes (config key `attention`); YAML/CLI booleans name true/false.
 ATTENTION_MODES = ("auto", "true", "false")
 
 
 @dataclass
 class RunConfig:
-    # --- upstream keys (seed 000/001) ---
+    # --- upstream keys ---
     model_dir: str | None = option(
         None, help="sub-folder of the dataset holding the lXXhYY{q,k} shards", check=_relative_inside,
         accepts="a relative folder", default_text="the dataset root")
@@ -59,8 +59,8 @@ class RunConfig:
                                      default_text="the dataset card's, else a complete shard set's")
     num_k_heads: int | None = option(None, ge=1, help="key heads per layer; must divide num_q_heads (GQA)",
                                      default_text="the dataset card's, else a complete shard set's")
-    max_tokens_per_head: int = option(50000, ge=1, help="rows of each of Q and K sampled per head (SPEC 2.1)")
-    normality_max_dims: int = option(64, ge=0, help="semantic dimensions given a KS test (SPEC 2.6)")
+    max_tokens_per_head: int = option(50000, ge=1, help="rows of each of Q and K sampled per head (docs/method.md#sampling)")
+    normality_max_dims: int = option(64, ge=0, help="semantic dimensions given a KS test (docs/method.md#normality-diagnostics)")
     p_alpha: float = option(0.01, gt=0, lt=1, help="KS p-value threshold of q_noise_frac_ks_p_lt_alpha")
     seed: int = option(0, ge=0, le=MAX_SEED, help="seed of the subsample, the KS columns and the key pairs")
     output_csv: str = option("head_metrics.csv", check=name_problem, accepts="a file name",
@@ -84,16 +84,16 @@ class RunConfig:
     revision: str | None = option(None, check=not_empty, help="Hub branch of dataset_name (one branch per model)",
                                   default_text="main")
     num_pairs_per_bucket: int = option(256, ge=1, help="key pairs drawn per (query bucket, key bucket) cell")
-    estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (SPEC 2.8)")
+    estimator: str = option("bucket_full_cov", choices=ESTIMATORS, help="attention-plasticity estimator (docs/method.md#attention-plasticity)")
     warehouse: str = option(DEFAULT_WAREHOUSE, check=not_empty, accepts="a file", help="DuckDB warehouse file")
     output_dir: str = option("results", check=not_empty, accepts="a folder",
                              help="CSV exports go to output_dir/<model>/<run_id>/")
     layers: list[int] | None = option(None, ge=0, help="analyse only these layers", default_text="every layer")
     attention: str = option(
         "auto", choices=ATTENTION_MODES,
-        help="SPEC 4 attention patterns: auto = exact rows of heads captured densely enough (other heads skipped, with the reason), true = every row (non-exact ones flagged), false = none")
+        help="attention patterns: auto = exact rows of heads captured densely enough (other heads skipped, with the reason), true = every row (non-exact ones flagged), false = none")
     attention_scales: list[float] = option(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5], gt=0,
-                                           help="query scales of the attention sweep (SPEC 4)")
+                                           help="query scales of the attention sweep (docs/method.md#attention-patterns)")
     attention_min_exact_rows: int = option(
         100, ge=1, help="exact query rows a head needs for its attention summary; fewer: not estimable from this capture")
     duckdb_threads: int = option(1, ge=1, help="threads of each in-memory DuckDB shard reader")

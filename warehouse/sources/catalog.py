@@ -27,10 +27,10 @@ SHARD_RE = re.compile(r"^l([0-9]+)h([0-9]+)([qk])$")  # ASCII digits only
 REQUIRED_COLUMNS = ("bucket", "example_id", "position", "vector")
 USED_COLUMNS = REQUIRED_COLUMNS + ("sliding_window", "token_str")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the warehouse stores layer, head, bucket, example_id, window as INTEGER
-#: Positions must lie in SPEC 1's int32 range: beyond it they no longer fit the integer columns a capture
+#: Positions must lie in the int32 range of the input format: beyond it they no longer fit the integer columns a capture
 #: writes, and the regressions' sums of squared positions lose exactness long before they overflow.
 MAX_POSITION = INT32_MAX
-#: A query shard needs 3 rows: through 2 points the position regression (SPEC 2.3) fits exactly, so
+#: A query shard needs 3 rows: through 2 points the position regression (docs/method.md#position-regression) fits exactly, so
 #: every component would get R2 = 1 whatever the data, and the residual statistics have no data.
 MIN_QUERY_ROWS = 3
 
@@ -265,7 +265,7 @@ def check_schema(path: str, schema: pa.Schema) -> tuple[int | None, bool, bool]:
     return dim, has_window, has_tokens
 
 
-#: Bucket-position check (SPEC 1): exact below this position. qk-sniffer computes buckets in float32
+#: Bucket-position check (docs/method.md#inputs): exact below this position. qk-sniffer computes buckets in float32
 #: (``floor(p / size)``, ``floor(log2(p + 1))``), so at larger positions a bucket edge may move: by a relative
 #: 2^-23 for the uniform quotient, by up to an ulp of the float32 logarithm (2^-18 of it below 2^32) for log.
 #: The slack allows twice that, and nothing below `BUCKET_EXACT_BELOW`.
@@ -334,14 +334,14 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
         bad = _out_of_int32(prof, column)
         if bad is not None:
             raise ShardError(path, "integer_out_of_range",
-                             f"column {column} holds {bad}, outside the int32 range SPEC 1 gives it")
+                             f"column {column} holds {bad}, outside the int32 range of the input format")
     if prof["n_nonfinite_positions"]:
         raise ShardError(path, "nonfinite_values", f"{prof['n_nonfinite_positions']} position(s) are NaN or infinite")
     if prof["n_negative_positions"]:
         raise ShardError(path, "negative_positions", f"{prof['n_negative_positions']} row(s) have a negative position (min {prof['min_position']:g})")
     if prof["max_position"] > MAX_POSITION:
         raise ShardError(path, "position_overflow",
-                         f"position {prof['max_position']:g} is beyond {MAX_POSITION} (SPEC 1's int32 positions); "
+                         f"position {prof['max_position']:g} is beyond {MAX_POSITION} (the input format's int32 positions); "
                          "the position regressions would not be exact")
     if prof["n_negative_buckets"]:
         raise ShardError(path, "negative_buckets",
@@ -352,7 +352,7 @@ def _check_profile(path: str, prof: dict, ranges: list[BucketRange], kind: str,
     window = prof["sliding_window"]
     if window is not None and not INT32_MIN <= int(window) <= INT32_MAX:
         raise ShardError(path, "integer_out_of_range",
-                         f"column sliding_window holds {int(window)}, outside the int32 range SPEC 1 gives it")
+                         f"column sliding_window holds {int(window)}, outside the int32 range of the input format")
     if window is not None and int(window) <= 0:
         raise ShardError(path, "invalid_sliding_window",
                          f"sliding_window is {int(window)}; a window must be a positive number of positions")
@@ -477,7 +477,7 @@ def table_profile(table: pa.Table, scheme: BucketScheme | None = None) -> tuple[
 
 
 def profile_shard(info: ShardInfo, scheme: BucketScheme | None = None) -> ShardInfo:
-    """Fill `info` from the file: schema checks, row counts, window, bucket ranges, the SPEC 1 value
+    """Fill `info` from the file: schema checks, row counts, window, bucket ranges, the input value
     checks (`_check_profile`; buckets against `scheme`, the dataset's bucket scheme, when known).
 
     Reads only the footer and the scalar columns. Any problem, including an unexpected exception

@@ -1,4 +1,4 @@
-"""The GQA head layout of a dataset (SPEC 1): how many layers, query heads and key heads.
+"""The GQA head layout of a dataset (docs/method.md#inputs): how many layers, query heads and key heads.
 
 Head counts come from the config; else from the dataset card; else they are inferred, but only
 from a complete, consistent shard set (every layer 0..L-1 has query heads 0..Q-1 and key heads

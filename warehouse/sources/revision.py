@@ -1,4 +1,4 @@
-"""The revision of a local dataset: a hash of every byte of every shard (SPEC 1).
+"""The revision of a local dataset: a hash of every byte of every shard (docs/method.md#inputs).
 
 ``local-`` + the first 16 hex digits of SHA-256 over, for each shard in order of its path relative
 to the dataset folder, that path and the SHA-256 of its content. Any changed byte,

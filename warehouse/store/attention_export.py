@@ -1,4 +1,4 @@
-"""Exports of the SPEC 4 attention tables of one model's run.
+"""Exports of the attention tables of one model's run.
 
 ``ATTENTION_EXPORTS`` has the shape of `warehouse.store.export.EXPORTS` (table -> (columns,
 order)), so the two merge (``{**EXPORTS, **ATTENTION_EXPORTS}``); `warehouse.store.export.export_attention`

@@ -1,4 +1,4 @@
-"""CSV exports with the SPEC's column names, one file set per model and run."""
+"""CSV exports with the upstream column names, one file set per model and run."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def export_csvs(warehouse: str | Path, model: str, run_id: str | None, out_dir: 
                 tables: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the CSVs of one model+run into out_dir; returns {table: path}.
 
-    `tables` defaults to the SPEC 3 tables and head_errors, plus the SPEC 4
+    `tables` defaults to the upstream tables and head_errors, plus the
     attention tables when the run computed them. NaN is written as `nan`; the per-token
     attention table goes to Parquet (`warehouse.store.attention_export`).
     """
