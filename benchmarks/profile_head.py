@@ -134,18 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from plasticity.head import analyze_head
     from plasticity.normality import ks_columns
     from plasticity.orientation import orientation_from_bucket_sums
-    from warehouse.run import pipeline
+    from warehouse.run import planning
+    from warehouse.run import worker_pool
     from warehouse.settings.config import RunConfig
     from warehouse.run.loading import load_rows
 
-    pipeline._keep_freed_memory()  # as in the workers
+    worker_pool._keep_freed_memory()  # as in the workers
     shape = dict(run_benchmark.SHAPES[args.shape])
     shape.update({key: getattr(args, key) for key in SHAPE_KEYS if getattr(args, key) is not None})
     spec = run_benchmark.synthetic_spec(shape, args.shape)
     root, _ = run_benchmark.ensure_dataset(spec, Path(args.out), os.cpu_count() or 1)
     cfg = RunConfig()
-    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
-    groups = pipeline.plan_groups(cat, cfg)[: args.groups + 1]
+    cat = planning.profile_catalog(planning.find_catalog(root, cfg))
+    groups = planning.plan_groups(cat, cfg)[: args.groups + 1]
     if len(groups) < 2:
         raise SystemExit("need at least 2 groups (one warms up)")
 

@@ -7,7 +7,7 @@ here can be called (and tested) without an instance.
 Single-writer rule: every write below is one short `warehouse.store.db.writer`
 transaction in the calling process; the per-head compute runs in worker
 processes that read shards through their own in-memory DuckDB connections
-(`warehouse.run.pipeline.iter_outcomes`) and never open the warehouse.
+(`warehouse.run.worker_pool.iter_outcomes`) and never open the warehouse.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
                         warehouse: str, lock_timeout_s: float = 60.0) -> CatalogResult:
     """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
     (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does."""
-    from warehouse.run.pipeline import build_catalog, local_revision
+    from warehouse.run.planning import build_catalog, local_revision
     from warehouse.store.families import checkpoint_of
     from warehouse.store.results import replace_catalog
 
@@ -145,7 +145,7 @@ def refresh_head_samples(model: str, cfg: RunConfig, warehouse: str, lock_timeou
     catalog and the layout the catalog step resolved (table `models`), in SQL."""
     from warehouse.sources.layout import HeadLayout, expected_query_layers
     from warehouse.store.models import read_model
-    from warehouse.run.pipeline import plan_parameters
+    from warehouse.run.planning import plan_parameters
 
     with db.writer(warehouse, lock_timeout_s) as con:
         con.execute(sql.load("head_samples_schema"))
@@ -347,7 +347,6 @@ def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_confi
                         lock_timeout_s: float = 60.0) -> list[TrajectoryOutput]:
     """The family's ap_overall trajectory (and the metric of configs/plots/<family>-trajectory.yaml when it
     names another), each as <out_dir>/trajectory-<metric>.png and the per-layer table as .csv."""
-    from warehouse.present import plots
     from warehouse.present import figure_parts
     from warehouse.present import plot_data
     from warehouse.store.families import load_trajectory

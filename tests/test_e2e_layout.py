@@ -4,7 +4,7 @@ only some query heads, so the shard names cannot give the counts; the config mus
 from __future__ import annotations
 
 from warehouse.settings.config import load_config
-from warehouse.run.pipeline import find_catalog, head_pairs
+from warehouse.run.planning import find_catalog, head_pairs
 from wiring_reference import write_wiring_dataset
 
 

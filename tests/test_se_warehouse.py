@@ -13,7 +13,9 @@ from scipy.stats import t as student_t
 from warehouse.store import db
 from warehouse.settings.config import load_config
 from warehouse.store.export import export_csvs
-from warehouse.run.pipeline import analyze_dataset, compute_group, find_catalog, plan_groups, profile_catalog
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.run.group import compute_group
+from warehouse.run.planning import find_catalog, plan_groups, profile_catalog
 
 SUMMARY_COLUMNS = ("q_bucket", "n_queries", "mean_position", "n_cells", "n_pairs", "ap", "ap_se", "ap_ci_low",
                    "ap_ci_high", "ap_se_pairs")

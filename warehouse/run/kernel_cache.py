@@ -10,7 +10,7 @@ are built inside `plasticity.attention`), so numba compiles the signatures a run
 `plasticity demo` starts it before its imports and data generation (`cli.main.main`),
 `analyze_dataset` once it knows there is work (the attention family only when the run computes
 attention). Meanwhile the run does what needs no kernel: every group's per-head analysis, with one
-worker, leaving the compile a core (`warehouse.run.pipeline.iter_outcomes`; the demo's data generation
+worker, leaving the compile a core (`warehouse.run.worker_pool.iter_outcomes`; the demo's data generation
 uses one BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up
 (`KernelWarmup.wait`), and the workers then load the kernels from the cache.
 
@@ -155,7 +155,7 @@ def kernels_cached(part: str, stamp: str | None = None) -> bool:
 
 def compiling(part: str) -> bool:
     """Whether this process's warm-up is still compiling `part`'s kernels (a run defers the work
-    that needs them, and does the rest meanwhile: `warehouse.run.pipeline.iter_outcomes`)."""
+    that needs them, and does the rest meanwhile: `warehouse.run.worker_pool.iter_outcomes`)."""
     return _started is not None and _started.running([part])
 
 

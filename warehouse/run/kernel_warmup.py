@@ -27,9 +27,10 @@ def warm_kernels(part: str) -> None:
 
 def _warm_analysis() -> None:
     """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
-    shards, `warehouse.run.pipeline`'s loader and `compute_group` (analysis, attention off; docs/method.md#the-per-head-analysis)."""
+    shards, `warehouse.run.loading` and `warehouse.run.group.compute_group` (the per-head analysis, attention off)."""
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.run import pipeline
+    from warehouse.run import group
+    from warehouse.run import planning
     from warehouse.settings.config import RunConfig
     from warehouse.sources.demo_data import write_synthetic_dataset
 
@@ -39,12 +40,12 @@ def _warm_analysis() -> None:
     with tempfile.TemporaryDirectory(prefix="plasticity-kernels-") as tmp:
         root = write_synthetic_dataset(Path(tmp) / spec.model, spec, with_truth=False)
         cfg = RunConfig(max_workers=1, attention="false")
-        cat = pipeline.find_catalog(root, cfg)
-        cfg = pipeline.resolved_config(cfg, cat.layout)
-        for task in pipeline.plan_groups(cat, cfg, skip=set(), pairs=pipeline.head_pairs(cat, cfg)):
+        cat = planning.find_catalog(root, cfg)
+        cfg = planning.resolved_config(cfg, cat.layout)
+        for task in planning.plan_groups(cat, cfg, skip=set(), pairs=planning.head_pairs(cat, cfg)):
             for shard in (task.k_info, *(q for _, q in task.queries)):
                 cat.profile(shard)
-            errors = [o.error for o in pipeline.compute_group(task) if o.error]
+            errors = [o.error for o in group.compute_group(task) if o.error]
             if errors:
                 raise RuntimeError(f"kernel warm-up: {errors[0]}")
 

@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.resources import files
-from pathlib import Path
 
 import duckdb
 
