@@ -269,10 +269,10 @@ def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_p
 
 
 def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(small_copy, tmp_path, clean):
-    import warehouse.sources.catalog as catalog
+    import warehouse.sources.shard_profile as shard_profile
 
     target = str(shard(small_copy, 1, 0, "k"))
-    real = catalog.check_schema
+    real = shard_profile.check_schema
 
     def broken(path, schema):
         if path == target:
@@ -280,7 +280,7 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
         return real(path, schema)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(catalog, "check_schema", broken)
+        mp.setattr(shard_profile, "check_schema", broken)  # where the profile looks it up
         cfg, summary = analyse(small_copy, tmp_path)
     got, errors = results_by_head(cfg)
     assert sorted((l, q, f, p) for l, q, f, p, _ in errors) == [(1, 0, target, "catalog_failed"), (1, 1, target, "catalog_failed")]

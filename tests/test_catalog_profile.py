@@ -12,7 +12,8 @@ import pytest
 from test_bad_input import CASES, as_plain_list, rewrite, set_column, shard
 from warehouse.store import db
 from warehouse.sources.card import BucketScheme, find_card, read_card
-from warehouse.sources.catalog import ShardInfo, bucket_mismatches, find_shards, profile_shard, profile_shard_sql
+from warehouse.sources.catalog import ShardInfo, find_shards
+from warehouse.sources.shard_profile import bucket_mismatches, profile_shard, profile_shard_sql
 
 
 def with_nulls(table, column, rows):

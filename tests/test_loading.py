@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_bad_input import rewrite, set_column, shard
-from warehouse.sources.catalog import ShardInfo, profile_shard
+from warehouse.sources.catalog import ShardInfo
+from warehouse.sources.shard_profile import profile_shard
 from warehouse.run.loading import load_rows
 
 

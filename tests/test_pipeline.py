@@ -156,7 +156,8 @@ def test_linear_diag_estimator_recorded(small_dataset, tmp_path):
 def test_catalog_lists_every_shard_profiled_when_only_some_layers_run(small_dataset, tmp_path):
     # shards are profiled as their groups are submitted and the rest while the workers compute;
     # the catalog must still hold every shard, profiled exactly as the SQL definition says
-    from warehouse.sources.catalog import ShardInfo, find_shards, profile_shard_sql
+    from warehouse.sources.catalog import ShardInfo, find_shards
+    from warehouse.sources.shard_profile import profile_shard_sql
 
     cfg, summary = run(small_dataset, tmp_path, "part", max_workers=2, layers=[1])
     assert summary.n_done == 4 and summary.n_errors == 0

@@ -14,9 +14,8 @@ import numpy as np
 from plasticity.types import AnalysisParams
 from warehouse.store import db, results
 from warehouse.sources.card import DatasetCard, find_card, read_card
-from warehouse.sources.catalog import (
-    CatalogProblem, ShardError, ShardInfo, catalog_columns, profile_shard, scan_shards,
-)
+from warehouse.sources.catalog import CatalogProblem, ShardError, ShardInfo, catalog_columns, scan_shards
+from warehouse.sources.shard_profile import profile_shard
 from warehouse.settings.config import RunConfig
 from warehouse.store.families import Checkpoint
 from warehouse.sources.layout import HeadLayout, expected_query_layers, resolve_layout
