@@ -7,7 +7,8 @@ import re
 import numpy as np
 
 from plasticity.attention import head_attention_metrics
-from warehouse.present.validation_report import gain_ratio_meaning, validation_report
+from warehouse.present.report_parts import gain_ratio_meaning
+from warehouse.present.validation_report import validation_report
 from plasticity.types import TokenArrays
 
 

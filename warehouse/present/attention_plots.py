@@ -67,7 +67,7 @@ CLASSES = ("sharp", "medium", "uniform", "unknown", NOT_ESTIMABLE)
 CLASS_COLORS = {"sharp": "#1f77b4", "medium": "#ff7f0e", "uniform": "#7f7f7f", "unknown": "#d9d9d9",
                 NOT_ESTIMABLE: "#f2f2f2"}
 #: SQL: the head's attention is estimable from its capture (rows written before `status` existed
-#: count when their mean key coverage is 1, as in `warehouse.present.validation_report.head_status`)
+#: count when their mean key coverage is 1, as in `warehouse.present.report_parts.head_status`)
 ESTIMABLE_SQL = "coalesce(h.status IN ('exact', 'partial'), h.mean_key_coverage = 1.0, false)"
 DEFAULT_OUTPUT_DIR = Path("results") / "plots"
 N_DEFAULT_EACH = 3  # default heads: this many highest-gain and lowest-gain heads

@@ -29,10 +29,9 @@ from plasticity.attention import SUMMARY_COLUMNS, gain_ratio
 from warehouse.store import db
 from warehouse.settings.config import warehouse_option
 from warehouse.settings.options import add_arguments, option
-from warehouse.present.validation_report import (
-    GAIN_RATIO_HIGHER, GAIN_RATIO_STRONG, NOT_ESTIMABLE, estimable, gain_ratio_meaning, report_counts,
-    validation_report,
-)
+from warehouse.present.report_parts import (GAIN_RATIO_HIGHER, GAIN_RATIO_STRONG, NOT_ESTIMABLE, estimable,
+                                            gain_ratio_meaning)
+from warehouse.present.validation_report import report_counts, validation_report
 
 __all__ = [
     "ValidationResult",
@@ -51,7 +50,7 @@ KEY_COLUMNS = ("layer", "q_head", "k_head")
 
 @dataclass(frozen=True)
 class GainComparison:
-    """gain(target) / gain(control) for two heads, and the reading of it (`validation_report.gain_ratio_reading`)."""
+    """gain(target) / gain(control) for two heads, and the reading of it (`report_parts.gain_ratio_meaning`)."""
 
     target: tuple[int, int]
     control: tuple[int, int]
