@@ -131,11 +131,12 @@ def analyze_head(
     n = q.n
     Xq = oriented_rows(q.vectors, oq, s)  # X_q = (V_q * s) in canonical order, float64
 
-    # 2.3 position regression
+    # position regression
     design = PositionDesign.build(p)
     fit = fit_rows(design, Xq, exact_residuals=False)  # only r2, beta and the means are used
 
-    # 2.5 rotation X_q_rot = X_q H, fused with the statistics of 2.4, 2.5, 2.6 and 2.8 (one pass)
+    # rotation X_q_rot = X_q H, fused with the statistics of the scalar predictability, the rotation's refit,
+    # the normality diagnostics and attention plasticity (one pass)
     buckets = QueryBuckets.build(q_bucket, p)
     sel = np.sort(ks_columns(d - 1, params.normality_max_dims, params.seed))  # order-free statistics
     full = params.estimator == "bucket_full_cov"
@@ -143,17 +144,17 @@ def analyze_head(
     fit_rot = rq.fit_rot
     scale = float(np.sqrt(np.sum(rq.mean**2 + rq.m2)))  # RMS row norm of X_q
 
-    # 2.4 scalar predictability: X_q u is column 0 of X_q_rot
+    # scalar predictability: X_q u is column 0 of X_q_rot
     scalar = scalar_predictability_from_projection(p, rq.x0 if fit.beta_norm >= BETA_NORM_TOL else None)
 
-    # 2.6 normality
+    # normality
     skew0, kurt0, ks0 = first_component_residual_stats(p, rq.x0, scale=scale)
     noise = noise_summary(n, rq.m2[1:], rq.m3[1:], rq.m4[1:], rq.Z, rq.Z_center, sel, scale, params.p_alpha)
 
-    # 2.7 weights
+    # component weights
     weights = component_weights(fit.r2)
 
-    # 2.8 plasticity on raw key differences; the query model is mapped into the raw basis
+    # attention plasticity on raw key differences; the query model is mapped into the raw basis
     if full:
         model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var)
     else:

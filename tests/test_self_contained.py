@@ -23,6 +23,8 @@ OUTSIDE_REFERENCES = [
     re.compile(r"\b(the|per|of|in|by|see|as) SPEC\b|\(SPEC[\s)]"),
     re.compile(r"(?i)\bseeds?[\s_-]*0\d\d\b|\bseeds/"),
     re.compile(r"(?i)\bissues?\s*#?\d+"),
+    re.compile(r"\(2\.[1-8]([-/]2\.[1-8])?(\)|,\s*[A-Za-z])|#\s+2\.[1-8]\s"),
+    re.compile(r"(?i)\b(the|project's) specification\b"),  # a bare section number: "(2.8)", "# 2.3 ..."
 ]
 SKIP_DIRS = {".git", ".venv", "__pycache__", "data", "results", ".dagster_home", "out"}
 TEXT_SUFFIXES = {".py", ".md", ".sql", ".toml", ".yaml", ".yml", ".txt", ".cfg", ".ini", ".json", ""}
@@ -123,10 +125,13 @@ def test_relative_links_lead_somewhere(doc):
 
 def test_the_checks_see_what_they_look_for(tmp_path):
     for bad in ("as SPEC 2.8 says", "(SPEC 4)", "SPEC.md", "see SPEC", "SPEC's default", "seed 004", "seeds 003/004",
-                "seed-003", "issue 14", "Issue #5", "(issue 13.2)", "the SPEC default"):
+                "seed-003", "issue 14", "Issue #5", "(issue 13.2)", "the SPEC default", "Subsample (2.1).",
+                "rotated pass (2.4-2.6, covariances)", "    # 2.3 position regression",
+                "the specification's defaults"):
         assert outside_references(bad), bad
     for fine in ("SPEC = SyntheticSpec(model='m')", "write(tmp, SPEC, with_truth=False)", "range(SPEC.num_layers)",
-                 "spec 2", "seed 0", "the seed of the subsample", "an issue with the cache"):
+                 "spec 2", "seed 0", "the seed of the subsample", "an issue with the cache",
+                 "scales = (0.5, 2.7)", "linewidth=2.6,", 'python("-c", code, "2.5")', "load 2.6)", "for x in (2.2, 2.65, 9.0):"):
         assert not outside_references(fine), fine
     assert heading_anchors("# A b\n## Standard errors (`ap_se`, x)\n```\n# not a heading\n```\n## A b\n") == {
         "a-b", "standard-errors-ap_se-x", "a-b-1"}
