@@ -110,6 +110,10 @@ def layering_problems(graph: dict[str, dict[str, bool]]) -> list[str]:
                     if not any(_within(target, allowed) for allowed in WAREHOUSE_LAYERS[layer]):
                         problems.append(f"{name} imports {target}: {layer} may import only "
                                         f"{', '.join(WAREHOUSE_LAYERS[layer]) or 'nothing else of warehouse'}")
+            if (_within(name, "assets") or _within(name, "dagster_project")) and _within(target, "cli"):
+                problems.append(f"{name} imports {target}: Dagster code never imports the command line")
+            if _within(name, "sql") and top_package in ours and top_package != "sql":
+                problems.append(f"{name} imports {target}: sql holds the SQL files and imports nothing of ours")
             if _within(name, "cli") and any(_within(target, d) for d in DAGSTER):
                 if name != "cli.ui":
                     problems.append(f"{name} imports {target}: only `plasticity ui` (cli.ui) may need Dagster")
@@ -183,19 +187,22 @@ def test_the_checks_see_each_kind_of_break():
         warehouse__present__plots="from warehouse.run import pipeline\n",
         cli__main="from dagster_project import steps\n",
         cli__ui="import dagster\n",
-        dagster_project__steps="",
+        dagster_project__steps="from cli.main import build_parser\n",
+        sql__helpers="import warehouse\n",
     )
     problems = layering_problems(graph)
     assert [p.split(":")[0] for p in problems] == [
         "cli.main imports dagster_project.steps",
         "cli.ui imports dagster at module level",
+        "dagster_project.steps imports cli.main",
         "plasticity.head imports warehouse.store.db",
+        "sql.helpers imports warehouse",
         "warehouse.present.plots imports warehouse.run.pipeline",
         "warehouse.sources.card imports warehouse.run.pipeline",
         "warehouse.store.db imports dagster",
     ]
     assert graph["warehouse.run.pipeline"] == {"warehouse.store.db": True}  # a relative import, resolved
-    assert import_cycles(graph) == []
+    assert import_cycles(graph) == [["cli.main", "dagster_project.steps"]]
     loop = _made_up(warehouse__store__db="def f():\n    from warehouse.store import schema\n",
                     warehouse__store__schema="from warehouse.store.db import reader\n")
     assert import_cycles(loop) == [["warehouse.store.db", "warehouse.store.schema"]]
