@@ -122,6 +122,9 @@ def config_path_for(configs_dir: str | os.PathLike, kind: str, model: str | None
     return Path(configs_dir) / f"{safe_path_component(model, what)}-{CONFIG_SUFFIX[kind]}.yaml"
 
 
+# --------------------------------------------------------------------------- data
+
+
 def _latest_run_id(con, model: str) -> str:
     from warehouse.store.export import latest_run_id
 
@@ -191,6 +194,9 @@ def read_csv(path: str | os.PathLike, required: tuple[str, ...]) -> pd.DataFrame
 
 BUCKET_COLUMNS = ("layer", "q_head", "k_head", "q_bucket", "k_bucket", "plasticity")
 COMPONENT_COLUMNS = ("layer", "q_head", "k_head", "component", "weight")
+
+
+# --------------------------------------------------------------------------- pure transforms
 
 
 def bucket_start(bucket, bucket_type: str = "uniform", bucket_min_size: float = 1.0):
