@@ -20,7 +20,7 @@ THIS_FILE = Path(__file__).resolve()
 #: a variable called ``SPEC`` or ``spec`` is not one.
 OUTSIDE_REFERENCES = [
     re.compile(r"\bSPEC(\.md\b|'s\b|\s+(section\s+)?\d|\s+(default|convention|section)\b|\s*[:;)])"),
-    re.compile(r"\b(the|per|of|in|by|see|as) SPEC\b|\(SPEC[\s)]"),
+    re.compile(r"\b(the|per|of|in|by|see|as|or|and) SPEC\b|\(SPEC[\s)]"),
     re.compile(r"(?i)\bseeds?[\s_-]*0\d\d\b|\bseeds/"),
     re.compile(r"(?i)\bissues?\s*#?\d+"),
     re.compile(r"\(2\.[1-8]([-/]2\.[1-8])?(\)|,\s*[A-Za-z])|#\s+2\.[1-8]\s"),
@@ -127,7 +127,7 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     for bad in ("as SPEC 2.8 says", "(SPEC 4)", "SPEC.md", "see SPEC", "SPEC's default", "seed 004", "seeds 003/004",
                 "seed-003", "issue 14", "Issue #5", "(issue 13.2)", "the SPEC default", "Subsample (2.1).",
                 "rotated pass (2.4-2.6, covariances)", "    # 2.3 position regression",
-                "the specification's defaults"):
+                "the specification's defaults", "what the README or SPEC promises"):
         assert outside_references(bad), bad
     for fine in ("SPEC = SyntheticSpec(model='m')", "write(tmp, SPEC, with_truth=False)", "range(SPEC.num_layers)",
                  "spec 2", "seed 0", "the seed of the subsample", "an issue with the cache",

@@ -8,7 +8,7 @@ place come
   error naming the key, the value and where it came from (`OptionError`, exit status 2);
 * `add_arguments`: the argparse flags of a command, whose ``--help`` shows every option's description,
   default and accepted values;
-* `help_text` / `markdown_table`: the same text for Dagster run-config descriptions and the README.
+* `help_text` / `markdown_table`: the same text for Dagster run-config descriptions and docs/configuration.md.
 
 Values are never guessed: a string for an integer option must be an integer literal, a number is not
 accepted where a string is expected (YAML turns ``1.10`` into 1.1), a scalar is not a list.
