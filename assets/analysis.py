@@ -1,6 +1,6 @@
 """Per-head analysis of one model: head metrics, bucket plasticity, component weights (and errors).
 
-One step per model. Inside it, `warehouse.pipeline.analyze_dataset` fans the
+One step per model. Inside it, `warehouse.run.pipeline.analyze_dataset` fans the
 GQA groups of heads out to a process pool (`max_workers`); the workers read
 shards through their own in-memory DuckDB connections and only compute; this
 step's process is the only writer, flushing finished heads in short
@@ -19,22 +19,22 @@ from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse import db
-from warehouse.config import describe
-from warehouse.families import checkpoint_of
+from warehouse.store import db
+from warehouse.settings.config import describe
+from warehouse.store.families import checkpoint_of
 
 RESULT_ASSETS = {
-    "head_metrics": "Per-head metrics (SPEC 3 head_metrics.csv): positional R2, MAE ratios, normality, "
+    "head_metrics": "Per-head metrics (head_metrics.csv; docs/method.md#tables): positional R2, MAE ratios, normality, "
                     "ap_overall and its standard error.",
     "head_bucket_plasticity": "Plasticity of every (q_bucket, k_bucket) cell of every head, with its pair count.",
     "head_bucket_summary": "AP_j of every (head, q_bucket) with its example-jackknife standard error and 95% interval.",
     "head_component_weights": "Per-component positional R2 and the normalised weights (sum 1 per head).",
     "head_errors": "Heads that could not be analysed, with the file and the problem.",
-    "token_attention": "SPEC 4: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
+    "token_attention": "Attention patterns: per captured query, entropy, max_attn, k_eff, query norm and key coverage "
                        "of its rebuilt attention (empty when the run has attention off).",
-    "head_attention_summary": "SPEC 4: per-head attention summary, sharp/medium/uniform class, local bias, "
+    "head_attention_summary": "Attention patterns: per-head attention summary, sharp/medium/uniform class, local bias, "
                               "query-side variation, reconstruction checks, query-scale gain.",
-    "query_scale_sweep": "SPEC 4: per-head means of the attention metrics with q scaled by each sweep scale.",
+    "query_scale_sweep": "Attention patterns: per-head means of the attention metrics with q scaled by each sweep scale.",
 }
 RESULT_CHECKS = {
     "head_metrics": ("ap_overall_in_unit_interval", "no_duplicate_rows_head_metrics"),
@@ -52,7 +52,7 @@ class AnalysisConfig(dg.Config):
     """Run config of the per-head analysis step (none of these change a number)."""
 
     fresh: bool = Field(default=False, description="Recompute every head instead of resuming the run.")
-    # descriptions from the config-key declarations (warehouse/config.py); unset = the dataset config's value
+    # descriptions from the config-key declarations (warehouse/settings/config.py); unset = the dataset config's value
     max_workers: Optional[int] = Field(default=None, description=describe("max_workers", "the dataset config's"))
     attention: Optional[str] = Field(default=None, description=describe("attention", "the dataset config's"))
 

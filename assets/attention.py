@@ -1,4 +1,4 @@
-"""SPEC 4 attention patterns: the validation report and two plots of a model's latest run.
+"""Attention patterns: the validation report and two plots of a model's latest run.
 
 The attention tables (token_attention, head_attention_summary, query_scale_sweep) are
 written by the per-head analysis step (`head_analysis`, unless the run config has
@@ -16,7 +16,7 @@ from dagster_project import steps
 from dagster_project.metadata import md_preview, png_markdown
 from dagster_project.partitions import models_partitions
 from dagster_project.resources import WarehouseResource
-from warehouse import db
+from warehouse.store import db
 
 # written by head_analysis (assets/analysis.py) together with head_metrics
 ANALYSIS_ASSET = "head_attention_summary"
@@ -25,7 +25,7 @@ GROUP = "attention"
 
 
 def _row_counts(warehouse: WarehouseResource, model: str, run_id: str) -> dict:
-    from warehouse.attention_plots import ESTIMABLE_SQL
+    from warehouse.present.attention_plots import ESTIMABLE_SQL
 
     p = {"m": model, "r": run_id}
     with db.reader(warehouse.path_for(model), warehouse.lock_timeout_s) as con:
@@ -62,11 +62,11 @@ def _latest_with_attention(context, warehouse: WarehouseResource, *, estimable: 
     output_required=False,
 )
 def attention_validation_report(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    """The attention validation report (seed 004) of the model's latest run: reconstruction
+    """The attention validation report of the model's latest run: reconstruction
     checks, positional / token patterns, uniformity, per-head classes, query-side variation
     and the query-scale sweep, each marked PASS / WARN / FAIL. Also written to
     <exports_dir>/<model>/<run_id>/attention_validation.txt."""
-    from warehouse.validation import model_report
+    from warehouse.present.validation import model_report
 
     found = _latest_with_attention(context, warehouse)
     if found is None:
@@ -112,9 +112,9 @@ def _plot_metadata(model: str, run_id: str, out, preview, counts: dict) -> dict:
     output_required=False,
 )
 def attention_scale_plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-    """Mean entropy, max_attn and k_eff against the query scale (seed 003's intervention
+    """Mean entropy, max_attn and k_eff against the query scale (the query-scale intervention
     sweep) for the 3 highest- and 3 lowest-gain heads of the model's latest run."""
-    from warehouse.attention_plots import plot_scale_sweep
+    from warehouse.present.attention_plots import plot_scale_sweep
 
     found = _latest_with_attention(context, warehouse, estimable=True)
     if found is None:
@@ -141,7 +141,7 @@ def attention_scale_plot(context: dg.AssetExecutionContext, warehouse: Warehouse
 def attention_class_plot(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
     """Per layer, how many heads of the model's latest run attend sharply, medium or
     uniformly (entropy_ratio <= 0.5, in between, >= 0.95), as stacked bars."""
-    from warehouse.attention_plots import plot_attention_classes
+    from warehouse.present.attention_plots import plot_attention_classes
 
     found = _latest_with_attention(context, warehouse)
     if found is None:

@@ -9,7 +9,7 @@ from dagster_project import quality, steps
 from dagster_project.metadata import check_result, md_preview
 from dagster_project.partitions import TAG_REPO, TAG_REVISION, models_partitions
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse.layout import LayoutError
+from warehouse.sources.layout import LayoutError
 
 CATALOG_CHECKS = ("shard_schema_valid", "shard_widths_consistent")
 HEAD_SAMPLE_CHECKS = ("every_query_head_has_key_head", "query_key_widths_match")

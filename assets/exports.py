@@ -15,7 +15,7 @@ from dagster_project.resources import DatasetsResource, WarehouseResource
     kinds={"csv"},
 )
 def csv_exports(context: dg.AssetExecutionContext, warehouse: WarehouseResource, datasets: DatasetsResource):
-    """head_metrics.csv, head_bucket_plasticity.csv, head_component_weights.csv (SPEC 3 columns) and
+    """head_metrics.csv, head_bucket_plasticity.csv, head_component_weights.csv (the upstream columns) and
     head_errors.csv of the model's latest run, in <exports_dir>/<model>/<run_id>/."""
     key = context.partition_key
     wh = warehouse.path_for(key)

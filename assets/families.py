@@ -21,8 +21,8 @@ from dagster_project import steps
 from dagster_project.metadata import md_preview, png_markdown
 from dagster_project.partitions import FAMILIES_PARTITIONS_NAME, families_partitions
 from dagster_project.resources import DatasetsResource, WarehouseResource
-from warehouse import db
-from warehouse.families import Checkpoint
+from warehouse.store import db
+from warehouse.store.families import Checkpoint
 
 FAMILY_CHECKPOINTS = "family_checkpoints"
 GROUP = "families"

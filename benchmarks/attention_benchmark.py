@@ -1,4 +1,4 @@
-"""CPU cost and memory of SPEC 4 attention: the same analysis with attention off and on.
+"""CPU cost and memory of the attention patterns: the same analysis with attention off and on.
 
     .venv/bin/python benchmarks/attention_benchmark.py                      # both shapes, 2 repeats
     .venv/bin/python benchmarks/attention_benchmark.py --shape qwen --repeats 1
@@ -16,7 +16,7 @@ Each configuration runs `analyze_dataset` in a fresh child process tree (`run_be
 (user + system, interpreter start-up included) per head and its peak RSS: attention off, attention
 on with a warm numba cache (the measured tree's own cache, filled before the first run), and -- once per shape -- attention on with an empty numba cache
 (``NUMBA_CACHE_DIR`` pointed at a new directory), whose extra CPU is the kernels' cold compile (once,
-by the background warm-up of `warehouse/kernel_cache.py`, plus its start-up). ``attention cost`` = (on - off) / heads. The machine is shared: figures are CPU, not
+by the background warm-up of `warehouse/run/kernel_cache.py`, plus its start-up). ``attention cost`` = (on - off) / heads. The machine is shared: figures are CPU, not
 wall, and each configuration is repeated (min and max shown). Results go to ``--out`` as JSON.
 """
 
@@ -74,7 +74,7 @@ def measure(name: str, args) -> dict:
         rows["on (cold numba cache)"] = [run(root, wh, args.workers, True, cold)]
     # the warm runs use the measured tree's own numba cache: fill it first (a tree never run before
     # would otherwise compile inside the first "warm" run)
-    subprocess.run([sys.executable, "-m", "warehouse.kernel_cache", "attention"], check=True,
+    subprocess.run([sys.executable, "-m", "warehouse.run.kernel_warmup", "attention"], check=True,
                    env=run_benchmark.child_env())
     for _ in range(args.repeats):
         for label, attention in (("off", False), ("on", True)):
@@ -102,7 +102,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         a = r["attention_cpu_s_per_head"]
         lines.append(f"{r['shape']}: attention costs {a[0]:.2f}-{a[1]:.2f} CPU s per head; an empty numba cache adds "
-                     f"{r['cold_compile_cpu_s']:.1f} CPU s to the run (the kernels compiled once, warehouse/kernel_cache.py)")
+                     f"{r['cold_compile_cpu_s']:.1f} CPU s to the run (the kernels compiled once, warehouse/run/kernel_cache.py)")
     return "\n".join(lines)
 
 

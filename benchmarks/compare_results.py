@@ -75,10 +75,10 @@ EXCLUDED = {"head_errors": ("model", "run_id", "recorded_at")}
 
 def snapshot(out: Path, data_dir: Path) -> dict:
     from plasticity.synthetic import SyntheticSpec
-    from warehouse import db
-    from warehouse.config import load_config
-    from warehouse.demo_data import write_synthetic_dataset
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.store import db
+    from warehouse.settings.config import load_config
+    from warehouse.sources.demo_data import write_synthetic_dataset
+    from warehouse.run.pipeline import analyze_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     snap = {}

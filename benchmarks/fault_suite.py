@@ -44,9 +44,9 @@ import conftest  # noqa: E402
 import test_bad_input as suite  # noqa: E402
 import test_edges_cli as edges  # noqa: E402
 
-from warehouse.config import load_config  # noqa: E402
-from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
-from warehouse.pipeline import analyze_dataset  # noqa: E402
+from warehouse.settings.config import load_config  # noqa: E402
+from warehouse.sources.demo_data import write_synthetic_dataset  # noqa: E402
+from warehouse.run.pipeline import analyze_dataset  # noqa: E402
 
 
 def damaged_kernel_cache(copy: Path, work: Path) -> None:

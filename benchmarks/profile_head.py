@@ -8,7 +8,7 @@ One process, one BLAS thread and the workers' malloc settings, i.e. what one wor
 `analyze_dataset` does per head, on the datasets `run_benchmark.py` generates (cached under
 ``--out``). Each stage is timed by wrapping the function `plasticity.head.analyze_head` calls,
 so nested stages are shown indented under their parent and the top-level stages add up to the
-head. The floors time the bare operation on the same sizes: what no implementation of SPEC 2
+head. The floors time the bare operation on the same sizes: what no implementation of the per-head analysis
 can avoid on this machine (the sort and the products are needed for exact statistics).
 """
 
@@ -36,17 +36,17 @@ SHAPE_KEYS = run_benchmark.SHAPE_KEYS
 STAGES = (
     ("plasticity.head", "canonical_order", "canonical order (q and k)", None),
     ("plasticity.head", "oriented_rows", "oriented queries X_q (float64 copy)", None),
-    ("plasticity.head", "fit_rows", "position regression (2.3)", None),
-    ("plasticity.head", "rotated_query_pass", "rotated query pass (2.4-2.6, bucket covariances)", None),
-    ("plasticity.head", "scalar_predictability_from_projection", "scalar predictability (2.4)", None),
-    ("plasticity.head", "first_component_residual_stats", "first-component normality (2.6)", None),
-    ("plasticity.head", "noise_summary", "semantic normality + KS (2.6)", None),
+    ("plasticity.head", "fit_rows", "position regression", None),
+    ("plasticity.head", "rotated_query_pass", "rotated query pass (bucket covariances)", None),
+    ("plasticity.head", "scalar_predictability_from_projection", "scalar predictability", None),
+    ("plasticity.head", "first_component_residual_stats", "first-component normality", None),
+    ("plasticity.head", "noise_summary", "semantic normality + KS", None),
     ("plasticity.head", "example_groups", "example groups (jackknife)", None),
-    ("plasticity.head", "plasticity_cells", "pair plasticity (2.8)", None),
-    ("plasticity.pairs.KeyPairIndex", "draw", "pair draws", "pair plasticity (2.8)"),
-    ("plasticity.estimators", "debiased_ap_with_slopes", "AP and its slopes (with the jackknife)", "pair plasticity (2.8)"),
+    ("plasticity.head", "plasticity_cells", "pair plasticity", None),
+    ("plasticity.pairs.KeyPairIndex", "draw", "pair draws", "pair plasticity"),
+    ("plasticity.estimators", "debiased_ap_with_slopes", "AP and its slopes (with the jackknife)", "pair plasticity"),
     ("plasticity.pair_influence.PairInfluenceBuilder", "add_bucket", "pair side of the jackknife (syrk)",
-     "pair plasticity (2.8)"),
+     "pair plasticity"),
     ("plasticity.head", "aggregate_cells", "aggregation", None),
     ("plasticity.head", "example_jackknife", "example jackknife: query side and replicates", None),
     ("plasticity.query_influence.QuadraticForm", "rows", "query quadratic forms (trmm)",
@@ -134,18 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     from plasticity.head import analyze_head
     from plasticity.normality import ks_columns
     from plasticity.orientation import orientation_from_bucket_sums
-    from warehouse import pipeline
-    from warehouse.config import RunConfig
-    from warehouse.loading import load_rows
+    from warehouse.run import planning
+    from warehouse.run import worker_pool
+    from warehouse.settings.config import RunConfig
+    from warehouse.run.loading import load_rows
 
-    pipeline._keep_freed_memory()  # as in the workers
+    worker_pool._keep_freed_memory()  # as in the workers
     shape = dict(run_benchmark.SHAPES[args.shape])
     shape.update({key: getattr(args, key) for key in SHAPE_KEYS if getattr(args, key) is not None})
     spec = run_benchmark.synthetic_spec(shape, args.shape)
     root, _ = run_benchmark.ensure_dataset(spec, Path(args.out), os.cpu_count() or 1)
     cfg = RunConfig()
-    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
-    groups = pipeline.plan_groups(cat, cfg)[: args.groups + 1]
+    cat = planning.profile_catalog(planning.find_catalog(root, cfg))
+    groups = planning.plan_groups(cat, cfg)[: args.groups + 1]
     if len(groups) < 2:
         raise SystemExit("need at least 2 groups (one warms up)")
 

@@ -20,11 +20,11 @@ parent holds is counted:
    ``pyarrow.parquet.ParquetFile.read`` (one thread) and turn it into float64 numpy arrays,
    page cache warm: once in one process, and once split over ``--workers`` processes (started
    before the clock), which is what the same number of processes can really read on this machine;
-2. the **revision hash**: `warehouse.revision.content_revision` over every shard (what every local run
+2. the **revision hash**: `warehouse.sources.revision.content_revision` over every shard (what every local run
    does before its run id; SHA-256 of every byte, threads), page cache warm: wall and CPU seconds,
    also as a share of the analysis wall time;
-3. the **analysis**: ``warehouse.pipeline.analyze_dataset`` into a fresh warehouse with
-   ``--workers`` worker processes (attention off: SPEC 4 is a separate feature; with
+3. the **analysis**: ``warehouse.run.pipeline.analyze_dataset`` into a fresh warehouse with
+   ``--workers`` worker processes (attention off: the attention patterns are a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
 It reports wall time (of ``analyze_dataset``, interpreter start-up excluded), heads/s, when the
@@ -50,13 +50,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from process_memory import TreeMemorySampler  # benchmarks/, beside this script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
 SHAPES = {
     # seq_len / bucket_size = buckets; num_examples * seq_len * capture_fraction = rows per shard
     "first": dict(layers=30, q_heads=9, k_heads=3, dim=64, rows=20_000, buckets=16, seq_len=2048,
@@ -92,7 +92,7 @@ def synthetic_spec(shape: dict, name: str):
 
 def _write_layer(args) -> None:
     from plasticity import synthetic
-    from warehouse.demo_data import write_shard
+    from warehouse.sources.demo_data import write_shard
 
     spec, root, layer = args
     root = Path(root)
@@ -106,7 +106,7 @@ def ensure_dataset(spec, out: Path, workers: int) -> tuple[Path, float]:
     """Generate the dataset once (layers in parallel); returns (root, seconds spent generating)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from warehouse.demo_data import dataset_card
+    from warehouse.sources.demo_data import dataset_card
 
     key = hashlib.sha1(repr(dataclasses.asdict(spec)).encode()).hexdigest()[:10]
     root = out / "data" / f"{spec.model}-{key}"
@@ -126,88 +126,7 @@ def ensure_dataset(spec, out: Path, workers: int) -> tuple[Path, float]:
     return root, time.perf_counter() - t0
 
 
-# ----------------------------------------------------------------------------- memory sampling
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # the command name may contain spaces; fields after the closing parenthesis are fixed
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(entry.name))
-    return kids
-
-
-def process_tree(pid: int) -> list[int]:
-    kids = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def _status_kib(pid: int, field: bytes) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeMemorySampler(threading.Thread):
-    """Peak of the summed RSS (every `interval` s) and PSS (every 10th sample) of a process and all
-    its descendants. The process tree is re-read every 10th sample too: walking /proc and reading
-    smaps_rollup (which walks page tables) at 20 Hz would itself slow the measured workers."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_rss_kib = self.peak_pss_kib = 0
-        self.max_procs = 0
-        self.samples = 0
-        self.cpu_s = 0.0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        pids: list[int] = []
-        while not self._stop_event.is_set():
-            slow = self.samples % 10 == 0
-            if slow:
-                pids = process_tree(self.pid)
-            rss = sum(_status_kib(p, b"VmRSS:") for p in pids)
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
-            if slow:
-                self.peak_pss_kib = max(self.peak_pss_kib, sum(_pss_kib(p) for p in pids))
-            self.max_procs = max(self.max_procs, len(pids))
-            self.samples += 1
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+# ----------------------------------------------------------------------------- child processes
 
 
 def child_env() -> dict:
@@ -304,8 +223,8 @@ def child_hash(root: str) -> dict:
     CPU seconds of every thread of this process."""
     import resource
 
-    from warehouse.catalog import scan_shards
-    from warehouse.revision import content_revision
+    from warehouse.sources.catalog import scan_shards
+    from warehouse.sources.revision import content_revision
 
     scan = scan_shards(root)
     for p in scan.paths:  # warm the page cache the same way the analysis will find it
@@ -323,8 +242,8 @@ def child_hash(root: str) -> dict:
 
 
 def child_analyze(root: str, warehouse: str, workers: int, attention: bool, profile: str | None) -> dict:
-    from warehouse.config import load_config
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.run.pipeline import analyze_dataset
 
     for p in (Path(warehouse), Path(warehouse + ".wal")):
         p.unlink(missing_ok=True)
@@ -449,7 +368,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The figures as the README shows them."""
+    """The figures as docs/performance.md shows them."""
     head = ("| shape | heads | wall s | heads/s | peak RSS MiB (PSS) | I/O floor s (1 process / N processes) "
             "| ratio (floor / N) | ratio (measured N-process floor) | CPU s per head |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -488,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buckets", type=int, help="position buckets per sequence")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(HERE / "out"), help="datasets, warehouses and results (gitignored)")
-    ap.add_argument("--attention", action="store_true", help="also time a run with SPEC 4 attention on")
+    ap.add_argument("--attention", action="store_true", help="also time a run with attention on")
     ap.add_argument("--profile", action="store_true", help="cProfile the coordinating process to OUT/<shape>.prof")
     ap.add_argument("--source", help="run the analysis with the packages of this source tree (before/after comparisons)")
     args = ap.parse_args(argv)

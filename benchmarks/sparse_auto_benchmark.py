@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sparse_auto_benchmark.py --repeats 8 --keep 0.125
 
 The capture: the tiny-llama dense fixture (18 query heads, 6 key heads, 2,048 rows each) thinned
-by `warehouse.demo_data.write_sparse_capture` (each position kept with probability ``--keep``,
+by `warehouse.sources.demo_data.write_sparse_capture` (each position kept with probability ``--keep``,
 one mask per example, layer and kind, independent for queries and keys), so no head has the 100
 exact rows attention needs. Each run is `plasticity analyze` in a fresh process with the shipped
 settings and a fresh warehouse, once with ``--attention false`` and once with the default
@@ -30,14 +30,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from warehouse.demo_data import write_sparse_capture  # noqa: E402
+from warehouse.sources.demo_data import write_sparse_capture  # noqa: E402
 
 DENSE = REPO / "tests" / "fixtures" / "tiny-llama" / "dense" / "tinyllama"
 
 
 def one_run(root: Path, wh: Path, out: Path, attention: str | None) -> dict:
     """`plasticity analyze` on `root` in a child process: wall s, tree CPU s, load average at start."""
-    cmd = [sys.executable, "-m", "dagster_project.cli", "analyze", "--dataset_local_root", str(root),
+    cmd = [sys.executable, "-m", "cli.main", "analyze", "--dataset_local_root", str(root),
            "--model", "sparse", "--warehouse", str(wh), "--output_dir", str(out), "--quiet", "--fresh"]
     if attention is not None:
         cmd += ["--attention", attention]

@@ -11,12 +11,12 @@ step it reads /proc/self/status: VmRSS (what `run_benchmark.py` sums over the pr
 split into RssAnon (the process's own memory) and RssFile (mapped library pages, shared with the
 other workers but counted again in every process's VmRSS), and VmHWM, the peak so far.
 
-Steps, in order: the interpreter; the analysis code (what `warehouse.pipeline._warm_up` imports);
-one GQA group analysed (`warehouse.pipeline.compute_group`, what a worker runs, attention off); a second group (memory a worker keeps, since it never trims its heap); numba
+Steps, in order: the interpreter; the analysis code (what `warehouse.run.worker_pool._warm_up` imports);
+one GQA group analysed (`warehouse.run.group.compute_group`, what a worker runs, attention off); a second group (memory a worker keeps, since it never trims its heap); numba
 imported; a cached numba kernel loaded and called (the attention kernel; compiled first if the
 cache is empty, and then reported as such, since compiling holds LLVM's memory too). The numba
 steps come last so that the group figures are those of a worker of a run with attention off,
-which never imports numba (in a tree whose SPEC 2 analysis runs numba kernels, numba arrives with
+which never imports numba (in a tree whose per-head analysis runs numba kernels, numba arrives with
 the first group, and the numba step says it was already imported).
 """
 
@@ -51,30 +51,30 @@ def _status() -> dict[str, float]:
 
 def plan(shape: dict, shape_name: str, out_dir: str) -> list:
     """The first two GQA groups of the shape's dataset, planned as `analyze_dataset` plans them."""
-    from warehouse import pipeline
-    from warehouse.config import RunConfig
+    from warehouse.run import planning
+    from warehouse.settings.config import RunConfig
 
     spec = run_benchmark.synthetic_spec(shape, shape_name)
     root, _ = run_benchmark.ensure_dataset(spec, Path(out_dir), os.cpu_count() or 1)
-    cfg = RunConfig(attention="false")  # what run_benchmark.py measures: SPEC 2 alone
-    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
-    return pipeline.plan_groups(cat, cfg)[:2]
+    cfg = RunConfig(attention="false")  # what run_benchmark.py measures: the per-head analysis alone
+    cat = planning.profile_catalog(planning.find_catalog(root, cfg))
+    return planning.plan_groups(cat, cfg)[:2]
 
 
 def child(tasks_file: str) -> list[tuple[str, dict]]:
     """The steps, in one process that starts as a worker does and gets the groups as a worker does
     (pickled `GroupTask`s: the catalog is the coordinating process's work, not a worker's)."""
     steps = [("interpreter", _status())]
-    from warehouse import pipeline
+    from warehouse.run import group, worker_pool
 
-    pipeline._init_worker()
-    pipeline._warm_up(kernels=False)
+    worker_pool._init_worker()
+    worker_pool._warm_up(kernels=False)
     steps.append(("analysis code imported (a worker's warm-up)", _status()))
 
     with open(tasks_file, "rb") as fh:
         tasks = pickle.load(fh)
     for i, task in enumerate(tasks):
-        failed = [o.error for o in pipeline.compute_group(task) if o.error]  # what a worker runs for a group
+        failed = [o.error for o in group.compute_group(task) if o.error]  # what a worker runs for a group
         if failed:
             raise RuntimeError(f"group {i + 1} failed: {failed[0]}")
         steps.append((f"GQA group {i + 1} analysed ({len(task.queries)} heads)", _status()))
@@ -83,7 +83,7 @@ def child(tasks_file: str) -> list[tuple[str, dict]]:
     import numba  # noqa: F401
 
     steps.append(("numba imported (already, by the analysis)" if already else "numba imported", _status()))
-    from warehouse import kernel_cache
+    from warehouse.run import kernel_cache
 
     cached = kernel_cache.kernels_cached("attention")
     from plasticity.attention import kernel  # loads (or compiles) its eagerly typed kernels
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     shape.update({key: getattr(args, key) for key in run_benchmark.SHAPE_KEYS if getattr(args, key) is not None})
     tasks = plan(shape, args.shape, args.out)
     # a fresh interpreter, with the environment a worker starts with
-    from warehouse.processes import ONE_THREAD_ENV
+    from warehouse.run.processes import ONE_THREAD_ENV
 
     env = {**run_benchmark.child_env(), **{var: "1" for var in ONE_THREAD_ENV}}
     with tempfile.TemporaryDirectory() as tmp:

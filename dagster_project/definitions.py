@@ -4,7 +4,7 @@ Executor: in-process. The only heavy step, `head_analysis`, runs its own
 process pool over the heads of a model (processes that only compute) and is
 the single writer of the warehouse in its run; the other steps take seconds,
 so one process per run keeps DuckDB's one-writer rule trivially and saves a
-Python start-up per step. See the README for running on more machines.
+Python start-up per step. See docs/scaling.md for running on more machines.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FAMILY_ASSETS = [families.family_checkpoints, families.family_trajectory]
 
 
 def _optional_module(name: str):
-    """assets.attention (SPEC 4 attention patterns) when that module exists."""
+    """assets.attention (attention patterns; docs/method.md#attention-patterns) when that module exists."""
     if importlib.util.find_spec(name) is None:
         return None
     return importlib.import_module(name)

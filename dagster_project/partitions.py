@@ -13,7 +13,7 @@ import dagster as dg
 MODELS_PARTITIONS_NAME = "models"
 models_partitions = dg.DynamicPartitionsDefinition(name=MODELS_PARTITIONS_NAME)
 
-# One partition per family of checkpoints (`warehouse.families`), added with its models by the same
+# One partition per family of checkpoints (`warehouse.store.families`), added with its models by the same
 # sensors, by `plasticity ui` and by a model's analysis when its family is new.
 FAMILIES_PARTITIONS_NAME = "families"
 families_partitions = dg.DynamicPartitionsDefinition(name=FAMILIES_PARTITIONS_NAME)

@@ -11,7 +11,7 @@ key is the `model` value the warehouse stores. The key is resolved, in order:
    (``configs/dagster/hub_repos.yaml``): key = ``key_prefix`` + branch name, run
    config = the repo entry's ``overrides`` on top of the defaults, plus the
    family, stage and step its ``family_pattern`` parses from the branch name
-   (`warehouse.families.BranchPattern`; a branch that does not match has none).
+   (`warehouse.store.families.BranchPattern`; a branch that does not match has none).
 
 A watched branch that has its own run config (same ``dataset_name`` and
 ``revision``) uses that config and its ``model`` as the key, so the CLI and
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warehouse.config import RunConfig, load_config, read_yaml_mapping
-from warehouse.families import BranchPattern, Checkpoint, FamilyError, checkpoint_of
-from warehouse.options import OptionError
+from warehouse.settings.config import RunConfig, load_config, read_yaml_mapping
+from warehouse.settings.options import OptionError
+from warehouse.store.families import BranchPattern, Checkpoint, FamilyError, checkpoint_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS_DIR = PROJECT_ROOT / "configs"

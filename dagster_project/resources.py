@@ -1,7 +1,7 @@
 """Dagster resources: the DuckDB warehouse, the Hugging Face Hub client, the dataset registry.
 
 None of them holds a secret: the Hub token is read from $HF_TOKEN by
-`warehouse.hub` at call time, so it never appears in run config, resource
+`warehouse.sources.hub` at call time, so it never appears in run config, resource
 config, metadata or logs.
 """
 
@@ -17,12 +17,12 @@ import dagster as dg
 from pydantic import Field
 
 from dagster_project.registry import DEFAULT_CONFIGS_DIR, PROJECT_ROOT, DatasetEntry, DatasetRegistry
-from warehouse import db
-from warehouse.config import DEFAULT_WAREHOUSE as DEFAULT_WAREHOUSE_NAME
-from warehouse.config import WAREHOUSE_ENV, choose_warehouse
-from warehouse.db import MODEL_PLACEHOLDER
-from warehouse.export import results_dir
-from warehouse.names import safe_path_component
+from warehouse.settings.config import DEFAULT_WAREHOUSE as DEFAULT_WAREHOUSE_NAME
+from warehouse.settings.config import WAREHOUSE_ENV, choose_warehouse
+from warehouse.sources.names import safe_path_component
+from warehouse.store import db
+from warehouse.store.db import MODEL_PLACEHOLDER
+from warehouse.store.export import results_dir
 
 DEFAULT_WAREHOUSE = PROJECT_ROOT / DEFAULT_WAREHOUSE_NAME
 DEFAULT_EXPORTS_DIR = PROJECT_ROOT / "results"
@@ -33,7 +33,7 @@ SNAPSHOT_MARKER = ".plasticity-snapshot.json"
 class WarehouseResource(dg.ConfigurableResource):
     """The DuckDB warehouse file and the folder its exports (CSV, PNG) go to.
 
-    One writer at a time: writes go through `warehouse.db.writer` (one short
+    One writer at a time: writes go through `warehouse.store.db.writer` (one short
     transaction, waits for the lock with back-off); reads through read-only
     connections. A `path` containing ``{model}`` gives every model its own file
     (e.g. ``/store/warehouses/{model}.duckdb``), so runs of different models
@@ -88,12 +88,12 @@ class HubResource(dg.ConfigurableResource):
     max_workers: Optional[int] = Field(default=None, description="parallel file downloads")
 
     def list_branches(self, repo_id: str):
-        from warehouse import hub
+        from warehouse.sources import hub
 
         return hub.list_dataset_branches(repo_id, endpoint=self.endpoint)
 
     def head_sha(self, repo_id: str, branch: str) -> str:
-        from warehouse import hub
+        from warehouse.sources import hub
 
         return hub.get_branch(repo_id, branch, endpoint=self.endpoint).sha
 
@@ -105,7 +105,7 @@ class HubResource(dg.ConfigurableResource):
 
     def snapshot(self, repo_id: str, branch: str, sha: str, model_dir: str | None = None) -> Path:
         """Folder holding the shards of `branch` at commit `sha` (downloaded once; root, not model_dir)."""
-        from warehouse import hub
+        from warehouse.sources import hub
 
         target = self.snapshot_path(repo_id, sha)
         marker = target / SNAPSHOT_MARKER

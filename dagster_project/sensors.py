@@ -59,7 +59,7 @@ def _load_cursor(raw: str | None) -> dict[str, str]:
 
 def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str], cursor: dict[str, str],
                 existing_families: frozenset[str] = frozenset()) -> Updates:
-    from warehouse.hub import HubError
+    from warehouse.sources.hub import HubError
 
     out = Updates(cursor=dict(cursor))
     for repo in registry.watched:
@@ -92,8 +92,8 @@ def hub_updates(registry: DatasetRegistry, hub: HubResource, existing: set[str],
 
 def local_updates(registry: DatasetRegistry, existing: set[str], cursor: dict[str, str],
                   existing_families: frozenset[str] = frozenset()) -> Updates:
-    from warehouse.catalog import scan_shards
-    from warehouse.revision import stat_fingerprint
+    from warehouse.sources.catalog import scan_shards
+    from warehouse.sources.revision import stat_fingerprint
 
     out = Updates(cursor=dict(cursor))
     for entry in registry.local_entries():

@@ -4,10 +4,10 @@ The assets in ``assets/`` only resolve their partition, call one function here
 and turn the result into Dagster metadata. No Dagster import, so everything
 here can be called (and tested) without an instance.
 
-Single-writer rule: every write below is one short `warehouse.db.writer`
+Single-writer rule: every write below is one short `warehouse.store.db.writer`
 transaction in the calling process; the per-head compute runs in worker
 processes that read shards through their own in-memory DuckDB connections
-(`warehouse.pipeline.iter_outcomes`) and never open the warehouse.
+(`warehouse.run.worker_pool.iter_outcomes`) and never open the warehouse.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import pandas as pd
 
 import sql
 from dagster_project.registry import DEMO_MODEL, DatasetEntry
-from warehouse import db
-from warehouse.config import RunConfig
+from warehouse.store import db
+from warehouse.settings.config import RunConfig
 
 
 class HubClient(Protocol):
@@ -48,7 +48,7 @@ def ensure_local_dataset(entry: DatasetEntry, cfg: RunConfig) -> Path:
         return root
     if entry.key == DEMO_MODEL:
         from plasticity.synthetic import SyntheticSpec
-        from warehouse.demo_data import write_synthetic_dataset
+        from warehouse.sources.demo_data import write_synthetic_dataset
 
         write_synthetic_dataset(root, SyntheticSpec())
         return root
@@ -95,9 +95,9 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
                         warehouse: str, lock_timeout_s: float = 60.0) -> CatalogResult:
     """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
     (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does."""
-    from warehouse.pipeline import build_catalog, local_revision
-    from warehouse.families import checkpoint_of
-    from warehouse.results import replace_catalog
+    from warehouse.run.planning import build_catalog, local_revision
+    from warehouse.store.families import checkpoint_of
+    from warehouse.store.results import replace_catalog
 
     cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
     revision = sha or local_revision(cat)
@@ -143,9 +143,9 @@ def refresh_head_samples(model: str, cfg: RunConfig, warehouse: str, lock_timeou
                          ) -> HeadSamplesResult:
     """Rebuild the model's head_samples rows (GQA pairing, expected heads, sample sizes) from its shard
     catalog and the layout the catalog step resolved (table `models`), in SQL."""
-    from warehouse.layout import HeadLayout, expected_query_layers
-    from warehouse.models import read_model
-    from warehouse.pipeline import plan_parameters
+    from warehouse.sources.layout import HeadLayout, expected_query_layers
+    from warehouse.store.models import read_model
+    from warehouse.run.planning import plan_parameters
 
     with db.writer(warehouse, lock_timeout_s) as con:
         con.execute(sql.load("head_samples_schema"))
@@ -180,8 +180,8 @@ def refresh_head_samples(model: str, cfg: RunConfig, warehouse: str, lock_timeou
 
 def run_analysis(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | None, *, fresh: bool = False,
                  on_outcome: Callable | None = None):
-    """warehouse.pipeline.analyze_dataset for one model: heads computed in worker processes, written here."""
-    from warehouse.pipeline import analyze_dataset
+    """warehouse.run.pipeline.analyze_dataset for one model: heads computed in worker processes, written here."""
+    from warehouse.run.pipeline import analyze_dataset
 
     return analyze_dataset(cfg, root, model=entry.key, revision=sha, resume=not fresh, progress=False,
                            on_outcome=on_outcome)
@@ -225,7 +225,7 @@ def result_counts_and_previews(warehouse: str, model: str, run_id: str, limit: i
 
 def latest_run(warehouse: str, model: str, lock_timeout_s: float = 60.0) -> dict:
     """The model's latest row of the `runs` table."""
-    from warehouse.export import latest_run_id
+    from warehouse.store.export import latest_run_id
 
     with db.reader(warehouse, lock_timeout_s) as con:
         run_id = latest_run_id(con, model)
@@ -249,8 +249,8 @@ class ExportResult:
 
 def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, lock_timeout_s: float = 60.0
                ) -> ExportResult:
-    """The SPEC section 3 CSVs of the model's latest run into <exports_dir>/<model>/<run_id>/."""
-    from warehouse.export import export_files, latest_run_id, results_dir
+    """The CSVs (docs/method.md#tables) of the model's latest run into <exports_dir>/<model>/<run_id>/."""
+    from warehouse.store.export import export_files, latest_run_id, results_dir
 
     with db.reader(warehouse, lock_timeout_s) as con:
         run_id = latest_run_id(con, model)
@@ -270,7 +270,7 @@ def export_run(warehouse: str, exports_dir: str, model: str, cfg: RunConfig, loc
 
 def plot_defaults(warehouse: str, model: str, lock_timeout_s: float = 60.0) -> dict:
     """bucket_type / bucket_min_size of the model's bucket scheme, as the catalog recorded it (table `models`)."""
-    from warehouse.models import bucket_plot_defaults
+    from warehouse.store.models import bucket_plot_defaults
 
     return bucket_plot_defaults(warehouse, model, lock_timeout_s)
 
@@ -280,7 +280,7 @@ class PlotOutput:
     kind: str
     path: Path
     png: bytes
-    result: object  # warehouse.plots.PlotResult
+    result: object  # warehouse.present.figure_parts.PlotResult
     source: dict
     config_file: Path | None
 
@@ -291,17 +291,20 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
 
     For the comparison, `warehouse` may be several files (one per model); their latest runs are combined.
     """
-    from warehouse import plots
+    from warehouse.present import plots
+    from warehouse.present import figure_parts
+    from warehouse.present import plot_data
 
-    cfg_file = plots.config_path_for(plot_configs_dir, kind, model)
+    cfg_file = plot_data.config_path_for(plot_configs_dir, kind, model)
     cfg_file = cfg_file if cfg_file.is_file() else None
-    opts = plots.load_plot_options(kind, cfg_file, defaults=defaults)
+    opts = plot_data.load_plot_options(kind, cfg_file, defaults=defaults)
     # the asset always plots the warehouse's latest run, whatever data source the YAML names
     paths = [warehouse] if isinstance(warehouse, (str, os.PathLike)) else list(warehouse)
     opts.warehouse, opts.bucket_csv, opts.component_csv, opts.head_metrics_csv = str(paths[0]) if paths else None, \
         None, None, None
     if kind == "compare":
-        frames = [plots.load_comparison(p, opts.models, opts.metric, lock_timeout_s) for p in paths if Path(p).exists()]
+        frames = [plot_data.load_comparison(p, opts.models, opts.metric, lock_timeout_s)
+                  for p in paths if Path(p).exists()]
         frames = [f for f in frames if not f.empty]
         values = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["model", "run_id", "layer", "q_head", "value"])
@@ -314,8 +317,8 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
     else:
         opts.model, opts.run_id = model, None
         result, source = plots.make_plot(kind, opts, timeout_s=lock_timeout_s)
-    png = plots.png_bytes(result.figure, opts.dpi)
-    out_path = plots.write_atomically(out_path, png)
+    png = figure_parts.png_bytes(result.figure, opts.dpi)
+    out_path = figure_parts.write_atomically(out_path, png)
     return PlotOutput(kind, out_path, png, result, source, cfg_file)
 
 
@@ -324,7 +327,7 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
 
 def safe_family(family: str) -> str:
     """A family name as one folder name (a partition key is untrusted text)."""
-    from warehouse.names import safe_path_component
+    from warehouse.sources.names import safe_path_component
 
     return safe_path_component(family, "family name (partition key)")
 
@@ -335,27 +338,28 @@ class TrajectoryOutput:
     path: Path
     png: bytes
     csv: Path
-    trajectory: object  # warehouse.families.Trajectory
-    result: object  # warehouse.plots.PlotResult
+    trajectory: object  # warehouse.store.families.Trajectory
+    result: object  # warehouse.present.figure_parts.PlotResult
 
 
 def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_configs_dir: Path,
                         lock_timeout_s: float = 60.0) -> list[TrajectoryOutput]:
     """The family's ap_overall trajectory (and the metric of configs/plots/<family>-trajectory.yaml when it
     names another), each as <out_dir>/trajectory-<metric>.png and the per-layer table as .csv."""
-    from warehouse import plots
-    from warehouse.families import load_trajectory
-    from warehouse.trajectory_plots import plot_trajectory
+    from warehouse.present import figure_parts
+    from warehouse.present import plot_data
+    from warehouse.store.families import load_trajectory
+    from warehouse.present.trajectory_plots import plot_trajectory
 
-    cfg_file = plots.config_path_for(plot_configs_dir, "trajectory", family)
-    opts = plots.load_plot_options("trajectory", cfg_file if cfg_file.is_file() else None, family=family)
+    cfg_file = plot_data.config_path_for(plot_configs_dir, "trajectory", family)
+    opts = plot_data.load_plot_options("trajectory", cfg_file if cfg_file.is_file() else None, family=family)
     out = []
     for metric in dict.fromkeys(["ap_overall", opts.metric]):
         traj = load_trajectory(paths, family, metric, opts.stages, lock_timeout_s)
         result = plot_trajectory(traj, opts)
-        png = plots.png_bytes(result.figure, opts.dpi)
-        path = plots.write_atomically(out_dir / f"trajectory-{metric}.png", png)
-        csv = plots.write_atomically(out_dir / f"trajectory-{metric}.csv",
+        png = figure_parts.png_bytes(result.figure, opts.dpi)
+        path = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.png", png)
+        csv = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.csv",
                                      traj.layers.to_csv(index=False, na_rep="nan").encode())
         out.append(TrajectoryOutput(metric, path, png, csv, traj, result))
     return out

@@ -1,4 +1,4 @@
-"""Attention-plasticity estimators (SPEC 2.8): `bucket_full_cov` (default) and `linear_diag`.
+"""Attention-plasticity estimators (docs/method.md#attention-plasticity): `bucket_full_cov` (default) and `linear_diag`.
 
 For a key pair with rotated difference ``D = k1 - k2`` and a Gaussian model of the query at
 query bucket j with mean ``mu`` and covariance ``S``:
@@ -32,7 +32,7 @@ from .pair_ap import (  # noqa: F401 (re-exported)
 from .key_basis import KeyBasis, reflect_both_sides  # noqa: F401 (re-exported)
 from .pairs import KeyPairIndex, eligibility_mask
 
-#: Ridge added to each bucket covariance ``Sigma_j`` (SPEC 2.8).
+#: Ridge added to each bucket covariance ``Sigma_j`` (docs/method.md#attention-plasticity).
 SIGMA_RIDGE = 1e-12
 
 KeyDiff = Union[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]
@@ -225,7 +225,7 @@ def plasticity_cells(
     key_group: np.ndarray | None = None,
     n_groups: int = 0,
 ) -> CellTable:
-    """Core of SPEC 2.8: cells, pair sampling and pair APs for a query model.
+    """Core of attention plasticity: cells, pair sampling and pair APs for a query model.
 
     ``key_diff(i1, i2)`` (or an array, differenced by row) gives key differences for canonical key
     rows: rotated differences when ``basis`` is None, raw differences otherwise (the model is then
@@ -346,7 +346,7 @@ def bucket_full_cov(
     num_pairs_per_bucket: int = 256,
     rng: np.random.Generator,
 ) -> CellTable:
-    """Default estimator (SPEC 2.8). For query bucket j (``j > 0``, ``n_j >= 2``):
+    """Default estimator (docs/method.md#attention-plasticity). For query bucket j (``j > 0``, ``n_j >= 2``):
 
     component 0: mean ``m0_j = alpha_rot[0] + beta_rot[0] * tau_j``, variance ``sigma2 = resid_var[0]``;
     components 1..: ``mu_j`` = mean and ``Sigma_j`` = cov (ddof=1) of ``Xq_rot[bucket j, 1:]`` + 1e-12 I.
@@ -389,7 +389,7 @@ def linear_diag(
     num_pairs_per_bucket: int = 256,
     rng: np.random.Generator,
 ) -> CellTable:
-    """Upstream-parity estimator (SPEC 2.8): query mean ``alpha_rot + beta_rot * tau_j`` for every
+    """Upstream-parity estimator (docs/method.md#attention-plasticity): query mean ``alpha_rot + beta_rot * tau_j`` for every
     component and covariance ``diag(resid_var)``: ``m = D . (alpha_rot + beta_rot tau_j)``,
     ``v = sum_c D_c^2 resid_var_c``, and the pair's AP is ``debiased_ap(m, v, lever_j v)`` with
     ``lever_j = fitted_mean_variance(tau_j, 1, q_position)`` (the fitted line's noise, of order 1/N: the

@@ -1,4 +1,4 @@
-"""Per-head pipeline (SPEC 2.2-2.8): orientation -> regression -> predictability -> rotation ->
+"""Per-head pipeline (docs/method.md#the-per-head-analysis): orientation -> regression -> predictability -> rotation ->
 normality -> weights -> attention plasticity."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def degenerate_reason(q_vectors: np.ndarray, k_vectors: np.ndarray) -> tuple[str
 
 
 def pair_rng_seed(seed: int, layer: int, q_head: int) -> int:
-    """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (SPEC 2.8)."""
+    """Seed of the key-pair stream: ``seed + 10007 * layer + 379 * q_head`` (docs/method.md#attention-plasticity)."""
     return int(seed) + 10007 * int(layer) + 379 * int(q_head)
 
 
@@ -139,9 +139,9 @@ def analyze_head(
     q_head: int,
     params: AnalysisParams,
 ) -> HeadResult:
-    """Run SPEC 2.2-2.8 on one head's (sub)sampled queries ``q`` and keys ``k``.
+    """Run the per-head analysis (orientation to attention plasticity) on one head's (sub)sampled queries ``q`` and keys ``k``.
 
-    ``orientation`` is the sign vector s of SPEC 2.2 (computed from ALL key rows, see
+    ``orientation`` is the orientation's sign vector s (computed from ALL key rows, see
     `plasticity.orientation`); Q and K are multiplied by it. Rows are put in canonical order
     (`canonical_order`) first, so results depend only on the sets of rows. The query shard's
     ``sliding_window`` drives key-bucket eligibility.
@@ -170,11 +170,12 @@ def analyze_head(
     n = q.n
     Xq = oriented_rows(q.vectors, oq, s)  # X_q = (V_q * s) in canonical order, float64
 
-    # 2.3 position regression
+    # position regression
     design = PositionDesign.build(p)
     fit = fit_rows(design, Xq, exact_residuals=False)  # only r2, beta and the means are used
 
-    # 2.5 rotation X_q_rot = X_q H, fused with the statistics of 2.4, 2.5, 2.6 and 2.8 (one pass)
+    # rotation X_q_rot = X_q H, fused with the statistics of the scalar predictability, the rotation's refit,
+    # the normality diagnostics and attention plasticity (one pass)
     buckets = QueryBuckets.build(q_bucket, p)
     sel = np.sort(ks_columns(d - 1, params.normality_max_dims, params.seed))  # order-free statistics
     full = params.estimator == "bucket_full_cov"
@@ -182,17 +183,17 @@ def analyze_head(
     fit_rot = rq.fit_rot
     scale = float(np.sqrt(np.sum(rq.mean**2 + rq.m2)))  # RMS row norm of X_q
 
-    # 2.4 scalar predictability: X_q u is column 0 of X_q_rot
+    # scalar predictability: X_q u is column 0 of X_q_rot
     scalar = scalar_predictability_from_projection(p, rq.x0 if fit.beta_norm >= BETA_NORM_TOL else None)
 
-    # 2.6 normality
+    # normality
     skew0, kurt0, ks0 = first_component_residual_stats(p, rq.x0, scale=scale)
     noise = noise_summary(n, rq.m2[1:], rq.m3[1:], rq.m4[1:], rq.Z, rq.Z_center, sel, scale, params.p_alpha)
 
-    # 2.7 weights
+    # component weights
     weights = component_weights(fit.r2)
 
-    # 2.8 plasticity on raw key differences; the query model is mapped into the raw basis
+    # attention plasticity on raw key differences; the query model is mapped into the raw basis
     if full:
         model = full_cov_model(buckets, rq.mu, rq.Sigma, fit_rot.alpha, fit_rot.beta, fit_rot.resid_var, positions=p)
     else:

@@ -1,4 +1,4 @@
-"""Standard errors over the sampling of examples (SPEC 2.8 `ap_overall_se`): a delete-a-group
+"""Standard errors over the sampling of examples (`ap_overall_se`; docs/method.md#attention-plasticity): a delete-a-group
 jackknife over groups of examples, linearised in the query model.
 
 Examples (sequences) are the independent units of a capture: queries, keys and key pairs of one
@@ -24,7 +24,7 @@ for linear_diag the rotation basis. Per query bucket j and group g:
 
 So ``AP_j^(g) = mean over the cells still holding pairs of their exact key-side means + Delta_jg``;
 a bucket left with fewer than 2 queries or without pairs drops out of that replicate, exactly as
-the estimator would drop it; `ap_overall`'s replicate aggregates the buckets as SPEC 2.8 does.
+the estimator would drop it; `ap_overall`'s replicate aggregates the buckets as the estimator does.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def example_jackknife(table: CellTable, buckets: QueryBuckets, Xq: np.ndarray, d
                       Sigma: np.ndarray | None) -> ExampleJackknife:
     """The jackknife of one head: ``table`` from `plasticity_cells` with its pair side
     (``table.influence``); the oriented canonical queries ``Xq`` with their buckets, example ids and
-    position design; the position fits of ``Xq`` (``fit``) and of ``X_q_rot`` (``fit_rot``, SPEC 2.5);
+    position design; the position fits of ``Xq`` (``fit``) and of ``X_q_rot`` (``fit_rot``, the rotation's refit);
     ``x0`` = column 0 of ``X_q_rot``; the Householder vector ``w``; and, for bucket_full_cov, the
     model's bucket means ``mu`` and covariances ``Sigma`` (`rotated_query_pass`)."""
     inf = table.influence

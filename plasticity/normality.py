@@ -1,4 +1,4 @@
-"""Normality diagnostics of rotated queries (SPEC 2.6), vectorised over columns.
+"""Normality diagnostics of rotated queries (docs/method.md#normality-diagnostics), vectorised over columns.
 
 Skewness, excess kurtosis and the one-sample Kolmogorov-Smirnov p-value reproduce
 ``scipy.stats.skew(bias=False)``, ``scipy.stats.kurtosis(fisher=True, bias=False)`` and
@@ -345,7 +345,7 @@ def ks_norm_pvalues(Z: np.ndarray, *, presorted: bool = False) -> np.ndarray:
 
 
 def first_component_residual_stats(p: np.ndarray, x0: np.ndarray, *, scale: float | None = None):
-    """(skew, excess kurtosis, KS p) of the standardised residual of ``x0 ~ a + b p`` (SPEC 2.6).
+    """(skew, excess kurtosis, KS p) of the standardised residual of ``x0 ~ a + b p`` (docs/method.md#normality-diagnostics).
 
     ``r = x0 - a - b p`` (OLS, `fit_position_regression`); ``z = (r - mean r) / std(r, ddof=1)``;
     skew/kurtosis unbiased (scipy bias=False rules, incl. small n), KS two-sided against N(0, 1).
@@ -392,7 +392,7 @@ def noise_summary(
     scale: float,
     p_alpha: float,
 ) -> dict:
-    """The four SPEC 2.6 noise statistics from the central moments m2, m3, m4 of the m semantic columns.
+    """The four noise statistics (docs/method.md#normality-diagnostics) from the central moments m2, m3, m4 of the m semantic columns.
 
     ``Z`` (len(sel), n) holds the values of the tested columns ``sel`` (any common shift per row)
     and ``Z_center`` their means in the same shift; ``Z`` is sorted in place (and standardised
@@ -436,7 +436,7 @@ def noise_normality_stats(
     *,
     scale: float | None = None,
 ) -> dict:
-    """Normality of the semantic columns ``X_sem`` = columns 1..d-1 of ``X_q_rot`` (SPEC 2.6).
+    """Normality of the semantic columns ``X_sem`` = columns 1..d-1 of ``X_q_rot`` (docs/method.md#normality-diagnostics).
 
     Each column is standardised (``(x - mean) / std(x, ddof=1)``). ``q_noise_med_abs_skew`` /
     ``q_noise_med_abs_kurt`` = median over all columns of |unbiased skew| / |unbiased excess

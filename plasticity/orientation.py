@@ -1,4 +1,4 @@
-"""Sign orientation of a head from its key bucket means (SPEC 2.2).
+"""Sign orientation of a head from its key bucket means (docs/method.md#orientation).
 
 Designed for streaming: the caller reduces batches of a key shard with `bucket_sums`,
 combines the partial results with `merge_bucket_sums`, and finishes with
@@ -88,7 +88,7 @@ def merge_bucket_sums(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def orientation_from_bucket_sums(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Orientation ``s = sign(mean_b(sums_b / counts_b))`` with sign(0) := +1 (SPEC 2.2).
+    """Orientation ``s = sign(mean_b(sums_b / counts_b))`` with sign(0) := +1 (docs/method.md#orientation).
 
     Each non-empty bucket mean gets equal weight (buckets with count 0 are ignored).
     Returns a float64 (d,) vector of +1/-1; all +1 when there is no non-empty bucket.

@@ -1,4 +1,4 @@
-"""The attention plasticity of one key pair (SPEC 2.8) and its slopes in the pair's moments.
+"""The attention plasticity of one key pair (docs/method.md#attention-plasticity) and its slopes in the pair's moments.
 
 For a key difference ``D`` and a Gaussian query model with mean ``mu`` and covariance ``S``:
 ``m = D . mu``, ``v = D^T S D`` (``v <= 0 -> 1e-12``), ``z = m / sqrt(v)``, ``p = Phi(z)``,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtr
 
-#: Floor replacing non-positive pair variances ``v`` (SPEC 2.8).
+#: Floor replacing non-positive pair variances ``v`` (docs/method.md#attention-plasticity).
 VAR_FLOOR = 1e-12
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 

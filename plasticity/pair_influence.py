@@ -1,4 +1,4 @@
-"""Pair side of the example jackknife (SPEC 2.8 `ap_overall_se`): what each example group's key pairs
+"""Pair side of the example jackknife (`ap_overall_se`; docs/method.md#attention-plasticity): what each example group's key pairs
 add to every cell, and how each bucket's AP moves when its query model moves.
 
 A bucket's AP_j is the mean of its cells with pairs, a cell's the mean of its pairs; with the slopes

@@ -1,4 +1,4 @@
-"""Key-pair sampling and sliding-window eligibility of key buckets (SPEC 2.8).
+"""Key-pair sampling and sliding-window eligibility of key buckets (docs/method.md#attention-plasticity).
 
 Pairs: inside one key bucket, all unordered pairs ``{a, b}`` (a != b) of keys of the same
 example are enumerated example by example (examples in the rows' order, which is sorted by
@@ -159,7 +159,7 @@ def eligibility_mask(
     k_maxpos: np.ndarray,
     sliding_window: int | None = None,
 ) -> np.ndarray:
-    """(J, C) boolean: key bucket ``c`` is eligible for query bucket ``j`` (SPEC 2.8).
+    """(J, C) boolean: key bucket ``c`` is eligible for query bucket ``j`` (docs/method.md#attention-plasticity).
 
     ``k_buckets`` are the sorted key buckets that hold keys. Eligible: ``c < j`` and, with a sliding
     window ``w``, ``maxpos_k(c) >= minpos_q(j) - w``; the largest key bucket below ``j`` is always

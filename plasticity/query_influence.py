@@ -4,8 +4,8 @@ examples leaves, and the first-order move of AP_j that follows (`model_shifts_fu
 
 Everything comes from additive sums over the runs of equal (bucket, example) of the canonical
 queries, so every replicate's model change is exact; only its effect on the pair APs is linear (the
-gradients of `plasticity.pair_influence`). Notation: oriented queries ``x`` (SPEC 2.2), rotated
-``x H`` (SPEC 2.5), ``pc = p - mean(p)``, ``u = H e1`` the positional direction, ``r0`` the residual
+gradients of `plasticity.pair_influence`). Notation: oriented queries ``x`` (docs/method.md#orientation), rotated
+``x H`` (docs/method.md#rotation-to-the-positional-basis), ``pc = p - mean(p)``, ``u = H e1`` the positional direction, ``r0`` the residual
 of the rotated component 0 after the position fit; a prime marks "without group g".
 """
 

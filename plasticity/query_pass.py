@@ -1,10 +1,10 @@
-"""One streaming pass over the oriented queries for SPEC 2.4-2.6 and the bucket moments of 2.8.
+"""One streaming pass over the oriented queries for the scalar predictability, rotation and normality steps and the bucket moments of attention plasticity.
 
 `rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) block by block, rotates
 each block, ``X_q_rot = X_q H``, and while the block is in cache accumulates everything the later
-steps need: the refit of SPEC 2.3 on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
-central moments up to order 4 of every column (SPEC 2.6), column 0 (the scalar projection
-``X_q u`` of SPEC 2.4 and the first-component series), the centred values of the KS columns,
+steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
+central moments up to order 4 of every column (docs/method.md#normality-diagnostics), column 0 (the scalar projection
+``X_q u`` of the scalar predictability and the first-component series), the centred values of the KS columns,
 and per query bucket the mean and covariance of columns 1.. (sums about the mean of the bucket's
 first rows). ``X_q_rot`` itself is never stored. The results equal those of the reference
 functions (`fit_position_regression`, `column_moments`, `householder_apply`, `bucket_moments`)
@@ -29,7 +29,7 @@ _BUCKET_SHIFT_ROWS = 32
 class RotatedQueryStats:
     """Output of `rotated_query_pass`.
 
-    ``fit_rot``: SPEC 2.3 refit on X_q_rot. ``mean, m2, m3, m4``: mean and central moments per
+    ``fit_rot``: the position regression refitted on X_q_rot. ``mean, m2, m3, m4``: mean and central moments per
     column of X_q_rot. ``x0``: X_q_rot[:, 0]. ``Z`` (len(ks_sel), n): column ``1 + ks_sel[i]`` of
     X_q_rot minus a shift, and ``Z_center[i]`` = that column's mean minus the same shift. ``mu``/``Sigma``: per query bucket of ``buckets`` (None unless
     requested). ``w``: the Householder vector (None = identity).

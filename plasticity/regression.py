@@ -1,4 +1,4 @@
-"""Position regression of query vectors (SPEC 2.3) and scalar position predictability (SPEC 2.4).
+"""Position regression of query vectors (docs/method.md#position-regression) and scalar position predictability (docs/method.md#scalar-position-predictability).
 
 Pure functions on float64 numpy arrays; no I/O.
 """
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Floor of the total sum of squares in ``R2_c = 1 - SS_res / max(SS_tot, R2_SS_TOT_FLOOR)`` (SPEC 2.3).
+#: Floor of the total sum of squares in ``R2_c = 1 - SS_res / max(SS_tot, R2_SS_TOT_FLOOR)`` (docs/method.md#position-regression).
 R2_SS_TOT_FLOOR = 1e-12
-#: ``||beta||`` below this counts as "no positional direction" (SPEC 2.4 / 2.5).
+#: ``||beta||`` below this counts as "no positional direction" (docs/method.md#scalar-position-predictability and the rotation).
 BETA_NORM_TOL = 1e-12
 
 
@@ -50,7 +50,7 @@ def as_vector(p: np.ndarray, n: int, name: str = "p") -> np.ndarray:
 
 @dataclass(frozen=True)
 class PositionFit:
-    """Per-dimension OLS ``X = alpha + beta * p + R`` (SPEC 2.3).
+    """Per-dimension OLS ``X = alpha + beta * p + R`` (docs/method.md#position-regression).
 
     Attributes
     ----------
@@ -79,7 +79,7 @@ class PositionFit:
 
     @property
     def resid_var(self) -> np.ndarray:
-        """``var(R, ddof=1) = SS_res / (n - 1)`` per component; all ones when n < 2 (SPEC 2.5)."""
+        """``var(R, ddof=1) = SS_res / (n - 1)`` per component; all ones when n < 2 (docs/method.md#rotation-to-the-positional-basis)."""
         if self.n < 2:
             return np.ones_like(self.ss_res)
         return self.ss_res / (self.n - 1)
@@ -102,7 +102,7 @@ _EXPLICIT_RESID_FRACTION = 1e-2
 
 @dataclass(frozen=True)
 class PositionDesign:
-    """The regressor of SPEC 2.3: ``pc = p - mean(p)``, ``sxx = pc . pc``, ``spc = sum(pc)``."""
+    """The regressor of the position regression: ``pc = p - mean(p)``, ``sxx = pc . pc``, ``spc = sum(pc)``."""
 
     p: np.ndarray
     mean: float
@@ -131,7 +131,7 @@ def fit_from_sums(
     sxy: np.ndarray,
     explicit_ssr=None,
 ) -> PositionFit:
-    """Finish the OLS of SPEC 2.3 from sums about a shift ``c``: ``s1 = sum(x - c)``,
+    """Finish the OLS of the position regression from sums about a shift ``c``: ``s1 = sum(x - c)``,
     ``s2 = sum((x - c)^2)``, ``sxy = sum(pc (x - c))`` (per column).
 
     ``mean = c + s1/n``; ``SS_tot = s2 - s1^2/n``; ``Sxy = sxy - (mean - c) sum(pc)``;
@@ -209,7 +209,7 @@ def fit_rows(design: PositionDesign, X: np.ndarray, *, exact_residuals: bool = T
 
 
 def fit_position_regression(p: np.ndarray, X: np.ndarray) -> PositionFit:
-    """OLS per column of ``X`` on the position ``p`` (SPEC 2.3).
+    """OLS per column of ``X`` on the position ``p`` (docs/method.md#position-regression).
 
     ``pc = p - mean(p)``; ``beta = sum(pc (X - mean X)) / sum(pc^2)``; ``alpha = mean(X) - beta mean(p)``;
     ``R = X - alpha - beta p``; ``R2_c = 1 - SS_res_c / max(SS_tot_c, 1e-12)``; ``r2_overall = nanmean(R2_c)``.
@@ -247,7 +247,7 @@ def _ols_scalar(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def scalar_position_predictability(p: np.ndarray, X: np.ndarray, beta: np.ndarray) -> dict:
-    """How well the single projection ``s = X u`` (``u = beta/||beta||``) predicts ``y = log2(p + 1)`` (SPEC 2.4).
+    """How well the single projection ``s = X u`` (``u = beta/||beta||``) predicts ``y = log2(p + 1)`` (docs/method.md#scalar-position-predictability).
 
     OLS ``y ~ a + b s``; ``q_R2_scalar`` = its R2 (0 when y or s is constant);
     ``q_mae_baseline = mean|y - mean(y)|``; ``q_mae_proj = mean|y - yhat|``;
@@ -266,7 +266,7 @@ def scalar_position_predictability(p: np.ndarray, X: np.ndarray, beta: np.ndarra
 
 
 def scalar_predictability_from_projection(p: np.ndarray, proj: np.ndarray | None) -> dict:
-    """SPEC 2.4 given the projection ``s = X u`` (``None`` when ``||beta|| < 1e-12``); see
+    """Scalar position predictability given the projection ``s = X u`` (``None`` when ``||beta|| < 1e-12``); see
     `scalar_position_predictability`."""
     p = np.asarray(p, dtype=np.float64).reshape(-1)
     if p.shape[0] == 0:

@@ -1,4 +1,4 @@
-"""Householder rotation to the positional basis (SPEC 2.5), applied in O(n d) without forming H."""
+"""Householder rotation to the positional basis (docs/method.md#rotation-to-the-positional-basis), applied in O(n d) without forming H."""
 
 from __future__ import annotations
 

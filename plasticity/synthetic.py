@@ -1,7 +1,7 @@
 """Synthetic sniffer data with known attention plasticity.
 
 The generator draws, for every head, queries from exactly the model that the
-`bucket_full_cov` estimator assumes (SPEC 2.8), written in a random orthonormal
+`bucket_full_cov` estimator assumes (docs/method.md#attention-plasticity), written in a random orthonormal
 basis ``B`` of R^d:
 
     y = B^T q,    y_0 = a + b * p / L + sigma0 * e_0           (positional axis)
@@ -13,13 +13,13 @@ and ``M`` a fixed mixing matrix, so the true semantic covariance of bucket j is
 noise scale ``sigma`` sets the plasticity: ``sigma -> 0`` makes the query
 deterministic (AP -> 0), a zero mean with any noise gives AP = 1.
 
-`true_head_plasticity` evaluates the SPEC 2.8 formula with these true
+`true_head_plasticity` evaluates the attention-plasticity formula with these true
 parameters over (a large sample of) all same-example key pairs. It is written
 independently of `plasticity.estimators` (plain per-cell enumeration) so that
 the estimator can be tested against it.
 
 Everything here is pure: arrays in, arrays out. Writing Parquet lives in
-`warehouse.demo_data`.
+`warehouse.sources.demo_data`.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _cell_pairs(example_id: np.ndarray, max_pairs: int, rng: np.random.Generator
 def true_head_plasticity(
     spec: SyntheticSpec, q: TokenArrays, k: TokenArrays, layer: int, q_head: int, max_pairs_per_cell: int = 4096
 ) -> float:
-    """ap_overall of SPEC 2.8 evaluated with the head's true parameters.
+    """ap_overall of the attention-plasticity formula evaluated with the head's true parameters.
 
     Mean over (up to `max_pairs_per_cell` sampled) same-example key pairs per
     eligible cell, mean over cells per query bucket, query-count weighted mean
@@ -272,14 +272,14 @@ def population_plasticity(
     mean_position: np.ndarray,
     weight: np.ndarray,
 ) -> tuple[float, np.ndarray]:
-    """The value ``estimator`` estimates on this head's data, exactly: SPEC 2.8 with the generating
+    """The value ``estimator`` estimates on this head's data, exactly: the attention-plasticity formula with the generating
     parameters and the key population in place of samples (`SyntheticSpec.token_keys` only).
     Returns (ap_overall, AP_j per bucket).
 
     Every key is the vector of its token, tokens i.i.d. uniform over V = ``vocab_size``, so a
     same-example key difference is ``k_t - k_u`` for a uniform pair of tokens (t, u), and every cell
     of bucket j has the same value ``AP_j = V^-2 sum_{t,u} AP(k_t - k_u)`` (``t = u`` gives D = 0 and
-    AP = 1, as SPEC 2.8's variance floor says). With ``q = B y`` (generating basis B), at the bucket's
+    AP = 1, as the method's variance floor says). With ``q = B y`` (generating basis B), at the bucket's
     mean position ``tau_j``:
 
     * bucket_full_cov: the true model, ``mean_j = B (a + b tau_j / L, mu)``,

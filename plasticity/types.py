@@ -14,7 +14,7 @@ ESTIMATORS = ("bucket_full_cov", "linear_diag")
 
 @dataclass(frozen=True)
 class AnalysisParams:
-    """Knobs of the per-head analysis (SPEC section 2). Defaults are the SPEC's."""
+    """Knobs of the per-head analysis (docs/method.md#the-per-head-analysis). Defaults are the method's."""
 
     normality_max_dims: int = 64
     p_alpha: float = 0.01
@@ -110,7 +110,7 @@ def canonical_sort_order(bucket: np.ndarray, example_id: np.ndarray, position: n
 
 @dataclass
 class HeadResult:
-    """Everything SPEC section 3 stores for one head (layer/q_head/k_head are added by the caller).
+    """Everything the tables store for one head (layer/q_head/k_head are added by the caller).
 
     `metrics`: the head_metrics columns from `n_q_tokens` to `estimator`.
     `bucket_rows`: columns q_bucket, k_bucket (int64), plasticity (float64, NaN allowed), n_pairs (int64).

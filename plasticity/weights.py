@@ -1,4 +1,4 @@
-"""Component weights: each component's share of the linear positional information (SPEC 2.7)."""
+"""Component weights: each component's share of the linear positional information (docs/method.md#component-weights)."""
 
 from __future__ import annotations
 

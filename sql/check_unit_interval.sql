@@ -1,5 +1,5 @@
 -- Asset check: values of {column} in {table} outside [0, 1] for one model's run
--- (NaN/NULL are allowed: they mean "nothing eligible", SPEC 2.8).
+-- (NaN/NULL are allowed: they mean "nothing eligible").
 SELECT * EXCLUDE (model, run_id)
 FROM {table}
 WHERE model = $model AND run_id = $run_id

@@ -1,4 +1,4 @@
--- Asset check: the component weights of every head must sum to 1 (SPEC 2.7).
+-- Asset check: the component weights of every head must sum to 1 (docs/method.md#component-weights).
 SELECT layer, q_head, k_head, sum(weight) AS weight_sum, count(*) AS n_components
 FROM head_component_weights
 WHERE model = $model AND run_id = $run_id

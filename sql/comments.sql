@@ -315,7 +315,7 @@ COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_high IS 'Upper end of the 95%
 COMMENT ON COLUMN latest_head_bucket_summary.ap_se_pairs IS 'Standard error of AP_j from the key-pair draws only';
 COMMENT ON COLUMN latest_head_bucket_summary.ap_ci_calibrated IS 'True when the 95% interval of AP_j is in the regime where its coverage was checked: at least 100 queries and 7 degrees of freedom; NULL for runs before the flag';
 
--- attention coverage (issue 14)
+-- attention coverage
 COMMENT ON COLUMN token_attention.bucket IS 'The query''s position bucket (as captured)';
 COMMENT ON COLUMN token_attention.example_id IS 'The query''s sequence';
 COMMENT ON COLUMN token_attention.position IS 'The query''s position in its sequence';

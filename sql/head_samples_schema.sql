@@ -1,5 +1,5 @@
 -- head_samples: one row per query head the analysis plans (every shard, and every head the
--- layout expects), paired with its key head (GQA), with the sample sizes SPEC 2.1 will draw. Written by the Dagster
+-- layout expects), paired with its key head (GQA), with the sample sizes the subsample will draw. Written by the Dagster
 -- `head_samples` asset (delete-then-insert per model in one transaction).
 CREATE TABLE IF NOT EXISTS head_samples (
     model VARCHAR NOT NULL,

@@ -1,4 +1,4 @@
--- Deterministic subsample of at most $cap rows of one shard (SPEC 2.1).
+-- Deterministic subsample of at most $cap rows of one shard (docs/method.md#sampling).
 -- `shard_keys` holds every row's file row number, example_id and position (the
 -- loader registers them from the Arrow table it already read, so only the
 -- scalar columns are ranked and the vectors are never sorted). Rows are ranked

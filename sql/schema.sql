@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS head_metrics (
     q_noise_med_ks_p DOUBLE,
     q_noise_frac_ks_p_lt_alpha DOUBLE,
     ap_overall DOUBLE,
-    ap_overall_se DOUBLE,               -- example-jackknife standard error (SPEC 2.8)
+    ap_overall_se DOUBLE,               -- example-jackknife standard error (docs/method.md#attention-plasticity)
     estimator VARCHAR,
     ap_overall_se_pairs DOUBLE,         -- pair-sampling part only (the former ap_overall_se)
     ap_overall_ci_low DOUBLE,           -- 95% t-interval of ap_overall, clipped to [0, 1]
@@ -161,7 +161,7 @@ CREATE TABLE IF NOT EXISTS head_errors (
     message VARCHAR,
     recorded_at TIMESTAMP
 );
--- SPEC 4: attention rebuilt from the captured queries and keys.
+-- Attention patterns: attention rebuilt from the captured queries and keys.
 CREATE TABLE IF NOT EXISTS token_attention (
     model VARCHAR NOT NULL,
     run_id VARCHAR NOT NULL,

@@ -1,9 +1,9 @@
 -- One pass over the scalar columns of a shard: size, positions, windows, duplicates,
--- integer ranges and the bucket-position check of SPEC 1.
+-- integer ranges and the bucket-position check of the input rules.
 -- The vector column is not read here (its width comes from the Parquet schema).
 -- {sliding_window} is the column name, or NULL::INTEGER for shards without one.
 -- $scheme: 'uniform' | 'log' | NULL (unknown: no row is counted as a mismatch); $bucket_size,
--- $log_floor, $exact_below, $edge_slack: see warehouse.catalog.bucket_mismatches, which computes
+-- $log_floor, $exact_below, $edge_slack: see warehouse.sources.shard_profile.bucket_mismatches, which computes
 -- the same expression with numpy.
 WITH rows AS (
     SELECT

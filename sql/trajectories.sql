@@ -1,7 +1,7 @@
--- Trajectories of families of checkpoints (issue 17): the latest run of every model that has a
+-- Trajectories of families of checkpoints: the latest run of every model that has a
 -- family (table models: family, stage, step), per checkpoint and layer or head. Rerun after every
--- upgrade (warehouse/schema.py), and over the union of several warehouse files by
--- `plasticity sql --warehouse a --warehouse b` (warehouse/db.py), so one query serves both.
+-- upgrade (warehouse/store/schema.py), and over the union of several warehouse files by
+-- `plasticity sql --warehouse a --warehouse b` (warehouse/store/db.py), so one query serves both.
 
 -- Student's t quantile t_0.975(df): for df 1..599 the correctly rounded values (computed once with
 -- 50-digit arithmetic, mpmath); from 600 on, Fisher's (1925) expansion in 1/df to the fifth order,

@@ -15,7 +15,7 @@ SELECT b.* FROM head_bucket_summary AS b JOIN latest_runs AS r USING (model, run
 CREATE OR REPLACE VIEW latest_head_component_weights AS
 SELECT c.* FROM head_component_weights AS c JOIN latest_runs AS r USING (model, run_id);
 
--- Bucket-level plasticity AP_j per head (mean of its non-NaN cells), as in SPEC 2.8, with its
+-- Bucket-level plasticity AP_j per head (mean of its non-NaN cells), as attention plasticity defines it, with its
 -- example-jackknife standard error and 95% interval from head_bucket_summary (NULL for buckets
 -- whose cells all lack pairs, and for runs older than that table).
 CREATE OR REPLACE VIEW bucket_plasticity AS

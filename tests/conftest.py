@@ -19,7 +19,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="numba-cache-")
 atexit.register(shutil.rmtree, os.environ["NUMBA_CACHE_DIR"], True)
 
 from plasticity.synthetic import SyntheticSpec  # noqa: E402
-from warehouse.demo_data import write_synthetic_dataset  # noqa: E402
+from warehouse.sources.demo_data import write_synthetic_dataset  # noqa: E402
 
 DEMO_SPEC = SyntheticSpec()
 SMALL_SPEC = SyntheticSpec(

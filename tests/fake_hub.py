@@ -10,7 +10,7 @@ Reusable from any test (hub access layer, Dagster sensors, ...)::
         (root / "org" / "qk" / "main").mkdir(parents=True)
         with FakeHub(root) as hub:
             configure_hf_client(monkeypatch, hub, hf_home=tmp_path / "hf")
-            ...                                          # use huggingface_hub / warehouse.hub
+            ...                                          # use huggingface_hub / warehouse.sources.hub
             assert hub.unhandled == []
 
 Repo layout on disk: ``root_dir/<owner>/<name>/<branch>/<files...>``; every

@@ -1,4 +1,4 @@
-"""The exact delete-a-group jackknife of SPEC 2.8's estimators, written plainly for tests.
+"""The exact delete-a-group jackknife of the attention-plasticity estimators, written plainly for tests.
 
 Replicate g reruns the estimator without the example group g: the rotated position fit, every
 bucket's count, mean position, mean and covariance are recomputed from the remaining queries, and

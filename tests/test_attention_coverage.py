@@ -10,10 +10,10 @@ import pytest
 from conftest import SMALL_SPEC
 from plasticity.attention import head_attention_metrics, token_attention_metrics
 from plasticity.types import TokenArrays
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 
 def ta(positions, examples=None, window=None, d=2, seed=0):

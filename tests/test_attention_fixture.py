@@ -1,4 +1,4 @@
-"""SPEC 4 on a real trained model: the tiny-llama fixture (tests/fixtures/tiny-llama).
+"""Attention patterns on a real trained model: the tiny-llama fixture (tests/fixtures/tiny-llama).
 
 The dense capture holds every position of 4 sequences of 512 bytes, so every query row is
 exact and the rebuilt attention is the model's: per-head means, sweep cells and per-token
@@ -18,11 +18,11 @@ import pytest
 
 from conftest import TINY_LLAMA, read_shard
 from plasticity.attention import SWEEP_COLUMNS, head_attention_metrics
-from warehouse import db
-from warehouse.attention_plots import class_counts_data, scale_sweep_data
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
-from warehouse.validation import model_report
+from warehouse.store import db
+from warehouse.present.attention_plots import class_counts_data, scale_sweep_data
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.present.validation import model_report
 
 DENSE = TINY_LLAMA / "dense" / "tinyllama"
 SPARSE = TINY_LLAMA / "sparse" / "tinyllama_sparse"

@@ -1,4 +1,4 @@
-"""Closed-form and brute-force checks of plasticity.attention (SPEC section 4)."""
+"""Closed-form and brute-force checks of plasticity.attention (docs/method.md#attention-patterns)."""
 
 from __future__ import annotations
 

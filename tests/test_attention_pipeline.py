@@ -1,4 +1,4 @@
-"""SPEC 4 in the warehouse: shards -> attention tables -> CSV, report, plots, Dagster assets.
+"""Attention patterns in the warehouse: shards -> attention tables -> CSV, report, plots, Dagster assets.
 
 One module-scoped analysis of the small synthetic dataset (dense capture, token_str,
 a sliding window on layer 1) with the default ``attention: auto``; every table is compared
@@ -19,18 +19,19 @@ import pytest
 
 from conftest import SMALL_SPEC, read_shard
 from plasticity.attention import SUMMARY_COLUMNS, SWEEP_COLUMNS, TOKEN_COLUMNS, gain_ratio, head_attention_metrics
-from warehouse import db
-from warehouse.attention_export import ATTENTION_EXPORTS, export_attention
-from warehouse.attention_plots import (
+from warehouse.store import db
+from warehouse.store.attention_export import ATTENTION_EXPORTS
+from warehouse.store.export import export_attention
+from warehouse.present.attention_plots import (
     class_counts_data,
     default_heads,
     plot_attention_classes,
     plot_scale_sweep,
     scale_sweep_data,
 )
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
-from warehouse.validation import model_report, parse_head
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.present.validation import model_report, parse_head
 
 MODEL = "small-attn"
 N_HEADS = SMALL_SPEC.num_layers * SMALL_SPEC.num_q_heads
@@ -173,8 +174,8 @@ def test_attention_export(analysed, tmp_path):
     assert row["sliding_window"] == str(WINDOWS[1]) and row["attn_class"] == direct["attn_class"]
     assert row["status"] == "exact"
     assert {r["sliding_window"] for r in summ if r["layer"] == "0"} == {""}  # NULL
-    # same shape as warehouse.export.EXPORTS; once merged there, the entries must be these
-    from warehouse.export import EXPORTS
+    # same shape as warehouse.store.export.EXPORTS; once merged there, the entries must be these
+    from warehouse.store.export import EXPORTS
 
     for table, spec in ATTENTION_EXPORTS.items():
         assert EXPORTS.get(table, spec) == spec, table
@@ -211,7 +212,7 @@ def test_validation_report_from_the_warehouse(analysed):
 
 
 def test_validation_cli_and_a_broken_reconstruction(analysed, tmp_path, capsys):
-    from dagster_project.cli import main
+    from cli.main import main
 
     cfg = analysed["cfg"]
     assert main(["validate", "--model", MODEL, "--warehouse", cfg.warehouse, "--gain-ratio", "1:2", "0:0",
@@ -308,7 +309,7 @@ def test_class_plot_counts_heads_per_layer(analysed, tmp_path):
 
 
 def test_attention_plot_cli(analysed, tmp_path, capsys):
-    from dagster_project.cli import main
+    from cli.main import main
 
     cfg = analysed["cfg"]
     out = tmp_path / "s.png"

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import TINY_LLAMA
 from plasticity.attention.visibility import count_exact_rows, visible_mask
-from warehouse.attention_plan import plan_attention_coverage, read_positions
-from warehouse.config import load_config
-from warehouse.demo_data import write_sparse_capture
-from warehouse.pipeline import find_catalog, plan_groups
+from warehouse.run.attention_plan import plan_attention_coverage, read_positions
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_sparse_capture
+from warehouse.run.pipeline import find_catalog, plan_groups
 
 DENSE = TINY_LLAMA / "dense" / "tinyllama"
 #: keep rate and seed of the sparse capture: 1/4 of the positions, and a layer where a few query

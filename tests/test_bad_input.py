@@ -1,4 +1,4 @@
-"""SPEC 1 bad input: each damaged shard gives its own clear error in head_errors,
+"""Bad input: each damaged shard gives its own clear error in head_errors,
 naming the file; every other head's results are unchanged, to the bit. Problems that belong to no
 head (an unusable folder name, a stray key shard) are recorded in the catalog, and a layout that
 cannot be known stops the run before any work."""
@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 
 def shard(root, layer, head, kind):
@@ -134,14 +134,14 @@ CASES = [
     ("missing_key_shard", (1, 1, "k"), lambda p: os.remove(p), "missing_key_shard", {(1, 2), (1, 3)}),
     ("width_mismatch", (0, 1, "q"), lambda p: rewrite(p, widen), "width_mismatch", {(0, 1)}),
     ("bad_key_shard", (0, 0, "k"), lambda p: rewrite(p, lambda t: set_vector_value(t, 0, 0, np.nan)), "nonfinite_values", {(0, 0), (0, 1)}),
-    # shard identity (issue 13.2)
+    # shard identity
     ("duplicate_query_shard", (0, 0, "q"), lambda p: copy_folder(p, "l0h0q"), "duplicate_shard", {(0, 0)}),
     ("duplicate_key_shard", (1, 1, "k"), lambda p: copy_folder(p, "l1h001k"), "duplicate_shard", {(1, 2), (1, 3)}),
-    # layout (issue 13.3): the card says 4 query heads; a stray one fails alone, a missing one is reported
+    # layout: the card says 4 query heads; a stray one fails alone, a missing one is reported
     ("stray_query_shard", (0, 4, "q"), lambda p: copy_folder(p.parents[1] / "l00h03q" / "data.parquet", "l00h04q"),
      "layout_mismatch", {(0, 4)}),
     ("missing_query_shard", (1, 2, "q"), lambda p: shutil.rmtree(p.parent), "missing_query_shard", {(1, 2)}),
-    # out-of-range integers, duplicate columns (issue 13.5)
+    # out-of-range integers, duplicate columns
     ("bucket_2_pow_40", (0, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 5, 2**40, pa.int64())),
      "integer_out_of_range", {(0, 2)}),
     ("example_id_2_pow_40", (1, 0, "k"), lambda p: rewrite(p, lambda t: set_value(t, "example_id", 0, 2**40, pa.int64())),
@@ -149,7 +149,7 @@ CASES = [
     ("window_2_pow_40", (1, 1, "q"), lambda p: rewrite(p, lambda t: set_column(t, "sliding_window", pa.array([2**40] * t.num_rows, pa.int64()))),
      "integer_out_of_range", {(1, 1)}),
     ("duplicate_columns", (0, 1, "q"), lambda p: rewrite(p, lambda t: duplicate_column(t, "position")), "duplicate_columns", {(0, 1)}),
-    # values checked per SPEC 1 (issue 13.6)
+    # values checked by the input rules
     ("negative_bucket", (0, 1, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 3, -1)), "negative_buckets", {(0, 1)}),
     ("bucket_disagrees_with_card", (1, 2, "q"), lambda p: rewrite(p, lambda t: set_value(t, "bucket", 10, t.column("bucket")[10].as_py() + 1)),
      "bucket_position_mismatch", {(1, 2)}),
@@ -275,7 +275,7 @@ def test_stray_key_shard_is_marked_and_pairs_with_nothing(small_copy, tmp_path, 
 def test_config_head_counts_contradicting_the_card_stop_before_any_work(small_copy, tmp_path, clean):
     """The card says 4 query / 2 key heads; a config saying 8 / 2 would pair query head 2 with key head 0
     (group 4) instead of 1: the run stops before any work, naming both values and the card."""
-    from warehouse.layout import LayoutError
+    from warehouse.sources.layout import LayoutError
 
     card = str(small_copy / "README.md")
     with pytest.raises(LayoutError, match=r"num_q_heads = 8 in the config but 4 on the dataset card \(" + card):
@@ -308,7 +308,7 @@ def test_head_sampled_capture_is_not_missing_heads(small_copy, tmp_path, clean):
 
 
 def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_path, clean):
-    from warehouse.layout import LayoutError
+    from warehouse.sources.layout import LayoutError
 
     os.remove(small_copy / "README.md")
     shutil.rmtree(small_copy / "l01h03q")
@@ -322,10 +322,10 @@ def test_unknown_layout_and_sparse_shards_stop_before_any_work(small_copy, tmp_p
 
 
 def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(small_copy, tmp_path, clean):
-    import warehouse.catalog as catalog
+    import warehouse.sources.shard_profile as shard_profile
 
     target = str(shard(small_copy, 1, 0, "k"))
-    real = catalog.check_schema
+    real = shard_profile.check_schema
 
     def broken(path, schema):
         if path == target:
@@ -333,7 +333,7 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
         return real(path, schema)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(catalog, "check_schema", broken)
+        mp.setattr(shard_profile, "check_schema", broken)  # where the profile looks it up
         cfg, summary = analyse(small_copy, tmp_path)
     got, errors = results_by_head(cfg)
     assert sorted((l, q, f, p) for l, q, f, p, _ in errors) == [(1, 0, target, "catalog_failed"), (1, 1, target, "catalog_failed")]

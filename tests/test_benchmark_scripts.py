@@ -26,17 +26,17 @@ def test_profile_head_stages_add_up_to_the_head(tmp_path):
     top = ["load: key shard + orientation sums (share of the group)", "load: query shard", "analyze_head"]
     assert sum(rows[k][0] for k in top) == _approx(float(head[3]))
     assert sum(rows[k][1] for k in top) == _approx(100.0, 0.2)
-    stages = ["canonical order (q and k)", "oriented queries X_q (float64 copy)", "position regression (2.3)",
-              "rotated query pass (2.4-2.6, bucket covariances)", "scalar predictability (2.4)",
-              "first-component normality (2.6)", "semantic normality + KS (2.6)", "example groups (jackknife)",
-              "pair plasticity (2.8)", "aggregation", "example jackknife: query side and replicates",
+    stages = ["canonical order (q and k)", "oriented queries X_q (float64 copy)", "position regression",
+              "rotated query pass (bucket covariances)", "scalar predictability",
+              "first-component normality", "semantic normality + KS", "example groups (jackknife)",
+              "pair plasticity", "aggregation", "example jackknife: query side and replicates",
               "bucket summary", "other (small steps, result assembly)"]
     assert sum(rows[k][0] for k in stages) == _approx(rows["analyze_head"][0], 0.6)
     pair_parts = ["pair draws", "AP and its slopes (with the jackknife)", "pair side of the jackknife (syrk)"]
-    assert sum(rows[k][0] for k in pair_parts) <= rows["pair plasticity (2.8)"][0] + 0.2
+    assert sum(rows[k][0] for k in pair_parts) <= rows["pair plasticity"][0] + 0.2
     jk_parts = ["query quadratic forms (trmm)", "per-run sums of the queries"]
     assert sum(rows[k][0] for k in jk_parts) <= rows["example jackknife: query side and replicates"][0] + 0.2
-    assert all(rows[k][0] > 0 for k in ("rotated query pass (2.4-2.6, bucket covariances)", "pair plasticity (2.8)",
+    assert all(rows[k][0] > 0 for k in ("rotated query pass (bucket covariances)", "pair plasticity",
                                         "example jackknife: query side and replicates"))
     floors = re.findall(r"^  (Arrow decode|quadratic forms|bucket covariances|KS sort).*?([\d.]+) ms$", out, re.M)
     assert [f[0] for f in floors] == ["Arrow decode", "quadratic forms", "bucket covariances", "KS sort"], out
@@ -53,7 +53,7 @@ def test_worker_memory_reports_each_step_of_a_worker(tmp_path):
                       r"\s+([\d.]+)(?: +([+-][\d.]+))?\s+([\d.]+)$", out, re.M)
     labels = [r[0] for r in rows]
     assert labels == ["interpreter", "analysis code imported (a worker's warm-up)", "GQA group 1 analysed (2 heads)",
-                      "GQA group 2 analysed (2 heads)", "numba imported", labels[-1]], out  # main: no kernel in SPEC 2
+                      "GQA group 2 analysed (2 heads)", "numba imported", labels[-1]], out  # main: no kernel in the per-head analysis
     assert labels[-1].startswith("a ") and "numba kernel" in labels[-1]
     vm, anon, file_, hwm = ([float(r[i]) for r in rows] for i in (1, 3, 5, 7))
     for i in range(len(rows)):
@@ -101,7 +101,7 @@ def test_compare_results_matches_columns_by_name(tmp_path, capsys):
 
 
 def test_no_inverse_probability_estimate_earns_its_standard_error():
-    """Issue 14.2: on the sparse tiny-llama capture, inverse-probability (HT) weights make entropy
+    """On the sparse tiny-llama capture, inverse-probability (HT) weights make entropy
     worse, cannot change the near-key mass (1/pi cancels in the ratio), and where they bring a sum
     closer to the truth the result is still many standard errors off in most heads -- so none is
     offered as an estimate with a standard error (README, Attention)."""

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from plasticity.synthetic import SyntheticSpec
-from warehouse.card import CARD_MAX_BYTES, BucketScheme, DatasetCard, parse_card, parse_sampler, read_card
-from warehouse.demo_data import dataset_card
+from warehouse.sources.card import CARD_MAX_BYTES, BucketScheme, DatasetCard, parse_card, parse_sampler, read_card
+from warehouse.sources.demo_data import dataset_card
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny-llama"
 
@@ -141,9 +141,9 @@ def test_parse_sampler():
 # cards stop the run naming both.
 
 def _run_with_model_dir(tmp_path, root, model_dir):
-    from warehouse.config import load_config
-    from warehouse.models import bucket_plot_defaults
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.store.models import bucket_plot_defaults
+    from warehouse.run.pipeline import analyze_dataset
 
     wh = tmp_path / f"wh-{model_dir or 'root'}.duckdb"
     cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "model": "m", "attention": "false",
@@ -167,7 +167,7 @@ def test_card_beside_the_shards_is_read_with_model_dir(small_dataset, tmp_path):
 def test_two_different_cards_stop_the_run_naming_both(small_dataset, tmp_path):
     import shutil
 
-    from warehouse.card import CardConflict, find_card
+    from warehouse.sources.card import CardConflict, find_card
 
     root = tmp_path / "dataset"
     shutil.copytree(small_dataset, root / "Org_Model")

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_bad_input import CASES, as_plain_list, rewrite, set_column, shard
-from warehouse import db
-from warehouse.card import BucketScheme, find_card, read_card
-from warehouse.catalog import ShardInfo, bucket_mismatches, find_shards, profile_shard, profile_shard_sql
+from warehouse.store import db
+from warehouse.sources.card import BucketScheme, find_card, read_card
+from warehouse.sources.catalog import ShardInfo, find_shards
+from warehouse.sources.shard_profile import bucket_mismatches, profile_shard, profile_shard_sql
 
 
 def with_nulls(table, column, rows):

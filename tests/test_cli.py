@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from dagster_project.cli import main
-from warehouse.config import load_config
+from cli.main import main
+from warehouse.settings.config import load_config
 
 
 def test_config_yaml_and_overrides(tmp_path):
@@ -17,7 +17,7 @@ def test_config_yaml_and_overrides(tmp_path):
     cfg = load_config(cfg_file, {"seed": "7", "layers": "0,2", "attention": "false", "p_alpha": "0.05"})
     assert (cfg.model_dir, cfg.num_layers, cfg.num_q_heads, cfg.num_k_heads) == ("sub", 3, 8, 2)
     assert cfg.seed == 7 and cfg.layers == [0, 2] and cfg.attention == "false" and cfg.p_alpha == 0.05
-    assert cfg.params.seed == 7 and cfg.max_tokens_per_head == 50000  # SPEC default
+    assert cfg.params.seed == 7 and cfg.max_tokens_per_head == 50000  # the method's default
 
 
 def test_config_rejects_unknown_keys_and_bad_groups(tmp_path):

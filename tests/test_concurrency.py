@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from dagster_project.cli import main
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from cli.main import main
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights")
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from warehouse import db
+    from warehouse.store import db
     with db.writer(sys.argv[1]) as con:
         con.execute("CREATE TABLE IF NOT EXISTS hold_marker (a INTEGER)")
         print("locked", flush=True)
@@ -97,7 +97,7 @@ def test_two_runs_and_a_polling_reader_at_once_lose_nothing(small_dataset, tmp_p
     polls it: both runs complete, every row of both is there once, and equal to a solo run."""
     wh = tmp_path / "wh.duckdb"
     runs = [
-        python("-m", "dagster_project.cli", "analyze", "--dataset_local_root", str(small_dataset), "--model", model,
+        python("-m", "cli.main", "analyze", "--dataset_local_root", str(small_dataset), "--model", model,
                "--warehouse", str(wh), "--output_dir", str(tmp_path / "results"), "--max_workers", "1",
                "--attention", "false", "--quiet")
         for model in ("model-a", "model-b")
@@ -142,7 +142,7 @@ def test_plasticity_sql_is_read_only(small_dataset, tmp_path, capsys):
     before = table_digest(wh)
     stat_before = wh.stat()
     out = tmp_path / "out"
-    # refused by DuckDB itself (the sandbox of warehouse.db), with its own words
+    # refused by DuckDB itself (the sandbox of warehouse.store.db), with its own words
     read_only, no_files, locked = "read-only mode", "disabled by configuration", "configuration has been locked"
     refused = {
         "DELETE FROM head_metrics": read_only,
@@ -171,7 +171,7 @@ def test_plasticity_sql_is_read_only(small_dataset, tmp_path, capsys):
     assert (wh.stat().st_size, wh.stat().st_mtime_ns) == (stat_before.st_size, stat_before.st_mtime_ns)
 
     # the real entry point, in its own process: same refusal and exit code
-    proc = python("-m", "dagster_project.cli", "sql", "DELETE FROM head_metrics", "--warehouse", str(wh))
+    proc = python("-m", "cli.main", "sql", "DELETE FROM head_metrics", "--warehouse", str(wh))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and read_only in err and "Traceback" not in err
 

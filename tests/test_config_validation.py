@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dagster_project.cli import build_parser, main
-from warehouse.config import RunConfig, config_markdown, load_config
-from warehouse.options import OptionError, option, options_of
+from cli.main import build_parser, main
+from warehouse.settings.config import RunConfig, config_markdown, load_config
+from warehouse.settings.options import OptionError, option, options_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_config_errors_stop_before_any_file_or_folder(tmp_path, capsys, monkeypa
 
 
 def test_layers_that_have_no_shards_name_the_layers_present(tmp_path, small_dataset):
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.run.pipeline import analyze_dataset
 
     cfg = load_config(None, {"warehouse": str(tmp_path / "w.duckdb"), "layers": [1, 4], "max_workers": 1})
     with pytest.raises(OptionError, match=r"layers = 1,4: layer\(s\) 4 have no shards in the dataset "
@@ -235,7 +235,7 @@ def test_enumerated_choices_take_one_line():
     with pytest.raises(OptionError, match="must be one of auto|true|false"):
         opt.parse("sometimes")
     parser = argparse.ArgumentParser()
-    from warehouse.options import add_arguments
+    from warehouse.settings.options import add_arguments
 
     add_arguments(parser, Demo)
     assert parser.parse_args([]).attention == "auto"
@@ -256,12 +256,12 @@ def test_typed_command_options_are_checked_by_argparse(capsys):
         assert said in capsys.readouterr().err, argv
 
 
-def test_readme_lists_every_config_key_from_the_declaration():
-    readme = (REPO / "README.md").read_text()
+def test_configuration_doc_lists_every_config_key_from_the_declaration():
+    readme = (REPO / "docs" / "configuration.md").read_text()
     start, end = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
     assert start in readme and end in readme
     table = readme.split(start, 1)[1].split(end, 1)[0].strip()
-    assert table == config_markdown(), "README.md is out of date: paste warehouse.config.config_markdown()"
+    assert table == config_markdown(), "docs/configuration.md is out of date: paste warehouse.settings.config.config_markdown()"
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == list(options_of(RunConfig))
 
 
@@ -275,7 +275,7 @@ def test_dagster_run_config_descriptions_come_from_the_declaration():
 
 
 def test_plot_options_are_validated_with_their_source(tmp_path):
-    from warehouse.plots import load_plot_options
+    from warehouse.present.plot_data import load_plot_options
 
     cfg = tmp_path / "p.yaml"
     cfg.write_text("agg: mode\n")
@@ -308,7 +308,7 @@ def test_help_with_a_percent_sign_is_shown_as_written():
     """argparse formats help with %: a declared "95% interval" must not break `--help`."""
     from dataclasses import dataclass
 
-    from warehouse.options import add_arguments
+    from warehouse.settings.options import add_arguments
 
     @dataclass
     class Demo:

@@ -1,7 +1,7 @@
 """The Dagster assets materialised for real (temp instance, real DuckDB file, real Parquet).
 
 One module-scoped materialisation of the whole graph for the demo partition;
-the tests compare what it wrote with `warehouse.pipeline.analyze_dataset` on
+the tests compare what it wrote with `warehouse.run.pipeline.analyze_dataset` on
 the same data, and read the metadata the UI shows.
 """
 
@@ -20,10 +20,10 @@ from dagster_project import quality
 from dagster_project.definitions import OWN_ASSETS, defs
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
 from plasticity.synthetic import SyntheticSpec
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 MODEL = "synthetic-demo"
 TINY = SyntheticSpec(model=MODEL, num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=4,

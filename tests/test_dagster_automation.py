@@ -12,7 +12,7 @@ import pytest
 from dagster_project.definitions import OWN_ASSETS, defs
 from dagster_project.partitions import TAG_REVISION
 from dagster_project.resources import DatasetsResource
-from warehouse.demo_data import write_synthetic_dataset
+from warehouse.sources.demo_data import write_synthetic_dataset
 
 try:
     from tests.test_dagster_assets import MODEL, TINY, write_config

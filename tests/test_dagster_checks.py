@@ -13,10 +13,10 @@ import pytest
 from dagster_project import quality, steps
 from dagster_project.definitions import OWN_ASSETS
 from dagster_project.registry import DatasetEntry
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import shard_table, write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import shard_table, write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 try:
     from tests.test_dagster_assets import MODEL, TINY, resources_for, write_config

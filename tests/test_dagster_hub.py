@@ -12,10 +12,10 @@ import pytest
 from dagster_project.definitions import OWN_ASSETS, defs
 from dagster_project.partitions import TAG_BRANCH, TAG_REPO, TAG_REVISION
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 try:
     from tests.fake_hub import FakeHub, block_non_loopback, configure_hf_client

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from warehouse.store import db
+from warehouse.sources.demo_data import write_synthetic_dataset
+
 try:
     from tests.test_dagster_assets import EXPECTED_ASSETS
 except ImportError:  # pragma: no cover
@@ -44,7 +47,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out, self.err = tmp / "ui.out", tmp / "ui.err"
-        cmd = [sys.executable, "-m", "dagster_project.cli", "ui", "--webserver-only", *([] if demo else ["--no-demo"]),
+        cmd = [sys.executable, "-m", "cli.main", "ui", "--webserver-only", *([] if demo else ["--no-demo"]),
                "--port", str(self.port), "--dagster-home", str(tmp / "dagster_home")]
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=err,

@@ -32,13 +32,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DEMO_SPEC, TINY_LLAMA
-from dagster_project.cli import main as cli_main
+from cli.main import main as cli_main
 from dagster_project.definitions import defs
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
 from plasticity.attention.visibility import count_exact_rows
-from warehouse import db
-from warehouse.attention_plan import read_positions
-from warehouse.demo_data import write_sparse_capture
+from warehouse.store import db
+from warehouse.run.attention_plan import read_positions
+from warehouse.sources.demo_data import write_sparse_capture
 
 try:
     from tests.test_dagster_assets import EXPECTED_ASSETS

@@ -1,5 +1,5 @@
-"""While the attention kernels compile (a fresh machine's first run), groups run their SPEC 2 analysis at
-once and their attention later (warehouse.pipeline.iter_outcomes): the joined outcomes must be exactly
+"""While the attention kernels compile (a fresh machine's first run), groups run their per-head analysis at
+once and their attention later (warehouse.run.worker_pool.iter_outcomes): the joined outcomes must be exactly
 those of one task per group, in the process and through the worker pool."""
 
 from __future__ import annotations
@@ -7,15 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from warehouse import pipeline, results
-from warehouse.config import load_config
+from warehouse.run import group, pipeline, planning, worker_pool
+from warehouse.store import results
+from warehouse.settings.config import load_config
 
 
 def _tasks(root, tmp_path):
     cfg = load_config(None, {"warehouse": str(tmp_path / "wh.duckdb"), "max_workers": 1, "attention": "true",
                              "attention_scales": [0.5, 1.0]})
-    cat = pipeline.profile_catalog(pipeline.find_catalog(root, cfg))
-    return pipeline.plan_groups(cat, cfg)
+    cat = planning.profile_catalog(planning.find_catalog(root, cfg))
+    return planning.plan_groups(cat, cfg)
 
 
 def _by_head(batches):
@@ -54,14 +55,14 @@ def _deferring(n: int):
 def test_deferred_attention_gives_the_outcomes_of_one_task_per_group(small_dataset, tmp_path, monkeypatch, workers):
     tasks = _tasks(small_dataset, tmp_path)
     assert len(tasks) >= 4 and all(t.attention_on for t in tasks)
-    want = _by_head(pipeline.iter_outcomes(tasks, 1))
+    want = _by_head(worker_pool.iter_outcomes(tasks, 1))
     assert any("token_attention" in t for t in want.values())
     phases = []
     if workers == 1:  # in this process: see which tasks ran
-        real = pipeline.compute_group
-        monkeypatch.setattr(pipeline, "compute_group", lambda t: phases.append(t.phase) or real(t))
+        real = group.compute_group
+        monkeypatch.setattr(worker_pool, "compute_group", lambda t: phases.append(t.phase) or real(t))
     waits = []
-    got = _by_head(pipeline.iter_outcomes(tasks, workers, defer_attention=_deferring(3),
+    got = _by_head(worker_pool.iter_outcomes(tasks, workers, defer_attention=_deferring(3),
                                           wait_attention=lambda: waits.append(1)))
     _assert_same(got, want)
     if workers == 1:
@@ -71,9 +72,9 @@ def test_deferred_attention_gives_the_outcomes_of_one_task_per_group(small_datas
 def test_attention_waits_for_the_kernels_when_nothing_else_is_left(small_dataset, tmp_path):
     """Deferred to the end (the kernels never 'arrive' by themselves): the run waits once, then does them."""
     tasks = _tasks(small_dataset, tmp_path)
-    want = _by_head(pipeline.iter_outcomes(tasks, 1))
+    want = _by_head(worker_pool.iter_outcomes(tasks, 1))
     waits = []
-    got = _by_head(pipeline.iter_outcomes(tasks, 2, defer_attention=lambda: True,
+    got = _by_head(worker_pool.iter_outcomes(tasks, 2, defer_attention=lambda: True,
                                           wait_attention=lambda: waits.append(1)))
     _assert_same(got, want)
     assert waits == [1]
@@ -89,20 +90,20 @@ def test_merge_phases_keeps_what_one_task_would_have_stored():
     analysis_error = {"file": "q.parquet", "problem": "too_few_rows", "message": "..."}
     attention_error = {"file": "q.parquet", "problem": "analysis_failed", "message": "attention"}
     tables = {"token_attention": {"x": np.arange(3)}}
-    merged = pipeline.merge_phases(
+    merged = group.merge_phases(
         [_outcome(0), _outcome(1, analysis_error), _outcome(2)],
         [_outcome(0, tables=tables), _outcome(1, analysis_error), _outcome(2, attention_error, tables)])
     assert merged[0].error is None and merged[0].extra_tables is tables
     assert merged[1].error is analysis_error and merged[1].extra_tables == {}
     assert merged[2].error is attention_error  # stored as the head's error, as an 'all' task's would be
     with pytest.raises(AssertionError):
-        pipeline.merge_phases([_outcome(0)], [_outcome(1)])
+        group.merge_phases([_outcome(0)], [_outcome(1)])
 
 
 def test_the_progress_bar_says_why_heads_wait_while_the_kernels_compile(small_dataset, tmp_path, monkeypatch, capsys):
     """Heads are counted once their attention is done: while the kernels compile the bar says so,
     and stops saying it once they are in."""
-    from warehouse import kernel_cache
+    from warehouse.run import kernel_cache
 
     calls = []
     monkeypatch.setattr(kernel_cache, "compiling", lambda part: calls.append(part) or len(calls) <= 6)

@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import FAMILY_HINT, main
+from cli.main import FAMILY_HINT, main
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse.demo_data import write_synthetic_family
+from warehouse.sources.demo_data import write_synthetic_family
 
 try:
     from tests.test_families_sql import reference_layers, reference_long
@@ -165,6 +165,12 @@ def ref_top_plastic_heads(t):
     return top[["model", "layer", "q_head", "ap_overall", "ap_overall_se", "q_R2_pos"]]
 
 
+def ref_heads_side_by_side(t):
+    hm = t["head_metrics"]
+    hm = hm[hm["model"].isin(["synthetic-demo", "tinyllama"])].sort_values(["layer", "q_head", "model"])
+    return hm[["layer", "q_head", "model", "ap_overall", "ap_overall_ci_low", "ap_overall_ci_high"]]
+
+
 def ref_ap_vs_r2_pos(t):
     hm = t["head_metrics"].dropna(subset=["ap_overall", "q_R2_pos"])
     rows = []
@@ -241,6 +247,7 @@ REFERENCES = {
     "layer-means": ref_layer_means,
     "layer-profile": ref_layer_profile,
     "top-plastic-heads": ref_top_plastic_heads,
+    "heads-side-by-side": ref_heads_side_by_side,
     "ap-vs-r2-pos": ref_ap_vs_r2_pos,
     "ap-by-r2-band": ref_ap_by_r2_band,
     "ap-by-query-bucket": ref_ap_by_query_bucket,

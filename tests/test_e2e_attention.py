@@ -1,4 +1,4 @@
-"""SPEC 4 at pipeline level: the attention tables equal a softmax written out here, query by query,
+"""Attention patterns at pipeline level: the attention tables equal a softmax written out here, query by query,
 on the rows of the Parquet files (read with pyarrow), for a full-causal layer and a layer with a
 sliding window, where n_keys (the window) and position + 1 differ. Tolerance rel 1e-9: the same
 formula, summed in another order."""
@@ -12,14 +12,14 @@ import pytest
 
 from plasticity.synthetic import SyntheticSpec
 from wiring_reference import read_rows, shard_path
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 SPEC = SyntheticSpec(model="wiring-attn", num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=2,
                      seq_len=96, bucket_size=16, sliding_windows={1: 17}, seed=5)
-SHARP_MAX, UNIFORM_MIN = 0.5, 0.95  # SPEC 4 class thresholds (defaults)
+SHARP_MAX, UNIFORM_MIN = 0.5, 0.95  # attention class thresholds (defaults)
 
 
 def softmax_rows(q, k):

@@ -1,4 +1,4 @@
-"""CSV exports (SPEC 3, README "CSV"): the files of a model's latest run, sorted by layer, q_head
+"""CSV exports (docs/method.md#tables): the files of a model's latest run, sorted by layer, q_head
 (then buckets or component), each value equal to the warehouse's, NaN written as `nan`.
 
 The warehouse is filled so that the order rows were inserted in differs from the sorted order: an
@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 import plasticity.head
-from dagster_project.cli import main as cli_main
+from cli.main import main as cli_main
 from test_bad_input import rewrite, set_vector_value
 from test_pipeline import SPEC_HEAD_COLUMNS
 from wiring_reference import SEED, shard_path, write_wiring_dataset
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 MODEL = "wiring-export"
 Q_HEADS = {0: [2, 10], 1: [2, 5, 10]}

@@ -1,10 +1,10 @@
-"""Configured head counts plan a sampled subset of query heads (SPEC 1: qk-sniffer often captures
+"""Configured head counts plan a sampled subset of query heads (qk-sniffer often captures
 only some query heads, so the shard names cannot give the counts; the config must be enough)."""
 
 from __future__ import annotations
 
-from warehouse.config import load_config
-from warehouse.pipeline import find_catalog, head_pairs
+from warehouse.settings.config import load_config
+from warehouse.run.planning import find_catalog, head_pairs
 from wiring_reference import write_wiring_dataset
 
 

@@ -1,7 +1,7 @@
 """End to end: what the warehouse stores equals an independent computation on the same rows.
 
 Each case runs `analyze_dataset` on a dataset and recomputes every head with `wiring_reference`:
-rows read with pyarrow, SPEC 2.1's subsample by its documented rule, SPEC 2.2's orientation by a
+rows read with pyarrow, the subsample by its documented rule, the orientation by a
 loop over all key rows, then `plasticity.head.analyze_head`. Same code path from there on, so
 every stored metric, cell and component row must be equal to the bit (except `ap_overall_se`,
 whose definition is being replaced). What the pure functions would share with the pipeline is
@@ -29,12 +29,12 @@ from wiring_reference import (
     count_weighted_orientation, expected_cells, position_metrics, query_counts, reference_head,
     unweighted_bucket_mean, write_wiring_dataset,
 )
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 TINY_LLAMA = Path(__file__).parent / "fixtures" / "tiny-llama" / "dense" / "tinyllama"
-COMPARED_METRICS = (  # every head_metrics column of SPEC 3 but ap_overall_se
+COMPARED_METRICS = (  # every upstream head_metrics column but ap_overall_se
     "k_head", "n_q_tokens", "n_k_tokens", "d_model", "q_R2_pos", "q_beta_norm", "q_R2_scalar", "q_mae_baseline",
     "q_mae_proj", "q_mae_ratio", "q_resid0_skew", "q_resid0_kurt", "q_resid0_ks_p", "q_noise_med_abs_skew",
     "q_noise_med_abs_kurt", "q_noise_med_ks_p", "q_noise_frac_ks_p_lt_alpha", "ap_overall", "estimator",
@@ -161,7 +161,7 @@ def test_cells_pair_counts_and_window_edge_by_hand(analysed):
         for cell, total in expected.items():
             value, n_pairs = got[cell]
             assert n_pairs == min(analysed.params.num_pairs_per_bucket, total), (head, cell)
-            assert math.isnan(value) == (total == 0), (head, cell, value)  # SPEC: no pairs -> NaN
+            assert math.isnan(value) == (total == 0), (head, cell, value)  # no pairs -> NaN
         edge = boundary_cells(ref.q, ref.k)
         assert set(edge) <= set(got)  # cells exactly on the window's edge are eligible (>=, not >)
         boundary_seen += len(edge)

@@ -1,4 +1,4 @@
-"""Resume (README "Runs, resume and concurrency"): re-running the same model and config skips the
+"""Resume (docs/runs.md, "Runs, resume and concurrency"): re-running the same model and config skips the
 heads already in head_metrics and retries the failed ones.
 
 A transient failure is injected into the real pipeline (the pure `analyze_head` raises once for
@@ -17,9 +17,9 @@ import pytest
 import plasticity.head
 from test_bad_input import rewrite, same as same_rows, set_vector_value
 from wiring_reference import SEED, reference_head, shard_path, write_wiring_dataset
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 HEADS = {(layer, q_head) for layer in range(2) for q_head in range(4)}
 FLAKY_HEAD = (1, 2)
@@ -110,7 +110,7 @@ def test_a_head_with_bad_data_stays_an_error_on_resume(wiring_root, tmp_path):
 
     second = analyze_dataset(cfg, root, progress=False)
     assert second.run_id == first.run_id
-    assert (second.n_computed, second.n_skipped) == (1, 7)  # retried, as the README promises
+    assert (second.n_computed, second.n_skipped) == (1, 7)  # retried, as docs/runs.md promises
     assert (second.n_done, second.n_errors, second.status) == (7, 1, "partial")
     after, errors_after, runs_after = snapshot(cfg, second.run_id)
     assert [e[:4] for e in errors_after] == [(0, 1, str(bad), "nonfinite_values")]  # once, not twice

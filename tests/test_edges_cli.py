@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from warehouse.families import BranchPattern, Checkpoint, FamilyError
+from warehouse.store.families import BranchPattern, Checkpoint, FamilyError
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """`plasticity ARGV` in this process: (exit status, stdout, stderr)."""
-    from dagster_project.cli import main
+    from cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -137,7 +137,7 @@ def check_one_warehouse_rule_for_every_command(tmp: Path, dataset: Path) -> None
     with environment(PLASTICITY_WAREHOUSE=None):
         code, out, err = run_cli(["validate", "--model", "m", "--warehouse", template])
         assert f"warehouse: {used} (from --warehouse)" in err
-        from warehouse.config import choose_warehouse
+        from warehouse.settings.config import choose_warehouse
 
         assert choose_warehouse(None, cfg) == (None, f"warehouse key of {cfg}")
         assert choose_warehouse(None) == ("data/warehouse.duckdb", "default")
@@ -159,7 +159,7 @@ ESC = "\x1b]0;owned\x07\x1b[2J"  # set the window title, clear the screen
 
 
 def check_card_text_is_escaped_by_sql(tmp: Path, dataset: Path) -> None:
-    from warehouse import db
+    from warehouse.store import db
 
     wh = tmp / "w.duckdb"
     db.ensure_schema(wh)
@@ -227,7 +227,7 @@ def check_creation_killed_leaves_no_empty_file(tmp: Path, dataset: Path) -> None
     assert not wh.exists()
     code, out, err = run_cli(["sql", "SELECT 1", "--warehouse", str(wh)])
     one_line_error(code, out, err, "does not exist yet")
-    from warehouse import db, schema
+    from warehouse.store import db, schema
 
     assert db.ensure_schema(wh) == schema.schema_version()
     assert sorted(p.name for p in tmp.iterdir()) == ["w.duckdb"]  # the dead process's temporary file is gone
@@ -249,7 +249,7 @@ def _old_warehouse(path: Path, version: int) -> None:
     """A warehouse as an older version left it: the unversioned schema, then migrations 1..version."""
     import duckdb
 
-    from warehouse import schema
+    from warehouse.store import schema
 
     con = duckdb.connect(str(path))
     con.execute((REPO / "tests" / "fixtures" / "warehouse-v0" / "schema.sql").read_text())
@@ -265,7 +265,7 @@ def _old_warehouse(path: Path, version: int) -> None:
 
 
 def check_old_warehouses_are_one_line_with_the_upgrade(tmp: Path, dataset: Path) -> None:
-    from warehouse import schema
+    from warehouse.store import schema
 
     for version in (0, 2):
         wh = tmp / f"v{version}.duckdb"
@@ -287,7 +287,7 @@ def check_old_warehouses_are_one_line_with_the_upgrade(tmp: Path, dataset: Path)
 def check_foreign_migration_tables_are_one_line(tmp: Path, dataset: Path) -> None:
     import duckdb
 
-    from warehouse import db, schema
+    from warehouse.store import db, schema
 
     dev = tmp / "dev.duckdb"
     db.ensure_schema(dev)
@@ -320,7 +320,7 @@ def check_foreign_migration_tables_are_one_line(tmp: Path, dataset: Path) -> Non
 
 
 def check_reserved_file_stems_are_refused_by_sql(tmp: Path, dataset: Path) -> None:
-    from warehouse import db
+    from warehouse.store import db
 
     other = tmp / "a.duckdb"
     db.ensure_schema(other)
@@ -339,7 +339,7 @@ def check_reserved_file_stems_are_refused_by_sql(tmp: Path, dataset: Path) -> No
 def check_a_column_of_another_type_names_its_file(tmp: Path, dataset: Path) -> None:
     import duckdb
 
-    from warehouse import db
+    from warehouse.store import db
 
     good, odd = tmp / "good.duckdb", tmp / "odd.duckdb"
     db.ensure_schema(good)
@@ -360,7 +360,7 @@ def _cli_process(argv: list[str], **kw):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "dagster_project.cli", *argv], cwd=kw.pop("cwd", None),
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=kw.pop("cwd", None),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
 
@@ -392,7 +392,7 @@ def check_export_on_a_full_disk_leaves_nothing_half_written(tmp: Path, dataset: 
         "import resource, signal, sys; sys.path.insert(0, sys.argv[1])\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\n"
-        "from dagster_project.cli import main\n"
+        "from cli.main import main\n"
         "sys.exit(main(sys.argv[2:]))"), str(REPO), "export", "--model", "m", "--warehouse", str(wh),
         "--out", str(out_dir)], capture_output=True, text=True, timeout=120)
     one_line_error(limited.returncode, limited.stdout, limited.stderr, f"export to {out_dir} failed")
@@ -402,7 +402,7 @@ def check_export_on_a_full_disk_leaves_nothing_half_written(tmp: Path, dataset: 
 
 
 def check_closed_pipe_is_quiet(tmp: Path, dataset: Path) -> None:
-    from warehouse import db
+    from warehouse.store import db
 
     wh = tmp / "w.duckdb"
     db.ensure_schema(wh)
@@ -425,7 +425,7 @@ def check_sql_interrupted_or_killed_leaves_no_spill_folder(tmp: Path, dataset: P
     `sql` removes the folder of the dead process."""
     import signal
 
-    from warehouse import db
+    from warehouse.store import db
 
     wh = tmp / "w.duckdb"
     db.ensure_schema(wh)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dagster_project.cli import main
+from cli.main import main
 from dagster_project.registry import DatasetRegistry
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.families import BranchPattern, Checkpoint, FamilyError
-from warehouse.options import OptionError
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.store.families import BranchPattern, Checkpoint, FamilyError
+from warehouse.settings.options import OptionError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_WATCH_FILE = REPO / "configs" / "dagster" / "hub_repos.yaml"

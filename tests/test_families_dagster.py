@@ -18,10 +18,10 @@ from assets import analysis, catalog, families
 from dagster_project.definitions import defs
 from dagster_project.partitions import TAG_REVISION
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from dagster_project.ui import DEFAULT_MAX_CONCURRENT_RUNS, dev_instance_yaml, prepare, write_instance_yaml
+from cli.ui import DEFAULT_MAX_CONCURRENT_RUNS, dev_instance_yaml, prepare, write_instance_yaml
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse import db
-from warehouse.demo_data import write_synthetic_dataset, write_synthetic_family
+from warehouse.store import db
+from warehouse.sources.demo_data import write_synthetic_dataset, write_synthetic_family
 
 try:
     from tests.fake_hub import FakeHub, block_non_loopback, configure_hf_client
@@ -241,7 +241,7 @@ def test_ui_dagster_yaml_queues_runs_one_per_partition(tmp_path, capsys):
     assert write_instance_yaml(fresh, webserver_only=False).read_text() == dev_instance_yaml(DEFAULT_MAX_CONCURRENT_RUNS)
     old = tmp_path / "old"
     old.mkdir()
-    from dagster_project import ui
+    from cli import ui
 
     (old / "dagster.yaml").write_text(ui._DAGSTER_YAML_DEV_BEFORE)  # what earlier versions wrote
     assert write_instance_yaml(old, webserver_only=False, max_concurrent_runs=4).read_text() == dev_instance_yaml(4)

@@ -9,10 +9,10 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-from dagster_project.cli import FAMILY_HINT, main
+from cli.main import FAMILY_HINT, main
 from plasticity.synthetic import FamilySpec, SyntheticSpec, head_noise_scale
-from warehouse import db
-from warehouse.demo_data import family_layer_truth, read_ground_truth, write_synthetic_family
+from warehouse.store import db
+from warehouse.sources.demo_data import family_layer_truth, read_ground_truth, write_synthetic_family
 
 FAM = FamilySpec()
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection, QuadMesh
 
-from dagster_project.cli import main
-from warehouse import db
-from warehouse.families import FamilyError, Trajectory, check_distinct_steps
-from warehouse.plots import load_plot_options
-from warehouse.trajectory_plots import layer_by_checkpoint, plot_trajectory
+from cli.main import main
+from warehouse.store import db
+from warehouse.store.families import FamilyError, Trajectory, check_distinct_steps
+from warehouse.present.plot_data import load_plot_options
+from warehouse.present.trajectory_plots import layer_by_checkpoint, plot_trajectory
 
 
 def trajectory(steps=(10, 100, 1000, 10000), stages=("s1", "s1", "s2", "s2"), n_layers=3, metric="ap_overall",

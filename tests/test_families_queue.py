@@ -26,11 +26,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagster_project.cli import main
-from dagster_project.ui import _end_group, dev_instance_yaml, prepare
+from cli.main import main
+from cli.ui import _end_group, dev_instance_yaml, prepare
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse.demo_data import write_synthetic_family
-from warehouse.processes import alive, descendants
+from warehouse.sources.demo_data import write_synthetic_family
+from warehouse.run.processes import alive, descendants
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="cleans up the daemon's process tree "
                                                                              "through /proc")

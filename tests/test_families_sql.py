@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
+from cli.main import main
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse import db, schema
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_family
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db, schema
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_family
+from warehouse.run.pipeline import analyze_dataset
 
 FAMILY = FamilySpec(
     family="tfam", steps=(10, 100, 1000), stages=("a", "a", "b"), layer_rates=(0.25, -0.25),
@@ -281,7 +281,7 @@ def test_an_older_warehouse_joins_the_union_and_upgrades_with_the_families_migra
     monkeypatch.setattr(schema, "migrations", lambda: before)
     monkeypatch.setattr(schema, "schema_version", lambda: FAMILIES_MIGRATION - 1)
     with pytest.raises(db.WarehouseError, match="without a migration"):
-        schema.check_existing(old, 5.0)  # schema.sql has the columns; without the migration the upgrade lacks them
+        db.check_existing_schema(old, 5.0)  # schema.sql has the columns; without the migration the upgrade lacks them
     monkeypatch.undo()
     assert db.ensure_schema(old) == schema.schema_version()
     with db.reader(old) as con:

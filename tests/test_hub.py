@@ -1,4 +1,4 @@
-"""warehouse.hub against a real local HTTP server (tests/fake_hub.py) via the real huggingface_hub client."""
+"""warehouse.sources.hub against a real local HTTP server (tests/fake_hub.py) via the real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
 
 from huggingface_hub import constants as hf_constants
 
-from warehouse.hub import BranchRef, HubError, download_branch, get_branch, list_dataset_branches
+from warehouse.sources.hub import BranchRef, HubError, download_branch, get_branch, list_dataset_branches
 
 REPO = "qk-org/qk-sniffer"
 MODEL_BRANCH = "llama-3.2-1b"

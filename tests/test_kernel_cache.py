@@ -1,5 +1,5 @@
 """The numba kernels are compiled once per machine, by the background warm-up, never by a run's workers
-(warehouse/kernel_cache.py): what makes a fresh clone's first run not pay the compile in every worker."""
+(warehouse/run/kernel_cache.py): what makes a fresh clone's first run not pay the compile in every worker."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-from warehouse import db, kernel_cache, results
+from warehouse.store import db, results
+
+from warehouse.run import kernel_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
 RUN = textwrap.dedent("""
     import sys
-    from warehouse.config import RunConfig
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import RunConfig
+    from warehouse.run.pipeline import analyze_dataset
     root, wh, attention = sys.argv[1], sys.argv[2], sys.argv[3]
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     cfg = RunConfig(warehouse=wh, output_dir=wh + ".results", max_workers=workers, attention=attention,
@@ -95,7 +97,7 @@ def test_demo_data_does_not_depend_on_the_blas_thread_count(tmp_path):
     from threadpoolctl import threadpool_limits
 
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.demo_data import write_synthetic_dataset
+    from warehouse.sources.demo_data import write_synthetic_dataset
 
     spec = SyntheticSpec(model="blas-threads", num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=16,
                          num_examples=4, seq_len=256, bucket_size=64)
@@ -115,7 +117,7 @@ def test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_
     moves each affected kernel's files aside, says so in one line, and the warm-up compiles them again."""
     cache = tmp_path / "numba-cache"
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
-    warm = subprocess.run([sys.executable, "-m", "warehouse.kernel_cache", "attention"], cwd=tmp_path, timeout=600,
+    warm = subprocess.run([sys.executable, "-m", "warehouse.run.kernel_cache", "attention"], cwd=tmp_path, timeout=600,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert warm.returncode == 0, warm.stderr[-3000:]
     folder = kernel_cache.kernel_cache_folder(REPO / "plasticity" / "attention" / "kernel.py")

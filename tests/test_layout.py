@@ -1,4 +1,4 @@
-"""Head layout resolution (SPEC 1 GQA): config > card > a complete shard set; never guessed from a
+"""Head layout resolution (GQA; docs/method.md#inputs): config > card > a complete shard set; never guessed from a
 sparse or inconsistent set; expected query heads follow what the card says about head sampling."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from warehouse.layout import HeadLayout, LayoutError, expected_query_layers, infer_from_shards, resolve_layout
+from warehouse.sources.layout import HeadLayout, LayoutError, expected_query_layers, infer_from_shards, resolve_layout
 
 
 def full_set(layers: int, q: int, k: int) -> list[tuple[int, int, str]]:
@@ -74,7 +74,7 @@ def test_expected_query_layers():
 
 
 def test_shard_names_use_ascii_digits_only(tmp_path):
-    from warehouse.catalog import scan_shards
+    from warehouse.sources.catalog import scan_shards
 
     for name in ("l00h00q", "l\u0660h\u0660q", "l0h0x", "L0H0Q"):  # Arabic-Indic zeros, a bad kind, upper case
         (tmp_path / name).mkdir()

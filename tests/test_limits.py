@@ -14,15 +14,15 @@ import pytest
 from plasticity.attention.scale_plan import MAX_POWER, power_of_scale
 from plasticity.jackknife import MAX_EXAMPLE_GROUPS, example_groups
 from test_bad_input import rewrite, set_value, shard
-from warehouse import db
-from warehouse.card import CARD_MAX_BYTES, MAX_BUCKET_SIZE, MAX_LAYOUT_COUNT, MAX_MODEL_NAME_CHARS, parse_card, read_card
-from warehouse.catalog import MAX_POSITION, ShardInfo, profile_shard
-from warehouse.config import MAX_SEED, MAX_STEP, load_config
-from warehouse.families import MAX_PATTERN_CHARS, BranchPattern, FamilyError
-from warehouse.layout import MAX_PLANNED_HEADS, LayoutError, resolve_layout
-from warehouse.names import MAX_NAME_BYTES, name_problem
-from warehouse.options import OptionError
-from warehouse.plots import load_plot_options
+from warehouse.store import db
+from warehouse.sources.card import CARD_MAX_BYTES, MAX_BUCKET_SIZE, MAX_LAYOUT_COUNT, MAX_MODEL_NAME_CHARS, parse_card, read_card
+from warehouse.sources.catalog import MAX_POSITION, ShardInfo, profile_shard
+from warehouse.settings.config import MAX_SEED, MAX_STEP, load_config
+from warehouse.store.families import MAX_PATTERN_CHARS, BranchPattern, FamilyError
+from warehouse.sources.layout import MAX_PLANNED_HEADS, LayoutError, resolve_layout
+from warehouse.sources.names import MAX_NAME_BYTES, name_problem
+from warehouse.settings.options import OptionError
+from warehouse.present.plots import load_plot_options
 
 PATTERN = r"(?P<family>[a-z]+)-step(?P<step>[0-9]+)"
 
@@ -41,7 +41,7 @@ def test_the_largest_step_is_one_branch_pattern_and_config_agree_on():
 
 
 def test_the_largest_step_is_stored_and_read_back(small_dataset, tmp_path):
-    from dagster_project.cli import main
+    from cli.main import main
 
     wh = str(tmp_path / "wh.duckdb")
     assert main(["analyze", "--dataset_local_root", str(small_dataset), "--warehouse", wh, "--model", "m",

@@ -1,4 +1,4 @@
-"""`load_rows` returns a shard's rows (all of them, or SPEC 2.1's subsample) in canonical order,
+"""`load_rows` returns a shard's rows (all of them, or the subsample) in canonical order,
 whatever the order of the file."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_bad_input import rewrite, set_column, shard
-from warehouse.catalog import ShardInfo, profile_shard
-from warehouse.loading import load_rows
+from warehouse.sources.catalog import ShardInfo
+from warehouse.sources.shard_profile import profile_shard
+from warehouse.run.loading import load_rows
 
 
 def shuffled(table):
@@ -24,7 +25,7 @@ def fractional(table):  # float positions: the canonical sort can no longer pack
 
 
 def expected_rows(path, cap, seed):
-    """The rows SPEC 2.1 keeps, straight from the file with DuckDB, in canonical order."""
+    """The rows the subsample keeps, straight from the file with DuckDB, in canonical order."""
     con = duckdb.connect()
     try:
         rel = con.execute(

@@ -1,4 +1,4 @@
-"""SPEC 2.8 estimators: pair AP, cell rows, aggregation and standard error."""
+"""Attention-plasticity estimators: pair AP, cell rows, aggregation and standard error."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""analyze_head: SPEC 2.2-2.8 chained; agreement with the reference functions, determinism, invariance."""
+"""analyze_head: orientation to attention plasticity chained; agreement with the reference functions, determinism, invariance."""
 
 import numpy as np
 import pytest
@@ -39,7 +39,7 @@ def permuted(t, rng):
 
 
 def reference(q, k, s, layer, q_head, params):
-    """SPEC 2.2-2.8 with the plain reference functions (materialised rotation of Q and K)."""
+    """Orientation to attention plasticity with the plain reference functions (materialised rotation of Q and K)."""
     q, k = canonicalize(q), canonicalize(k)
     p = q.position
     Xq = q.vectors * s

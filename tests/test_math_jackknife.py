@@ -1,4 +1,4 @@
-"""The example jackknife of SPEC 2.8's `ap_overall_se`: groups, pair slopes and gradients, the exact
+"""The example jackknife of `ap_overall_se`: groups, pair slopes and gradients, the exact
 per-group refits, the replicates against the exact delete-a-group jackknife, and the NaN rules."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC 2.6: vectorised skew / kurtosis / KS equal scipy's."""
+"""Normality diagnostics: vectorised skew / kurtosis / KS equal scipy's."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""SPEC 2.2 orientation, 2.5 Householder rotation, 2.7 component weights."""
+"""Orientation, Householder rotation, component weights."""
 
 import numpy as np
 import pytest

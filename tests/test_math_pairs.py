@@ -1,4 +1,4 @@
-"""SPEC 2.8 key-pair sampling and sliding-window eligibility."""
+"""Key-pair sampling and sliding-window eligibility."""
 
 import numpy as np
 import pytest

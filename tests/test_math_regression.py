@@ -1,4 +1,4 @@
-"""SPEC 2.3 position regression and SPEC 2.4 scalar predictability."""
+"""Position regression and scalar position predictability."""
 
 import numpy as np
 import pytest
@@ -47,7 +47,7 @@ def test_matches_scipy_linregress_per_column():
 
 
 def test_r2_uses_floored_total_sum_of_squares():
-    # SPEC 2.3: R2 = 1 - SS_res / max(SS_tot, 1e-12); a constant column has SS_res = SS_tot = 0
+    # the position regression: R2 = 1 - SS_res / max(SS_tot, 1e-12); a constant column has SS_res = SS_tot = 0
     rng = np.random.default_rng(2)
     p = np.arange(100.0)
     X = np.column_stack([rng.standard_normal(100), np.full(100, 0.25)])

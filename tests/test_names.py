@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dagster_project.cli import main
-from warehouse import db
-from warehouse.names import MAX_NAME_BYTES, UnsafeName, name_problem, safe_path_component
+from cli.main import main
+from warehouse.store import db
+from warehouse.sources.names import MAX_NAME_BYTES, UnsafeName, name_problem, safe_path_component
 
 UNSAFE = {
     "../x": "path separator",
@@ -102,7 +102,7 @@ def test_export_of_an_unknown_or_unsafe_model_leaves_no_folder(small_dataset, tm
 
 
 def test_export_file_names_must_be_file_names(small_dataset, tmp_path):
-    from warehouse.export import export_csvs, results_dir
+    from warehouse.store.export import export_csvs, results_dir
 
     with pytest.raises(UnsafeName, match="file name of the head_metrics export"):
         export_csvs(tmp_path / "none.duckdb", "m", "r", tmp_path / "out", {"head_metrics": "../up.csv"})

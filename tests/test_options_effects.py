@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dagster_project.cli import main
+from cli.main import main
 from plasticity.synthetic import SyntheticSpec
-from warehouse import db
-from warehouse.demo_data import write_synthetic_dataset
+from warehouse.store import db
+from warehouse.sources.demo_data import write_synthetic_dataset
 
 DATA = SyntheticSpec(model="opts", num_layers=2, num_q_heads=4, num_k_heads=2, head_dim=8, num_examples=4,
                      seq_len=128, bucket_size=32, sliding_windows={1: 48}, seed=5)
@@ -251,7 +251,7 @@ def test_an_attention_option_changes_what_it_should(dataset, attention_base, tmp
 # ----------------------------------------------------------------------------- plot options
 
 def draw(base: Run, kind: str, **kw):
-    from warehouse import plots
+    from warehouse.present import plots
 
     where = {"warehouse": base.warehouse} if kind == "compare" else {"warehouse": base.warehouse, "model": base.model}
     return plots.make_plot(kind, plots.load_plot_options(kind, None, **where, **kw))[0]

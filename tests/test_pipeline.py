@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import read_ground_truth
-from warehouse.export import export_csvs
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import read_ground_truth
+from warehouse.store.export import export_csvs
+from warehouse.run.pipeline import analyze_dataset
 
 SPEC_HEAD_COLUMNS = (
     "layer,q_head,k_head,n_q_tokens,n_k_tokens,d_model,q_R2_pos,q_beta_norm,q_R2_scalar,q_mae_baseline,"
@@ -156,7 +156,8 @@ def test_linear_diag_estimator_recorded(small_dataset, tmp_path):
 def test_catalog_lists_every_shard_profiled_when_only_some_layers_run(small_dataset, tmp_path):
     # shards are profiled as their groups are submitted and the rest while the workers compute;
     # the catalog must still hold every shard, profiled exactly as the SQL definition says
-    from warehouse.catalog import ShardInfo, find_shards, profile_shard_sql
+    from warehouse.sources.catalog import ShardInfo, find_shards
+    from warehouse.sources.shard_profile import profile_shard_sql
 
     cfg, summary = run(small_dataset, tmp_path, "part", max_workers=2, layers=[1])
     assert summary.n_done == 4 and summary.n_errors == 0
@@ -198,8 +199,8 @@ def test_workers_do_not_rerun_the_parents_main_module(small_dataset, tmp_path):
         "import os, sys\n"
         f"sys.path.insert(0, {str(repo)!r})\n"
         f"open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
-        "from warehouse.config import load_config\n"
-        "from warehouse.pipeline import analyze_dataset\n"
+        "from warehouse.settings.config import load_config\n"
+        "from warehouse.run.pipeline import analyze_dataset\n"
         "if __name__ == '__main__':\n"
         f"    cfg = load_config(None, {{'warehouse': {str(tmp_path / 'w.duckdb')!r}, 'max_workers': 2, 'attention': False}})\n"
         f"    s = analyze_dataset(cfg, {str(small_dataset)!r}, model='m', progress=False)\n"

@@ -1,4 +1,4 @@
-"""AP intervals in the plots (issue 18): the bands and error bars drawn are the warehouse's stored
+"""AP intervals in the plots: the bands and error bars drawn are the warehouse's stored
 intervals, or the documented conservative interval of a mean, checked on the matplotlib objects of
 plots drawn from a warehouse built by the real pipeline (two checkpoints of a family f)."""
 
@@ -12,15 +12,17 @@ from matplotlib.collections import LineCollection, PolyCollection
 from scipy import stats
 
 from plasticity.mean_interval import mean_interval_bound
-from warehouse import db, plots
+from warehouse.store import db
+from warehouse.present import plots
+from warehouse.present import plot_data
 
 STEPS = {"c-1": 1, "c-2": 2}
 
 
 @pytest.fixture(scope="module")
 def warehouse(small_dataset, tmp_path_factory):
-    from warehouse.config import load_config
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.run.pipeline import analyze_dataset
 
     wh = tmp_path_factory.mktemp("plot_intervals") / "wh.duckdb"
     for model, step in STEPS.items():
@@ -53,7 +55,7 @@ def query(wh, sql, params=None):
 
 
 def draw(kind, wh, **kw):
-    opts = plots.load_plot_options(kind, None, warehouse=str(wh), **kw)
+    opts = plot_data.load_plot_options(kind, None, warehouse=str(wh), **kw)
     return plots.make_plot(kind, opts)[0]
 
 
@@ -162,11 +164,11 @@ def test_curves_without_stored_intervals_or_with_ci_off_draw_no_band(old_runs, w
     bands = ci_artists(res.figure.axes[0])
     assert "ci L0 H1" not in bands and len(bands) == 7
     assert "1 head(s) without a finite standard error" in res.figure.axes[0].get_title()
-    cells, run_id = plots.load_run_table(warehouse, "head_bucket_plasticity", "c-1")
-    stored = plots.load_bucket_intervals(warehouse, "c-1", run_id)
+    cells, run_id = plot_data.load_run_table(warehouse, "head_bucket_plasticity", "c-1")
+    stored = plot_data.load_bucket_intervals(warehouse, "c-1", run_id)
     assert len(stored) > 0
     for max_heads in (12, 1):  # intervals at hand, but ci: false
-        opts = plots.load_plot_options("curves", None, ci=False, ci_max_heads=max_heads)
+        opts = plot_data.load_plot_options("curves", None, ci=False, ci_max_heads=max_heads)
         ax = plots.plot_plasticity_curves(cells, opts, stored).figure.axes[0]
         assert not ci_artists(ax) and "interval" not in ax.get_title()
         assert not ci_artists(draw("curves", warehouse, model="c-1", ci=False, ci_max_heads=max_heads).figure.axes[0])
@@ -292,8 +294,8 @@ def test_the_mean_band_of_heads_with_unequal_degrees_of_freedom_uses_the_smalles
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from warehouse.config import load_config
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.run.pipeline import analyze_dataset
 
     for name in ("l00h00k", "l00h00q", "l00h01q"):
         path = small_copy / name / "data.parquet"

@@ -1,4 +1,4 @@
-"""warehouse.plots and `plasticity plot`: the numbers drawn, checked on hand-made tables."""
+"""warehouse.present.plots and `plasticity plot`: the numbers drawn, checked on hand-made tables."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
-from warehouse import plots
+from cli.main import main
+from warehouse.present import plots
+from warehouse.present import figure_parts
+from warehouse.present import plot_data
 
 PLOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "plots"
 NAN = float("nan")
@@ -41,19 +43,19 @@ def weights() -> pd.DataFrame:
 
 
 def test_bucket_start_positions():
-    assert plots.bucket_start([0, 1, 3], "uniform", 64).tolist() == [0, 64, 192]
-    assert plots.bucket_start([0, 1, 3], "log", 2).tolist() == [2, 4, 16]
+    assert plot_data.bucket_start([0, 1, 3], "uniform", 64).tolist() == [0, 64, 192]
+    assert plot_data.bucket_start([0, 1, 3], "log", 2).tolist() == [2, 4, 16]
     with pytest.raises(ValueError, match="bucket_type"):
-        plots.bucket_start([1], "geometric", 1)
+        plot_data.bucket_start([1], "geometric", 1)
 
 
 def test_bucket_curves_average_non_nan_cells():
-    c = plots.bucket_curves(cells()).set_index(["layer", "q_head", "q_bucket"])["plasticity"]
+    c = plot_data.bucket_curves(cells()).set_index(["layer", "q_head", "q_bucket"])["plasticity"]
     assert c[(0, 0, 2)] == pytest.approx(0.4)
     assert c[(0, 0, 3)] == pytest.approx(0.6)
     assert math.isnan(c[(1, 0, 1)])  # only a NaN cell
     assert c[(1, 0, 2)] == pytest.approx(0.5)  # the NaN cell is skipped, not counted as 0
-    trends = plots.head_trends(plots.bucket_curves(cells()))
+    trends = plot_data.head_trends(plot_data.bucket_curves(cells()))
     assert trends[(0, 0, 0)] == "rising" and trends[(0, 1, 0)] == "falling"
     assert trends[(1, 0, 0)] == "flat"  # 0.5 then 0.5: the NaN-only bucket 1 is left out
 
@@ -77,28 +79,28 @@ TREND_CASES = {
 @pytest.mark.parametrize("expected", sorted(TREND_CASES))
 def test_trend_classes_on_constructed_curves(expected):
     y = TREND_CASES[expected]
-    assert plots.trend_class(np.array(y)) == expected
-    assert plots.rise_and_fall(np.array(y)) == pytest.approx(brute_rise_fall(y), abs=1e-15)
+    assert plot_data.trend_class(np.array(y)) == expected
+    assert plot_data.rise_and_fall(np.array(y)) == pytest.approx(brute_rise_fall(y), abs=1e-15)
 
 
 def test_trend_tolerance_edges():
     tol = 0.125  # binary fractions, so "exactly tol" is exact
-    assert plots.trend_class(np.array([0.25, 0.5, 0.375, 0.75]), tol) == "rising"  # a drop of exactly tol is noise
-    assert plots.trend_class(np.array([0.25, 0.5, 0.25, 0.75]), tol) == "mixed"  # up, down, up
-    assert plots.trend_class(np.array([0.5, 0.625]), tol) == "flat"
-    assert plots.trend_class(np.array([0.5, 0.75]), tol) == "rising"
+    assert plot_data.trend_class(np.array([0.25, 0.5, 0.375, 0.75]), tol) == "rising"  # a drop of exactly tol is noise
+    assert plot_data.trend_class(np.array([0.25, 0.5, 0.25, 0.75]), tol) == "mixed"  # up, down, up
+    assert plot_data.trend_class(np.array([0.5, 0.625]), tol) == "flat"
+    assert plot_data.trend_class(np.array([0.5, 0.75]), tol) == "rising"
     # a monotone-looking curve that ends in a dip deeper than tol is not "falling"
-    assert plots.trend_class(np.array([0.9, 0.6, 0.3, 0.5])) == "dip"
-    assert plots.trend_class(np.array([0.9, 0.6, 0.3, 0.5]), tol=0.3) == "falling"
+    assert plot_data.trend_class(np.array([0.9, 0.6, 0.3, 0.5])) == "dip"
+    assert plot_data.trend_class(np.array([0.9, 0.6, 0.3, 0.5]), tol=0.3) == "falling"
     rng = np.random.default_rng(5)
     for _ in range(200):  # rise/fall against the O(n^2) definition
         y = rng.random(int(rng.integers(1, 9)))
-        assert plots.rise_and_fall(y) == pytest.approx(brute_rise_fall(list(y)), abs=1e-15)
+        assert plot_data.rise_and_fall(y) == pytest.approx(brute_rise_fall(list(y)), abs=1e-15)
 
 
 def test_heatmap_matrix_mean_and_median():
-    mean = plots.heatmap_matrix(cells(), "mean")
-    median = plots.heatmap_matrix(cells(), "median")
+    mean = plot_data.heatmap_matrix(cells(), "mean")
+    median = plot_data.heatmap_matrix(cells(), "median")
     assert mean.loc[3, 1] == pytest.approx((0.6 + 0.4 + 0.9) / 3)
     assert median.loc[3, 1] == pytest.approx(0.6)
     assert mean.loc[2, 1] == pytest.approx(0.6)  # NaN of head (1,0) skipped
@@ -107,10 +109,10 @@ def test_heatmap_matrix_mean_and_median():
 
 
 def test_component_weights_are_normalised_per_head_before_averaging():
-    norm = plots.normalized_component_weights(weights())
+    norm = plot_data.normalized_component_weights(weights())
     sums = norm.groupby(["layer", "q_head"])["weight_norm"].sum()
     assert np.allclose(sums, 1.0)
-    means = plots.component_means(weights()).set_index("component")["mean_weight"]
+    means = plot_data.component_means(weights()).set_index("component")["mean_weight"]
     # heads (0,0) and (0,1) normalise to [.5,.25,.25]; the all-zero head counts as 1/3 each
     assert means.tolist() == pytest.approx([(0.5 + 0.5 + 1 / 3) / 3, (0.25 + 0.25 + 1 / 3) / 3, (0.25 + 0.25 + 1 / 3) / 3])
 
@@ -122,17 +124,17 @@ def _outside(fig, ax, legend) -> bool:
 
 
 def test_curves_figure_draws_every_head_and_the_mean():
-    opts = plots.load_plot_options("curves", bucket_min_size=64, color_by_layer=True, model_name="toy")
+    opts = plot_data.load_plot_options("curves", bucket_min_size=64, color_by_layer=True, model_name="toy")
     res = plots.plot_plasticity_curves(cells(), opts)
     ax = res.figure.axes[0]
     lines = ax.get_lines()
     assert len(lines) == 3 + 1  # three heads + the mean
     mean_line = max(lines, key=lambda ln: ln.get_linewidth())
     assert mean_line.get_xdata().tolist() == [64, 128, 192]
-    want = plots.bucket_curves(cells()).groupby("q_bucket")["plasticity"].mean().tolist()
+    want = plot_data.bucket_curves(cells()).groupby("q_bucket")["plasticity"].mean().tolist()
     assert mean_line.get_ydata().tolist() == pytest.approx(want)
     assert res.summary["mean_plasticity"].tolist() == pytest.approx(want)
-    colors = plots.layer_colors([0, 1])
+    colors = figure_parts.layer_colors([0, 1])
     assert [tuple(ln.get_color()) for ln in lines if ln is not mean_line] == [colors[0], colors[0], colors[1]]
     # a discrete key: one legend entry per layer with its head count, no continuous colour bar
     assert len(res.figure.axes) == 1
@@ -144,9 +146,9 @@ def test_curves_figure_draws_every_head_and_the_mean():
 
 
 def test_many_layers_get_a_discrete_colour_bar():
-    n_layers = plots.LAYER_LEGEND_MAX + 3
+    n_layers = figure_parts.LAYER_LEGEND_MAX + 3
     many = pd.concat([cells().assign(layer=layer) for layer in range(n_layers)], ignore_index=True)
-    res = plots.plot_plasticity_curves(many, plots.load_plot_options("curves", color_by_layer=True))
+    res = plots.plot_plasticity_curves(many, plot_data.load_plot_options("curves", color_by_layer=True))
     fig = res.figure
     assert len(fig.axes) == 2
     bar_ax = fig.axes[1]
@@ -155,13 +157,13 @@ def test_many_layers_get_a_discrete_colour_bar():
     solids = next(c for c in bar_ax.collections if type(c).__name__ == "QuadMesh")  # the colour bar's blocks
     assert list(solids.norm.boundaries) == [x - 0.5 for x in range(n_layers + 1)]  # one block per layer
     assert solids.cmap.N == n_layers
-    colors = plots.layer_colors(range(n_layers))
+    colors = figure_parts.layer_colors(range(n_layers))
     assert [tuple(solids.cmap(i)) for i in range(n_layers)] == [colors[la] for la in range(n_layers)]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["mean over heads"]
 
 
 def test_color_trend_legend_is_outside_and_counts_shapes():
-    res = plots.plot_plasticity_curves(cells(), plots.load_plot_options("curves", color_trend=True))
+    res = plots.plot_plasticity_curves(cells(), plot_data.load_plot_options("curves", color_trend=True))
     ax = res.figure.axes[0]
     legend = ax.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["rising (1)", "falling (1)", "flat (1)", "mean over heads"]
@@ -169,18 +171,18 @@ def test_color_trend_legend_is_outside_and_counts_shapes():
     from matplotlib.colors import to_rgba
 
     colors = [to_rgba(ln.get_color()) for ln in ax.get_lines()][:3]  # heads in (layer, q_head) order
-    assert colors == [to_rgba(plots.TREND_COLORS[t]) for t in ("rising", "falling", "flat")]
+    assert colors == [to_rgba(figure_parts.TREND_COLORS[t]) for t in ("rising", "falling", "flat")]
     assert res.extra["trends"] == {"rising": 1, "falling": 1, "flat": 1}
 
 
 def test_heatmap_figure_values_and_axes():
-    opts = plots.load_plot_options("heatmap", bucket_type="log", bucket_min_size=2, agg="median", vmin=0.1,
+    opts = plot_data.load_plot_options("heatmap", bucket_type="log", bucket_min_size=2, agg="median", vmin=0.1,
                                    vmax=0.9, cmap="magma", title="T")
     res = plots.plot_bucket_heatmap(cells(), opts)
     ax = res.figure.axes[0]
     mesh = ax.collections[0]
     values = np.ma.filled(mesh.get_array().astype(float), np.nan).reshape(3, 3)
-    expected = plots.heatmap_matrix(cells(), "median").to_numpy()
+    expected = plot_data.heatmap_matrix(cells(), "median").to_numpy()
     assert np.allclose(values, expected, equal_nan=True)
     assert mesh.get_clim() == (0.1, 0.9) and mesh.get_cmap().name == "magma"
     assert [t.get_text() for t in ax.get_yticklabels()] == ["4", "8", "16"]  # 2**b * 2 for b = 1, 2, 3
@@ -189,9 +191,9 @@ def test_heatmap_figure_values_and_axes():
 
 
 def test_component_bars_heights_and_interval_bars():
-    res = plots.plot_component_weights(weights(), plots.load_plot_options("components"))
+    res = plots.plot_component_weights(weights(), plot_data.load_plot_options("components"))
     ax = res.figure.axes[0]
-    means = plots.component_means(weights())
+    means = plot_data.component_means(weights())
     heights = [p.get_height() for p in ax.patches]
     assert heights == pytest.approx(means["mean_weight"].tolist())
     segments = [np.asarray(seg) for seg in ax.collections[0].get_segments()]
@@ -205,8 +207,8 @@ def test_component_bars_heights_and_interval_bars():
 def test_bootstrap_mean_interval():
     rng = np.random.default_rng(1)
     w = rng.dirichlet(np.full(6, 0.3), size=40)  # 40 heads, skewed weights summing to 1
-    low, high = plots.bootstrap_mean_interval(w)
-    again = plots.bootstrap_mean_interval(w)
+    low, high = plot_data.bootstrap_mean_interval(w)
+    again = plot_data.bootstrap_mean_interval(w)
     assert np.array_equal(low, again[0]) and np.array_equal(high, again[1])  # same seed, same bits
     assert np.all(w.min(axis=0) <= low) and np.all(high <= w.max(axis=0)) and np.all(low <= high)
     assert np.all((low <= w.mean(axis=0)) & (w.mean(axis=0) <= high))
@@ -216,10 +218,10 @@ def test_bootstrap_mean_interval():
     assert np.abs(high - ref.confidence_interval.high).max() < 0.01
     # closed forms: identical heads give a zero-width interval; one head its own values
     same = np.tile([0.7, 0.2, 0.1], (5, 1))
-    assert np.array_equal(plots.bootstrap_mean_interval(same)[0], same[0])
-    assert np.array_equal(plots.bootstrap_mean_interval(same[:1])[1], same[0])
+    assert np.array_equal(plot_data.bootstrap_mean_interval(same)[0], same[0])
+    assert np.array_equal(plot_data.bootstrap_mean_interval(same[:1])[1], same[0])
     # two heads 0 and 1: resample means k/2, k ~ Binomial(2, 1/2): 2.5% and 97.5% quantiles 0 and 1
-    lo2, hi2 = plots.bootstrap_mean_interval(np.array([[0.0], [1.0]]))
+    lo2, hi2 = plot_data.bootstrap_mean_interval(np.array([[0.0], [1.0]]))
     assert (lo2[0], hi2[0]) == (0.0, 1.0)
 
 
@@ -227,7 +229,7 @@ def test_component_means_refuse_heads_of_different_width():
     w = weights()
     w = w[~((w["layer"] == 1) & (w["component"] == 2))]
     with pytest.raises(ValueError, match="different numbers of components"):
-        plots.component_means(w)
+        plot_data.component_means(w)
 
 
 def test_model_comparison_lines_per_model():
@@ -238,7 +240,7 @@ def test_model_comparison_lines_per_model():
         "q_head": [0, 1] * 5,
         "value": [0.1, 0.3, 0.5, 0.7, 0.2, 0.2, 0.4, 0.4, 0.9, 0.7],
     })
-    res = plots.plot_model_comparison(values, plots.load_plot_options("compare", normalize_depth=True))
+    res = plots.plot_model_comparison(values, plot_data.load_plot_options("compare", normalize_depth=True))
     lines = [ln for ln in res.figure.axes[0].get_lines() if len(ln.get_xdata()) > 1]
     ys = sorted(ln.get_ydata().tolist() for ln in lines)
     assert ys == [pytest.approx([0.2, 0.4, 0.8]), pytest.approx([0.2, 0.6])]
@@ -251,18 +253,18 @@ def test_model_comparison_lines_per_model():
 def test_options_from_yaml_with_overrides_and_errors(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("bucket_type: log\nbucket_min_size: 16\nagg: median\nkind: heatmap\n")
-    opts = plots.load_plot_options("heatmap", cfg, defaults={"bucket_min_size": 999, "cmap": "rocket"}, agg="mean")
+    opts = plot_data.load_plot_options("heatmap", cfg, defaults={"bucket_min_size": 999, "cmap": "rocket"}, agg="mean")
     assert (opts.bucket_type, opts.bucket_min_size, opts.agg, opts.cmap) == ("log", 16.0, "mean", "rocket")
     with pytest.raises(ValueError, match="not 'curves'"):
-        plots.load_plot_options("curves", cfg)
+        plot_data.load_plot_options("curves", cfg)
     bad = tmp_path / "bad.yaml"
     bad.write_text("bucket_csvv: x.csv\n")
     with pytest.raises(ValueError, match="unknown plot option.*bucket_csvv"):
-        plots.load_plot_options("curves", bad)
+        plot_data.load_plot_options("curves", bad)
     with pytest.raises(ValueError, match="not both"):
-        plots.load_plot_options("curves", color_by_layer=True, color_trend=True)
+        plot_data.load_plot_options("curves", color_by_layer=True, color_trend=True)
     with pytest.raises(ValueError, match="agg"):
-        plots.load_plot_options("heatmap", agg="max")
+        plot_data.load_plot_options("heatmap", agg="max")
 
 
 def test_shipped_plot_configs_load():
@@ -272,9 +274,9 @@ def test_shipped_plot_configs_load():
                                        "synthetic-demo-components.yaml", "model-comparison.yaml"}
     for f in files:
         kind = kinds[f.stem.rsplit("-", 1)[1]]
-        opts = plots.load_plot_options(kind, f)
+        opts = plot_data.load_plot_options(kind, f)
         assert opts.output and opts.output.endswith(".png")
-        assert plots.config_path_for(PLOT_CONFIGS, kind, opts.model) == f
+        assert plot_data.config_path_for(PLOT_CONFIGS, kind, opts.model) == f
 
 
 def test_plot_command_from_csv(tmp_path, capsys):
@@ -318,7 +320,7 @@ SHARP = {"entropy": [3.0, 2.0, 1.5, 1.0, 0.8], "max_attn": [0.3, 0.5, 0.6, 0.7, 
 
 
 def test_coinciding_heads_groups_curves_drawn_on_top_of_each_other():
-    from warehouse.attention_plots import COINCIDE_REL_TOL, coinciding_heads
+    from warehouse.present.attention_plots import COINCIDE_REL_TOL, coinciding_heads
 
     nudge = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 0.9 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
     apart = {"entropy": [v + COINCIDE_REL_TOL * 4.2 * 3 for v in FLAT["entropy"]], "max_attn": FLAT["max_attn"]}
@@ -340,7 +342,7 @@ def test_coinciding_heads_groups_curves_drawn_on_top_of_each_other():
 
 
 def test_scale_drawing_keeps_identical_heads_distinguishable():
-    from warehouse.attention_plots import draw_scale_sweep
+    from warehouse.present.attention_plots import draw_scale_sweep
 
     data = sweep_frame({(0, 0): FLAT, (0, 1): FLAT, (0, 2): FLAT, (1, 0): SHARP},
                        {(0, 0): 0.024, (0, 1): 0.024, (0, 2): 0.024, (1, 0): 0.4})
@@ -366,16 +368,16 @@ def test_scale_drawing_keeps_identical_heads_distinguishable():
 def test_plot_command_takes_bucket_scheme_from_the_warehouse(small_dataset, tmp_path, monkeypatch, capsys):
     """`plot curves --model` places buckets by the dataset card's scheme, as the catalog recorded it
     (table `models`), unless the options say otherwise."""
-    from warehouse.config import load_config
-    from warehouse.models import plot_bucket_options
-    from warehouse.pipeline import analyze_dataset
+    from warehouse.settings.config import load_config
+    from warehouse.store.models import plot_bucket_options
+    from warehouse.run.pipeline import analyze_dataset
 
     wh = tmp_path / "wh.duckdb"
     cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "m"})
     analyze_dataset(cfg, small_dataset, progress=False)
     drawn = []
-    real = plots.save_png
-    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=110: drawn.append(fig) or real(fig, path, dpi))
+    real = figure_parts.save_png
+    monkeypatch.setattr(figure_parts, "save_png", lambda fig, path, dpi=110: drawn.append(fig) or real(fig, path, dpi))
     assert main(["plot", "curves", "--warehouse", str(wh), "--model", "m", "--output", str(tmp_path / "c.png")]) == 0
     ax = drawn[-1].axes[0]
     mean_line = max(ax.get_lines(), key=lambda ln: ln.get_linewidth())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from warehouse.processes import alive, descendants
+from warehouse.run.processes import alive, descendants
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
 
@@ -67,7 +67,7 @@ def running(argv: list[str], **popen):
 
 def supervised(child_code: str, *child_args: str, stop_timeout_s: float) -> list[str]:
     """A command running `plasticity ui`'s supervisor on a Python child program."""
-    runner = (f"import os, sys; from pathlib import Path; from dagster_project.ui import supervise; "
+    runner = (f"import os, sys; from pathlib import Path; from cli.ui import supervise; "
               f"sys.exit(supervise([sys.executable, '-c', {child_code!r}, *{list(child_args)!r}], dict(os.environ), "
               f"Path('.'), stop_timeout_s={stop_timeout_s!r}))")
     return [sys.executable, "-c", runner]
@@ -75,7 +75,7 @@ def supervised(child_code: str, *child_args: str, stop_timeout_s: float) -> list
 
 def _slow_dataset(root: Path) -> Path:
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.demo_data import write_synthetic_dataset
+    from warehouse.sources.demo_data import write_synthetic_dataset
 
     spec = SyntheticSpec(model="slow", num_layers=6, num_q_heads=4, num_k_heads=2, head_dim=16, num_examples=12,
                          seq_len=1024, bucket_size=64, sliding_windows={}, seed=2)
@@ -84,7 +84,7 @@ def _slow_dataset(root: Path) -> Path:
 
 def test_workers_exit_when_the_run_is_killed(tmp_path):
     data = _slow_dataset(tmp_path / "slow")
-    argv = [sys.executable, "-m", "dagster_project.cli", "analyze", "--dataset_local_root", str(data),
+    argv = [sys.executable, "-m", "cli.main", "analyze", "--dataset_local_root", str(data),
             "--warehouse", str(tmp_path / "wh.duckdb"), "--output_dir", str(tmp_path / "out"), "--max_workers", "2",
             "--quiet"]
     with running(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
@@ -109,7 +109,7 @@ ORPHAN = textwrap.dedent("""
     import subprocess, sys, time
     child = subprocess.Popen([sys.executable, "-c",
         "import os, sys, time\\n"
-        "from warehouse import processes\\n"
+        "from warehouse.run import processes\\n"
         "if sys.argv[1] == 'watch':\\n"
         "    processes.watch_parent(os.getppid())\\n"
         "else:\\n"
@@ -164,7 +164,7 @@ def test_ui_in_the_background_stops_on_sigterm_with_all_its_processes(tmp_path):
     env.update(PLASTICITY_CONFIGS_DIR=str(configs), PLASTICITY_WAREHOUSE=str(tmp_path / "wh.duckdb"),
                PLASTICITY_EXPORTS_DIR=str(tmp_path / "results"), DAGSTER_DISABLE_TELEMETRY="1")
     log = tmp_path / "ui.log"
-    argv = [sys.executable, "-m", "dagster_project.cli", "ui", "--no-demo", "--port", str(port),
+    argv = [sys.executable, "-m", "cli.main", "ui", "--no-demo", "--port", str(port),
             "--dagster-home", str(tmp_path / "home")]
     with open(log, "wb") as out, running(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          preexec_fn=_ignore_sigint) as ui:

@@ -1,4 +1,4 @@
-"""warehouse.validation_report: markers, counts and determinism of the validation report."""
+"""warehouse.present.validation_report: markers, counts and determinism of the validation report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from plasticity.attention import head_attention_metrics
-from warehouse.validation_report import gain_ratio_meaning, validation_report
+from warehouse.present.report_parts import gain_ratio_meaning
+from warehouse.present.validation_report import validation_report
 from plasticity.types import TokenArrays
 
 
@@ -164,7 +165,7 @@ def test_gain_ratio_interpretation_states_its_threshold():
             "either way)") in text
     assert "strong evidence" not in text
     # two heads named beforehand: the fixed reading, its threshold, and that it is not a statistical test
-    assert gain_ratio_meaning(2.5).startswith("head-specific by the fixed reading (ratio >= 2x; no standard error")
+    assert gain_ratio_meaning(2.50).startswith("head-specific by the fixed reading (ratio >= 2x; no standard error")
     assert gain_ratio_meaning(1.6).startswith("higher sensitivity than the control by the fixed reading "
                                               "(ratio >= 1.5x, < 2x;")
     assert gain_ratio_meaning(1.1).startswith("no distinction by the fixed reading (ratio < 1.5x;")
@@ -237,7 +238,7 @@ def test_positional_structure_rests_on_a_t_interval_over_heads():
 
 
 def test_labels_are_descriptions_and_the_summary_counts_the_marked_checks():
-    """Issue 15.7: per-head lines say what a head is (never PASS/WARN/FAIL), and every
+    """Per-head lines say what a head is (never PASS/WARN/FAIL), and every
     [PASS]/[WARN]/[FAIL] marker in the text is one counted check of the SUMMARY."""
     uni = dict(mean_entropy_ratio=0.983, attn_class="uniform")
     hs = [head(0, 0), head(0, 1, **uni), head(0, 2, attn_class="medium", mean_entropy_ratio=0.7),

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from plasticity.synthetic import SyntheticSpec
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors")
@@ -30,8 +30,8 @@ N_HEADS = SPEC.num_layers * SPEC.num_q_heads
 # test can catch it with some heads committed and others not.
 KILLED_RUN = textwrap.dedent("""
     import sys, time
-    from warehouse import pipeline
-    from warehouse.config import load_config
+    from warehouse.run import pipeline
+    from warehouse.settings.config import load_config
     pipeline.FLUSH_EVERY_HEADS = 4
     pipeline.FLUSH_EVERY_SECONDS = 0.0
     cfg = load_config(None, {"warehouse": sys.argv[2], "max_workers": 2, "attention": False, "model": "m"})

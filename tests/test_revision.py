@@ -1,4 +1,4 @@
-"""The local dataset revision is a hash of every byte of every shard (SPEC 1): any edit starts a new
+"""The local dataset revision is a hash of every byte of every shard (docs/method.md#inputs): any edit starts a new
 run instead of resuming stale results."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
-from warehouse import db
-from warehouse.catalog import scan_shards
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
-from warehouse.revision import content_revision, file_sha256, stat_fingerprint
+from warehouse.store import db
+from warehouse.sources.catalog import scan_shards
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.sources.revision import content_revision, file_sha256, stat_fingerprint
 
 
 def revision_of(root):
@@ -113,7 +113,7 @@ def as_hub_snapshot(src, cache):
 def test_a_hub_snapshot_is_verified_against_its_blob_names(small_dataset, tmp_path):
     """A Hub run's revision is the commit; each shard's bytes are checked against the SHA-256 its
     cached blob is named by, so a blob whose bytes changed is an error on its heads, not a result."""
-    from warehouse.revision import hub_blob_sha256
+    from warehouse.sources.revision import hub_blob_sha256
 
     snap = as_hub_snapshot(small_dataset, tmp_path / "cache")
     target = snap / "l00h01q" / "data.parquet"

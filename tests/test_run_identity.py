@@ -1,4 +1,4 @@
-"""One dataset, one run (issue 15.3): the head layout is resolved (config, card or shards) before the run
+"""One dataset, one run: the head layout is resolved (config, card or shards) before the run
 id, so the same data and settings give the same run id whichever command or asset launches the run,
 and wherever the layout came from; the `models` table records what was resolved."""
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.cli import main
+from cli.main import main
 from dagster_project.definitions import OWN_ASSETS
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "synthetic-demo"

@@ -1,4 +1,4 @@
-"""Calibration of the example-jackknife standard errors on synthetic heads with known truth (SPEC 2.8:
+"""Calibration of the example-jackknife standard errors on synthetic heads with known truth (
 (ap_overall - truth) / se has unit spread), and the exactness of that truth."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The example-jackknife standard errors end to end: what the warehouse stores (head_metrics SE
 columns, head_bucket_summary, the bucket_plasticity view) equals what the analysis computed, the
-intervals are the t-intervals of those numbers, and the CSVs keep SPEC 3's columns."""
+intervals are the t-intervals of those numbers, and the CSVs keep the upstream columns."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.export import export_csvs
-from warehouse.pipeline import analyze_dataset, compute_group, find_catalog, plan_groups, profile_catalog
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.store.export import export_csvs
+from warehouse.run.pipeline import analyze_dataset
+from warehouse.run.group import compute_group
+from warehouse.run.planning import find_catalog, plan_groups, profile_catalog
 
 SUMMARY_COLUMNS = ("q_bucket", "n_queries", "mean_position", "n_cells", "n_pairs", "ap", "ap_se", "ap_ci_low",
                    "ap_ci_high", "ap_se_pairs")
@@ -91,7 +93,7 @@ def test_csv_exports_keep_spec_columns(analysed, tmp_path):
 
 
 def test_comments_cover_the_new_columns(tmp_path):
-    from warehouse import db
+    from warehouse.store import db
 
     db.ensure_schema(tmp_path / "wh.duckdb")
     with db.reader(tmp_path / "wh.duckdb") as con:

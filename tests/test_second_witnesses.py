@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dagster_project.cli import main
+from cli.main import main
 from plasticity.rotation import householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.demo_data import write_shard, write_synthetic_dataset
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_shard, write_synthetic_dataset
+from warehouse.run.pipeline import analyze_dataset
 from wiring_reference import brute_force_orientation, read_rows, shard_path
 
 DATA = SyntheticSpec(model="witness", num_layers=1, num_q_heads=12, num_k_heads=2, head_dim=8, num_examples=3,

@@ -16,8 +16,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from dagster_project.cli import main
-from warehouse import db
+from cli.main import main
+from warehouse.store import db
 
 
 def _sha(path: Path) -> str:

@@ -22,12 +22,12 @@ from plasticity.regression import block_rows, fit_position_regression
 from plasticity.rotation import householder_apply, householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
-from warehouse import db
-from warehouse.catalog import ShardInfo, profile_shard
-from warehouse.config import load_config
-from warehouse.demo_data import write_shard, write_synthetic_dataset
-from warehouse.loading import STREAM_BATCH_ROWS, load_rows
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.sources.catalog import ShardInfo, profile_shard
+from warehouse.settings.config import load_config
+from warehouse.sources.demo_data import write_shard, write_synthetic_dataset
+from warehouse.run.loading import STREAM_BATCH_ROWS, load_rows
+from warehouse.run.pipeline import analyze_dataset
 from wiring_reference import brute_force_orientation, position_metrics, read_rows, shard_path
 
 
@@ -237,7 +237,7 @@ def test_heads_are_committed_in_batches_of_the_threshold(small_dataset, tmp_path
     """Each finished head reports before its batch is written: reading the warehouse at each report
     shows how many heads were committed, on both sides of the batch threshold; the run then holds
     every head once."""
-    from warehouse import pipeline
+    from warehouse.run import pipeline
 
     monkeypatch.setattr(pipeline, "FLUSH_EVERY_HEADS", every)
     monkeypatch.setattr(pipeline, "FLUSH_EVERY_SECONDS", 1e9)

@@ -1,5 +1,5 @@
 """The data edges on real qk-sniffer captures (tests/fixtures/tiny-llama): layout and bucket scheme from
-the markdown dataset card, every shard passes the SPEC 1 checks, and a head-sampled capture (a sparse
+the markdown dataset card, every shard passes the input checks, and a head-sampled capture (a sparse
 set of query heads) is normal only when the card says so."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from warehouse import db
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from warehouse.store import db
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-llama"
 DENSE = FIXTURE / "dense" / "tinyllama"

@@ -20,10 +20,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from dagster_project.cli import main
-from warehouse import db, schema
-from warehouse.config import load_config
-from warehouse.pipeline import analyze_dataset
+from cli.main import main
+from warehouse.store import db, schema
+from warehouse.settings.config import load_config
+from warehouse.run.pipeline import analyze_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 V0_SCHEMA = REPO / "tests" / "fixtures" / "warehouse-v0" / "schema.sql"
@@ -166,7 +166,7 @@ def test_an_unwritable_warehouse_is_refused_before_anything_runs(case, good_ware
     before = snapshot(store)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "dagster_project.cli", *analyze_argv(small_dataset, wh, tmp_path / "results")],
+            [sys.executable, "-m", "cli.main", *analyze_argv(small_dataset, wh, tmp_path / "results")],
             cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=_without_file_capabilities,
             env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
@@ -351,7 +351,7 @@ def default_signal_handlers() -> None:
 def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     """A real `plasticity analyze` with 2 workers, stopped by a signal once its run is recorded."""
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.demo_data import write_synthetic_dataset
+    from warehouse.sources.demo_data import write_synthetic_dataset
 
     spec = SyntheticSpec(model="slow", num_layers=6, num_q_heads=4, num_k_heads=2, head_dim=16, num_examples=12,
                          seq_len=1024, bucket_size=64, sliding_windows={}, seed=1)
@@ -363,7 +363,7 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     # The child gets its own session and the default disposition of both signals, whoever started
     # pytest: a shell starts a background job with SIGINT ignored, and an ignored SIGINT stays
     # ignored across exec (Python then installs no KeyboardInterrupt handler).
-    proc = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", *argv], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             preexec_fn=default_signal_handlers)

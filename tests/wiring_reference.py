@@ -1,8 +1,8 @@
 """Independent reference for the end-to-end wiring tests (test_e2e_*.py).
 
 What the warehouse stores is recomputed here from the Parquet files without any of the
-pipeline's plumbing: shards are read with pyarrow (not `warehouse.loading`), SPEC 2.1's
-subsample is taken by its documented rule written out below, SPEC 2.2's orientation is a
+pipeline's plumbing: shards are read with pyarrow (not `warehouse.run.loading`), the
+subsample is taken by its documented rule written out below, the orientation is a
 brute-force loop over every key row, and only then are the pure `plasticity` functions
 called. Facts the pure functions would share with the pipeline (which cells are eligible,
 how many pairs a cell has, how buckets are weighted in `ap_overall`, the scalar position
@@ -27,7 +27,7 @@ from scipy import stats
 from plasticity.head import analyze_head
 from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
 from plasticity.types import AnalysisParams, HeadResult, TokenArrays
-from warehouse.demo_data import dataset_card, write_shard
+from warehouse.sources.demo_data import dataset_card, write_shard
 
 # --------------------------------------------------------------------------- reading
 
@@ -57,11 +57,11 @@ def take_rows(rows: TokenArrays, index: np.ndarray) -> TokenArrays:
                    position=rows.position[index], vectors=rows.vectors[index], token_str=None)
 
 
-# --------------------------------------------------------------------------- SPEC 2.1 and 2.2
+# --------------------------------------------------------------------------- subsample and orientation
 
 
 def sample_row_numbers(rows: TokenArrays, cap: int, seed: int) -> np.ndarray:
-    """File row numbers of SPEC 2.1's subsample, by the rule the README documents: rank rows by
+    """File row numbers of the subsample, by the rule docs/method.md documents: rank rows by
     DuckDB's ``hash(seed, example_id, position)`` (BIGINT, BIGINT, DOUBLE), ties broken by
     (example_id, position), keep the first `cap`. All rows when the shard has no more than `cap`."""
     if rows.n <= cap:
@@ -81,7 +81,7 @@ def sample_row_numbers(rows: TokenArrays, cap: int, seed: int) -> np.ndarray:
 
 
 def brute_force_orientation(bucket: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """SPEC 2.2 by a plain loop over the rows: per bucket the mean vector, the average of those
+    """The orientation by a plain loop over the rows: per bucket the mean vector, the average of those
     means with equal weight per bucket, then its sign with 0 -> +1."""
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
@@ -114,7 +114,7 @@ class ReferenceHead:
     k_head: int
     q_all: TokenArrays
     k_all: TokenArrays
-    q: TokenArrays  # SPEC 2.1 subsample of the query shard (file order)
+    q: TokenArrays  # the subsample of the query shard (file order)
     k: TokenArrays
     orientation: np.ndarray
     result: HeadResult
@@ -122,7 +122,7 @@ class ReferenceHead:
 
 def reference_head(root: Path, layer: int, q_head: int, group_size: int, cap: int,
                    params: AnalysisParams) -> ReferenceHead:
-    k_head = q_head // group_size  # GQA pairing of SPEC 1
+    k_head = q_head // group_size  # GQA pairing of the input rules
     q_all = read_rows(shard_path(root, layer, q_head, "q"))
     k_all = read_rows(shard_path(root, layer, k_head, "k"))
     q = take_rows(q_all, sample_row_numbers(q_all, cap, params.seed))
@@ -136,7 +136,7 @@ def reference_head(root: Path, layer: int, q_head: int, group_size: int, cap: in
 
 
 def expected_cells(q: TokenArrays, k: TokenArrays) -> dict[tuple[int, int], int]:
-    """{(q_bucket, k_bucket): total same-example key pairs} of every eligible cell (SPEC 2.8),
+    """{(q_bucket, k_bucket): total same-example key pairs} of every eligible cell (docs/method.md#attention-plasticity),
     enumerated by hand: query buckets j > 0 with >= 2 queries; key buckets c < j holding keys,
     and with the query shard's window w only those with max key position >= min query position
     of j minus w, plus always the nearest key bucket below j."""
@@ -176,7 +176,7 @@ def query_counts(q: TokenArrays) -> dict[int, int]:
 
 
 def ap_from_cells(cells: list[tuple[int, int, float]], q_counts: dict[int, int], estimator: str) -> float:
-    """``ap_overall`` from stored cells (q_bucket, k_bucket, plasticity), by SPEC 2.8's aggregation:
+    """``ap_overall`` from stored cells (q_bucket, k_bucket, plasticity), by the attention-plasticity aggregation:
     bucket_full_cov: AP_j = mean of j's non-NaN cells, then sum_j n_j AP_j / sum_j n_j with n_j
     the query count of bucket j; linear_diag: the plain mean of the non-NaN cells."""
     valid = [(j, value) for j, _, value in cells if not math.isnan(value)]
@@ -199,7 +199,7 @@ def unweighted_bucket_mean(cells: list[tuple[int, int, float]]) -> float:
 
 
 def position_metrics(q: TokenArrays, orientation: np.ndarray) -> dict[str, float]:
-    """SPEC 2.3/2.4 numbers by other means: per-dimension least squares with numpy's lstsq, then
+    """Position regression and scalar predictability numbers by other means: per-dimension least squares with numpy's lstsq, then
     scipy's linregress of log2(p + 1) on the projection onto beta/||beta||."""
     X = q.vectors.astype(np.float64) * orientation
     p = q.position
@@ -264,7 +264,7 @@ def _edit_key_vectors(keys: TokenArrays, cap: int, seed: int, rng: np.random.Gen
     column of the rotated queries, which leaves |skew|, kurtosis and KS p-values as they were.
 
     Bucket 0 (48 keys) holds +1, the others -0.3: the equal-weight average of bucket means is
-    negative (SPEC 2.2: s_0 = -1), a pooled mean over rows positive. On top, inside each bucket
+    negative (s_0 = -1; docs/method.md#orientation), a pooled mean over rows positive. On top, inside each bucket
     the subsample is lifted by +2 and the other keys lowered to keep the bucket's mean: the
     same average over the sampled keys only is positive."""
     V = keys.vectors.astype(np.float64).copy()

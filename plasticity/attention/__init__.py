@@ -1,4 +1,4 @@
-"""Attention patterns rebuilt from captured queries and keys (SPEC section 4, seeds 003/004).
+"""Attention patterns rebuilt from captured queries and keys (docs/method.md#attention-patterns).
 
 Pure numpy and a numba kernel (float64 throughout); no I/O. For one head, every captured query
 attends over the captured keys of its own example that it may see:

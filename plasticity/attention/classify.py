@@ -1,4 +1,4 @@
-"""The attention class of a head from its mean entropy ratio (seed 004)."""
+"""The attention class of a head from its mean entropy ratio."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The query-scale sweep's gain (seed 003): how fast a head sharpens as its queries grow."""
+"""The query-scale sweep's gain: how fast a head sharpens as its queries grow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 
 def gain_fit(scales: Sequence[float], mean_max_attn: Sequence[float]) -> tuple[float, float]:
-    """OLS slope of mean max_attn vs log(scale), and its R2 (SPEC convention
+    """OLS slope of mean max_attn vs log(scale), and its R2 (the method's convention
     ``1 - SS_res / max(SS_tot, 1e-12)``). Non-finite points are dropped; (NaN, NaN) with
     fewer than 2 distinct scales."""
     x = np.log(np.asarray(scales, dtype=np.float64))
@@ -27,7 +27,7 @@ def gain_fit(scales: Sequence[float], mean_max_attn: Sequence[float]) -> tuple[f
 
 
 def gain_ratio(gain_a: float, gain_b: float) -> float:
-    """gain_a / gain_b (seed 003's target/control ratio); NaN when either is non-finite
+    """gain_a / gain_b (a target/control ratio); NaN when either is non-finite
     or gain_b == 0."""
     try:
         a, b = float(gain_a), float(gain_b)

@@ -10,7 +10,7 @@ the keys the tile's rows may see), tiles fixed by the rows' ranks in their examp
 score depends on its tile alone, not on the block size, on which rows are computed
 (``rows``) or on the worker: the same data give the same bits.
 
-Query variation pairs (queries ``delta`` positions apart, SPEC 4) are found here; the kernel
+Query variation pairs (queries ``delta`` positions apart) are found here; the kernel
 keeps the scale-1 weights of earlier rows in a small ring until their later partner comes.
 """
 

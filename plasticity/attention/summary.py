@@ -1,7 +1,7 @@
-"""Per-query rows, per-head summary and query-scale sweep of one head (SPEC 4).
+"""Per-query rows, per-head summary and query-scale sweep of one head (docs/method.md#attention-patterns).
 
 Per query token (scale 1.0 unless stated), over the captured keys it may see:
-    ``entropy``        -sum a log a in nats; NaN when the position is < 2 (seed 003) or the
+    ``entropy``        -sum a log a in nats; NaN when the position is < 2 or the
                        query sees no key.
     ``entropy_ratio``  entropy / log(n_keys); NaN when n_keys < 2 or entropy is NaN.
     ``max_attn``       largest weight; NaN when n_keys == 0.

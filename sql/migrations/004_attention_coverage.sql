@@ -1,4 +1,4 @@
--- Attention on real captures (issue 14): which token rows are exact, and each head's attention status.
+-- Attention on real captures: which token rows are exact, and each head's attention status.
 ALTER TABLE token_attention ADD COLUMN IF NOT EXISTS "exact" BOOLEAN;
 ALTER TABLE head_attention_summary ADD COLUMN IF NOT EXISTS status VARCHAR;
 ALTER TABLE head_attention_summary ADD COLUMN IF NOT EXISTS status_reason VARCHAR;

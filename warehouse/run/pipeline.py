@@ -1,0 +1,240 @@
+"""The per-model run: catalog -> plan heads -> compute (worker processes) -> write (this process).
+
+Compute steps read shards through their own in-memory DuckDB connections and
+return plain results; only the calling process writes the warehouse, in short
+transactions, so a crash leaves every committed head intact and a re-run with
+the same config resumes where it stopped. The plan is `warehouse.run.planning`, a group's computation
+`warehouse.run.group`, the worker processes `warehouse.run.worker_pool`; this module runs them and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+from warehouse.store import db, results
+from warehouse.run import kernel_cache
+from warehouse.sources.catalog import ShardInfo
+from warehouse.settings.config import RunConfig
+from warehouse.store.families import checkpoint_of
+from warehouse.sources.names import safe_path_component
+from warehouse.run.planning import (GroupTask, find_catalog, head_pairs, local_revision, plan_failures, plan_groups,
+                                    snapshot_digests,
+                                    resolved_config)
+from warehouse.run.worker_pool import iter_outcomes, start_pool
+
+# Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
+# comes first. Each commit opens the warehouse (~30 ms) and replaces the batch's rows in one
+# transaction, so a crash loses at most one batch; fewer, larger batches leave the CPU to the workers.
+FLUSH_EVERY_HEADS = 64
+FLUSH_EVERY_SECONDS = 5.0
+
+
+def package_version() -> str:
+    try:
+        return version("attention-plasticity-warehouse")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _stop_run(wh: str, timeout_s: float, run_id: str, model: str, exc: BaseException,
+              flush: Callable[[], None] | None) -> None:
+    """A run that stops early keeps the heads it computed and is marked 'interrupted' (Ctrl-C, SIGTERM,
+    a cancelled Dagster run) or 'failed' (an error), with the reason, instead of staying 'running'.
+    Best effort: a problem here is reported, never raised over the original one."""
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)) or not isinstance(exc, Exception)
+    status = "interrupted" if interrupted else "failed"
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if flush is not None:
+        try:
+            flush()
+        except Exception as cleanup:  # noqa: BLE001 -- e.g. the disk is full: the one-row update below may still fit
+            print(f"warning: could not write the last heads of run {run_id} of {model} to {wh}: {cleanup}",
+                  file=sys.stderr)
+    try:
+        with db.writer(wh, timeout_s) as con:
+            results.stop_run(con, run_id, model, status, reason)
+    except Exception as cleanup:  # noqa: BLE001 -- the original exception is the one to raise
+        print(f"warning: could not mark run {run_id} of {model} as {status} in {wh}: {cleanup}", file=sys.stderr)
+
+
+@dataclass
+class RunSummary:
+    model: str
+    run_id: str
+    revision: str
+    n_heads: int
+    n_computed: int
+    n_skipped: int
+    n_done: int
+    n_errors: int
+    status: str
+    seconds: float
+    warehouse: str
+
+
+def analyze_dataset(
+    cfg: RunConfig,
+    root: str | Path,
+    *,
+    model: str | None = None,
+    revision: str | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    on_outcome: Callable[[results.HeadOutcome], None] | None = None,
+) -> RunSummary:
+    """Analyse every head of one model's dataset folder into the warehouse.
+
+    The head layout is resolved first (config, else dataset card, else a complete shard set; a
+    `LayoutError` stops the run before any work), then the revision (the Hub commit sha, else a hash
+    of every byte of every shard) and the run id from both, so the same data and settings give the
+    same run id whichever command or asset launches the run. The model name is the caller's, else the
+    config's, else the folder's (never the card's: card text is untrusted).
+
+    The run is planned from the shard names; when heads remain to compute, worker processes
+    (`cfg.workers()`, spawned) start and import the analysis code. Each group's shards are
+    profiled just before it is submitted; once the first groups are in flight this process
+    profiles the other shards and records the catalog and the run. Workers compute GQA groups
+    (`compute_group`) and never open the warehouse; this process alone writes the results, in
+    one transaction every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, so a killed run keeps
+    every committed head and the next run with the same config (same run_id) skips them.
+
+    A machine whose numba cache is empty compiles the kernels once, in a
+    background process, while this process plans and profiles (`warehouse.run.kernel_cache`); the first
+    group waits for it, so the workers load the kernels instead of each compiling them.
+    """
+    t0 = time.perf_counter()
+    # Everything up to the plan needs only the shard names, so the workers start (and import the
+    # analysis code) only when there is work, and as early as possible.
+    cat = find_catalog(root, cfg)
+    model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
+    cfg.check_layers_exist({s.layer for s in cat.shards})
+    if revision:
+        snapshot_digests(cat)
+    else:
+        revision = local_revision(cat)
+    info = cat.model_info(model, cfg.dataset_name, revision, checkpoint_of(cfg))
+    cfg = resolved_config(cfg, cat.layout)
+    run_id = cfg.run_id(model, revision, info.run_facts())
+    wh = cfg.warehouse
+    db.ensure_schema(wh, cfg.lock_timeout_s)
+    with db.reader(wh, cfg.lock_timeout_s) as con:
+        already = results.done_heads(con, model, run_id) if resume else set()
+    pairs = head_pairs(cat, cfg)
+    n_heads = len(pairs)
+    groups = plan_groups(cat, cfg, skip=already, pairs=pairs)  # tasks share the ShardInfo objects _run profiles
+    failed = plan_failures(cat, pairs, skip=already)
+    n_todo = sum(len(g.queries) for g in groups) + len(failed)
+    workers = max(1, min(cfg.workers(), len(groups)))
+    if cfg.attention == "auto":
+        from warehouse.run.attention_plan import plan_attention_coverage
+
+        plan_attention_coverage(groups)
+    # the attention kernels are compiled and loaded only when some head's attention is computed
+    kernels = any(g.needs_attention_kernels for g in groups)
+    if groups:
+        kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
+    with start_pool(workers, kernels) as pool:
+        return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
+                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
+
+
+def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, resume, n_heads, n_todo, progress,
+         on_outcome) -> RunSummary:
+    wh = cfg.warehouse
+    revision = info.revision
+    profiled: set[int] = set()
+
+    def profile(shard: ShardInfo | None) -> None:
+        if shard is not None and id(shard) not in profiled:
+            cat.profile(shard)
+            profiled.add(id(shard))
+
+    def prepare(task: GroupTask) -> None:
+        # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
+        kernel_cache.wait_for_kernels(["analysis"])
+        # a task carries its shards' profiles (row counts, window, errors) to the worker
+        profile(task.k_info)
+        for _, shard in task.queries:
+            profile(shard)
+
+    present: set[str] = set()
+    run_opened: list[bool] = []
+
+    def open_run() -> None:
+        # runs while the first groups compute: profile the other shards, record catalog and run
+        for shard in cat.shards:
+            profile(shard)
+        with db.writer(wh, cfg.lock_timeout_s) as con:
+            results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
+            if not resume:
+                tables = results.existing_tables(con)
+                for table in results.RESULT_TABLES:
+                    if table in tables:
+                        con.execute(f"DELETE FROM {table} WHERE model = $m AND run_id = $r", {"m": model, "r": run_id})
+            results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(),
+                              n_heads)
+            present.update(results.existing_tables(con))
+        run_opened.append(True)
+
+    bar = None
+    if progress is None:
+        progress = os.isatty(2)
+    if progress and n_todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_todo, unit="head", desc=f"{model}", dynamic_ncols=True)
+        if any(g.needs_attention_kernels for g in groups) and kernel_cache.compiling("attention"):
+            # heads are counted once their attention is done, which waits for the compile
+            bar.set_postfix_str("compiling the attention kernels, once per machine; analysis meanwhile")
+    buffer: list[results.HeadOutcome] = []
+    n_failed = 0
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_flush
+        if buffer:
+            with db.writer(wh, cfg.lock_timeout_s) as wcon:
+                results.write_outcomes(wcon, model, run_id, buffer, present)
+            buffer.clear()
+        last_flush = time.monotonic()
+
+    def take(outcomes: list[results.HeadOutcome]) -> None:
+        nonlocal n_failed
+        buffer.extend(outcomes)
+        for o in outcomes:
+            if on_outcome is not None:
+                on_outcome(o)
+        n_failed += sum(1 for o in outcomes if o.error)
+        if bar is not None:
+            bar.update(len(outcomes))
+            if n_failed:
+                bar.set_postfix(errors=n_failed)
+            elif bar.postfix and not kernel_cache.compiling("attention"):
+                bar.set_postfix_str("")
+
+    try:
+        take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
+        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run,
+                                      defer_attention=lambda: kernel_cache.compiling("attention"),
+                                      wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"])):
+            take(outcomes)
+            if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
+                flush()
+        flush()
+        with db.writer(wh, cfg.lock_timeout_s) as con:
+            n_done, n_err, status = results.finish_run(con, run_id, model)
+    except BaseException as exc:
+        if run_opened:
+            _stop_run(wh, cfg.lock_timeout_s, run_id, model, exc, flush if buffer else None)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return RunSummary(model, run_id, revision, n_heads, n_todo, n_heads - n_todo, n_done, n_err, status,
+                      time.perf_counter() - t0, str(wh))

@@ -1,0 +1,622 @@
+"""Connections to the warehouse file.
+
+DuckDB lets one process at a time hold a file read-write, and while it does no
+other process can open it at all. So every writer holds its connection only for
+the few milliseconds of one transaction (`writer()`), readers open read-only
+(`reader()`), and both wait, with back-off, for a lock held elsewhere, then fail
+with a message naming the file and the holder.
+
+Before a file is used it is checked (`check_file`): a folder, a file that is not
+a DuckDB database, an unwritable file or folder is a `WarehouseError` naming the
+file, and nothing is written. `ensure_schema` also checks that the tables with
+our names are ours (`warehouse.store.schema`) before creating or upgrading anything.
+User SQL runs in `sandbox()`: read-only, with DuckDB's own file and extension
+access switched off and the configuration locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+
+from warehouse.store import schema
+from warehouse.store.errors import WarehouseError, one_line  # noqa: F401 (both are used as db.*)
+
+_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+#: DuckDB errors that mean the file itself is damaged (as opposed to a bad query).
+_DAMAGE_MARKERS = ("Corrupt database file", "Could not read enough bytes", "not a valid DuckDB database file")
+#: Bytes 8..12 of every DuckDB database file.
+DUCKDB_MAGIC = b"DUCK"
+#: In a warehouse path, stands for the model (one file per model: ``/store/{model}.duckdb``).
+MODEL_PLACEHOLDER = "{model}"
+T = TypeVar("T")
+
+
+class WarehouseBusy(WarehouseError):
+    """Another process held the warehouse lock for longer than we were willing to wait."""
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    return any(m in str(exc) for m in _LOCK_MARKERS)
+
+
+def _writable_folder(path: Path) -> Path:
+    """The nearest existing ancestor folder of `path`, which must be writable (else WarehouseError)."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise WarehouseError(f"warehouse {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WarehouseError(f"warehouse {path}: folder {folder} is not writable")
+    return folder
+
+
+def check_file(path: str | os.PathLike, *, for_writing: bool) -> Path:
+    """The warehouse file, checked without changing anything: WarehouseError if it is a folder or not a
+    regular file, empty, not a DuckDB database (magic bytes), or, `for_writing`, not writable or in a
+    folder where DuckDB cannot write its WAL. A missing file: FileNotFoundError when reading; when
+    writing, its nearest existing folder must be writable."""
+    path = Path(path)
+    if not path.exists():
+        if not for_writing:
+            raise FileNotFoundError(
+                f"warehouse {path} does not exist yet: run `plasticity analyze` or `plasticity demo`")
+        _writable_folder(path)
+        return path
+    if path.is_dir():
+        raise WarehouseError(f"warehouse {path} is a folder, not a DuckDB file")
+    if not path.is_file():
+        raise WarehouseError(f"warehouse {path} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError as exc:
+        raise WarehouseError(f"warehouse {path} cannot be read: {exc.strerror}") from None
+    if not head:
+        raise WarehouseError(f"warehouse {path} is an empty file, not a DuckDB database; "
+                             "remove it or choose another --warehouse")
+    if head[8:12] != DUCKDB_MAGIC:
+        raise WarehouseError(f"warehouse {path} is not a DuckDB database file (no DuckDB header)")
+    if for_writing:
+        try:
+            with open(path, "r+b"):  # opening for writing changes nothing (no byte, no mtime)
+                pass
+        except OSError as exc:
+            raise WarehouseError(f"warehouse {path} is not writable: {exc.strerror}") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise WarehouseError(f"warehouse {path}: its folder is not writable (DuckDB writes {path.name}.wal there)")
+    return path
+
+
+def _damage(path: Path, exc: Exception) -> WarehouseError | None:
+    if any(m in str(exc) for m in _DAMAGE_MARKERS) or "Is a directory" in str(exc):
+        return WarehouseError(f"warehouse {path} is damaged or not a DuckDB database: {one_line(exc)}")
+    return None
+
+
+@dataclass
+class LockWaits:
+    """How often and how long this process waited for another process's warehouse lock (cumulative)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def since(self, before: "LockWaits") -> dict:
+        """What was added after `before` (a copy taken earlier), as materialization metadata."""
+        return {"lock_waits": self.count - before.count, "lock_wait_s": round(self.seconds - before.seconds, 3)}
+
+    def copy(self) -> "LockWaits":
+        return LockWaits(self.count, self.seconds)
+
+
+#: This process's lock waits (Dagster assets report what they add to it).
+LOCK_WAITS = LockWaits()
+
+
+def _waiting_for_lock(path: Path, read_only: bool, timeout_s: float, open_it: Callable[[], T]) -> T:
+    """`open_it()` (a connect or an ATTACH of `path`), retried with back-off while another process holds
+    the file's lock, for up to `timeout_s` (then WarehouseBusy); other failures are WarehouseErrors.
+    Each wait is added to `LOCK_WAITS`."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    delay = 0.02
+    waited = False
+    while True:
+        try:
+            out = open_it()
+            if waited:
+                LOCK_WAITS.seconds += time.monotonic() - start
+            return out
+        except (duckdb.IOException, duckdb.Error) as exc:  # lock errors are IOExceptions
+            if not _is_lock_error(exc):
+                raise _damage(path, exc) or WarehouseError(f"warehouse {path} cannot be opened: {one_line(exc)}") \
+                    from None
+            if time.monotonic() >= deadline:
+                LOCK_WAITS.seconds += time.monotonic() - start
+                mode = "read-only" if read_only else "read-write"
+                raise WarehouseBusy(
+                    f"warehouse {path} is locked by another process; gave up opening it {mode} "
+                    f"after {timeout_s:g}s. DuckDB said: {exc}"
+                ) from None
+            if not waited:
+                waited = True
+                LOCK_WAITS.count += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+def _connect(path: Path, read_only: bool, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    check_file(path, for_writing=not read_only)
+    return _waiting_for_lock(path, read_only, timeout_s, lambda: duckdb.connect(str(path), read_only=read_only))
+
+
+def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
+    """Create the warehouse, or check and upgrade an existing one; returns its schema version.
+
+    Nothing is written unless every check passes (see `upgrade_schema`)."""
+    return upgrade_schema(Path(path), timeout_s)
+
+
+def check_existing_schema(path: Path, timeout_s: float) -> int:
+    """Read-only checks of an existing warehouse; returns its stored version. WarehouseError (nothing
+    written) if it is newer than this code or its tables with our names would not upgrade to ours."""
+    expected = schema.latest_shape()
+    with reader(path, timeout_s) as con:
+        version = schema.stored_version(con, path)
+        existing = schema.read_shape(con, set(expected))
+    if version > schema.schema_version():
+        raise WarehouseError(
+            f"warehouse {path} has schema version {version}, newer than this version of the tool "
+            f"({schema.schema_version()}); upgrade attention-plasticity-warehouse. Nothing was changed.")
+    try:
+        after, failure = schema.rehearse(existing, version), []
+        problems = schema.differences(after, expected)
+    except duckdb.Error as exc:
+        after, failure = existing, [f"upgrading fails: {one_line(exc)}"]
+        problems = schema.differences(existing, expected, missing=False)
+    if not problems and not failure:
+        return version
+    detail = "; ".join(problems + failure)
+    if not _foreign_shape(after, expected):  # only less than the code expects
+        raise WarehouseError(
+            f"warehouse {path} (schema version {version}) would lack what this version needs after the upgrade: "
+            f"{detail}. Either it is not this tool's warehouse, or sql/schema.sql gained it without a migration "
+            "in sql/migrations. Nothing was changed.")
+    raise WarehouseError(
+        f"warehouse {path} holds tables with this tool's names but not its columns, so it is not (or no "
+        f"longer) this tool's warehouse: {detail}. Nothing was changed; choose another --warehouse.")
+
+
+def _foreign_shape(actual: schema.Shape, expected: schema.Shape) -> bool:
+    """Whether `actual` has one of our names as another kind of object, or a column we do not know."""
+    return any(name in actual and (actual[name][0] != kind or (kind == "table" and actual[name][1] - cols))
+               for name, (kind, cols) in expected.items())
+
+
+def upgrade_schema(path: Path, timeout_s: float = 60.0) -> int:
+    """Create or upgrade the warehouse at `path` after `check_existing_schema` passed; one transaction."""
+    check_file(path, for_writing=True)
+    if path.exists():
+        check_existing_schema(path, timeout_s)
+    elif _create(path):
+        return schema.schema_version()
+    with writer(path, timeout_s) as con:
+        # the version read again under the lock: another process may have upgraded
+        version = schema.apply(con, schema.stored_version(con, path))
+        problems = schema.differences(schema.read_shape(con, set(schema.latest_shape())), schema.latest_shape())
+        if problems:  # the rehearsal makes this unreachable; never commit a half-known shape
+            raise WarehouseError(f"warehouse {path}: upgrade left {'; '.join(problems)}; rolled back")
+    return version
+
+
+def _create(path: Path) -> bool:
+    """A new warehouse with the latest schema, built under a temporary name beside `path` and linked into
+    place complete: a process killed while creating it leaves no empty DuckDB file at `path` (only a
+    ``.<name>.creating-<pid>`` file, removed by the next creation). If another process created `path`
+    meanwhile, theirs is kept (False: it still has to be checked and upgraded)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute("BEGIN TRANSACTION")
+            schema.apply(con, 0)
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")  # everything in the file itself, no WAL beside it
+        finally:
+            con.close()
+        try:
+            os.link(tmp, path)  # fails if the name exists: never replaces another process's warehouse
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a rename (replacing only if none appeared)
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def writer(path: str | os.PathLike, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A short-lived read-write connection; the body runs inside one transaction."""
+    path = Path(path)
+    check_file(path, for_writing=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(path, read_only=False, timeout_s=timeout_s)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield con
+        except BaseException as exc:
+            con.execute("ROLLBACK")
+            damage = _damage(path, exc) if isinstance(exc, duckdb.Error) else None
+            if damage is not None:
+                raise damage from None
+            raise
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def reader(path: str | os.PathLike, timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection; DuckDB itself refuses any write through it."""
+    path = Path(path)
+    con = _connect(path, read_only=True, timeout_s=timeout_s)
+    try:
+        yield con
+    except duckdb.Error as exc:
+        damage = _damage(path, exc)
+        if damage is not None:
+            raise damage from None
+        raise
+    finally:
+        con.close()
+
+
+#: Settings of a sandboxed connection, applied in this order; the last one locks them all.
+SANDBOX_SETTINGS = (
+    "SET python_enable_replacements = false",  # no Python variables of the caller as tables
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET allow_persistent_secrets = false",
+    "SET enable_external_access = false",  # no file, URL, ATTACH, INSTALL or LOAD beyond what is open
+    "SET lock_configuration = true",  # and no SET/RESET/PRAGMA can undo any of it
+)
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def model_files(template: str | os.PathLike) -> list[Path]:
+    """The existing files of a per-model warehouse path (``{model}`` standing for any name; every other
+    character literal), sorted; ``[template]`` itself when it has no ``{model}``."""
+    text = str(template)
+    if MODEL_PLACEHOLDER not in text:
+        return [Path(text)]
+    pattern = glob.escape(text).replace(glob.escape(MODEL_PLACEHOLDER), "*")
+    return sorted(Path(p) for p in glob.glob(pattern))
+
+
+def warehouse_for_model(path: str | os.PathLike, model: str) -> str:
+    """The file of `model` when `path` has ``{model}`` (one file per model), else `path` itself; the model
+    name must be safe as a file name (`warehouse.sources.names.safe_path_component`)."""
+    from warehouse.sources.names import safe_path_component
+
+    text = str(path)
+    if MODEL_PLACEHOLDER not in text:
+        return text
+    return text.replace(MODEL_PLACEHOLDER, safe_path_component(model, "model name"))
+
+
+def expand_warehouse_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+    """The warehouse files named by `patterns`, in order, each file once: a file (an existing one is taken as
+    it is), a glob (``*``, ``?``, ``[...]``: every match, sorted) or a per-model path with ``{model}``
+    (`model_files`). Expanded here, in
+    Python, before any file is opened (the SQL sandbox cannot list folders). FileNotFoundError when a glob
+    or a ``{model}`` path matches no file."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for pattern in patterns:
+        text = str(pattern)
+        if MODEL_PLACEHOLDER in text:
+            found = model_files(text)
+        elif glob.has_magic(text) and not Path(text).exists():  # an existing file is itself, brackets or not
+            found = sorted(Path(p) for p in glob.glob(text))
+        else:
+            found = [Path(text)]
+        if not found:
+            raise FileNotFoundError(f"no warehouse file matches {text}")
+        for path in found:
+            key = path.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out
+
+
+def _attach_read_only(con: duckdb.DuckDBPyConnection, path: Path, alias: str, timeout_s: float) -> None:
+    check_file(path, for_writing=False)
+    _waiting_for_lock(path, True, timeout_s, lambda: con.execute(
+        f"ATTACH {_quote_literal(str(path))} AS {_quote_identifier(alias)} (READ_ONLY)"))
+
+
+#: Catalog and schema names DuckDB resolves before any attached file: a file with such a stem would be
+#: shadowed (``"main".runs`` is the in-memory database's) or clash with the catalog.
+RESERVED_ALIASES = ("main", "temp", "system", "memory", "pg_catalog", "information_schema")
+
+
+def _aliases(files: list[Path]) -> list[str]:
+    """File stems, the names the files get in SQL. ValueError naming the file when a stem is a name DuckDB
+    reserves, or when two stems differ only in case (SQL names ignore case)."""
+    aliases = [f.stem for f in files]
+    for f, alias in zip(files, aliases):
+        if alias.lower() in RESERVED_ALIASES:
+            raise ValueError(f"warehouse file {f}: its name {alias!r} is reserved in SQL "
+                             f"({', '.join(RESERVED_ALIASES)}); rename the file or link it under another name")
+    folded = [a.lower() for a in aliases]
+    for f, alias in zip(files, folded):
+        if folded.count(alias) > 1:
+            twins = [str(g) for g, a in zip(files, folded) if a == alias]
+            raise ValueError(f"warehouse files {', '.join(twins)} would be named {alias!r} in SQL alike "
+                             "(names ignore case); rename one")
+    return aliases
+
+
+def _check_column_types(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
+    """WarehouseError naming the file, table and column when a file's column has another type than this
+    version's (the union of that table could not be read, and DuckDB's error would not say which file)."""
+    from warehouse.store import schema
+
+    for f, alias in zip(files, aliases):
+        for table, column, dtype in con.execute(
+                "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = $d "
+                "AND schema_name = 'main'", {"d": alias}).fetchall():
+            expected = dict(schema.latest_columns(table)).get(column) if schema.latest_shape().get(
+                table, ("",))[0] == "table" else None
+            if expected is not None and dtype != expected:
+                raise WarehouseError(f"warehouse file {f}: column {table}.{column} is {dtype}, this version's is "
+                                     f"{expected}; it cannot be read together with the other files (query it "
+                                     "alone, or rebuild it)")
+
+
+def _check_models_unique(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str]) -> None:
+    """WarehouseError when one model is in several of the attached files (the union would mix its runs)."""
+    where: dict[str, list[Path]] = {}
+    for f, alias in zip(files, aliases):
+        have = {r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = $d AND schema_name = 'main'",
+            {"d": alias}).fetchall()}
+        parts = [f"SELECT model FROM {_quote_identifier(alias)}.main.{t}" for t in ("runs", "models") if t in have]
+        if not parts:
+            continue
+        for (model,) in con.execute(" UNION ".join(parts)).fetchall():
+            where.setdefault(model, []).append(f)
+    shared = {m: fs for m, fs in where.items() if len(fs) > 1}
+    if shared:
+        model, fs = sorted(shared.items())[0]
+        more = f" (and {len(shared) - 1} more model(s))" if len(shared) > 1 else ""
+        raise WarehouseError(
+            f"model {model!r} is in several warehouse files ({', '.join(map(str, fs))}){more}: the union views "
+            "would mix its runs; give each model's file once, or query the files one at a time")
+
+
+def _create_union_views(con: duckdb.DuckDBPyConnection, aliases: list[str]) -> None:
+    """In the in-memory default database: every table of the warehouse schema as a view over the union of
+    the attached files' tables (``UNION ALL BY NAME``, so an older file without a newer column gives NULL
+    there), then the derived views (sql/views.sql, sql/trajectories.sql) over those unions."""
+    import sql
+
+    present: dict[str, list[str]] = {}
+    for alias in aliases:
+        for (table,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = $d "
+                                    "AND schema_name = 'main'", {"d": alias}).fetchall():
+            present.setdefault(table, []).append(alias)
+    for table, (kind, _) in sorted(schema.latest_shape().items()):
+        if kind != "table":
+            continue
+        template = "SELECT " + ", ".join(f"CAST(NULL AS {dtype}) AS {_quote_identifier(c)}"
+                                         for c, dtype in schema.latest_columns(table)) + " WHERE false"
+        parts = [template] + [f"SELECT * FROM {_quote_identifier(a)}.main.{_quote_identifier(table)}"
+                              for a in present.get(table, [])]
+        con.execute(f"CREATE VIEW {_quote_identifier(table)} AS " + " UNION ALL BY NAME ".join(parts))
+    for name in schema.DERIVED_VIEW_SCRIPTS:
+        con.execute(sql.load(name))
+
+
+@contextlib.contextmanager
+def _union(files: list[Path], timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory connection with every file attached READ_ONLY under its stem and the union views."""
+    aliases = _aliases(files)
+    con = duckdb.connect(":memory:")
+    try:
+        for f, alias in zip(files, aliases):
+            _attach_read_only(con, f, alias, timeout_s)
+        _refuse_empty(con, files, aliases)
+        _check_column_types(con, files, aliases)
+        _check_models_unique(con, files, aliases)
+        _create_union_views(con, aliases)
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection for untrusted SQL: DuckDB itself enforces what it may do.
+
+    One file: it is opened read-only as the default database. Several files (one per model, or any
+    set of warehouses holding different models): an in-memory default database with every file
+    ATTACHed READ_ONLY under its file stem (``"<stem>".head_metrics`` reads one file), and views with
+    the warehouse's table names over the union of all files (``head_metrics`` reads them all), with
+    the warehouse's own views (``latest_runs``, ``latest_head_metrics``, the family trajectories, ...)
+    rebuilt over those unions; a model present in two files is a WarehouseError. Files are attached
+    (waiting for another process's lock like `reader`) before external access is switched off and the
+    configuration is locked (`SANDBOX_SETTINGS`). Through the connection, any read-only statement works
+    (SELECT, PIVOT, CTEs, temp tables and macros, EXPLAIN [ANALYZE], DESCRIBE, SUMMARIZE, SHOW); writes
+    to a warehouse, reading or writing any other file or URL (COPY, EXPORT DATABASE, read_csv, glob,
+    ...), ATTACH, INSTALL/LOAD and changing a setting are refused by DuckDB. Queries larger than memory
+    spill to a private temporary folder, removed afterwards.
+    """
+    if not paths:
+        raise ValueError("sandbox needs at least one warehouse file")
+    files = [Path(p) for p in paths]
+    from warehouse.store.spill import SPILL_PREFIX, remove_stale_spill_folders
+
+    remove_stale_spill_folders()
+    spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
+    try:
+        opened = reader(files[0], timeout_s) if len(files) == 1 else _union(files, timeout_s)
+        with opened as con:
+            if len(files) == 1:
+                _refuse_empty(con, files, None)
+            # a large sort spills to a private temporary folder, not to <warehouse>.tmp beside the file
+            con.execute(f"SET temp_directory = {_quote_literal(spill)}")
+            for setting in SANDBOX_SETTINGS:
+                con.execute(setting)
+            yield con
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
+                    timeout_s: float = 60.0):
+    """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement.
+
+    DuckDB's errors (parser, binder, catalog, permission: "read-only mode", "file system operations
+    are disabled") are raised as they are, as duckdb.Error."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    try:
+        with sandbox(paths, timeout_s) as con, _interrupted_by_signals(con):
+            rel = con.execute(query, params) if params else con.execute(query)
+            if rel.description is None:
+                return [], []
+            return [d[0] for d in rel.description], rel.fetchall()
+    except (RuntimeError, duckdb.InterruptException) as exc:
+        # DuckDB stopped for a signal (Ctrl-C, or SIGTERM / SIGHUP that the command line turns into
+        # KeyboardInterrupt; it sees one when it polls during a statement): raised as Python would
+        if "interrupt" not in str(exc).lower():
+            raise
+        raise KeyboardInterrupt("query interrupted") from None
+
+
+@contextlib.contextmanager
+def _interrupted_by_signals(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """While the body runs, a signal with a Python handler (Ctrl-C; SIGTERM, SIGHUP when the command line
+    handles them) interrupts DuckDB at once: Python's C-level handler writes the signal number to a
+    wake-up socket even while this thread is inside DuckDB, and a watcher thread reading it calls
+    `con.interrupt()`. (Without it the signal waits until DuckDB polls, which some phases of a large
+    query do not.) The Python handler then runs as usual when DuckDB returns."""
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        wake_r.close()
+        wake_w.close()
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while True:
+            data = wake_r.recv(64)
+            if done.is_set() or not data:
+                return
+            con.interrupt()
+
+    watcher = threading.Thread(target=watch, name="plasticity-sql-signals", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        done.set()
+        wake_w.send(b"\0")  # wakes the watcher, which sees `done`
+        watcher.join()
+        wake_r.close()
+        wake_w.close()
+
+
+def check_readable(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
+    """Before a read-only command reads `path` by table name: its schema version, which must be this
+    code's; otherwise a WarehouseError in one line saying what to do (an empty DuckDB file, an older
+    or newer version, schema_migrations of another tool or of a development version)."""
+    from warehouse.store import schema
+
+    with reader(path, timeout_s) as con:
+        return schema.readable_version(con, path)
+
+
+def _refuse_empty(con: duckdb.DuckDBPyConnection, files: list[Path], aliases: list[str] | None) -> None:
+    """WarehouseError naming the first file that is an empty DuckDB database (no table at all)."""
+    with_tables = {r[0] for r in con.execute("SELECT DISTINCT database_name FROM duckdb_tables()").fetchall()}
+    for f, name in zip(files, aliases or [con.execute("SELECT current_database()").fetchone()[0]]):
+        if name not in with_tables:
+            raise WarehouseError(f"warehouse {f} is an empty DuckDB file (no tables: a run stopped before "
+                                 "creating them?); remove it, or run `plasticity analyze` with it")
+
+
+def memory_connection(threads: int = 1) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection for reading shards; compute steps never open the warehouse."""
+    con = duckdb.connect(":memory:")
+    con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def reading_warehouse(given: str | None, model: str | None = None) -> str:
+    """The warehouse a read-only command uses (`choose_warehouse`; with ``{model}``, that model's file),
+    said on stderr so that the command's own output stays clean, and checked readable by this version
+    (`check_readable`)."""
+    import sys
+
+    from warehouse.settings.config import choose_warehouse, say_warehouse
+
+    path, source = choose_warehouse(given)
+    if model is not None:
+        path = warehouse_for_model(path, model)
+    say_warehouse(path, source, sys.stderr)
+    check_readable(path)  # an empty, older or foreign file: one line saying what to do, not a Catalog error
+    return path
