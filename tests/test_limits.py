@@ -16,13 +16,14 @@ from plasticity.jackknife import MAX_EXAMPLE_GROUPS, example_groups
 from test_bad_input import rewrite, set_value, shard
 from warehouse.store import db
 from warehouse.sources.card import CARD_MAX_BYTES, MAX_BUCKET_SIZE, MAX_LAYOUT_COUNT, MAX_MODEL_NAME_CHARS, parse_card, read_card
-from warehouse.sources.catalog import MAX_POSITION, ShardInfo, profile_shard
+from warehouse.sources.catalog import MAX_POSITION, ShardInfo
+from warehouse.sources.shard_profile import profile_shard
 from warehouse.settings.config import MAX_SEED, MAX_STEP, load_config
 from warehouse.store.families import MAX_PATTERN_CHARS, BranchPattern, FamilyError
 from warehouse.sources.layout import MAX_PLANNED_HEADS, LayoutError, resolve_layout
 from warehouse.sources.names import MAX_NAME_BYTES, name_problem
 from warehouse.settings.options import OptionError
-from warehouse.present.plots import load_plot_options
+from warehouse.present.plot_data import load_plot_options
 
 PATTERN = r"(?P<family>[a-z]+)-step(?P<step>[0-9]+)"
 

@@ -251,10 +251,10 @@ def test_an_attention_option_changes_what_it_should(dataset, attention_base, tmp
 # ----------------------------------------------------------------------------- plot options
 
 def draw(base: Run, kind: str, **kw):
-    from warehouse.present import plots
+    from warehouse.present import plot_data, plots
 
     where = {"warehouse": base.warehouse} if kind == "compare" else {"warehouse": base.warehouse, "model": base.model}
-    return plots.make_plot(kind, plots.load_plot_options(kind, None, **where, **kw))[0]
+    return plots.make_plot(kind, plot_data.load_plot_options(kind, None, **where, **kw))[0]
 
 
 def mean_line(res):

@@ -23,7 +23,8 @@ from plasticity.rotation import householder_apply, householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
 from warehouse.store import db
-from warehouse.sources.catalog import ShardInfo, profile_shard
+from warehouse.sources.catalog import ShardInfo
+from warehouse.sources.shard_profile import profile_shard
 from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_shard, write_synthetic_dataset
 from warehouse.run.loading import STREAM_BATCH_ROWS, load_rows
