@@ -219,7 +219,7 @@ def check_creation_killed_leaves_no_empty_file(tmp: Path, dataset: Path) -> None
     wh = tmp / "w.duckdb"
     killed = subprocess.run([sys.executable, "-c", (
         "import os, sys; sys.path.insert(0, sys.argv[2])\n"
-        "from warehouse import db, schema\n"
+        "from warehouse.store import db, schema\n"
         "def dying(con, v): con.execute('CREATE TABLE runs (x INTEGER)'); os._exit(9)\n"
         "schema.apply = dying\n"
         "db.ensure_schema(sys.argv[1])"), str(wh), str(REPO)], capture_output=True, text=True, timeout=120)

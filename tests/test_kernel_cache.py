@@ -117,7 +117,7 @@ def test_a_damaged_cache_is_set_aside_and_compiled_again_never_recorded_against_
     moves each affected kernel's files aside, says so in one line, and the warm-up compiles them again."""
     cache = tmp_path / "numba-cache"
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(cache))
-    warm = subprocess.run([sys.executable, "-m", "warehouse.run.kernel_cache", "attention"], cwd=tmp_path, timeout=600,
+    warm = subprocess.run([sys.executable, "-m", "warehouse.run.kernel_warmup", "attention"], cwd=tmp_path, timeout=600,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert warm.returncode == 0, warm.stderr[-3000:]
     folder = kernel_cache.kernel_cache_folder(REPO / "plasticity" / "attention" / "kernel.py")
