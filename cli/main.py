@@ -147,7 +147,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     from warehouse.sources.names import safe_path_component
     from warehouse.run.pipeline import analyze_dataset
     from warehouse.present.plot_data import load_plot_options
-    from warehouse.present.figure_parts import save_png
+    from warehouse.present.figure_parts import save_figure
     from warehouse.present.trajectory_plots import plot_trajectory
 
     fam = FamilySpec()
@@ -188,7 +188,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
           "(the interval is the spread of the layer's heads, not the error of their mean)")
     opts = load_plot_options("trajectory", None, family=fam.family)
     out = Path(configs[fam.steps[0]].output_dir) / "plots" / f"{fam.family}-trajectory.png"
-    save_png(plot_trajectory(traj, opts).figure, out, opts.dpi)
+    save_figure(plot_trajectory(traj, opts).figure, out, opts.dpi)
     where = " ".join(f"--warehouse {w}" for w in warehouses)
     print(f"\nplot: {out}\nwarehouse: {', '.join(warehouses)}")
     print(f'try: plasticity sql "{FAMILY_HINT}" {where}')

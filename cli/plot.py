@@ -27,7 +27,7 @@ def add_plot_parser(sub) -> argparse.ArgumentParser:
     from warehouse.present.plot_data import KINDS, PlotOptions
 
     p = sub.add_parser(
-        "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results to a PNG",
+        "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results (PNG, PDF or SVG)",
         description="Plot per-bucket plasticity curves, the q-bucket x k-bucket heatmap, component-weight bars, "
                     "ap_overall by layer across models, or a family's trajectory through its checkpoints "
                     "(trajectory --family F; --warehouse may be a glob or a path with {model} to read one file "
@@ -66,7 +66,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.store.models import bucket_plot_defaults
     from warehouse.present.plot_data import load_plot_options
     from warehouse.present.plots import make_plot
-    from warehouse.present.figure_parts import save_png
+    from warehouse.present.figure_parts import figure_format, save_figure
 
     from warehouse.settings.options import options_of
     from warehouse.present.plot_data import PlotOptions
@@ -75,12 +75,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     defaults = {"warehouse": os.environ.get("PLASTICITY_WAREHOUSE", DEFAULT_WAREHOUSE)}
     opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     out = Path(opts.output) if opts.output else default_output(args.kind, opts)  # a bad name stops before reading
+    figure_format(out)  # so does an extension that is not .png, .pdf or .svg
     if opts.model and opts.warehouse and not (opts.bucket_csv or opts.component_csv):
         # the model's bucket scheme and size, as its dataset card gave them (table `models`), unless set
         defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))
         opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     result, source = make_plot(args.kind, opts)
-    save_png(result.figure, out, opts.dpi)
+    save_figure(result.figure, out, opts.dpi)
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source
         else (f"family {source['family']}: " if "family" in source else "")

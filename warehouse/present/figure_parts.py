@@ -1,6 +1,7 @@
 """The parts every figure of the plots shares: the result type (`PlotResult`), an Agg figure (never
 pyplot, so no GUI backend or global figure state), axis labels, layer and head colours, legends
-outside the axes, interval bands and their captions, and atomic PNG writing.
+outside the axes, interval bands and their captions, and atomic writing of PNG, PDF or SVG by the
+output's extension.
 """
 
 from __future__ import annotations
@@ -146,10 +147,33 @@ def band_handle(mode: str):
                  label="95% interval, each head" if mode == "heads" else "95% interval of the mean\n(conservative)")
 
 
-def png_bytes(fig, dpi: int = 110) -> bytes:
+#: File formats a figure can be written in, by the output's extension (matplotlib's backends).
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure is written in, from the output's extension (case-insensitive): png, pdf or svg.
+    Anything else is refused, before any data is read, rather than writing PNG bytes under another name."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(f"output {str(path)!r}: the extension must be one of "
+                         f"{', '.join(FIGURE_FORMATS)} (the figure's format follows it)")
+    return FIGURE_FORMATS[suffix]
+
+
+def figure_bytes(fig, fmt: str = "png", dpi: int = 110) -> bytes:
+    """The figure as `fmt` (png, pdf or svg). `dpi` sets the raster resolution (PNG, and images
+    embedded in a PDF or SVG); vector text and lines do not depend on it. Metadata carries no date, so the
+    same figure gives the same bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None},
+                "svg": {"Date": None}}[fmt]
+    fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata)
     return buf.getvalue()
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    return figure_bytes(fig, "png", dpi)
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
@@ -162,6 +186,8 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
-    return write_atomically(path, png_bytes(fig, dpi))
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write the figure atomically (temp file + rename), so readers never see half a file, in the format
+    of the path's extension (`figure_format`)."""
+    return write_atomically(path, figure_bytes(fig, figure_format(path), dpi))
+

@@ -83,9 +83,10 @@ class PlotOptions:
                                  "(each head's, or the conservative interval of the mean)")
     ci_max_heads: int = option(12, ge=1, help="curves, compare, trajectory: up to this many heads, each head's "
                                               "interval is drawn; more, the interval of the mean over heads")
-    output: str | None = option(None, help="output PNG", accepts="a file",
-                                default_text="results/plots/<model>-<kind>.png", metavar="PNG")
-    dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
+    output: str | None = option(None, help="output file; its extension sets the format (PNG, PDF or SVG)",
+                                accepts="a .png, .pdf or .svg file",
+                                default_text="results/plots/<model>-<kind>.png", metavar="FILE")
+    dpi: int = option(110, ge=1, le=2400, help="dots per inch of raster output (PNG; images inside a PDF or SVG)")
     kind: str | None = option(None, choices=KINDS, cli=False, help="plot kind; must match the command when given",
                               default_text="the command's")
 
