@@ -1,0 +1,58 @@
+"""Tables for a paper, on one analysed warehouse: `head_metrics.csv` (upstream columns first, then model,
+run and the AP interval), the `latest_layer_plasticity` view, and the tables the command line prints."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from cli.main import main
+from warehouse.settings.config import load_config
+from warehouse.store import db
+
+UPSTREAM_HEAD_COLUMNS = (
+    "layer,q_head,k_head,n_q_tokens,n_k_tokens,d_model,q_R2_pos,q_beta_norm,q_R2_scalar,q_mae_baseline,"
+    "q_mae_proj,q_mae_ratio,q_resid0_skew,q_resid0_kurt,q_resid0_ks_p,q_noise_med_abs_skew,"
+    "q_noise_med_abs_kurt,q_noise_med_ks_p,q_noise_frac_ks_p_lt_alpha,ap_overall,ap_overall_se,estimator"
+).split(",")
+APPENDED = ["model", "run_id", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples"]
+
+
+@pytest.fixture(scope="module")
+def warehouse(small_dataset, tmp_path_factory):
+    """The small dataset analysed twice (two runs of model `small`, other seed) into one warehouse."""
+    from warehouse.run.pipeline import analyze_dataset
+
+    wh = tmp_path_factory.mktemp("paper") / "wh.duckdb"
+    runs = []
+    for seed in (0, 1):
+        cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "small",
+                                 "seed": seed})
+        runs.append(analyze_dataset(cfg, small_dataset, progress=False).run_id)
+    return {"wh": wh, "runs": runs}
+
+
+def query(wh, sql, params=None):
+    with db.reader(wh) as con:
+        return con.execute(sql, params or {}).fetchall()
+
+
+def test_head_metrics_csv_keeps_upstream_columns_first_and_appends_model_run_and_interval(warehouse, tmp_path):
+    out = tmp_path / "csv"
+    assert main(["export", "--model", "small", "--warehouse", str(warehouse["wh"]), "--out", str(out)]) == 0
+    with open(out / "head_metrics.csv", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    assert header == UPSTREAM_HEAD_COLUMNS + APPENDED
+    latest = warehouse["runs"][-1]
+    want = query(warehouse["wh"], f"SELECT layer, q_head, {', '.join(APPENDED)} FROM head_metrics "
+                                  "WHERE run_id = $r ORDER BY layer, q_head", {"r": latest})
+    got = [tuple(r[header.index(c)] for c in ["layer", "q_head"] + APPENDED) for r in rows]
+    assert len(got) == len(want) == 8
+    for g, w in zip(got, want):
+        assert (int(g[0]), int(g[1]), g[2], g[3]) == (w[0], w[1], "small", latest)
+        assert float(g[4]) == w[4] and float(g[5]) == w[5]  # the interval, to the last digit
+        assert int(g[6]) == w[6] and int(g[7]) == w[7]
+    assert all(float(r[header.index("ap_overall_ci_low")]) <= float(r[header.index("ap_overall")])
+               <= float(r[header.index("ap_overall_ci_high")]) for r in rows)
+    assert {int(r[header.index("n_examples")]) for r in rows} == {8}  # the small dataset's 8 sequences
