@@ -56,3 +56,27 @@ def test_head_metrics_csv_keeps_upstream_columns_first_and_appends_model_run_and
     assert all(float(r[header.index("ap_overall_ci_low")]) <= float(r[header.index("ap_overall")])
                <= float(r[header.index("ap_overall_ci_high")]) for r in rows)
     assert {int(r[header.index("n_examples")]) for r in rows} == {8}  # the small dataset's 8 sequences
+
+
+def drawn_figures(monkeypatch) -> list:
+    from warehouse.present import figure_parts
+
+    figures, real = [], figure_parts.save_figure
+    monkeypatch.setattr(figure_parts, "save_figure",
+                        lambda fig, path, dpi=110: figures.append(fig) or real(fig, path, dpi))
+    return figures
+
+
+def test_latest_layer_plasticity_is_the_latest_run_ordered_and_its_interval_is_the_drawn_one(
+        warehouse, tmp_path, monkeypatch):
+    rows = query(warehouse["wh"], "SELECT model, run_id, layer, n_heads, mean_ap, mean_ci_low, mean_ci_high "
+                                  "FROM latest_layer_plasticity")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("small", warehouse["runs"][-1], layer) for layer in (0, 1)]
+    assert all(r[3] == 4 and r[5] < r[4] < r[6] for r in rows)
+    figures = drawn_figures(monkeypatch)
+    assert main(["plot", "compare", "--warehouse", str(warehouse["wh"]), "--ci_max_heads", "1",
+                 "--output", str(tmp_path / "layers.svg")]) == 0
+    (bars,) = [c for c in figures[-1].axes[0].collections if c.get_gid() == "ci small"]
+    drawn = sorted((float(seg[0][0]), float(seg[0][1]), float(seg[1][1])) for seg in bars.get_segments())
+    want = [(float(r[2]), r[5], r[6]) for r in rows]
+    assert [v for row in drawn for v in row] == pytest.approx([v for row in want for v in row], rel=1e-12, abs=1e-15)
