@@ -362,10 +362,31 @@ EPILOG = (
 )
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped flag: the closest flag of the command given."""
+
+    def parse_args(self, args=None, namespace=None):
+        from warehouse.settings.options import unknown_flags_message
+
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            flags = [f for action in command._actions for f in action.option_strings]
+            command.error(unknown_flags_message(unknown, flags))
+        return parsed
+
+    def _command_parser(self, parsed) -> argparse.ArgumentParser:
+        """The subcommand's parser (e.g. `plasticity plot`), whose flags the suggestion comes from."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                return action.choices[getattr(parsed, action.dest)]
+        return self
+
+
 def build_parser() -> argparse.ArgumentParser:
     from warehouse.settings.options import add_arguments
 
-    parser = argparse.ArgumentParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
+    parser = CommandParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate the synthetic demo dataset, analyse it, print a summary",

@@ -122,3 +122,38 @@ def test_cli_analyze_from_hub_branch(small_dataset, tmp_path, monkeypatch, capsy
     assert "8 with results, 0 with errors" in out
     assert "no-such-branch" in err
     assert attempts == []
+
+
+def test_every_option_has_both_spellings_and_a_typo_gets_did_you_mean(capsys):
+    """`--max-tokens-per-head` and `--max_tokens_per_head` are the same option in every command; a flag
+    no command has is refused with the closest one."""
+    import argparse
+
+    from cli.main import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            long = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+            for flag in long:
+                other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+                assert other in long, f"plasticity {name}: {flag} has no {other}"
+                checked += "_" in flag
+    assert checked > 50
+    for words in (["analyze", "--max-tokens-per-head", "64"], ["analyze", "--max_tokens_per_head", "64"]):
+        assert parser.parse_args(words).cfg_max_tokens_per_head == "64"
+    assert parser.parse_args(["generate", "--out", "x", "--q_heads", "8"]).q_heads == 8
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["analyze", "--max-token-per-head", "64"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --max-token-per-head (did you mean --max-tokens-per-head?)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--out", "x", "--seedd=3"])
+    assert "--seedd=3 (did you mean --seed?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sql", "SELECT 1", "--zzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzz" in err and "did you mean" not in err
