@@ -61,12 +61,17 @@ def default_output(kind: str, opts) -> Path:
     return DEFAULT_OUTPUT_DIR / f"{name}-{CONFIG_SUFFIX[kind]}.png"
 
 
+def caption_path(out: Path) -> Path:
+    """fig.pdf -> fig.caption.txt, beside the figure."""
+    return out.with_suffix(".caption.txt")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.settings.config import DEFAULT_WAREHOUSE
     from warehouse.store.models import bucket_plot_defaults
     from warehouse.present.plot_data import load_plot_options
     from warehouse.present.plots import make_plot
-    from warehouse.present.figure_parts import figure_format, save_figure
+    from warehouse.present.figure_parts import apply_figsize, figure_format, save_figure, write_atomically
 
     from warehouse.settings.options import options_of
     from warehouse.present.plot_data import PlotOptions
@@ -81,12 +86,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
         defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))
         opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     result, source = make_plot(args.kind, opts)
+    apply_figsize(result.figure, opts)
     save_figure(result.figure, out, opts.dpi)
+    if opts.no_caption and result.caption:  # for the paper's own caption: the text the figure left out
+        write_atomically(caption_path(out), (result.caption + "\n").encode())
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source
         else (f"family {source['family']}: " if "family" in source else "")
         + "models " + ", ".join(f"{m} (run {r})" for m, r in source.get("runs", {}).items()))
     print(f"wrote {out}: {result.n_rows} row(s), {result.n_heads} head(s) from {where}")
+    if opts.no_caption and result.caption:
+        print(f"caption: {caption_path(out)}")
     return 0
 
 

@@ -38,6 +38,26 @@ class PlotResult:
     n_rows: int  # input rows plotted
     n_heads: int
     extra: dict = field(default_factory=dict)
+    caption: str = ""  # what the bands and bars are: drawn under the title, or written beside the figure
+
+
+def title_and_caption(target, opts: PlotOptions, title: str, caption: str = "") -> str:
+    """Draw the title (`opts.title`, else `title`) and the caption under it, on an axes (`set_title`) or a
+    figure (`suptitle`); `opts.no_title` and `opts.no_caption` leave either out (a paper has its own
+    caption: the command line then writes it beside the figure). Returns the caption."""
+    shown = [None if opts.no_title else (opts.title or title), None if opts.no_caption else caption]
+    text = "\n".join(t for t in shown if t)
+    if text:
+        setter = target.suptitle if hasattr(target, "suptitle") else target.set_title
+        setter(text, fontsize="medium")
+    return caption
+
+
+def apply_figsize(fig, opts: PlotOptions) -> None:
+    """`opts.figsize` (width, height in inches) replaces the plot's own size; the constrained layout
+    fits the axes, legends and colour bars to it when the figure is written."""
+    if opts.figsize:
+        fig.set_size_inches(*opts.figsize)
 
 
 def _figure(width: float = 8.0, height: float = 5.0):
@@ -107,13 +127,20 @@ def head_label(layer, q_head) -> str:
     return f"L{int(layer)} H{int(q_head)}"
 
 
-def head_colors(keys) -> dict:
-    """One colour per head, for plots that draw a few heads one by one: seaborn's colour-blind palette
-    (10 colours), husl beyond."""
+def categorical_colors(keys, palette: str = "colorblind") -> dict:
+    """One colour per key (model or head) in the given order, from a seaborn palette (default
+    "colorblind", safe for the common colour-vision deficiencies; 10 colours, then husl hues)."""
     import seaborn as sns
 
     keys = list(keys)
-    return dict(zip(keys, sns.color_palette("colorblind" if len(keys) <= 10 else "husl", len(keys))))
+    if palette == "colorblind" and len(keys) > 10:
+        palette = "husl"
+    return dict(zip(keys, sns.color_palette(palette, len(keys))))
+
+
+def head_colors(keys, palette: str = "colorblind") -> dict:
+    """One colour per head, for plots that draw a few heads one by one (`categorical_colors`)."""
+    return categorical_colors(keys, palette)
 
 
 def draw_band(ax, x, low, high, color, gid: str) -> bool:

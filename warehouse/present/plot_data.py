@@ -63,6 +63,13 @@ class PlotOptions:
     # presentation
     model_name: str | None = option(None, help="label in the title", default_text="the model")
     title: str | None = option(None, help="figure title", default_text="one naming the model and the plot")
+    no_title: bool = option(False, help="draw no title")
+    no_caption: bool = option(False, help="draw no caption under the title (what the bands and bars are); the "
+                                          "command line writes it to <output>.caption.txt instead")
+    figsize: list[float] | None = option(None, metavar="W H", help="figure width and height in inches",
+                                         default_text="each plot's own size")
+    palette: str = option("colorblind", help="colours of models and heads: a seaborn palette name (the default "
+                                             "is safe for colour-blind readers)")
     bucket_type: str = option("uniform", choices=BUCKET_TYPES, help="position buckets of the capture")
     bucket_min_size: float = option(1.0, gt=0, help="bucket width (uniform) or multiplier (log)")
     color_by_layer: bool = option(False, help="curves: colour heads by layer")
@@ -98,6 +105,8 @@ class PlotOptions:
             raise ValueError(f"this config is for a {self.kind!r} plot, not {kind!r}")
         if self.color_by_layer and self.color_trend:
             raise ValueError("choose color_by_layer or color_trend, not both")
+        if self.figsize is not None and (len(self.figsize) != 2 or min(self.figsize) <= 0):
+            raise ValueError(f"figsize {self.figsize}: give width and height in inches, both above 0")
         if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
             raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
         return self

@@ -37,7 +37,8 @@ import pandas as pd
 
 from warehouse.present.figure_parts import (MEAN_BAND_TEXT, TREND_COLORS, PlotResult, _figure, _fmt_pos, _label,
                                             _layer_key, _legend_outside, _position_label, band_caption, band_handle,
-                                            draw_band, head_colors, head_label, layer_colors)
+                                            categorical_colors, draw_band, head_colors, head_label, layer_colors,
+                                            title_and_caption)
 from warehouse.present.plot_data import (BOOTSTRAP_RESAMPLES, BUCKET_COLUMNS, CI_LEVEL, COMPONENT_COLUMNS,
                                          NO_INTERVALS_CSV, NO_INTERVALS_RUN, TREND_TOL, PlotOptions, bucket_curves,
                                          bucket_interval_table, bucket_start, component_means, head_interval_bars,
@@ -69,7 +70,7 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     ax = fig.add_subplot()
     trends = head_trends(curves) if opts.color_trend else None
     colors = layer_colors(curves["layer"].unique()) if opts.color_by_layer else None
-    own_colors = head_colors(k for k, _ in heads) if per_head and colors is None and trends is None else None
+    own_colors = head_colors((k for k, _ in heads), opts.palette) if per_head and colors is None and trends is None else None
     with_band = 0
     for key, g in drawn.groupby(["layer", "q_head", "k_head"], sort=True):
         if colors is not None:
@@ -108,12 +109,11 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(_position_label(opts, "query"))
     ax.set_ylabel("attention plasticity $AP_j$")
-    title = opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip()
+    title = f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip()
     reason = None if band_mode or not opts.ci else (
         NO_INTERVALS_CSV if intervals is None else
         NO_INTERVALS_RUN if intervals.empty else "no finite standard error (too few examples)")
-    caption = band_caption(band_mode, n_without, reason)
-    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    caption = title_and_caption(ax, opts, title, band_caption(band_mode, n_without, reason))
     if colors is not None:
         per_layer = {int(la): int(n) for la, n in
                      curves.drop_duplicates(["layer", "q_head", "k_head"]).groupby("layer").size().items()}
@@ -131,7 +131,7 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     sns.despine(ax=ax)
     extra = {"trends": trends.value_counts().to_dict()} if trends is not None else {}
     extra["bands"] = band_mode
-    return PlotResult(fig, mean, int(len(cells)), n_heads, extra)
+    return PlotResult(fig, mean, int(len(cells)), n_heads, extra, caption)
 
 
 def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
@@ -157,7 +157,7 @@ def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
     ax.set_xlabel(_position_label(opts, "key"))
     ax.set_ylabel(_position_label(opts, "query"))
     n_heads = int(cells.groupby(["layer", "q_head", "k_head"]).ngroups)
-    ax.set_title(opts.title or f"{_label(opts)} bucket plasticity, {opts.agg} of {n_heads} heads".strip())
+    title_and_caption(ax, opts, f"{_label(opts)} bucket plasticity, {opts.agg} of {n_heads} heads".strip())
     summary = matrix.copy()
     summary.index.name = "q_bucket \\ k_bucket"
     return PlotResult(fig, summary.reset_index(), int(len(cells)), n_heads,
@@ -192,11 +192,11 @@ def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResu
     ax.set_xlabel("query dimension (the head's own basis)")
     ax.set_ylabel("share of linear positional information")
     n_heads = int(means["n_heads"].iloc[0])
-    title = opts.title or f"{_label(opts)} component weights, mean of {n_heads} heads".strip()
-    ax.set_title(f"{title}\nerror bars: {CI_LEVEL:.0%} bootstrap interval of the mean over heads "
-                 f"({BOOTSTRAP_RESAMPLES} resamples)", fontsize="medium")
+    caption = title_and_caption(ax, opts, f"{_label(opts)} component weights, mean of {n_heads} heads".strip(),
+                                f"error bars: {CI_LEVEL:.0%} bootstrap interval of the mean over heads "
+                                f"({BOOTSTRAP_RESAMPLES} resamples)")
     sns.despine(ax=ax)
-    return PlotResult(fig, means, int(len(weights)), n_heads)
+    return PlotResult(fig, means, int(len(weights)), n_heads, caption=caption)
 
 
 def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult:
@@ -215,7 +215,7 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     depth = data.groupby("model")["layer"].transform("max").replace(0, 1)
     data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
     models = sorted(data["model"].unique())
-    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
+    palette = categorical_colors(models, opts.palette)
     fig = _figure(8.5, 5.0)
     ax = fig.add_subplot()
     sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
@@ -251,15 +251,14 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     if opts.metric.startswith("ap_"):
         ax.set_ylim(-0.02, 1.02)
     n_models = len(models)
-    title = opts.title or f"{opts.metric} by layer across {n_models} model(s)"
-    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    caption = title_and_caption(ax, opts, f"{opts.metric} by layer across {n_models} model(s)", caption)
     if ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     sns.despine(ax=ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
     return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bands": bar_mode,
-                                                                "intervals": bars})
+                                                                "intervals": bars}, caption)
 
 
 def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[PlotResult, dict]:

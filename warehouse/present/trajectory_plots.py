@@ -20,6 +20,7 @@ import pandas as pd
 from warehouse.store.families import Trajectory
 from warehouse.present.plot_data import NO_INTERVALS_RUN, PlotOptions, group_mean_intervals
 from warehouse.present.figure_parts import (PlotResult, _figure, _layer_key, _legend_outside, band_caption, band_handle,
+                                            title_and_caption,
                                             draw_band, head_colors, head_label, layer_colors)
 
 #: Marker of each stage, in order of first appearance along the step axis.
@@ -97,7 +98,7 @@ def plot_trajectory(traj: Trajectory, opts: PlotOptions) -> PlotResult:
     caption, band_mode, n_without = "", None, 0
     if per_head:
         hi = traj.head_intervals.sort_values(["layer", "q_head", "step", "model"])
-        own = head_colors(hi.groupby(["layer", "q_head"], sort=True).groups)
+        own = head_colors(hi.groupby(["layer", "q_head"], sort=True).groups, opts.palette)
         drawn = 0
         for (layer, q_head), g in hi.groupby(["layer", "q_head"], sort=True):
             color = own[(layer, q_head)]
@@ -154,14 +155,13 @@ def plot_trajectory(traj: Trajectory, opts: PlotOptions) -> PlotResult:
     hm.tick_params(axis="x", labelrotation=0, labelsize="small")
     hm.tick_params(axis="y", labelrotation=0)
 
-    title = opts.title or (f"{traj.family}: {traj.metric} through {n_ckpt} checkpoint(s), "
-                           f"{n_layers} layer(s)")
-    fig.suptitle(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    caption = title_and_caption(fig, opts, f"{traj.family}: {traj.metric} through {n_ckpt} checkpoint(s), "
+                                           f"{n_layers} layer(s)", caption)
     summary = layers.loc[:, ["stage", "step", "model", "layer", "n_heads", "mean_value", "ci_low", "ci_high",
                              "median_value"]].sort_values(["step", "model", "layer"]).reset_index(drop=True)
     n_heads = int(traj.heads.groupby(["layer", "q_head"]).ngroups)  # heads of the model, rows = one per checkpoint
     return PlotResult(fig, summary, int(len(traj.heads)), n_heads,
-                      {"checkpoints": n_ckpt, "layers": n_layers, "matrix": matrix, "bands": band_mode})
+                      {"checkpoints": n_ckpt, "layers": n_layers, "matrix": matrix, "bands": band_mode}, caption)
 
 
 def _trajectory_line(ax, g: pd.DataFrame, column: str, color, markers: dict) -> None:
