@@ -7,7 +7,6 @@ commands start fast.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -23,30 +22,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from warehouse.settings.config import MAX_SEED, not_empty, warehouse_option  # noqa: E402 (after the thread settings)
 from warehouse.sources.names import name_problem  # noqa: E402
 from warehouse.settings.options import option  # noqa: E402
+from cli.tables import format_table  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
-
-
-def _format_value(v) -> str:
-    if v is None:
-        return "NULL"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return str(v)
-
-
-def format_table(names: list[str], rows: list[tuple], max_rows: int | None = None) -> str:
-    """A plain fixed-width text table."""
-    shown = rows if max_rows is None else rows[:max_rows]
-    cells = [[_format_value(v) for v in r] for r in shown]
-    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    lines = ["  ".join(n.rjust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    if max_rows is not None and len(rows) > max_rows:
-        lines.append(f"... {len(rows) - max_rows} more row(s)")
-    return "\n".join(lines)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -226,7 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     truth = {(t["layer"], t["q_head"]): t.get("ap_true") for t in read_ground_truth(root)}
     names, rows = read_only_query(
         cfg.warehouse,
-        "SELECT layer, q_head, k_head, q_R2_pos, q_R2_scalar, ap_overall, ap_overall_se FROM head_metrics "
+        "SELECT layer, q_head, k_head, q_R2_pos, q_R2_scalar, ap_overall, ap_overall_se, ap_overall_ci_low, "
+        "ap_overall_ci_high FROM head_metrics "
         "WHERE model = $m AND run_id = $r ORDER BY layer, q_head",
         {"m": summary.model, "r": summary.run_id},
     )

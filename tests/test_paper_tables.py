@@ -80,3 +80,25 @@ def test_latest_layer_plasticity_is_the_latest_run_ordered_and_its_interval_is_t
     drawn = sorted((float(seg[0][0]), float(seg[0][1]), float(seg[1][1])) for seg in bars.get_segments())
     want = [(float(r[2]), r[5], r[6]) for r in rows]
     assert [v for row in drawn for v in row] == pytest.approx([v for row in want for v in row], rel=1e-12, abs=1e-15)
+
+
+def test_cli_tables_show_ap_with_its_stored_interval(warehouse, capsys):
+    from cli.tables import format_table
+
+    sql = "SELECT layer, q_head, ap_overall, ap_overall_ci_low, ap_overall_ci_high FROM latest_head_metrics ORDER BY ALL"
+    want = query(warehouse["wh"], sql)
+    capsys.readouterr()
+    assert main(["sql", sql, "--warehouse", str(warehouse["wh"])]) == 0
+    header, rule, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["layer", "q_head", "ap_overall"]  # the interval's own columns merged into it
+    assert [line.split(None, 2)[2] for line in lines] == [f"{ap:.4f} [{low:.4f}, {high:.4f}]" for _, _, ap, low, high in want]
+    # CSV keeps every column as stored
+    assert main(["sql", sql, "--warehouse", str(warehouse["wh"]), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "layer,q_head,ap_overall,ap_overall_ci_low,ap_overall_ci_high"
+    # no stored interval (a run before standard errors): the value alone; a layer mean prefers the SE interval
+    text = format_table(["model", "ap_overall", "ap_overall_ci_low", "ap_overall_ci_high"],
+                        [("old\x1b[31m", 0.5, None, None), ("new", 0.99721, 0.99712, 0.99738)])
+    assert [line.split() for line in text.splitlines()[2:]] == [["old\\x1b[31m", "0.5000"],
+                                                                 ["new", "0.9972", "[0.9971,", "0.9974]"]]
+    text = format_table(["mean_ap", "ci_low", "ci_high", "mean_ci_low", "mean_ci_high"], [(0.5, 0.1, 0.9, 0.4, 0.6)])
+    assert text.splitlines()[2].split() == ["0.5000", "[0.4000,", "0.6000]", "0.1000", "0.9000"]
