@@ -224,23 +224,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
+    from cli import tables
     from warehouse.settings.config import default_warehouse
     from warehouse.store.db import expand_warehouse_paths, one_line, read_only_query
 
     paths = expand_warehouse_paths(args.warehouse or [default_warehouse()])  # before the sandbox: it lists no folder
+    fmt = "csv" if args.csv else args.format
+    to_file = tables.output_format(args.output) if args.output else None  # a bad extension stops before the query
     try:
-        names, rows = read_only_query(paths, args.query)
+        names, rows = read_only_query(paths, args.query, arrow=to_file == "parquet")
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    if args.csv:
-        import csv
+    if to_file:
+        from warehouse.present.figure_parts import write_atomically
 
-        w = csv.writer(sys.stdout)
-        w.writerow(names)
-        w.writerows(rows)
+        if to_file == "parquet":
+            import io
+
+            import pyarrow.parquet as pq
+
+            buf = io.BytesIO()
+            pq.write_table(rows, buf, compression="zstd")
+            data, n = buf.getvalue(), rows.num_rows
+        else:
+            render = {"box": tables.format_table, "csv": tables.csv_text, "json": tables.json_text,
+                      "markdown": tables.markdown_text}[to_file]
+            data, n = (render(names, rows) + ("\n" if to_file == "box" else "")).encode(), len(rows)
+        write_atomically(args.output, data)
+        print(f"wrote {args.output}: {n} row(s), {len(names)} column(s) ({to_file})")
+        return 0
+    if fmt == "csv":
+        sys.stdout.write(tables.csv_text(names, rows))
+    elif fmt == "json":
+        sys.stdout.write(tables.json_text(names, rows))
+    elif fmt == "markdown":
+        sys.stdout.write(tables.markdown_text(names, rows[:args.max_rows]))
+        if len(rows) > args.max_rows:
+            print(f"\n... {len(rows) - args.max_rows} more row(s)")
     else:
-        print(format_table(names, rows, max_rows=args.max_rows))
+        import shutil
+
+        width = shutil.get_terminal_size().columns if args.max_width is None else args.max_width
+        text, hidden = tables.fit_width(tables.format_table(names, rows, max_rows=args.max_rows), width)
+        print(text)
+        if hidden:
+            print(f"... {hidden} more column(s) beyond {width} characters: --format csv|json|markdown, "
+                  "--output FILE or --max-width 0 show them")
     return 0
 
 
@@ -304,8 +334,15 @@ class SqlOptions:
         accepts="a file, a glob or a path with {model}",
         help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
         default_text="$PLASTICITY_WAREHOUSE, else data/warehouse.duckdb")
-    csv: bool = option(False, switch=True, help="print CSV instead of a table")
-    max_rows: int = option(200, ge=1, help="rows shown in the table")
+    format: str = option("box", choices=("box", "csv", "json", "markdown"),
+                         help="box: a text table fitted to the terminal's width, estimates with their interval; "
+                              "csv, json, markdown: every column")
+    csv: bool = option(False, switch=True, help="same as --format csv")
+    output: str | None = option(None, metavar="FILE", accepts="a .parquet, .csv, .json, .md or .txt file",
+                                help="write every row there instead, in the format of the extension")
+    max_rows: int = option(200, ge=1, help="rows shown in the table (box, markdown)")
+    max_width: int | None = option(None, ge=0, help="characters per line of the box table; 0: no limit",
+                                   default_text="the terminal's width ($COLUMNS, else 80)")
 
 
 @dataclass

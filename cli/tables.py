@@ -76,3 +76,67 @@ def format_table(names: list[str], rows: list[tuple], max_rows: int | None = Non
     if max_rows is not None and len(rows) > max_rows:
         lines.append(f"... {len(rows) - max_rows} more row(s)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- `plasticity sql` output
+
+#: Formats of `plasticity sql` (`--format`), and of `--output FILE` by its extension (.parquet too).
+SQL_FORMATS = ("box", "csv", "json", "markdown")
+OUTPUT_FORMATS = {".txt": "box", ".csv": "csv", ".json": "json", ".md": "markdown", ".parquet": "parquet"}
+
+
+def output_format(path) -> str:
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"--output {str(path)!r}: the extension must be one of {', '.join(OUTPUT_FORMATS)} "
+                         "(the format follows it)")
+    return OUTPUT_FORMATS[suffix]
+
+
+def fit_width(text_table: str, width: int | None) -> tuple[str, int]:
+    """Keep the leftmost columns of a `format_table` text that fit in `width` characters (None or 0: all);
+    returns the text and how many columns were left out."""
+    lines = text_table.split("\n")
+    if not width or max(len(line) for line in lines) <= width:
+        return text_table, 0
+    rule = lines[1]
+    starts = [0] + [i + 2 for i in range(len(rule) - 1) if rule[i:i + 2] == "  "]
+    ends = [rule.find(" ", s) if rule.find(" ", s) >= 0 else len(rule) for s in starts]
+    keep = max(1, sum(1 for e in ends if e <= width))
+    cut = ends[keep - 1]
+    return "\n".join(line if line.startswith("... ") else line[:cut] for line in lines), len(starts) - keep
+
+
+def csv_text(names: list[str], rows: list[tuple]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def json_text(names: list[str], rows: list[tuple]) -> str:
+    """A JSON array of objects, one per row; NaN and infinities as null (JSON has none)."""
+    import json
+
+    def plain(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    return json.dumps([{n: plain(v) for n, v in zip(names, r)} for r in rows], indent=1) + "\n"
+
+
+def markdown_text(names: list[str], rows: list[tuple]) -> str:
+    """A Markdown table, estimates with their intervals as in the text table; `|` in a cell escaped."""
+    header, cells = with_intervals([printable(str(n)) for n in names], rows)
+
+    def row(values):
+        return "| " + " | ".join(v.replace("|", "\\|") for v in values) + " |"
+
+    return "\n".join([row(header), "|" + "|".join("---" for _ in header) + "|"] + [row(c) for c in cells]) + "\n"

@@ -102,3 +102,40 @@ def test_cli_tables_show_ap_with_its_stored_interval(warehouse, capsys):
                                                                  ["new", "0.9972", "[0.9971,", "0.9974]"]]
     text = format_table(["mean_ap", "ci_low", "ci_high", "mean_ci_low", "mean_ci_high"], [(0.5, 0.1, 0.9, 0.4, 0.6)])
     assert text.splitlines()[2].split() == ["0.5000", "[0.4000,", "0.6000]", "0.1000", "0.9000"]
+
+
+def test_sql_fits_the_terminal_and_writes_other_formats(warehouse, tmp_path, monkeypatch, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    wh = str(warehouse["wh"])
+    every = "SELECT * FROM latest_layer_plasticity"
+    names = [r[0] for r in query(warehouse["wh"], "DESCRIBE latest_layer_plasticity")]
+    want = query(warehouse["wh"], every)
+    monkeypatch.setenv("COLUMNS", "70")  # the terminal's width, as shutil reads it
+    capsys.readouterr()
+    assert main(["sql", every, "--warehouse", wh]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines[:-1]) <= 70 and lines[0].split()[:3] == ["model", "run_id", "layer"]
+    shown = len(lines[0].split())
+    assert lines[-1].startswith(f"... {len(names) - shown - 2} more column(s) beyond 70 characters")  # 2 merged in
+    assert main(["sql", every, "--warehouse", wh, "--max-width", "0"]) == 0
+    full = capsys.readouterr().out.splitlines()
+    assert len(full[0]) > 70 and full[0].split()[-1] == "se_df" and len(full) == 2 + len(want)
+    # every column, in the other formats
+    assert main(["sql", every, "--warehouse", wh, "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [list(r) for r in got] == [names] * len(want)
+    assert [[r[n] for n in names] for r in got] == [list(r) for r in want]
+    assert main(["sql", every, "--warehouse", wh, "--format", "markdown"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| model | run_id | layer |") and md[1].startswith("|---|") and len(md) == 2 + len(want)
+    out = tmp_path / "layers.parquet"
+    assert main(["sql", every, "--warehouse", wh, "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}: {len(want)} row(s), {len(names)} column(s) (parquet)"
+    table = pq.read_table(out)
+    assert table.column_names == names and str(table.schema.field("layer").type) == "int32"
+    assert [tuple(r.values()) for r in table.to_pylist()] == want
+    assert main(["sql", every, "--warehouse", wh, "--output", str(tmp_path / "layers.xlsx")]) == 2
+    assert "extension must be one of .txt, .csv, .json, .md, .parquet" in capsys.readouterr().err

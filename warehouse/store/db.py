@@ -430,8 +430,9 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
 
 
 def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
-                    timeout_s: float = 60.0):
-    """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement.
+                    timeout_s: float = 60.0, arrow: bool = False):
+    """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement,
+    or with `arrow` (column names, a pyarrow Table keeping DuckDB's column types, e.g. for Parquet).
 
     DuckDB's errors (parser, binder, catalog, permission: "read-only mode", "file system operations
     are disabled") are raised as they are, as duckdb.Error."""
@@ -441,7 +442,13 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
         if rel.description is None:
             return [], []
         names = [d[0] for d in rel.description]
-        return names, rel.fetchall()
+        if not arrow:
+            return names, rel.fetchall()
+        import warnings
+
+        with warnings.catch_warnings():  # the copy it warns of is what a user's query result needs anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return names, rel.to_arrow_table()
 
 
 def memory_connection(threads: int = 1) -> duckdb.DuckDBPyConnection:
