@@ -139,3 +139,52 @@ def test_sql_fits_the_terminal_and_writes_other_formats(warehouse, tmp_path, mon
     assert [tuple(r.values()) for r in table.to_pylist()] == want
     assert main(["sql", every, "--warehouse", wh, "--output", str(tmp_path / "layers.xlsx")]) == 2
     assert "extension must be one of .txt, .csv, .json, .md, .parquet" in capsys.readouterr().err
+
+
+def many_models(warehouse, tmp_path, n: int):
+    """A copy of the warehouse with n models: `small`'s latest run copied as m1..m{n-1}, AP scaled per model."""
+    import shutil
+
+    wh = tmp_path / "many.duckdb"
+    shutil.copy(warehouse["wh"], wh)
+    latest = warehouse["runs"][-1]
+    with db.writer(wh) as con:
+        for i in range(1, n):
+            for table, scaled in (("runs", ""), ("head_metrics", f", ap_overall * {1 - 0.1 * i} AS ap_overall")):
+                con.execute(f"INSERT INTO {table} SELECT * REPLACE ('m{i}' AS model{scaled}) FROM {table} "
+                            "WHERE model = 'small' AND run_id = $r", {"r": latest})
+    return wh
+
+
+def test_compare_uses_small_multiples_past_four_models_and_one_colour_per_model(warehouse, tmp_path, monkeypatch):
+    import seaborn as sns
+    from matplotlib.colors import to_rgb
+
+    wh = many_models(warehouse, tmp_path, 6)
+    means = {(m, layer): ap for m, layer, ap in
+             query(wh, "SELECT model, layer, mean_ap FROM latest_layer_plasticity")}
+    models = ["m1", "m2", "m3", "m4", "m5", "small"]
+    colours = dict(zip(models, (tuple(c) for c in sns.color_palette("colorblind", 6))))
+    figures = drawn_figures(monkeypatch)
+    # default (auto): 6 models > 4, one panel per model, its own line in its colour, the others grey
+    assert main(["plot", "compare", "--warehouse", str(wh), "--output", str(tmp_path / "all.png")]) == 0
+    fig = figures[-1]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == models
+    for model, ax in zip(models, panels):
+        (own,) = [ln for ln in ax.get_lines() if ln.get_marker() == "o" and len(ln.get_xdata()) == 2]
+        assert to_rgb(own.get_color()) == colours[model] == to_rgb(ax.title.get_color())
+        assert list(own.get_ydata()) == pytest.approx([means[(model, 0)], means[(model, 1)]], rel=1e-12)
+        assert sorted(ln.get_gid() for ln in ax.get_lines() if (ln.get_gid() or "").startswith("context")) == \
+            sorted(f"context {m}" for m in models if m != model)
+    # a figure of two of them: one axes (overlay), and each model keeps its colour
+    assert main(["plot", "compare", "--warehouse", str(wh), "--models", "m3", "small",
+                 "--output", str(tmp_path / "two.png")]) == 0
+    (ax,) = figures[-1].axes
+    legend = {t.get_text(): to_rgb(h.get_color()) for t, h in zip(ax.get_legend().get_texts(),
+                                                                  ax.get_legend().legend_handles)}
+    assert legend == {"m3": colours["m3"], "small": colours["small"]}
+    # --layout overlay keeps 6 models on one axes
+    assert main(["plot", "compare", "--warehouse", str(wh), "--layout", "overlay",
+                 "--output", str(tmp_path / "one.png")]) == 0
+    assert len(figures[-1].axes) == 1

@@ -68,6 +68,9 @@ class PlotOptions:
                                           "command line writes it to <output>.caption.txt instead")
     figsize: list[float] | None = option(None, metavar="W H", help="figure width and height in inches",
                                          default_text="each plot's own size")
+    layout: str = option("auto", choices=("auto", "overlay", "panels"),
+                         help="compare: overlay draws every model on one axes, panels one small panel per model "
+                              "(the others faint behind it); auto: overlay up to 4 models, panels beyond")
     palette: str = option("colorblind", help="colours of models and heads: a seaborn palette name (the default "
                                              "is safe for colour-blind readers)")
     bucket_type: str = option("uniform", choices=BUCKET_TYPES, help="position buckets of the capture")
@@ -183,6 +186,9 @@ def load_comparison(warehouse: str | os.PathLike, models: list[str] | None = Non
             query += " WHERE list_contains($models, model)"
             params["models"] = list(models)
         df = con.execute(query + " ORDER BY model, layer, q_head", params).df()
+        # every model of the warehouse, so each keeps one colour whichever a figure shows
+        df.attrs["all_models"] = [r[0] for r in con.execute("SELECT DISTINCT model FROM latest_runs ORDER BY 1")
+                                  .fetchall()]
     if models:
         missing = sorted(set(models) - set(df["model"]))
         if missing:

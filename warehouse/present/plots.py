@@ -199,6 +199,11 @@ def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResu
     return PlotResult(fig, means, int(len(weights)), n_heads, caption=caption)
 
 
+#: `compare` draws up to this many models on one axes (layout auto); more get one panel each.
+OVERLAY_MAX_MODELS = 4
+PANEL_COLUMNS = 4
+
+
 def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult:
     """The metric (default ap_overall) by layer, one line per model, interquartile band over heads.
 
@@ -215,11 +220,35 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     depth = data.groupby("model")["layer"].transform("max").replace(0, 1)
     data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
     models = sorted(data["model"].unique())
-    palette = categorical_colors(models, opts.palette)
-    fig = _figure(8.5, 5.0)
-    ax = fig.add_subplot()
-    sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
-                 errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
+    # one colour per model for every figure of the warehouse: from the list of all its models, so a model
+    # keeps its colour whichever others a figure shows
+    everyone = sorted(set(values.attrs.get("all_models", [])) | set(models))
+    palette = {m: c for m, c in categorical_colors(everyone, opts.palette).items() if m in models}
+    panels = opts.layout == "panels" or (opts.layout == "auto" and len(models) > OVERLAY_MAX_MODELS)
+    if panels:  # small multiples: one panel per model, the others faint behind it, shared axes
+        ncols = min(PANEL_COLUMNS, len(models))
+        nrows = -(-len(models) // ncols)
+        fig = _figure(2.7 * ncols + 0.8, 2.4 * nrows + 1.0)
+        grid = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+        axes_of = dict(zip(models, grid.flat))
+        for extra_ax in list(grid.flat)[len(models):]:
+            extra_ax.remove()
+        means = data.groupby(["model", "x"], sort=True)["value"].mean().reset_index()
+        for model, ax in axes_of.items():
+            for other, g in means[means["model"] != model].groupby("model", sort=True):
+                ax.plot(g["x"], g["value"], color="0.75", linewidth=0.8, gid=f"context {other}")
+            sns.lineplot(data=data[data["model"] == model], x="x", y="value", ax=ax, color=palette[model],
+                         marker="o", markersize=4, errorbar=("pi", 50), estimator="mean", legend=False)
+            ax.set_title(model.replace("$", r"\$"), color=palette[model], fontsize="small")
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+        ax = grid.flat[0]
+    else:
+        fig = _figure(8.5, 5.0)
+        ax = fig.add_subplot()
+        axes_of = dict.fromkeys(models, ax)
+        sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
+                     errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
     caption, bar_mode, bars = "", None, pd.DataFrame(columns=["model", "x_drawn", "y", "low", "high"])
     has_intervals = opts.metric == "ap_overall" and {"ci_low", "ci_high", "se", "se_df"} <= set(data.columns)
     if opts.ci and opts.metric == "ap_overall":
@@ -230,7 +259,7 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
             bars = bars[np.isfinite(bars["low"]) & np.isfinite(bars["high"])]
         for model, g in bars.groupby("model", sort=True):
             y = g["y"].to_numpy()
-            drawn = ax.errorbar(g["x_drawn"], y, yerr=np.vstack([y - g["low"], g["high"] - y]),
+            drawn = axes_of[model].errorbar(g["x_drawn"], y, yerr=np.vstack([y - g["low"], g["high"] - y]),
                                 fmt="o" if bar_mode == "heads" else "none", markersize=2.5, color=palette[model],
                                 ecolor=palette[model], elinewidth=1.0, capsize=2.5)
             drawn.lines[2][0].set_gid(f"ci {model}")
@@ -242,23 +271,32 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
             caption += ("\n" if caption else "") + f"no error bars for {', '.join(missing)}: " + (
                 "no finite stored interval" if has_intervals else "no stored intervals")
         bar_mode = bar_mode if not bars.empty else None
-    ax.set_xlabel("relative depth (layer / last layer)" if opts.normalize_depth else "layer")
+    xlabel = "relative depth (layer / last layer)" if opts.normalize_depth else "layer"
+    ylabel = f"{opts.metric} (mean over heads, band = interquartile range)"
+    if panels:
+        fig.supxlabel(xlabel, fontsize="medium")
+        fig.supylabel(ylabel, fontsize="medium")
+    else:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
     if not opts.normalize_depth:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"{opts.metric} (mean over heads, band = interquartile range)")
     if opts.metric.startswith("ap_"):
         ax.set_ylim(-0.02, 1.02)
     n_models = len(models)
-    caption = title_and_caption(ax, opts, f"{opts.metric} by layer across {n_models} model(s)", caption)
+    caption = title_and_caption(fig if panels else ax, opts, f"{opts.metric} by layer across {n_models} model(s)",
+                                caption)
     if ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    sns.despine(ax=ax)
+    for drawn_ax in set(axes_of.values()):
+        sns.despine(ax=drawn_ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
     return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bands": bar_mode,
-                                                                "intervals": bars}, caption)
+                                                                "intervals": bars, "panels": panels,
+                                                                "colors": palette}, caption)
 
 
 def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[PlotResult, dict]:
