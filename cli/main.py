@@ -295,7 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = SyntheticSpec(
         model=args.model, num_layers=args.layers, num_q_heads=args.q_heads, num_k_heads=args.k_heads,
         head_dim=args.dim, num_examples=args.examples, seq_len=args.seq_len, bucket_size=args.bucket_size,
-        capture_fraction=args.capture_fraction, seed=args.seed,
+        capture_fraction=args.capture_fraction, seed=args.seed, structure=args.layer_plasticity,
     )
     root = write_synthetic_dataset(Path(args.out), spec, with_truth=not args.no_truth)
     print(f"wrote {spec.num_layers * (spec.num_q_heads + spec.num_k_heads)} shards to {root}")
@@ -366,7 +366,12 @@ class GenerateOptions:
     seq_len: int = option(512, ge=2, help="tokens per sequence")
     bucket_size: int = option(64, ge=1, help="positions per bucket")
     capture_fraction: float = option(1.0, gt=0, le=1, help="share of positions captured (1 = dense)")
-    seed: int = option(0, ge=0, le=MAX_SEED, help="generator seed")
+    seed: int = option(0, ge=0, le=MAX_SEED, help="generator seed: draws the heads' plasticity (unless "
+                                                  "--layer-plasticity grid) and the noise")
+    layer_plasticity: str = option("random", choices=("random", "rising", "falling", "grid"),
+                                   help="how plastic the heads are: random (each head drawn from the seed, AP from "
+                                        "~0 to ~1), rising / falling (drawn around a level rising / falling with "
+                                        "depth), grid (the demo's fixed layout; the seed changes only the noise)")
     no_truth: bool = option(False, switch=True, help="skip the ground-truth computation")
 
 
