@@ -7,7 +7,6 @@ commands start fast.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -24,31 +23,9 @@ from warehouse.settings.config import (  # noqa: E402 (after the thread settings
     DEFAULT_WAREHOUSE, MAX_SEED, WAREHOUSE_ENV, not_empty, say_warehouse, warehouse_option)
 from warehouse.sources.names import name_problem, terminal_safe  # noqa: E402
 from warehouse.settings.options import option  # noqa: E402
+from cli.tables import format_table  # noqa: E402
 
 DEMO_ROOT = Path("data/demo")
-
-
-def _format_value(v) -> str:
-    if v is None:
-        return "NULL"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "NaN"
-        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
-    return terminal_safe(str(v))  # text from cards and shards is shown, never obeyed by the terminal
-
-
-def format_table(names: list[str], rows: list[tuple], max_rows: int | None = None) -> str:
-    """A plain fixed-width text table."""
-    shown = rows if max_rows is None else rows[:max_rows]
-    names = [terminal_safe(str(n)) for n in names]
-    cells = [[_format_value(v) for v in r] for r in shown]
-    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    lines = ["  ".join(n.rjust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    if max_rows is not None and len(rows) > max_rows:
-        lines.append(f"... {len(rows) - max_rows} more row(s)")
-    return "\n".join(lines)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -161,7 +138,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
     from warehouse.run.kernel_cache import sharing_cores
     from warehouse.run.pipeline import analyze_dataset
     from warehouse.present.plot_data import load_plot_options
-    from warehouse.present.figure_parts import save_png
+    from warehouse.present.figure_parts import save_figure
     from warehouse.present.trajectory_plots import plot_trajectory
 
     fam = FamilySpec()
@@ -203,7 +180,7 @@ def cmd_demo_family(args: argparse.Namespace) -> int:
           "(the interval is the spread of the layer's heads, not the error of their mean)")
     opts = load_plot_options("trajectory", None, family=fam.family)
     out = Path(configs[fam.steps[0]].output_dir) / "plots" / f"{fam.family}-trajectory.png"
-    save_png(plot_trajectory(traj, opts).figure, out, opts.dpi)
+    save_figure(plot_trajectory(traj, opts).figure, out, opts.dpi)
     where = " ".join(f"--warehouse {w}" for w in warehouses)
     print(f"\nplot: {out}")
     say_warehouse(warehouses, args.warehouse_source)
@@ -249,7 +226,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names, rows = read_only_query(
         cfg.warehouse,
         "SELECT layer, q_head, k_head, q_R2_pos, q_R2_scalar, ap_overall, ap_overall_se, ap_overall_ci_low, "
-        "ap_overall_ci_high FROM head_metrics WHERE model = $m AND run_id = $r ORDER BY layer, q_head",
+        "ap_overall_ci_high FROM head_metrics "
+        "WHERE model = $m AND run_id = $r ORDER BY layer, q_head",
         {"m": summary.model, "r": summary.run_id},
     )
     table = []
@@ -274,33 +252,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.n_errors == 0 else 1
 
 
+def _write_out(text: str, piece: int = 1 << 16) -> None:
+    """`text` to stdout in pieces: a reader that stops early (`| head`) then shows as BrokenPipeError on
+    the next piece (one large write into a pipe can end without an error when the reader has gone)."""
+    for start in range(0, len(text), piece):
+        sys.stdout.write(text[start:start + piece])
+        sys.stdout.flush()
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
+    from cli import tables
     from warehouse.settings.config import choose_warehouse
     from warehouse.store.db import expand_warehouse_paths, one_line, read_only_query
 
     given, source = (args.warehouse, "--warehouse") if args.warehouse else choose_warehouse(None)
     given = given if isinstance(given, list) else [given]
     paths = given
+    fmt = "csv" if args.csv else args.format
+    to_file = tables.output_format(args.output) if args.output else None  # a bad extension stops before the query
     try:
         paths = expand_warehouse_paths(given)  # before the sandbox: it lists no folder
-        names, rows = read_only_query(paths, args.query)
+        names, rows = read_only_query(paths, args.query, arrow=to_file == "parquet")
     except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
         print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
         return 2
     finally:  # a file the user did not name is said on stderr (the output stays the query's; errors one line)
         if not args.warehouse:
             say_warehouse(paths, source, sys.stderr)
-    if args.csv:
-        import csv
+    if to_file:
+        from warehouse.present.figure_parts import write_atomically
 
-        w = csv.writer(sys.stdout)
-        w.writerow([terminal_safe(n, keep_lines=True) for n in names])
-        # control characters escaped as in the table (newlines and tabs are quoted by CSV)
-        w.writerows([terminal_safe(v, keep_lines=True) if isinstance(v, str) else v for v in r] for r in rows)
+        if to_file == "parquet":
+            import io
+
+            import pyarrow.parquet as pq
+
+            buf = io.BytesIO()
+            pq.write_table(rows, buf, compression="zstd")
+            data, n = buf.getvalue(), rows.num_rows
+        else:
+            render = {"box": tables.format_table, "csv": tables.csv_text, "json": tables.json_text,
+                      "markdown": tables.markdown_text}[to_file]
+            data, n = (render(names, rows) + ("\n" if to_file == "box" else "")).encode(), len(rows)
+        write_atomically(args.output, data)
+        print(f"wrote {args.output}: {n} row(s), {len(names)} column(s) ({to_file})")
+        return 0
+    if fmt == "csv":
+        _write_out(tables.csv_text(names, rows, for_terminal=True))
+    elif fmt == "json":
+        _write_out(tables.json_text(names, rows))
+    elif fmt == "markdown":
+        _write_out(tables.markdown_text(names, rows[:args.max_rows]))
+        if len(rows) > args.max_rows:
+            print(f"\n... {len(rows) - args.max_rows} more row(s)")
     else:
-        print(format_table(names, rows, max_rows=args.max_rows))
+        import shutil
+
+        width = shutil.get_terminal_size().columns if args.max_width is None else args.max_width
+        text, hidden = tables.fit_width(tables.format_table(names, rows, max_rows=args.max_rows), width)
+        print(text)
+        if hidden:
+            print(f"... {hidden} more column(s) beyond {width} characters: --format csv|json|markdown, "
+                  "--output FILE or --max-width 0 show them")
     return 0
 
 
@@ -331,7 +346,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = SyntheticSpec(
         model=args.model, num_layers=args.layers, num_q_heads=args.q_heads, num_k_heads=args.k_heads,
         head_dim=args.dim, num_examples=args.examples, seq_len=args.seq_len, bucket_size=args.bucket_size,
-        capture_fraction=args.capture_fraction, seed=args.seed,
+        capture_fraction=args.capture_fraction, seed=args.seed, structure=args.layer_plasticity,
     )
     root = write_synthetic_dataset(Path(args.out), spec, with_truth=not args.no_truth)
     print(f"wrote {spec.num_layers * (spec.num_q_heads + spec.num_k_heads)} shards to {root}")
@@ -370,8 +385,15 @@ class SqlOptions:
         accepts="a file, a glob or a path with {model}",
         help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
         default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
-    csv: bool = option(False, switch=True, help="print CSV instead of a table")
-    max_rows: int = option(200, ge=1, help="rows shown in the table")
+    format: str = option("box", choices=("box", "csv", "json", "markdown"),
+                         help="box: a text table fitted to the terminal's width, estimates with their interval; "
+                              "csv, json, markdown: every column")
+    csv: bool = option(False, switch=True, help="same as --format csv")
+    output: str | None = option(None, metavar="FILE", accepts="a .parquet, .csv, .json, .md or .txt file",
+                                help="write every row there instead, in the format of the extension")
+    max_rows: int = option(200, ge=1, help="rows shown in the table (box, markdown)")
+    max_width: int | None = option(None, ge=0, help="characters per line of the box table; 0: no limit",
+                                   default_text="the terminal's width ($COLUMNS, else 80)")
 
 
 @dataclass
@@ -395,7 +417,12 @@ class GenerateOptions:
     seq_len: int = option(512, ge=2, help="tokens per sequence")
     bucket_size: int = option(64, ge=1, help="positions per bucket")
     capture_fraction: float = option(1.0, gt=0, le=1, help="share of positions captured (1 = dense)")
-    seed: int = option(0, ge=0, le=MAX_SEED, help="generator seed")
+    seed: int = option(0, ge=0, le=MAX_SEED, help="generator seed: draws the heads' plasticity (unless "
+                                                  "--layer-plasticity grid) and the noise")
+    layer_plasticity: str = option("random", choices=("random", "rising", "falling", "grid"),
+                                   help="how plastic the heads are: random (each head drawn from the seed, AP from "
+                                        "~0 to ~1), rising / falling (drawn around a level rising / falling with "
+                                        "depth), grid (the demo's fixed layout; the seed changes only the noise)")
     no_truth: bool = option(False, switch=True, help="skip the ground-truth computation")
 
 
@@ -407,10 +434,31 @@ EPILOG = (
 )
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped flag: the closest flag of the command given."""
+
+    def parse_args(self, args=None, namespace=None):
+        from warehouse.settings.options import unknown_flags_message
+
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            flags = [f for action in command._actions for f in action.option_strings]
+            command.error(unknown_flags_message(unknown, flags))
+        return parsed
+
+    def _command_parser(self, parsed) -> argparse.ArgumentParser:
+        """The subcommand's parser (e.g. `plasticity plot`), whose flags the suggestion comes from."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                return action.choices[getattr(parsed, action.dest)]
+        return self
+
+
 def build_parser() -> argparse.ArgumentParser:
     from warehouse.settings.options import add_arguments
 
-    parser = argparse.ArgumentParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
+    parser = CommandParser(prog="plasticity", description="Attention-plasticity warehouse", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate the synthetic demo dataset, analyse it, print a summary",

@@ -26,7 +26,7 @@ def add_plot_parser(sub) -> argparse.ArgumentParser:
     from warehouse.present.plot_data import KINDS, PlotOptions
 
     p = sub.add_parser(
-        "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results to a PNG",
+        "plot", help="draw a plot (curves, heatmap, components, compare, trajectory) of the results (PNG, PDF or SVG)",
         description="Plot per-bucket plasticity curves, the q-bucket x k-bucket heatmap, component-weight bars, "
                     "ap_overall by layer across models, or a family's trajectory through its checkpoints "
                     "(trajectory --family F; --warehouse may be a glob or a path with {model} to read one file "
@@ -60,13 +60,18 @@ def default_output(kind: str, opts) -> Path:
     return DEFAULT_OUTPUT_DIR / f"{name}-{CONFIG_SUFFIX[kind]}.png"
 
 
+def caption_path(out: Path) -> Path:
+    """fig.pdf -> fig.caption.txt, beside the figure."""
+    return out.with_suffix(".caption.txt")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from warehouse.settings.config import DEFAULT_WAREHOUSE, choose_warehouse, say_warehouse
     from warehouse.store.db import check_readable, expand_warehouse_paths
     from warehouse.store.models import bucket_plot_defaults
     from warehouse.present.plot_data import load_plot_options
     from warehouse.present.plots import make_plot
-    from warehouse.present.figure_parts import save_png
+    from warehouse.present.figure_parts import apply_figsize, figure_format, save_figure, write_atomically
 
     from warehouse.settings.options import options_of
     from warehouse.present.plot_data import PlotOptions
@@ -82,17 +87,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
         say_warehouse(opts.warehouse, source, sys.stderr)
         for path in expand_warehouse_paths([opts.warehouse]):  # an old or empty file: one line, not a traceback
             check_readable(path)
+    figure_format(out)  # so does an extension that is not .png, .pdf or .svg
     if opts.model and opts.warehouse and not (opts.bucket_csv or opts.component_csv):
         # the model's bucket scheme and size, as its dataset card gave them (table `models`), unless set
         defaults.update(bucket_plot_defaults(opts.warehouse, opts.model))
         opts = load_plot_options(args.kind, args.config, defaults=defaults, **overrides)
     result, source = make_plot(args.kind, opts)
-    save_png(result.figure, out, opts.dpi)
+    apply_figsize(result.figure, opts)
+    save_figure(result.figure, out, opts.dpi)
+    if opts.no_caption and result.caption:  # for the paper's own caption: the text the figure left out
+        write_atomically(caption_path(out), (result.caption + "\n").encode())
     where = source.get("csv") or (
         f"model {source['model']} run {source['run_id']}" if "model" in source
         else (f"family {source['family']}: " if "family" in source else "")
         + "models " + ", ".join(f"{m} (run {r})" for m, r in source.get("runs", {}).items()))
     print(f"wrote {out}: {result.n_rows} row(s), {result.n_heads} head(s) from {where}")
+    if opts.no_caption and result.caption:
+        print(f"caption: {caption_path(out)}")
     return 0
 
 

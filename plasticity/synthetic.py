@@ -54,6 +54,11 @@ class SyntheticSpec:
     layer_noise_scales: tuple[tuple[float, ...], ...] | None = None  # per layer, per q head (a family's checkpoint)
     vocab_size: int = 50
     seed: int = 0
+    #: How the heads' noise scales (hence their plasticity) are laid out, see `head_noise_scale`: "grid" (a
+    #: fixed log grid, every layer low and high heads, the seed changes only the noise); "random" (the
+    #: seed draws each head's scale); "rising" / "falling" (the seed draws them around a level that
+    #: rises / falls with depth: deep layers more / less plastic).
+    structure: str = "grid"
 
     @property
     def group(self) -> int:
@@ -94,12 +99,38 @@ def head_noise_scale(spec: SyntheticSpec, layer: int, q_head: int) -> tuple[floa
         return float(spec.layer_noise_scales[layer][q_head]), False
     if spec.noise_scales is not None:
         return float(spec.noise_scales[q_head % len(spec.noise_scales)]), False
+    if spec.structure != "grid":
+        return _drawn_noise_scale(spec, layer, q_head), False
     if layer == 0 and q_head == spec.num_q_heads - 1:
         return 1.0, True
     grid = np.logspace(-3, 1, n_heads)
     # interleave so every layer holds low and high plasticity heads
     order = (idx * 7) % n_heads
     return float(grid[order]), False
+
+
+#: Drawn structures: log10 of the noise scale spans [LOG_SCALE_LOW, LOG_SCALE_HIGH] (AP from ~0 to ~1).
+STRUCTURES = ("grid", "random", "rising", "falling")
+LOG_SCALE_LOW, LOG_SCALE_HIGH = -3.0, 1.0
+#: "rising" / "falling": each head within this many decades of its layer's level.
+LAYER_SPREAD = 0.75
+
+
+def _drawn_noise_scale(spec: SyntheticSpec, layer: int, q_head: int) -> float:
+    """A head's noise scale drawn from the seed (its own stream, so one head's draw does not depend on the
+    model's size): log-uniform over the whole range ("random"), or within LAYER_SPREAD decades of a level
+    moving linearly with depth from the low to the high end ("rising") or back ("falling")."""
+    if spec.structure not in STRUCTURES:
+        raise ValueError(f"structure {spec.structure!r}: choose one of {', '.join(STRUCTURES)}")
+    u = np.random.default_rng([spec.seed, 7, layer, q_head]).random()
+    if spec.structure == "random":
+        return float(10.0 ** (LOG_SCALE_LOW + u * (LOG_SCALE_HIGH - LOG_SCALE_LOW)))
+    depth = (layer + 0.5) / spec.num_layers
+    if spec.structure == "falling":
+        depth = 1.0 - depth
+    span = LOG_SCALE_HIGH - LOG_SCALE_LOW - 2 * LAYER_SPREAD
+    level = LOG_SCALE_LOW + LAYER_SPREAD + depth * span
+    return float(10.0 ** (level + (2 * u - 1) * LAYER_SPREAD))
 
 
 def head_truth(spec: SyntheticSpec, layer: int, q_head: int) -> HeadTruth:

@@ -244,6 +244,25 @@ COMMENT ON COLUMN layer_plasticity.median_ap IS 'Median ap_overall of the heads 
 COMMENT ON COLUMN layer_plasticity.min_ap IS 'Smallest ap_overall of the heads of the layer';
 COMMENT ON COLUMN layer_plasticity.max_ap IS 'Largest ap_overall of the heads of the layer (NaN if any head is NaN)';
 COMMENT ON COLUMN layer_plasticity.n_heads IS 'Heads of the layer with a head_metrics row';
+COMMENT ON VIEW latest_layer_plasticity IS 'ap_overall per layer of the latest run of every model, ordered by model and layer: heads, mean, median, quartiles, the heads t-interval and the plots conservative interval of the mean';
+COMMENT ON COLUMN latest_layer_plasticity.model IS 'Model';
+COMMENT ON COLUMN latest_layer_plasticity.run_id IS 'Latest run of the model';
+COMMENT ON COLUMN latest_layer_plasticity.layer IS 'Layer index';
+COMMENT ON COLUMN latest_layer_plasticity.n_heads IS 'Heads of the layer with a finite ap_overall (the heads counted below)';
+COMMENT ON COLUMN latest_layer_plasticity.n_not_finite IS 'Heads of the layer whose ap_overall is NaN or infinite (left out)';
+COMMENT ON COLUMN latest_layer_plasticity.mean_ap IS 'Mean ap_overall of the counted heads';
+COMMENT ON COLUMN latest_layer_plasticity.median_ap IS 'Median ap_overall of the counted heads (linear interpolation)';
+COMMENT ON COLUMN latest_layer_plasticity.q1_ap IS 'First quartile of the counted heads'' ap_overall (linear interpolation)';
+COMMENT ON COLUMN latest_layer_plasticity.q3_ap IS 'Third quartile of the counted heads'' ap_overall (linear interpolation)';
+COMMENT ON COLUMN latest_layer_plasticity.min_ap IS 'Smallest ap_overall of the counted heads';
+COMMENT ON COLUMN latest_layer_plasticity.max_ap IS 'Largest ap_overall of the counted heads';
+COMMENT ON COLUMN latest_layer_plasticity.sd_ap IS 'Sample standard deviation of the counted heads'' ap_overall (n - 1 denominator); NULL below 2 heads';
+COMMENT ON COLUMN latest_layer_plasticity.ci_low IS 'Lower end of the heads'' 95% t-interval of the mean: mean_ap - t(0.975, n_heads - 1) * sd_ap / sqrt(n_heads); the spread of the heads, not clipped';
+COMMENT ON COLUMN latest_layer_plasticity.ci_high IS 'Upper end of the heads'' 95% t-interval of the mean: mean_ap + t(0.975, n_heads - 1) * sd_ap / sqrt(n_heads)';
+COMMENT ON COLUMN latest_layer_plasticity.se_bound IS 'Mean of the counted heads'' ap_overall_se: a bound on the standard error of mean_ap whatever the heads'' correlation; NULL if any counted head has no finite SE';
+COMMENT ON COLUMN latest_layer_plasticity.se_df IS 'Smallest ap_se_df of the counted heads: the degrees of freedom of the interval of the mean; NULL with se_bound';
+COMMENT ON COLUMN latest_layer_plasticity.mean_ci_low IS 'Lower end of the conservative 95% interval of the mean, as the plots draw it: mean_ap - t(0.975, se_df) * se_bound, clipped to [0, 1]';
+COMMENT ON COLUMN latest_layer_plasticity.mean_ci_high IS 'Upper end of the conservative 95% interval of the mean, as the plots draw it: mean_ap + t(0.975, se_df) * se_bound, clipped to [0, 1]';
 
 -- runs status/error and schema versioning
 COMMENT ON TABLE schema_migrations IS 'One row per migration (sql/migrations/NNN_name.sql) applied to this warehouse; the schema version is the highest version';

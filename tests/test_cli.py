@@ -134,3 +134,64 @@ def test_cli_analyze_from_hub_branch(small_dataset, tmp_path, monkeypatch, capsy
     assert "8 with results, 0 with errors" in out
     assert "no-such-branch" in err
     assert attempts == []
+
+
+def test_every_option_has_both_spellings_and_a_typo_gets_did_you_mean(capsys):
+    """`--max-tokens-per-head` and `--max_tokens_per_head` are the same option in every command; a flag
+    no command has is refused with the closest one."""
+    import argparse
+
+    from cli.main import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            long = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+            for flag in long:
+                other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+                assert other in long, f"plasticity {name}: {flag} has no {other}"
+                checked += "_" in flag
+    assert checked > 50
+    for words in (["analyze", "--max-tokens-per-head", "64"], ["analyze", "--max_tokens_per_head", "64"]):
+        assert parser.parse_args(words).cfg_max_tokens_per_head == "64"
+    assert parser.parse_args(["generate", "--out", "x", "--q_heads", "8"]).q_heads == 8
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["analyze", "--max-token-per-head", "64"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --max-token-per-head (did you mean --max-tokens-per-head?)" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--out", "x", "--seedd=3"])
+    assert "--seedd=3 (did you mean --seed?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sql", "SELECT 1", "--zzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzz" in err and "did you mean" not in err
+
+
+def test_generate_seed_draws_the_heads_structure_and_layer_plasticity_shapes_it(tmp_path, capsys):
+    from warehouse.sources.demo_data import read_ground_truth
+
+    def generate(name, *flags):
+        out = tmp_path / name
+        assert main(["generate", "--out", str(out), "--layers", "3", "--q-heads", "4", "--dim", "8", "--examples", "4",
+                     "--seq-len", "128", "--bucket-size", "32", *flags]) == 0
+        heads = read_ground_truth(out)
+        return ({(h["layer"], h["q_head"]): h["noise_scale"] for h in heads},
+                {(h["layer"], h["q_head"]): h["ap_true"] for h in heads})
+
+    # default: the seed draws every head's plasticity, so two seeds give different models
+    scales_1, ap_1 = generate("s1", "--seed", "1")
+    scales_2, ap_2 = generate("s2", "--seed", "2")
+    assert max(abs(ap_1[h] - ap_2[h]) for h in ap_1) > 0.3
+    assert scales_1 != scales_2 and generate("s1-again", "--seed", "1")[0] == scales_1  # reproducible
+    # grid: the demo's fixed layout, the seed changes only the noise
+    assert generate("g1", "--seed", "1", "--layer_plasticity", "grid")[0] == \
+        generate("g2", "--seed", "2", "--layer-plasticity", "grid")[0]
+    # rising / falling: the layers' mean true AP rises (falls) with depth, by a clear step each layer
+    for profile, sign in (("rising", 1), ("falling", -1)):
+        _, ap = generate(profile, "--seed", "5", "--layer-plasticity", profile)
+        means = [sign * sum(ap[(layer, q)] for q in range(4)) / 4 for layer in range(3)]
+        assert means[1] - means[0] > 0.1 and means[2] - means[1] > 0.1, (profile, ap)

@@ -43,7 +43,7 @@ SQL_BLOCK_RE = re.compile(r"```sql\n(.*?)```", re.S)
 COMMAND_RE = re.compile(r'plasticity sql "([^"]+)"')
 # tables and views holding several runs or models: a query reading them is a documented example
 # views that read only the latest run of every model (sql/trajectories.sql)
-LATEST_ONLY = {"family_checkpoints", "family_head_metrics_long", "family_layer_metric_trajectory",
+LATEST_ONLY = {"latest_layer_plasticity", "family_checkpoints", "family_head_metrics_long", "family_layer_metric_trajectory",
                "family_layer_trajectory", "family_head_trajectory"}
 MULTI_RUN = {"runs", "head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors",
              "token_attention", "head_attention_summary", "query_scale_sweep", "bucket_plasticity",
@@ -158,6 +158,25 @@ def ref_layer_profile(t):
     return pd.DataFrame(rows)
 
 
+def ref_latest_layer_plasticity(t):
+    """Per model and layer (sorted): the finite heads' mean, quartiles, t-interval of the mean, and the
+    conservative interval mean -/+ t(0.975, min df) * mean SE clipped to [0, 1], as the plots draw it."""
+    hm = t["head_metrics"]
+    rows = []
+    for (model, layer), g in hm.groupby(["model", "layer"], sort=True):
+        g = g[np.isfinite(g["ap_overall"])]
+        ap, se, df = (g[c].to_numpy(dtype=np.float64) for c in ("ap_overall", "ap_overall_se", "ap_se_df"))
+        n, mean = len(ap), ap.mean()
+        half = stats.t.ppf(0.975, n - 1) * ap.std(ddof=1) / np.sqrt(n) if n >= 2 else np.nan
+        known = bool(np.isfinite(se).all() and (df >= 1).all())
+        mean_half = stats.t.ppf(0.975, df.min()) * se.mean() if known else np.nan
+        rows.append({"model": model, "layer": layer, "n_heads": n, "mean_ap": mean, "median_ap": np.median(ap),
+                     "q1_ap": np.quantile(ap, 0.25), "q3_ap": np.quantile(ap, 0.75), "ci_low": mean - half,
+                     "ci_high": mean + half, "mean_ci_low": np.clip(mean - mean_half, 0, 1),
+                     "mean_ci_high": np.clip(mean + mean_half, 0, 1)})
+    return pd.DataFrame(rows)
+
+
 def ref_top_plastic_heads(t):
     hm = t["head_metrics"].dropna(subset=["ap_overall"])
     hm = hm.sort_values(["model", "ap_overall", "layer", "q_head"], ascending=[True, False, True, True])
@@ -246,6 +265,7 @@ FAMILY_REFERENCES = {
 REFERENCES = {
     "layer-means": ref_layer_means,
     "layer-profile": ref_layer_profile,
+    "latest-layer-plasticity": ref_latest_layer_plasticity,
     "top-plastic-heads": ref_top_plastic_heads,
     "heads-side-by-side": ref_heads_side_by_side,
     "ap-vs-r2-pos": ref_ap_vs_r2_pos,

@@ -70,12 +70,13 @@ def demo(tmp_path_factory):
 
 def table_rows(text: str) -> list[dict]:
     lines = text.split("per (step, layer)", 1)[1].splitlines()
-    header = lines[1].split()
+    # mean_ap is printed with its interval, `0.5 [0.4, 0.6]`: read back as mean_ap, ci_low, ci_high
+    header = lines[1].replace("mean_ap", "mean_ap ci_low ci_high").split()
     rows = []
     for line in lines[3:]:
         if not line.strip() or line.startswith("mean |"):
             break
-        rows.append(dict(zip(header, line.split())))
+        rows.append(dict(zip(header, re.sub(r"(\S+) \[(\S+), (\S+)\]", r"\1 \2 \3", line).split())))
     return rows
 
 

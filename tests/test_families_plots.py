@@ -37,8 +37,9 @@ def opts(**kw):
     return load_plot_options("trajectory", None, family="f", **kw)
 
 
-def data_lines(ax):
-    return [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "none") and len(ln.get_xdata()) > 1]
+def data_lines(ax, what: str = "mean layer"):
+    """The layer means' lines ("mean layer N"), or the heads' ("head LN HM")."""
+    return [ln for ln in ax.get_lines() if (ln.get_gid() or "").startswith(what)]
 
 
 def test_layer_by_checkpoint_matrix_in_step_order():
@@ -78,6 +79,37 @@ def test_trajectory_plot_draws_one_line_and_band_per_layer_on_a_log_step_axis():
     assert "t-interval of the mean over the layer's heads" in res.figure._suptitle.get_text()
     assert not [c for c in plot_trajectory(t, opts(metric="q_R2_pos", ci=False)).figure.axes[0].collections
                 if isinstance(c, PolyCollection)]  # ci: false draws no band
+
+
+@pytest.mark.parametrize("metric", ["ap_overall", "q_R2_pos"])
+def test_every_metric_has_one_design_heads_faint_layer_means_bold_coloured_by_layer(metric):
+    """ap_overall and q_R2_pos alike: each head a faint line in its layer's colour (viridis, by layer), each
+    layer's mean a bold one; the legend names the stages once ("stage1", not "stage stage1")."""
+    from matplotlib.colors import to_rgba
+
+    from warehouse.present.figure_parts import layer_colors
+
+    t = trajectory(metric=metric, stages=("stage1", "stage1", "stage2", "s3"))
+    t.heads["value"] += 0.01 * t.heads["q_head"]  # heads of a layer apart
+    ax = plot_trajectory(t, opts(metric=metric)).figure.axes[0]
+    colors = layer_colors(range(3))
+    means, heads = data_lines(ax), data_lines(ax, "head")
+    assert [ln.get_gid() for ln in means] == ["mean layer 0", "mean layer 1", "mean layer 2"]
+    assert len(heads) == 12
+    for line in means:
+        layer = int(line.get_gid().split()[-1])
+        assert line.get_linewidth() == 2.4 and line.get_alpha() is None and to_rgba(line.get_color()) == colors[layer]
+    steps = [10, 100, 1000, 10000]
+    for line in heads:
+        layer, q_head = (int(x[1:]) for x in line.get_gid().split()[1:])
+        assert line.get_linewidth() == 0.8 and line.get_alpha() == 0.3
+        assert to_rgba(line.get_color()) == colors[layer]
+        want = t.heads[(t.heads["layer"] == layer) & (t.heads["q_head"] == q_head)]["value"].to_numpy()
+        np.testing.assert_allclose(line.get_xdata(), steps)
+        np.testing.assert_allclose(line.get_ydata(), want)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert {"each head", "layer mean", "stage1", "stage2", "stage s3"} <= set(labels)
+    assert not any(label.startswith("stage stage") for label in labels)
 
 
 def test_step_zero_gets_a_symmetric_log_axis_and_linear_is_linear():

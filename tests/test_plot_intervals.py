@@ -262,7 +262,7 @@ def test_trajectory_of_runs_without_intervals_draws_lines_without_bands(old_runs
         ax = res.figure.axes[0]
         assert not [c for c in ax.collections if isinstance(c, PolyCollection)]
         lines = [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "none")]
-        assert len(lines) == (8 if not kw else 2)  # each head, or each layer's mean
+        assert len(lines) == 8 + 2  # each head (faint) and each layer's mean (bold), with or without bands
         assert "no standard errors stored for these runs" in res.figure._suptitle.get_text()
 
 

@@ -376,8 +376,8 @@ def test_plot_command_takes_bucket_scheme_from_the_warehouse(small_dataset, tmp_
     cfg = load_config(None, {"warehouse": str(wh), "max_workers": 1, "attention": False, "model": "m"})
     analyze_dataset(cfg, small_dataset, progress=False)
     drawn = []
-    real = figure_parts.save_png
-    monkeypatch.setattr(figure_parts, "save_png", lambda fig, path, dpi=110: drawn.append(fig) or real(fig, path, dpi))
+    real = figure_parts.save_figure
+    monkeypatch.setattr(figure_parts, "save_figure", lambda fig, path, dpi=110: drawn.append(fig) or real(fig, path, dpi))
     assert main(["plot", "curves", "--warehouse", str(wh), "--model", "m", "--output", str(tmp_path / "c.png")]) == 0
     ax = drawn[-1].axes[0]
     mean_line = max(ax.get_lines(), key=lambda ln: ln.get_linewidth())

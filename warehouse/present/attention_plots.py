@@ -16,7 +16,6 @@ pyplot. No Dagster. The command-line glue is `add_attention_plot_parser`.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,15 +221,10 @@ def _figure(width: float, height: float):
 
 
 def _save_png(fig, path: str | os.PathLike, dpi: int) -> Path:
-    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    """Write the figure atomically, in the format of the path's extension (PNG, PDF or SVG)."""
+    from warehouse.present.figure_parts import save_figure
+
+    return save_figure(fig, path, dpi)
 
 
 def coinciding_heads(data: pd.DataFrame, rel_tol: float = COINCIDE_REL_TOL) -> dict[str, list[str]]:
@@ -396,9 +390,10 @@ class AttentionPlotOptions:
                                      default_text="the 3 highest- and 3 lowest-gain heads")
     metrics: list[str] = option(default_factory=lambda: list(DEFAULT_METRICS), choices=tuple(SCALE_METRICS),
                                 help="scale: metrics, one panel each")
-    output: str | None = option(None, metavar="PNG", accepts="a file", help="output file",
+    output: str | None = option(None, metavar="FILE", accepts="a .png, .pdf or .svg file",
+                                help="output file; its extension sets the format",
                                 default_text=f"{DEFAULT_OUTPUT_DIR}/<model>-attention-<kind>.png")
-    dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
+    dpi: int = option(110, ge=1, le=2400, help="dots per inch of raster output (PNG)")
 
 
 def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
@@ -415,9 +410,11 @@ def add_attention_plot_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_attention_plot(args: argparse.Namespace) -> int:
+    from warehouse.present.figure_parts import figure_format
     from warehouse.store.db import reading_warehouse
 
     out = args.output or DEFAULT_OUTPUT_DIR / f"{safe_path_component(args.model, '--model')}-attention-{args.kind}.png"
+    figure_format(out)  # a wrong extension stops before anything is read
     warehouse = reading_warehouse(args.warehouse, args.model)
     if args.kind == "scale":
         res = plot_scale_sweep(warehouse, args.model, args.run_id, out, heads=_heads_arg(args.heads),

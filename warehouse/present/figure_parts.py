@@ -1,6 +1,7 @@
 """The parts every figure of the plots shares: the result type (`PlotResult`), an Agg figure (never
 pyplot, so no GUI backend or global figure state), axis labels, layer and head colours, legends
-outside the axes, interval bands and their captions, and atomic PNG writing.
+outside the axes, interval bands and their captions, and atomic writing of PNG, PDF or SVG by the
+output's extension.
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ class PlotResult:
     n_rows: int  # input rows plotted
     n_heads: int
     extra: dict = field(default_factory=dict)
+    caption: str = ""  # what the bands and bars are: drawn under the title, or written beside the figure
+
+
+def title_and_caption(target, opts: PlotOptions, title: str, caption: str = "") -> str:
+    """Draw the title (`opts.title`, else `title`) and the caption under it, on an axes (`set_title`) or a
+    figure (`suptitle`); `opts.no_title` and `opts.no_caption` leave either out (a paper has its own
+    caption: the command line then writes it beside the figure). Returns the caption."""
+    shown = [None if opts.no_title else (opts.title or title), None if opts.no_caption else caption]
+    text = "\n".join(t for t in shown if t)
+    if text:
+        setter = target.suptitle if hasattr(target, "suptitle") else target.set_title
+        setter(text, fontsize="medium")
+    return caption
+
+
+def apply_figsize(fig, opts: PlotOptions) -> None:
+    """`opts.figsize` (width, height in inches) replaces the plot's own size; the constrained layout
+    fits the axes, legends and colour bars to it when the figure is written."""
+    if opts.figsize:
+        fig.set_size_inches(*opts.figsize)
 
 
 def _figure(width: float = 8.0, height: float = 5.0):
@@ -106,13 +127,20 @@ def head_label(layer, q_head) -> str:
     return f"L{int(layer)} H{int(q_head)}"
 
 
-def head_colors(keys) -> dict:
-    """One colour per head, for plots that draw a few heads one by one: seaborn's colour-blind palette
-    (10 colours), husl beyond."""
+def categorical_colors(keys, palette: str = "colorblind") -> dict:
+    """One colour per key (model or head) in the given order, from a seaborn palette (default
+    "colorblind", safe for the common colour-vision deficiencies; 10 colours, then husl hues)."""
     import seaborn as sns
 
     keys = list(keys)
-    return dict(zip(keys, sns.color_palette("colorblind" if len(keys) <= 10 else "husl", len(keys))))
+    if palette == "colorblind" and len(keys) > 10:
+        palette = "husl"
+    return dict(zip(keys, sns.color_palette(palette, len(keys))))
+
+
+def head_colors(keys, palette: str = "colorblind") -> dict:
+    """One colour per head, for plots that draw a few heads one by one (`categorical_colors`)."""
+    return categorical_colors(keys, palette)
 
 
 def draw_band(ax, x, low, high, color, gid: str) -> bool:
@@ -146,10 +174,33 @@ def band_handle(mode: str):
                  label="95% interval, each head" if mode == "heads" else "95% interval of the mean\n(conservative)")
 
 
-def png_bytes(fig, dpi: int = 110) -> bytes:
+#: File formats a figure can be written in, by the output's extension (matplotlib's backends).
+FIGURE_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure is written in, from the output's extension (case-insensitive): png, pdf or svg.
+    Anything else is refused, before any data is read, rather than writing PNG bytes under another name."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(f"output {str(path)!r}: the extension must be one of "
+                         f"{', '.join(FIGURE_FORMATS)} (the figure's format follows it)")
+    return FIGURE_FORMATS[suffix]
+
+
+def figure_bytes(fig, fmt: str = "png", dpi: int = 110) -> bytes:
+    """The figure as `fmt` (png, pdf or svg). `dpi` sets the raster resolution (PNG, and images
+    embedded in a PDF or SVG); vector text and lines do not depend on it. Metadata carries no date, so the
+    same figure gives the same bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None},
+                "svg": {"Date": None}}[fmt]
+    fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata)
     return buf.getvalue()
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    return figure_bytes(fig, "png", dpi)
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
@@ -162,6 +213,8 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def save_png(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write the figure atomically (temp file + rename), so readers never see half a PNG."""
-    return write_atomically(path, png_bytes(fig, dpi))
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write the figure atomically (temp file + rename), so readers never see half a file, in the format
+    of the path's extension (`figure_format`)."""
+    return write_atomically(path, figure_bytes(fig, figure_format(path), dpi))
+

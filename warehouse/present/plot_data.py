@@ -63,6 +63,16 @@ class PlotOptions:
     # presentation
     model_name: str | None = option(None, help="label in the title", default_text="the model")
     title: str | None = option(None, help="figure title", default_text="one naming the model and the plot")
+    no_title: bool = option(False, help="draw no title")
+    no_caption: bool = option(False, help="draw no caption under the title (what the bands and bars are); the "
+                                          "command line writes it to <output>.caption.txt instead")
+    figsize: list[float] | None = option(None, metavar="W H", help="figure width and height in inches",
+                                         default_text="each plot's own size")
+    layout: str = option("auto", choices=("auto", "overlay", "panels"),
+                         help="compare: overlay draws every model on one axes, panels one small panel per model "
+                              "(the others faint behind it); auto: overlay up to 4 models, panels beyond")
+    palette: str = option("colorblind", help="colours of models and heads: a seaborn palette name (the default "
+                                             "is safe for colour-blind readers)")
     bucket_type: str = option("uniform", choices=BUCKET_TYPES, help="position buckets of the capture")
     bucket_min_size: float = option(1.0, gt=0, help="bucket width (uniform) or multiplier (log)")
     color_by_layer: bool = option(False, help="curves: colour heads by layer")
@@ -83,9 +93,10 @@ class PlotOptions:
                                  "(each head's, or the conservative interval of the mean)")
     ci_max_heads: int = option(12, ge=1, help="curves, compare, trajectory: up to this many heads, each head's "
                                               "interval is drawn; more, the interval of the mean over heads")
-    output: str | None = option(None, help="output PNG", accepts="a file",
-                                default_text="results/plots/<model>-<kind>.png", metavar="PNG")
-    dpi: int = option(110, ge=1, le=2400, help="resolution of the PNG")
+    output: str | None = option(None, help="output file; its extension sets the format (PNG, PDF or SVG)",
+                                accepts="a .png, .pdf or .svg file",
+                                default_text="results/plots/<model>-<kind>.png", metavar="FILE")
+    dpi: int = option(110, ge=1, le=2400, help="dots per inch of raster output (PNG; images inside a PDF or SVG)")
     kind: str | None = option(None, choices=KINDS, cli=False, help="plot kind; must match the command when given",
                               default_text="the command's")
 
@@ -97,6 +108,8 @@ class PlotOptions:
             raise ValueError(f"this config is for a {self.kind!r} plot, not {kind!r}")
         if self.color_by_layer and self.color_trend:
             raise ValueError("choose color_by_layer or color_trend, not both")
+        if self.figsize is not None and (len(self.figsize) != 2 or min(self.figsize) <= 0):
+            raise ValueError(f"figsize {self.figsize}: give width and height in inches, both above 0")
         if self.vmin is not None and self.vmax is not None and self.vmin >= self.vmax:
             raise ValueError(f"vmin ({self.vmin}) must be below vmax ({self.vmax})")
         return self
@@ -176,6 +189,9 @@ def load_comparison(warehouse: str | os.PathLike, models: list[str] | None = Non
             query += " WHERE list_contains($models, model)"
             params["models"] = list(models)
         df = con.execute(query + " ORDER BY model, layer, q_head", params).df()
+        # every model of the warehouse, so each keeps one colour whichever a figure shows
+        df.attrs["all_models"] = [r[0] for r in con.execute("SELECT DISTINCT model FROM latest_runs ORDER BY 1")
+                                  .fetchall()]
     if models:
         missing = sorted(set(models) - set(df["model"]))
         if missing:

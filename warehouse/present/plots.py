@@ -37,7 +37,8 @@ import pandas as pd
 
 from warehouse.present.figure_parts import (MEAN_BAND_TEXT, TREND_COLORS, PlotResult, _figure, _fmt_pos, _label,
                                             _layer_key, _legend_outside, _position_label, band_caption, band_handle,
-                                            draw_band, head_colors, head_label, layer_colors)
+                                            categorical_colors, draw_band, head_colors, head_label, layer_colors,
+                                            title_and_caption)
 from warehouse.present.plot_data import (BOOTSTRAP_RESAMPLES, BUCKET_COLUMNS, CI_LEVEL, COMPONENT_COLUMNS,
                                          NO_INTERVALS_CSV, NO_INTERVALS_RUN, TREND_TOL, PlotOptions, bucket_curves,
                                          bucket_interval_table, bucket_start, component_means, head_interval_bars,
@@ -69,7 +70,7 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     ax = fig.add_subplot()
     trends = head_trends(curves) if opts.color_trend else None
     colors = layer_colors(curves["layer"].unique()) if opts.color_by_layer else None
-    own_colors = head_colors(k for k, _ in heads) if per_head and colors is None and trends is None else None
+    own_colors = head_colors((k for k, _ in heads), opts.palette) if per_head and colors is None and trends is None else None
     with_band = 0
     for key, g in drawn.groupby(["layer", "q_head", "k_head"], sort=True):
         if colors is not None:
@@ -108,12 +109,11 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(_position_label(opts, "query"))
     ax.set_ylabel("attention plasticity $AP_j$")
-    title = opts.title or f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip()
+    title = f"{_label(opts)} per-bucket attention plasticity ({n_heads} heads)".strip()
     reason = None if band_mode or not opts.ci else (
         NO_INTERVALS_CSV if intervals is None else
         NO_INTERVALS_RUN if intervals.empty else "no finite standard error (too few examples)")
-    caption = band_caption(band_mode, n_without, reason)
-    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    caption = title_and_caption(ax, opts, title, band_caption(band_mode, n_without, reason))
     if colors is not None:
         per_layer = {int(la): int(n) for la, n in
                      curves.drop_duplicates(["layer", "q_head", "k_head"]).groupby("layer").size().items()}
@@ -131,7 +131,7 @@ def plot_plasticity_curves(cells: pd.DataFrame, opts: PlotOptions,
     sns.despine(ax=ax)
     extra = {"trends": trends.value_counts().to_dict()} if trends is not None else {}
     extra["bands"] = band_mode
-    return PlotResult(fig, mean, int(len(cells)), n_heads, extra)
+    return PlotResult(fig, mean, int(len(cells)), n_heads, extra, caption)
 
 
 def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
@@ -157,7 +157,7 @@ def plot_bucket_heatmap(cells: pd.DataFrame, opts: PlotOptions) -> PlotResult:
     ax.set_xlabel(_position_label(opts, "key"))
     ax.set_ylabel(_position_label(opts, "query"))
     n_heads = int(cells.groupby(["layer", "q_head", "k_head"]).ngroups)
-    ax.set_title(opts.title or f"{_label(opts)} bucket plasticity, {opts.agg} of {n_heads} heads".strip())
+    title_and_caption(ax, opts, f"{_label(opts)} bucket plasticity, {opts.agg} of {n_heads} heads".strip())
     summary = matrix.copy()
     summary.index.name = "q_bucket \\ k_bucket"
     return PlotResult(fig, summary.reset_index(), int(len(cells)), n_heads,
@@ -192,11 +192,16 @@ def plot_component_weights(weights: pd.DataFrame, opts: PlotOptions) -> PlotResu
     ax.set_xlabel("query dimension (the head's own basis)")
     ax.set_ylabel("share of linear positional information")
     n_heads = int(means["n_heads"].iloc[0])
-    title = opts.title or f"{_label(opts)} component weights, mean of {n_heads} heads".strip()
-    ax.set_title(f"{title}\nerror bars: {CI_LEVEL:.0%} bootstrap interval of the mean over heads "
-                 f"({BOOTSTRAP_RESAMPLES} resamples)", fontsize="medium")
+    caption = title_and_caption(ax, opts, f"{_label(opts)} component weights, mean of {n_heads} heads".strip(),
+                                f"error bars: {CI_LEVEL:.0%} bootstrap interval of the mean over heads "
+                                f"({BOOTSTRAP_RESAMPLES} resamples)")
     sns.despine(ax=ax)
-    return PlotResult(fig, means, int(len(weights)), n_heads)
+    return PlotResult(fig, means, int(len(weights)), n_heads, caption=caption)
+
+
+#: `compare` draws up to this many models on one axes (layout auto); more get one panel each.
+OVERLAY_MAX_MODELS = 4
+PANEL_COLUMNS = 4
 
 
 def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult:
@@ -215,11 +220,35 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
     depth = data.groupby("model")["layer"].transform("max").replace(0, 1)
     data["x"] = data["layer"] / depth if opts.normalize_depth else data["layer"]
     models = sorted(data["model"].unique())
-    palette = dict(zip(models, sns.color_palette(n_colors=len(models))))
-    fig = _figure(8.5, 5.0)
-    ax = fig.add_subplot()
-    sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
-                 errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
+    # one colour per model for every figure of the warehouse: from the list of all its models, so a model
+    # keeps its colour whichever others a figure shows
+    everyone = sorted(set(values.attrs.get("all_models", [])) | set(models))
+    palette = {m: c for m, c in categorical_colors(everyone, opts.palette).items() if m in models}
+    panels = opts.layout == "panels" or (opts.layout == "auto" and len(models) > OVERLAY_MAX_MODELS)
+    if panels:  # small multiples: one panel per model, the others faint behind it, shared axes
+        ncols = min(PANEL_COLUMNS, len(models))
+        nrows = -(-len(models) // ncols)
+        fig = _figure(2.7 * ncols + 0.8, 2.4 * nrows + 1.0)
+        grid = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+        axes_of = dict(zip(models, grid.flat))
+        for extra_ax in list(grid.flat)[len(models):]:
+            extra_ax.remove()
+        means = data.groupby(["model", "x"], sort=True)["value"].mean().reset_index()
+        for model, ax in axes_of.items():
+            for other, g in means[means["model"] != model].groupby("model", sort=True):
+                ax.plot(g["x"], g["value"], color="0.75", linewidth=0.8, gid=f"context {other}")
+            sns.lineplot(data=data[data["model"] == model], x="x", y="value", ax=ax, color=palette[model],
+                         marker="o", markersize=4, errorbar=("pi", 50), estimator="mean", legend=False)
+            ax.set_title(model.replace("$", r"\$"), color=palette[model], fontsize="small")
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+        ax = grid.flat[0]
+    else:
+        fig = _figure(8.5, 5.0)
+        ax = fig.add_subplot()
+        axes_of = dict.fromkeys(models, ax)
+        sns.lineplot(data=data, x="x", y="value", hue="model", style="model", ax=ax, markers=True, dashes=False,
+                     errorbar=("pi", 50), estimator="mean", palette=palette, hue_order=models, style_order=models)
     caption, bar_mode, bars = "", None, pd.DataFrame(columns=["model", "x_drawn", "y", "low", "high"])
     has_intervals = opts.metric == "ap_overall" and {"ci_low", "ci_high", "se", "se_df"} <= set(data.columns)
     if opts.ci and opts.metric == "ap_overall":
@@ -230,7 +259,7 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
             bars = bars[np.isfinite(bars["low"]) & np.isfinite(bars["high"])]
         for model, g in bars.groupby("model", sort=True):
             y = g["y"].to_numpy()
-            drawn = ax.errorbar(g["x_drawn"], y, yerr=np.vstack([y - g["low"], g["high"] - y]),
+            drawn = axes_of[model].errorbar(g["x_drawn"], y, yerr=np.vstack([y - g["low"], g["high"] - y]),
                                 fmt="o" if bar_mode == "heads" else "none", markersize=2.5, color=palette[model],
                                 ecolor=palette[model], elinewidth=1.0, capsize=2.5)
             drawn.lines[2][0].set_gid(f"ci {model}")
@@ -242,24 +271,32 @@ def plot_model_comparison(values: pd.DataFrame, opts: PlotOptions) -> PlotResult
             caption += ("\n" if caption else "") + f"no error bars for {', '.join(missing)}: " + (
                 "no finite stored interval" if has_intervals else "no stored intervals")
         bar_mode = bar_mode if not bars.empty else None
-    ax.set_xlabel("relative depth (layer / last layer)" if opts.normalize_depth else "layer")
+    xlabel = "relative depth (layer / last layer)" if opts.normalize_depth else "layer"
+    ylabel = f"{opts.metric} (mean over heads, band = interquartile range)"
+    if panels:
+        fig.supxlabel(xlabel, fontsize="medium")
+        fig.supylabel(ylabel, fontsize="medium")
+    else:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
     if not opts.normalize_depth:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"{opts.metric} (mean over heads, band = interquartile range)")
     if opts.metric.startswith("ap_"):
         ax.set_ylim(-0.02, 1.02)
     n_models = len(models)
-    title = opts.title or f"{opts.metric} by layer across {n_models} model(s)"
-    ax.set_title(f"{title}\n{caption}" if caption else title, fontsize="medium")
+    caption = title_and_caption(fig if panels else ax, opts, f"{opts.metric} by layer across {n_models} model(s)",
+                                caption)
     if ax.get_legend() is not None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    sns.despine(ax=ax)
+    for drawn_ax in set(axes_of.values()):
+        sns.despine(ax=drawn_ax)
     summary = layer_means(values)
     n_heads = int(values.groupby(["model", "layer", "q_head"]).ngroups)
     return PlotResult(fig, summary, int(len(values)), n_heads, {"models": models, "bands": bar_mode,
-                                                                "intervals": bars})
+                                                                "intervals": bars, "panels": panels,
+                                                                "colors": palette}, caption)
 
 
 def make_plot(kind: str, opts: PlotOptions, timeout_s: float = 60.0) -> tuple[PlotResult, dict]:

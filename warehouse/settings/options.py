@@ -331,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, typed: bo
     `typed=True`: argparse coerces and checks each value (`Option.parse`) and the defaults are the
     declared ones, so the parsed namespace holds ready values. `typed=False`: values stay strings and
     the default is None ("not given"), to be merged with a YAML file and checked there.
-    `spelling`: ``--run-id`` ("dash"), ``--run_id`` ("underscore") or both ("both").
+    Every option gets both spellings, ``--run-id`` and ``--run_id``; `spelling` ("dash", "underscore",
+    "both" = underscore first) says which --help shows first.
     """
     chosen = options_of(cls)
     names = list(only) if only is not None else [n for n in chosen if n not in set(exclude)]
@@ -368,12 +369,24 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, typed: bo
 
 
 def _flag_names(name: str, spelling: str) -> list[str]:
+    """Both spellings are always accepted (a researcher types ``--max-tokens-per-head`` as readily as the
+    config key ``--max_tokens_per_head``); `spelling` picks the one --help shows first."""
     dashed, under = "--" + name.replace("_", "-"), "--" + name
-    if spelling == "dash":
-        return [dashed]
-    if spelling == "underscore":
+    if dashed == under:
         return [under]
-    return [under] + ([dashed] if dashed != under else [])
+    return [dashed, under] if spelling == "dash" else [under, dashed]
+
+
+def unknown_flags_message(unknown: Iterable[str], flags: Iterable[str]) -> str:
+    """``unrecognized arguments: --max-token (did you mean --max-tokens-per-head?)``: each unknown
+    ``--flag`` (its value after ``=`` ignored) with the closest flag of the command, as YAML typos get."""
+    flags = [f for f in flags if f.startswith("--")]
+    parts = []
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6) \
+            if word.startswith("--") else []
+        parts.append(f"{word} (did you mean {close[0]}?)" if close else word)
+    return "unrecognized arguments: " + " ".join(parts)
 
 
 def _argparse_type(opt: Option, element: bool, split: bool = True) -> Callable[[str], Any]:

@@ -515,8 +515,9 @@ def sandbox(paths: Sequence[str | os.PathLike], timeout_s: float = 60.0) -> Iter
 
 
 def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query: str, params: dict | None = None,
-                    timeout_s: float = 60.0):
-    """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement.
+                    timeout_s: float = 60.0, arrow: bool = False):
+    """Run user SQL in a `sandbox` of the warehouse file(s); returns (column names, rows) of the last statement,
+    or with `arrow` (column names, a pyarrow Table keeping DuckDB's column types, e.g. for Parquet).
 
     DuckDB's errors (parser, binder, catalog, permission: "read-only mode", "file system operations
     are disabled") are raised as they are, as duckdb.Error."""
@@ -526,7 +527,14 @@ def read_only_query(path: str | os.PathLike | Sequence[str | os.PathLike], query
             rel = con.execute(query, params) if params else con.execute(query)
             if rel.description is None:
                 return [], []
-            return [d[0] for d in rel.description], rel.fetchall()
+            names = [d[0] for d in rel.description]
+            if not arrow:
+                return names, rel.fetchall()
+            import warnings
+
+            with warnings.catch_warnings():  # the copy it warns of is what a user's query result needs anyway
+                warnings.simplefilter("ignore", UserWarning)
+                return names, rel.to_arrow_table()
     except (RuntimeError, duckdb.InterruptException) as exc:
         # DuckDB stopped for a signal (Ctrl-C, or SIGTERM / SIGHUP that the command line turns into
         # KeyboardInterrupt; it sees one when it polls during a statement): raised as Python would

@@ -14,12 +14,17 @@ from warehouse.sources.names import safe_path_component
 from warehouse.store import db
 from warehouse.store.attention_export import ATTENTION_EXPORTS, copy_options, export_file_name
 
-HEAD_METRICS_COLUMNS = (
+# head_metrics.csv: the columns earlier exports wrote, first and in their order (the upstream columns, so
+# scripts written for the upstream file read it unchanged, by name or by position), then what a paper
+# table needs besides: which model and run, the AP interval, its degrees of freedom and the examples.
+HEAD_METRICS_UPSTREAM_COLUMNS = (
     "layer, q_head, k_head, n_q_tokens, n_k_tokens, d_model, q_R2_pos, q_beta_norm, q_R2_scalar, "
     "q_mae_baseline, q_mae_proj, q_mae_ratio, q_resid0_skew, q_resid0_kurt, q_resid0_ks_p, "
     "q_noise_med_abs_skew, q_noise_med_abs_kurt, q_noise_med_ks_p, q_noise_frac_ks_p_lt_alpha, "
     "ap_overall, ap_overall_se, estimator"
 )
+HEAD_METRICS_APPENDED_COLUMNS = "model, run_id, ap_overall_ci_low, ap_overall_ci_high, ap_se_df, n_examples"
+HEAD_METRICS_COLUMNS = f"{HEAD_METRICS_UPSTREAM_COLUMNS}, {HEAD_METRICS_APPENDED_COLUMNS}"
 EXPORTS = {
     "head_metrics": (HEAD_METRICS_COLUMNS, "layer, q_head"),
     "head_bucket_plasticity": ("layer, q_head, k_head, q_bucket, k_bucket, plasticity, n_pairs", "layer, q_head, q_bucket, k_bucket"),

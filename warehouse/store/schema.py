@@ -32,7 +32,7 @@ from warehouse.store.errors import WarehouseError, one_line
 #: Scripts creating the latest shape (in order), and those rerun after every upgrade.
 CREATE_SCRIPTS = ("schema_migrations", "schema", "head_samples_schema")
 #: The views derived from the tables (also rebuilt over the union of several files: `db.sandbox`).
-DERIVED_VIEW_SCRIPTS = ("views", "trajectories")
+DERIVED_VIEW_SCRIPTS = ("views", "trajectories", "layer_summary")
 FINISH_SCRIPTS = (*DERIVED_VIEW_SCRIPTS, "comments")
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
