@@ -199,7 +199,7 @@ def test_csv_exports_have_spec_columns(run):
     with open(folder / "head_metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == N_HEADS == mat.metadata["rows_head_metrics"].value
-    assert list(rows[0])[:3] == ["layer", "q_head", "k_head"] and list(rows[0])[-1] == "n_examples"
+    assert list(rows[0])[:3] == ["layer", "q_head", "k_head"] and list(rows[0])[-1] == "ap_ci_calibrated"
     with open(folder / "head_bucket_plasticity.csv") as fh:
         header = next(csv.reader(fh))
     assert header == ["layer", "q_head", "k_head", "q_bucket", "k_bucket", "plasticity", "n_pairs"]

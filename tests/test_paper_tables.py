@@ -16,7 +16,7 @@ UPSTREAM_HEAD_COLUMNS = (
     "q_mae_proj,q_mae_ratio,q_resid0_skew,q_resid0_kurt,q_resid0_ks_p,q_noise_med_abs_skew,"
     "q_noise_med_abs_kurt,q_noise_med_ks_p,q_noise_frac_ks_p_lt_alpha,ap_overall,ap_overall_se,estimator"
 ).split(",")
-APPENDED = ["model", "run_id", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples"]
+APPENDED = ["model", "run_id", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples", "ap_ci_calibrated"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ SPEC_HEAD_COLUMNS = (
     "layer,q_head,k_head,n_q_tokens,n_k_tokens,d_model,q_R2_pos,q_beta_norm,q_R2_scalar,q_mae_baseline,"
     "q_mae_proj,q_mae_ratio,q_resid0_skew,q_resid0_kurt,q_resid0_ks_p,q_noise_med_abs_skew,"
     "q_noise_med_abs_kurt,q_noise_med_ks_p,q_noise_frac_ks_p_lt_alpha,ap_overall,ap_overall_se,estimator,"
-    "model,run_id,ap_overall_ci_low,ap_overall_ci_high,ap_se_df,n_examples"
+    "model,run_id,ap_overall_ci_low,ap_overall_ci_high,ap_se_df,n_examples,ap_ci_calibrated"
 ).split(",")
 
 

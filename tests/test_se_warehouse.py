@@ -89,7 +89,10 @@ def test_csv_exports_keep_spec_columns(analysed, tmp_path):
     assert set(files) == {"head_metrics", "head_bucket_plasticity", "head_component_weights", "head_errors"}
     with open(files["head_metrics"]) as fh:
         header = next(csv.reader(fh))
-    assert header[-3:] == ["ap_overall", "ap_overall_se", "estimator"] and len(header) == 22
+    # the upstream columns first and in their order, then ours (model, run and the interval with its flag)
+    assert header[19:22] == ["ap_overall", "ap_overall_se", "estimator"] and len(header) == 29
+    assert header[22:] == ["model", "run_id", "ap_overall_ci_low", "ap_overall_ci_high", "ap_se_df", "n_examples",
+                           "ap_ci_calibrated"]
 
 
 def test_comments_cover_the_new_columns(tmp_path):

@@ -23,7 +23,7 @@ HEAD_METRICS_UPSTREAM_COLUMNS = (
     "q_noise_med_abs_skew, q_noise_med_abs_kurt, q_noise_med_ks_p, q_noise_frac_ks_p_lt_alpha, "
     "ap_overall, ap_overall_se, estimator"
 )
-HEAD_METRICS_APPENDED_COLUMNS = "model, run_id, ap_overall_ci_low, ap_overall_ci_high, ap_se_df, n_examples"
+HEAD_METRICS_APPENDED_COLUMNS = "model, run_id, ap_overall_ci_low, ap_overall_ci_high, ap_se_df, n_examples, ap_ci_calibrated"
 HEAD_METRICS_COLUMNS = f"{HEAD_METRICS_UPSTREAM_COLUMNS}, {HEAD_METRICS_APPENDED_COLUMNS}"
 EXPORTS = {
     "head_metrics": (HEAD_METRICS_COLUMNS, "layer, q_head"),
