@@ -19,12 +19,15 @@ from typing import Callable
 
 from warehouse.store import db, results
 from warehouse.run import kernel_cache
-from warehouse.sources.catalog import ShardInfo
+from warehouse.sources.catalog import ShardError, ShardInfo
+from warehouse.sources.hub_files import HubBranchFiles
 from warehouse.settings.config import RunConfig
 from warehouse.store.families import checkpoint_of
 from warehouse.sources.names import safe_path_component
 from warehouse.run.planning import (GroupTask, find_catalog, head_pairs, local_revision, plan_failures, plan_groups,
                                     resolved_config)
+from warehouse.run.streaming import ShardStream
+from warehouse.run.hub_stream import open_stream, reuse_profiles
 from warehouse.run.worker_pool import iter_outcomes, start_pool
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
@@ -82,6 +85,7 @@ def analyze_dataset(
     resume: bool = True,
     progress: bool | None = None,
     on_outcome: Callable[[results.HeadOutcome], None] | None = None,
+    hub: HubBranchFiles | None = None,
 ) -> RunSummary:
     """Analyse every head of one model's dataset folder into the warehouse.
 
@@ -102,14 +106,19 @@ def analyze_dataset(
     A machine whose numba cache is empty compiles the kernels once, in a
     background process, while this process plans and profiles (`warehouse.run.kernel_cache`); the first
     group waits for it, so the workers load the kernels instead of each compiling them.
+
+    `hub`: the shards are a Hub branch's at one commit, not (all) on disk: the run is planned from the
+    Hub's listing, its revision is the commit sha, and each group's shards are downloaded as its turn
+    comes, within ``cfg.download_budget_gb``, and deleted once its results are committed
+    (`warehouse.run.hub_stream`). Every stored value is the same as a run over a complete copy.
     """
     t0 = time.perf_counter()
     # Everything up to the plan needs only the shard names, so the workers start (and import the
     # analysis code) only when there is work, and as early as possible.
-    cat = find_catalog(root, cfg)
+    cat = find_catalog(root, cfg, listing=hub.shard_folders if hub is not None else None)
     model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
     cfg.check_layers_exist({s.layer for s in cat.shards})
-    revision = revision or local_revision(cat)
+    revision = revision or (hub.sha if hub is not None else local_revision(cat))
     info = cat.model_info(model, cfg.dataset_name, revision, checkpoint_of(cfg))
     cfg = resolved_config(cfg, cat.layout)
     run_id = cfg.run_id(model, revision, info.run_facts())
@@ -126,16 +135,29 @@ def analyze_dataset(
     kernels = any(g.attention_on for g in groups)  # the attention kernels are compiled only for attention
     if groups:
         kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
-    with start_pool(workers, kernels) as pool:
+    if hub is not None and resume and already:
+        needed = {s.path for g in groups for s in [g.k_info, *(q for _, q in g.queries)] if s is not None}
+        reuse_profiles(wh, cfg.lock_timeout_s, model, revision, cat, needed)
+    # downloads start before the workers do: both take seconds, and the first group needs both
+    with open_stream(hub, cat, groups, cfg) as stream, start_pool(workers, kernels) as pool:
         return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
-                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
+                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome,
+                    stream=stream)
 
 
 def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, resume, n_heads, n_todo, progress,
-         on_outcome) -> RunSummary:
+         on_outcome, stream: ShardStream | None = None) -> RunSummary:
     wh = cfg.warehouse
     revision = info.revision
     profiled: set[int] = set()
+
+    def arrived(key, shards) -> None:
+        """Wait for a streamed unit's downloads; a file that failed is an error on its heads, naming it."""
+        failures = stream.wait(key)
+        for shard in shards:
+            if shard is not None and shard.path in failures:
+                shard.error = ShardError(shard.path, "download_failed", f"download failed: {failures[shard.path]}")
+                profiled.add(id(shard))
 
     def profile(shard: ShardInfo | None) -> None:
         if shard is not None and id(shard) not in profiled:
@@ -145,6 +167,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     def prepare(task: GroupTask) -> None:
         # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
         kernel_cache.wait_for_kernels(["analysis"])
+        if stream is not None:
+            arrived((task.layer, task.k_head), [task.k_info] + [shard for _, shard in task.queries])
         # a task carries its shards' profiles (row counts, window, errors) to the worker
         profile(task.k_info)
         for _, shard in task.queries:
@@ -155,7 +179,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
 
     def open_run() -> None:
         # runs while the first groups compute: profile the other shards, record catalog and run
-        for shard in cat.shards:
+        # (streamed: those on disk so far; the complete catalog is recorded when the run ends)
+        for shard in cat.shards if stream is None else ():
             profile(shard)
         with db.writer(wh, cfg.lock_timeout_s) as con:
             results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
@@ -205,16 +230,32 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             elif bar.postfix and not kernel_cache.compiling("attention"):
                 bar.set_postfix_str("")
 
+    # a streamed run keeps every group's files until its attention is done: deferring attention
+    # (while the kernels compile) would hold the disk budget, so the first attention group waits instead
+    deferral = {} if stream is not None else dict(
+        defer_attention=lambda: kernel_cache.compiling("attention"),
+        wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"]))
     try:
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
-        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run,
-                                      defer_attention=lambda: kernel_cache.compiling("attention"),
-                                      wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"])):
+        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run, **deferral,
+                                      ready=None if stream is None else (lambda t: stream.ready((t.layer, t.k_head)))):
             take(outcomes)
-            if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
+            if stream is not None:  # commit, then the group's shards may go
+                flush()
+                stream.release((outcomes[0].layer, outcomes[0].k_head))
+            elif len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
         flush()
+        if stream is not None:
+            # the shards no group reads are downloaded only for their profile, and go at once
+            for shard in cat.shards:
+                if id(shard) not in profiled and shard.error is None and shard.n_rows is None:
+                    arrived(("profile", shard.path), [shard])
+                    profile(shard)
+                    stream.release(("profile", shard.path))
         with db.writer(wh, cfg.lock_timeout_s) as con:
+            if stream is not None:  # every shard's profile is known now
+                results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
             n_done, n_err, status = results.finish_run(con, run_id, model)
     except BaseException as exc:
         if run_opened:
