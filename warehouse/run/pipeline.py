@@ -135,7 +135,7 @@ def analyze_dataset(
     kernels = any(g.attention_on for g in groups)  # the attention kernels are compiled only for attention
     if groups:
         kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
-    if hub is not None and resume and already:
+    if hub is not None:  # shards no group reads: their stored profile at this commit, when there is one
         needed = {s.path for g in groups for s in [g.k_info, *(q for _, q in g.queries)] if s is not None}
         reuse_profiles(wh, cfg.lock_timeout_s, model, revision, cat, needed)
     # downloads start before the workers do: both take seconds, and the first group needs both
