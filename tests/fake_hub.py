@@ -144,7 +144,9 @@ class FakeHub:
         tree_page_size: int = 1000,
         rate_limit_bytes_per_s: float | None = None,
         lfs_suffixes: tuple[str, ...] = (),
+        max_bytes_per_branch: int = MAX_BYTES_PER_BRANCH,
     ) -> None:
+        self.max_bytes_per_branch = max_bytes_per_branch
         self.root_dir = Path(root_dir)
         self.rate_limit_bytes_per_s = rate_limit_bytes_per_s
         self.lfs_suffixes = tuple(lfs_suffixes)
@@ -282,7 +284,7 @@ class FakeHub:
                 data = full.read_bytes()
                 total += len(data)
                 files[rel] = data
-                if len(files) > MAX_FILES_PER_BRANCH or total > MAX_BYTES_PER_BRANCH:
+                if len(files) > MAX_FILES_PER_BRANCH or total > self.max_bytes_per_branch:
                     raise _HubHTTPError(400, f"branch {branch!r} of {repo_id!r} exceeds the fake hub's size bounds")
         oids = {path: git_blob_oid(data) for path, data in files.items()}
         commit = Commit(repo_id, branch, _commit_sha(branch, oids), MappingProxyType(files), MappingProxyType(oids))

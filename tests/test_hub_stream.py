@@ -84,7 +84,7 @@ def table_rows(path: str) -> dict[str, list]:
     """Every table's rows, sorted, without the time columns."""
     out = {}
     with duckdb.connect(path, read_only=True) as con:
-        for (table,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall():
+        for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall():
             cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns "
                                               "WHERE table_name = $t ORDER BY ordinal_position", {"t": table}).fetchall()
 ]

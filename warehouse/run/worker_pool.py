@@ -252,8 +252,8 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
             continue
         # while attention waits, look again at least every 0.2 s: it starts as soon as the kernels are in
         # and while the next group downloads, so that it starts as soon as its shards are in
-        waiting = deferred or (ready is not None and queue)
-        done, _ = wait(set(pending), timeout=0.2 if waiting else None, return_when=FIRST_COMPLETED)
+        done, _ = wait(set(pending), timeout=0.2 if deferred else 0.02 if ready is not None and queue else None,
+                       return_when=FIRST_COMPLETED)
         for fut in done:
             outcomes = finished(pending.pop(fut), fut.result())
             if outcomes is not None:
