@@ -153,6 +153,7 @@ class FakeHub:
         self.failing_paths: set[str] = set()  # repo paths whose downloads answer 403
         self.corrupt_paths: set[str] = set()  # repo paths served with their first byte changed
         self.bytes_sent = 0
+        self._sha256: dict[str, str] = {}  # git blob oid -> SHA-256 of the content (LFS ids, computed once)
         self._link_free_at = 0.0
         self.required_token = required_token
         self.redirect_resolve = redirect_resolve
@@ -236,6 +237,15 @@ class FakeHub:
                 self._requests.append(req)
             if unhandled and len(self._unhandled) < MAX_RECORDED_REQUESTS:
                 self._unhandled.append(req)
+
+    def _content_sha256(self, oid: str, data: bytes) -> str:
+        with self._lock:
+            known = self._sha256.get(oid)
+        if known is None:
+            known = hashlib.sha256(data).hexdigest()
+            with self._lock:
+                self._sha256[oid] = known
+        return known
 
     # ------------------------------------------------------------------ the link
     def _send_body(self, wfile, body: bytes) -> None:
@@ -459,7 +469,7 @@ class FakeHub:
     def _tree(self, method, params, repo_id, revision, path_in_repo):
         commit = self._resolve(repo_id, revision)
         recursive = params.get("recursive", "").lower() in ("1", "true")
-        entries = _tree_entries(commit, path_in_repo, recursive, self.lfs_suffixes)
+        entries = _tree_entries(commit, path_in_repo, recursive, self.lfs_suffixes, self._content_sha256)
         if entries is None:
             raise _HubHTTPError(
                 404, f"{path_in_repo} does not exist on {revision}", code="EntryNotFound",
@@ -493,7 +503,7 @@ class FakeHub:
         data, oid = commit.files[path], commit.oids[path]
         base_headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{oid}"'}
         if self.lfs_suffixes and path.endswith(self.lfs_suffixes):
-            base_headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+            base_headers.update({"X-Linked-Etag": f'"{self._content_sha256(oid, data)}"',
                                  "X-Linked-Size": str(len(data))})
         if path in self.corrupt_paths and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
@@ -514,7 +524,7 @@ class FakeHub:
 
 
 def _tree_entries(commit: Commit, path_in_repo: str, recursive: bool,
-                  lfs_suffixes: tuple[str, ...] = ()) -> list[dict] | None:
+                  lfs_suffixes: tuple[str, ...] = (), sha256_of=None) -> list[dict] | None:
     prefix = f"{path_in_repo}/" if path_in_repo else ""
     if path_in_repo and not any(p.startswith(prefix) for p in commit.files):
         return None
@@ -539,7 +549,7 @@ def _tree_entries(commit: Commit, path_in_repo: str, recursive: bool,
     for f in files:
         entry = {"type": "file", "oid": commit.oids[f], "size": len(commit.files[f]), "path": f}
         if lfs_suffixes and f.endswith(lfs_suffixes):
-            entry["lfs"] = {"oid": hashlib.sha256(commit.files[f]).hexdigest(), "size": len(commit.files[f]),
+            entry["lfs"] = {"oid": sha256_of(commit.oids[f], commit.files[f]), "size": len(commit.files[f]),
                             "pointerSize": LFS_POINTER_SIZE}
         entries.append(entry)
     return entries
