@@ -151,8 +151,12 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     revision = info.revision
     profiled: set[int] = set()
 
+    computed: list = []  # streamed groups whose results wait for their commit, then their shards go
+
     def arrived(key, shards) -> None:
         """Wait for a streamed unit's downloads; a file that failed is an error on its heads, naming it."""
+        if not stream.ready(key):
+            commit_and_release()  # the download may wait for their room in the budget
         failures = stream.wait(key)
         for shard in shards:
             if shard is not None and shard.path in failures:
@@ -216,6 +220,21 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             buffer.clear()
         last_flush = time.monotonic()
 
+    def commit_and_release() -> None:
+        flush()
+        for key in computed:
+            stream.release(key)
+        computed.clear()
+
+    def group_ready(task: GroupTask) -> bool:
+        """Whether a streamed group's shards are in; if not, and the downloads wait for room, the
+        computed groups are committed now and their shards deleted."""
+        if stream.ready((task.layer, task.k_head)):
+            return True
+        if computed and stream.starved():
+            commit_and_release()
+        return False
+
     def take(outcomes: list[results.HeadOutcome]) -> None:
         nonlocal n_failed
         buffer.extend(outcomes)
@@ -238,13 +257,16 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     try:
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
         for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run, **deferral,
-                                      ready=None if stream is None else (lambda t: stream.ready((t.layer, t.k_head)))):
+                                      ready=None if stream is None else group_ready):
             take(outcomes)
-            if stream is not None:  # commit, then the group's shards may go
+            if stream is not None:  # its shards go once its results are committed
+                computed.append((outcomes[0].layer, outcomes[0].k_head))
+            if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
-                stream.release((outcomes[0].layer, outcomes[0].k_head))
-            elif len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
-                flush()
+            if stream is not None and (stream.starved() or not buffer):
+                commit_and_release()  # commit now when the next download needs the room
+        if stream is not None:
+            commit_and_release()
         flush()
         if stream is not None:
             # the shards no group reads are downloaded only for their profile, and go at once

@@ -50,6 +50,7 @@ class ShardStream:
             self._units[key] = unit
             self._order.append(unit)
         self._held = 0  # bytes of started, not yet released units
+        self._starved = False  # the next unit waits for bytes to be released
         self.peak_held_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
@@ -62,7 +63,9 @@ class ShardStream:
         for unit in self._order:
             with self._cond:
                 while not self._stopped and self._held > 0 and self._held + unit.size > self.budget_bytes:
+                    self._starved = True
                     self._cond.wait()
+                self._starved = False
                 if self._stopped:
                     return
                 unit.started = True
@@ -101,6 +104,10 @@ class ShardStream:
         """Whether the unit's downloads are over (a unit the stream does not know is always ready)."""
         unit = self._units.get(key)
         return unit is None or unit.ready
+
+    def starved(self) -> bool:
+        """Whether the next download waits for room in the budget (the run should release what it can)."""
+        return self._starved
 
     def wait(self, key: Hashable) -> dict[str, str]:
         """Block until the unit's downloads are over; the files that failed, with why."""
