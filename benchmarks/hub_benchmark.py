@@ -48,7 +48,8 @@ TARGET_RATIO = 1.15
 
 
 class DiskSampler(threading.Thread):
-    """The peak of the bytes of every file under a folder, every `interval` seconds."""
+    """The peak of the bytes of the shards under a folder, whole or partly downloaded, every `interval`
+    seconds: every file but the card and huggingface_hub's bookkeeping (a few hundred bytes a file)."""
 
     def __init__(self, folder: Path, interval: float = 0.02):
         super().__init__(daemon=True)
@@ -60,6 +61,8 @@ class DiskSampler(threading.Thread):
             total = 0
             for dirpath, _, names in os.walk(self.folder):
                 for name in names:
+                    if name == "README.md" or name.endswith((".metadata", ".lock")):
+                        continue
                     try:
                         total += os.stat(os.path.join(dirpath, name)).st_size
                     except OSError:
