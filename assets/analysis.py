@@ -77,7 +77,7 @@ def head_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, war
     cfg = entry.run_config(warehouse=wh, max_workers=config.max_workers, attention=config.attention,
                            lock_timeout_s=warehouse.lock_timeout_s)
     sha = steps.catalog_revision(wh, key, warehouse.lock_timeout_s) if entry.is_hub else None
-    root, sha = steps.open_dataset(entry, cfg, hub, sha)
+    root, sha, files = steps.open_dataset(entry, cfg, hub, sha)
 
     done, errors, last_log = [0], [0], [time.monotonic()]
 
@@ -92,7 +92,7 @@ def head_analysis(context: dg.AssetExecutionContext, config: AnalysisConfig, war
             last_log[0] = time.monotonic()
 
     context.log.info(f"analysing {key} with {cfg.workers()} worker process(es), {'fresh' if config.fresh else 'resuming'}")
-    summary = steps.run_analysis(entry, cfg, root, sha, fresh=config.fresh, on_outcome=on_outcome)
+    summary = steps.run_analysis(entry, cfg, root, sha, fresh=config.fresh, on_outcome=on_outcome, hub_files=files)
     context.log.info(f"run {summary.run_id}: {summary.n_done} head(s) with results, {summary.n_errors} with errors, "
                      f"{summary.n_skipped} already done, {summary.seconds:.1f}s")
     if summary.n_heads and summary.n_done == 0:

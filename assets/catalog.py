@@ -52,10 +52,11 @@ def shard_catalog(context: dg.AssetExecutionContext, config: CatalogConfig, ware
     entry = datasets.entry(key, repo_hint=context.run.tags.get(TAG_REPO))
     cfg = entry.run_config(warehouse=wh)
     sha = config.revision or (context.run.tags.get(TAG_REVISION) if entry.is_hub else None)
-    root, sha = steps.open_dataset(entry, cfg, hub, sha)
-    context.log.info(f"model {key}: {entry.describe()} at {sha or 'local files'} -> {root}")
+    root, sha, files = steps.open_dataset(entry, cfg, hub, sha)
+    context.log.info(f"model {key}: {entry.describe()} at {sha or 'local files'} -> {root}"
+                     + (" (streamed)" if files is not None else ""))
     try:
-        res = steps.build_shard_catalog(entry, cfg, root, sha, wh, warehouse.lock_timeout_s)
+        res = steps.build_shard_catalog(entry, cfg, root, sha, wh, warehouse.lock_timeout_s, hub_files=files)
     except LayoutError as exc:  # the run stops before any work, saying what to set
         raise dg.Failure(description=str(exc)) from None
     common = {"model": key, "revision": res.revision, "source": entry.describe()}

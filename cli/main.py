@@ -54,13 +54,16 @@ def _load_config(args: argparse.Namespace, extra: dict | None = None):
     return cfg
 
 
-def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
-    """(dataset root, model name, revision sha) for a config: a local folder, or a Hub branch.
+def resolve_dataset(cfg) -> tuple[Path, str | None, str | None, object]:
+    """(dataset root, model name, revision sha, the Hub branch's files or None) for a config: a local
+    folder, or a Hub branch.
 
-    The root is the folder the config's `model_dir` is relative to (the snapshot root for the Hub).
+    The root is the folder the config's `model_dir` is relative to (the snapshot root for the Hub). A
+    streamed Hub run (``hub_download: stream``) downloads nothing here but the card: its shards come as
+    the run needs them (`warehouse.run.hub_stream`).
     """
     if cfg.dataset_local_root:
-        return Path(cfg.dataset_local_root), cfg.model, None
+        return Path(cfg.dataset_local_root), cfg.model, None, None
     if not cfg.dataset_name:
         raise ValueError("config needs dataset_local_root (a local folder) or dataset_name (+ revision) on the Hub")
     from warehouse.sources import hub
@@ -70,6 +73,13 @@ def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
         from warehouse.sources.names import safe_path_component
 
         safe_path_component(ref.name, f"model name from the Hub branch of {cfg.dataset_name} (set --model)")
+    if cfg.hub_download == "stream":
+        from warehouse.sources import hub_files
+
+        files = hub_files.open_branch(cfg.dataset_name, ref.name, ref.sha,
+                                      hub_files.streamed_dir(cfg.dataset_cache_dir, cfg.dataset_name, ref.sha),
+                                      model_dir=cfg.model_dir)
+        return files.local_dir, cfg.model or ref.name, ref.sha, files
     shards_dir = hub.download_branch(
         cfg.dataset_name, ref.name, ref.sha, model_dir=cfg.model_dir, cache_dir=cfg.dataset_cache_dir,
         max_workers=cfg.download_max_workers,
@@ -77,7 +87,7 @@ def resolve_dataset(cfg) -> tuple[Path, str | None, str | None]:
     root = shards_dir
     for _ in Path(cfg.model_dir).parts if cfg.model_dir else ():
         root = root.parent
-    return root, cfg.model or ref.name, ref.sha
+    return root, cfg.model or ref.name, ref.sha, None
 
 
 def _print_summary(summary) -> None:
@@ -110,9 +120,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)  # every config error stops here, before any file is read or folder made
     check_output_folder(cfg.output_dir, "output_dir")  # a file or /dev/null: before the run, not after it
-    root, model, sha = resolve_dataset(cfg)
+    root, model, sha, hub_files = resolve_dataset(cfg)
     cfg.warehouse = warehouse_for_model(cfg.warehouse, model)  # {model}: this model's own file
-    summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet)
+    summary = analyze_dataset(cfg, root, model=model, revision=sha, resume=not args.fresh, progress=not args.quiet,
+                              hub=hub_files)
     _print_summary(summary)
     out = results_dir(cfg.output_dir, summary.model, summary.run_id)
     files = export_csvs(cfg.warehouse, summary.model, summary.run_id, out,

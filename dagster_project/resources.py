@@ -103,6 +103,14 @@ class HubResource(dg.ConfigurableResource):
             raise ValueError(f"bad repo id or sha: {repo_id!r} {sha!r}")
         return Path(self.download_dir) / parts[0] / parts[1] / sha
 
+    def branch_files(self, repo_id: str, branch: str, sha: str, model_dir: str | None = None):
+        """The shards of `branch` at commit `sha`, listed, not downloaded (the card is): a streamed run
+        downloads them into the snapshot folder as it needs them (`warehouse.run.hub_stream`)."""
+        from warehouse.sources import hub_files
+
+        return hub_files.open_branch(repo_id, branch, sha, self.snapshot_path(repo_id, sha), model_dir=model_dir,
+                                     endpoint=self.endpoint)
+
     def snapshot(self, repo_id: str, branch: str, sha: str, model_dir: str | None = None) -> Path:
         """Folder holding the shards of `branch` at commit `sha` (downloaded once; root, not model_dir)."""
         from warehouse.sources import hub

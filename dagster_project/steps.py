@@ -32,6 +32,8 @@ class HubClient(Protocol):
 
     def snapshot_path(self, repo_id: str, sha: str) -> Path: ...
 
+    def branch_files(self, repo_id: str, branch: str, sha: str, model_dir: str | None = None): ...
+
 
 # --------------------------------------------------------------------------- datasets
 
@@ -57,16 +59,21 @@ def ensure_local_dataset(entry: DatasetEntry, cfg: RunConfig) -> Path:
 
 
 def open_dataset(entry: DatasetEntry, cfg: RunConfig, hub: HubClient, sha: str | None = None
-                 ) -> tuple[Path, str | None]:
-    """(dataset root, pinned commit sha or None for a local folder).
+                 ) -> tuple[Path, str | None, object]:
+    """(dataset root, pinned commit sha or None for a local folder, the Hub branch's files when streamed).
 
-    A Hub branch is downloaded pinned to `sha` (default: the branch head now);
-    the root returned is the snapshot folder, `cfg.model_dir` stays below it.
+    A Hub branch is pinned to `sha` (default: the branch head now). Streamed (``hub_download: stream``,
+    the default) only its listing and card are fetched here, the shards come as the step needs them,
+    within the disk budget; else the whole branch is downloaded. The root returned is the snapshot
+    folder, `cfg.model_dir` stays below it.
     """
     if not entry.is_hub:
-        return ensure_local_dataset(entry, cfg), None
+        return ensure_local_dataset(entry, cfg), None, None
     sha = sha or hub.head_sha(entry.repo_id, entry.branch)
-    return hub.snapshot(entry.repo_id, entry.branch, sha, cfg.model_dir), sha
+    if cfg.hub_download == "stream":
+        files = hub.branch_files(entry.repo_id, entry.branch, sha, cfg.model_dir)
+        return files.local_dir, sha, files
+    return hub.snapshot(entry.repo_id, entry.branch, sha, cfg.model_dir), sha, None
 
 
 # --------------------------------------------------------------------------- catalog
@@ -92,14 +99,20 @@ class CatalogResult:
 
 
 def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | None,
-                        warehouse: str, lock_timeout_s: float = 60.0) -> CatalogResult:
+                        warehouse: str, lock_timeout_s: float = 60.0, hub_files=None) -> CatalogResult:
     """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
-    (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does."""
-    from warehouse.run.planning import build_catalog, local_revision
+    (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does. `hub_files`: a
+    streamed Hub branch, each shard downloaded, profiled and deleted in turn (`profile_streamed`)."""
+    from warehouse.run.planning import build_catalog, find_catalog, local_revision
     from warehouse.store.families import checkpoint_of
     from warehouse.store.results import replace_catalog
 
-    cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
+    if hub_files is not None:
+        from warehouse.run.hub_stream import profile_streamed
+
+        cat = profile_streamed(find_catalog(root, cfg, listing=hub_files.shard_folders), hub_files, cfg)
+    else:
+        cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
     revision = sha or local_revision(cat)
     db.ensure_schema(warehouse, lock_timeout_s)
     with db.writer(warehouse, lock_timeout_s) as con:
@@ -179,12 +192,13 @@ def refresh_head_samples(model: str, cfg: RunConfig, warehouse: str, lock_timeou
 
 
 def run_analysis(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | None, *, fresh: bool = False,
-                 on_outcome: Callable | None = None):
-    """warehouse.run.pipeline.analyze_dataset for one model: heads computed in worker processes, written here."""
+                 on_outcome: Callable | None = None, hub_files=None):
+    """warehouse.run.pipeline.analyze_dataset for one model: heads computed in worker processes, written here
+    (`hub_files`: a streamed Hub branch)."""
     from warehouse.run.pipeline import analyze_dataset
 
     return analyze_dataset(cfg, root, model=entry.key, revision=sha, resume=not fresh, progress=False,
-                           on_outcome=on_outcome)
+                           on_outcome=on_outcome, hub=hub_files)
 
 
 RESULT_PREVIEWS = {

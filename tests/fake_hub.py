@@ -16,7 +16,13 @@ Reusable from any test (hub access layer, Dagster sensors, ...)::
 Repo layout on disk: ``root_dir/<owner>/<name>/<branch>/<files...>``; every
 repo is served as a *dataset* repo ``<owner>/<name>``.  A branch directory
 name is URL-unquoted to get the branch name (``a%2Fb`` -> branch ``a/b``).
-Files are plain git blobs (no LFS, no Xet).
+Files are plain git blobs (no Xet); with ``lfs_suffixes`` the files whose names end so are listed
+as LFS files (the tree's ``lfs`` entry with the content's SHA-256, size and pointer size, and
+``X-Linked-Etag``/``X-Linked-Size`` on their resolve responses), like the Hub lists Parquet files.
+
+``rate_limit_bytes_per_s`` caps the bytes of file bodies sent per second over all connections together
+(one shared link, as a machine's network is). Tests make downloads fail or serve wrong bytes with
+:attr:`FakeHub.failing_paths` (answered 403) and :attr:`FakeHub.corrupt_paths` (one byte changed).
 
 The disk is re-read on every request that names a branch, so a test "moves" a
 branch simply by rewriting its files (or with :meth:`FakeHub.write_file`,
@@ -50,6 +56,7 @@ import json
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -70,6 +77,8 @@ MAX_FILES_PER_BRANCH = 10_000
 MAX_BYTES_PER_BRANCH = 256 * 1024 * 1024
 MAX_RECORDED_REQUESTS = 100_000
 HANDLER_TIMEOUT_S = 10.0
+RATE_CHUNK_BYTES = 64 * 1024
+LFS_POINTER_SIZE = 134
 FAKE_DATE = "2024-01-01T00:00:00.000Z"
 
 
@@ -133,8 +142,19 @@ class FakeHub:
         required_token: str | None = None,
         redirect_resolve: bool = True,
         tree_page_size: int = 1000,
+        rate_limit_bytes_per_s: float | None = None,
+        lfs_suffixes: tuple[str, ...] = (),
+        max_bytes_per_branch: int = MAX_BYTES_PER_BRANCH,
     ) -> None:
+        self.max_bytes_per_branch = max_bytes_per_branch
         self.root_dir = Path(root_dir)
+        self.rate_limit_bytes_per_s = rate_limit_bytes_per_s
+        self.lfs_suffixes = tuple(lfs_suffixes)
+        self.failing_paths: set[str] = set()  # repo paths whose downloads answer 403
+        self.corrupt_paths: set[str] = set()  # repo paths served with their first byte changed
+        self.bytes_sent = 0
+        self._sha256: dict[str, str] = {}  # git blob oid -> SHA-256 of the content (LFS ids, computed once)
+        self._link_free_at = 0.0
         self.required_token = required_token
         self.redirect_resolve = redirect_resolve
         self.tree_page_size = max(1, int(tree_page_size))
@@ -218,6 +238,36 @@ class FakeHub:
             if unhandled and len(self._unhandled) < MAX_RECORDED_REQUESTS:
                 self._unhandled.append(req)
 
+    def _content_sha256(self, oid: str, data: bytes) -> str:
+        with self._lock:
+            known = self._sha256.get(oid)
+        if known is None:
+            known = hashlib.sha256(data).hexdigest()
+            with self._lock:
+                self._sha256[oid] = known
+        return known
+
+    # ------------------------------------------------------------------ the link
+    def _send_body(self, wfile, body: bytes) -> None:
+        """Write a response body, at most `rate_limit_bytes_per_s` over all connections together."""
+        rate = self.rate_limit_bytes_per_s
+        if not rate:
+            wfile.write(body)
+        else:
+            view = memoryview(body)
+            for i in range(0, len(view), RATE_CHUNK_BYTES):
+                chunk = view[i:i + RATE_CHUNK_BYTES]
+                with self._lock:  # the chunk's slot on the shared link
+                    start = max(time.monotonic(), self._link_free_at)
+                    self._link_free_at = start + len(chunk) / rate
+                    until = self._link_free_at
+                delay = until - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                wfile.write(chunk)
+        with self._lock:
+            self.bytes_sent += len(body)
+
     # ------------------------------------------------------------------ repo state
     def _repo_dir(self, repo_id: str) -> Path:
         owner, _, name = repo_id.partition("/")
@@ -244,7 +294,7 @@ class FakeHub:
                 data = full.read_bytes()
                 total += len(data)
                 files[rel] = data
-                if len(files) > MAX_FILES_PER_BRANCH or total > MAX_BYTES_PER_BRANCH:
+                if len(files) > MAX_FILES_PER_BRANCH or total > self.max_bytes_per_branch:
                     raise _HubHTTPError(400, f"branch {branch!r} of {repo_id!r} exceeds the fake hub's size bounds")
         oids = {path: git_blob_oid(data) for path, data in files.items()}
         commit = Commit(repo_id, branch, _commit_sha(branch, oids), MappingProxyType(files), MappingProxyType(oids))
@@ -419,7 +469,7 @@ class FakeHub:
     def _tree(self, method, params, repo_id, revision, path_in_repo):
         commit = self._resolve(repo_id, revision)
         recursive = params.get("recursive", "").lower() in ("1", "true")
-        entries = _tree_entries(commit, path_in_repo, recursive)
+        entries = _tree_entries(commit, path_in_repo, recursive, self.lfs_suffixes, self._content_sha256)
         if entries is None:
             raise _HubHTTPError(
                 404, f"{path_in_repo} does not exist on {revision}", code="EntryNotFound",
@@ -448,8 +498,15 @@ class FakeHub:
             raise _HubHTTPError(
                 404, f"Entry not found: {path}", code="EntryNotFound", headers={"X-Repo-Commit": commit.sha}
             )
+        if path in self.failing_paths:
+            raise _HubHTTPError(403, f"Forbidden: {path}")
         data, oid = commit.files[path], commit.oids[path]
         base_headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{oid}"'}
+        if self.lfs_suffixes and path.endswith(self.lfs_suffixes):
+            base_headers.update({"X-Linked-Etag": f'"{self._content_sha256(oid, data)}"',
+                                 "X-Linked-Size": str(len(data))})
+        if path in self.corrupt_paths and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
         if not pinned and self.redirect_resolve:
             location = (
                 f"/api/resolve-cache/datasets/{repo_id}/{commit.sha}/{quote(path)}"
@@ -466,7 +523,8 @@ class FakeHub:
         return _Response(200, headers, data)
 
 
-def _tree_entries(commit: Commit, path_in_repo: str, recursive: bool) -> list[dict] | None:
+def _tree_entries(commit: Commit, path_in_repo: str, recursive: bool,
+                  lfs_suffixes: tuple[str, ...] = (), sha256_of=None) -> list[dict] | None:
     prefix = f"{path_in_repo}/" if path_in_repo else ""
     if path_in_repo and not any(p.startswith(prefix) for p in commit.files):
         return None
@@ -489,7 +547,11 @@ def _tree_entries(commit: Commit, path_in_repo: str, recursive: bool) -> list[di
             {"type": "directory", "oid": hashlib.sha1("\n".join(children).encode()).hexdigest(), "size": 0, "path": d}
         )
     for f in files:
-        entries.append({"type": "file", "oid": commit.oids[f], "size": len(commit.files[f]), "path": f})
+        entry = {"type": "file", "oid": commit.oids[f], "size": len(commit.files[f]), "path": f}
+        if lfs_suffixes and f.endswith(lfs_suffixes):
+            entry["lfs"] = {"oid": sha256_of(commit.oids[f], commit.files[f]), "size": len(commit.files[f]),
+                            "pointerSize": LFS_POINTER_SIZE}
+        entries.append(entry)
     return entries
 
 
@@ -559,7 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # no lingering keep-alive sockets across tests
         self.end_headers()
         if self.command != "HEAD" and resp.body:
-            self.wfile.write(resp.body)
+            hub._send_body(self.wfile, resp.body)
         self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle

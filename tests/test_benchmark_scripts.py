@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -136,3 +137,19 @@ def test_run_benchmark_times_the_first_head_and_the_steady_rate():
     assert timing["steady_heads_per_s"] == _approx(10.0, 1e-9)
     short = run_benchmark.outcome_timing([1.0, 2.0])  # too few heads for a steady rate
     assert short["first_head_s"] == 1.0 and math.isnan(short["steady_heads_per_s"])
+
+
+def test_hub_benchmark_writes_its_figures_and_finds_the_streamed_run_identical(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "hub_benchmark.py"), "--out", str(tmp_path), "--layers", "2",
+         "--q-heads", "2", "--k-heads", "1", "--rows", "600", "--dim", "8", "--rate-mb-s", "20",
+         "--budget-gb", "0.0001", "--workers", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    (written,) = tmp_path.glob("hub-benchmark-*.json")
+    result = json.loads(written.read_text())
+    for key in ("wall_s", "download_only_s", "compute_only_s", "peak_disk_bytes", "disk_budget_bytes"):
+        assert result[key] > 0, key
+    assert result["identical_to_local"] is True and result["differing_tables"] == []
+    assert result["disk_budget_bytes"] == 100_000 and 0 < result["peak_disk_bytes"] <= 100_000
+    assert '"identical_to_local": true' in out.stdout

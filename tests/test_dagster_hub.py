@@ -50,7 +50,7 @@ def setup(tmp_path, tmp_path_factory, monkeypatch):
         "    overrides: {attention: false, max_workers: 1}\n")
     (configs / "tiny-b.yaml").write_text(
         f"model: tiny-b-model\ndataset_name: {REPO}\nrevision: tiny-b\nmodel_dir: {MODEL_DIR}\n"
-        "attention: false\nmax_workers: 1\n")
+        "attention: false\nmax_workers: 1\nhub_download: snapshot\n")
     resources = {
         "warehouse": WarehouseResource(path=str(tmp_path / "wh.duckdb"), exports_dir=str(tmp_path / "results")),
         "hub": HubResource(download_dir=str(tmp_path / "snapshots")),
@@ -144,6 +144,39 @@ def test_requested_run_downloads_the_pinned_sha_and_matches_analyze_dataset(setu
     fetched = [r for r in hub.requests if r.method == "GET" and r.path.endswith("l00h00q/data.parquet")
                and "resolve-cache" in r.path]
     assert len(fetched) == 1
+
+
+def test_streamed_partition_matches_analyze_dataset_and_leaves_no_shard_on_disk(setup, tmp_path):
+    s, hub = setup, setup["hub"]
+    request = {r.partition_key: r for r in tick(s).run_requests}["tiny-a"]  # tiny-a streams (the default)
+    pinned = request.tags[TAG_REVISION]
+    hub.write_file(REPO, "tiny-a", "README.md", "# moved after the sensor saw it\n")  # branch moves on
+    hub.clear_requests()
+    assert materialize(s, request).success
+    paths = [r.path for r in hub.requests]
+    assert paths and all(pinned in p for p in paths), paths  # never the branch head
+    snapshot = Path(s["resources"]["hub"].download_dir) / "qk-org" / "sniffed" / pinned
+    assert (snapshot / "README.md").is_file() and not list(snapshot.rglob("*.parquet"))  # streamed, then deleted
+    # the catalog step profiled every shard once; the analysis reused those profiles and downloaded each shard again
+    fetched = [r for r in hub.requests if r.method == "GET" and r.path.endswith("l00h00q/data.parquet")]
+    assert len(fetched) == 2
+    wh = s["resources"]["warehouse"].path
+    with db.reader(wh) as con:
+        run_id, revision = con.execute("SELECT run_id, revision FROM runs WHERE model = 'tiny-a'").fetchone()
+        streamed = {t: con.execute(f"SELECT * EXCLUDE (model, path) FROM {t} WHERE model = 'tiny-a' ORDER BY ALL"
+                                   ).fetchall() if t == "shards" else
+                    con.execute(f"SELECT * EXCLUDE (model) FROM {t} WHERE model = 'tiny-a' ORDER BY ALL").fetchall()
+                    for t in ("shards", "shard_buckets", "head_metrics", "head_bucket_plasticity",
+                              "head_component_weights")}
+    assert revision == pinned
+    cfg = load_config(None, {"warehouse": str(tmp_path / "ref.duckdb"), "attention": False, "max_workers": 1})
+    ref = analyze_dataset(cfg, s["dataset"], model="tiny-a", revision=pinned, progress=False)
+    assert ref.run_id == run_id
+    with db.reader(cfg.warehouse) as con:
+        for table, rows in streamed.items():
+            exclude = "model, path" if table == "shards" else "model"
+            want = con.execute(f"SELECT * EXCLUDE ({exclude}) FROM {table} ORDER BY ALL").fetchall()
+            assert rows and canon(rows) == canon(want), table
 
 
 def test_token_is_never_logged_or_stored(setup):

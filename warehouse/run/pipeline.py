@@ -19,13 +19,16 @@ from typing import Callable
 
 from warehouse.store import db, results
 from warehouse.run import kernel_cache
-from warehouse.sources.catalog import ShardInfo
+from warehouse.sources.catalog import ShardError, ShardInfo
+from warehouse.sources.hub_files import HubBranchFiles
 from warehouse.settings.config import RunConfig
 from warehouse.store.families import checkpoint_of
 from warehouse.sources.names import safe_path_component
 from warehouse.run.planning import (GroupTask, find_catalog, head_pairs, local_revision, plan_failures, plan_groups,
                                     snapshot_digests,
                                     resolved_config)
+from warehouse.run.streaming import ShardStream
+from warehouse.run.hub_stream import open_stream, reuse_profiles
 from warehouse.run.worker_pool import iter_outcomes, start_pool
 
 # Results are committed in batches: every FLUSH_EVERY_HEADS heads or FLUSH_EVERY_SECONDS, whichever
@@ -87,6 +90,7 @@ def analyze_dataset(
     resume: bool = True,
     progress: bool | None = None,
     on_outcome: Callable[[results.HeadOutcome], None] | None = None,
+    hub: HubBranchFiles | None = None,
 ) -> RunSummary:
     """Analyse every head of one model's dataset folder into the warehouse.
 
@@ -107,14 +111,21 @@ def analyze_dataset(
     A machine whose numba cache is empty compiles the kernels once, in a
     background process, while this process plans and profiles (`warehouse.run.kernel_cache`); the first
     group waits for it, so the workers load the kernels instead of each compiling them.
+
+    `hub`: the shards are a Hub branch's at one commit, not (all) on disk: the run is planned from the
+    Hub's listing, its revision is the commit sha, and each group's shards are downloaded as its turn
+    comes, within ``cfg.download_budget_gb``, and deleted once its results are committed
+    (`warehouse.run.hub_stream`). Every stored value is the same as a run over a complete copy.
     """
     t0 = time.perf_counter()
     # Everything up to the plan needs only the shard names, so the workers start (and import the
     # analysis code) only when there is work, and as early as possible.
-    cat = find_catalog(root, cfg)
+    cat = find_catalog(root, cfg, listing=hub.shard_folders if hub is not None else None)
     model = safe_path_component(str(model or cfg.model or Path(root).name), "model name")  # names the results folder
     cfg.check_layers_exist({s.layer for s in cat.shards})
-    if revision:
+    if hub is not None:  # streamed from the Hub: each download is checked against the Hub's SHA-256
+        revision = revision or hub.sha
+    elif revision:  # a Hub snapshot: each shard checked against the SHA-256 its cached blob is named by
         snapshot_digests(cat)
     else:
         revision = local_revision(cat)
@@ -139,16 +150,33 @@ def analyze_dataset(
     kernels = any(g.needs_attention_kernels for g in groups)
     if groups:
         kernel_cache.start_kernel_warmup(["analysis", "attention"] if kernels else ["analysis"])
-    with start_pool(workers, kernels) as pool:
+    if hub is not None:  # shards no group reads: their stored profile at this commit, when there is one
+        needed = {s.path for g in groups for s in [g.k_info, *(q for _, q in g.queries)] if s is not None}
+        reuse_profiles(wh, cfg.lock_timeout_s, model, revision, cat, needed)
+    # downloads start before the workers do: both take seconds, and the first group needs both
+    with open_stream(hub, cat, groups, cfg) as stream, start_pool(workers, kernels) as pool:
         return _run(cfg, cat, groups, pool, workers, t0, model=model, info=info, run_id=run_id, failed=failed,
-                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome)
+                    resume=resume, n_heads=n_heads, n_todo=n_todo, progress=progress, on_outcome=on_outcome,
+                    stream=stream)
 
 
 def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, resume, n_heads, n_todo, progress,
-         on_outcome) -> RunSummary:
+         on_outcome, stream: ShardStream | None = None) -> RunSummary:
     wh = cfg.warehouse
     revision = info.revision
     profiled: set[int] = set()
+
+    computed: list = []  # streamed groups whose results wait for their commit, then their shards go
+
+    def arrived(key, shards) -> None:
+        """Wait for a streamed unit's downloads; a file that failed is an error on its heads, naming it."""
+        if not stream.ready(key):
+            commit_and_release()  # the download may wait for their room in the budget
+        failures = stream.wait(key)
+        for shard in shards:
+            if shard is not None and shard.path in failures:
+                shard.error = ShardError(shard.path, "download_failed", f"download failed: {failures[shard.path]}")
+                profiled.add(id(shard))
 
     def profile(shard: ShardInfo | None) -> None:
         if shard is not None and id(shard) not in profiled:
@@ -158,6 +186,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     def prepare(task: GroupTask) -> None:
         # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
         kernel_cache.wait_for_kernels(["analysis"])
+        if stream is not None:
+            arrived((task.layer, task.k_head), [task.k_info] + [shard for _, shard in task.queries])
         # a task carries its shards' profiles (row counts, window, errors) to the worker
         profile(task.k_info)
         for _, shard in task.queries:
@@ -168,7 +198,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
 
     def open_run() -> None:
         # runs while the first groups compute: profile the other shards, record catalog and run
-        for shard in cat.shards:
+        # (streamed: those on disk so far; the complete catalog is recorded when the run ends)
+        for shard in cat.shards if stream is None else ():
             profile(shard)
         with db.writer(wh, cfg.lock_timeout_s) as con:
             results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
@@ -204,6 +235,21 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             buffer.clear()
         last_flush = time.monotonic()
 
+    def commit_and_release() -> None:
+        flush()
+        for key in computed:
+            stream.release(key)
+        computed.clear()
+
+    def group_ready(task: GroupTask) -> bool:
+        """Whether a streamed group's shards are in; if not, and the downloads wait for room, the
+        computed groups are committed now and their shards deleted."""
+        if stream.ready((task.layer, task.k_head)):
+            return True
+        if computed and stream.starved():
+            commit_and_release()
+        return False
+
     def take(outcomes: list[results.HeadOutcome]) -> None:
         nonlocal n_failed
         buffer.extend(outcomes)
@@ -218,16 +264,35 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             elif bar.postfix and not kernel_cache.compiling("attention"):
                 bar.set_postfix_str("")
 
+    # a streamed run keeps every group's files until its attention is done: deferring attention
+    # (while the kernels compile) would hold the disk budget, so the first attention group waits instead
+    deferral = {} if stream is not None else dict(
+        defer_attention=lambda: kernel_cache.compiling("attention"),
+        wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"]))
     try:
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
-        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run,
-                                      defer_attention=lambda: kernel_cache.compiling("attention"),
-                                      wait_attention=lambda: kernel_cache.wait_for_kernels(["attention"])):
+        for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run, **deferral,
+                                      ready=None if stream is None else group_ready):
             take(outcomes)
+            if stream is not None:  # its shards go once its results are committed
+                computed.append((outcomes[0].layer, outcomes[0].k_head))
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
+            if stream is not None and (stream.starved() or not buffer):
+                commit_and_release()  # commit now when the next download needs the room
+        if stream is not None:
+            commit_and_release()
         flush()
+        if stream is not None:
+            # the shards no group reads are downloaded only for their profile, and go at once
+            for shard in cat.shards:
+                if id(shard) not in profiled and shard.error is None and shard.n_rows is None:
+                    arrived(("profile", shard.path), [shard])
+                    profile(shard)
+                    stream.release(("profile", shard.path))
         with db.writer(wh, cfg.lock_timeout_s) as con:
+            if stream is not None:  # every shard's profile is known now
+                results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
             n_done, n_err, status = results.finish_run(con, run_id, model)
     except BaseException as exc:
         if run_opened:

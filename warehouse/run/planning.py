@@ -143,13 +143,14 @@ def _dataset_problems(card: DatasetCard, shards: list[ShardInfo]) -> list[Catalo
     return out
 
 
-def find_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
+def find_catalog(root: str | Path, cfg: RunConfig, listing: list[str] | None = None) -> Catalog:
     """Every shard of the dataset by name (not yet profiled), the dataset card and the head layout.
 
     Layout: config, else card, else a complete shard set (`warehouse.sources.layout.resolve_layout`); raises
     `LayoutError` (before any work) when it cannot be known. Cheap: a directory listing and the card.
+    `listing`: the shard folder names, when the shards are not on disk yet (`scan_shards`).
     """
-    scan = scan_shards(root, cfg.model_dir)
+    scan = scan_shards(root, cfg.model_dir, listing)
     card = read_card(find_card(root, scan.base))
     layout = resolve_layout(
         [(s.layer, s.head, s.kind) for s in scan.shards],

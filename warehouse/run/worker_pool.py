@@ -151,7 +151,8 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
                   prepare: Callable[[GroupTask], None] | None = None,
                   started: Callable[[], None] | None = None,
                   defer_attention: Callable[[], bool] | None = None,
-                  wait_attention: Callable[[], None] | None = None) -> Iterator[list[results.HeadOutcome]]:
+                  wait_attention: Callable[[], None] | None = None,
+                  ready: Callable[[GroupTask], bool] | None = None) -> Iterator[list[results.HeadOutcome]]:
     """Results of each group as it completes; at most 2 x workers groups in flight (bounded memory).
 
     Uses `pool` when given (see `start_pool`), else its own; with workers <= 1 runs in this process.
@@ -163,6 +164,10 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
     ``defer_attention()`` is false (``wait_attention()`` blocks until then), and its outcomes are
     yielded joined (`merge_phases`), the same as one task would give. So a fresh machine's first
     run computes while numba compiles instead of waiting for it.
+
+    ``ready(task)`` false (its shards are still downloading): while other groups are in flight, the
+    task waits and their outcomes are yielded meanwhile (so the caller can commit them and free their
+    disk); with none in flight, `prepare` is called and may block until the task is ready.
     """
     def noop(*_):
         return None
@@ -218,7 +223,7 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
     if pool is None:
         with start_pool(workers) as own:
             yield from iter_outcomes(tasks, workers, own, prepare=prepare, started=started,
-                                     defer_attention=defer_attention, wait_attention=wait_attention)
+                                     defer_attention=defer_attention, wait_attention=wait_attention, ready=ready)
         return
     pending: dict = {}
 
@@ -226,6 +231,8 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
         # while groups wait for the kernels to compile (one process), leave the compile a core: the
         # analysis meanwhile has slack (a run without attention never waits, so never holds back)
         while len(pending) < (max(1, workers - 1) if deferred and defer() else 2 * workers):
+            if ready is not None and pending and queue and not ready(queue[-1]):
+                return
             task = next_task()
             if task is None:
                 return
@@ -244,7 +251,9 @@ def iter_outcomes(tasks: list[GroupTask], workers: int, pool: ProcessPoolExecuto
             fill()
             continue
         # while attention waits, look again at least every 0.2 s: it starts as soon as the kernels are in
-        done, _ = wait(set(pending), timeout=0.2 if deferred else None, return_when=FIRST_COMPLETED)
+        # and while the next group downloads, so that it starts as soon as its shards are in
+        done, _ = wait(set(pending), timeout=0.2 if deferred else 0.02 if ready is not None and queue else None,
+                       return_when=FIRST_COMPLETED)
         for fut in done:
             outcomes = finished(pending.pop(fut), fut.result())
             if outcomes is not None:

@@ -78,7 +78,16 @@ class RunConfig:
     dataset_cache_dir: str | None = option(None, check=not_empty, accepts="a folder",
                                            help="where Hub downloads go", default_text="the huggingface_hub cache")
     download_max_workers: int | None = option(None, ge=1, help="parallel Hub file downloads",
-                                              default_text="huggingface_hub's")
+                                              default_text="huggingface_hub's (8)")
+    # --- Hub runs (none of them changes a number) ---
+    hub_download: str = option(
+        "stream", choices=("stream", "snapshot"),
+        help="stream = download each group's shards as its turn comes and delete them once committed "
+             "(bounded disk, docs/scaling.md); snapshot = download the whole branch first and keep it")
+    download_budget_gb: float = option(4.0, gt=0, help="streamed Hub runs: GB of shards on disk or downloading at once "
+                                                        "(a group larger than this runs alone)")
+    keep_downloads: bool = option(False, help="streamed Hub runs: keep each group's shards after its results are "
+                                              "committed (local datasets are never deleted)")
     # --- warehouse keys ---
     model: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
                                help="model name in the warehouse and the results folder",

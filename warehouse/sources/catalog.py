@@ -171,25 +171,27 @@ class ShardScan:
 _KIND_NAMES = {"q": "query", "k": "key"}
 
 
-def scan_shards(root: str | Path, model_dir: str | None = None) -> ShardScan:
+def scan_shards(root: str | Path, model_dir: str | None = None, listing: list[str] | None = None) -> ShardScan:
     """Every ``lXXhYY{q,k}/data.parquet`` under root (or root/model_dir), shards sorted by (layer, kind, head).
 
     Two folders naming one (layer, head, kind) are each a `duplicate_shard` error (never two values for one
     head). A layer or head number beyond the stored integer range is a `CatalogProblem`, not a shard.
+    `listing`: the shard folder names the dataset holds, when its files are not (all) on disk yet (a
+    streamed Hub run lists them from the Hub and downloads each group's shards as its turn comes).
     """
     base = Path(root) / model_dir if model_dir else Path(root)
-    if not base.is_dir():
+    if listing is None and not base.is_dir():
         raise FileNotFoundError(f"dataset folder {base} does not exist")
     found: list[ShardInfo] = []
     problems: list[CatalogProblem] = []
     paths: list[str] = []
-    for sub in base.iterdir():
+    for sub in (base.iterdir() if listing is None else (base / name for name in listing)):
         m = SHARD_RE.match(sub.name)
         if not m:
             continue
         path = sub / "data.parquet"
         try:
-            present = path.is_file()
+            present = True if listing is not None else path.is_file()
         except OSError as exc:  # e.g. a folder we may not list
             present = True
             unreadable = ShardError(path, "catalog_failed", f"cannot stat the shard ({type(exc).__name__}: {exc})")
