@@ -20,7 +20,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from warehouse.settings.config import (  # noqa: E402 (after the thread settings)
-    DEFAULT_WAREHOUSE, MAX_SEED, WAREHOUSE_ENV, not_empty, say_warehouse, warehouse_option)
+    MAX_SEED, say_warehouse, warehouse_option)
 from warehouse.sources.names import name_problem, terminal_safe  # noqa: E402
 from warehouse.settings.options import option  # noqa: E402
 from cli.tables import format_table  # noqa: E402
@@ -100,7 +100,7 @@ def _print_summary(summary) -> None:
 
 
 def _print_errors(warehouse: str, model: str, run_id: str) -> None:
-    from warehouse.store.db import read_only_query
+    from warehouse.store.sandbox import read_only_query
 
     names, rows = read_only_query(
         warehouse,
@@ -212,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.family:
         return cmd_demo_family(args)
     from plasticity.synthetic import SyntheticSpec
-    from warehouse.store.db import read_only_query
+    from warehouse.store.sandbox import read_only_query
     from warehouse.sources.demo_data import read_ground_truth, write_synthetic_dataset
     from warehouse.store.export import check_output_folder, export_csvs, results_dir
     from warehouse.run.kernel_cache import sharing_cores
@@ -261,73 +261,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f'try: plasticity sql "SELECT model, layer, avg(ap_overall) AS mean_ap, count(*) AS n_heads FROM latest_head_metrics GROUP BY ALL ORDER BY ALL" --warehouse {cfg.warehouse}')
     _print_errors(cfg.warehouse, summary.model, summary.run_id)
     return 0 if summary.n_errors == 0 else 1
-
-
-def _write_out(text: str, piece: int = 1 << 16) -> None:
-    """`text` to stdout in pieces: a reader that stops early (`| head`) then shows as BrokenPipeError on
-    the next piece (one large write into a pipe can end without an error when the reader has gone)."""
-    for start in range(0, len(text), piece):
-        sys.stdout.write(text[start:start + piece])
-        sys.stdout.flush()
-
-
-def cmd_sql(args: argparse.Namespace) -> int:
-    import duckdb
-
-    from cli import tables
-    from warehouse.settings.config import choose_warehouse
-    from warehouse.store.db import expand_warehouse_paths, one_line, read_only_query
-
-    given, source = (args.warehouse, "--warehouse") if args.warehouse else choose_warehouse(None)
-    given = given if isinstance(given, list) else [given]
-    paths = given
-    fmt = "csv" if args.csv else args.format
-    to_file = tables.output_format(args.output) if args.output else None  # a bad extension stops before the query
-    try:
-        paths = expand_warehouse_paths(given)  # before the sandbox: it lists no folder
-        names, rows = read_only_query(paths, args.query, arrow=to_file == "parquet")
-    except duckdb.Error as exc:  # parser, binder, catalog and permission errors: the user's query, not a bug
-        print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)
-        return 2
-    finally:  # a file the user did not name is said on stderr (the output stays the query's; errors one line)
-        if not args.warehouse:
-            say_warehouse(paths, source, sys.stderr)
-    if to_file:
-        from warehouse.present.figure_parts import write_atomically
-
-        if to_file == "parquet":
-            import io
-
-            import pyarrow.parquet as pq
-
-            buf = io.BytesIO()
-            pq.write_table(rows, buf, compression="zstd")
-            data, n = buf.getvalue(), rows.num_rows
-        else:
-            render = {"box": tables.format_table, "csv": tables.csv_text, "json": tables.json_text,
-                      "markdown": tables.markdown_text}[to_file]
-            data, n = (render(names, rows) + ("\n" if to_file == "box" else "")).encode(), len(rows)
-        write_atomically(args.output, data)
-        print(f"wrote {args.output}: {n} row(s), {len(names)} column(s) ({to_file})")
-        return 0
-    if fmt == "csv":
-        _write_out(tables.csv_text(names, rows, for_terminal=True))
-    elif fmt == "json":
-        _write_out(tables.json_text(names, rows))
-    elif fmt == "markdown":
-        _write_out(tables.markdown_text(names, rows[:args.max_rows]))
-        if len(rows) > args.max_rows:
-            print(f"\n... {len(rows) - args.max_rows} more row(s)")
-    else:
-        import shutil
-
-        width = shutil.get_terminal_size().columns if args.max_width is None else args.max_width
-        text, hidden = tables.fit_width(tables.format_table(names, rows, max_rows=args.max_rows), width)
-        print(text)
-        if hidden:
-            print(f"... {hidden} more column(s) beyond {width} characters: --format csv|json|markdown, "
-                  "--output FILE or --max-width 0 show them")
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -385,26 +318,6 @@ class DemoOptions:
     family: bool = option(False, switch=True,
                           help="a family of synthetic checkpoints instead: analyse each, print the trajectory next "
                                "to the truth, draw it (--warehouse may contain {model}: one file per checkpoint)")
-
-
-@dataclass
-class SqlOptions:
-    query: str = option(None, positional=True, metavar="QUERY",
-                        help="SQL: any read-only statements (SELECT, PIVOT, WITH, temp tables, EXPLAIN, DESCRIBE, ...)")
-    warehouse: list[str] | None = option(
-        None, check=not_empty, cli_kwargs={"action": "append", "nargs": None}, metavar="FILE",
-        accepts="a file, a glob or a path with {model}",
-        help="DuckDB warehouse file (repeatable); with several files, each table and view reads the union of them all",
-        default_text=f"${WAREHOUSE_ENV}, else {DEFAULT_WAREHOUSE}")
-    format: str = option("box", choices=("box", "csv", "json", "markdown"),
-                         help="box: a text table fitted to the terminal's width, estimates with their interval; "
-                              "csv, json, markdown: every column")
-    csv: bool = option(False, switch=True, help="same as --format csv")
-    output: str | None = option(None, metavar="FILE", accepts="a .parquet, .csv, .json, .md or .txt file",
-                                help="write every row there instead, in the format of the extension")
-    max_rows: int = option(200, ge=1, help="rows shown in the table (box, markdown)")
-    max_width: int | None = option(None, ge=0, help="characters per line of the box table; 0: no limit",
-                                   default_text="the terminal's width ($COLUMNS, else 80)")
 
 
 @dataclass
@@ -484,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, RunOptions)
     _add_config_flags(p)
     p.set_defaults(func=cmd_analyze)
+
+    from cli.sql import SqlOptions, cmd_sql
 
     p = sub.add_parser("sql", help="run read-only SQL on the warehouse (sandboxed by DuckDB)", epilog=EPILOG)
     add_arguments(p, SqlOptions)

@@ -21,6 +21,7 @@ from dagster_project.resources import DatasetsResource, HubResource, WarehouseRe
 from cli.ui import DEFAULT_MAX_CONCURRENT_RUNS, dev_instance_yaml, prepare, write_instance_yaml
 from plasticity.synthetic import FamilySpec, SyntheticSpec
 from warehouse.store import db
+from warehouse.store import sandbox
 from warehouse.sources.demo_data import write_synthetic_dataset, write_synthetic_family
 
 try:
@@ -148,7 +149,7 @@ def test_family_trajectory_materialization(setup, materialized):
     assert "| layer | 10" in meta["preview"] and "100" in meta["preview"]
     folder = Path(setup["resources"]["warehouse"].exports_dir) / "families" / "fa"
     csv = pd.read_csv(folder / "trajectory-ap_overall.csv")
-    with db.sandbox(setup["resources"]["warehouse"].all_paths()) as con:
+    with sandbox.sandbox(setup["resources"]["warehouse"].all_paths()) as con:
         want = con.execute("SELECT * FROM family_layer_metric_trajectory WHERE family = 'fa' AND metric = 'ap_overall' "
                            "ORDER BY step, model, layer").df()
     pd.testing.assert_frame_equal(csv, want.astype({"stage": object}), check_dtype=False, rtol=1e-15)

@@ -24,7 +24,7 @@ from scipy import stats
 
 from cli.main import main
 from plasticity.synthetic import FamilySpec, SyntheticSpec
-from warehouse.store import db, schema
+from warehouse.store import db, sandbox, schema
 from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_synthetic_family
 from warehouse.run.pipeline import analyze_dataset
@@ -112,7 +112,7 @@ def reference_layers(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def view(paths, name: str, order: str) -> pd.DataFrame:
-    with db.sandbox(list(paths)) as con:
+    with sandbox.sandbox(list(paths)) as con:
         return con.execute(f"SELECT * FROM {name} ORDER BY {order}").df()
 
 
@@ -219,7 +219,7 @@ def test_several_files_give_the_same_views_as_one(family_data):
         many = view(per_model, name, order).drop(columns=["started_at"], errors="ignore")
         one = view([single], name, order).drop(columns=["started_at"], errors="ignore")
         pd.testing.assert_frame_equal(many, one, check_exact=True)
-    with db.sandbox(per_model) as con:  # each file also on its own, under its stem
+    with sandbox.sandbox(per_model) as con:  # each file also on its own, under its stem
         (n,) = con.execute(f'SELECT count(*) FROM "{FAMILY.model(100)}".head_metrics').fetchone()
         assert n == 6
 
@@ -275,7 +275,7 @@ def test_an_older_warehouse_joins_the_union_and_upgrades_with_the_families_migra
     others = [p for p in family_data["per_model"] if p.stem != "loner"]
     ckpts = view([*others, old], "family_checkpoints", "step")
     assert list(ckpts["model"]) == [FAMILY.model(s) for s in FAMILY.steps]
-    with db.sandbox([*others, old]) as con:
+    with sandbox.sandbox([*others, old]) as con:
         assert con.execute("SELECT family FROM models WHERE model = 'loner'").fetchall() == [(None,)]
     before = tuple(m for m in schema.migrations() if m.version < FAMILIES_MIGRATION)
     monkeypatch.setattr(schema, "migrations", lambda: before)
@@ -317,7 +317,7 @@ def test_attaching_waits_for_a_writer_and_counts_the_wait(family_data, tmp_path)
         try:
             assert holder.stdout.readline().strip() == "locked"
             with pytest.raises(db.WarehouseBusy, match=str(files[2]).replace("[", "\\[")):
-                with db.sandbox(files, timeout_s=0.3):
+                with sandbox.sandbox(files, timeout_s=0.3):
                     pass
         finally:
             holder.kill()

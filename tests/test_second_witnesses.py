@@ -27,6 +27,7 @@ from plasticity.rotation import householder_matrix
 from plasticity.synthetic import SyntheticSpec
 from plasticity.types import TokenArrays
 from warehouse.store import db
+from warehouse.store import sandbox
 from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_shard, write_synthetic_dataset
 from warehouse.run.pipeline import analyze_dataset
@@ -142,7 +143,7 @@ def test_attached_files_stay_open_to_other_readers(tmp_path):
     probe = ("import duckdb, sys\n"
              "con = duckdb.connect(sys.argv[1], read_only=True)\n"
              "print(con.execute('SELECT model FROM runs').fetchone()[0])\n")
-    with db.sandbox([a, b]) as con:
+    with sandbox.sandbox([a, b]) as con:
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
         done = subprocess.run([sys.executable, "-c", probe, str(b)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "mb", done.stderr
@@ -159,7 +160,7 @@ def test_python_variables_are_not_tables_in_the_multi_file_sandbox(tmp_path, cap
         flags = [arg for f in files for arg in ("--warehouse", str(f))]
         assert main(["sql", "SELECT current_setting('python_enable_replacements') AS v", *flags, "--csv"]) == 0
         assert capsys.readouterr().out.splitlines() == ["v", "False"]
-        with db.sandbox(files) as con:
+        with sandbox.sandbox(files) as con:
             hidden_frame = pd.DataFrame({"x": ["TOPSECRET"]})
             hidden_table = pa.table({"x": ["TOPSECRET"]})
             assert len(hidden_frame) == hidden_table.num_rows == 1

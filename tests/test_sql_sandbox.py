@@ -18,6 +18,7 @@ import pytest
 
 from cli.main import main
 from warehouse.store import db
+from warehouse.store import sandbox
 
 
 def _sha(path: Path) -> str:
@@ -107,12 +108,12 @@ def test_a_query_larger_than_memory_spills_to_a_private_folder_removed_afterward
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     before = sorted(p.name for p in warehouse.parent.iterdir())
-    with db.sandbox([warehouse]) as con:
+    with sandbox.sandbox([warehouse]) as con:
         spill = Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0])
         assert spill.parent == tmp_path / "tmp"
         with pytest.raises(duckdb.InvalidInputException, match="locked"):
             con.execute("SET memory_limit = '20MB'")
-    names, rows = db.read_only_query(warehouse, "SELECT count(*) AS n, max(r) < 1 AS ok FROM "
+    names, rows = sandbox.read_only_query(warehouse, "SELECT count(*) AS n, max(r) < 1 AS ok FROM "
                                                 "(SELECT random() AS r, range AS x FROM range(3000000) ORDER BY r)")
     assert rows == [(3000000, True)]
     assert sorted(p.name for p in warehouse.parent.iterdir()) == before  # no warehouse.duckdb.tmp
@@ -225,7 +226,7 @@ def test_no_file_outside_the_warehouse_is_read(warehouse, tmp_path, capsys):
 
 def test_python_variables_are_not_tables(warehouse, capsys):
     """DuckDB's Python client would otherwise scan a DataFrame of the calling frame by its name."""
-    with db.sandbox([warehouse]) as con:
+    with sandbox.sandbox([warehouse]) as con:
         secret_frame = pd.DataFrame({"x": ["TOPSECRET"]})
         assert len(secret_frame) == 1
         with pytest.raises(duckdb.CatalogException, match="secret_frame does not exist"):
@@ -238,7 +239,7 @@ def test_the_sandbox_settings_are_in_force_and_locked(warehouse):
     expected = {"python_enable_replacements": "false", "autoinstall_known_extensions": "false",
                 "autoload_known_extensions": "false", "allow_community_extensions": "false",
                 "allow_persistent_secrets": "false", "enable_external_access": "false", "lock_configuration": "true"}
-    with db.sandbox([warehouse]) as con:
+    with sandbox.sandbox([warehouse]) as con:
         got = dict(con.execute("SELECT name, value FROM duckdb_settings() WHERE list_contains($n, name)",
                                {"n": list(expected)}).fetchall())
         assert got == expected
@@ -271,10 +272,10 @@ def test_sandbox_attaches_more_warehouses_read_only(tmp_path):
         with db.writer(path) as con:
             con.execute("INSERT INTO runs (run_id, model) SELECT 'r' || i, $m FROM range($n) t(i)", {"m": model, "n": n})
     before = (_sha(a), _sha(b))
-    names, rows = db.read_only_query([a, b], "SELECT (SELECT count(*) FROM runs) AS n, (SELECT count(*) FROM a.runs) AS na, "
+    names, rows = sandbox.read_only_query([a, b], "SELECT (SELECT count(*) FROM runs) AS n, (SELECT count(*) FROM a.runs) AS na, "
                                              "(SELECT count(*) FROM b.runs) AS nb")
     assert (names, rows) == (["n", "na", "nb"], [(7, 2, 5)])
-    with db.sandbox([a, b]) as con:
+    with sandbox.sandbox([a, b]) as con:
         for stmt in ("DELETE FROM b.runs", "DELETE FROM a.runs", "INSERT INTO a.runs (run_id, model) VALUES ('x', 'y')"):
             with pytest.raises(duckdb.Error, match="read-only"):
                 con.execute(stmt)
@@ -286,7 +287,7 @@ def test_sandbox_attaches_more_warehouses_read_only(tmp_path):
             con.execute("SET enable_external_access = true")
     assert (_sha(a), _sha(b)) == before and not (tmp_path / "c.duckdb").exists()
     with pytest.raises(ValueError, match="named 'a'"):
-        db.read_only_query([a, tmp_path / "x" / "a.duckdb"], "SELECT 1")
+        sandbox.read_only_query([a, tmp_path / "x" / "a.duckdb"], "SELECT 1")
 
 
 def test_sql_on_a_file_that_is_not_a_warehouse(tmp_path, capsys):

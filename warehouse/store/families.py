@@ -153,8 +153,9 @@ def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str
     FamilyError for an unknown metric, or when two checkpoints shown share a step (a step axis
     cannot place them: choose stages)."""
     from warehouse.store import db
+    from warehouse.store import sandbox
 
-    with db.sandbox(list(paths), timeout_s) as con:
+    with sandbox.sandbox(list(paths), timeout_s) as con:
         params: dict = {"f": family}
         shown_where = "family = $f"
         if stages:
