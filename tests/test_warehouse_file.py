@@ -392,7 +392,7 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
     with db.reader(wh) as con:
         (status, error, n_done) = con.execute("SELECT status, error, n_done FROM runs").fetchone()
         (n_metrics,) = con.execute("SELECT count(*) FROM head_metrics").fetchone()
-    assert status == "interrupted" and error.startswith("KeyboardInterrupt")
+    assert status == "interrupted" and error.startswith("KeyboardInterrupt"), (status, error)
     assert n_done == n_metrics < 24
     assert not (tmp_path / "results").exists()
 

@@ -201,6 +201,10 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         # (streamed: those on disk so far; the complete catalog is recorded when the run ends)
         for shard in cat.shards if stream is None else ():
             profile(shard)
+        # from here on a stop marks the run: a signal can arrive between the commit that records the run
+        # (readers then see it 'running') and this function's return (marking a run not recorded yet
+        # updates no row)
+        run_opened.append(True)
         with db.writer(wh, cfg.lock_timeout_s) as con:
             results.replace_catalog(con, model, revision, cat.shards, info, cat.problems)
             if not resume:
@@ -211,7 +215,6 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             results.start_run(con, run_id, model, cfg.dataset_name, revision, cfg.to_dict(), package_version(),
                               n_heads)
             present.update(results.existing_tables(con))
-        run_opened.append(True)
 
     bar = None
     if progress is None:
