@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, LookupError, ValueError, HubError, WarehouseError) as exc:
         print(f"error: {terminal_safe(str(exc), keep_lines=True)}", file=sys.stderr)
         return 2
-    except (OSError, duckdb.IOException) as exc:  # a full disk, a vanished folder: one line, not a traceback
+    except (OSError, duckdb.IOException, duckdb.TransactionException) as exc:
+        # a full disk (also when a commit cannot write its log), a vanished folder: one line, not a traceback
         from warehouse.store.db import one_line
 
         print(f"error: {terminal_safe(one_line(exc))}", file=sys.stderr)

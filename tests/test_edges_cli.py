@@ -463,6 +463,41 @@ def check_sighup_marks_the_run_interrupted(tmp: Path, dataset: Path) -> None:
     test_warehouse_file.test_an_interrupted_run_is_marked_interrupted(signal.SIGHUP, tmp)
 
 
+def check_disk_full_while_committing_marks_the_run_and_says_so(tmp: Path, dataset: Path) -> None:
+    """The warehouse on a real 1.5 MB file system (tmpfs) that fills up while heads are committed: one
+    line naming the problem, exit 2, and the run marked 'failed' with the heads committed before, never
+    left 'running'. Needs mounting (root, as in CI); elsewhere the case is skipped."""
+    import subprocess
+
+    from plasticity.synthetic import SyntheticSpec
+    from warehouse.sources.demo_data import write_synthetic_dataset
+    from warehouse.store import db
+
+    spec = SyntheticSpec(model="full", num_layers=4, num_q_heads=4, num_k_heads=2, head_dim=16, num_examples=8,
+                         seq_len=512, bucket_size=64, sliding_windows={}, seed=1)
+    data = write_synthetic_dataset(tmp / "full", spec, with_truth=False)
+    disk = tmp / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        wh = disk / "w.duckdb"
+        code, out, err = run_cli(["analyze", "--dataset_local_root", str(data), "--model", "m", "--warehouse", str(wh),
+                                  "--output_dir", str(tmp / "out"), "--max_workers", "1", "--quiet"])
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0], (code, err)
+        assert "Traceback" not in err, err
+        with db.reader(wh) as con:
+            (status, error, n_done) = con.execute("SELECT status, error, n_done FROM runs").fetchone()
+            (n_metrics,) = con.execute("SELECT count(*) FROM head_metrics").fetchone()
+        assert status == "failed" and "No space left on device" in error, (status, error)
+        assert n_done == n_metrics < 16
+        assert not (tmp / "out").exists()  # nothing exported for a run that did not finish
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 EDGE_CASES = [
     ("family_pattern_linear_time", check_family_pattern_is_linear_time),
     ("family_pattern_refuses_backreferences", check_family_pattern_refuses_backreferences),
@@ -485,6 +520,7 @@ EDGE_CASES = [
     ("closed_pipe", check_closed_pipe_is_quiet),
     ("sql_interrupted_or_killed", check_sql_interrupted_or_killed_leaves_no_spill_folder),
     ("sighup_during_a_run", check_sighup_marks_the_run_interrupted),
+    ("disk_full_while_committing", check_disk_full_while_committing_marks_the_run_and_says_so),
 ]
 
 
