@@ -105,32 +105,16 @@ class HeadOutcome:
 
 def check_regime(name: str, fields: dict, layers: int, seed: int, estimators=ESTIMATORS) -> list[HeadOutcome]:
     """Analyse every head of one regime with each estimator and compare with the truth."""
-    from plasticity.head import analyze_head
-    from plasticity.orientation import orientation_from_keys
-    from plasticity.synthetic import make_key_shard, make_query_shard, population_plasticity
-    from plasticity.types import AnalysisParams
+    from calibrate_se import analysed_heads
 
-    spec = regime_spec(name, fields, layers, seed)
     out = []
-    for layer in range(spec.num_layers):
-        keys = [make_key_shard(spec, layer, kh) for kh in range(spec.num_k_heads)]
-        signs = [orientation_from_keys(k.bucket, k.vectors) for k in keys]
-        for q_head in range(spec.num_q_heads):
-            q = make_query_shard(spec, layer, q_head)
-            kh = q_head // spec.group
-            for est in estimators:
-                res = analyze_head(q, keys[kh], signs[kh], layer=layer, q_head=q_head,
-                                   params=AnalysisParams(estimator=est, normality_max_dims=0))
-                rows = res.bucket_summary_rows
-                weight = rows["n_queries"] if est == "bucket_full_cov" else rows["n_cells"]
-                truth, truth_j = population_plasticity(spec, layer, q_head, signs[kh], est, rows["q_bucket"],
-                                                       rows["mean_position"], weight)
-                m = res.metrics
-                n = rows["n_queries"]
-                out.append(HeadOutcome(
-                    name, est, m["ap_overall"], truth, m["ap_overall_se"], m["ap_se_df"],
-                    bool(m.get("ap_ci_calibrated", True)), rows["ap"], truth_j, rows["ap_se"], n,
-                    np.asarray(rows.get("ap_ci_calibrated", np.ones(n.shape[0], bool)), bool)))
+    for est, res, truth, truth_j in analysed_heads(regime_spec(name, fields, layers, seed), estimators):
+        m, rows = res.metrics, res.bucket_summary_rows
+        n = rows["n_queries"]
+        out.append(HeadOutcome(
+            name, est, m["ap_overall"], truth, m["ap_overall_se"], m["ap_se_df"],
+            bool(m.get("ap_ci_calibrated", True)), rows["ap"], truth_j, rows["ap_se"], n,
+            np.asarray(rows.get("ap_ci_calibrated", np.ones(n.shape[0], bool)), bool)))
     return out
 
 

@@ -67,32 +67,39 @@ def design_spec(name: str, overrides: dict, layers: int, seed: int):
     )
 
 
-def check_heads(layers: int = 6, seed: int = 0, estimators=ESTIMATORS, designs=DESIGNS) -> list[HeadCheck]:
-    """Analyse every head of every design with each estimator and compare with the truth."""
+def analysed_heads(spec, estimators):
+    """Every head of `spec` analysed with each estimator, with its truth: yields ``(estimator, result,
+    truth, truth_j)``, the true ap_overall and per-bucket AP_j weighted as the estimator weights them."""
     from plasticity.head import analyze_head
     from plasticity.orientation import orientation_from_keys
     from plasticity.synthetic import make_key_shard, make_query_shard, population_plasticity
     from plasticity.types import AnalysisParams
 
+    for layer in range(spec.num_layers):
+        keys = [make_key_shard(spec, layer, kh) for kh in range(spec.num_k_heads)]
+        signs = [orientation_from_keys(k.bucket, k.vectors) for k in keys]
+        for q_head in range(spec.num_q_heads):
+            q = make_query_shard(spec, layer, q_head)
+            kh = q_head // spec.group
+            for est in estimators:
+                res = analyze_head(q, keys[kh], signs[kh], layer=layer, q_head=q_head,
+                                   params=AnalysisParams(estimator=est, normality_max_dims=0))
+                rows = res.bucket_summary_rows
+                weight = rows["n_queries"] if est == "bucket_full_cov" else rows["n_cells"]
+                truth, truth_j = population_plasticity(spec, layer, q_head, signs[kh], est, rows["q_bucket"],
+                                                       rows["mean_position"], weight)
+                yield est, res, truth, truth_j
+
+
+def check_heads(layers: int = 6, seed: int = 0, estimators=ESTIMATORS, designs=DESIGNS) -> list[HeadCheck]:
+    """Analyse every head of every design with each estimator and compare with the truth."""
     out = []
     for i, (name, overrides) in enumerate(designs):
         spec = design_spec(name, overrides, layers, seed + 100 * i)
-        for layer in range(spec.num_layers):
-            keys = [make_key_shard(spec, layer, kh) for kh in range(spec.num_k_heads)]
-            signs = [orientation_from_keys(k.bucket, k.vectors) for k in keys]
-            for q_head in range(spec.num_q_heads):
-                q = make_query_shard(spec, layer, q_head)
-                kh = q_head // spec.group
-                for est in estimators:
-                    res = analyze_head(q, keys[kh], signs[kh], layer=layer, q_head=q_head,
-                                       params=AnalysisParams(estimator=est, normality_max_dims=0))
-                    rows = res.bucket_summary_rows
-                    weight = rows["n_queries"] if est == "bucket_full_cov" else rows["n_cells"]
-                    truth, truth_j = population_plasticity(spec, layer, q_head, signs[kh], est, rows["q_bucket"],
-                                                           rows["mean_position"], weight)
-                    m = res.metrics
-                    out.append(HeadCheck(name, est, m["ap_overall"], truth, m["ap_overall_se"],
-                                         m["ap_overall_se_pairs"], m["ap_se_df"], (rows["ap"] - truth_j) / rows["ap_se"]))
+        for est, res, truth, truth_j in analysed_heads(spec, estimators):
+            m, rows = res.metrics, res.bucket_summary_rows
+            out.append(HeadCheck(name, est, m["ap_overall"], truth, m["ap_overall_se"],
+                                 m["ap_overall_se_pairs"], m["ap_se_df"], (rows["ap"] - truth_j) / rows["ap_se"]))
     return out
 
 
