@@ -18,7 +18,7 @@ from plasticity.head import canonicalize, pair_rng_seed
 from plasticity.jackknife import example_groups
 from plasticity.pairs import KeyPairIndex, eligibility_mask
 from plasticity.regression import fit_position_regression
-from plasticity.rotation import householder_apply
+from plasticity.rotation import householder_apply, householder_matrix
 
 
 def _pair_ap(D, mean, cov, noise=None):
@@ -128,3 +128,72 @@ def exact_jackknife(q, k, s, *, layer, q_head, params, max_groups=64, refit_rota
 def jackknife_se(rep):
     G = rep.shape[0]
     return float(np.sqrt((G - 1) / G * np.sum((rep - rep.mean()) ** 2)))
+
+
+def linearised_shifts(Xq, p, q_group, buckets, influence, estimator):
+    """``Delta_jg`` (J, G) of `plasticity.query_influence` (the linearised jackknife's query side),
+    recomputed from all rows at once: no streaming blocks, no runs, no sums about shifts.
+
+    ``Xq``: oriented queries in canonical order, ``p`` their positions, ``q_group`` their example
+    groups; ``buckets`` a `QueryBuckets`; ``influence`` the cell table's `PairInfluence` (the
+    gradients, in the rotated basis). Each replicate's query model is refitted without group g by
+    ``numpy.linalg.lstsq`` and ``numpy.cov``; its change is contracted with the gradients:
+
+    * linear_diag: ``g . (line'(tau'_j) - line(tau_j)) + g_diag . (resid_var' - resid_var)``,
+      rotation held fixed;
+    * bucket_full_cov: ``g_0 dm0 + G_00 dsigma2 + g_s . dmu + <G_ss, dSigma>`` (exact changes of the
+      component-0 line at the bucket's mean position, its residual variance, the semantic bucket
+      mean and covariance) plus the first-order rotation term ``r_s . du_s``, ``du = P dbeta / |beta|``
+      with ``r_s = g_s (m0 - x0bar) + e_s g_0 + 2 sigma2 G_s0 + 2 G_00 (S_R)_s0 - 2 G_ss (S_j)_s0
+      - 2 Sigma_j G_s0`` (``S_R``: pooled residual covariance, ``S_j``: the bucket's covariance).
+    """
+    n, d = Xq.shape
+    G = influence.n_groups
+    A = np.column_stack([np.ones(n), p])
+    coef, *_ = np.linalg.lstsq(A, Xq, rcond=None)
+    beta = coef[1]
+    H = householder_matrix(beta)
+    Xr = Xq @ H
+
+    def fit(rows):
+        c, *_ = np.linalg.lstsq(A[rows], Xr[rows], rcond=None)
+        resid = Xr[rows] - A[rows] @ c
+        return c[0], c[1], (resid**2).sum(axis=0) / (resid.shape[0] - 1.0), resid
+
+    a, b, rv, resid = fit(np.ones(n, bool))
+    pooled_s0 = (resid[:, 1:] * resid[:, :1]).sum(axis=0) / (n - 1.0)
+    J = buckets.bucket.shape[0]
+    shifts = np.full((J, G), np.nan)
+    for g in range(G):
+        keep = q_group != g
+        a_, b_, rv_, _ = fit(keep)
+        if estimator == "bucket_full_cov":
+            c_, *_ = np.linalg.lstsq(A[keep], Xq[keep], rcond=None)
+            du_sem = ((c_[1] - beta) @ H)[1:] / np.linalg.norm(beta)
+        for jj in range(J):
+            rows = slice(int(buckets.start[jj]), int(buckets.stop[jj]))
+            kj = keep[rows]
+            if kj.sum() < 2:
+                continue
+            tau, tau_ = p[rows].mean(), p[rows][kj].mean()
+            gm = influence.grad_mean[jj]
+            if estimator == "linear_diag":
+                dmean = (a_ + b_ * tau_) - (a + b * tau)
+                shifts[jj, g] = gm @ dmean + influence.grad_diag[jj] @ (rv_ - rv)
+                continue
+            Y = Xr[rows]
+            Gc = influence.grad_cov[jj]
+            mu = Y[:, 1:].mean(axis=0)
+            sigma = np.cov(Y[:, 1:].T, ddof=1)
+            dm0 = (a_[0] + b_[0] * tau_) - (a[0] + b[0] * tau)
+            dmu = Y[kj, 1:].mean(axis=0) - mu
+            dsigma = np.cov(Y[kj, 1:].T, ddof=1) - sigma
+            exact = gm[0] * dm0 + Gc[0, 0] * (rv_[0] - rv[0]) + gm[1:] @ dmu + np.sum(Gc[1:, 1:] * dsigma)
+            x0bar = Y[:, 0].mean()
+            sigma_s0 = ((Y[:, 1:] - mu) * (Y[:, :1] - x0bar)).sum(axis=0) / (Y.shape[0] - 1.0)
+            e_sem = a[1:] + b[1:] * tau - mu
+            r_sem = (gm[1:] * (a[0] + b[0] * tau - x0bar) + e_sem * gm[0] + 2.0 * rv[0] * Gc[1:, 0]
+                     + 2.0 * Gc[0, 0] * pooled_s0 - 2.0 * Gc[1:, 1:] @ sigma_s0
+                     - 2.0 * (sigma + 1e-12 * np.eye(d - 1)) @ Gc[1:, 0])
+            shifts[jj, g] = exact + r_sem @ du_sem
+    return shifts

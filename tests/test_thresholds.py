@@ -16,12 +16,19 @@ import pytest
 from scipy import stats
 
 from plasticity.attention import token_attention_metrics
+from plasticity.estimators import KeyBasis, QueryBuckets, full_cov_model, linear_diag_model, plasticity_cells
+from plasticity.head import analyze_head, canonical_order, oriented_rows, pair_rng_seed
+from plasticity.jackknife import combine_replicates, example_groups, example_jackknife
+from plasticity.orientation import orientation_from_keys
+from plasticity.pairs import KeyPairIndex
+from plasticity.query_influence import BucketGroupStats, RowRuns
+from plasticity.query_pass import rotated_query_pass
 from plasticity.attention.scan import BLOCK_BUDGET, BLOCK_ROWS, TILE, block_rows_for
 from plasticity.normality import KS_BLOCK, column_moments, ks_statistic_sorted
-from plasticity.regression import block_rows, fit_position_regression
+from plasticity.regression import PositionDesign, block_rows, fit_position_regression, fit_rows
 from plasticity.rotation import householder_apply, householder_matrix
-from plasticity.synthetic import SyntheticSpec
-from plasticity.types import TokenArrays
+from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
+from plasticity.types import AnalysisParams, TokenArrays
 from warehouse.store import db
 from warehouse.sources.catalog import ShardInfo
 from warehouse.sources.shard_profile import profile_shard
@@ -29,6 +36,7 @@ from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_shard, write_synthetic_dataset
 from warehouse.run.loading import STREAM_BATCH_ROWS, load_rows
 from warehouse.run.pipeline import analyze_dataset
+from jackknife_reference import linearised_shifts
 from wiring_reference import brute_force_orientation, position_metrics, read_rows, shard_path
 
 
@@ -255,3 +263,62 @@ def test_heads_are_committed_in_batches_of_the_threshold(small_dataset, tmp_path
     assert committed == seen
     with db.reader(cfg.warehouse) as con:
         assert con.execute("SELECT count(*), count(DISTINCT (layer, q_head)) FROM head_metrics").fetchone() == (8, 8)
+
+
+# --------------------------------------------------------------------------- the jackknife's streaming blocks
+
+JK_SPEC = SyntheticSpec(num_layers=1, num_q_heads=2, num_k_heads=1, head_dim=64, num_examples=16, seq_len=512,
+                        bucket_size=128, sliding_windows={}, noise_scales=(0.3,), seed=11)
+
+
+@pytest.mark.parametrize("estimator", ["bucket_full_cov", "linear_diag"])
+def test_jackknife_of_a_head_of_many_blocks_equals_the_unblocked_linearisation(estimator):
+    """`ap_overall_se`, every replicate of ap_overall and of each bucket's AP on a head of 8 streaming
+    blocks whose buckets span 2 blocks each, against the same linearised jackknife computed from all
+    rows at once (`jackknife_reference.linearised_shifts`: lstsq and numpy.cov per replicate). The
+    pair side (cells, gradients) is the pipeline's own; the query side is what is streamed."""
+    params = AnalysisParams(estimator=estimator, normality_max_dims=0)
+    q, k = make_query_shard(JK_SPEC, 0, 1), make_key_shard(JK_SPEC, 0, 0)
+    s = orientation_from_keys(k.bucket, k.vectors)
+    result = analyze_head(q, k, s, layer=0, q_head=1, params=params)
+    # the head's own path up to the jackknife (plasticity.head.analyze_head), to see its replicates
+    oq, ok = canonical_order(q), canonical_order(k)
+    q_bucket, p = q.bucket[oq].astype(np.int64), q.position[oq].astype(np.float64)
+    Xq = oriented_rows(q.vectors, oq, s)
+    design = PositionDesign.build(p)
+    fit = fit_rows(design, Xq, exact_residuals=False)
+    buckets = QueryBuckets.build(q_bucket, p)
+    full = estimator == "bucket_full_cov"
+    rq = rotated_query_pass(Xq, design, fit, q_bucket, buckets, np.zeros(0, np.int64), bucket_cov=full)
+    fr = rq.fit_rot
+    model = (full_cov_model(buckets, rq.mu, rq.Sigma, fr.alpha, fr.beta, fr.resid_var, positions=p) if full
+             else linear_diag_model(buckets, fr.alpha, fr.beta, fr.resid_var, positions=p))
+    kindex = KeyPairIndex.build(k.bucket[ok], k.example_id[ok], k.position[ok].astype(np.float64))
+    q_example = q.example_id[oq].astype(np.int64)
+    groups = example_groups(q_example, k.example_id[ok])
+    Kv = k.vectors[ok].astype(np.float64)
+    table = plasticity_cells(model, kindex, lambda i1, i2: Kv[i1] - Kv[i2], sliding_window=None,
+                             num_pairs_per_bucket=params.num_pairs_per_bucket,
+                             rng=np.random.default_rng(pair_rng_seed(params.seed, 0, 1)),
+                             basis=KeyBasis(s=s, w=rq.w), key_group=groups.k_group, n_groups=groups.n_groups)
+    jk = example_jackknife(table, buckets, Xq, design, q_bucket, q_example, groups, fit, fit_rot=fr, x0=rq.x0,
+                           w=rq.w, mu=rq.mu, Sigma=rq.Sigma)
+    assert jk.ap_se == result.metrics["ap_overall_se"]  # the same path as the head's, to the bit
+    # preconditions: many blocks, buckets longer than one block, runs (bucket, example) inside blocks
+    step = block_rows(JK_SPEC.head_dim)
+    assert Xq.shape[0] >= 8 * step and buckets.n.min() >= 2 * step and groups.n_groups == 16
+    runs = RowRuns.build(q_bucket, q_example, groups.q_group)
+    assert len(list(runs.blocks(step))) >= 8 and (runs.stop - runs.start).max() < step
+
+    shifts = linearised_shifts(Xq, p, groups.q_group, buckets, table.influence, estimator)
+    assert np.isfinite(shifts).all() and np.abs(shifts).max() > 1e-4  # the query side moves the replicates
+    member = np.equal.outer(np.searchsorted(buckets.start, np.arange(p.shape[0]), side="right") - 1,
+                            np.arange(buckets.bucket.shape[0]))[..., None] & (groups.q_group[:, None, None] == np.arange(16))
+    stats = BucketGroupStats(n=member.sum(axis=0).astype(np.float64),
+                             sp=np.einsum("i,ijg->jg", p - p.mean(), member))  # by group: counts, sums of p - mean(p)
+    ref = combine_replicates(table, buckets, stats, shifts, groups.n_examples)
+    np.testing.assert_allclose(jk.ap_replicates, ref.ap_replicates, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(jk.bucket_replicates, ref.bucket_replicates, rtol=1e-12, atol=0)
+    assert jk.ap_se == pytest.approx(ref.ap_se, rel=1e-12)
+    np.testing.assert_allclose(jk.bucket_se, ref.bucket_se, rtol=1e-12)
+    np.testing.assert_array_equal(result.bucket_summary_rows["ap_se"], jk.bucket_se)
