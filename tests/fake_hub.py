@@ -21,7 +21,8 @@ as LFS files (the tree's ``lfs`` entry with the content's SHA-256, size and poin
 ``X-Linked-Etag``/``X-Linked-Size`` on their resolve responses), like the Hub lists Parquet files.
 
 ``rate_limit_bytes_per_s`` caps the bytes of file bodies sent per second over all connections together
-(one shared link, as a machine's network is). Tests make downloads fail or serve wrong bytes with
+(one shared link, as a machine's network is); :attr:`FakeHub.max_file_bodies_in_flight` is the largest number
+of file bodies it was sending at once (parallel downloads). Tests make downloads fail or serve wrong bytes with
 :attr:`FakeHub.failing_paths` (answered 403) and :attr:`FakeHub.corrupt_paths` (one byte changed).
 
 The disk is re-read on every request that names a branch, so a test "moves" a
@@ -153,6 +154,8 @@ class FakeHub:
         self.failing_paths: set[str] = set()  # repo paths whose downloads answer 403
         self.corrupt_paths: set[str] = set()  # repo paths served with their first byte changed
         self.bytes_sent = 0
+        self.file_bodies_in_flight = 0  # file bodies (resolve answers 200/206) being sent right now
+        self.max_file_bodies_in_flight = 0  # the most at once since start or clear_requests
         self._sha256: dict[str, str] = {}  # git blob oid -> SHA-256 of the content (LFS ids, computed once)
         self._link_free_at = 0.0
         self.required_token = required_token
@@ -230,6 +233,7 @@ class FakeHub:
             self._requests.clear()
             self._unhandled.clear()
             self._errors.clear()
+            self.max_file_bodies_in_flight = self.file_bodies_in_flight
 
     def _record(self, req: RecordedRequest, *, unhandled: bool) -> None:
         with self._lock:
@@ -621,7 +625,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # no lingering keep-alive sockets across tests
         self.end_headers()
         if self.command != "HEAD" and resp.body:
-            hub._send_body(self.wfile, resp.body)
+            is_file = resp.status in (200, 206) and "/resolve" in raw_path
+            if is_file:
+                with hub._lock:
+                    hub.file_bodies_in_flight += 1
+                    hub.max_file_bodies_in_flight = max(hub.max_file_bodies_in_flight, hub.file_bodies_in_flight)
+            try:
+                hub._send_body(self.wfile, resp.body)
+            finally:
+                if is_file:
+                    with hub._lock:
+                        hub.file_bodies_in_flight -= 1
         self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _handle
