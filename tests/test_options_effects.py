@@ -310,8 +310,133 @@ def titled(base, res):
     assert res.figure.axes[0].get_title().splitlines()[0] == "T"
 
 
+def head_lines(res) -> dict:
+    """The curves plot's head lines by legend label (``L1 H2``)."""
+    return {ln.get_label(): ln for ln in res.figure.axes[0].get_lines() if ln.get_label().startswith("L")}
+
+
+def stored_curves(base: Run) -> dict:
+    """AP_j of every head by label: the mean of its non-NaN cells per query bucket, from the stored rows."""
+    with db.reader(base.warehouse) as con:
+        rows = con.execute("SELECT layer, q_head, q_bucket, avg(plasticity) FILTER (WHERE NOT isnan(plasticity)) "
+                           "FROM head_bucket_plasticity GROUP BY ALL ORDER BY ALL").fetchall()
+    out: dict = {}
+    for layer, q_head, q_bucket, ap in rows:
+        out.setdefault(f"L{layer} H{q_head}", []).append((q_bucket, ap))
+    return out
+
+
+def bucket_starts(base, res, start):
+    lines = head_lines(res)
+    curves = stored_curves(base)
+    assert lines.keys() == curves.keys() and len(lines) == len(HEADS)
+    for label, ln in lines.items():
+        buckets, aps = zip(*[(b, ap) for b, ap in curves[label] if ap is not None])
+        np.testing.assert_array_equal(ln.get_xdata(), start(np.asarray(buckets, float)))
+        np.testing.assert_allclose(ln.get_ydata(), aps, rtol=1e-12)
+
+
+def log_buckets(base, res):
+    bucket_starts(base, res, lambda b: 2.0**b * 4.0)
+    assert res.figure.axes[0].get_xscale() == "log"
+
+
+def named(base, res):
+    assert res.figure.axes[0].get_title().splitlines()[0] == f"Named per-bucket attention plasticity ({len(HEADS)} heads)"
+    assert draw(base, "curves").figure.axes[0].get_title().startswith(f"{DATA.model} per-bucket")
+
+
+def colour_map(base, res):
+    mesh = res.figure.axes[0].collections[0]
+    assert mesh.get_cmap().name == "magma" and draw(base, "heatmap").figure.axes[0].collections[0].get_cmap().name == "viridis"
+    np.testing.assert_allclose(heatmap_values(res), cell_aggregate(base, "mean"), rtol=1e-12)
+
+
+def by_layer(base, res):
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
+    want = {0: colormaps["viridis"](0.0), 1: colormaps["viridis"](0.9)}  # evenly spaced, the yellow end left out
+    lines = head_lines(res)
+    assert len(lines) == len(HEADS)
+    for label, ln in lines.items():
+        assert to_rgba(ln.get_color()) == want[int(label.split()[0][1:])], label
+    bucket_starts(base, res, lambda b: b)
+
+
+def palette(base, res):
+    import seaborn as sns
+    from matplotlib.colors import to_rgb
+
+    lines = head_lines(res)
+    order = [f"L{layer} H{h}" for layer, h in sorted(HEADS)]
+    assert [to_rgb(lines[label].get_color()) for label in order] == [tuple(c) for c in sns.color_palette("deep", len(HEADS))]
+    default = head_lines(draw(base, "curves"))
+    assert to_rgb(default[order[0]].get_color()) != to_rgb(lines[order[0]].get_color())
+
+
+def bands(res) -> list:
+    return [c for c in res.figure.axes[0].collections if (c.get_gid() or "").startswith("ci")]
+
+
+def no_intervals(base, res):
+    from warehouse.present import plot_data, plots
+
+    assert bands(res) == [] and len(bands(draw(base, "curves"))) == len(HEADS)  # 8 heads <= 12: a band each
+    bucket_starts(base, res, lambda b: b)
+    # the drawing itself leaves the intervals out when they are given (make_plot also skips reading them)
+    cells, run_id = plot_data.load_run_table(base.warehouse, "head_bucket_plasticity", base.model)
+    intervals = plot_data.load_bucket_intervals(base.warehouse, base.model, run_id)
+    assert len(intervals) > 0
+    assert bands(plots.plot_plasticity_curves(cells, plot_data.load_plot_options("curves", None, ci=False), intervals)) == []
+
+
+def export(base: Run, name: str) -> str:
+    return str(base.output_dir / base.model / base.run_id / name)
+
+
+def curves_from_csv(base, res):
+    x, y = mean_line(res)
+    x_wh, y_wh = mean_line(draw(base, "curves"))
+    assert np.array_equal(x, x_wh) and np.allclose(y, y_wh, rtol=1e-12, atol=0)
+    bucket_starts(base, res, lambda b: b)
+
+
+def components_from_csv(base, res):
+    heights = [p.get_height() for p in res.figure.axes[0].patches]
+    assert len(heights) == DATA.head_dim
+    np.testing.assert_allclose(heights, [p.get_height() for p in draw(base, "components").figure.axes[0].patches],
+                               rtol=1e-12)
+
+
+def compare_from_csv(base, res):
+    (line,) = layer_lines(res)
+    want = [np.mean([r["ap_overall"] for h, r in base.metrics.items() if h[0] == layer]) for layer in (0, 1)]
+    np.testing.assert_allclose(line.get_ydata(), want, rtol=1e-12)
+
+
+CSV_OPTIONS = [
+    ("curves", "bucket_csv", "head_bucket_plasticity.csv", curves_from_csv),
+    ("components", "component_csv", "head_component_weights.csv", components_from_csv),
+    ("compare", "head_metrics_csv", "head_metrics.csv", compare_from_csv),
+]
+
+
+@pytest.mark.parametrize("kind, option, name, effect", CSV_OPTIONS, ids=[o for _, o, _, _ in CSV_OPTIONS])
+def test_a_plot_from_the_exported_csv_draws_what_the_warehouse_draws(base, kind, option, name, effect):
+    from warehouse.present import plot_data, plots
+
+    effect(base, plots.make_plot(kind, plot_data.load_plot_options(kind, None, **{option: export(base, name)}))[0])
+
+
 PLOT_OPTIONS = [
     ("curves", {"bucket_min_size": 32.0}, bucket_size),
+    ("curves", {"bucket_type": "log", "bucket_min_size": 4.0}, log_buckets),
+    ("curves", {"model_name": "Named"}, named),
+    ("curves", {"color_by_layer": True}, by_layer),
+    ("curves", {"palette": "deep"}, palette),
+    ("curves", {"ci": False}, no_intervals),
+    ("heatmap", {"cmap": "magma"}, colour_map),
     ("heatmap", {"agg": "median"}, median_over_heads),
     ("heatmap", {"vmin": 0.2, "vmax": 0.4}, colour_range),
     ("components", {"max_components": 3}, first_components),
