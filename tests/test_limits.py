@@ -1,7 +1,7 @@
 """Every limit tested at the limit and one past it: the training step (pattern, config and the
 warehouse's BIGINT), the seed, the p_alpha range, the branch pattern's length, names, the dataset
 card's counts and size, the planned heads, int32 positions, the jackknife's groups, the scale powers
-built by multiplication and the PNG resolution."""
+built by multiplication, the PNG resolution and the lock timeout."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cli.main import main
 from plasticity.attention.scale_plan import MAX_POWER, power_of_scale
 from plasticity.jackknife import MAX_EXAMPLE_GROUPS, example_groups
 from test_bad_input import rewrite, set_value, shard
+from test_operational_options import analyze_against_a_held_lock
 from warehouse.store import db
 from warehouse.sources.card import CARD_MAX_BYTES, MAX_BUCKET_SIZE, MAX_LAYOUT_COUNT, MAX_MODEL_NAME_CHARS, parse_card, read_card
 from warehouse.sources.catalog import MAX_POSITION, ShardInfo
@@ -70,6 +72,20 @@ def test_p_alpha_strictly_between_zero_and_one():
     for bad in (0.0, 1.0):
         with pytest.raises(OptionError, match="p_alpha"):
             load_config(None, {"p_alpha": bad})
+
+
+def test_lock_timeout_at_zero_gives_up_at_once_and_below_zero_is_refused(small_dataset, tmp_path, capsys):
+    """0 s: one attempt, then the clear error while the other process still holds the lock; -1: refused
+    with the key, the value and where it came from, before anything is opened."""
+    code, err, _ = analyze_against_a_held_lock(small_dataset, tmp_path, "0", capsys)
+    assert code == 2 and "locked by another process; gave up opening it" in err and "after 0s" in err, err
+    assert main(["analyze", "--dataset_local_root", str(small_dataset), "--warehouse", str(tmp_path / "new.duckdb"),
+                 "--lock_timeout_s", "-0.001", "--quiet"]) == 2
+    assert "lock_timeout_s = -0.001 (command line): must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "new.duckdb").exists()
+    # the smallest accepted cap (1 row a head) is a clear per-head error, never a fitted number:
+    # test_bad_input.py::test_a_cap_below_three_query_rows_is_too_few_rows_on_every_head; 0 is refused:
+    # test_config_validation.py (max_tokens_per_head "0": must be >= 1)
 
 
 def test_png_resolution_up_to_2400_dpi():
