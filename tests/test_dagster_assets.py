@@ -25,6 +25,8 @@ from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_synthetic_dataset
 from warehouse.run.pipeline import analyze_dataset
 
+from test_operational_options import SpawnedWorkers
+
 MODEL = "synthetic-demo"
 TINY = SyntheticSpec(model=MODEL, num_layers=2, num_q_heads=2, num_k_heads=1, head_dim=8, num_examples=4,
                      seq_len=128, bucket_size=32, sliding_windows={1: 64}, seed=1)
@@ -209,13 +211,15 @@ def test_rematerializing_replaces_rows_and_fresh_recomputes(run):
     before = {t: fetch(run["warehouse"], f"SELECT count(*) FROM {t}")[0][0] for t in RESULT_TABLES}
     selection = [a for a in OWN_ASSETS if {k.to_user_string() for k in a.keys} & {"shard_catalog", "head_samples",
                                                                                       "head_metrics"}]
-    result = dg.materialize(
-        selection, partition_key=MODEL, instance=run["instance"], resources=run["resources"],
-        run_config={"ops": {"head_analysis": {"config": {"fresh": True, "max_workers": 2}}}},
-    )
+    with SpawnedWorkers() as workers:  # the dataset's config says max_workers: 1
+        result = dg.materialize(
+            selection, partition_key=MODEL, instance=run["instance"], resources=run["resources"],
+            run_config={"ops": {"head_analysis": {"config": {"fresh": True, "max_workers": 2}}}},
+        )
     assert result.success
     mat = materializations(result)["head_metrics"]
-    assert mat.metadata["heads_computed_now"].value == N_HEADS  # fresh: every head again, in 2 worker processes
+    assert mat.metadata["heads_computed_now"].value == N_HEADS  # fresh: every head again ...
+    assert len(workers.pids) == 2  # ... in 2 worker processes (two GQA groups)
     after = {t: fetch(run["warehouse"], f"SELECT count(*) FROM {t}")[0][0] for t in RESULT_TABLES}
     assert after == before
     with db.reader(run["warehouse"]) as con:
