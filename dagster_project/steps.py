@@ -331,6 +331,7 @@ def render_plot(kind: str, warehouse: str | list[str], out_path: Path, plot_conf
     else:
         opts.model, opts.run_id = model, None
         result, source = plots.make_plot(kind, opts, timeout_s=lock_timeout_s)
+    figure_parts.apply_figsize(result.figure, opts)  # as `plasticity plot` does: the config's size, if it sets one
     png = figure_parts.png_bytes(result.figure, opts.dpi)
     out_path = figure_parts.write_atomically(out_path, png)
     return PlotOutput(kind, out_path, png, result, source, cfg_file)
@@ -371,6 +372,7 @@ def render_trajectories(paths: list[str], family: str, out_dir: Path, plot_confi
     for metric in dict.fromkeys(["ap_overall", opts.metric]):
         traj = load_trajectory(paths, family, metric, opts.stages, lock_timeout_s)
         result = plot_trajectory(traj, opts)
+        figure_parts.apply_figsize(result.figure, opts)
         png = figure_parts.png_bytes(result.figure, opts.dpi)
         path = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.png", png)
         csv = figure_parts.write_atomically(out_dir / f"trajectory-{metric}.csv",

@@ -251,3 +251,23 @@ def test_one_warehouse_file_per_model_and_a_comparison_over_all(run, tmp_path):
     assert comparison.metadata["models"].value == 2
     assert comparison.metadata["dagster/row_count"].value == 2 * N_HEADS
     assert set(comparison.metadata["runs"].value) == {"m-a", "m-b"}
+
+
+def test_a_plot_config_sets_the_plot_assets_figure_size_and_resolution(run):
+    """configs/plots/<model>-heatmap.yaml's figsize and dpi reach the PNG the asset writes (as they reach
+    `plasticity plot --config`): 4 x 3 inches at 50 dpi is 200 x 150 pixels."""
+    import struct
+
+    plots_dir = run["configs"] / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    (plots_dir / f"{MODEL}-heatmap.yaml").write_text("figsize: [4, 3]\ndpi: 50\ncmap: magma\n")
+    try:
+        heatmap = [a for a in OWN_ASSETS if "bucket_heatmap_plot" in {k.to_user_string() for k in a.keys}]
+        result = dg.materialize(heatmap, partition_key=MODEL, instance=run["instance"], resources=run["resources"])
+    finally:
+        (plots_dir / f"{MODEL}-heatmap.yaml").unlink()
+    assert result.success
+    mat = materializations(result)["bucket_heatmap_plot"]
+    assert mat.metadata["plot_config"].value.endswith(f"{MODEL}-heatmap.yaml")
+    png = Path(mat.metadata["file"].value).read_bytes()
+    assert struct.unpack(">II", png[16:24]) == (200, 150)  # the PNG header's width and height

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import re
+import struct
 import shutil
 from pathlib import Path
 
@@ -119,10 +120,11 @@ def test_a_checkpoint_analysis_reports_its_family_and_only_that_family_refreshes
 
 @pytest.fixture(scope="module")
 def materialized(setup):
-    """Every checkpoint analysed, then family_trajectory of fa materialised (with a plot config naming q_R2_pos)."""
+    """Every checkpoint analysed, then family_trajectory of fa materialised (with a plot config naming q_R2_pos,
+    a figure size and a resolution)."""
     resources = setup["resources"]
     (setup["configs"] / "plots").mkdir(exist_ok=True)
-    (setup["configs"] / "plots" / "fa-trajectory.yaml").write_text("metric: q_R2_pos\nstep_axis: log\n")
+    (setup["configs"] / "plots" / "fa-trajectory.yaml").write_text("metric: q_R2_pos\nstep_axis: log\nfigsize: [4, 3]\ndpi: 50\n")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("models", ["fa-step-10", "fa-step-100", "fb-step-7", "plain"])
     instance.add_dynamic_partitions("families", ["fa", "fb"])
@@ -145,7 +147,9 @@ def test_family_trajectory_materialization(setup, materialized):
     for metric in ("ap_overall", "q_R2_pos"):
         png = re.search(r"base64,([A-Za-z0-9+/=]+)\)", meta[f"plot_{metric}"]).group(1)
         assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
-        assert Path(meta[f"file_{metric}"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        written = Path(meta[f"file_{metric}"]).read_bytes()
+        assert written[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", written[16:24]) == (200, 150)  # the config's 4 x 3 inches at 50 dpi
     assert "| layer | 10" in meta["preview"] and "100" in meta["preview"]
     folder = Path(setup["resources"]["warehouse"].exports_dir) / "families" / "fa"
     csv = pd.read_csv(folder / "trajectory-ap_overall.csv")
