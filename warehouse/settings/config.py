@@ -109,7 +109,10 @@ class RunConfig:
                                            help="query scales of the attention sweep (docs/method.md#attention-patterns)")
     attention_min_exact_rows: int = option(
         100, ge=1, help="exact query rows a head needs for its attention summary; fewer: not estimable from this capture")
-    duckdb_threads: int = option(1, ge=1, help="threads of each in-memory DuckDB shard reader")
+    # shards are read with pyarrow, one thread per worker process: nothing reads this key any more; it stays
+    # accepted so that existing configs load, and says so instead of promising an effect
+    duckdb_threads: int = option(1, ge=1, help="no effect (shards are read with pyarrow, one thread per worker); "
+                                               "accepted so that existing configs load")
     lock_timeout_s: float = option(60.0, ge=0, help="seconds to wait for another process's warehouse lock")
     # --- families of checkpoints (table `models`; none of them changes a number) ---
     family: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
