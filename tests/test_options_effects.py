@@ -449,3 +449,26 @@ PLOT_OPTIONS = [
                          ids=[f"{k}-{'-'.join(o)}" for k, o, _ in PLOT_OPTIONS])
 def test_a_plot_option_changes_what_it_should(base, kind, options, effect):
     effect(base, draw(base, kind, **options))
+
+
+def test_a_plot_of_an_earlier_run_by_its_run_id(dataset, base, tmp_path):
+    """`run_id` picks a run other than the latest: a second run (another seed: other key pairs, other AP)
+    is added to a copy of the warehouse; without run_id the plot shows it, with the first run's id the
+    first run, line for line."""
+    from warehouse.present import plot_data, plots
+
+    wh = tmp_path / "two-runs.duckdb"
+    shutil.copy(base.warehouse, wh)
+    assert main(["analyze", "--dataset_local_root", str(dataset), "--warehouse", str(wh), "--output_dir",
+                 str(tmp_path / "results"), "--max_workers", "1", "--quiet", "--attention", "false",
+                 "--seed", "7"]) == 0
+    with db.reader(wh) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (2,)
+
+    def curves(**kw):
+        opts = plot_data.load_plot_options("curves", None, warehouse=str(wh), model=DATA.model, **kw)
+        return {label: ln.get_ydata().tolist() for label, ln in head_lines(plots.make_plot("curves", opts)[0]).items()}
+
+    first = {label: ln.get_ydata().tolist() for label, ln in head_lines(draw(base, "curves")).items()}
+    assert curves(run_id=base.run_id) == first
+    assert curves() != first  # the latest run, drawn by default
