@@ -70,6 +70,12 @@ def streamed_run(env, name: str, on_outcome=None, **extra):
                                        on_outcome=on_outcome)
 
 
+def shards_served(hub) -> list[str]:
+    """The shard folders whose bytes the Hub sent (a GET answered with a body; redirects carry none), sorted."""
+    return sorted(r.path.rsplit("/", 2)[-2] for r in hub.requests
+                  if r.method == "GET" and r.status in (200, 206) and r.path.endswith("data.parquet"))
+
+
 def parquet_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.parquet"))
 
@@ -156,8 +162,7 @@ def test_failed_download_is_an_error_on_its_heads_and_the_next_run_downloads_onl
     hub.clear_requests()
     _, _, second = streamed_run(env, "retry")
     assert second.run_id == first.run_id and (second.n_computed, second.n_errors) == (3, 0)
-    fetched = sorted(r.path.rsplit("/", 2)[-2] for r in hub.requests
-                     if r.method == "GET" and r.path.endswith("data.parquet"))
+    fetched = shards_served(hub)
     assert fetched == ["l01h01k", "l01h03q", "l02h00k", "l02h00q", "l02h01q"]
 
 
@@ -174,3 +179,4 @@ def test_a_branch_moving_mid_run_changes_nothing_stored(env):
     cfg, files, summary = streamed_run(env, "moving", on_outcome=move_once)
     assert moved and moved[0] != files.sha
     assert summary.revision == files.sha and summary.n_done == N_HEADS and summary.n_errors == 0
+
