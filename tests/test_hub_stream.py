@@ -180,3 +180,33 @@ def test_a_branch_moving_mid_run_changes_nothing_stored(env):
     assert moved and moved[0] != files.sha
     assert summary.revision == files.sha and summary.n_done == N_HEADS and summary.n_errors == 0
 
+
+def test_an_interrupted_run_resumes_downloading_only_the_unfinished_heads_shards(env):
+    hub = env["hub"]
+    seen = []
+
+    def interrupt(_outcome):  # Ctrl-C while the third group's results arrive: three groups are committed
+        seen.append(_outcome)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        streamed_run(env, "resumed", on_outcome=interrupt)
+    cfg = config(env, "resumed")
+    with duckdb.connect(cfg.warehouse, read_only=True) as con:
+        status = con.execute("SELECT status FROM runs").fetchall()
+        done = con.execute("SELECT layer, k_head FROM head_metrics GROUP BY ALL ORDER BY ALL").fetchall()
+    assert status == [("interrupted",)] and done == [(0, 0), (0, 1), (1, 0)]
+    hub.clear_requests()
+    _, files, second = streamed_run(env, "resumed")
+    assert (second.n_computed, second.n_errors, second.n_done) == (6, 0, N_HEADS)
+    # the three unfinished groups' key and query shards, nothing downloaded only for its profile
+    assert shards_served(hub) == ["l01h01k", "l01h02q", "l01h03q", "l02h00k", "l02h00q", "l02h01k", "l02h01q",
+                                  "l02h02q", "l02h03q"]
+    download_branch(REPO, BRANCH, files.sha, model_dir=MODEL_DIR, local_dir=files.local_dir)
+    ref_cfg = config(env, "uninterrupted")
+    ref = analyze_dataset(ref_cfg, files.local_dir, model=BRANCH, revision=files.sha, progress=False)
+    assert ref.run_id == second.run_id
+    resumed, reference = table_rows(cfg.warehouse), table_rows(ref_cfg.warehouse)
+    for table in reference:
+        assert resumed[table] == reference[table], table

@@ -182,6 +182,10 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if shard is not None and id(shard) not in profiled:
             cat.profile(shard)
             profiled.add(id(shard))
+            if stream is not None:
+                unsaved.append(shard)
+
+    unsaved: list[ShardInfo] = []  # streamed: profiles not in the stored catalog yet, written with the next batch
 
     def prepare(task: GroupTask) -> None:
         # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
@@ -235,6 +239,9 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if buffer:
             with db.writer(wh, cfg.lock_timeout_s) as wcon:
                 results.write_outcomes(wcon, model, run_id, buffer, present)
+                if unsaved and run_opened:  # streamed: the profiles of the shards these heads read
+                    results.replace_shard_profiles(wcon, model, revision, unsaved)
+                    unsaved.clear()
             buffer.clear()
         last_flush = time.monotonic()
 
