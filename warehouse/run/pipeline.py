@@ -114,7 +114,7 @@ def analyze_dataset(
 
     `hub`: the shards are a Hub branch's at one commit, not (all) on disk: the run is planned from the
     Hub's listing, its revision is the commit sha, and each group's shards are downloaded as its turn
-    comes, within ``cfg.download_budget_gb``, and deleted once its results are committed
+    comes, within ``cfg.download_budget_gb``, and deleted once its results are in
     (`warehouse.run.hub_stream`). Every stored value is the same as a run over a complete copy.
     """
     t0 = time.perf_counter()
@@ -166,12 +166,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     revision = info.revision
     profiled: set[int] = set()
 
-    computed: list = []  # streamed groups whose results wait for their commit, then their shards go
-
     def arrived(key, shards) -> None:
         """Wait for a streamed unit's downloads; a file that failed is an error on its heads, naming it."""
-        if not stream.ready(key):
-            commit_and_release()  # the download may wait for their room in the budget
         failures = stream.wait(key)
         for shard in shards:
             if shard is not None and shard.path in failures:
@@ -245,20 +241,9 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
             buffer.clear()
         last_flush = time.monotonic()
 
-    def commit_and_release() -> None:
-        flush()
-        for key in computed:
-            stream.release(key)
-        computed.clear()
-
     def group_ready(task: GroupTask) -> bool:
-        """Whether a streamed group's shards are in; if not, and the downloads wait for room, the
-        computed groups are committed now and their shards deleted."""
-        if stream.ready((task.layer, task.k_head)):
-            return True
-        if computed and stream.starved():
-            commit_and_release()
-        return False
+        """Whether a streamed group's shards are in."""
+        return stream.ready((task.layer, task.k_head))
 
     def take(outcomes: list[results.HeadOutcome]) -> None:
         nonlocal n_failed
@@ -283,15 +268,15 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
         for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run, **deferral,
                                       ready=None if stream is None else group_ready):
+            if stream is not None:
+                # nothing reads a group's shards once its outcomes are in, so they go now, not at the commit:
+                # a run whose downloads wait for room commits in the usual batches instead of once a group
+                # (opening the warehouse and committing alone is ~20 ms of CPU); a crash before the commit
+                # loses those heads, and the next run downloads their shards again
+                stream.release((outcomes[0].layer, outcomes[0].k_head))
             take(outcomes)
-            if stream is not None:  # its shards go once its results are committed
-                computed.append((outcomes[0].layer, outcomes[0].k_head))
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
-            if stream is not None and (stream.starved() or not buffer):
-                commit_and_release()  # commit now when the next download needs the room
-        if stream is not None:
-            commit_and_release()
         flush()
         if stream is not None:
             # the shards no group reads are downloaded only for their profile, and go at once

@@ -1,12 +1,12 @@
 """Shards that arrive while the run computes: a Hub run downloads each GQA group's shards as its turn
-comes, within a disk budget, and deletes them once the group's results are committed.
+comes, within a disk budget, and deletes them once the group's results are in.
 
 `ShardStream` takes the run's units in plan order (each GQA group, then one unit per shard no group
 reads, which the catalog still profiles) and downloads them in that order with `max_workers` threads.
 A unit starts downloading when its bytes fit in the budget next to those already on disk or
 downloading; a unit larger than the whole budget starts alone. So the prefetch depth adapts by
 itself: as many groups ahead of the workers as the budget holds, and downloads never wait for the
-workers while there is room. `release(key)` (after the unit's results are committed) deletes its files
+workers while there is room. `release(key)` (once the unit's results are in: nothing reads its files again) deletes its files
 (unless `keep`) and frees its bytes for the next units. A failed download is recorded against its
 file, never raised: the pipeline turns it into an error on the file's heads, and the next run, which
 finds those heads unfinished, downloads the file again.
@@ -120,7 +120,7 @@ class ShardStream:
             return dict(unit.errors)
 
     def release(self, key: Hashable) -> None:
-        """The unit's results are committed: delete its files (unless `keep`) and free its bytes."""
+        """The unit's results are in: delete its files (unless `keep`) and free its bytes."""
         unit = self._units.get(key)
         if unit is None or unit.released or not unit.started:
             return
