@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         # sampler's during the streamed run (not included above)
         "server_cpu_s": {k: round(v, 2) for k, v in server_cpu.items()},
         "disk_sampler_cpu_s": round(sampler_cpu, 2),
+        # whether the prefetch depth fit: how long the run waited for downloads, and the downloads for room
+        "stream": streamed.downloads,
         "target_wall_over_bound": TARGET_RATIO,
         "dataset_bytes": dataset_bytes,
         "n_heads": streamed.n_heads,

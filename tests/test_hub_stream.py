@@ -120,6 +120,9 @@ def test_streamed_run_stores_what_a_run_over_the_complete_copy_stores_within_the
     assert summary.n_done == N_HEADS and summary.n_errors == 0 and summary.revision == files.sha
     budget = cfg.download_budget_gb * 1e9
     assert seen_on_disk and max(seen_on_disk) <= budget, (max(seen_on_disk), budget)
+    # the stream's own account: every shard's bytes once, never more than the budget held at once
+    assert summary.downloads["downloaded_bytes"] == parquet_bytes(env["branch_dir"] / MODEL_DIR)
+    assert 0 < summary.downloads["peak_held_bytes"] <= budget
     assert parquet_bytes(files.local_dir) == 0  # every shard deleted once its group was committed
     assert (files.local_dir / "README.md").is_file()
     # the reference: the whole branch at the same commit, downloaded to the same folder, analysed as a local copy

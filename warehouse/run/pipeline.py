@@ -79,6 +79,7 @@ class RunSummary:
     status: str
     seconds: float
     warehouse: str
+    downloads: dict | None = None  # a streamed Hub run's `ShardStream.stats` (None for a local dataset)
 
 
 def analyze_dataset(
@@ -297,4 +298,4 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if bar is not None:
             bar.close()
     return RunSummary(model, run_id, revision, n_heads, n_todo, n_heads - n_todo, n_done, n_err, status,
-                      time.perf_counter() - t0, str(wh))
+                      time.perf_counter() - t0, str(wh), None if stream is None else stream.stats())

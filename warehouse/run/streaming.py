@@ -15,6 +15,7 @@ finds those heads unfinished, downloads the file again.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ class ShardStream:
         self._held = 0  # bytes of started, not yet released units
         self._starved = False  # the next unit waits for bytes to be released
         self.peak_held_bytes = 0
+        self.wait_s = 0.0  # time the run blocked in `wait` (its next unit still downloading)
+        self.starved_s = 0.0  # time the downloads waited for room in the budget (for the run to release)
+        self.downloaded_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._pool = ThreadPoolExecutor(max(1, max_workers), thread_name_prefix="shard-download")
@@ -62,10 +66,12 @@ class ShardStream:
     def _schedule(self) -> None:
         for unit in self._order:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._stopped and self._held > 0 and self._held + unit.size > self.budget_bytes:
                     self._starved = True
                     self._cond.wait()
                 self._starved = False
+                self.starved_s += time.perf_counter() - t0
                 if self._stopped:
                     return
                 unit.started = True
@@ -94,6 +100,8 @@ class ShardStream:
         with self._cond:
             if error is not None:
                 unit.errors[path] = error
+            else:
+                self.downloaded_bytes += self._sizes[path]
             unit.remaining -= 1
             if unit.remaining == 0:
                 unit.ready = True
@@ -115,9 +123,19 @@ class ShardStream:
         if unit is None:
             return {}
         with self._cond:
+            t0 = time.perf_counter()
             while not unit.ready:
                 self._cond.wait()
+            self.wait_s += time.perf_counter() - t0
             return dict(unit.errors)
+
+    def stats(self) -> dict:
+        """What the stream did: bytes downloaded, the peak bytes held (on disk or downloading), and how
+        long the run waited for downloads and the downloads for room (both near 0: the prefetch depth fit)."""
+        with self._cond:
+            return {"downloaded_bytes": self.downloaded_bytes, "peak_held_bytes": self.peak_held_bytes,
+                    "budget_bytes": self.budget_bytes, "run_waited_s": round(self.wait_s, 3),
+                    "downloads_waited_s": round(self.starved_s, 3)}
 
     def release(self, key: Hashable) -> None:
         """The unit's results are in: delete its files (unless `keep`) and free its bytes."""
