@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             wall_s = time.perf_counter() - t0
             sampler_cpu = sampler.cpu_s()
             streamed_cpu = _cpu_since(cpu0) + hub.cpu_s() - server0
+            coordinator_cpu = {"streamed": _cpu_since(cpu0, children=False)}
             server_cpu = {"streamed": hub.cpu_s() - server0}
             peak = sampler.stop()
             # 2. download-only, the same commit into the same folder
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             download_branch(REPO_ID, BRANCH, sha, local_dir=folder, max_workers=args.download_workers)
             download_s = time.perf_counter() - t0
             download_cpu = _cpu_since(cpu0) + hub.cpu_s() - server0
+            coordinator_cpu["download_only"] = _cpu_since(cpu0, children=False)
             server_cpu["download_only"] = hub.cpu_s() - server0
         # 3. compute-only over the complete copy
         local_cfg = load_config(None, {**keys, "warehouse": str(work / "local.duckdb")})
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         local = analyze_dataset(local_cfg, folder, model=BRANCH, revision=sha, progress=False)
         compute_s = time.perf_counter() - t0
         compute_cpu = _cpu_since(cpu0)
+        coordinator_cpu["compute_only"] = _cpu_since(cpu0, children=False)
         mine, theirs = table_rows(cfg.warehouse), table_rows(local_cfg.warehouse)
         differing = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
         if streamed.run_id != local.run_id:
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         # of which the local Hub server's (a remote Hub's would be on another machine), and the disk
         # sampler's during the streamed run (not included above)
         "server_cpu_s": {k: round(v, 2) for k, v in server_cpu.items()},
+        # of which this process's own (the run's coordinator, its download threads): the rest is the workers'
+        "coordinator_cpu_s": {k: round(v, 2) for k, v in coordinator_cpu.items()},
         "disk_sampler_cpu_s": round(sampler_cpu, 2),
         # whether the prefetch depth fit: how long the run waited for downloads, and the downloads for room
         "stream": streamed.downloads,
@@ -279,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_since(before) -> float:
+def _cpu_since(before, children: bool = True) -> float:
     now = os.times()
-    return sum(now[i] - before[i] for i in range(4))  # user, system, children's user and system
+    return sum(now[i] - before[i] for i in range(4 if children else 2))  # user, system, children's user and system
 
 
 if __name__ == "__main__":
