@@ -51,7 +51,6 @@ class ShardStream:
             self._units[key] = unit
             self._order.append(unit)
         self._held = 0  # bytes of started, not yet released units
-        self._starved = False  # the next unit waits for bytes to be released
         self.peak_held_bytes = 0
         self.wait_s = 0.0  # time the run blocked in `wait` (its next unit still downloading)
         self.starved_s = 0.0  # time the downloads waited for room in the budget (for the run to release)
@@ -68,9 +67,7 @@ class ShardStream:
             with self._cond:
                 t0 = time.perf_counter()
                 while not self._stopped and self._held > 0 and self._held + unit.size > self.budget_bytes:
-                    self._starved = True
                     self._cond.wait()
-                self._starved = False
                 self.starved_s += time.perf_counter() - t0
                 if self._stopped:
                     return
@@ -112,10 +109,6 @@ class ShardStream:
         """Whether the unit's downloads are over (a unit the stream does not know is always ready)."""
         unit = self._units.get(key)
         return unit is None or unit.ready
-
-    def starved(self) -> bool:
-        """Whether the next download waits for room in the budget (the run should release what it can)."""
-        return self._starved
 
     def wait(self, key: Hashable) -> dict[str, str]:
         """Block until the unit's downloads are over; the files that failed, with why."""
