@@ -53,7 +53,10 @@ class ShardStream:
         self._held = 0  # bytes of started, not yet released units
         self.peak_held_bytes = 0
         self.wait_s = 0.0  # time the run blocked in `wait` (its next unit still downloading)
-        self.starved_s = 0.0  # time the downloads waited for room in the budget (for the run to release)
+        self.starved_s = 0.0  # time the next unit waited for room in the budget (for the run to release)
+        self.idle_s = 0.0  # of which no file was downloading: the network waited for the workers
+        self._in_flight = 0  # files submitted and not finished
+        self._idle_from: float | None = None  # since when nothing downloads while the next unit waits for room
         self.downloaded_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
@@ -67,10 +70,17 @@ class ShardStream:
             with self._cond:
                 t0 = time.perf_counter()
                 while not self._stopped and self._held > 0 and self._held + unit.size > self.budget_bytes:
+                    if self._in_flight == 0 and self._idle_from is None:
+                        self._idle_from = time.perf_counter()
                     self._cond.wait()
-                self.starved_s += time.perf_counter() - t0
+                now = time.perf_counter()
+                self.starved_s += now - t0
+                if self._idle_from is not None:
+                    self.idle_s += now - self._idle_from
+                    self._idle_from = None
                 if self._stopped:
                     return
+                self._in_flight += len(unit.paths)
                 unit.started = True
                 unit.remaining = len(unit.paths)
                 self._held += unit.size
@@ -100,6 +110,7 @@ class ShardStream:
             else:
                 self.downloaded_bytes += self._sizes[path]
             unit.remaining -= 1
+            self._in_flight -= 1
             if unit.remaining == 0:
                 unit.ready = True
                 self._cond.notify_all()
@@ -123,12 +134,14 @@ class ShardStream:
             return dict(unit.errors)
 
     def stats(self) -> dict:
-        """What the stream did: bytes downloaded, the peak bytes held (on disk or downloading), and how
-        long the run waited for downloads and the downloads for room (both near 0: the prefetch depth fit)."""
+        """What the stream did: bytes downloaded, the peak bytes held (on disk or downloading), how long
+        the run waited for downloads, the next download for room in the budget, and of that how long no
+        file was downloading at all (the network idle, waiting for the workers). The prefetch depth fits
+        when either the run's wait or the network's idle time is near 0 (the other side is the bound)."""
         with self._cond:
             return {"downloaded_bytes": self.downloaded_bytes, "peak_held_bytes": self.peak_held_bytes,
                     "budget_bytes": self.budget_bytes, "run_waited_s": round(self.wait_s, 3),
-                    "downloads_waited_s": round(self.starved_s, 3)}
+                    "downloads_waited_s": round(self.starved_s, 3), "network_idle_s": round(self.idle_s, 3)}
 
     def release(self, key: Hashable) -> None:
         """The unit's results are in: delete its files (unless `keep`) and free its bytes."""
