@@ -138,9 +138,15 @@ def test_streamed_run_stores_what_a_run_over_the_complete_copy_stores_within_the
     assert all(r[-1] is None for r in streamed["shards"])  # no shard has an error
 
 
-def test_keep_downloads_keeps_the_shards(env):
+def test_keep_downloads_keeps_the_shards_and_a_killed_runs_partial_files_go(env):
+    # what a run killed mid-download leaves beside a shard: the next run removes it
+    folder = streamed_dir(env["tmp"] / "downloads", REPO, env["hub"].branch_sha(REPO, BRANCH))
+    stale = folder / MODEL_DIR / "l01h00q" / ".data.parquet.x1y2z3.incomplete"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
     _, files, summary = streamed_run(env, "kept", keep_downloads=True)
     assert summary.n_done == N_HEADS
+    assert not stale.exists()
     assert parquet_bytes(files.local_dir) == parquet_bytes(env["branch_dir"] / MODEL_DIR)
 
 

@@ -146,6 +146,18 @@ def download_shard(files: HubBranchFiles, local_path: str) -> Path:
     return out
 
 
+def remove_partial_downloads(files: HubBranchFiles) -> int:
+    """Delete the temporary files `download_shard` leaves beside a shard when its process is killed
+    mid-download (``.data.parquet.*.incomplete``), so they do not hold disk outside the budget of the
+    next run. Returns how many were removed."""
+    n = 0
+    for folder in {Path(p).parent for p in files.shards}:
+        for stale in folder.glob(f".{SHARD_FILENAME}.*.incomplete"):
+            stale.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 class _HashingWriter:
     """The file object `http_get` writes to: each chunk is hashed (SHA-256 of an LFS file, else the git
     blob id) and written. A rewind (a resumed download the server answered in full) is noted, and the
