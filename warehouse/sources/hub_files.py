@@ -129,13 +129,14 @@ def download_shard(files: HubBranchFiles, local_path: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".incomplete")
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with open(tmp, "wb") as raw:  # opened by name: `raw.name` is the path
             sink = _HashingWriter(raw, f)
             _get(files, f, sink)
             problem = sink.mismatch()
-        if problem is None and sink.rewound:  # the client restarted the body: hash the file as written
+        if sink.from_disk():  # the client restarted the body, or wrote the file itself: hash it as written
             problem = content_mismatch(tmp, f)
         if problem is not None:
             raise HubError(f"{f.repo_path} of dataset repo {files.repo_id!r} (commit {files.sha}): {problem}",
@@ -160,8 +161,9 @@ def remove_partial_downloads(files: HubBranchFiles) -> int:
 
 class _HashingWriter:
     """The file object `http_get` writes to: each chunk is hashed (SHA-256 of an LFS file, else the git
-    blob id) and written. A rewind (a resumed download the server answered in full) is noted, and the
-    caller then hashes the file from disk instead."""
+    blob id) and written. When the chunks seen are not the file (a rewind, after a resumed download the
+    server answered in full; or a client version that writes the file by its name, such as hf_transfer),
+    the caller hashes the file from disk instead."""
 
     def __init__(self, raw, f: HubFile):
         self.raw, self.f = raw, f
@@ -174,6 +176,10 @@ class _HashingWriter:
             self.h.update(chunk)
         self.n += len(chunk)
         return self.raw.write(chunk)
+
+    @property
+    def name(self) -> str:
+        return self.raw.name
 
     def tell(self) -> int:
         return self.raw.tell()
@@ -189,11 +195,13 @@ class _HashingWriter:
     def flush(self) -> None:
         self.raw.flush()
 
+    def from_disk(self) -> bool:
+        """Whether the bytes hashed here may not be the file's (then `mismatch` leaves it to the file on disk)."""
+        return self.rewound or self.n != self.f.size
+
     def mismatch(self) -> str | None:
-        if self.rewound:
-            return None  # decided from the file on disk
-        if self.n != self.f.size:
-            return f"downloaded {self.n} bytes, the Hub lists {self.f.size}"
+        if self.from_disk():
+            return None
         return _digest_mismatch(self.h, self.f)
 
 
