@@ -72,6 +72,9 @@ def shard_catalog(context: dg.AssetExecutionContext, config: CatalogConfig, ware
             "layout_source": res.layout_source,
             "bucket_scheme": res.bucket_scheme or "unknown (buckets only checked to increase with position)",
             "dataset_problems": res.n_problems,
+            "profiled_shards": res.n_profiled,
+            **({"profiles": "streamed from the Hub: head_analysis profiles each shard as it downloads it (once per "
+                            "run) and records the complete catalog and head_samples"} if res.streamed else {}),
             "dataset_root": dg.MetadataValue.path(str(res.root)),
             "preview": md_preview(res.shards[["layer", "head", "kind", "n_rows", "dim", "sliding_window",
                                               "n_examples", "n_buckets", "error"]]),

@@ -47,33 +47,56 @@ BRANCH = "bench-model"
 TARGET_RATIO = 1.15
 
 
-class DiskSampler(threading.Thread):
-    """The peak of the bytes of the shards under a folder, whole or partly downloaded, every `interval`
-    seconds: every file but the card and huggingface_hub's bookkeeping (a few hundred bytes a file)."""
+def peak_shard_bytes(folder: str, interval: float) -> None:
+    """Sample the bytes of the shards under `folder`, whole or partly downloaded, every `interval` seconds:
+    every file but the card and huggingface_hub's bookkeeping (a few hundred bytes a file). Prints the
+    peak when its standard input closes."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    peak = 0
+    while True:
+        last = done.is_set()
+        total = 0
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                if name == "README.md" or name.endswith((".metadata", ".lock")):
+                    continue
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass  # deleted meanwhile
+        peak = max(peak, total)
+        if last:
+            break
+        done.wait(interval)
+    print(peak, flush=True)
+
+
+class DiskSampler:
+    """`peak_shard_bytes` every 20 ms in a child process: walking the folder costs ~1.3 ms of CPU a sample,
+    which would otherwise hold the run's own interpreter lock; its CPU is reported apart (`cpu_s`)."""
 
     def __init__(self, folder: Path, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.folder, self.interval, self.peak = folder, interval, 0
-        self._done = threading.Event()
+        self.folder, self.interval, self.proc = folder, interval, None
 
-    def run(self) -> None:
-        while not self._done.is_set():
-            total = 0
-            for dirpath, _, names in os.walk(self.folder):
-                for name in names:
-                    if name == "README.md" or name.endswith((".metadata", ".lock")):
-                        continue
-                    try:
-                        total += os.stat(os.path.join(dirpath, name)).st_size
-                    except OSError:
-                        pass  # deleted meanwhile
-            self.peak = max(self.peak, total)
-            self._done.wait(self.interval)
+    def start(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--_sample", str(self.folder), str(self.interval)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def cpu_s(self) -> float:
+        return _proc_cpu_s(self.proc.pid)
 
     def stop(self) -> int:
-        self._done.set()
-        self.join()
-        return self.peak
+        out, _ = self.proc.communicate(timeout=30)
+        return int(out.strip())
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(root: str, rate_bytes_per_s: float, max_bytes: int) -> None:
@@ -83,6 +106,7 @@ def serve(root: str, rate_bytes_per_s: float, max_bytes: int) -> None:
 
     with FakeHub(root, rate_limit_bytes_per_s=rate_bytes_per_s, lfs_suffixes=(".parquet",),
                  max_bytes_per_branch=max_bytes) as hub:
+        hub.warm()  # its listing's SHA-256s are computed before any timing
         print(hub.endpoint, flush=True)
         sys.stdin.read()
 
@@ -101,8 +125,7 @@ class ServedHub:
 
     def cpu_s(self) -> float:
         """User + system CPU seconds of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _proc_cpu_s(self.proc.pid)
 
     def __enter__(self) -> "ServedHub":
         return self
@@ -140,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_serve"]:
         serve(argv[1], float(argv[2]), int(argv[3]))
+        return 0
+    if argv[:1] == ["--_sample"]:
+        peak_shard_bytes(argv[1], float(argv[2]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="results (and the generated dataset) go here")
@@ -190,19 +216,25 @@ def main(argv: list[str] | None = None) -> int:
             files = open_branch(REPO_ID, BRANCH, sha, folder)
             streamed = analyze_dataset(cfg, folder, model=BRANCH, revision=sha, progress=False, hub=files)
             wall_s = time.perf_counter() - t0
-            peak = sampler.stop()
+            sampler_cpu = sampler.cpu_s()
             streamed_cpu = _cpu_since(cpu0) + hub.cpu_s() - server0
+            coordinator_cpu = {"streamed": _cpu_since(cpu0, children=False)}
+            server_cpu = {"streamed": hub.cpu_s() - server0}
+            peak = sampler.stop()
             # 2. download-only, the same commit into the same folder
             t0, cpu0, server0 = time.perf_counter(), os.times(), hub.cpu_s()
             download_branch(REPO_ID, BRANCH, sha, local_dir=folder, max_workers=args.download_workers)
             download_s = time.perf_counter() - t0
             download_cpu = _cpu_since(cpu0) + hub.cpu_s() - server0
+            coordinator_cpu["download_only"] = _cpu_since(cpu0, children=False)
+            server_cpu["download_only"] = hub.cpu_s() - server0
         # 3. compute-only over the complete copy
         local_cfg = load_config(None, {**keys, "warehouse": str(work / "local.duckdb")})
         t0, cpu0 = time.perf_counter(), os.times()
         local = analyze_dataset(local_cfg, folder, model=BRANCH, revision=sha, progress=False)
         compute_s = time.perf_counter() - t0
         compute_cpu = _cpu_since(cpu0)
+        coordinator_cpu["compute_only"] = _cpu_since(cpu0, children=False)
         mine, theirs = table_rows(cfg.warehouse), table_rows(local_cfg.warehouse)
         differing = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
         if streamed.run_id != local.run_id:
@@ -225,6 +257,14 @@ def main(argv: list[str] | None = None) -> int:
         # cores the download's own CPU (client, server, hashing) is taken from the analysis workers
         "cpu_s": {"streamed": round(streamed_cpu, 1), "download_only": round(download_cpu, 1),
                   "compute_only": round(compute_cpu, 1)},
+        # of which the local Hub server's (a remote Hub's would be on another machine), and the disk
+        # sampler's during the streamed run (not included above)
+        "server_cpu_s": {k: round(v, 2) for k, v in server_cpu.items()},
+        # of which this process's own (the run's coordinator, its download threads): the rest is the workers'
+        "coordinator_cpu_s": {k: round(v, 2) for k, v in coordinator_cpu.items()},
+        "disk_sampler_cpu_s": round(sampler_cpu, 2),
+        # whether the prefetch depth fit: how long the run waited for downloads, and the downloads for room
+        "stream": streamed.downloads,
         "target_wall_over_bound": TARGET_RATIO,
         "dataset_bytes": dataset_bytes,
         "n_heads": streamed.n_heads,
@@ -244,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_since(before) -> float:
+def _cpu_since(before, children: bool = True) -> float:
     now = os.times()
-    return sum(now[i] - before[i] for i in range(4))  # user, system, children's user and system
+    return sum(now[i] - before[i] for i in range(4 if children else 2))  # user, system, children's user and system
 
 
 if __name__ == "__main__":

@@ -96,25 +96,32 @@ class CatalogResult:
     bucket_scheme: str | None
     n_problems: int  # catalog_problems rows (the dataset's, not any head's)
     shards: pd.DataFrame  # the catalog rows written (without model)
+    n_profiled: int = 0  # shards whose profile is known (streamed: from an earlier run at this commit)
+    streamed: bool = False  # a streamed Hub branch: the analysis step profiles each shard as it downloads it
 
 
 def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | None,
                         warehouse: str, lock_timeout_s: float = 60.0, hub_files=None) -> CatalogResult:
     """Resolve the layout and the dataset card, profile every shard and replace the model's catalog rows
-    (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does. `hub_files`: a
-    streamed Hub branch, each shard downloaded, profiled and deleted in turn (`profile_streamed`)."""
+    (`shards`, `shard_buckets`, `models`, `catalog_problems`), as `analyze_dataset` does.
+
+    `hub_files`: a streamed Hub branch. Nothing is downloaded here: the catalog lists the commit's shards by
+    name (errors known from names: duplicates, outside the layout) with the profiles stored by an earlier run
+    at the same commit, and the analysis step, which downloads each shard once within the disk budget,
+    profiles the others and records the complete catalog (so a partition run downloads each shard once)."""
     from warehouse.run.planning import build_catalog, find_catalog, local_revision
     from warehouse.store.families import checkpoint_of
     from warehouse.store.results import replace_catalog
 
+    db.ensure_schema(warehouse, lock_timeout_s)
     if hub_files is not None:
-        from warehouse.run.hub_stream import profile_streamed
+        from warehouse.run.hub_stream import reuse_profiles
 
-        cat = profile_streamed(find_catalog(root, cfg, listing=hub_files.shard_folders), hub_files, cfg)
+        cat = find_catalog(root, cfg, listing=hub_files.shard_folders)
+        reuse_profiles(warehouse, lock_timeout_s, entry.key, sha, cat, needed=set())
     else:
         cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
     revision = sha or local_revision(cat)
-    db.ensure_schema(warehouse, lock_timeout_s)
     with db.writer(warehouse, lock_timeout_s) as con:
         replace_catalog(con, entry.key, revision, cat.shards, cat.model_info(entry.key, cfg.dataset_name, revision, checkpoint_of(cfg)),
                         cat.problems)
@@ -126,7 +133,7 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
         n_bad=sum(s.error is not None for s in cat.shards),
         n_bucket_rows=sum(len(s.buckets) for s in cat.shards), layout_source=cat.layout.source,
         bucket_scheme=None if cat.card.scheme is None else cat.card.scheme.describe(), n_problems=len(cat.problems),
-        shards=rows,
+        shards=rows, n_profiled=sum(s.n_rows is not None for s in cat.shards), streamed=hub_files is not None,
     )
 
 
@@ -197,8 +204,11 @@ def run_analysis(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: str | Non
     (`hub_files`: a streamed Hub branch)."""
     from warehouse.run.pipeline import analyze_dataset
 
-    return analyze_dataset(cfg, root, model=entry.key, revision=sha, resume=not fresh, progress=False,
-                           on_outcome=on_outcome, hub=hub_files)
+    summary = analyze_dataset(cfg, root, model=entry.key, revision=sha, resume=not fresh, progress=False,
+                              on_outcome=on_outcome, hub=hub_files)
+    if hub_files is not None:  # streamed: the shard profiles, hence the sample sizes, are known only now
+        refresh_head_samples(entry.key, cfg, cfg.warehouse, cfg.lock_timeout_s)
+    return summary
 
 
 RESULT_PREVIEWS = {

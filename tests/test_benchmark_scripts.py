@@ -152,4 +152,8 @@ def test_hub_benchmark_writes_its_figures_and_finds_the_streamed_run_identical(t
         assert result[key] > 0, key
     assert result["identical_to_local"] is True and result["differing_tables"] == []
     assert result["disk_budget_bytes"] == 100_000 and 0 < result["peak_disk_bytes"] <= 100_000
+    # the stream's account: the dataset's bytes once, within the budget; the tools' CPU reported apart
+    assert result["stream"]["downloaded_bytes"] == result["dataset_bytes"]
+    assert 0 < result["stream"]["peak_held_bytes"] <= 100_000
+    assert result["server_cpu_s"]["streamed"] >= 0 and result["disk_sampler_cpu_s"] >= 0
     assert '"identical_to_local": true' in out.stdout

@@ -3,7 +3,9 @@ tests/fake_hub.FakeHub on 127.0.0.1 (HF_ENDPOINT), and a token that must never l
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -12,6 +14,7 @@ import pytest
 from dagster_project.definitions import OWN_ASSETS, defs
 from dagster_project.partitions import TAG_BRANCH, TAG_REPO, TAG_REVISION
 from dagster_project.resources import DatasetsResource, HubResource, WarehouseResource
+from dagster_project.steps import refresh_head_samples
 from warehouse.store import db
 from warehouse.settings.config import load_config
 from warehouse.sources.demo_data import write_synthetic_dataset
@@ -45,9 +48,11 @@ def setup(tmp_path, tmp_path_factory, monkeypatch):
 
     configs = tmp_path / "configs"
     (configs / "dagster").mkdir(parents=True)
+    # streamed partitions get room for one GQA group and a half: never the whole model on disk
+    group_bytes = sum(p.stat().st_size for p in dataset.glob("l00h*/data.parquet"))
     (configs / "dagster" / "hub_repos.yaml").write_text(
         f"repos:\n  - dataset_name: {REPO}\n    branches: [tiny-a, tiny-b, gone]\n"
-        "    overrides: {attention: false, max_workers: 1}\n")
+        f"    overrides: {{attention: false, max_workers: 1, download_budget_gb: {1.5 * group_bytes / 1e9!r}}}\n")
     (configs / "tiny-b.yaml").write_text(
         f"model: tiny-b-model\ndataset_name: {REPO}\nrevision: tiny-b\nmodel_dir: {MODEL_DIR}\n"
         "attention: false\nmax_workers: 1\nhub_download: snapshot\n")
@@ -60,7 +65,7 @@ def setup(tmp_path, tmp_path_factory, monkeypatch):
     configure_hf_client(monkeypatch, hub, hf_home=tmp_path / "hf-home", token=TOKEN)
     instance = dg.DagsterInstance.ephemeral()
     yield {"hub": hub, "resources": resources, "instance": instance, "tmp": tmp_path, "dataset": dataset,
-           "configs": configs}
+           "configs": configs, "budget_bytes": 1.5 * group_bytes}
     instance.dispose()
     hub.stop()
     assert attempts == [], f"non-loopback network access attempted: {attempts}"
@@ -146,37 +151,81 @@ def test_requested_run_downloads_the_pinned_sha_and_matches_analyze_dataset(setu
     assert len(fetched) == 1
 
 
-def test_streamed_partition_matches_analyze_dataset_and_leaves_no_shard_on_disk(setup, tmp_path):
+def test_streamed_partition_downloads_each_shard_once_within_the_budget_and_matches_analyze_dataset(setup, tmp_path):
     s, hub = setup, setup["hub"]
     request = {r.partition_key: r for r in tick(s).run_requests}["tiny-a"]  # tiny-a streams (the default)
     pinned = request.tags[TAG_REVISION]
     hub.write_file(REPO, "tiny-a", "README.md", "# moved after the sensor saw it\n")  # branch moves on
     hub.clear_requests()
-    assert materialize(s, request).success
+    snapshot = Path(s["resources"]["hub"].download_dir) / "qk-org" / "sniffed" / pinned
+    on_disk = DiskPeak(snapshot)
+    try:
+        assert materialize(s, request).success
+    finally:
+        peak = on_disk.stop()
     paths = [r.path for r in hub.requests]
     assert paths and all(pinned in p for p in paths), paths  # never the branch head
-    snapshot = Path(s["resources"]["hub"].download_dir) / "qk-org" / "sniffed" / pinned
     assert (snapshot / "README.md").is_file() and not list(snapshot.rglob("*.parquet"))  # streamed, then deleted
-    # the catalog step profiled every shard once; the analysis reused those profiles and downloaded each shard again
-    fetched = [r for r in hub.requests if r.method == "GET" and r.path.endswith("l00h00q/data.parquet")]
-    assert len(fetched) == 2
+    # one partition run, one download of each shard (the catalog step lists, the analysis step downloads and
+    # profiles), and never more than the budget on disk
+    served = sorted(r.path.rsplit("/", 2)[-2] for r in hub.requests
+                    if r.method == "GET" and r.status in (200, 206) and r.path.endswith("data.parquet"))
+    assert served == sorted(p.parent.name for p in s["dataset"].glob("*/data.parquet"))
+    assert 0 < peak <= s["budget_bytes"], (peak, s["budget_bytes"])
     wh = s["resources"]["warehouse"].path
+    tables = ("shards", "shard_buckets", "head_samples", "head_metrics", "head_bucket_plasticity",
+              "head_component_weights")
+    exclude = {"shards": "model, path", "head_samples": "model, q_path, k_path"}
     with db.reader(wh) as con:
         run_id, revision = con.execute("SELECT run_id, revision FROM runs WHERE model = 'tiny-a'").fetchone()
-        streamed = {t: con.execute(f"SELECT * EXCLUDE (model, path) FROM {t} WHERE model = 'tiny-a' ORDER BY ALL"
-                                   ).fetchall() if t == "shards" else
-                    con.execute(f"SELECT * EXCLUDE (model) FROM {t} WHERE model = 'tiny-a' ORDER BY ALL").fetchall()
-                    for t in ("shards", "shard_buckets", "head_metrics", "head_bucket_plasticity",
-                              "head_component_weights")}
+        streamed = {t: con.execute(f"SELECT * EXCLUDE ({exclude.get(t, 'model')}) FROM {t} WHERE model = 'tiny-a' "
+                                   "ORDER BY ALL").fetchall() for t in tables}
     assert revision == pinned
+    assert all(row[0] is not None for row in con_rows(wh, "SELECT q_rows FROM head_samples"))  # profiled
     cfg = load_config(None, {"warehouse": str(tmp_path / "ref.duckdb"), "attention": False, "max_workers": 1})
     ref = analyze_dataset(cfg, s["dataset"], model="tiny-a", revision=pinned, progress=False)
+    refresh_head_samples("tiny-a", cfg, cfg.warehouse)
     assert ref.run_id == run_id
     with db.reader(cfg.warehouse) as con:
         for table, rows in streamed.items():
-            exclude = "model, path" if table == "shards" else "model"
-            want = con.execute(f"SELECT * EXCLUDE ({exclude}) FROM {table} ORDER BY ALL").fetchall()
+            want = con.execute(f"SELECT * EXCLUDE ({exclude.get(table, 'model')}) FROM {table} ORDER BY ALL").fetchall()
             assert rows and canon(rows) == canon(want), table
+    # a second run of the finished partition downloads nothing: the catalog step keeps the stored profiles
+    hub.clear_requests()
+    assert materialize(s, request).success
+    assert [r for r in hub.requests if r.path.endswith("data.parquet")] == []
+
+
+class DiskPeak:
+    """The peak bytes of the shards under a folder (whole or partly downloaded), sampled every ~2 ms by a thread."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.peak, self._done = folder, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            total = 0
+            for dirpath, _, names in os.walk(self.folder):
+                for name in names:
+                    if name.endswith(".parquet") or name.endswith(".incomplete"):
+                        try:
+                            total += os.stat(os.path.join(dirpath, name)).st_size
+                        except OSError:
+                            pass  # deleted meanwhile
+            self.peak = max(self.peak, total)
+            self._done.wait(0.002)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
+def con_rows(path: str, query: str) -> list:
+    with db.reader(path) as con:
+        return con.execute(query).fetchall()
 
 
 def test_token_is_never_logged_or_stored(setup):

@@ -70,6 +70,12 @@ def streamed_run(env, name: str, on_outcome=None, **extra):
                                        on_outcome=on_outcome)
 
 
+def shards_served(hub) -> list[str]:
+    """The shard folders whose bytes the Hub sent (a GET answered with a body; redirects carry none), sorted."""
+    return sorted(r.path.rsplit("/", 2)[-2] for r in hub.requests
+                  if r.method == "GET" and r.status in (200, 206) and r.path.endswith("data.parquet"))
+
+
 def parquet_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*.parquet"))
 
@@ -114,6 +120,9 @@ def test_streamed_run_stores_what_a_run_over_the_complete_copy_stores_within_the
     assert summary.n_done == N_HEADS and summary.n_errors == 0 and summary.revision == files.sha
     budget = cfg.download_budget_gb * 1e9
     assert seen_on_disk and max(seen_on_disk) <= budget, (max(seen_on_disk), budget)
+    # the stream's own account: every shard's bytes once, never more than the budget held at once
+    assert summary.downloads["downloaded_bytes"] == parquet_bytes(env["branch_dir"] / MODEL_DIR)
+    assert 0 < summary.downloads["peak_held_bytes"] <= budget
     assert parquet_bytes(files.local_dir) == 0  # every shard deleted once its group was committed
     assert (files.local_dir / "README.md").is_file()
     # the reference: the whole branch at the same commit, downloaded to the same folder, analysed as a local copy
@@ -129,9 +138,15 @@ def test_streamed_run_stores_what_a_run_over_the_complete_copy_stores_within_the
     assert all(r[-1] is None for r in streamed["shards"])  # no shard has an error
 
 
-def test_keep_downloads_keeps_the_shards(env):
+def test_keep_downloads_keeps_the_shards_and_a_killed_runs_partial_files_go(env):
+    # what a run killed mid-download leaves beside a shard: the next run removes it
+    folder = streamed_dir(env["tmp"] / "downloads", REPO, env["hub"].branch_sha(REPO, BRANCH))
+    stale = folder / MODEL_DIR / "l01h00q" / ".data.parquet.x1y2z3.incomplete"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a shard")
     _, files, summary = streamed_run(env, "kept", keep_downloads=True)
     assert summary.n_done == N_HEADS
+    assert not stale.exists()
     assert parquet_bytes(files.local_dir) == parquet_bytes(env["branch_dir"] / MODEL_DIR)
 
 
@@ -156,8 +171,7 @@ def test_failed_download_is_an_error_on_its_heads_and_the_next_run_downloads_onl
     hub.clear_requests()
     _, _, second = streamed_run(env, "retry")
     assert second.run_id == first.run_id and (second.n_computed, second.n_errors) == (3, 0)
-    fetched = sorted(r.path.rsplit("/", 2)[-2] for r in hub.requests
-                     if r.method == "GET" and r.path.endswith("data.parquet"))
+    fetched = shards_served(hub)
     assert fetched == ["l01h01k", "l01h03q", "l02h00k", "l02h00q", "l02h01q"]
 
 
@@ -174,3 +188,34 @@ def test_a_branch_moving_mid_run_changes_nothing_stored(env):
     cfg, files, summary = streamed_run(env, "moving", on_outcome=move_once)
     assert moved and moved[0] != files.sha
     assert summary.revision == files.sha and summary.n_done == N_HEADS and summary.n_errors == 0
+
+
+def test_an_interrupted_run_resumes_downloading_only_the_unfinished_heads_shards(env):
+    hub = env["hub"]
+    seen = []
+
+    def interrupt(_outcome):  # Ctrl-C while the third group's results arrive: three groups are committed
+        seen.append(_outcome)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        streamed_run(env, "resumed", on_outcome=interrupt)
+    cfg = config(env, "resumed")
+    with duckdb.connect(cfg.warehouse, read_only=True) as con:
+        status = con.execute("SELECT status FROM runs").fetchall()
+        done = con.execute("SELECT layer, k_head FROM head_metrics GROUP BY ALL ORDER BY ALL").fetchall()
+    assert status == [("interrupted",)] and done == [(0, 0), (0, 1), (1, 0)]
+    hub.clear_requests()
+    _, files, second = streamed_run(env, "resumed")
+    assert (second.n_computed, second.n_errors, second.n_done) == (6, 0, N_HEADS)
+    # the three unfinished groups' key and query shards, nothing downloaded only for its profile
+    assert shards_served(hub) == ["l01h01k", "l01h02q", "l01h03q", "l02h00k", "l02h00q", "l02h01k", "l02h01q",
+                                  "l02h02q", "l02h03q"]
+    download_branch(REPO, BRANCH, files.sha, model_dir=MODEL_DIR, local_dir=files.local_dir)
+    ref_cfg = config(env, "uninterrupted")
+    ref = analyze_dataset(ref_cfg, files.local_dir, model=BRANCH, revision=files.sha, progress=False)
+    assert ref.run_id == second.run_id
+    resumed, reference = table_rows(cfg.warehouse), table_rows(ref_cfg.warehouse)
+    for table in reference:
+        assert resumed[table] == reference[table], table

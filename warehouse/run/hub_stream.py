@@ -13,7 +13,7 @@ from warehouse.sources.catalog import BucketRange, ShardError
 from warehouse.store import db
 from warehouse.run.streaming import ShardStream
 from warehouse.settings.config import RunConfig
-from warehouse.sources.hub_files import HubBranchFiles, download_shard
+from warehouse.sources.hub_files import HubBranchFiles, download_shard, remove_partial_downloads
 
 #: Parallel downloads when `download_max_workers` is not set (huggingface_hub's own default).
 DEFAULT_DOWNLOAD_WORKERS = 8
@@ -44,7 +44,8 @@ def reuse_profiles(warehouse: str, lock_timeout_s: float, model: str, revision: 
                    needed: set[str]) -> int:
     """Fill in, from the warehouse's catalog of the same model at the same commit, the profile of each
     shard outside `needed` (the paths the run's groups read): a resumed streamed run then downloads
-    only what its unfinished heads need (and a run after the catalog asset, only what it computes). The profile of a file depends on its bytes and the card's
+    only what its unfinished heads need (each batch of a streamed run stores the profiles of the shards
+    its heads read). The profile of a file depends on its bytes and the card's
     bucket scheme alone, both fixed by the commit, so the stored rows are the ones profiling gives.
     Returns how many shards were filled in."""
     wanted = {s.path: s for s in cat.shards if s.path not in needed and s.error is None}
@@ -77,23 +78,6 @@ def reuse_profiles(warehouse: str, lock_timeout_s: float, model: str, revision: 
     return n
 
 
-def profile_streamed(cat: Catalog, files: HubBranchFiles, cfg: RunConfig) -> Catalog:
-    """Profile every shard of a Hub branch without holding it on disk: each is downloaded within the
-    disk budget, profiled and deleted (unless ``keep_downloads``). A failed download is the shard's
-    `download_failed` error. What `profile_catalog` does for a local dataset."""
-    with open_stream(files, cat, [], cfg) as stream:
-        for shard in cat.shards:
-            if shard.error is not None or shard.n_rows is not None:
-                continue
-            failures = stream.wait(("profile", shard.path))
-            if shard.path in failures:
-                shard.error = ShardError(shard.path, "download_failed", f"download failed: {failures[shard.path]}")
-            else:
-                cat.profile(shard)
-            stream.release(("profile", shard.path))
-    return cat
-
-
 @contextmanager
 def open_stream(hub: HubBranchFiles | None, cat: Catalog, groups: list[GroupTask],
                 cfg: RunConfig) -> Iterator[ShardStream | None]:
@@ -102,6 +86,7 @@ def open_stream(hub: HubBranchFiles | None, cat: Catalog, groups: list[GroupTask
     if hub is None:
         yield None
         return
+    remove_partial_downloads(hub)  # a killed run's partial files
     sizes = {path: f.size for path, f in hub.shards.items()}
     stream = ShardStream(stream_units(cat, groups), sizes, lambda path: download_shard(hub, path),
                          budget_bytes=int(cfg.download_budget_gb * 1e9),

@@ -79,6 +79,7 @@ class RunSummary:
     status: str
     seconds: float
     warehouse: str
+    downloads: dict | None = None  # a streamed Hub run's `ShardStream.stats` (None for a local dataset)
 
 
 def analyze_dataset(
@@ -114,7 +115,7 @@ def analyze_dataset(
 
     `hub`: the shards are a Hub branch's at one commit, not (all) on disk: the run is planned from the
     Hub's listing, its revision is the commit sha, and each group's shards are downloaded as its turn
-    comes, within ``cfg.download_budget_gb``, and deleted once its results are committed
+    comes, within ``cfg.download_budget_gb``, and deleted once its results are in
     (`warehouse.run.hub_stream`). Every stored value is the same as a run over a complete copy.
     """
     t0 = time.perf_counter()
@@ -166,12 +167,8 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
     revision = info.revision
     profiled: set[int] = set()
 
-    computed: list = []  # streamed groups whose results wait for their commit, then their shards go
-
     def arrived(key, shards) -> None:
         """Wait for a streamed unit's downloads; a file that failed is an error on its heads, naming it."""
-        if not stream.ready(key):
-            commit_and_release()  # the download may wait for their room in the budget
         failures = stream.wait(key)
         for shard in shards:
             if shard is not None and shard.path in failures:
@@ -182,6 +179,10 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if shard is not None and id(shard) not in profiled:
             cat.profile(shard)
             profiled.add(id(shard))
+            if stream is not None:
+                unsaved.append(shard)
+
+    unsaved: list[ShardInfo] = []  # streamed: profiles not in the stored catalog yet, written with the next batch
 
     def prepare(task: GroupTask) -> None:
         # every group needs the analysis kernels (a no-op once cached); attention waits in iter_outcomes
@@ -235,23 +236,15 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if buffer:
             with db.writer(wh, cfg.lock_timeout_s) as wcon:
                 results.write_outcomes(wcon, model, run_id, buffer, present)
+                if unsaved and run_opened:  # streamed: the profiles of the shards these heads read
+                    results.replace_shard_profiles(wcon, model, revision, unsaved)
+                    unsaved.clear()
             buffer.clear()
         last_flush = time.monotonic()
 
-    def commit_and_release() -> None:
-        flush()
-        for key in computed:
-            stream.release(key)
-        computed.clear()
-
     def group_ready(task: GroupTask) -> bool:
-        """Whether a streamed group's shards are in; if not, and the downloads wait for room, the
-        computed groups are committed now and their shards deleted."""
-        if stream.ready((task.layer, task.k_head)):
-            return True
-        if computed and stream.starved():
-            commit_and_release()
-        return False
+        """Whether a streamed group's shards are in."""
+        return stream.ready((task.layer, task.k_head))
 
     def take(outcomes: list[results.HeadOutcome]) -> None:
         nonlocal n_failed
@@ -276,15 +269,15 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         take(failed)  # heads the plan knows cannot run: written with the first batch, after open_run
         for outcomes in iter_outcomes(groups, workers, pool, prepare=prepare, started=open_run, **deferral,
                                       ready=None if stream is None else group_ready):
+            if stream is not None:
+                # nothing reads a group's shards once its outcomes are in, so they go now, not at the commit:
+                # a run whose downloads wait for room commits in the usual batches instead of once a group
+                # (opening the warehouse and committing alone is ~20 ms of CPU); a crash before the commit
+                # loses those heads, and the next run downloads their shards again
+                stream.release((outcomes[0].layer, outcomes[0].k_head))
             take(outcomes)
-            if stream is not None:  # its shards go once its results are committed
-                computed.append((outcomes[0].layer, outcomes[0].k_head))
             if len(buffer) >= FLUSH_EVERY_HEADS or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
-            if stream is not None and (stream.starved() or not buffer):
-                commit_and_release()  # commit now when the next download needs the room
-        if stream is not None:
-            commit_and_release()
         flush()
         if stream is not None:
             # the shards no group reads are downloaded only for their profile, and go at once
@@ -305,4 +298,4 @@ def _run(cfg, cat, groups, pool, workers, t0, *, model, info, run_id, failed, re
         if bar is not None:
             bar.close()
     return RunSummary(model, run_id, revision, n_heads, n_todo, n_heads - n_todo, n_done, n_err, status,
-                      time.perf_counter() - t0, str(wh))
+                      time.perf_counter() - t0, str(wh), None if stream is None else stream.stats())

@@ -1,12 +1,12 @@
 """Shards that arrive while the run computes: a Hub run downloads each GQA group's shards as its turn
-comes, within a disk budget, and deletes them once the group's results are committed.
+comes, within a disk budget, and deletes them once the group's results are in.
 
 `ShardStream` takes the run's units in plan order (each GQA group, then one unit per shard no group
 reads, which the catalog still profiles) and downloads them in that order with `max_workers` threads.
 A unit starts downloading when its bytes fit in the budget next to those already on disk or
 downloading; a unit larger than the whole budget starts alone. So the prefetch depth adapts by
 itself: as many groups ahead of the workers as the budget holds, and downloads never wait for the
-workers while there is room. `release(key)` (after the unit's results are committed) deletes its files
+workers while there is room. `release(key)` (once the unit's results are in: nothing reads its files again) deletes its files
 (unless `keep`) and frees its bytes for the next units. A failed download is recorded against its
 file, never raised: the pipeline turns it into an error on the file's heads, and the next run, which
 finds those heads unfinished, downloads the file again.
@@ -15,6 +15,7 @@ finds those heads unfinished, downloads the file again.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,13 @@ class ShardStream:
             self._units[key] = unit
             self._order.append(unit)
         self._held = 0  # bytes of started, not yet released units
-        self._starved = False  # the next unit waits for bytes to be released
         self.peak_held_bytes = 0
+        self.wait_s = 0.0  # time the run blocked in `wait` (its next unit still downloading)
+        self.starved_s = 0.0  # time the next unit waited for room in the budget (for the run to release)
+        self.idle_s = 0.0  # of which no file was downloading: the network waited for the workers
+        self._in_flight = 0  # files submitted and not finished
+        self._idle_from: float | None = None  # since when nothing downloads while the next unit waits for room
+        self.downloaded_bytes = 0
         self._cond = threading.Condition()
         self._stopped = False
         self._pool = ThreadPoolExecutor(max(1, max_workers), thread_name_prefix="shard-download")
@@ -62,12 +68,19 @@ class ShardStream:
     def _schedule(self) -> None:
         for unit in self._order:
             with self._cond:
+                t0 = time.perf_counter()
                 while not self._stopped and self._held > 0 and self._held + unit.size > self.budget_bytes:
-                    self._starved = True
+                    if self._in_flight == 0 and self._idle_from is None:
+                        self._idle_from = time.perf_counter()
                     self._cond.wait()
-                self._starved = False
+                now = time.perf_counter()
+                self.starved_s += now - t0
+                if self._idle_from is not None:
+                    self.idle_s += now - self._idle_from
+                    self._idle_from = None
                 if self._stopped:
                     return
+                self._in_flight += len(unit.paths)
                 unit.started = True
                 unit.remaining = len(unit.paths)
                 self._held += unit.size
@@ -94,7 +107,10 @@ class ShardStream:
         with self._cond:
             if error is not None:
                 unit.errors[path] = error
+            else:
+                self.downloaded_bytes += self._sizes[path]
             unit.remaining -= 1
+            self._in_flight -= 1
             if unit.remaining == 0:
                 unit.ready = True
                 self._cond.notify_all()
@@ -105,22 +121,30 @@ class ShardStream:
         unit = self._units.get(key)
         return unit is None or unit.ready
 
-    def starved(self) -> bool:
-        """Whether the next download waits for room in the budget (the run should release what it can)."""
-        return self._starved
-
     def wait(self, key: Hashable) -> dict[str, str]:
         """Block until the unit's downloads are over; the files that failed, with why."""
         unit = self._units.get(key)
         if unit is None:
             return {}
         with self._cond:
+            t0 = time.perf_counter()
             while not unit.ready:
                 self._cond.wait()
+            self.wait_s += time.perf_counter() - t0
             return dict(unit.errors)
 
+    def stats(self) -> dict:
+        """What the stream did: bytes downloaded, the peak bytes held (on disk or downloading), how long
+        the run waited for downloads, the next download for room in the budget, and of that how long no
+        file was downloading at all (the network idle, waiting for the workers). The prefetch depth fits
+        when either the run's wait or the network's idle time is near 0 (the other side is the bound)."""
+        with self._cond:
+            return {"downloaded_bytes": self.downloaded_bytes, "peak_held_bytes": self.peak_held_bytes,
+                    "budget_bytes": self.budget_bytes, "run_waited_s": round(self.wait_s, 3),
+                    "downloads_waited_s": round(self.starved_s, 3), "network_idle_s": round(self.idle_s, 3)}
+
     def release(self, key: Hashable) -> None:
-        """The unit's results are committed: delete its files (unless `keep`) and free its bytes."""
+        """The unit's results are in: delete its files (unless `keep`) and free its bytes."""
         unit = self._units.get(key)
         if unit is None or unit.released or not unit.started:
             return

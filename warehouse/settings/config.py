@@ -82,12 +82,12 @@ class RunConfig:
     # --- Hub runs (none of them changes a number) ---
     hub_download: str = option(
         "stream", choices=("stream", "snapshot"),
-        help="stream = download each group's shards as its turn comes and delete them once committed "
+        help="stream = download each group's shards as its turn comes and delete them once computed "
              "(bounded disk, docs/scaling.md); snapshot = download the whole branch first and keep it")
     download_budget_gb: float = option(4.0, gt=0, help="streamed Hub runs: GB of shards on disk or downloading at once "
                                                         "(a group larger than this runs alone)")
     keep_downloads: bool = option(False, help="streamed Hub runs: keep each group's shards after its results are "
-                                              "committed (local datasets are never deleted)")
+                                              "computed (local datasets are never deleted)")
     # --- warehouse keys ---
     model: str | None = option(None, check=name_problem, accepts="a name without / \\ : or control characters",
                                help="model name in the warehouse and the results folder",

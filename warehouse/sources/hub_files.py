@@ -4,7 +4,8 @@ downloading), fetch the card, and download one shard pinned to the commit, check
 A streamed run (`warehouse.run.streaming`) downloads a group's shards as the group's turn comes and
 deletes them once its results are committed, instead of downloading the whole branch first
 (`warehouse.sources.hub.download_branch`). Every download here goes through huggingface_hub's own
-`hf_hub_download`, pinned with ``revision=<sha>``, into ``local_dir``: a shard lands at
+client (`hf_hub_download` for the card, `http_get` for a shard, whose size and hash the listing already
+gave), pinned to ``<sha>``, into ``local_dir``: a shard lands at
 ``<local_dir>/<path in the repo>``, the same place a complete download of the branch into that folder
 puts it, so a streamed run and a run over the complete copy see the same paths.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,16 +116,111 @@ def download_card(files: HubBranchFiles) -> Path | None:
 def download_shard(files: HubBranchFiles, local_path: str) -> Path:
     """Download one shard pinned to the commit and check its bytes against the Hub's hash.
 
-    Raises `HubError` naming the file when the download fails or the bytes differ (the partial or wrong
-    file is removed, so the next run downloads it again)."""
+    One GET of ``<endpoint>/datasets/<repo>/resolve/<sha>/<path>`` (huggingface_hub's `http_get`, with its
+    retries and resume), written to a temporary file beside the shard and hashed as the bytes arrive,
+    so each byte is hashed once and never read back; the file takes the shard's name only once its size
+    and hash are the listing's (`HubFile`). The listing already gave both, so no metadata request is made.
+    A shard already at its place (``keep_downloads`` from an earlier run) is hashed from disk and kept when
+    it matches. Raises `HubError` naming the file when the download fails or the bytes differ (nothing
+    is left behind, so the next run downloads it again)."""
     f = files.shards[local_path]
-    out = _download(files, f.repo_path)
-    problem = content_mismatch(out, f)
-    if problem is not None:
-        out.unlink(missing_ok=True)
-        raise HubError(f"{f.repo_path} of dataset repo {files.repo_id!r} (commit {files.sha}): {problem}",
-                       repo_id=files.repo_id, branch=files.branch, sha=files.sha)
+    out = Path(local_path)
+    if out.is_file() and content_mismatch(out, f) is None:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".incomplete")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with open(tmp, "wb") as raw:  # opened by name: `raw.name` is the path
+            sink = _HashingWriter(raw, f)
+            _get(files, f, sink)
+            problem = sink.mismatch()
+        if sink.from_disk():  # the client restarted the body, or wrote the file itself: hash it as written
+            problem = content_mismatch(tmp, f)
+        if problem is not None:
+            raise HubError(f"{f.repo_path} of dataset repo {files.repo_id!r} (commit {files.sha}): {problem}",
+                           repo_id=files.repo_id, branch=files.branch, sha=files.sha)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def remove_partial_downloads(files: HubBranchFiles) -> int:
+    """Delete the temporary files `download_shard` leaves beside a shard when its process is killed
+    mid-download (``.data.parquet.*.incomplete``), so they do not hold disk outside the budget of the
+    next run. Returns how many were removed."""
+    n = 0
+    for folder in {Path(p).parent for p in files.shards}:
+        for stale in folder.glob(f".{SHARD_FILENAME}.*.incomplete"):
+            stale.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+class _HashingWriter:
+    """The file object `http_get` writes to: each chunk is hashed (SHA-256 of an LFS file, else the git
+    blob id) and written. When the chunks seen are not the file (a rewind, after a resumed download the
+    server answered in full; or a client version that writes the file by its name, such as hf_transfer),
+    the caller hashes the file from disk instead."""
+
+    def __init__(self, raw, f: HubFile):
+        self.raw, self.f = raw, f
+        self.h = _hasher(f)
+        self.n = 0
+        self.rewound = False
+
+    def write(self, chunk) -> int:
+        if self.h is not None:
+            self.h.update(chunk)
+        self.n += len(chunk)
+        return self.raw.write(chunk)
+
+    @property
+    def name(self) -> str:
+        return self.raw.name
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def seek(self, *args) -> int:
+        self.rewound = True
+        return self.raw.seek(*args)
+
+    def truncate(self, *args) -> int:
+        self.rewound = True
+        return self.raw.truncate(*args)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def from_disk(self) -> bool:
+        """Whether the bytes hashed here may not be the file's (then `mismatch` leaves it to the file on disk)."""
+        return self.rewound or self.n != self.f.size
+
+    def mismatch(self) -> str | None:
+        if self.from_disk():
+            return None
+        return _digest_mismatch(self.h, self.f)
+
+
+def _hasher(f: HubFile):
+    if f.sha256 is not None:
+        return hashlib.sha256()
+    if f.git_oid is not None:
+        return hashlib.sha1(b"blob %d\0" % f.size)
+    return None
+
+
+def _digest_mismatch(h, f: HubFile) -> str | None:
+    if h is None:
+        return None
+    want = f.sha256 if f.sha256 is not None else f.git_oid
+    if h.hexdigest() != want:
+        what = "SHA-256" if f.sha256 is not None else "git blob id"
+        return f"content {what} {h.hexdigest()} differs from the Hub's {want}"
+    return None
 
 
 def content_mismatch(path: Path, f: HubFile) -> str | None:
@@ -131,17 +228,29 @@ def content_mismatch(path: Path, f: HubFile) -> str | None:
     size = path.stat().st_size
     if size != f.size:
         return f"downloaded {size} bytes, the Hub lists {f.size}"
-    if f.sha256 is None and f.git_oid is None:
+    h = _hasher(f)
+    if h is None:
         return None
-    h = hashlib.sha256() if f.sha256 is not None else hashlib.sha1(b"blob %d\0" % size)
     with open(path, "rb", buffering=0) as fh:
         while chunk := fh.read(READ_BYTES):
             h.update(chunk)
-    want = f.sha256 if f.sha256 is not None else f.git_oid
-    if h.hexdigest() != want:
-        what = "SHA-256" if f.sha256 is not None else "git blob id"
-        return f"content {what} {h.hexdigest()} differs from the Hub's {want}"
-    return None
+    return _digest_mismatch(h, f)
+
+
+def _get(files: HubBranchFiles, f: HubFile, sink: _HashingWriter) -> None:
+    """One pinned GET of `f` into `sink`, failures translated by `_call` into a `HubError` naming the file."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    ep = _resolve_endpoint(files.endpoint)
+    tok = _resolve_token(files.token)
+    url = hf_hub_url(files.repo_id, f.repo_path, repo_type=REPO_TYPE, revision=files.sha, endpoint=ep)
+    headers = build_hf_headers(token=tok, library_name=_LIBRARY_NAME)
+    _call(lambda: http_get(url, sink, headers=headers, expected_size=f.size,
+                           displayed_filename=f.repo_path.rsplit("/", 2)[-2]),
+          what=f"downloading {f.repo_path}", repo_id=files.repo_id, branch=files.branch, sha=files.sha,
+          endpoint=ep, token=tok)
 
 
 def _download(files: HubBranchFiles, repo_path: str) -> Path:

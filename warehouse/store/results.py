@@ -135,6 +135,30 @@ def replace_catalog(con: duckdb.DuckDBPyConnection, model: str, revision: str, s
         con.unregister("_buckets")
 
 
+def replace_shard_profiles(con: duckdb.DuckDBPyConnection, model: str, revision: str, shards) -> None:
+    """Replace the catalog rows (`shards` by path, `shard_buckets` by head) of these shards only: a streamed
+    run records each profile with the results of the heads that read the shard, so a resumed run finds
+    the profiles of finished heads' shards (`warehouse.run.hub_stream.reuse_profiles`) without downloading them."""
+    shards = list(shards)
+    if not shards:
+        return
+    keys = {"model": [model] * len(shards), "path": [s.path for s in shards], "layer": [s.layer for s in shards],
+            "head": [s.head for s in shards], "kind": [s.kind for s in shards]}
+    con.register("_profiled", pa.table(keys))
+    con.execute("DELETE FROM shards WHERE model = $m AND path IN (SELECT path FROM _profiled)", {"m": model})
+    con.execute("DELETE FROM shard_buckets WHERE model = $m AND (layer, head, kind) IN "
+                "(SELECT (layer, head, kind) FROM _profiled)", {"m": model})
+    con.unregister("_profiled")
+    con.register("_shards", pa.table(catalog_columns(shards, model, revision)))
+    con.execute("INSERT INTO shards BY NAME SELECT * FROM _shards")
+    con.unregister("_shards")
+    buckets = bucket_columns(shards, model)
+    if buckets["model"]:
+        con.register("_buckets", pa.table(buckets))
+        con.execute("INSERT INTO shard_buckets BY NAME SELECT * FROM _buckets")
+        con.unregister("_buckets")
+
+
 def start_run(con, run_id: str, model: str, dataset_name: str | None, revision: str, config: dict,
               package_version: str, n_heads: int) -> None:
     con.execute("DELETE FROM runs WHERE run_id = $r AND model = $m", {"r": run_id, "m": model})
