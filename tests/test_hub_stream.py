@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,27 @@ def test_an_interrupted_run_resumes_downloading_only_the_unfinished_heads_shards
     resumed, reference = table_rows(cfg.warehouse), table_rows(ref_cfg.warehouse)
     for table in reference:
         assert resumed[table] == reference[table], table
+
+
+def test_a_second_streamed_run_into_the_same_folder_waits_then_stops_naming_it(env):
+    """Two runs streaming one commit into one folder would delete each other's shards and partial
+    downloads: the folder's lock file (beside it, not in the dataset root) makes the second one wait
+    for lock_timeout_s, then stop with one error naming the folder, before it downloads anything."""
+    import fcntl
+
+    from warehouse.sources.hub import HubError
+
+    folder = streamed_dir(env["tmp"] / "downloads", REPO, env["hub"].branch_sha(REPO, BRANCH))
+    lock = folder.with_name(folder.name + ".stream-lock")
+    lock.parent.mkdir(parents=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running streamed run holds (another open file description)
+    try:
+        with pytest.raises(HubError, match="another streamed run is downloading into .*waited 0.3s"):
+            streamed_run(env, "second", lock_timeout_s=0.3)
+        assert shards_served(env["hub"]) == []
+    finally:
+        os.close(fd)
+    _, files, summary = streamed_run(env, "second")  # the holder gone: the run goes ahead
+    assert summary.n_done == N_HEADS and summary.n_errors == 0
+    assert not any(p.name.endswith(".stream-lock") for p in files.local_dir.rglob("*"))

@@ -13,7 +13,7 @@ from warehouse.sources.catalog import BucketRange, ShardError
 from warehouse.store import db
 from warehouse.run.streaming import ShardStream
 from warehouse.settings.config import RunConfig
-from warehouse.sources.hub_files import HubBranchFiles, download_shard, remove_partial_downloads
+from warehouse.sources.hub_files import HubBranchFiles, download_shard, remove_partial_downloads, stream_folder_lock
 
 #: Parallel downloads when `download_max_workers` is not set (huggingface_hub's own default).
 DEFAULT_DOWNLOAD_WORKERS = 8
@@ -86,13 +86,14 @@ def open_stream(hub: HubBranchFiles | None, cat: Catalog, groups: list[GroupTask
     if hub is None:
         yield None
         return
-    remove_partial_downloads(hub)  # a killed run's partial files
-    sizes = {path: f.size for path, f in hub.shards.items()}
-    stream = ShardStream(stream_units(cat, groups), sizes, lambda path: download_shard(hub, path),
-                         budget_bytes=int(cfg.download_budget_gb * 1e9),
-                         max_workers=cfg.download_max_workers or DEFAULT_DOWNLOAD_WORKERS,
-                         keep=bool(cfg.keep_downloads))
-    try:
-        yield stream
-    finally:
-        stream.close()
+    with stream_folder_lock(hub, cfg.lock_timeout_s):  # one streamed run per commit folder at a time
+        remove_partial_downloads(hub)  # a killed run's partial files
+        sizes = {path: f.size for path, f in hub.shards.items()}
+        stream = ShardStream(stream_units(cat, groups), sizes, lambda path: download_shard(hub, path),
+                             budget_bytes=int(cfg.download_budget_gb * 1e9),
+                             max_workers=cfg.download_max_workers or DEFAULT_DOWNLOAD_WORKERS,
+                             keep=bool(cfg.keep_downloads))
+        try:
+            yield stream
+        finally:
+            stream.close()

@@ -15,9 +15,12 @@ top-level ``README.md`` are ever turned into local paths.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +148,43 @@ def download_shard(files: HubBranchFiles, local_path: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+#: Suffix of the lock file a streamed run holds beside its commit folder (``<local_dir>.stream-lock``,
+#: outside the dataset root, so a kept download analysed later as a local dataset holds no stray file).
+STREAM_LOCK_SUFFIX = ".stream-lock"
+
+
+def stream_lock_path(files: HubBranchFiles) -> Path:
+    return files.local_dir.with_name(files.local_dir.name + STREAM_LOCK_SUFFIX)
+
+
+@contextmanager
+def stream_folder_lock(files: HubBranchFiles, timeout_s: float):
+    """Hold ``<local_dir>.stream-lock`` (an exclusive ``flock``) while a streamed run uses the
+    folder: two runs streaming the same commit into one folder would delete each other's shards and
+    partial downloads. A second run waits up to `timeout_s`, then stops with a HubError naming the
+    folder. The kernel drops the lock when its holder exits, however it ends, so a killed run never
+    leaves the folder locked."""
+    lock = stream_lock_path(files)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HubError(f"another streamed run is downloading into {files.local_dir} (it holds "
+                                   f"{lock}); waited {timeout_s:g}s: run again when it has finished, or "
+                                   f"give this run its own dataset_cache_dir", repo_id=files.repo_id,
+                                   sha=files.sha) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def remove_partial_downloads(files: HubBranchFiles) -> int:
