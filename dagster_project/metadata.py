@@ -61,11 +61,14 @@ def check_result(outcome: CheckOutcome, asset_key: str) -> dg.AssetCheckResult:
         asset_key=asset_key,
         check_name=outcome.name,
         passed=outcome.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
+        # shards not profiled yet are not a violation: a warning until a later materialization checks them
+        severity=dg.AssetCheckSeverity.WARN if outcome.n_not_profiled and not outcome.n_violations
+        else dg.AssetCheckSeverity.ERROR,
         description=outcome.message,
         metadata={
             "rows_checked": outcome.n_checked,
             "violations": outcome.n_violations,
+            "not_profiled_yet": outcome.n_not_profiled,
             "offending_rows": md_preview(outcome.violations),
         },
     )

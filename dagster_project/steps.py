@@ -113,14 +113,17 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
     from warehouse.store.families import checkpoint_of
     from warehouse.store.results import replace_catalog
 
-    db.ensure_schema(warehouse, lock_timeout_s)
+    # the layout is resolved before the warehouse is touched: a dataset whose layout cannot be known
+    # creates no warehouse file
     if hub_files is not None:
         from warehouse.run.hub_stream import reuse_profiles
 
         cat = find_catalog(root, cfg, listing=hub_files.shard_folders)
+        db.ensure_schema(warehouse, lock_timeout_s)
         reuse_profiles(warehouse, lock_timeout_s, entry.key, sha, cat, needed=set())
     else:
         cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
+        db.ensure_schema(warehouse, lock_timeout_s)
     revision = sha or local_revision(cat)
     with db.writer(warehouse, lock_timeout_s) as con:
         replace_catalog(con, entry.key, revision, cat.shards, cat.model_info(entry.key, cfg.dataset_name, revision, checkpoint_of(cfg)),

@@ -160,7 +160,8 @@ def test_streamed_partition_downloads_each_shard_once_within_the_budget_and_matc
     snapshot = Path(s["resources"]["hub"].download_dir) / "qk-org" / "sniffed" / pinned
     on_disk = DiskPeak(snapshot)
     try:
-        assert materialize(s, request).success
+        first = materialize(s, request)
+        assert first.success
     finally:
         peak = on_disk.stop()
     paths = [r.path for r in hub.requests]
@@ -192,8 +193,20 @@ def test_streamed_partition_downloads_each_shard_once_within_the_budget_and_matc
             assert rows and canon(rows) == canon(want), table
     # a second run of the finished partition downloads nothing: the catalog step keeps the stored profiles
     hub.clear_requests()
-    assert materialize(s, request).success
+    second = materialize(s, request)
+    assert second.success
     assert [r for r in hub.requests if r.path.endswith("data.parquet")] == []
+    # the catalog's shard checks ran before any shard was read: they say so (a warning, checked 0) instead of
+    # passing on nothing; the second run's catalog holds every profile and they pass on every shard
+    n_shards = len(list(s["dataset"].glob("*/data.parquet")))
+    for result, passed, not_profiled in ((first, False, n_shards), (second, True, 0)):
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        for name in ("shard_schema_valid", "shard_widths_consistent"):
+            check = checks[name]
+            assert check.passed is passed, (name, check.description)
+            assert check.metadata["not_profiled_yet"].value == not_profiled
+            assert check.metadata["rows_checked"].value == n_shards - not_profiled
+            assert check.severity == (dg.AssetCheckSeverity.WARN if not passed else dg.AssetCheckSeverity.ERROR)
 
 
 class DiskPeak:
