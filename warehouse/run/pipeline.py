@@ -100,7 +100,9 @@ def analyze_dataset(
     `LayoutError` stops the run before any work), then the revision (the Hub commit sha, else a hash
     of every byte of every shard) and the run id from both, so the same data and settings give the
     same run id whichever command or asset launches the run. The model name is the caller's, else the
-    config's, else the folder's (never the card's: card text is untrusted).
+    config's, else the folder's (never the card's: card text is untrusted). A local dataset's hash is
+    made while its first groups compute, and their results are committed once it is known
+    (`_analyze_local`).
 
     The run is planned from the shard names; when heads remain to compute, worker processes
     (`cfg.workers()`, spawned) start and import the analysis code. Each group's shards are

@@ -13,6 +13,9 @@ stored under the revision of other bytes. A Hub snapshot's revision is its commi
 digests are the names of the blobs huggingface_hub stored them under (`hub_blob_sha256`: the
 SHA-256 for files kept in LFS), so those are verified the same way, for free.
 
+`RevisionHash` makes the same revision in background threads, the files a run reads first hashed
+first, each digest available as soon as it is made: a run computes while its revision is made.
+
 `stat_fingerprint` is the cheap change detector for sensors (path, size, mtime and ctime of each
 shard): it decides when to start a run, never what a run may resume.
 """
