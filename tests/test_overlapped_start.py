@@ -188,3 +188,26 @@ def test_an_interrupt_while_the_revision_is_hashed(small_copy, tmp_path):
         assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
         assert con.execute("SELECT count(*) FROM head_metrics").fetchone()[0] == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_held_results_are_bounded(small_copy, reference, tmp_path, monkeypatch):
+    """Past MAX_HELD_HEADS held heads the run waits for its revision before it starts another group (the
+    bound is lowered to one GQA group here: the small dataset has four of two heads)."""
+    from warehouse.run import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_HELD_HEADS", 2)
+    add_sparse_stray(small_copy, HASH_GIB)
+    wh = tmp_path / "wh.duckdb"
+    db.ensure_schema(wh)
+    runs_seen = []
+
+    def seen(outcome) -> None:
+        with db.reader(wh) as con:
+            runs_seen.append(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+    summary = analyze_dataset(config(wh), small_copy, progress=False, on_outcome=seen)
+    # the first group while the hash ran; the second only once the run was recorded
+    assert runs_seen[:2] == [0, 0] and runs_seen[2:] == [1] * 6, runs_seen
+    assert summary.status == "succeeded"
+    got = metric_rows(wh)
+    assert got.keys() == reference.keys() and all(same(got[h], reference[h]) for h in got)

@@ -38,6 +38,10 @@ from warehouse.run.worker_pool import iter_outcomes, start_pool
 # transaction, so a crash loses at most one batch; fewer, larger batches leave the CPU to the workers.
 FLUSH_EVERY_HEADS = 64
 FLUSH_EVERY_SECONDS = 5.0
+# A local run computes while its revision is hashed and holds the results until the run id is known;
+# past this many held heads it waits for the hash before it starts another group, so the memory held
+# stays that of two batches (the attention tables of a head can be megabytes) on any dataset size.
+MAX_HELD_HEADS = 2 * FLUSH_EVERY_HEADS
 
 
 def package_version() -> str:
@@ -289,6 +293,8 @@ def _run(cfg, cat, pairs, groups, pool, workers, t0, *, model, settle: Callable[
         kernel_cache.wait_for_kernels(["analysis"])
         if verified is not None:
             verified(task)
+        if not ident and len(buffer) >= MAX_HELD_HEADS:
+            settle_run()  # enough held: wait for the run id, the loop commits them
         if stream is not None:
             arrived((task.layer, task.k_head), [task.k_info] + [shard for _, shard in task.queries])
         # a task carries its shards' profiles (row counts, window, errors) to the worker
