@@ -359,7 +359,7 @@ def _run(cfg, cat, pairs, groups, pool, workers, t0, *, model, settle: Callable[
     bar = None
     if progress is None:
         progress = os.isatty(2)
-    if progress and (groups or not settled() or n_heads):
+    if progress and (groups or not settled()):
         from tqdm import tqdm
 
         bar = tqdm(total=len(planned), unit="head", desc=f"{model}", dynamic_ncols=True)

@@ -108,6 +108,7 @@ class RevisionHash:
         self._digests: dict[str, str] = {}
         self._cond = threading.Condition()
         self._stopped = False
+        self._failure: BaseException | None = None
         n_threads = max(1, min(threads or os.cpu_count() or 1, MAX_HASH_THREADS, len(self._order) or 1))
         self._threads = [threading.Thread(target=self._work, name=f"revision-hash-{i}", daemon=True)
                          for i in range(n_threads)]
@@ -121,7 +122,13 @@ class RevisionHash:
                     return
                 path = self._order[self._next]
                 self._next += 1
-            digest = file_sha256(path, lambda: self._stopped)
+            try:
+                digest = file_sha256(path, lambda: self._stopped)
+            except BaseException as exc:  # noqa: BLE001 -- e.g. MemoryError: the waiters raise it, never hang
+                with self._cond:
+                    self._failure = exc
+                    self._cond.notify_all()
+                return
             with self._cond:
                 if self._stopped:  # the digest of part of the file, never published
                     return
@@ -131,6 +138,8 @@ class RevisionHash:
     def _wait(self, ready) -> None:
         with self._cond:
             while not ready():
+                if self._failure is not None:
+                    raise RuntimeError(f"the revision hash failed: {self._failure!r}") from self._failure
                 if self._stopped:
                     raise RuntimeError("the revision hash was stopped")
                 self._cond.wait()
