@@ -21,14 +21,16 @@ parent holds is counted:
    page cache warm: once in one process, and once split over ``--workers`` processes (started
    before the clock), which is what the same number of processes can really read on this machine;
 2. the **revision hash**: `warehouse.sources.revision.content_revision` over every shard (what every local run
-   does before its run id; SHA-256 of every byte, threads), page cache warm: wall and CPU seconds,
+   makes for its run id, while its first groups compute; SHA-256 of every byte, threads), alone and
+   page cache warm: wall and CPU seconds,
    also as a share of the analysis wall time;
 3. the **analysis**: ``warehouse.run.pipeline.analyze_dataset`` into a fresh warehouse with
    ``--workers`` worker processes (attention off: the attention patterns are a separate feature; with
    ``--attention`` a second run with it on is reported on its own line).
 
 It reports wall time (of ``analyze_dataset``, interpreter start-up excluded), heads/s, when the
-first head's outcome arrived (the start-up: revision hash, schema, worker pool, first group) and the
+first head's outcome arrived (the start-up: worker pool and first group, with the revision hash and
+the schema alongside; the outcome is committed once the hash is done) and the
 steady rate after it (heads after the 10th over the time from the 10th to the last),
 the peak resident memory of the whole process tree (the child and all its worker
 processes, from /proc: the peak of the summed VmRSS every 50 ms, which counts shared pages
@@ -272,7 +274,7 @@ STEADY_AFTER = 10
 
 
 def outcome_timing(done_at: list[float]) -> dict:
-    """When the first head's outcome arrived (start-up: hash, schema, pool, first group) and the
+    """When the first head's outcome arrived (start-up: pool and first group, hash and schema alongside) and the
     steady rate: heads after the STEADY_AFTER-th over the time from it to the last one."""
     n = len(done_at)
     steady = (n - STEADY_AFTER) / (done_at[-1] - done_at[STEADY_AFTER - 1]) if n > STEADY_AFTER and \
@@ -318,7 +320,7 @@ def measure(name: str, shape: dict, args) -> list[dict]:
             "io_floor_parallel_s": floor_np["seconds"],
             "ratio": wall / (floor["seconds"] / args.workers), "ratio_1p": wall / floor["seconds"],
             "ratio_parallel": wall / floor_np["seconds"],
-            # the content hash of the dataset revision (part of every local run, before its run id)
+            # the content hash of the dataset revision (part of every local run, alongside its first groups)
             "hash_s": hashed["seconds"], "hash_cpu_s": hashed["cpu_s"], "hash_gib": hashed["bytes"] / 2**30,
             "hash_pct_of_run": 100.0 * hashed["seconds"] / wall,
             "attention": attention,

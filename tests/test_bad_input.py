@@ -342,10 +342,11 @@ def test_unexpected_exception_while_cataloguing_fails_only_that_shards_heads(sma
 
 
 def test_a_shard_replaced_during_a_run_is_an_error_never_a_result_of_that_run(small_copy, tmp_path, clean):
-    """The revision is hashed before any head is computed. A shard replaced afterwards (here: once the
-    first group's results are in, before the last group is read) must not be analysed under that
-    revision: its head is a changed_during_run error naming the file, and once the file is back, the
-    same run (same revision, same run id) computes it from the bytes the revision describes."""
+    """The revision is hashed as the run starts (each group's files before the group is read). A shard
+    replaced afterwards (here: once the first group's results are in, before the last group is read)
+    must not be analysed under that revision: its head is a changed_during_run error naming the file,
+    and once the file is back, the same run (same revision, same run id) computes it from the bytes the
+    revision describes."""
     path = shard(small_copy, 1, 2, "q")  # in the last GQA group (layer 1, key head 1)
     original = path.read_bytes()
 

@@ -13,6 +13,9 @@ stored under the revision of other bytes. A Hub snapshot's revision is its commi
 digests are the names of the blobs huggingface_hub stored them under (`hub_blob_sha256`: the
 SHA-256 for files kept in LFS), so those are verified the same way, for free.
 
+`RevisionHash` makes the same revision in background threads, the files a run reads first hashed
+first, each digest available as soon as it is made: a run computes while its revision is made.
+
 `stat_fingerprint` is the cheap change detector for sensors (path, size, mtime and ctime of each
 shard): it decides when to start a run, never what a run may resume.
 """
@@ -21,23 +24,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 READ_BYTES = 4 << 20
 MAX_HASH_THREADS = 4
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike, stopped: Callable[[], bool] | None = None) -> str:
     """SHA-256 of a file's content (hex), or ``unreadable:<error>`` when it cannot be read (the shard's
-    own error is recorded by the catalog; the revision still changes if the file later becomes readable)."""
+    own error is recorded by the catalog; the revision still changes if the file later becomes readable).
+    ``stopped()`` true between two reads: give up (the result is then not a digest; see `RevisionHash`)."""
     h = hashlib.sha256()
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
     try:
         with open(path, "rb", buffering=0) as fh:
-            while True:
+            while stopped is None or not stopped():
                 n = fh.readinto(buf)
                 if not n:
                     break
@@ -80,6 +85,98 @@ def revision_of_digests(base: str | os.PathLike, digests: dict[str, str]) -> str
 def content_revision(base: str | os.PathLike, paths: Iterable[str], threads: int | None = None) -> str:
     """``local-<16 hex>``: the hash of the relative path and content of each file (see module doc)."""
     return revision_of_digests(base, content_digests(base, paths, threads))
+
+
+class RevisionHash:
+    """`content_revision` in background threads, so a run computes while its revision is made.
+
+    Files are hashed in the order given (``first``: the files the run reads first, then every other
+    one), each digest published as soon as it is made: `digest(path)` waits for one file,
+    `revision()` for all. The revision is the same string `content_revision` gives for the same
+    files, whatever the order or the number of threads. `close()` stops the threads between two
+    reads (a run that stops early does not wait for the rest of the dataset to be read)."""
+
+    def __init__(self, base: str | os.PathLike, paths: Iterable[str], first: Iterable[str] = (),
+                 threads: int | None = None) -> None:
+        self.base = Path(base)
+        every = set(map(str, paths))
+        early = [p for p in dict.fromkeys(map(str, first)) if p in every]
+        rest = sorted(every.difference(early), key=lambda p: _relative(p, self.base))
+        self._order = early + rest
+        self._known = frozenset(self._order)
+        self._next = 0
+        self._digests: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._failure: BaseException | None = None
+        n_threads = max(1, min(threads or os.cpu_count() or 1, MAX_HASH_THREADS, len(self._order) or 1))
+        self._threads = [threading.Thread(target=self._work, name=f"revision-hash-{i}", daemon=True)
+                         for i in range(n_threads)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped or self._next >= len(self._order):
+                    return
+                path = self._order[self._next]
+                self._next += 1
+            try:
+                digest = file_sha256(path, lambda: self._stopped)
+            except BaseException as exc:  # noqa: BLE001 -- e.g. MemoryError: the waiters raise it, never hang
+                with self._cond:
+                    self._failure = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if self._stopped:  # the digest of part of the file, never published
+                    return
+                self._digests[path] = digest
+                self._cond.notify_all()
+
+    def _wait(self, ready) -> None:
+        with self._cond:
+            while not ready():
+                if self._failure is not None:
+                    raise RuntimeError(f"the revision hash failed: {self._failure!r}") from self._failure
+                if self._stopped:
+                    raise RuntimeError("the revision hash was stopped")
+                self._cond.wait()
+
+    def digest(self, path: str) -> str | None:
+        """The file's SHA-256 (as `file_sha256`), once it is made; None for a file not hashed here."""
+        path = str(path)
+        if path not in self._known:
+            return None
+        self._wait(lambda: path in self._digests)
+        return self._digests[path]
+
+    def done(self) -> bool:
+        return len(self._digests) == len(self._order)
+
+    def digests(self) -> dict[str, str]:
+        """Every file's digest, once all are made."""
+        self._wait(self.done)
+        return dict(self._digests)
+
+    def revision(self) -> str:
+        """``local-<16 hex>`` (`revision_of_digests`), once every file is hashed."""
+        return revision_of_digests(self.base, self.digests())
+
+    def close(self) -> None:
+        with self._cond:
+            if not self.done():
+                self._stopped = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def __enter__(self) -> "RevisionHash":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ChangedFile(ValueError):

@@ -162,7 +162,19 @@ def ensure_schema(path: str | os.PathLike, timeout_s: float = 60.0) -> int:
     """Create the warehouse, or check and upgrade an existing one; returns its schema version.
 
     Nothing is written unless every check passes (see `upgrade_schema`)."""
-    return upgrade_schema(Path(path), timeout_s)
+    try:
+        return upgrade_schema(Path(path), timeout_s)
+    except (RuntimeError, duckdb.InterruptException) as exc:
+        _reraise_interrupt(exc)
+        raise
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """DuckDB stopped a statement for a signal (Ctrl-C, or SIGTERM / SIGHUP that the command line turns
+    into KeyboardInterrupt; DuckDB sees it when it polls and raises "Query interrupted"): raise it as
+    the KeyboardInterrupt it was, so the run unwinds as interrupted, not failed."""
+    if isinstance(exc, (RuntimeError, duckdb.InterruptException)) and "interrupted" in str(exc).lower():
+        raise KeyboardInterrupt(str(exc)) from None
 
 
 def check_existing_schema(path: Path, timeout_s: float) -> int:
@@ -278,6 +290,7 @@ def writer(path: str | os.PathLike, timeout_s: float = 60.0) -> Iterator[duckdb.
             damage = _damage(path, exc) if isinstance(exc, duckdb.Error) else None
             if damage is not None:
                 raise damage from None
+            _reraise_interrupt(exc)
             raise
         con.execute("COMMIT")
     finally:
