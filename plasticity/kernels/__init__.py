@@ -1,0 +1,22 @@
+"""Compiled numba kernels of the per-head analysis (``cache=True``): pure functions on numpy arrays,
+no I/O; they import numpy and numba only, never another module of ours.
+
+Each kernel file is self-contained on purpose: numba's on-disk cache of a function is invalidated
+when *its* source file changes, not when a jitted function it calls changes in another file.
+
+* `ks`         the candidates of a Kolmogorov-Smirnov maximum from binned counts (no full sort)
+
+The callers (`plasticity.normality`) keep the formulas'
+reference statements; `warehouse.run.kernel_cache` compiles this family ("analysis") once per machine.
+"""
+
+
+def load() -> None:
+    """Load every kernel of this family (from numba's cache once it is warm, else compiling it) by
+    calling it once on tiny arrays of the types the analysis passes, so a worker's first head does
+    not pay for it."""
+    import numpy as np
+
+    from .ks import ks_candidates
+
+    ks_candidates(np.zeros((1, 2)), np.zeros(1), np.ones(1), np.array([0.0, 0.5, 1.0, 1.0]), 1.0, 0.5)
