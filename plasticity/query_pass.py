@@ -1,8 +1,8 @@
 """One streaming pass over the oriented queries for the scalar predictability, rotation and normality steps and the bucket moments of attention plasticity.
 
-`rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) block by block, rotates
-each block, ``X_q_rot = X_q H``, and while the block is in cache accumulates everything the later
-steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
+`rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) row by row in a compiled
+kernel (`plasticity.kernels.query_sums`), rotates each row, ``X_q_rot = X_q H``, and while the row is
+in registers accumulates everything the later steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
 central moments up to order 4 of every column (docs/method.md#normality-diagnostics), column 0 (the scalar projection
 ``X_q u`` of the scalar predictability and the first-component series), the centred values of the KS columns,
 and per query bucket the mean and covariance of columns 1.. (sums about the mean of the bucket's
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .estimators import SIGMA_RIDGE, QueryBuckets
-from .regression import PositionDesign, PositionFit, block_rows, explicit_ssr, fit_from_sums
-from .rotation import householder_vector, reflect_rows_inplace
+from .kernels.query_sums import rotated_run_sums
+from .regression import PositionDesign, PositionFit, explicit_ssr, fit_from_sums
+from .rotation import householder_vector
 
 #: Rows whose mean is the shift of a bucket's covariance sums.
 _BUCKET_SHIFT_ROWS = 32
@@ -66,7 +67,7 @@ def rotated_query_pass(
     n, d = X.shape
     w = householder_vector(fit.beta)
     w2 = None if w is None else 2.0 * w
-    shift = fit.mean  # X_q is centred on mean(X_q) before rotating
+    shift = np.ascontiguousarray(fit.mean, dtype=np.float64)  # X_q is centred on mean(X_q) before rotating
     shift_rot = shift.copy()
     if w is not None:
         shift_rot -= float(w @ shift) * w2
@@ -76,13 +77,10 @@ def rotated_query_pass(
     s4 = np.zeros(d)
     sxy = np.zeros(d)
     x0 = np.empty(n)
-    r_all = np.empty(n) if w is not None else None
+    r_all = np.empty(n)
     ks_cols = 1 + np.asarray(ks_sel, dtype=np.int64)
     k = ks_cols.shape[0]
     Z = np.empty((k, n))
-    ks_slice = None
-    if k and np.array_equal(ks_cols, np.arange(ks_cols[0], ks_cols[0] + k)):
-        ks_slice = slice(int(ks_cols[0]), int(ks_cols[0]) + k)
 
     J = buckets.bucket.shape[0]
     want_cov = bucket_cov and J > 0
@@ -93,41 +91,18 @@ def rotated_query_pass(
     seg_stop = np.r_[seg_start[1:], n].astype(np.int64)
     jj_of_start = {int(a): jj for jj, a in enumerate(buckets.start)} if want_cov else {}
 
-    step = block_rows(d)
-    cap = min(step, n)
-    c = np.empty((cap, d))
-    c2 = np.empty((cap, d))
     # centred semantic rows of one bucket, for a single covariance product per bucket
-    y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else None
+    y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else np.empty((0, 0))
     ridge = SIGMA_RIDGE * np.eye(d - 1)
+    Xc = np.ascontiguousarray(X, dtype=np.float64)
+    wk = np.zeros(d) if w is None else np.ascontiguousarray(w)
+    w2k = np.zeros(d) if w is None else np.ascontiguousarray(w2)
+    pck = np.ascontiguousarray(pc, dtype=np.float64) if design.vary else np.zeros(0)
 
     for a0, z0 in zip(seg_start.tolist(), seg_stop.tolist()):
         jj = jj_of_start.get(a0)
-        if jj is not None:
-            g = None
-        for a in range(a0, z0, step):
-            sl = slice(a, min(a + step, z0))
-            m = sl.stop - a
-            cb, c2b = c[:m], c2[:m]
-            np.subtract(X[sl], shift, out=cb)
-            if w is not None:
-                reflect_rows_inplace(cb, w, r_out=r_all[sl])
-            np.multiply(cb, cb, out=c2b)
-            s2 += c2b.sum(axis=0)
-            s3 += np.einsum("ij,ij->j", c2b, cb)
-            s4 += np.einsum("ij,ij->j", c2b, c2b)
-            if design.vary:
-                sxy += np.einsum("i,ij->j", pc[sl], cb)
-            x0[sl] = cb[:, 0]
-            if ks_slice is not None:
-                Z[:, sl] = cb[:, ks_slice].T
-            elif k:
-                Z[:, sl] = cb[:, ks_cols].T
-            if jj is not None:
-                sem = cb[:, 1:]
-                if g is None:
-                    g = sem[:_BUCKET_SHIFT_ROWS].mean(axis=0)
-                np.subtract(sem, g, out=y[a - a0 : a - a0 + m])
+        g = rotated_run_sums(Xc, a0, z0, shift, wk, w2k, w is not None, pck, bool(design.vary), ks_cols,
+                             s2, s3, s4, sxy, r_all, x0, Z, y, jj is not None, _BUCKET_SHIFT_ROWS)
         if jj is not None:
             nj = z0 - a0
             yj = y[:nj]

@@ -5,8 +5,9 @@ Each kernel file is self-contained on purpose: numba's on-disk cache of a functi
 when *its* source file changes, not when a jitted function it calls changes in another file.
 
 * `ks`         the candidates of a Kolmogorov-Smirnov maximum from binned counts (no full sort)
+* `query_sums` the rotated query pass: centring, reflection, moments, position sums, KS columns
 
-The callers (`plasticity.normality`) keep the formulas'
+The callers (`plasticity.normality`, `plasticity.query_pass`) keep the formulas'
 reference statements; `warehouse.run.kernel_cache` compiles this family ("analysis") once per machine.
 """
 
@@ -18,5 +19,9 @@ def load() -> None:
     import numpy as np
 
     from .ks import ks_candidates
+    from .query_sums import rotated_run_sums
 
     ks_candidates(np.zeros((1, 2)), np.zeros(1), np.ones(1), np.array([0.0, 0.5, 1.0, 1.0]), 1.0, 0.5)
+    d2, cols = np.zeros(2), np.ones(1, np.int64)
+    rotated_run_sums(np.eye(2), 0, 2, d2, d2, d2, True, d2, True, cols, d2.copy(), d2.copy(), d2.copy(), d2.copy(),
+                     d2.copy(), d2.copy(), np.zeros((1, 2)), np.zeros((2, 1)), True, 32)
