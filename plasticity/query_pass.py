@@ -1,8 +1,8 @@
 """One streaming pass over the oriented queries for the scalar predictability, rotation and normality steps and the bucket moments of attention plasticity.
 
-`rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) row by row in a compiled
-kernel (`plasticity.kernels.query_sums`), rotates each row, ``X_q_rot = X_q H``, and while the row is
-in registers accumulates everything the later steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
+`rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) block by block, rotates
+each block, ``X_q_rot = X_q H`` (two BLAS level-2 calls), and while the block is in cache one compiled
+pass (`plasticity.kernels.query_sums`) accumulates everything the later steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
 central moments up to order 4 of every column (docs/method.md#normality-diagnostics), column 0 (the scalar projection
 ``X_q u`` of the scalar predictability and the first-component series), the centred values of the KS columns,
 and per query bucket the mean and covariance of columns 1.. (sums about the mean of the bucket's
@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .estimators import SIGMA_RIDGE, QueryBuckets
-from .kernels.query_sums import rotated_run_sums
-from .regression import PositionDesign, PositionFit, explicit_ssr, fit_from_sums
-from .rotation import householder_vector
+from .regression import PositionDesign, PositionFit, block_rows, explicit_ssr, fit_from_sums
+from .rotation import householder_vector, reflect_rows_inplace
 
 #: Rows whose mean is the shift of a bucket's covariance sums.
 _BUCKET_SHIFT_ROWS = 32
@@ -64,6 +63,8 @@ def rotated_query_pass(
     ``bucket_sorted``: query bucket of every row (ascending); ``buckets``: eligible query buckets,
     whose row ranges get the mean and covariance (+1e-12 I) of columns 1.. when ``bucket_cov``.
     """
+    from .kernels.query_sums import rotated_block_sums  # numba: imported on first use, not with this module
+
     n, d = X.shape
     w = householder_vector(fit.beta)
     w2 = None if w is None else 2.0 * w
@@ -91,18 +92,26 @@ def rotated_query_pass(
     seg_stop = np.r_[seg_start[1:], n].astype(np.int64)
     jj_of_start = {int(a): jj for jj, a in enumerate(buckets.start)} if want_cov else {}
 
+    step = block_rows(d)
+    cap = min(step, n)
+    c = np.empty((cap, d))
     # centred semantic rows of one bucket, for a single covariance product per bucket
     y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else np.empty((0, 0))
+    g = np.zeros(max(d - 1, 0))
     ridge = SIGMA_RIDGE * np.eye(d - 1)
-    Xc = np.ascontiguousarray(X, dtype=np.float64)
-    wk = np.zeros(d) if w is None else np.ascontiguousarray(w)
-    w2k = np.zeros(d) if w is None else np.ascontiguousarray(w2)
-    pck = np.ascontiguousarray(pc, dtype=np.float64) if design.vary else np.zeros(0)
+    pck = design.pc if design.vary else np.zeros(0)
 
     for a0, z0 in zip(seg_start.tolist(), seg_stop.tolist()):
         jj = jj_of_start.get(a0)
-        g = rotated_run_sums(Xc, a0, z0, shift, wk, w2k, w is not None, pck, bool(design.vary), ks_cols,
-                             s2, s3, s4, sxy, r_all, x0, Z, y, jj is not None, _BUCKET_SHIFT_ROWS)
+        for a in range(a0, z0, step):
+            sl = slice(a, min(a + step, z0))
+            cb = c[: sl.stop - a]
+            np.subtract(X[sl], shift, out=cb)
+            if w is not None:
+                reflect_rows_inplace(cb, w, r_out=r_all[sl])
+            # the block's sums and outputs in one compiled pass, in numpy's order (the same bits)
+            rotated_block_sums(cb, a, pck, bool(design.vary), ks_cols, s2, s3, s4, sxy, x0, Z, y, a - a0,
+                               jj is not None, a == a0, g, _BUCKET_SHIFT_ROWS)
         if jj is not None:
             nj = z0 - a0
             yj = y[:nj]
