@@ -5,9 +5,10 @@ Each kernel file is self-contained on purpose: numba's on-disk cache of a functi
 when *its* source file changes, not when a jitted function it calls changes in another file.
 
 * `ks`         the candidates of a Kolmogorov-Smirnov maximum from binned counts (no full sort)
-* `query_sums` the rotated query pass: centring, reflection, moments, position sums, KS columns
+* `query_sums` the rotated query pass's sums (moments, position sums), column 0, KS columns, bucket rows
+* `pairs`      key differences of sampled pairs, gathered from the stored vectors
 
-The callers (`plasticity.normality`, `plasticity.query_pass`) keep the formulas'
+The callers (`plasticity.normality`, `plasticity.query_pass`, `plasticity.head`) keep the formulas'
 reference statements; `warehouse.run.kernel_cache` compiles this family ("analysis") once per machine.
 """
 
@@ -19,9 +20,13 @@ def load() -> None:
     import numpy as np
 
     from .ks import ks_candidates
-    from .query_sums import rotated_run_sums
+    from .pairs import key_differences
+    from .query_sums import rotated_block_sums
 
     ks_candidates(np.zeros((1, 2)), np.zeros(1), np.ones(1), np.array([0.0, 0.5, 1.0, 1.0]), 1.0, 0.5)
     d2, cols = np.zeros(2), np.ones(1, np.int64)
-    rotated_run_sums(np.eye(2), 0, 2, d2, d2, d2, True, d2, True, cols, d2.copy(), d2.copy(), d2.copy(), d2.copy(),
-                     d2.copy(), d2.copy(), np.zeros((1, 2)), np.zeros((2, 1)), True, 32)
+    rotated_block_sums(np.eye(2), 0, d2, True, cols, d2.copy(), d2.copy(), d2.copy(), d2.copy(), d2.copy(),
+                       np.zeros((1, 2)), np.zeros((2, 1)), 0, True, True, np.zeros(1), 32)
+    pair = np.zeros(1, np.int64)
+    for dtype in (np.float32, np.float64):  # captures store either
+        key_differences(np.zeros((1, 2), dtype), pair, pair, pair)
