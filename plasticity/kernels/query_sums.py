@@ -55,7 +55,7 @@ def rotated_block_sums(E, a, pc, vary, ks_cols, s2, s3, s4, sxy, x0, Z, y, y_row
             Z[t, a + i] = E[i, ks_cols[t]]
     if want_y:
         if first:
-            h = min(shift_rows, m)
+            h = shift_rows if shift_rows < m else m  # (builtin min would compile numba string code)
             for j in range(d - 1):
                 g[j] = 0.0
             for i in range(h):
