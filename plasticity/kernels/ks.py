@@ -117,13 +117,14 @@ def ks_candidates(Z, center, sd, phi_edges, h, zlim):
                 start = end - counts[b]
                 if end - start > SMALL_BIN:
                     _heapsort(vals, start, end)
-                for i in range(start + 1, end):
-                    v = vals[i]
-                    t = i - 1
-                    while t >= start and vals[t] > v:
-                        vals[t + 1] = vals[t]
-                        t -= 1
-                    vals[t + 1] = v
+                else:
+                    for i in range(start + 1, end):
+                        v = vals[i]
+                        t = i - 1
+                        while t >= start and vals[t] > v:
+                            vals[t + 1] = vals[t]
+                            t -= 1
+                        vals[t + 1] = v
                 for i in range(start, end):
                     ranks[i] = below[b] + (i - start)
                     rows[i] = r
