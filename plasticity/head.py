@@ -85,15 +85,17 @@ def stored_vectors(V: np.ndarray) -> np.ndarray:
 
 
 def oriented_rows(V: np.ndarray, order: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``X = V[order] * s`` as a new C-contiguous float64 array (one pass; ``order`` may be the
-    identity). Equal, element for element, to widening V to float64 first."""
-    V = stored_vectors(V)
+    """``X = V[order] * s`` as a new C-contiguous float64 array, in one compiled pass from the
+    stored precision (`plasticity.kernels.rows`; ``order`` may be the identity). Equal, element for
+    element, to widening V to float64 first."""
+    from .kernels.rows import oriented_copy  # numba: imported when a head is analysed, not with this module
+
+    V = np.ascontiguousarray(stored_vectors(V))
+    order = np.asarray(order, dtype=np.int64)
     n = V.shape[0]
-    X = np.empty((n, V.shape[1]))
-    if np.array_equal(order, np.arange(n)):
-        np.multiply(V, s, out=X)
-    else:
-        np.multiply(np.take(V, order, axis=0), s, out=X)
+    same = order.shape[0] == n and np.array_equal(order, np.arange(n))
+    X = np.empty((n if same else order.shape[0], V.shape[1]))
+    oriented_copy(V, np.zeros(0, np.int64) if same else order, np.ascontiguousarray(s, dtype=np.float64), X)
     return X
 
 

@@ -7,6 +7,7 @@ when *its* source file changes, not when a jitted function it calls changes in a
 * `ks`         the candidates of a Kolmogorov-Smirnov maximum from binned counts (no full sort)
 * `query_sums` the rotated query pass's sums (moments, position sums), column 0, KS columns, bucket rows
 * `pairs`      key differences of sampled pairs, gathered from the stored vectors
+* `rows`       the oriented queries (reordered, signed, widened) from the stored vectors
 
 The callers (`plasticity.normality`, `plasticity.query_pass`, `plasticity.head`) keep the formulas'
 reference statements; `warehouse.run.kernel_cache` compiles this family ("analysis") once per machine.
@@ -22,6 +23,7 @@ def load() -> None:
     from .ks import ks_candidates
     from .pairs import key_differences
     from .query_sums import rotated_block_sums
+    from .rows import oriented_copy
 
     ks_candidates(np.zeros((1, 2)), np.zeros(1), np.ones(1), np.array([0.0, 0.5, 1.0, 1.0]), 1.0, 0.5)
     d2, cols = np.zeros(2), np.ones(1, np.int64)
@@ -30,3 +32,4 @@ def load() -> None:
     pair = np.zeros(1, np.int64)
     for dtype in (np.float32, np.float64):  # captures store either
         key_differences(np.zeros((1, 2), dtype), pair, pair, pair)
+        oriented_copy(np.zeros((1, 2), dtype), pair, np.ones(2), np.zeros((1, 2)))
