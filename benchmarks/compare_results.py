@@ -121,6 +121,29 @@ def snapshot(out: Path, data_dir: Path) -> dict:
     return snap
 
 
+def snapshot_warehouses(out: Path, warehouses: list[Path]) -> dict:
+    """A snapshot of warehouses written elsewhere (`run_benchmark.py`, `plasticity demo`): every table of
+    each, one scenario per file named by its stem (files of one model and run id each)."""
+    from warehouse.store import db
+
+    out.mkdir(parents=True, exist_ok=True)
+    snap = {}
+    for wh in warehouses:
+        tables, columns = {}, {}
+        with db.reader(str(wh)) as con:
+            run_ids = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM head_metrics").fetchall()}
+            for t in TABLES:
+                excluded = ", ".join(EXCLUDED.get(t, ("model", "run_id")))
+                cur = con.execute(f"SELECT * EXCLUDE ({excluded}) FROM {t} ORDER BY ALL")
+                columns[t] = [c[0] for c in cur.description]
+                tables[t] = cur.fetchall()
+        snap[wh.stem] = {"run_id": ",".join(sorted(run_ids)), "tables": tables, "columns": columns}
+        print(f"{wh.stem}: " + ", ".join(f"{t}={len(r)}" for t, r in tables.items() if r))
+    with open(out / "snapshot.pkl", "wb") as fh:
+        pickle.dump(snap, fh)
+    return snap
+
+
 def _rel_diff(x, y) -> float:
     """0 for identical values (NaN equals NaN), the relative difference of two finite floats, inf otherwise."""
     if isinstance(x, float) and isinstance(y, float):
@@ -164,6 +187,7 @@ def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0, ignore: tuple[str, ...]
     n_values = 0
     n_changed = 0
     worst = 0.0
+    per_column: dict[tuple[str, str], float] = {}  # largest relative difference of each changed column
     notes = set()
     for name in a:
         if a[name]["run_id"] != b[name]["run_id"]:
@@ -200,11 +224,16 @@ def compare(a_dir: Path, b_dir: Path, rtol: float = 0.0, ignore: tuple[str, ...]
                 n_values += len(diffs)
                 n_changed += sum(1 for x in diffs if x > 0)
                 worst = max([worst, *diffs])
+                for c, x in zip(shared, diffs):
+                    if x > 0:
+                        per_column[(t, c)] = max(per_column.get((t, c), 0.0), x)
                 if max(diffs, default=0.0) > rtol:
                     print(f"{name}.{t}: row differs in {[c for c, x in zip(shared, diffs) if x > rtol]}\n"
                           f"  before {ra}\n  after  {rb}")
                     bad += 1
                     break
+    for (t, c), x in sorted(per_column.items()):
+        print(f"largest relative difference {t}.{c}: {x:.2e}")
     for note in sorted(notes):
         print(f"note: {note}")
     if ignore:
@@ -223,6 +252,9 @@ def main(argv=None) -> int:
     s = sub.add_parser("snapshot")
     s.add_argument("out", type=Path)
     s.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "out" / "snapshot-data")
+    s.add_argument("--warehouse", type=Path, nargs="+", metavar="FILE",
+                   help="snapshot these warehouse files (one scenario each, named by the file) instead of "
+                        "running the scenarios")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
@@ -236,7 +268,10 @@ def main(argv=None) -> int:
                    help="accept different run ids (a new plasticity.ANALYSIS_VERSION changes them)")
     args = ap.parse_args(argv)
     if args.cmd == "snapshot":
-        snapshot(args.out, args.data)
+        if args.warehouse:
+            snapshot_warehouses(args.out, args.warehouse)
+        else:
+            snapshot(args.out, args.data)
         return 0
     rename = dict(r.split("=", 1) for r in args.rename)
     return compare(args.before, args.after, args.rtol, tuple(args.ignore), args.ignore_run_id, rename)

@@ -85,15 +85,17 @@ def stored_vectors(V: np.ndarray) -> np.ndarray:
 
 
 def oriented_rows(V: np.ndarray, order: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``X = V[order] * s`` as a new C-contiguous float64 array (one pass; ``order`` may be the
-    identity). Equal, element for element, to widening V to float64 first."""
-    V = stored_vectors(V)
+    """``X = V[order] * s`` as a new C-contiguous float64 array, in one compiled pass from the
+    stored precision (`plasticity.kernels.rows`; ``order`` may be the identity). Equal, element for
+    element, to widening V to float64 first."""
+    from .kernels.rows import oriented_copy  # numba: imported when a head is analysed, not with this module
+
+    V = np.ascontiguousarray(stored_vectors(V))
+    order = np.asarray(order, dtype=np.int64)
     n = V.shape[0]
-    X = np.empty((n, V.shape[1]))
-    if np.array_equal(order, np.arange(n)):
-        np.multiply(V, s, out=X)
-    else:
-        np.multiply(np.take(V, order, axis=0), s, out=X)
+    same = order.shape[0] == n and np.array_equal(order, np.arange(n))
+    X = np.empty((n if same else order.shape[0], V.shape[1]))
+    oriented_copy(V, np.zeros(0, np.int64) if same else order, np.ascontiguousarray(s, dtype=np.float64), X)
     return X
 
 
@@ -202,18 +204,16 @@ def analyze_head(
     kindex = KeyPairIndex.build(np.asarray(k.bucket)[ok], k_example, np.asarray(k.position, dtype=np.float64)[ok])
     q_example = np.asarray(q.example_id)[oq]
     groups = example_groups(q_example, k_example)
-    Kv = stored_vectors(k.vectors)
-    key_rows = None if np.array_equal(ok, np.arange(k.n)) else ok  # loaded shards come in canonical order
+    from .kernels.pairs import key_differences  # numba: imported when a head is analysed, not with this module
+
+    Kv = np.ascontiguousarray(stored_vectors(k.vectors))
+    # loaded shards come in canonical order (no mapping)
+    key_rows = np.zeros(0, np.int64) if np.array_equal(ok, np.arange(k.n)) else ok.astype(np.int64)
 
     def key_diff(i1: np.ndarray, i2: np.ndarray) -> np.ndarray:
-        # gather in the stored precision (half the memory traffic for float32), widen the first
-        # side and subtract the second in place: the same float64 values as
-        # np.subtract(a, b, dtype=float64), in 7 instead of 12 ms per head (30k pairs, d=64)
-        if key_rows is not None:
-            i1, i2 = key_rows[i1], key_rows[i2]
-        D = np.take(Kv, i1, axis=0).astype(np.float64, copy=False)
-        D -= np.take(Kv, i2, axis=0)
-        return D
+        # one compiled pass from the stored precision (no copies of the two sides): float64
+        # differences of the widened vectors, the same values as np.subtract(a, b, dtype=float64)
+        return key_differences(Kv, i1, i2, key_rows)
 
     table = plasticity_cells(
         model, kindex, key_diff,

@@ -16,8 +16,9 @@ from .regression import as_matrix, as_vector, fit_position_regression, row_block
 
 #: A column is "zero spread" when its ddof=1 standard deviation is <= ZERO_SPREAD_RTOL * scale.
 ZERO_SPREAD_RTOL = 1e-10
-#: Block length of the exact, pruned KS maximum search (see `ks_statistic_sorted`).
-KS_BLOCK = 16
+#: The KS statistic's bins (`ks_grid`): z in [-KS_ZLIM, KS_ZLIM), KS_BINS_PER_SQRT_N sqrt(n) of them.
+KS_ZLIM = 8.0
+KS_BINS_PER_SQRT_N = 64.0
 
 
 def column_moments(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -61,61 +62,47 @@ def skew_kurtosis_from_moments(m2: np.ndarray, m3: np.ndarray, m4: np.ndarray, n
     return skew, kurt
 
 
-def ks_statistic_sorted(S: np.ndarray, center: np.ndarray | None = None, sd: np.ndarray | None = None) -> np.ndarray:
-    """Two-sided KS statistic against N(0, 1) for each row of ``S`` (k, n), rows sorted ascending.
+def ks_grid(n: int) -> tuple[float, np.ndarray]:
+    """The bins `ks_statistic` counts a column of ``n`` values into: width ``h = 2 KS_ZLIM / nb`` in z
+    on ``[-KS_ZLIM, KS_ZLIM)`` with ``nb = clip(ceil(KS_BINS_PER_SQRT_N sqrt(n)), 64, 65536)`` (a bin
+    then spans at most ``0.4 h`` of Phi, a small fraction of the statistic's spread ``~1/sqrt(n)``),
+    and Phi at the edges: ``(h, [0, Phi(-KS_ZLIM + i h) for i = 0..nb, 1])``."""
+    nb = int(min(max(64, np.ceil(KS_BINS_PER_SQRT_N * np.sqrt(max(n, 1)))), 65536))
+    nb += nb % 2  # an even count puts an edge at z = 0
+    h = 2.0 * KS_ZLIM / nb
+    return h, np.concatenate(([0.0], ndtr(-KS_ZLIM + h * np.arange(nb + 1.0)), [1.0]))
 
-    ``D = max_i max((i+1)/n - Phi(z_(i)), Phi(z_(i)) - i/n)`` (i = 0..n-1), exactly the values
-    ``scipy.stats.ks_1samp`` maximises, so the result is bit-identical to scipy's statistic.
-    Phi is evaluated only where the maximum can lie: Phi at every KS_BLOCK-th order statistic
-    gives exact values (a lower bound L) and, by monotonicity, an upper bound for each block;
-    Phi is then evaluated inside the blocks whose bound reaches L.
 
-    With ``center`` and ``sd`` (k,), the rows of ``S`` are the raw values and the statistic is that
-    of ``z = (S - center) / sd`` (row-wise): standardising is monotone, so the sorted raw values give
-    the sorted z, and z is computed (with exactly those two operations) only where Phi is needed.
+def ks_statistic(Z: np.ndarray, center: np.ndarray | None = None, sd: np.ndarray | None = None) -> np.ndarray:
+    """Two-sided KS statistic against N(0, 1) of each row of ``Z`` (k, n), rows in any order.
+
+    ``D = max_i max((i+1)/n - Phi(z_(i)), Phi(z_(i)) - i/n)`` over the order statistics
+    ``z_(0) <= .. <= z_(n-1)``: exactly the values ``scipy.stats.ks_1samp`` maximises, so the
+    result is bit-identical to scipy's statistic. No row is sorted: the compiled
+    `plasticity.kernels.ks.ks_candidates` counts each row into the bins of `ks_grid` and returns,
+    sorted and ranked, the values of the bins whose bound can reach the maximum; Phi
+    (``scipy.special.ndtr``) is evaluated for those alone.
+
+    With ``center`` and ``sd`` (k,), the statistic is that of ``z = (Z - center) / sd`` (row-wise),
+    z computed (with exactly those two operations) only where Phi is needed.
     """
-    S = np.asarray(S, dtype=np.float64)
-    k, n = S.shape
+    from .kernels.ks import ks_candidates
+
+    Z = np.ascontiguousarray(Z, dtype=np.float64)
+    k, n = Z.shape
     if k == 0:
         return np.zeros(0)
-    if center is None:
-        def std(rows, vals):
-            return vals
-    else:
-        center = np.asarray(center, dtype=np.float64).reshape(-1)
-        sd = np.asarray(sd, dtype=np.float64).reshape(-1)
-
-        def std(rows, vals):
-            return (vals - center[rows]) / sd[rows]
-    all_rows = np.arange(k)[:, None]
-    B = KS_BLOCK
-    if n <= 8 * B:
-        F = ndtr(std(all_rows, S))
-        dp = np.arange(1.0, n + 1) / n - F
-        dm = F - np.arange(0.0, n) / n
-        return np.maximum(dp.max(axis=1), dm.max(axis=1))
-    ends = np.arange(0, n, B)
-    if ends[-1] != n - 1:
-        ends = np.append(ends, n - 1)
-    Fe = ndtr(std(all_rows, S[:, ends]))
-    after = (ends + 1.0) / n  # ECDF just after order statistic i
-    before = ends / n  # ECDF just before order statistic i
-    L = np.maximum((after - Fe).max(axis=1), (Fe - before).max(axis=1))
-    # block s holds order statistics ends[s] .. ends[s+1]; Phi is monotone between the ends
-    ub = np.maximum(after[None, 1:] - Fe[:, :-1], Fe[:, 1:] - before[None, :-1])
-    rows, segs = np.nonzero(ub >= L[:, None] - 1e-12)
-    starts = ends[segs] + 1
-    lens = ends[segs + 1] - starts
-    D = L.copy()
-    tot = int(lens.sum())
-    if tot:
-        offs = np.cumsum(lens) - lens
-        idx = np.repeat(starts - offs, lens) + np.arange(tot)
-        rr = np.repeat(rows, lens)
-        F = ndtr(std(rr, S[rr, idx]))
-        vals = np.maximum((idx + 1.0) / n - F, F - idx / n)
-        np.maximum.at(D, rr, vals)
-    return D
+    if n == 0:
+        raise ValueError("KS test needs at least one observation")
+    plain = center is None
+    center = np.zeros(k) if plain else np.ascontiguousarray(center, dtype=np.float64).reshape(-1)
+    sd = np.ones(k) if plain else np.ascontiguousarray(sd, dtype=np.float64).reshape(-1)
+    h, phi_edges = ks_grid(n)
+    vals, rank, rows = ks_candidates(Z, center, sd, phi_edges, h, KS_ZLIM)
+    F = ndtr(vals if plain else (vals - center[rows]) / sd[rows])
+    terms = np.maximum((rank + 1.0) / n - F, F - rank / n)
+    # every row has candidates (the bin of its largest lower bound), row after row
+    return np.maximum.reduceat(terms, np.searchsorted(rows, np.arange(k)))
 
 
 _SQRT2PI = np.sqrt(2 * np.pi)
@@ -325,10 +312,10 @@ def ks_median_and_fraction(D: np.ndarray, n: int, p_alpha: float) -> tuple[float
     return float(med), (k - c) / k
 
 
-def ks_norm_pvalues(Z: np.ndarray, *, presorted: bool = False) -> np.ndarray:
+def ks_norm_pvalues(Z: np.ndarray) -> np.ndarray:
     """p-values of ``scipy.stats.kstest(z, 'norm')`` for every row ``z`` of ``Z`` (k, n).
 
-    ``p = clip(kstwo.sf(D, n), 0, 1)`` (see `kstwo_sf`) with D from `ks_statistic_sorted`
+    ``p = clip(kstwo.sf(D, n), 0, 1)`` (see `kstwo_sf`) with D from `ks_statistic`
     (scipy's ``method='auto'`` selects this exact distribution for every n).
     """
     Z = np.asarray(Z, dtype=np.float64)
@@ -339,8 +326,7 @@ def ks_norm_pvalues(Z: np.ndarray, *, presorted: bool = False) -> np.ndarray:
         return np.zeros(0)
     if n == 0:
         raise ValueError("KS test needs at least one observation")
-    S = Z if presorted else np.sort(Z, axis=1)
-    D = ks_statistic_sorted(S)
+    D = ks_statistic(Z)
     return np.clip(kstwo_sf(D, n), 0.0, 1.0)
 
 
@@ -395,8 +381,8 @@ def noise_summary(
     """The four noise statistics (docs/method.md#normality-diagnostics) from the central moments m2, m3, m4 of the m semantic columns.
 
     ``Z`` (len(sel), n) holds the values of the tested columns ``sel`` (any common shift per row)
-    and ``Z_center`` their means in the same shift; ``Z`` is sorted in place (and standardised
-    only where the KS statistic evaluates Phi, see `ks_statistic_sorted`).
+    and ``Z_center`` their means in the same shift (standardised only where the KS statistic
+    evaluates Phi, see `ks_statistic`).
     See `noise_normality_stats` for the definitions.
     """
     m = m2.shape[0]
@@ -417,8 +403,7 @@ def noise_summary(
     live = ~zero[sel]
     if np.any(live):
         Zl = Z if np.all(live) else Z[live]
-        Zl.sort(axis=1)
-        D[live] = ks_statistic_sorted(Zl, np.asarray(Z_center)[live], sd[sel[live]])
+        D[live] = ks_statistic(Zl, np.asarray(Z_center)[live], sd[sel[live]])
     med_p, frac = ks_median_and_fraction(D, n, p_alpha)
     return {
         "q_noise_med_abs_skew": float(np.median(np.abs(skew))),

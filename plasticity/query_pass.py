@@ -1,8 +1,8 @@
 """One streaming pass over the oriented queries for the scalar predictability, rotation and normality steps and the bucket moments of attention plasticity.
 
 `rotated_query_pass` reads the oriented queries ``X_q`` (canonical order) block by block, rotates
-each block, ``X_q_rot = X_q H``, and while the block is in cache accumulates everything the later
-steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
+each block, ``X_q_rot = X_q H`` (two BLAS level-2 calls), and while the block is in cache one compiled
+pass (`plasticity.kernels.query_sums`) accumulates everything the later steps need: the refit of the position regression on ``X_q_rot`` (sums about the known mean ``mean(X_q) H``),
 central moments up to order 4 of every column (docs/method.md#normality-diagnostics), column 0 (the scalar projection
 ``X_q u`` of the scalar predictability and the first-component series), the centred values of the KS columns,
 and per query bucket the mean and covariance of columns 1.. (sums about the mean of the bucket's
@@ -63,10 +63,12 @@ def rotated_query_pass(
     ``bucket_sorted``: query bucket of every row (ascending); ``buckets``: eligible query buckets,
     whose row ranges get the mean and covariance (+1e-12 I) of columns 1.. when ``bucket_cov``.
     """
+    from .kernels.query_sums import rotated_block_sums  # numba: imported on first use, not with this module
+
     n, d = X.shape
     w = householder_vector(fit.beta)
     w2 = None if w is None else 2.0 * w
-    shift = fit.mean  # X_q is centred on mean(X_q) before rotating
+    shift = np.ascontiguousarray(fit.mean, dtype=np.float64)  # X_q is centred on mean(X_q) before rotating
     shift_rot = shift.copy()
     if w is not None:
         shift_rot -= float(w @ shift) * w2
@@ -76,13 +78,10 @@ def rotated_query_pass(
     s4 = np.zeros(d)
     sxy = np.zeros(d)
     x0 = np.empty(n)
-    r_all = np.empty(n) if w is not None else None
+    r_all = np.empty(n)
     ks_cols = 1 + np.asarray(ks_sel, dtype=np.int64)
     k = ks_cols.shape[0]
     Z = np.empty((k, n))
-    ks_slice = None
-    if k and np.array_equal(ks_cols, np.arange(ks_cols[0], ks_cols[0] + k)):
-        ks_slice = slice(int(ks_cols[0]), int(ks_cols[0]) + k)
 
     J = buckets.bucket.shape[0]
     want_cov = bucket_cov and J > 0
@@ -96,38 +95,23 @@ def rotated_query_pass(
     step = block_rows(d)
     cap = min(step, n)
     c = np.empty((cap, d))
-    c2 = np.empty((cap, d))
     # centred semantic rows of one bucket, for a single covariance product per bucket
-    y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else None
+    y = np.empty((int(buckets.n.max()), d - 1)) if want_cov else np.empty((0, 0))
+    g = np.zeros(max(d - 1, 0))
     ridge = SIGMA_RIDGE * np.eye(d - 1)
+    pck = design.pc if design.vary else np.zeros(0)
 
     for a0, z0 in zip(seg_start.tolist(), seg_stop.tolist()):
         jj = jj_of_start.get(a0)
-        if jj is not None:
-            g = None
         for a in range(a0, z0, step):
             sl = slice(a, min(a + step, z0))
-            m = sl.stop - a
-            cb, c2b = c[:m], c2[:m]
+            cb = c[: sl.stop - a]
             np.subtract(X[sl], shift, out=cb)
             if w is not None:
                 reflect_rows_inplace(cb, w, r_out=r_all[sl])
-            np.multiply(cb, cb, out=c2b)
-            s2 += c2b.sum(axis=0)
-            s3 += np.einsum("ij,ij->j", c2b, cb)
-            s4 += np.einsum("ij,ij->j", c2b, c2b)
-            if design.vary:
-                sxy += np.einsum("i,ij->j", pc[sl], cb)
-            x0[sl] = cb[:, 0]
-            if ks_slice is not None:
-                Z[:, sl] = cb[:, ks_slice].T
-            elif k:
-                Z[:, sl] = cb[:, ks_cols].T
-            if jj is not None:
-                sem = cb[:, 1:]
-                if g is None:
-                    g = sem[:_BUCKET_SHIFT_ROWS].mean(axis=0)
-                np.subtract(sem, g, out=y[a - a0 : a - a0 + m])
+            # the block's sums and outputs in one compiled pass, in numpy's order (the same bits)
+            rotated_block_sums(cb, a, pck, bool(design.vary), ks_cols, s2, s3, s4, sxy, x0, Z, y, a - a0,
+                               jj is not None, a == a0, g, _BUCKET_SHIFT_ROWS)
         if jj is not None:
             nj = z0 - a0
             yj = y[:nj]

@@ -53,15 +53,16 @@ def test_worker_memory_reports_each_step_of_a_worker(tmp_path):
     rows = re.findall(r"^  (\S.*?)\s+([\d.]+)(?: +([+-][\d.]+))?\s+([\d.]+)(?: +([+-][\d.]+))?"
                       r"\s+([\d.]+)(?: +([+-][\d.]+))?\s+([\d.]+)$", out, re.M)
     labels = [r[0] for r in rows]
+    # the per-head analysis runs numba kernels: a worker's warm-up imports numba and loads them
     assert labels == ["interpreter", "analysis code imported (a worker's warm-up)", "GQA group 1 analysed (2 heads)",
-                      "GQA group 2 analysed (2 heads)", "numba imported", labels[-1]], out  # main: no kernel in the per-head analysis
+                      "GQA group 2 analysed (2 heads)", "numba imported (already, by the analysis)", labels[-1]], out
     assert labels[-1].startswith("a ") and "numba kernel" in labels[-1]
     vm, anon, file_, hwm = ([float(r[i]) for r in rows] for i in (1, 3, 5, 7))
     for i in range(len(rows)):
         assert anon[i] + file_[i] <= vm[i] + 0.2 <= hwm[i] + 0.4  # VmRSS = anon + file (+ shmem) <= its peak
         if i:
             assert float(rows[i][2]) == _approx(vm[i] - vm[i - 1], 0.15)  # the printed change is the change
-    assert vm[4] - vm[3] > 5 and vm[5] - vm[4] > 5  # numba and its kernel cost memory of their own
+    assert abs(vm[4] - vm[3]) < 1  # numba was already there: importing it again costs nothing
 
 
 def _approx(value, abs_tol=0.35):

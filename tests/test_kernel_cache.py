@@ -79,16 +79,21 @@ def test_the_stamp_follows_the_kernel_sources_only(tmp_path):
 
 def test_the_package_kernels_are_found():
     names = {p.relative_to(REPO).as_posix() for p in kernel_cache.kernel_sources()}
-    assert "plasticity/attention/kernel.py" in names
-    assert "attention" in kernel_cache.parts_with_kernels()
+    assert {"plasticity/attention/kernel.py", "plasticity/kernels/ks.py"} <= names
+    assert kernel_cache.parts_with_kernels() == ["analysis", "attention"]
 
 
-def test_a_run_without_attention_compiles_no_attention_kernel(small_dataset, tmp_path):
-    """attention: false needs none of the attention kernels: no warm-up compiles them, no worker loads them."""
+def test_a_run_without_attention_compiles_only_the_analysis_kernels(small_dataset, tmp_path):
+    """attention: false needs the per-head analysis kernels (`plasticity.kernels`) and none of the
+    attention kernels: the warm-up compiles the analysis family alone, the workers only load it."""
     cache = tmp_path / "numba-cache"
     log = _run(small_dataset, tmp_path, cache, "off", attention="false")
-    assert "data loaded" not in log and "data saved" not in log, log[-3000:]
-    assert not list(cache.glob("*attention*")) and not list(cache.glob("kernel*")), sorted(cache.glob("*"))
+    assert "data saved" not in log, log[-3000:]  # no worker compiled
+    loaded = {line.split("/")[-1].split("-")[0] for line in log.splitlines() if "data loaded" in line}
+    assert "ks.ks_candidates" in loaded, log[-3000:]  # the workers ran the analysis kernels, from the cache
+    assert not any("attention" in name or "block_stats" in name for name in loaded), loaded
+    assert [p.name.split("-")[2] for p in cache.glob("kernels-warm-*")] == ["analysis"]
+    assert not list(cache.glob("attention_*")), sorted(cache.glob("*"))
 
 
 def test_demo_data_does_not_depend_on_the_blas_thread_count(tmp_path):

@@ -137,3 +137,19 @@ def test_sliding_window_log_buckets():
     np.testing.assert_array_equal(eligible_key_buckets(9, 511.0, kb, kmax, sliding_window=300), [7, 8])
     # window 1000: everything below
     np.testing.assert_array_equal(eligible_key_buckets(9, 511.0, kb, kmax, sliding_window=1000), np.arange(9))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_key_differences_are_the_widened_vectors_subtracted(dtype):
+    """D = float64(K[i1]) - float64(K[i2]), bit for bit, rows mapped through a permutation or not:
+    subtracting in float32 first would round twice (values of different binades make it visible)."""
+    from plasticity.kernels.pairs import key_differences
+
+    rng = np.random.default_rng(7)
+    K = (rng.standard_normal((300, 13)) * np.exp(rng.uniform(-8, 8, (300, 13)))).astype(dtype)
+    i1, i2 = rng.integers(0, 300, 500), rng.integers(0, 300, 500)
+    wide = K.astype(np.float64)
+    np.testing.assert_array_equal(key_differences(K, i1, i2, np.zeros(0, np.int64)), wide[i1] - wide[i2])
+    rows = rng.permutation(300).astype(np.int64)
+    np.testing.assert_array_equal(key_differences(K, i1, i2, rows), wide[rows[i1]] - wide[rows[i2]])
+    assert key_differences(K, i1[:0], i2[:0], rows).shape == (0, 13)

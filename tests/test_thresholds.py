@@ -24,7 +24,7 @@ from plasticity.pairs import KeyPairIndex
 from plasticity.query_influence import BucketGroupStats, RowRuns
 from plasticity.query_pass import rotated_query_pass
 from plasticity.attention.scan import BLOCK_BUDGET, BLOCK_ROWS, TILE, block_rows_for
-from plasticity.normality import KS_BLOCK, column_moments, ks_statistic_sorted
+from plasticity.normality import KS_ZLIM, column_moments, ks_grid, ks_statistic
 from plasticity.regression import PositionDesign, block_rows, fit_position_regression, fit_rows
 from plasticity.rotation import householder_apply, householder_matrix
 from plasticity.synthetic import SyntheticSpec, make_key_shard, make_query_shard
@@ -135,19 +135,30 @@ def test_moments_and_reflection_on_both_sides_of_the_streaming_block(extra):
     np.testing.assert_allclose(householder_apply(X, beta), X @ householder_matrix(beta), rtol=1e-10, atol=1e-10)
 
 
-# --------------------------------------------------------------------------- KS search blocks
+# --------------------------------------------------------------------------- KS bins
 
-@pytest.mark.parametrize("n", [8 * KS_BLOCK, 8 * KS_BLOCK + 1, 9 * KS_BLOCK, 9 * KS_BLOCK + 1, 9 * KS_BLOCK + 2])
-def test_ks_statistic_on_both_sides_of_its_block_sizes(n):
-    """Up to 8 blocks every order statistic is evaluated; above, only blocks that can hold the
-    maximum, with a last partial block or none: scipy's statistic to the bit either way."""
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 1000, 20000])
+def test_ks_statistic_at_the_edges_of_its_bins(n):
+    """The KS statistic counts values into a grid of bins and evaluates Phi only in the bins that can
+    hold the maximum: scipy's statistic to the bit for values exactly on bin edges (centred and
+    scaled, and not), beyond the grid on both sides, ties, and a crowded bin (a column whose spread
+    is one outlier: every other value in one bin, sorted by quicksort)."""
     rng = np.random.default_rng(n)
-    rows = [rng.standard_normal(n), rng.standard_t(3, n), rng.standard_normal(n) * 0.7 + 0.2]
-    # exact normal quantiles with the top 10 values moved far out: the largest gap is near the top,
-    # in the last (partial) block when there is one
-    rows.append(np.concatenate([stats.norm.ppf((np.arange(n - 10) + 0.5) / (n - 10)), 9.0 + np.arange(10.0)]))
-    S = np.sort(np.vstack(rows), axis=1)
-    np.testing.assert_array_equal(ks_statistic_sorted(S), [stats.ks_1samp(s, stats.norm.cdf).statistic for s in S])
+    h, _ = ks_grid(n)
+    rows = [rng.standard_normal(n), rng.standard_t(3, n),
+            -KS_ZLIM + h * rng.integers(0, int(round(2 * KS_ZLIM / h)) + 1, n),  # on the edges
+            np.where(rng.random(n) < 0.5, -1, 1) * (KS_ZLIM + rng.exponential(size=n)),  # beyond the grid
+            np.round(rng.standard_normal(n), 1)]  # ties
+    if n > 1:
+        rows.append(np.r_[rng.standard_normal(n - 1) * 1e-9, 1e3])  # all but one in one bin
+    # exact normal quantiles with the top 10 values moved far out: the largest gap is at the top
+    rows.append(np.concatenate([stats.norm.ppf((np.arange(n) + 0.5) / n)[: max(n - 10, 0)], 9.0 + np.arange(min(n, 10.0))]))
+    Z = np.vstack(rows)
+    np.testing.assert_array_equal(ks_statistic(Z), [stats.ks_1samp(z, stats.norm.cdf).statistic for z in Z])
+    center, sd = np.full(len(rows), 0.25), np.full(len(rows), 0.5)
+    X = Z * 0.5 + 0.25  # standardised: the values back on the edges, up to rounding
+    np.testing.assert_array_equal(ks_statistic(X, center, sd),
+                                  [stats.ks_1samp((x - 0.25) / 0.5, stats.norm.cdf).statistic for x in X])
 
 
 # --------------------------------------------------------------------------- attention tiles and blocks

@@ -8,11 +8,13 @@ run's critical path. Instead, the first run starts one background process per ke
 the code the workers run (the loader and the analysis; the attention metrics, whose kernel arguments
 are built inside `plasticity.attention`), so numba compiles the signatures a run uses and caches them;
 `plasticity demo` starts it before its imports and data generation (`cli.main.main`),
-`analyze_dataset` once it knows there is work (the attention family only when the run computes
-attention). Meanwhile the run does what needs no kernel: every group's per-head analysis, with one
-worker, leaving the compile a core (`warehouse.run.worker_pool.iter_outcomes`; the demo's data generation
-uses one BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up
-(`KernelWarmup.wait`), and the workers then load the kernels from the cache.
+`analyze_dataset` once it knows there is work (the analysis family, `plasticity.kernels`, for every
+run; the attention family only when the run computes attention). The heads wait for the analysis
+family (a few seconds; the per-head analysis cannot run without it); meanwhile the attention
+kernels may still compile: the run does every group's per-head analysis, with one worker, leaving
+the compile a core (`warehouse.run.worker_pool.iter_outcomes`; the demo's data generation uses one
+BLAS thread, `sharing_cores`); the groups' attention waits for the warm-up (`KernelWarmup.wait`),
+and the workers then load the kernels from the cache.
 
 Only speed depends on this module, never a number: numba checks every cached kernel against its
 source and recompiles a stale one. The marker file that says "already warmed" is keyed by the

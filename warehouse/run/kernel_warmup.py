@@ -27,7 +27,9 @@ def warm_kernels(part: str) -> None:
 
 def _warm_analysis() -> None:
     """A tiny generated dataset (dense, a sliding window) through the workers' own code: Parquet
-    shards, `warehouse.run.loading` and `warehouse.run.group.compute_group` (the per-head analysis, attention off)."""
+    shards, `warehouse.run.loading` and `warehouse.run.group.compute_group` (the per-head analysis,
+    attention off); then the signatures a worker loads at start (`plasticity.kernels.load`)."""
+    import plasticity.kernels
     from plasticity.synthetic import SyntheticSpec
     from warehouse.run import group
     from warehouse.run import planning
@@ -48,6 +50,7 @@ def _warm_analysis() -> None:
             errors = [o.error for o in group.compute_group(task) if o.error]
             if errors:
                 raise RuntimeError(f"kernel warm-up: {errors[0]}")
+    plasticity.kernels.load()
 
 
 def _warm_attention() -> None:

@@ -61,12 +61,19 @@ def _keep_freed_memory() -> None:
 
 
 def _warm_up(kernels: bool = False) -> int:
-    """Import everything a compute step needs, so the first group does not pay for it; with
-    ``kernels`` (the run computes attention) also numba, and the compiled kernels once they are
-    cached (while the background warm-up still compiles them, loading would compile them again)."""
+    """Import everything a compute step needs, so the first group does not pay for it: numba and
+    the per-head analysis kernels (`plasticity.kernels`), with ``kernels`` (the run computes
+    attention) also the attention kernel; each family is loaded only once it is cached (while the
+    background warm-up still compiles it, loading would compile it again)."""
     import plasticity.head  # noqa: F401
     import warehouse.run.loading  # noqa: F401
 
+    if kernel_cache.kernels_cached("analysis"):
+        import plasticity.kernels
+
+        plasticity.kernels.load()
+    else:
+        import numba  # noqa: F401
     if kernels:
         if kernel_cache.kernels_cached("attention"):
             import plasticity.attention.kernel  # noqa: F401
