@@ -5,7 +5,6 @@ run retries, downloading only what unfinished heads need, and a branch moving mi
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ except ImportError:  # pragma: no cover
     from fake_hub import FakeHub, block_non_loopback, configure_hf_client
 
 from plasticity.synthetic import SyntheticSpec
+from stored_rows import stored_rows
 from cli.main import resolve_dataset
 from warehouse.run.pipeline import analyze_dataset
 from warehouse.settings.config import load_config
@@ -87,29 +87,17 @@ def shard_bytes_on_disk(folder: Path) -> int:
                and not p.name.endswith((".metadata", ".lock")))
 
 
-def table_rows(path: str) -> dict[str, list]:
-    """Every table's rows, sorted, without the time columns."""
-    out = {}
-    with duckdb.connect(path, read_only=True) as con:
-        for (table,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall():
-            cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns "
-                                              "WHERE table_name = $t ORDER BY ordinal_position", {"t": table}).fetchall()
-]
-            rows = con.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY ALL").fetchall()
-            out[table] = [tuple(_comparable(c, v) for c, v in zip(cols, r)) for r in rows]
-    return out
-
-
-def _comparable(column: str, value):
-    if isinstance(value, float) and value != value:
-        return "NaN"  # NaN != NaN
-    if isinstance(value, datetime.datetime):
-        return "a time"  # when, not what
+def _same_config(column: str, value):
     if column == "config_json":  # the two runs write to different warehouse files, by construction
         config = json.loads(value)
         config.pop("warehouse")
         return json.dumps(config, sort_keys=True)
     return value
+
+
+def table_rows(path: str) -> dict[str, list]:
+    """Every table's rows, sorted, without the time columns."""
+    return stored_rows(path, normalise=_same_config)
 
 
 def test_streamed_run_stores_what_a_run_over_the_complete_copy_stores_within_the_budget(env):

@@ -8,17 +8,16 @@ its recorded config (which holds the option itself)."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import threading
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from cli.main import main
 from plasticity.synthetic import SyntheticSpec
+from stored_rows import stored_rows
 from test_concurrency import HOLD_LOCK, python, stop, wait_for_line
 from warehouse.store import db
 from warehouse.sources.demo_data import write_synthetic_dataset
@@ -28,30 +27,16 @@ DATA = SyntheticSpec(model="ops", num_layers=2, num_q_heads=4, num_k_heads=2, he
 N_HEADS = DATA.num_layers * DATA.num_q_heads
 
 
-def stored(path) -> dict[str, list]:
-    """Every table's rows in a canonical order: NaN comparable, times, the run's config and the folders
-    the shards were read from left out."""
-    out = {}
-    with duckdb.connect(str(path), read_only=True) as con:
-        tables = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables "
-                                            "WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall()]
-        for table in tables:
-            cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = $t "
-                                              "ORDER BY ordinal_position", {"t": table}).fetchall()
-                    if c != "config_json"]
-            rows = con.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY ALL").fetchall()
-            out[table] = [tuple(_comparable(c, v) for c, v in zip(cols, r)) for r in rows]
-    return out
-
-
-def _comparable(column: str, value):
-    if isinstance(value, float) and value != value:
-        return "NaN"  # NaN != NaN
-    if isinstance(value, datetime.datetime):
-        return "a time"  # when, not what
+def _where_read(column: str, value):
     if column in ("path", "file") and isinstance(value, str):
         return "/".join(value.split("/")[-3:])  # where a shard was read: <model_dir>/lXXhYY?/data.parquet
     return value
+
+
+def stored(path) -> dict[str, list]:
+    """Every table's rows in a canonical order: NaN comparable, times, the run's config and the folders
+    the shards were read from left out."""
+    return stored_rows(path, drop=("config_json",), normalise=_where_read)
 
 
 def assert_same_values(got: dict, want: dict) -> None:
