@@ -122,7 +122,7 @@ def build_shard_catalog(entry: DatasetEntry, cfg: RunConfig, root: Path, sha: st
         db.ensure_schema(warehouse, lock_timeout_s)
         reuse_profiles(warehouse, lock_timeout_s, entry.key, sha, cat, needed=set())
     else:
-        cat = build_catalog(root, cfg, threads=max(1, cfg.duckdb_threads))
+        cat = build_catalog(root, cfg)
         db.ensure_schema(warehouse, lock_timeout_s)
     revision = sha or local_revision(cat)
     with db.writer(warehouse, lock_timeout_s) as con:

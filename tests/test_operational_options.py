@@ -116,8 +116,8 @@ def test_max_workers_two_computes_in_two_worker_processes_and_stores_the_same_va
 
 
 def test_duckdb_threads_changes_no_stored_value(dataset, base, tmp_path):
-    """The key reaches each group's task (`GroupTask.duckdb_threads`) but shards are read with pyarrow, one
-    thread per worker: no reader uses it, so only the stored values can be checked."""
+    """The key is accepted so that existing configs load, but nothing uses it (shards are read with
+    pyarrow, one thread per worker): a run given it stores what the default run stores."""
     wh, workers = analyze(dataset, tmp_path, "--duckdb_threads", "3")
     assert workers.pids == set()
     assert_same_values(stored(wh), base)

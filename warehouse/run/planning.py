@@ -36,7 +36,6 @@ class GroupTask:
     attention: str = "false"  # 'auto' | 'true' | 'false' (RunConfig.attention)
     attention_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
     attention_min_exact_rows: int = 100
-    duckdb_threads: int = 1
     # 'all'; or, while the attention kernels are still being compiled, 'analysis' (the per-head analysis only) now
     # and 'attention' (the attention patterns only) later, whose outcomes `merge_phases` joins
     phase: str = "all"
@@ -173,11 +172,8 @@ def profile_catalog(cat: Catalog) -> Catalog:
     return cat
 
 
-def build_catalog(root: str | Path, cfg: RunConfig, threads: int = 1) -> Catalog:
-    """Find and profile every shard (`find_catalog`, `profile_catalog`).
-
-    `threads` is accepted for compatibility; profiling reads only footers and scalar columns.
-    """
+def build_catalog(root: str | Path, cfg: RunConfig) -> Catalog:
+    """Find and profile every shard (`find_catalog`, `profile_catalog`)."""
     return profile_catalog(find_catalog(root, cfg))
 
 
@@ -240,7 +236,6 @@ def plan_groups(cat: Catalog, cfg: RunConfig, skip: set[tuple[int, int]] = froze
                 layer=head.layer, k_head=head.k_head, k_info=by_path.get(head.k_path), queries=[],
                 params=cfg.params, cap=cfg.max_tokens_per_head, attention=cfg.attention,
                 attention_scales=tuple(cfg.attention_scales), attention_min_exact_rows=cfg.attention_min_exact_rows,
-                duckdb_threads=cfg.duckdb_threads,
             )
         task.queries.append((head.q_head, by_path[head.q_path]))
     return [groups[k] for k in sorted(groups)]
