@@ -20,7 +20,7 @@ import pandas as pd
 
 from warehouse.store.families import Trajectory
 from warehouse.present.plot_data import NO_INTERVALS_RUN, PlotOptions, group_mean_intervals
-from warehouse.present.figure_parts import (PlotResult, _figure, _layer_key, _legend_outside, band_caption, band_handle,
+from warehouse.present.figure_parts import (PlotResult, _figure, _layer_key, band_caption, band_handle,
                                             title_and_caption,
                                             draw_band, head_label, layer_colors)
 

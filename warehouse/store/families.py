@@ -152,7 +152,6 @@ def load_trajectory(paths: Sequence[str | os.PathLike], family: str, metric: str
     LookupError when the family has no analysed checkpoint (naming the families there are),
     FamilyError for an unknown metric, or when two checkpoints shown share a step (a step axis
     cannot place them: choose stages)."""
-    from warehouse.store import db
     from warehouse.store import sandbox
 
     with sandbox.sandbox(list(paths), timeout_s) as con:
