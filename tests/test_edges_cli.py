@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from warehouse.store.families import BranchPattern, Checkpoint, FamilyError
+from test_concurrency import stop
+
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """`plasticity ARGV` in this process: (exit status, stdout, stderr)."""
@@ -441,9 +443,7 @@ def check_sql_interrupted_or_killed_leaves_no_spill_folder(tmp: Path, dataset: P
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=60)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc)  # killed if the test failed before it ended
         if sig == signal.SIGINT:
             assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err)
             assert not _spill_folders(proc.pid)

@@ -26,6 +26,7 @@ from warehouse.settings.config import load_config
 from warehouse.sources.catalog import scan_shards
 from warehouse.sources.revision import RevisionHash, content_revision, file_sha256
 from warehouse.store import db
+from test_concurrency import stop
 
 REPO = Path(__file__).resolve().parents[1]
 STRAY = "l99999999999h00k"  # beyond the int32 layer range: hashed for the revision, never analysed
@@ -175,9 +176,7 @@ def test_an_interrupt_while_the_revision_is_hashed(small_copy, tmp_path):
         proc.send_signal(signal.SIGHUP)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)  # killed if the test failed before it ended
     assert proc.returncode == 130, err
     assert "leaked semaphore" not in err
     deadline = time.monotonic() + 5

@@ -24,6 +24,7 @@ from cli.main import main
 from warehouse.store import db, schema
 from warehouse.settings.config import load_config
 from warehouse.run.pipeline import analyze_dataset
+from test_concurrency import stop
 
 REPO = Path(__file__).resolve().parents[1]
 V0_SCHEMA = REPO / "tests" / "fixtures" / "warehouse-v0" / "schema.sql"
@@ -384,9 +385,7 @@ def test_an_interrupted_run_is_marked_interrupted(sig, tmp_path):
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)  # killed if the test failed before it ended
     assert proc.returncode == 130, err
     assert "interrupted" in err and "leaked semaphore" not in err
     with db.reader(wh) as con:
